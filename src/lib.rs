@@ -1,0 +1,21 @@
+//! cvm-warden: the init and lockdown daemon of a confidential VM that hosts a
+//! federated-learning workload. See ARCHITECTURE.md for the codemap and invariants.
+//!
+//! Layers, top to bottom (imports only point down):
+//! `cli` → `boot` (stage order, fail-closed handling) → `stage` (one module per stage,
+//! pure `plan` + effectful `apply`) → capabilities (`audit`, `launch`) → foundations
+//! (`policy`, `measure`, `digest`, `sys`).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod audit;
+pub mod boot;
+pub mod cli;
+pub mod digest;
+pub mod eventlog;
+pub mod launch;
+pub mod measure;
+pub mod policy;
+pub mod stage;
+#[allow(unsafe_code)]
+pub mod sys;

@@ -1,0 +1,2 @@
+//! Project tasks: `cargo xtask ci | demo | bench`.
+fn main() {}
