@@ -1,5 +1,384 @@
-//! placeholder: being written
-/// Entry point; returns the process exit code.
-pub fn main() -> i32 {
-    2
+//! Command-line interface: parses arguments and dispatches, nothing else.
+//!
+//! Exit codes: 0 success, 1 a runtime failure (boot failed, log broken, bundle unreadable),
+//! 2 invalid input (usage, invalid policy).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::audit::{self, Audit};
+use crate::boot::{self, Env, RealLauncher};
+use crate::eventlog::NoRegister;
+use crate::policy::{self, Attestation, LoadedPolicy, PasswdFiles};
+use crate::stage::{BootPlan, Facts, RealMeasurer};
+use crate::sys::{RealSys, Sys};
+
+/// Default policy path when started as `/init` without arguments.
+pub const DEFAULT_POLICY: &str = "/etc/cvm-warden/policy.toml";
+/// Kernel command line.
+pub const PROC_CMDLINE: &str = "/proc/cmdline";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cvm-warden",
+    version,
+    about = "Init and lockdown daemon for confidential VMs that host federated-learning workloads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure a bundle directory: print its digest and manifest.
+    Measure {
+        /// The bundle directory.
+        dir: PathBuf,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Write the JSON manifest to this file (the reference manifest for the policy).
+        #[arg(long, value_name = "OUT")]
+        manifest: Option<PathBuf>,
+    },
+    /// Policy commands.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Print the whole boot plan as JSON (no side effects, no root needed).
+    Plan(PolicyArgs),
+    /// PID 1 shape: boot, supervise the workload, power off.
+    Init(PolicyArgs),
+    /// systemd-unit shape: boot, then execve the workload.
+    Run(PolicyArgs),
+    /// Audit log commands.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy and print it normalised (exit 2 with every error when invalid).
+    Check {
+        /// The policy file.
+        file: PathBuf,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check an audit log's hash chain (exit 0 intact, 1 broken).
+    Verify {
+        /// The JSON-lines audit log.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct PolicyArgs {
+    /// The policy file.
+    #[arg(long, default_value = DEFAULT_POLICY)]
+    policy: PathBuf,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// Operator file with deploy-time values (only keys the policy declares overridable).
+    #[arg(long, value_name = "FILE")]
+    operator: Option<PathBuf>,
+    /// passwd file users are resolved in (the image's, when checking on a build machine).
+    #[arg(long, value_name = "FILE", default_value = "/etc/passwd")]
+    passwd: PathBuf,
+    /// group file groups are resolved in.
+    #[arg(long, value_name = "FILE", default_value = "/etc/group")]
+    group: PathBuf,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The kernel starts `/init` without arguments: that means `init` with the defaults.
+    let invoked_as_init = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .is_some_and(|name| name == "init");
+    if invoked_as_init && args.len() == 1 {
+        args.push("init".into());
+    }
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() { 2 } else { 0 };
+        }
+    };
+    init_logger();
+    match cli.command {
+        Command::Measure {
+            dir,
+            json,
+            manifest,
+        } => measure(&dir, json, manifest.as_deref()),
+        Command::Policy {
+            command: PolicyCommand::Check { file, common },
+        } => policy_check(&file, &common),
+        Command::Plan(args) => plan(&args),
+        Command::Init(args) => init(&args),
+        Command::Run(args) => run(&args),
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => audit_verify(&file),
+    }
+}
+
+fn print_error(error: &dyn std::error::Error) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "error: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let _ = writeln!(stderr, "  because: {cause}");
+        source = cause.source();
+    }
+}
+
+fn measure(dir: &Path, json: bool, manifest: Option<&Path>) -> i32 {
+    let mut stdout = std::io::stdout().lock();
+    match crate::measure::run_measure_command(dir, json, manifest, &mut stdout) {
+        Ok(()) => 0,
+        Err(error) => {
+            print_error(&error);
+            1
+        }
+    }
+}
+
+fn load(policy_path: &Path, common: &CommonArgs) -> Result<LoadedPolicy, policy::PolicyError> {
+    let users = PasswdFiles {
+        passwd: common.passwd.clone(),
+        group: common.group.clone(),
+    };
+    policy::load(policy_path, common.operator.as_deref(), &users)
+}
+
+fn policy_check(file: &Path, common: &CommonArgs) -> i32 {
+    match load(file, common) {
+        Ok(loaded) => print_json(&serde_json::json!({
+            "policy_digest": loaded.policy_digest,
+            "operator_digest": loaded.operator_digest,
+            "overridden": loaded.overridden,
+            "policy": loaded.policy,
+        })),
+        Err(error) => {
+            print_error(&error);
+            2
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> i32 {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            let _ = writeln!(std::io::stdout().lock(), "{text}");
+            0
+        }
+        Err(error) => {
+            print_error(&error);
+            1
+        }
+    }
+}
+
+fn facts(loaded: &LoadedPolicy) -> Facts {
+    Facts {
+        cmdline_path: PathBuf::from(PROC_CMDLINE),
+        policy_digest: loaded.policy_digest,
+        operator_digest: loaded.operator_digest,
+    }
+}
+
+fn plan(args: &PolicyArgs) -> i32 {
+    let loaded = match load(&args.policy, &args.common) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            print_error(&error);
+            return 2;
+        }
+    };
+    match BootPlan::new(&loaded.policy, &facts(&loaded)) {
+        Ok(plan) => print_json(&serde_json::json!({
+            "policy_digest": loaded.policy_digest,
+            "operator_digest": loaded.operator_digest,
+            "insecure": loaded.policy.attestation == Attestation::None,
+            "stages": plan,
+        })),
+        Err(error) => {
+            print_error(&error);
+            2
+        }
+    }
+}
+
+fn audit_verify(file: &Path) -> i32 {
+    let mut stdout = std::io::stdout().lock();
+    match audit::run_verify_command(file, &mut stdout) {
+        Ok(_) => 0,
+        Err(error) => {
+            print_error(&error);
+            1
+        }
+    }
+}
+
+/// Builds the audit log for a loaded policy (console = stderr: the serial console in PID 1
+/// mode, the journal in unit mode).
+fn open_audit(loaded: &LoadedPolicy) -> Audit {
+    let insecure = loaded.policy.attestation == Attestation::None;
+    let sinks = audit::sinks_from_config(&loaded.policy.audit, Box::new(std::io::stderr()));
+    Audit::new(sinks, insecure)
+}
+
+/// An audit log for the time before a policy could be read: console only.
+fn console_audit() -> Audit {
+    Audit::new(
+        vec![Box::new(audit::ConsoleSink::new(Box::new(std::io::stderr())))],
+        false,
+    )
+}
+
+fn init(args: &PolicyArgs) -> i32 {
+    let sys = RealSys::default();
+    let pid1 = std::process::id() == 1;
+    if pid1 {
+        if let Err(error) = crate::launch::early_mounts(&sys) {
+            // Without /proc and /dev nothing below can be trusted to work: stop now.
+            print_error(&error);
+            crate::launch::shutdown(&sys, policy::FailureAction::Poweroff, 1);
+        }
+    }
+    let loaded = match load(&args.policy, &args.common) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            print_error(&error);
+            let audit = console_audit();
+            install_hook(&audit, pid1);
+            let _ = audit.record(
+                "boot",
+                "policy_invalid",
+                serde_json::json!({ "policy": args.policy, "error": boot::chain(&error) }),
+            );
+            let action = policy::FailureAction::Poweroff;
+            let _ = audit.record(
+                "shutdown",
+                boot::closing_event(&sys, action),
+                serde_json::json!({ "code": 2 }),
+            );
+            let _ = audit.flush();
+            crate::launch::shutdown(&sys, action, 2);
+        }
+    };
+    let audit = open_audit(&loaded);
+    install_hook(&audit, pid1);
+    let action = loaded.policy.on_failure;
+    let mut register = NoRegister;
+    let env = Env {
+        sys: &sys,
+        measurer: &RealMeasurer,
+        register: &mut register,
+        audit: &audit,
+    };
+    let shutdown = match boot::prepare(&loaded, &facts(&loaded), env) {
+        Ok(ready) => boot::run_init(&ready, &RealLauncher, &sys, &audit, action),
+        Err(error) => {
+            print_error(&error);
+            boot::fail(&audit, &sys, action, &error)
+        }
+    };
+    crate::launch::shutdown(&sys, shutdown.action, shutdown.code)
+}
+
+fn run(args: &PolicyArgs) -> i32 {
+    let sys = RealSys::default();
+    let loaded = match load(&args.policy, &args.common) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            print_error(&error);
+            return 2;
+        }
+    };
+    let audit = open_audit(&loaded);
+    install_hook(&audit, false);
+    let mut register = NoRegister;
+    let env = Env {
+        sys: &sys,
+        measurer: &RealMeasurer,
+        register: &mut register,
+        audit: &audit,
+    };
+    match boot::prepare(&loaded, &facts(&loaded), env) {
+        Ok(ready) => boot::run_unit(&ready, &RealLauncher, &audit),
+        Err(error) => {
+            print_error(&error);
+            let _ = audit.record(
+                "boot",
+                "failed",
+                serde_json::json!({ "error": boot::chain(&error), "workload_started": false }),
+            );
+            let _ = audit.record("shutdown", "exit", serde_json::json!({ "code": 1 }));
+            let _ = audit.flush();
+            1
+        }
+    }
+}
+
+fn install_hook(audit: &Audit, pid1: bool) {
+    let audit = audit.clone();
+    crate::launch::install_panic_hook(
+        Box::new(move |message: &str| {
+            let _ = audit.record("boot", "panic", serde_json::json!({ "message": message }));
+            let _ = audit.flush();
+        }),
+        pid1,
+    );
+}
+
+/// A tiny logger: `cvm-warden: LEVEL message` on stderr (the console in PID 1 mode). Never
+/// given secrets: callers log stage names, paths and error chains only.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "cvm-warden: {} {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
+fn init_logger() {
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+}
+

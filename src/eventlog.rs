@@ -1,1 +1,187 @@
-//! placeholder: being written
+//! The measurement event log: what was measured before any secret was asked for.
+//!
+//! Each event is extended into a runtime register *before* it is appended to the log
+//! (write-ahead), so a crash can never leave a register that is behind the log. Where the TEE
+//! has no runtime register (bare SNP, or this build, which has no TPM support yet) the
+//! [`NoRegister`] is used and the log's own accumulator is what later evidence binds.
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+
+/// What an event measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// The policy file's bytes.
+    Policy,
+    /// The operator file's bytes.
+    Operator,
+    /// The kernel command line.
+    KernelCmdline,
+    /// The workload bundle digest (SHA-256 of the canonical manifest).
+    Bundle,
+    /// A firewall ruleset (later issue).
+    Ruleset,
+    /// The separator written just before the workload starts.
+    Separator,
+}
+
+/// One measurement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// Position in the log, from 0.
+    pub index: u32,
+    /// What was measured.
+    pub kind: EventKind,
+    /// The measurement.
+    pub digest: Digest,
+    /// Human description (a path, a name); never a secret.
+    pub description: String,
+    /// The accumulator after this event: `SHA-256(previous || kind-tag || digest)`.
+    pub accumulator: Digest,
+}
+
+/// A runtime measurement register (vTPM PCR, TDX RTMR). Later issues provide real ones.
+pub trait RuntimeRegister {
+    /// A short name for audit records, e.g. `none` or `tpm pcr 23`.
+    fn name(&self) -> String;
+    /// Extends `digest` into the register.
+    fn extend(&mut self, digest: &Digest) -> Result<(), std::io::Error>;
+}
+
+/// The register of a TEE without runtime registers.
+#[derive(Debug, Default)]
+pub struct NoRegister;
+
+impl RuntimeRegister for NoRegister {
+    fn name(&self) -> String {
+        "none".to_string()
+    }
+
+    fn extend(&mut self, _digest: &Digest) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+}
+
+/// A failed extend: the event was not appended.
+#[derive(Debug, thiserror::Error)]
+#[error("extending the {kind:?} measurement into runtime register {register} failed")]
+pub struct ExtendError {
+    /// The event that could not be recorded.
+    pub kind: EventKind,
+    /// The register's name.
+    pub register: String,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The event log: ordered measurements plus a PCR-like accumulator over them.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct EventLog {
+    events: Vec<Event>,
+    accumulator: Digest,
+}
+
+impl EventLog {
+    /// An empty log (accumulator all zero).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Extends the register first, then appends the event (write-ahead).
+    pub fn measure(
+        &mut self,
+        register: &mut dyn RuntimeRegister,
+        kind: EventKind,
+        digest: Digest,
+        description: impl Into<String>,
+    ) -> Result<&Event, ExtendError> {
+        register.extend(&digest).map_err(|source| ExtendError {
+            kind,
+            register: register.name(),
+            source,
+        })?;
+        let accumulator = Self::next(&self.accumulator, kind, &digest);
+        self.accumulator = accumulator;
+        let index = u32::try_from(self.events.len()).unwrap_or(u32::MAX);
+        self.events.push(Event {
+            index,
+            kind,
+            digest,
+            description: description.into(),
+            accumulator,
+        });
+        Ok(&self.events[self.events.len() - 1])
+    }
+
+    /// The accumulator over every event so far.
+    pub fn accumulator(&self) -> Digest {
+        self.accumulator
+    }
+
+    /// All events in order.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    /// One accumulator step; public so verifiers can replay a log.
+    pub fn next(prev: &Digest, kind: EventKind, digest: &Digest) -> Digest {
+        let tag = serde_json::to_string(&kind).unwrap_or_default();
+        let mut buf = Vec::with_capacity(32 + tag.len() + 32);
+        buf.extend_from_slice(&prev.0);
+        buf.extend_from_slice(tag.trim_matches('"').as_bytes());
+        buf.extend_from_slice(&digest.0);
+        Digest::of(&buf)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    struct Recording(Vec<Digest>, bool);
+    impl RuntimeRegister for Recording {
+        fn name(&self) -> String {
+            "fake".into()
+        }
+        fn extend(&mut self, digest: &Digest) -> Result<(), std::io::Error> {
+            if self.1 {
+                return Err(std::io::Error::other("register gone"));
+            }
+            self.0.push(*digest);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn extends_before_logging_and_accumulates() {
+        let mut reg = Recording(vec![], false);
+        let mut log = EventLog::new();
+        let a = Digest::of(b"policy");
+        let b = Digest::of(b"bundle");
+        log.measure(&mut reg, EventKind::Policy, a, "p").unwrap();
+        log.measure(&mut reg, EventKind::Bundle, b, "b").unwrap();
+        assert_eq!(reg.0, vec![a, b]);
+        let step1 = EventLog::next(&Digest::ZERO, EventKind::Policy, &a);
+        assert_eq!(log.accumulator(), EventLog::next(&step1, EventKind::Bundle, &b));
+        assert_eq!(log.events()[1].index, 1);
+    }
+
+    #[test]
+    fn failed_extend_does_not_log() {
+        let mut reg = Recording(vec![], true);
+        let mut log = EventLog::new();
+        let err = log
+            .measure(&mut reg, EventKind::Bundle, Digest::of(b"x"), "b")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "extending the Bundle measurement into runtime register fake failed"
+        );
+        assert!(log.events().is_empty());
+        assert_eq!(log.accumulator(), Digest::ZERO);
+    }
+}

@@ -1,1 +1,205 @@
-//! placeholder: being written
+//! The boot stages, one module each, in boot order:
+//! perimeter → measure → attest → unlock → allowlist → launch.
+//!
+//! Every stage has a pure `plan` (policy in, data out, no I/O) and an `apply` that performs
+//! the plan through traits passed in ([`Effects`]), so the whole boot can be planned and
+//! printed (`cvm-warden plan`) and unit-tested with recording fakes. A stage never calls
+//! another stage and knows nothing of the order; the order lives in [`crate::boot`].
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::eventlog::{EventLog, ExtendError, RuntimeRegister};
+use crate::launch::LaunchError;
+use crate::measure::{Manifest, MeasureError, Measurement};
+use crate::policy::Policy;
+use crate::sys::{Sys, SysError};
+
+pub mod allowlist;
+pub mod attest;
+pub mod launch;
+pub mod measure;
+pub mod perimeter;
+pub mod unlock;
+
+/// The stages in boot order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageName {
+    /// Default-deny network, consoles off, kernel hardened.
+    Perimeter,
+    /// Policy, operator file, kernel command line and bundle measured into the event log.
+    Measure,
+    /// Evidence to the key broker.
+    Attest,
+    /// LUKS2 volumes opened with released keys.
+    Unlock,
+    /// The workload's network allowlist replaces the perimeter.
+    Allowlist,
+    /// The workload starts with dropped privileges.
+    Launch,
+}
+
+impl StageName {
+    /// Every stage, in boot order.
+    pub const ALL: [StageName; 6] = [
+        StageName::Perimeter,
+        StageName::Measure,
+        StageName::Attest,
+        StageName::Unlock,
+        StageName::Allowlist,
+        StageName::Launch,
+    ];
+
+    /// The name used in audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageName::Perimeter => "perimeter",
+            StageName::Measure => "measure",
+            StageName::Attest => "attest",
+            StageName::Unlock => "unlock",
+            StageName::Allowlist => "allowlist",
+            StageName::Launch => "launch",
+        }
+    }
+}
+
+/// Why a stage could not be planned or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The policy configures something a later release implements. Never skipped silently.
+    #[error("{stage}: {what} is not supported by this build yet; {hint}")]
+    Unsupported {
+        /// The stage.
+        stage: &'static str,
+        /// The policy key that asks for it.
+        what: String,
+        /// What the operator can do.
+        hint: &'static str,
+    },
+    /// Measuring the bundle failed or its digest differs from the pin.
+    #[error("measure: bundle {bundle}")]
+    Measure {
+        /// The bundle directory.
+        bundle: PathBuf,
+        /// Why.
+        #[source]
+        source: MeasureError,
+    },
+    /// Reading an input that is measured (kernel command line, policy) failed.
+    #[error("measure: cannot read {path}")]
+    ReadInput {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A runtime register refused an event.
+    #[error("measure: event log")]
+    Extend(#[source] ExtendError),
+    /// A mount or other system call failed.
+    #[error("{stage}: system call failed")]
+    Sys {
+        /// The stage.
+        stage: &'static str,
+        /// Why.
+        #[source]
+        source: SysError,
+    },
+    /// The workload's launch plan is invalid.
+    #[error("launch: invalid launch plan")]
+    Launch(#[source] LaunchError),
+}
+
+/// Loads bundles; the seam between the measure stage and the file system.
+pub trait Measurer {
+    /// Measures `dir` where it is.
+    fn in_place(&self, dir: &Path) -> Result<Measurement, MeasureError>;
+    /// Copies `src` into the empty directory `dst` while measuring it.
+    fn copy(&self, src: &Path, dst: &Path) -> Result<Measurement, MeasureError>;
+    /// Loads a reference manifest (JSON written by `cvm-warden measure --manifest`).
+    fn reference(&self, path: &Path) -> Result<Manifest, MeasureError>;
+}
+
+/// The real measurer: the `measure` module on the real file system.
+#[derive(Debug, Default)]
+pub struct RealMeasurer;
+
+impl Measurer for RealMeasurer {
+    fn in_place(&self, dir: &Path) -> Result<Measurement, MeasureError> {
+        crate::measure::measure_in_place(dir)
+    }
+
+    fn copy(&self, src: &Path, dst: &Path) -> Result<Measurement, MeasureError> {
+        crate::measure::measure_and_copy(src, dst)
+    }
+
+    fn reference(&self, path: &Path) -> Result<Manifest, MeasureError> {
+        Manifest::load_json(path)
+    }
+}
+
+/// Everything a stage's `apply` may touch. Passed in, never chosen with `cfg!(test)`.
+pub struct Effects<'a> {
+    /// Mounts, reboot and other system calls.
+    pub sys: &'a dyn Sys,
+    /// Bundle measurement.
+    pub measurer: &'a dyn Measurer,
+    /// Where events are extended before they are logged.
+    pub register: &'a mut dyn RuntimeRegister,
+    /// The event log being built.
+    pub event_log: &'a mut EventLog,
+}
+
+impl std::fmt::Debug for Effects<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Effects")
+            .field("register", &self.register.name())
+            .field("event_log", &self.event_log)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Facts about the host that plans depend on, gathered before planning (injectable paths).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Facts {
+    /// Where the kernel command line is read from (`/proc/cmdline`).
+    pub cmdline_path: PathBuf,
+    /// SHA-256 of the policy file.
+    pub policy_digest: crate::digest::Digest,
+    /// SHA-256 of the operator file, if one was given.
+    pub operator_digest: Option<crate::digest::Digest>,
+}
+
+/// The whole boot, planned before the first side effect. Printed by `cvm-warden plan`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootPlan {
+    /// Stage 1.
+    pub perimeter: perimeter::Plan,
+    /// Stage 2.
+    pub measure: measure::Plan,
+    /// Stage 3.
+    pub attest: attest::Plan,
+    /// Stage 4.
+    pub unlock: unlock::Plan,
+    /// Stage 5.
+    pub allowlist: allowlist::Plan,
+    /// Stage 6.
+    pub launch: launch::Plan,
+}
+
+impl BootPlan {
+    /// Plans every stage. Pure: no I/O, so it runs without root anywhere.
+    pub fn new(policy: &Policy, facts: &Facts) -> Result<BootPlan, StageError> {
+        Ok(BootPlan {
+            perimeter: perimeter::plan(policy)?,
+            measure: measure::plan(policy, facts)?,
+            attest: attest::plan(policy)?,
+            unlock: unlock::plan(policy)?,
+            allowlist: allowlist::plan(policy)?,
+            launch: launch::plan(policy)?,
+        })
+    }
+}

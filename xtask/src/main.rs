@@ -1,2 +1,198 @@
-//! Project tasks: `cargo xtask ci | demo | bench`.
-fn main() {}
+//! Project tasks, run as `cargo xtask <task>`:
+//!
+//! - `ci`: everything CI checks (installs what it needs with apt-get when root).
+//! - `demo`: the sandbox demo: `cvm-warden init` as PID 1 of new namespaces.
+//! - `bench measure`: bundle measurement throughput against `fsverity digest` and `sha256sum`.
+//!
+//! `anyhow` is allowed here and nowhere else.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+mod bench;
+mod demo;
+
+fn main() {
+    if let Err(error) = run() {
+        eprintln!("xtask: error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = repo_root()?;
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["ci"] => ci(&root),
+        ["demo"] => demo::run(&root),
+        ["bench", "measure"] => bench::measure(&root),
+        _ => bail!("usage: cargo xtask ci | demo | bench measure"),
+    }
+}
+
+/// The workspace root (the parent of xtask/).
+fn repo_root() -> Result<PathBuf> {
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").context("run through `cargo xtask`")?;
+    Path::new(&manifest)
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+/// Runs a command, echoing it, and fails when it fails.
+pub(crate) fn sh(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {}", show(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !status.success() {
+        bail!("{} failed with {status}", show(cmd));
+    }
+    Ok(())
+}
+
+pub(crate) fn show(cmd: &Command) -> String {
+    let mut text = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        text.push(' ');
+        text.push_str(&arg.to_string_lossy());
+    }
+    text
+}
+
+pub(crate) fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Makes sure each `(tool, debian package)` is installed; installs missing ones with apt-get
+/// when root, otherwise fails naming the packages.
+pub(crate) fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(tool, _)| !have(tool))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing tools; install them as root: apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    sh(Command::new("apt-get").args(["update", "-qq"]))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    for (tool, package) in tools {
+        if !have(tool) {
+            bail!("{tool} is still missing after apt-get install {package}");
+        }
+    }
+    Ok(())
+}
+
+/// Tools the tests and the demo need, with the Debian package that provides each.
+pub(crate) const TOOLS: &[(&str, &str)] = &[
+    ("fsverity", "fsverity"),
+    ("unshare", "util-linux"),
+    ("sha256sum", "coreutils"),
+    ("id", "coreutils"),
+];
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
+}
+
+fn ci(root: &Path) -> Result<()> {
+    ensure_tools(TOOLS)?;
+    if !is_root() {
+        eprintln!("xtask: warning: not root: the namespace tests will fail (CI runs as root)");
+    }
+    sh(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
+    sh(cargo().current_dir(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Unit tests (no root) and integration tests (namespace tests need root), all of them.
+    let counts = cargo_test(root)?;
+    // The demo is the end-to-end check: PID 1 in namespaces, tamper detection, log verify.
+    demo::run(root)?;
+    // One closing line for whoever reads the log: the totals over every test binary.
+    println!(
+        "ci: {} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
+    );
+    if counts.passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cargo test` for the whole workspace, echoing its output, and adds up the
+/// `test result:` lines of every test binary.
+fn cargo_test(root: &Path) -> Result<Counts> {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = cargo();
+    cmd.current_dir(root)
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .stdout(std::process::Stdio::piped());
+    eprintln!("$ {}", show(&cmd));
+    let mut child = cmd.spawn().context("cannot start cargo test")?;
+    let stdout = child.stdout.take().context("cargo test has no stdout")?;
+    let mut counts = Counts::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split([';', '.']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let Ok(n) = n.parse::<u64>() else { continue };
+                    match what {
+                        "passed" => counts.passed += n,
+                        "failed" => counts.failed += n,
+                        "ignored" => counts.ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() || counts.failed > 0 {
+        println!(
+            "ci: {} passed, {} failed, {} skipped",
+            counts.passed, counts.failed, counts.ignored
+        );
+        bail!("cargo test failed with {status}");
+    }
+    Ok(counts)
+}

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Example workload: stands in for an NVIDIA FLARE client's startup script. It reports the
+# identity and restrictions it was started with, "trains" for a few rounds and exits.
+set -eu
+echo "workload: hello from the federated-learning participant"
+echo "workload: uid=$(id -u) gid=$(id -g) groups=$(id -G)"
+grep -E '^(CapEff|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status | sed 's/^/workload: /'
+echo "workload: environment: $(env | sort | tr '\n' ' ')"
+echo "workload: umask $(umask), working directory $(pwd)"
+rounds=${1:-3}
+i=1
+while [ "$i" -le "$rounds" ]; do
+    echo "workload: round $i/$rounds: $(wc -c < "$(dirname "$0")/../model/weights.txt") bytes of weights"
+    i=$((i + 1))
+done
+echo "workload: done"

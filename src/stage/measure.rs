@@ -1,0 +1,163 @@
+//! Stage 2, measure: the policy, the operator file, the kernel command line and the workload
+//! bundle go into the event log (extended into the runtime register first), and the bundle
+//! digest is checked against the policy's pin before anything asks for a key.
+//!
+//! Time of check vs time of use: `copy` measures while copying into a fresh tmpfs that is then
+//! remounted read-only, and the workload runs from that copy; `initramfs` measures in place
+//! (the initramfs is already in encrypted, launch-measured memory). Measuring a host disk in
+//! place is not offered.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::{Effects, Facts, StageError};
+use crate::digest::Digest;
+use crate::eventlog::EventKind;
+use crate::measure::{MeasureError, Measurement};
+use crate::policy::{BundleSource, Policy};
+
+/// Mode of the tmpfs that receives a `copy` bundle (read-only after the copy).
+pub const COPY_TMPFS_MODE: u32 = 0o755;
+
+/// Where the measured bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Source {
+    /// Measured in place inside the initramfs.
+    InPlace,
+    /// Copied into a new tmpfs at `into`, measured in the same pass, then remounted read-only.
+    Copy {
+        /// The tmpfs mount point.
+        into: PathBuf,
+    },
+}
+
+/// What the measure stage will do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// The policy file's digest (first event).
+    pub policy_digest: Digest,
+    /// The operator file's digest (second event, when present).
+    pub operator_digest: Option<Digest>,
+    /// Kernel command line file.
+    pub cmdline_path: PathBuf,
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// How it is read.
+    pub source: Source,
+    /// The pinned digest, if any.
+    pub expected: Option<Digest>,
+    /// Reference manifest used to name differing entries.
+    pub reference_manifest: Option<PathBuf>,
+}
+
+/// Plans the measure stage. Pure.
+pub fn plan(policy: &Policy, facts: &Facts) -> Result<Plan, StageError> {
+    let source = match &policy.workload.source {
+        BundleSource::Initramfs => Source::InPlace,
+        BundleSource::Copy { into } => Source::Copy { into: into.clone() },
+        BundleSource::Verity => {
+            return Err(StageError::Unsupported {
+                stage: "measure",
+                what: "workload.source = \"verity\"".to_string(),
+                hint: "use source = \"copy\" or \"initramfs\", or a release with dm-verity support",
+            })
+        }
+    };
+    Ok(Plan {
+        policy_digest: facts.policy_digest,
+        operator_digest: facts.operator_digest,
+        cmdline_path: facts.cmdline_path.clone(),
+        bundle: policy.workload.bundle.clone(),
+        source,
+        expected: policy.workload.digest,
+        reference_manifest: policy.workload.manifest.clone(),
+    })
+}
+
+/// Applies the plan; returns the details of the outcome record.
+pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
+    fx.event_log
+        .measure(fx.register, EventKind::Policy, plan.policy_digest, "policy")
+        .map_err(StageError::Extend)?;
+    if let Some(operator) = plan.operator_digest {
+        fx.event_log
+            .measure(fx.register, EventKind::Operator, operator, "operator file")
+            .map_err(StageError::Extend)?;
+    }
+    let cmdline = std::fs::read(&plan.cmdline_path).map_err(|source| StageError::ReadInput {
+        path: plan.cmdline_path.clone(),
+        source,
+    })?;
+    fx.event_log
+        .measure(
+            fx.register,
+            EventKind::KernelCmdline,
+            Digest::of(&cmdline),
+            plan.cmdline_path.display().to_string(),
+        )
+        .map_err(StageError::Extend)?;
+
+    let measurement = measure_bundle(plan, fx)?;
+    fx.event_log
+        .measure(
+            fx.register,
+            EventKind::Bundle,
+            measurement.bundle_digest,
+            plan.bundle.display().to_string(),
+        )
+        .map_err(StageError::Extend)?;
+    check_pin(plan, fx, &measurement)?;
+
+    Ok(json!({
+        "bundle": plan.bundle,
+        "bundle_digest": measurement.bundle_digest,
+        "entries": measurement.manifest.entries.len(),
+        "pinned": plan.expected.is_some(),
+        "source": plan.source,
+        "events": fx.event_log.events(),
+    }))
+}
+
+fn measure_bundle(plan: &Plan, fx: &mut Effects<'_>) -> Result<Measurement, StageError> {
+    let wrap = |source: MeasureError| StageError::Measure {
+        bundle: plan.bundle.clone(),
+        source,
+    };
+    match &plan.source {
+        Source::InPlace => fx.measurer.in_place(&plan.bundle).map_err(wrap),
+        Source::Copy { into } => {
+            let sys_err = |source| StageError::Sys {
+                stage: "measure",
+                source,
+            };
+            fx.sys.mkdir_all(into).map_err(sys_err)?;
+            fx.sys.mount_tmpfs(into, COPY_TMPFS_MODE).map_err(sys_err)?;
+            let measurement = fx.measurer.copy(&plan.bundle, into).map_err(wrap)?;
+            fx.sys.remount_readonly(into).map_err(sys_err)?;
+            Ok(measurement)
+        }
+    }
+}
+
+fn check_pin(plan: &Plan, fx: &Effects<'_>, measured: &Measurement) -> Result<(), StageError> {
+    let Some(expected) = plan.expected else {
+        return Ok(());
+    };
+    if expected == measured.bundle_digest {
+        return Ok(());
+    }
+    let reference = match &plan.reference_manifest {
+        Some(path) => Some(fx.measurer.reference(path).map_err(|source| StageError::Measure {
+            bundle: plan.bundle.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    Err(StageError::Measure {
+        bundle: plan.bundle.clone(),
+        source: MeasureError::mismatch(expected, measured, reference.as_ref()),
+    })
+}
