@@ -13,7 +13,7 @@ use crate::boot::{self, Env, RealLauncher};
 use crate::eventlog::NoRegister;
 use crate::policy::{self, Attestation, LoadedPolicy, PasswdFiles};
 use crate::stage::{BootPlan, Facts, RealMeasurer};
-use crate::sys::{RealSys, Sys};
+use crate::sys::RealSys;
 
 /// Default policy path when started as `/init` without arguments.
 pub const DEFAULT_POLICY: &str = "/etc/cvm-warden/policy.toml";

@@ -9,16 +9,13 @@
 #![warn(missing_docs)]
 
 pub mod audit;
-#[cfg(any())]
 pub mod boot;
-#[cfg(any())]
 pub mod cli;
 pub mod digest;
 pub mod eventlog;
 pub mod launch;
 pub mod measure;
 pub mod policy;
-#[cfg(any())]
 pub mod stage;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -1,1 +1,463 @@
-//! placeholder: being written
+//! The audit log: hash-chained JSON lines written to every configured sink.
+//!
+//! Every action of the boot is recorded before it runs and again with its outcome. Each
+//! record names the hash of the one before it, so [`verify`] finds a changed, removed,
+//! reordered or inserted record and a cut tail. The format, the hashing rule and the sink
+//! failure rules are in `docs/audit-log.md`.
+//!
+//! **Secrets never reach this log.** Details carry names, paths, digests, counts and error
+//! chains only; secret types must implement neither `Serialize` nor `Display`, so they
+//! cannot be passed to [`Audit::record`] by accident.
+
+mod record;
+mod sinks;
+mod verify;
+
+use std::fmt;
+use std::io::{self, ErrorKind};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Value};
+
+use crate::digest::Digest;
+
+pub use record::{encode, format_time, normalize_details, EncodedLine, Fields, LineError, Record};
+pub use sinks::{
+    sinks_from_config, ConsoleSink, FileSink, MemorySink, MemorySinkControl, Sink, SyslogSink,
+    SYSLOG_APP_NAME,
+};
+pub use verify::{
+    run_verify_command, verify, verify_file, verify_with, Problem, RecordCheck, RunSummary,
+    VerifyError, VerifyReport,
+};
+
+/// The `(stage, event)` pairs that end a run of the log. The runner's last record is exactly
+/// one of these; a log whose last record is not one was cut (or the VM died).
+///
+/// `launch/exec` is the unit shape's last record before `execve` replaces cvm-warden;
+/// `shutdown/*` ends the PID 1 shape (`exit` in a sandbox PID namespace or after a unit
+/// shape failure).
+pub const CLOSING_EVENTS: &[(&str, &str)] = &[
+    ("launch", "exec"),
+    ("shutdown", "poweroff"),
+    ("shutdown", "halt"),
+    ("shutdown", "exit"),
+];
+
+/// True when `(stage, event)` is one of [`CLOSING_EVENTS`].
+pub fn is_closing(stage: &str, event: &str) -> bool {
+    CLOSING_EVENTS
+        .iter()
+        .any(|(s, e)| *s == stage && *e == event)
+}
+
+/// The stage of the records the log writes about its own sinks.
+pub const AUDIT_STAGE: &str = "audit";
+/// A sink that had worked (or is not a missing file) failed: `{"sink", "required", "error"}`.
+pub const EVENT_SINK_FAILED: &str = "sink_failed";
+/// A sink cannot be written yet (`NotFound` before its first write, e.g. a file on a volume
+/// that is not unlocked yet); it gets the backlog later: `{"sink", "required", "error"}`.
+pub const EVENT_SINK_WAITING: &str = "sink_waiting";
+/// A failing or waiting sink took the whole backlog: `{"sink", "caught_up"}`.
+pub const EVENT_SINK_RECOVERED: &str = "sink_recovered";
+
+/// Why a record could not be written as the policy requires.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// A required sink failed; the boot must stop (fail closed). The record itself was kept
+    /// and went to the other sinks.
+    #[error(
+        "required audit sink {sink} failed, so the boot stops (audit.file_required = true); \
+         fix the sink or make it optional in the policy"
+    )]
+    RequiredSinkFailed {
+        /// The sink's name.
+        sink: String,
+        /// What went wrong first.
+        #[source]
+        source: io::Error,
+    },
+    /// Before launch a required sink has not received every record.
+    #[error(
+        "required audit sink {sink} has not received {pending} record(s) before launch; \
+         make it writable before launch (is the volume it lives on unlocked and mounted?)"
+    )]
+    RequiredSinkBehind {
+        /// The sink's name.
+        sink: String,
+        /// How many lines it still lacks.
+        pending: usize,
+        /// The sink's last error, if it had one.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// The record could not be encoded (cannot happen with JSON details).
+    #[error("audit record {stage}/{event} cannot be encoded as JSON")]
+    Encode {
+        /// The record's stage.
+        stage: String,
+        /// The record's event.
+        event: String,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// [`Audit::record_within`] could not take the log in time (another thread, or a panic
+    /// in the middle of a record, holds it).
+    #[error("audit log is busy for more than {0:?}; the record {1} was not written")]
+    Busy(Duration, String),
+}
+
+/// Returns the time of a record (injected for deterministic tests).
+pub type Clock = Box<dyn Fn() -> SystemTime + Send>;
+
+/// The handle to the audit log. Clones share one log: the boot runner, the PID 1 supervisor
+/// and the panic hook all write to it. Records are strictly ordered, and every sink gets the
+/// lines in seq order (the lock is held while sinks write).
+#[derive(Clone)]
+pub struct Audit {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl fmt::Debug for Audit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = self.lock();
+        f.debug_struct("Audit")
+            .field("next_seq", &inner.next_seq)
+            .field("head", &inner.head)
+            .field("insecure", &inner.insecure)
+            .field(
+                "sinks",
+                &inner
+                    .sinks
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// How a sink was last reported in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SinkState {
+    Ok,
+    Waiting,
+    Failed,
+}
+
+struct Slot {
+    sink: Box<dyn Sink>,
+    name: String,
+    required: bool,
+    /// Lines delivered (so the next one to write is `lines[delivered]`).
+    delivered: usize,
+    /// It has accepted at least one line.
+    ever_ok: bool,
+    /// Its state as last recorded in the log.
+    reported: SinkState,
+    /// Its last error.
+    last_error: Option<(ErrorKind, String)>,
+    /// A required sink that failed (sticky): every later record returns an error.
+    fatal: Option<(ErrorKind, String)>,
+}
+
+/// The outcome of one delivery attempt.
+struct Attempt {
+    state: SinkState,
+    caught_up: usize,
+}
+
+impl Slot {
+    /// Writes every line it lacks, then flushes.
+    fn catch_up(&mut self, lines: &[String]) -> Attempt {
+        let start = self.delivered;
+        let mut result = Ok(());
+        while let Some(line) = lines.get(self.delivered) {
+            match self.sink.write_line(line) {
+                Ok(()) => {
+                    self.delivered += 1;
+                    self.ever_ok = true;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_ok() && self.delivered > start {
+            result = self.sink.flush();
+        }
+        let state = match result {
+            Ok(()) => {
+                self.last_error = None;
+                SinkState::Ok
+            }
+            Err(e) => {
+                let waiting = e.kind() == ErrorKind::NotFound && !self.ever_ok;
+                let err = (e.kind(), e.to_string());
+                if self.required && !waiting && self.fatal.is_none() {
+                    self.fatal = Some(err.clone());
+                }
+                self.last_error = Some(err);
+                if waiting {
+                    SinkState::Waiting
+                } else {
+                    SinkState::Failed
+                }
+            }
+        };
+        Attempt {
+            state,
+            caught_up: self.delivered - start,
+        }
+    }
+
+    fn error_text(&self) -> String {
+        self.last_error
+            .as_ref()
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default()
+    }
+}
+
+struct Inner {
+    lines: Vec<String>,
+    head: Digest,
+    next_seq: u64,
+    insecure: bool,
+    clock: Clock,
+    sinks: Vec<Slot>,
+}
+
+impl Inner {
+    /// Encodes and keeps one record; does not deliver it.
+    fn append(&mut self, stage: &str, event: &str, details: Value) -> Result<Digest, AuditError> {
+        let details = normalize_details(details);
+        let encoded = encode(&Fields {
+            seq: self.next_seq,
+            time: (self.clock)(),
+            stage,
+            event,
+            details: &details,
+            insecure: self.insecure,
+            prev: self.head,
+        })
+        .map_err(|source| AuditError::Encode {
+            stage: stage.to_string(),
+            event: event.to_string(),
+            source,
+        })?;
+        self.lines.push(encoded.line);
+        self.head = encoded.hash;
+        self.next_seq += 1;
+        Ok(encoded.hash)
+    }
+
+    /// Offers every sink its backlog and records state changes. Each sink is reported at
+    /// most once per call, so a flapping sink cannot make this loop forever.
+    fn deliver(&mut self) {
+        let mut reported_now = vec![false; self.sinks.len()];
+        loop {
+            let mut changes = Vec::new();
+            for (i, slot) in self.sinks.iter_mut().enumerate() {
+                let attempt = slot.catch_up(&self.lines);
+                if attempt.state != slot.reported && !reported_now[i] {
+                    reported_now[i] = true;
+                    slot.reported = attempt.state;
+                    let details = match attempt.state {
+                        SinkState::Ok => json!({
+                            "sink": slot.name,
+                            "caught_up": attempt.caught_up,
+                        }),
+                        SinkState::Waiting | SinkState::Failed => json!({
+                            "sink": slot.name,
+                            "required": slot.required,
+                            "error": slot.error_text(),
+                        }),
+                    };
+                    let event = match attempt.state {
+                        SinkState::Ok => EVENT_SINK_RECOVERED,
+                        SinkState::Waiting => EVENT_SINK_WAITING,
+                        SinkState::Failed => EVENT_SINK_FAILED,
+                    };
+                    changes.push((event, details));
+                }
+            }
+            if changes.is_empty() {
+                return;
+            }
+            for (event, details) in changes {
+                // Encoding a json! object cannot fail; if it ever did, the change is simply
+                // not recorded and the next record tries again.
+                if self.append(AUDIT_STAGE, event, details).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fatal_error(&self) -> Result<(), AuditError> {
+        match self.sinks.iter().find_map(|s| Some((s, s.fatal.as_ref()?))) {
+            Some((slot, (kind, msg))) => Err(AuditError::RequiredSinkFailed {
+                sink: slot.name.clone(),
+                source: io::Error::new(*kind, msg.clone()),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn record(&mut self, stage: &str, event: &str, details: Value) -> Result<Digest, AuditError> {
+        let hash = self.append(stage, event, details)?;
+        self.deliver();
+        self.fatal_error()?;
+        Ok(hash)
+    }
+}
+
+impl Audit {
+    /// A log writing to `sinks`; `insecure` (`attestation = "none"`) marks every record.
+    pub fn new(sinks: Vec<Box<dyn Sink>>, insecure: bool) -> Audit {
+        Audit::with_clock(sinks, insecure, Box::new(SystemTime::now))
+    }
+
+    /// [`Audit::new`] with an injected clock.
+    pub fn with_clock(sinks: Vec<Box<dyn Sink>>, insecure: bool, clock: Clock) -> Audit {
+        let sinks = sinks
+            .into_iter()
+            .map(|sink| Slot {
+                name: sink.name(),
+                required: sink.required(),
+                sink,
+                delivered: 0,
+                ever_ok: false,
+                reported: SinkState::Ok,
+                last_error: None,
+                fatal: None,
+            })
+            .collect();
+        Audit {
+            inner: Arc::new(Mutex::new(Inner {
+                lines: Vec::new(),
+                head: Digest::ZERO,
+                next_seq: 0,
+                insecure,
+                clock,
+                sinks,
+            })),
+        }
+    }
+
+    /// Poisoning is ignored: every update keeps `Inner` consistent before any sink runs.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends a record, delivers it (and any backlog) to every sink and returns its hash.
+    ///
+    /// A failing sink is recorded (`audit/sink_failed`, once per failure, and
+    /// `audit/sink_recovered`) and does not stop the boot, except a required sink: once it
+    /// has failed (other than `NotFound` before its first write), this returns
+    /// [`AuditError::RequiredSinkFailed`] for every later record too. The record is kept
+    /// and delivered to the other sinks either way.
+    pub fn record(&self, stage: &str, event: &str, details: Value) -> Result<Digest, AuditError> {
+        self.lock().record(stage, event, details)
+    }
+
+    /// [`Audit::record`] that gives up after `timeout` if the log is held. For the panic
+    /// hook: a panic in the middle of a record still holds the lock on the same thread, and
+    /// waiting for it would hang instead of powering off.
+    pub fn record_within(
+        &self,
+        timeout: Duration,
+        stage: &str,
+        event: &str,
+        details: Value,
+    ) -> Result<Digest, AuditError> {
+        let start = Instant::now();
+        loop {
+            match self.inner.try_lock() {
+                Ok(mut inner) => return inner.record(stage, event, details),
+                Err(TryLockError::Poisoned(p)) => {
+                    return p.into_inner().record(stage, event, details)
+                }
+                Err(TryLockError::WouldBlock) => {
+                    if start.elapsed() >= timeout {
+                        return Err(AuditError::Busy(timeout, format!("{stage}/{event}")));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    /// The hash of the last record ([`Digest::ZERO`] before the first): what a checkpoint
+    /// binds.
+    pub fn head(&self) -> Digest {
+        self.lock().head
+    }
+
+    /// The seq the next record will get.
+    pub fn seq(&self) -> u64 {
+        self.lock().next_seq
+    }
+
+    /// Whether every record carries `"insecure": true`.
+    pub fn insecure(&self) -> bool {
+        self.lock().insecure
+    }
+
+    /// Every line written so far, in order, without newlines.
+    pub fn lines(&self) -> Vec<String> {
+        self.lock().lines.clone()
+    }
+
+    /// Offers every sink its backlog again and flushes them (every delivery already ends
+    /// with a flush; this is for shutdown). Fails only for a required sink that has failed;
+    /// a flush error of an optional sink is left for the next delivery to record.
+    pub fn flush(&self) -> Result<(), AuditError> {
+        let mut inner = self.lock();
+        inner.deliver();
+        for slot in &mut inner.sinks {
+            if slot.delivered == 0 {
+                continue;
+            }
+            if let Err(e) = slot.sink.flush() {
+                let err = (e.kind(), e.to_string());
+                if slot.required && slot.fatal.is_none() {
+                    slot.fatal = Some(err.clone());
+                }
+                slot.last_error = Some(err);
+            }
+        }
+        inner.fatal_error()
+    }
+
+    /// Called just before launch: every required sink must have received every record.
+    pub fn require_sinks(&self) -> Result<(), AuditError> {
+        let mut inner = self.lock();
+        inner.deliver();
+        inner.fatal_error()?;
+        let total = inner.lines.len();
+        match inner
+            .sinks
+            .iter()
+            .find(|s| s.required && s.delivered < total)
+        {
+            Some(slot) => Err(AuditError::RequiredSinkBehind {
+                sink: slot.name.clone(),
+                pending: total - slot.delivered,
+                source: slot
+                    .last_error
+                    .as_ref()
+                    .map(|(kind, msg)| io::Error::new(*kind, msg.clone())),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests;

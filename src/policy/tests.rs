@@ -1,0 +1,1041 @@
+//! Policy tests: bad policies with their exact messages, good policies with their values.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+
+use super::*;
+
+fn users() -> MemoryUsers {
+    MemoryUsers::new()
+        .user("root", 0, 0)
+        .user("flare", 1000, 1000)
+        .user("sync", 4, 0)
+        .group("root", 0)
+        .group("flare", 1000)
+        .group("workers", 2000)
+}
+
+const MINIMAL: &str = r#"attestation = "none"
+
+[workload]
+bundle = "/opt/flare"
+source = "initramfs"
+exec = ["/opt/flare/startup/start.sh"]
+user = "flare"
+"#;
+
+const GOOD: &str = include_str!("testdata/good.toml");
+
+/// MINIMAL with one line replaced (the line must exist).
+fn minimal_with(from: &str, to: &str) -> String {
+    assert!(MINIMAL.contains(from), "{from}");
+    MINIMAL.replacen(from, to, 1)
+}
+
+fn error_of(policy: &str) -> String {
+    match parse(policy, None, &users()) {
+        Ok(loaded) => panic!("expected an error, got {:#?}", loaded.policy),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn error_with_operator(policy: &str, operator: &str) -> String {
+    match parse(policy, Some(operator), &users()) {
+        Ok(loaded) => panic!("expected an error, got {:#?}", loaded.policy),
+        Err(e) => e.to_string(),
+    }
+}
+
+// ---- bad policies: exact messages ----
+
+#[test]
+fn unknown_key_is_refused_with_its_position() {
+    assert_eq!(
+        error_of(&minimal_with("bundle =", "bundel =")),
+        "policy: unknown key `workload.bundel` at line 4, column 1; expected one of bundle, source, copy_to, digest, manifest, exec, user, group, env, workdir, umask, rlimit, restart, max_restarts"
+    );
+}
+
+#[test]
+fn unknown_top_level_key_is_refused() {
+    assert_eq!(
+        error_of(&format!("insecure = true\n{MINIMAL}")),
+        "policy: unknown key `insecure` at line 1, column 1; expected one of workload, attestation, volume, network, lockdown, audit, on_failure, overridable"
+    );
+}
+
+#[test]
+fn unknown_key_in_an_array_of_tables_names_its_index() {
+    let policy = format!(
+        "{MINIMAL}\n[[volume]]\nname = \"a\"\ndevice = \"/dev/vdb\"\nkey = \"kbs:///default/keys/a\"\nmount = \"/a\"\n\n[[volume]]\nnmae = \"b\"\n"
+    );
+    assert_eq!(
+        error_of(&policy),
+        "policy: unknown key `volume[1].nmae` at line 16, column 1; expected one of name, device, key, mount, format_if_blank, integrity"
+    );
+}
+
+#[test]
+fn syntax_error_is_reported_with_its_position() {
+    assert_eq!(
+        error_of(&minimal_with("[workload]", "[workload")),
+        "policy: invalid TOML at line 3, column 10: invalid table header; expected `.`, `]`"
+    );
+}
+
+#[test]
+fn wrong_type_is_reported_with_key_and_position() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "exec = [\"/opt/flare/startup/start.sh\"]",
+            "exec = \"/opt/flare/startup/start.sh\""
+        )),
+        "policy: `workload.exec` at line 6, column 8: invalid type: string \"/opt/flare/startup/start.sh\", expected an array"
+    );
+}
+
+#[test]
+fn port_given_as_a_string_is_refused() {
+    assert_eq!(
+        error_of(&format!("{MINIMAL}\n[network]\ninbound = [{{ port = \"8002\" }}]\n")),
+        "policy: `network.inbound[0].port` at line 10, column 21: invalid type: string \"8002\", expected an integer"
+    );
+}
+
+#[test]
+fn relative_exec_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "exec = [\"/opt/flare/startup/start.sh\"]",
+            "exec = [\"bin/start.sh\", \"--once\"]"
+        )),
+        "workload.exec[0]: \"bin/start.sh\" is not an absolute path; write the full path inside the image, e.g. \"/opt/flare/startup/start.sh\""
+    );
+}
+
+#[test]
+fn empty_exec_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("exec = [\"/opt/flare/startup/start.sh\"]", "exec = []")),
+        "workload.exec: the command line is empty; write the program and its arguments, e.g. exec = [\"/opt/flare/startup/start.sh\"]"
+    );
+}
+
+#[test]
+fn relative_bundle_and_parent_components_are_refused() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "bundle = \"/opt/flare\"",
+            "bundle = \"opt/flare\"\nworkdir = \"/opt/../etc\""
+        )),
+        "workload.bundle: \"opt/flare\" is not an absolute path; write the full path inside the image, e.g. \"/opt/flare\"\n\
+         workload.workdir: \"/opt/../etc\" contains \"..\"; write the path without \"..\", e.g. \"/workspace\""
+    );
+}
+
+#[test]
+fn missing_attestation_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("attestation = \"none\"\n", "")),
+        "attestation: missing; configure an [attestation] table (tee, kbs), or write attestation = \"none\" for development"
+    );
+}
+
+#[test]
+fn attestation_string_other_than_none_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("attestation = \"none\"", "attestation = \"snp\"")),
+        "attestation: \"snp\" is not valid as a string, only \"none\" (development) is; configure an [attestation] table with tee and kbs"
+    );
+}
+
+#[test]
+fn attestation_table_needs_tee_and_kbs() {
+    assert_eq!(
+        error_of(&minimal_with("attestation = \"none\"", "attestation = {}")),
+        "attestation.tee: missing; write the evidence provider: \"snp\", \"tdx\", \"tpm\" or \"az-snp-vtpm\"\n\
+         attestation.kbs: missing; write the key broker's URL, e.g. kbs = \"https://kbs.example:8999\""
+    );
+}
+
+#[test]
+fn kbs_url_with_a_bad_scheme_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "attestation = \"none\"",
+            "attestation = { tee = \"snp\", kbs = \"ftp://kbs.example:8999\" }"
+        )),
+        "attestation.kbs: \"ftp://kbs.example:8999\" is not a key broker URL (the scheme must be https:// or http://); write scheme://host[:port][/path], e.g. \"https://kbs.example:8999\""
+    );
+}
+
+#[test]
+fn kbs_url_with_a_bad_port_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "attestation = \"none\"",
+            "attestation = { tee = \"tdx\", kbs = \"https://kbs.example:99999\" }"
+        )),
+        "attestation.kbs: \"https://kbs.example:99999\" is not a key broker URL (port \"99999\" is not a number from 1 to 65535); write scheme://host[:port][/path], e.g. \"https://kbs.example:8999\""
+    );
+}
+
+#[test]
+fn unknown_tee_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "attestation = \"none\"",
+            "attestation = { tee = \"sev\", kbs = \"https://kbs.example\" }"
+        )),
+        "attestation.tee: \"sev\" is not an evidence provider; write \"snp\", \"tdx\", \"tpm\", \"az-snp-vtpm\" or \"sample\" (tests only)"
+    );
+}
+
+#[test]
+fn sample_tee_needs_insecure_sample() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "attestation = \"none\"",
+            "attestation = { tee = \"sample\", kbs = \"http://127.0.0.1:8080\" }"
+        )),
+        "attestation.tee: \"sample\" evidence proves nothing; write insecure_sample = true in [attestation] to use it in tests, or use a real TEE"
+    );
+    assert_eq!(
+        error_of(&minimal_with(
+            "attestation = \"none\"",
+            "attestation = { tee = \"snp\", kbs = \"https://kbs.example\", insecure_sample = true }"
+        )),
+        "attestation.insecure_sample: true only applies to tee = \"sample\"; remove it"
+    );
+}
+
+#[test]
+fn root_user_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("user = \"flare\"", "user = \"root\"")),
+        "workload.user: \"root\" is uid 0; the workload must not run as root; create an unprivileged user in the image"
+    );
+}
+
+#[test]
+fn numeric_uid_zero_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("user = \"flare\"", "user = 0")),
+        "workload.user: 0 is uid 0; the workload must not run as root; create an unprivileged user in the image"
+    );
+}
+
+#[test]
+fn root_group_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("user = \"flare\"", "user = \"flare\"\ngroup = \"root\"")),
+        "workload.group: \"root\" is gid 0; the workload must not run as root; create an unprivileged user in the image"
+    );
+}
+
+#[test]
+fn primary_group_root_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("user = \"flare\"", "user = \"sync\"")),
+        "workload.user: \"sync\" has primary group 0 (root); the workload must not run as root; create an unprivileged user in the image, or set workload.group to an unprivileged group"
+    );
+}
+
+#[test]
+fn unknown_user_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("user = \"flare\"", "user = \"flair\"")),
+        "workload.user: no user \"flair\" in the image's passwd file; create the user in the image, or write a numeric uid and set workload.group"
+    );
+}
+
+#[test]
+fn unknown_group_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("user = \"flare\"", "user = \"flare\"\ngroup = \"flair\"")),
+        "workload.group: no group \"flair\" in the image's group file; create the group in the image or write a numeric gid"
+    );
+}
+
+#[test]
+fn numeric_user_without_passwd_entry_needs_a_group() {
+    assert_eq!(
+        error_of(&minimal_with("user = \"flare\"", "user = 1234")),
+        "workload.user: numeric user 1234 has no passwd entry; set `workload.group`"
+    );
+}
+
+#[test]
+fn negative_uid_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("user = \"flare\"", "user = -1")),
+        "workload.user: -1 is not a valid uid; write a number from 1 to 4294967294"
+    );
+}
+
+#[test]
+fn missing_workload_keys_are_all_reported() {
+    assert_eq!(
+        error_of("attestation = \"none\"\n[workload]\n"),
+        "workload.bundle: missing; write the directory to measure, e.g. bundle = \"/opt/flare\"\n\
+         workload.source: missing; write where the bundle's bytes live: \"initramfs\" (inside the measured initramfs), \"copy\" (copied into tmpfs while measured) or \"verity\"\n\
+         workload.exec: missing; write the workload's command line, e.g. exec = [\"/opt/flare/startup/start.sh\"]\n\
+         workload.user: missing; write the unprivileged user the workload runs as, e.g. user = \"flare\""
+    );
+}
+
+#[test]
+fn empty_policy_names_both_required_tables() {
+    assert_eq!(
+        error_of(""),
+        "workload: missing; add a [workload] table with at least bundle, source, exec and user\n\
+         attestation: missing; configure an [attestation] table (tee, kbs), or write attestation = \"none\" for development"
+    );
+}
+
+#[test]
+fn unknown_bundle_source_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with("source = \"initramfs\"", "source = \"disk\"")),
+        "workload.source: \"disk\" is not a bundle source; write \"initramfs\", \"copy\" or \"verity\""
+    );
+}
+
+#[test]
+fn copy_to_without_copy_source_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "source = \"initramfs\"",
+            "source = \"initramfs\"\ncopy_to = \"/run/copy\""
+        )),
+        "workload.copy_to: \"/run/copy\" is only used with source = \"copy\"; remove it or set workload.source = \"copy\""
+    );
+}
+
+#[test]
+fn copy_to_inside_the_bundle_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "source = \"initramfs\"",
+            "source = \"copy\"\ncopy_to = \"/opt/flare/run\""
+        )),
+        "workload.copy_to: \"/opt/flare/run\" overlaps workload.bundle \"/opt/flare\"; choose a directory outside the bundle, e.g. \"/run/cvm-warden/bundle\""
+    );
+}
+
+#[test]
+fn malformed_digest_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "source = \"initramfs\"",
+            "source = \"initramfs\"\ndigest = \"sha256:ABC\""
+        )),
+        "workload.digest: \"sha256:ABC\" is not a digest; write \"sha256:\" followed by 64 lowercase hex digits, as `cvm-warden measure` prints it"
+    );
+}
+
+#[test]
+fn bad_env_names_and_values_are_refused() {
+    assert_eq!(
+        error_of(&format!(
+            "{MINIMAL}\n[workload.env]\n1ST = \"a\"\n\"A=B\" = \"b\"\nOK = \"nul\\u0000\"\n"
+        )),
+        "workload.env.1ST: \"1ST\" is not a valid environment variable name; use letters, digits and \"_\", not starting with a digit\n\
+         workload.env.A=B: \"A=B\" is not a valid environment variable name; use letters, digits and \"_\", not starting with a digit\n\
+         workload.env.OK: \"nul\\0\" contains a NUL character; remove it"
+    );
+}
+
+#[test]
+fn bad_umask_is_refused() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "user = \"flare\"",
+            "user = \"flare\"\numask = \"0999\""
+        )),
+        "workload.umask: \"0999\" is not an octal umask; write 3 or 4 octal digits, e.g. \"0077\""
+    );
+    assert_eq!(
+        error_of(&minimal_with("user = \"flare\"", "user = \"flare\"\numask = 0o077")),
+        "workload.umask: 63 is an integer; write the umask as a string of octal digits, e.g. \"0077\""
+    );
+}
+
+#[test]
+fn soft_rlimit_above_hard_is_refused() {
+    assert_eq!(
+        error_of(&format!(
+            "{MINIMAL}\n[[workload.rlimit]]\nresource = \"nofile\"\nsoft = 2048\nhard = 1024\n"
+        )),
+        "workload.rlimit[0]: soft limit 2048 is above hard limit 1024; lower soft or raise hard"
+    );
+}
+
+#[test]
+fn unknown_and_repeated_rlimits_are_refused() {
+    assert_eq!(
+        error_of(&format!(
+            "{MINIMAL}\n[[workload.rlimit]]\nresource = \"files\"\nsoft = 1\nhard = 1\n\
+             [[workload.rlimit]]\nresource = \"core\"\nsoft = 0\nhard = 0\n\
+             [[workload.rlimit]]\nresource = \"core\"\nsoft = -1\nhard = \"lots\"\n"
+        )),
+        "workload.rlimit[0].resource: \"files\" is not a resource; write one of nofile, nproc, core, as, fsize, stack, memlock\n\
+         workload.rlimit[2].resource: \"core\" is limited twice; keep one entry per resource\n\
+         workload.rlimit[2].soft: -1 is negative; write a number of 0 or more, or \"unlimited\"\n\
+         workload.rlimit[2].hard: \"lots\" is not a limit; write a number or \"unlimited\""
+    );
+}
+
+#[test]
+fn max_restarts_is_bounded_and_needs_on_failure() {
+    assert_eq!(
+        error_of(&minimal_with(
+            "user = \"flare\"",
+            "user = \"flare\"\nrestart = \"on-failure\"\nmax_restarts = 1000"
+        )),
+        "workload.max_restarts: 1000 is out of range; write a number from 0 to 100"
+    );
+    assert_eq!(
+        error_of(&minimal_with("user = \"flare\"", "user = \"flare\"\nmax_restarts = 2")),
+        "workload.max_restarts: 2 is only used with restart = \"on-failure\"; remove it or set workload.restart = \"on-failure\""
+    );
+    assert_eq!(
+        error_of(&minimal_with(
+            "user = \"flare\"",
+            "user = \"flare\"\nrestart = \"always\""
+        )),
+        "workload.restart: \"always\" is not a restart policy; write \"never\" or \"on-failure\""
+    );
+}
+
+#[test]
+fn ports_out_of_range_are_refused() {
+    assert_eq!(
+        error_of(&format!(
+            "{MINIMAL}\n[network]\ninbound = [{{ port = 70000 }}, {{ port = 22, proto = \"sctp\" }}]\noutbound = [{{ host = \"fl-server.example\", port = 0 }}]\n"
+        )),
+        "network.inbound[0].port: 70000 is out of range; write a port number from 1 to 65535\n\
+         network.inbound[1].proto: \"sctp\" is not a protocol; write \"tcp\" or \"udp\"\n\
+         network.outbound[0].port: 0 is out of range; write a port number from 1 to 65535"
+    );
+}
+
+#[test]
+fn malformed_cidrs_are_refused() {
+    assert_eq!(
+        error_of(&format!(
+            "{MINIMAL}\n[network]\ninbound = [{{ port = 8002, from = [\"10.0.0.1/8\", \"10.0.0/8\", \"fd00::/129\"] }}]\n"
+        )),
+        "network.inbound[0].from[0]: \"10.0.0.1/8\" is not a CIDR (it has host bits set; write \"10.0.0.0/8\"); write an address and a prefix length, e.g. \"10.0.0.0/8\" or \"fd00::/8\"\n\
+         network.inbound[0].from[1]: \"10.0.0/8\" is not a CIDR (\"10.0.0\" is not an IP address); write an address and a prefix length, e.g. \"10.0.0.0/8\" or \"fd00::/8\"\n\
+         network.inbound[0].from[2]: \"fd00::/129\" is not a CIDR (prefix length \"129\" is not from 0 to 128); write an address and a prefix length, e.g. \"10.0.0.0/8\" or \"fd00::/8\""
+    );
+}
+
+#[test]
+fn duplicate_inbound_ports_and_bad_hosts_are_refused() {
+    assert_eq!(
+        error_of(&format!(
+            "{MINIMAL}\n[network]\ninbound = [{{ port = 8002 }}, {{ port = 8002, proto = \"tcp\" }}]\noutbound = [{{ host = \"https://fl.example\", port = 443 }}]\n"
+        )),
+        "network.inbound[1]: port 8002 is listed twice for the same protocol; merge the entries (list every source in one `from`)\n\
+         network.outbound[0].host: \"https://fl.example\" is not a host name or address; write e.g. \"fl-server.example\" or \"10.0.0.5\" (no scheme, no port)"
+    );
+}
+
+#[test]
+fn volume_shape_is_checked() {
+    let volume = |name: &str, device: &str, key: &str, mount: &str| {
+        format!("\n[[volume]]\nname = \"{name}\"\ndevice = \"{device}\"\nkey = \"{key}\"\nmount = \"{mount}\"\n")
+    };
+    let policy = format!(
+        "{MINIMAL}{}{}{}",
+        volume(
+            "workspace",
+            "/dev/vdb",
+            "kbs:///default/keys/workspace",
+            "/workspace"
+        ),
+        volume("workspace", "vdc", "https://kbs/keys/x", "/workspace"),
+        volume("bad name", "/dev/vdd", "kbs:///default/keys", "/"),
+    );
+    assert_eq!(
+        error_of(&policy),
+        "volume[1].name: \"workspace\" is used by another volume; give each volume its own name\n\
+         volume[1].device: \"vdc\" is not an absolute path; write the full path inside the image, e.g. \"/dev/vdb\"\n\
+         volume[1].key: \"https://kbs/keys/x\" is not a key broker resource; write kbs:///<repository>/<type>/<tag>, e.g. \"kbs:///default/keys/workspace\"\n\
+         volume[1].mount: \"/workspace\" is used by another volume; give each volume its own mount point\n\
+         volume[2].name: \"bad name\" is not a volume name; use 1 to 64 letters, digits, \"_\" or \"-\"\n\
+         volume[2].key: \"kbs:///default/keys\" is not a key broker resource; write kbs:///<repository>/<type>/<tag>, e.g. \"kbs:///default/keys/workspace\"\n\
+         volume[2].mount: \"/\" cannot be a volume's mount point; mount the volume on a directory, e.g. \"/workspace\""
+    );
+}
+
+#[test]
+fn lockdown_shape_is_checked() {
+    assert_eq!(
+        error_of(&format!(
+            "{MINIMAL}\n[lockdown]\nconsoles = \"on\"\nkernel_lockdown = \"strict\"\nmodules = [\"dm_crypt\", \"dm_crypt\", \"../evil\"]\n"
+        )),
+        "lockdown.consoles: \"on\" is not supported; write \"off\" (leave [lockdown] out to keep consoles)\n\
+         lockdown.kernel_lockdown: \"strict\" is not a lockdown mode; write \"none\", \"integrity\" or \"confidentiality\"\n\
+         lockdown.modules[1]: \"dm_crypt\" is listed twice; remove one\n\
+         lockdown.modules[2]: \"../evil\" is not a module name; write the name modprobe takes, e.g. \"dm_crypt\""
+    );
+}
+
+#[test]
+fn bad_syslog_target_is_refused() {
+    assert_eq!(
+        error_of(&format!("{MINIMAL}\n[audit]\nsyslog = \"udp://fl-server.example\"\n")),
+        "audit.syslog: \"udp://fl-server.example\" is not a syslog target (the port is missing); write \"local\", \"udp://host:port\" or \"tcp://host:port\""
+    );
+    assert_eq!(
+        error_of(&format!("{MINIMAL}\n[audit]\nsyslog = \"/dev/log\"\n")),
+        "audit.syslog: \"/dev/log\" is not a syslog target (unknown transport); write \"local\", \"udp://host:port\" or \"tcp://host:port\""
+    );
+}
+
+#[test]
+fn required_audit_file_must_be_set() {
+    assert_eq!(
+        error_of(&format!("{MINIMAL}\n[audit]\nfile_required = true\n")),
+        "audit.file_required: true needs a file; set audit.file or remove file_required"
+    );
+}
+
+#[test]
+fn audit_without_any_sink_is_refused() {
+    assert_eq!(
+        error_of(&format!("{MINIMAL}\n[audit]\nconsole = false\n")),
+        "audit: every sink is off (console = false, no file, no syslog); enable at least one so the boot leaves a record"
+    );
+}
+
+#[test]
+fn unknown_failure_action_is_refused() {
+    assert_eq!(
+        error_of(&format!("on_failure = \"reboot\"\n{MINIMAL}")),
+        "on_failure: \"reboot\" is not a failure action; write \"poweroff\" or \"halt\""
+    );
+}
+
+#[test]
+fn overridable_keys_must_exist_in_the_schema() {
+    assert_eq!(
+        error_of(&format!(
+            "overridable = [\"attestation.kbs\", \"attestation.url\", \"overridable\", \"attestation.kbs\"]\n{MINIMAL}"
+        )),
+        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, volume, network, network.inbound, network.outbound, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, audit, audit.file, audit.file_required, audit.syslog, audit.console, on_failure, or workload.env.<NAME>\n\
+         overridable[2]: \"overridable\" cannot be overridable; the operator file must not widen what it may set, so remove it\n\
+         overridable[3]: \"attestation.kbs\" is listed twice; remove one"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_not_only_the_first() {
+    let policy = "attestation = \"none\"\non_failure = \"explode\"\n\n[workload]\nbundle = \"/opt/flare\"\nsource = \"initramfs\"\nexec = [\"start.sh\"]\nuser = \"root\"\nworkdir = \"workspace\"\n";
+    assert_eq!(
+        error_of(policy),
+        "workload.exec[0]: \"start.sh\" is not an absolute path; write the full path inside the image, e.g. \"/opt/flare/startup/start.sh\"\n\
+         workload.user: \"root\" is uid 0; the workload must not run as root; create an unprivileged user in the image\n\
+         workload.workdir: \"workspace\" is not an absolute path; write the full path inside the image, e.g. \"/workspace\"\n\
+         on_failure: \"explode\" is not a failure action; write \"poweroff\" or \"halt\""
+    );
+}
+
+// ---- operator file: bad ----
+
+const WITH_BROKER: &str = r#"overridable = ["attestation.kbs", "network.outbound", "workload.env.FL_SERVER"]
+
+[workload]
+bundle = "/opt/flare"
+source = "initramfs"
+exec = ["/opt/flare/startup/start.sh"]
+user = "flare"
+
+[workload.env]
+FL_SERVER = "localhost:8002"
+
+[attestation]
+tee = "snp"
+kbs = "https://kbs.placeholder:8999"
+"#;
+
+#[test]
+fn operator_key_not_declared_overridable_is_refused() {
+    assert_eq!(
+        error_with_operator(
+            WITH_BROKER,
+            "[attestation]\nkbs = \"https://kbs.site:8999\"\ntee = \"sample\"\n\n[workload]\nexec = [\"/bin/sh\"]\n"
+        ),
+        "operator: `attestation.tee` at line 3, column 1 is not overridable: the policy does not declare it in `overridable`; remove it from the operator file\n\
+         operator: `workload.exec` at line 6, column 1 is not overridable: the policy does not declare it in `overridable`; remove it from the operator file"
+    );
+}
+
+#[test]
+fn operator_unknown_key_is_refused_with_its_position() {
+    assert_eq!(
+        error_with_operator(WITH_BROKER, "[attestation]\nkbs_url = \"https://kbs.site\"\n"),
+        "operator: unknown key `attestation.kbs_url` at line 2, column 1; expected one of tee, kbs, kbs_ca, insecure_sample"
+    );
+}
+
+#[test]
+fn operator_value_is_validated_and_named_as_the_operators() {
+    assert_eq!(
+        error_with_operator(WITH_BROKER, "[attestation]\nkbs = \"kbs.site:8999\"\n"),
+        "attestation.kbs (set by operator): \"kbs.site:8999\" is not a key broker URL (the scheme must be https:// or http://); write scheme://host[:port][/path], e.g. \"https://kbs.example:8999\""
+    );
+}
+
+#[test]
+fn operator_cannot_set_a_key_below_a_string() {
+    let policy = "overridable = [\"attestation.kbs\"]\nattestation = \"none\"\n\n[workload]\nbundle = \"/opt/flare\"\nsource = \"initramfs\"\nexec = [\"/opt/flare/startup/start.sh\"]\nuser = \"flare\"\n";
+    assert_eq!(
+        error_with_operator(policy, "attestation.kbs = \"https://kbs.site\"\n"),
+        "operator: cannot set `attestation.kbs`: the policy's `attestation` is not a table; declare `attestation` overridable instead so the operator file replaces it whole"
+    );
+}
+
+// ---- good policies ----
+
+#[test]
+fn minimal_policy_gets_the_defaults() {
+    let loaded = parse(MINIMAL, None, &users()).unwrap();
+    assert_eq!(
+        loaded.policy,
+        Policy {
+            workload: Workload {
+                bundle: PathBuf::from("/opt/flare"),
+                source: BundleSource::Initramfs,
+                digest: None,
+                manifest: None,
+                exec: vec!["/opt/flare/startup/start.sh".to_string()],
+                user: Identity {
+                    name: "flare".to_string(),
+                    uid: 1000,
+                    gid: 1000
+                },
+                env: Vec::new(),
+                workdir: PathBuf::from("/"),
+                umask: 0o077,
+                rlimits: Vec::new(),
+                restart: Restart::Never,
+            },
+            attestation: Attestation::None,
+            volumes: Vec::new(),
+            network: None,
+            lockdown: None,
+            audit: AuditConfig {
+                file: None,
+                file_required: false,
+                syslog: None,
+                console: true
+            },
+            on_failure: FailureAction::Poweroff,
+            overridable: Vec::new(),
+        }
+    );
+    assert_eq!(loaded.operator_digest, None);
+    assert!(loaded.overridden.is_empty());
+}
+
+#[test]
+fn copy_source_and_on_failure_restart_get_their_defaults() {
+    let policy = format!(
+        "{}\n[attestation]\ntee = \"sample\"\nkbs = \"http://127.0.0.1:8080\"\ninsecure_sample = true\n",
+        minimal_with("source = \"initramfs\"", "source = \"copy\"\nrestart = \"on-failure\"")
+            .replace("attestation = \"none\"\n", "")
+    );
+    let loaded = parse(&policy, None, &users()).unwrap();
+    assert_eq!(
+        loaded.policy.workload.source,
+        BundleSource::Copy {
+            into: PathBuf::from("/run/cvm-warden/bundle")
+        }
+    );
+    assert_eq!(
+        loaded.policy.workload.restart,
+        Restart::OnFailure { max: 3 }
+    );
+    assert_eq!(
+        loaded.policy.attestation,
+        Attestation::Broker {
+            tee: Tee::Sample,
+            kbs: "http://127.0.0.1:8080".to_string(),
+            kbs_ca: None
+        }
+    );
+}
+
+#[test]
+fn full_policy_parses_with_every_value() {
+    let loaded = parse(GOOD, None, &users()).unwrap();
+    let p = &loaded.policy;
+    assert_eq!(
+        p.workload.source,
+        BundleSource::Copy {
+            into: PathBuf::from("/run/cvm-warden/bundle")
+        }
+    );
+    assert_eq!(
+        p.workload.digest.map(|d| d.to_string()).as_deref(),
+        Some("sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    );
+    assert_eq!(
+        p.workload.user,
+        Identity {
+            name: "flare".to_string(),
+            uid: 1000,
+            gid: 1000
+        }
+    );
+    assert_eq!(
+        p.workload.env,
+        vec![
+            (
+                "FL_SERVER".to_string(),
+                "fl-server.example:8002".to_string()
+            ),
+            ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
+        ]
+    );
+    assert_eq!(p.workload.umask, 0o027);
+    assert_eq!(
+        p.workload.rlimits,
+        vec![
+            Rlimit {
+                resource: RlimitResource::Nofile,
+                soft: 4096,
+                hard: 8192
+            },
+            Rlimit {
+                resource: RlimitResource::Core,
+                soft: 0,
+                hard: u64::MAX
+            },
+        ]
+    );
+    assert_eq!(p.workload.restart, Restart::OnFailure { max: 5 });
+    assert_eq!(
+        p.attestation,
+        Attestation::Broker {
+            tee: Tee::Snp,
+            kbs: "https://kbs.example:8999".to_string(),
+            kbs_ca: Some(PathBuf::from("/etc/cvm-warden/kbs-ca.pem"))
+        }
+    );
+    assert_eq!(
+        p.volumes,
+        vec![Volume {
+            name: "workspace".to_string(),
+            device: PathBuf::from("/dev/vdb"),
+            key: "kbs:///default/keys/workspace".to_string(),
+            mount: PathBuf::from("/workspace"),
+            format_if_blank: true,
+            integrity: Some("hmac-sha256".to_string()),
+        }]
+    );
+    assert_eq!(
+        p.network,
+        Some(Network {
+            inbound: vec![
+                InboundRule {
+                    port: 8002,
+                    proto: Proto::Tcp,
+                    from: vec![]
+                },
+                InboundRule {
+                    port: 8003,
+                    proto: Proto::Tcp,
+                    from: vec!["10.0.0.0/8".to_string(), "fd00::/8".to_string()]
+                },
+            ],
+            outbound: vec![
+                OutboundRule {
+                    host: "fl-server.example".to_string(),
+                    port: 8002,
+                    proto: Proto::Tcp
+                },
+                OutboundRule {
+                    host: "fl-server.example".to_string(),
+                    port: 514,
+                    proto: Proto::Udp
+                },
+            ],
+        })
+    );
+    assert_eq!(
+        p.lockdown,
+        Some(Lockdown {
+            consoles: "off".to_string(),
+            kernel_lockdown: Some("confidentiality".to_string()),
+            modules: vec![
+                "dm_crypt".to_string(),
+                "nf_tables".to_string(),
+                "sev-guest".to_string()
+            ],
+        })
+    );
+    assert_eq!(
+        p.audit,
+        AuditConfig {
+            file: Some(PathBuf::from("/workspace/audit/cvm-warden.jsonl")),
+            file_required: true,
+            syslog: Some(SyslogTarget::Udp("fl-server.example:514".to_string())),
+            console: true,
+        }
+    );
+    assert_eq!(p.on_failure, FailureAction::Halt);
+    assert_eq!(
+        p.overridable,
+        [
+            "attestation.kbs",
+            "network.outbound",
+            "workload.env.FL_SERVER"
+        ]
+    );
+}
+
+#[test]
+fn paths_are_normalised() {
+    let loaded = parse(
+        &minimal_with("bundle = \"/opt/flare\"", "bundle = \"/opt//flare/./\""),
+        None,
+        &users(),
+    )
+    .unwrap();
+    assert_eq!(loaded.policy.workload.bundle, PathBuf::from("/opt/flare"));
+}
+
+#[test]
+fn numeric_users_resolve_with_or_without_passwd_entries() {
+    let loaded = parse(
+        &minimal_with("user = \"flare\"", "user = 1000"),
+        None,
+        &users(),
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.policy.workload.user,
+        Identity {
+            name: "1000".to_string(),
+            uid: 1000,
+            gid: 1000
+        }
+    );
+    let loaded = parse(
+        &minimal_with("user = \"flare\"", "user = 1234\ngroup = 5678"),
+        None,
+        &users(),
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.policy.workload.user,
+        Identity {
+            name: "1234".to_string(),
+            uid: 1234,
+            gid: 5678
+        }
+    );
+    let loaded = parse(
+        &minimal_with("user = \"flare\"", "user = \"flare\"\ngroup = \"workers\""),
+        None,
+        &users(),
+    )
+    .unwrap();
+    assert_eq!(loaded.policy.workload.user.gid, 2000);
+}
+
+#[test]
+fn policy_digest_is_the_sha256_of_the_bytes() {
+    let loaded = parse(MINIMAL, None, &users()).unwrap();
+    assert_eq!(
+        loaded.policy_digest,
+        crate::digest::Digest::of(MINIMAL.as_bytes())
+    );
+    let operator = "[attestation]\nkbs = \"https://kbs.site:8999\"\n";
+    let loaded = parse(WITH_BROKER, Some(operator), &users()).unwrap();
+    assert_eq!(
+        loaded.policy_digest,
+        crate::digest::Digest::of(WITH_BROKER.as_bytes())
+    );
+    assert_eq!(
+        loaded.operator_digest,
+        Some(crate::digest::Digest::of(operator.as_bytes()))
+    );
+}
+
+#[test]
+fn operator_overrides_are_applied_and_reported() {
+    let operator = "[attestation]\nkbs = \"https://kbs.site:8999\"\n\n[workload.env]\nFL_SERVER = \"fl.site:8002\"\n\n[network]\noutbound = [{ host = \"fl.site\", port = 8002 }]\n";
+    let loaded = parse(WITH_BROKER, Some(operator), &users()).unwrap();
+    assert_eq!(
+        loaded.overridden,
+        [
+            "attestation.kbs",
+            "network.outbound",
+            "workload.env.FL_SERVER"
+        ]
+    );
+    assert_eq!(
+        loaded.policy.attestation,
+        Attestation::Broker {
+            tee: Tee::Snp,
+            kbs: "https://kbs.site:8999".to_string(),
+            kbs_ca: None
+        }
+    );
+    assert_eq!(
+        loaded.policy.workload.env,
+        vec![("FL_SERVER".to_string(), "fl.site:8002".to_string())]
+    );
+    assert_eq!(
+        loaded.policy.network,
+        Some(Network {
+            inbound: vec![],
+            outbound: vec![OutboundRule {
+                host: "fl.site".to_string(),
+                port: 8002,
+                proto: Proto::Tcp
+            }]
+        })
+    );
+}
+
+#[test]
+fn an_overridable_table_is_replaced_whole() {
+    let policy = format!("overridable = [\"attestation\"]\n{MINIMAL}");
+    let operator = "[attestation]\ntee = \"tdx\"\nkbs = \"https://kbs.site\"\n";
+    let loaded = parse(&policy, Some(operator), &users()).unwrap();
+    assert_eq!(loaded.overridden, ["attestation"]);
+    assert_eq!(
+        loaded.policy.attestation,
+        Attestation::Broker {
+            tee: Tee::Tdx,
+            kbs: "https://kbs.site".to_string(),
+            kbs_ca: None
+        }
+    );
+}
+
+#[test]
+fn empty_operator_file_changes_nothing_but_is_measured() {
+    let loaded = parse(WITH_BROKER, Some(""), &users()).unwrap();
+    assert!(loaded.overridden.is_empty());
+    assert_eq!(
+        loaded.policy,
+        parse(WITH_BROKER, None, &users()).unwrap().policy
+    );
+    assert_eq!(loaded.operator_digest, Some(crate::digest::Digest::of(b"")));
+}
+
+#[test]
+fn load_reads_the_files_and_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    let operator = dir.path().join("operator.toml");
+    std::fs::write(&policy, WITH_BROKER).unwrap();
+    std::fs::write(
+        &operator,
+        "[attestation]\nkbs = \"https://kbs.site:8999\"\n",
+    )
+    .unwrap();
+    let loaded = load(&policy, Some(&operator), &users()).unwrap();
+    assert_eq!(loaded.overridden, ["attestation.kbs"]);
+
+    std::fs::write(&operator, "[attestation]\ntee = \"tpm\"\n").unwrap();
+    assert_eq!(
+        load(&policy, Some(&operator), &users()).unwrap_err().to_string(),
+        format!(
+            "{}: `attestation.tee` at line 2, column 1 is not overridable: the policy does not declare it in `overridable`; remove it from the operator file",
+            operator.display()
+        )
+    );
+
+    std::fs::write(&policy, "[workload]\nbundel = \"/x\"\n").unwrap();
+    assert_eq!(
+        load(&policy, None, &users()).unwrap_err().to_string(),
+        format!(
+            "{}: unknown key `workload.bundel` at line 2, column 1; expected one of bundle, source, copy_to, digest, manifest, exec, user, group, env, workdir, umask, rlimit, restart, max_restarts",
+            policy.display()
+        )
+    );
+
+    std::fs::write(&policy, b"x = \"\xff\"\n").unwrap();
+    assert_eq!(
+        load(&policy, None, &users()).unwrap_err().to_string(),
+        format!(
+            "{}: not UTF-8 text (invalid byte at offset 5); save the file as UTF-8",
+            policy.display()
+        )
+    );
+
+    let missing = dir.path().join("missing.toml");
+    let error = load(&missing, None, &users()).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "cannot read the policy file {:?}; check the path and its permissions",
+            missing
+        )
+    );
+    assert!(std::error::Error::source(&error).is_some());
+}
+
+#[test]
+fn schema_keys_match_the_full_policy() {
+    // good.toml sets every key; every key it sets must be listed, and every listed key set.
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            if path == "overridable" {
+                continue;
+            }
+            if let toml::Value::Table(inner) = value {
+                if path != "workload.env" {
+                    walk(&path, inner, out);
+                }
+            }
+            out.push(path);
+        }
+    }
+    let table: toml::Table = toml::from_str(GOOD).unwrap();
+    let mut found = Vec::new();
+    walk("", &table, &mut found);
+    found.sort();
+    let mut listed: Vec<String> = operator::SCHEMA_KEYS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    listed.sort();
+    assert_eq!(found, listed);
+}
+
+#[test]
+fn normalised_policy_serialises() {
+    let loaded = parse(GOOD, None, &users()).unwrap();
+    let json = serde_json::to_value(&loaded.policy).unwrap();
+    assert_eq!(json["workload"]["source"]["kind"], "copy");
+    assert_eq!(json["attestation"]["mode"], "broker");
+    assert_eq!(json["audit"]["syslog"]["transport"], "udp");
+}
+
+#[test]
+fn example_policy_parses() {
+    // examples/policy.toml is the demo policy; until it exists, testdata/good.toml stands in.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policy.toml");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        parse(GOOD, None, &users()).unwrap();
+        return;
+    };
+    if let Err(e) = parse(&text, None, &users()) {
+        panic!("{} does not validate:\n{e}", path.display());
+    }
+}

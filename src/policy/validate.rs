@@ -1,0 +1,1279 @@
+//! Raw → validated. Pure: every problem is collected (not only the first), one line each,
+//! `key: the bad value, why; what to do`.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Component, Path, PathBuf};
+
+use super::operator::check_overridable;
+use super::raw::{
+    Int, RawAttestation, RawAudit, RawBroker, RawId, RawInbound, RawLimit, RawLockdown, RawNetwork,
+    RawOutbound, RawPolicy, RawRlimit, RawUmask, RawVolume, RawWorkload,
+};
+use super::types::*;
+use super::users::UserDb;
+use crate::digest::Digest;
+
+/// Default tmpfs for `source = "copy"`.
+pub const DEFAULT_COPY_TO: &str = "/run/cvm-warden/bundle";
+/// Default `workload.workdir`.
+pub const DEFAULT_WORKDIR: &str = "/";
+/// Default `workload.umask`.
+pub const DEFAULT_UMASK: u32 = 0o077;
+/// Default `workload.max_restarts` with `restart = "on-failure"`.
+pub const DEFAULT_MAX_RESTARTS: u32 = 3;
+/// Upper bound of `workload.max_restarts`.
+pub const MAX_RESTARTS_LIMIT: i64 = 100;
+
+const ROOT_HINT: &str =
+    "the workload must not run as root; create an unprivileged user in the image";
+const RLIMIT_NAMES: &str = "nofile, nproc, core, as, fsize, stack, memlock";
+
+/// Whether `name` is a portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub(crate) fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Whether `host` is a DNS name or an IPv4 address.
+fn is_host_name(host: &str) -> bool {
+    if host.parse::<Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        // An all-numeric name would be a malformed IPv4 address.
+        && !host.split('.').all(|l| l.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Checks `host[:port]` or `[v6][:port]`; returns (host, port).
+fn split_host_port(authority: &str) -> Result<(String, Option<u16>), String> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (v6, after) = rest
+            .split_once(']')
+            .ok_or_else(|| "the IPv6 address has no closing \"]\"".to_string())?;
+        v6.parse::<Ipv6Addr>()
+            .map_err(|_| format!("{v6:?} is not an IPv6 address"))?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| format!("unexpected {p:?} after the address"))?,
+            ),
+        };
+        (format!("[{v6}]"), port)
+    } else {
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        };
+        if host.is_empty() {
+            return Err("the host is empty".to_string());
+        }
+        if !is_host_name(host) {
+            return Err(format!("{host:?} is not a host name or address"));
+        }
+        (host.to_string(), port)
+    };
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.chars().all(|c| c.is_ascii_digit()) => Some(n),
+            _ => return Err(format!("port {p:?} is not a number from 1 to 65535")),
+        },
+    };
+    Ok((host, port))
+}
+
+/// Checks a broker URL: `http(s)://host[:port][/path]`.
+fn check_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| "the scheme must be https:// or http://".to_string())?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.contains('@') {
+        return Err("user information is not allowed".to_string());
+    }
+    split_host_port(authority)?;
+    if path.contains(['?', '#']) {
+        return Err("a query or fragment is not allowed".to_string());
+    }
+    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the path contains spaces or control characters".to_string());
+    }
+    Ok(())
+}
+
+/// A CIDR in canonical form (`10.0.0.0/8`, `fd00::/8`), or why not.
+fn canonical_cidr(text: &str) -> Result<String, String> {
+    let (addr, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| "it has no prefix length".to_string())?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u32 = match prefix.parse() {
+        Ok(p) if p <= max && prefix.chars().all(|c| c.is_ascii_digit()) => p,
+        _ => return Err(format!("prefix length {prefix:?} is not from 0 to {max}")),
+    };
+    let network = match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
+    };
+    if network != addr {
+        return Err(format!(
+            "it has host bits set; write \"{network}/{prefix}\""
+        ));
+    }
+    Ok(format!("{network}/{prefix}"))
+}
+
+/// Collects the problems while validating.
+struct Check<'a> {
+    problems: Vec<String>,
+    /// Keys set by the operator file, and its name, to say where a bad value came from.
+    overridden: &'a [String],
+    operator_label: &'a str,
+}
+
+impl Check<'_> {
+    fn error(&mut self, key: &str, message: impl std::fmt::Display) {
+        let from_operator = self.overridden.iter().any(|o| {
+            key == o
+                || key
+                    .strip_prefix(o.as_str())
+                    .is_some_and(|rest| rest.starts_with(['.', '[']))
+        });
+        if from_operator {
+            self.problems
+                .push(format!("{key} (set by {}): {message}", self.operator_label));
+        } else {
+            self.problems.push(format!("{key}: {message}"));
+        }
+    }
+
+    fn missing(&mut self, key: &str, what_to_do: &str) {
+        self.error(key, format!("missing; {what_to_do}"));
+    }
+
+    /// An absolute path without `..`, normalised (no `.`, no repeated or trailing `/`).
+    fn abs_path(&mut self, key: &str, value: &str, example: &str) -> Option<PathBuf> {
+        if value.contains('\0') {
+            self.error(
+                key,
+                format!("{value:?} contains a NUL character; remove it"),
+            );
+            return None;
+        }
+        let path = Path::new(value);
+        if !path.is_absolute() {
+            self.error(
+                key,
+                format!(
+                    "{value:?} is not an absolute path; write the full path inside the image, e.g. {example:?}"
+                ),
+            );
+            return None;
+        }
+        if path.components().any(|c| c == Component::ParentDir) {
+            self.error(
+                key,
+                format!(
+                    "{value:?} contains \"..\"; write the path without \"..\", e.g. {example:?}"
+                ),
+            );
+            return None;
+        }
+        Some(path.components().collect())
+    }
+
+    fn opt_path(&mut self, key: &str, value: Option<&String>, example: &str) -> Option<PathBuf> {
+        value.and_then(|v| self.abs_path(key, v, example))
+    }
+
+    fn port(&mut self, key: &str, value: Option<Int>) -> Option<u16> {
+        match value {
+            None => {
+                self.missing(key, "write a port number from 1 to 65535");
+                None
+            }
+            Some(Int(n)) => match u16::try_from(n) {
+                Ok(p) if p > 0 => Some(p),
+                _ => {
+                    self.error(
+                        key,
+                        format!("{n} is out of range; write a port number from 1 to 65535"),
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    fn proto(&mut self, key: &str, value: Option<&String>) -> Option<Proto> {
+        match value.map(String::as_str) {
+            None | Some("tcp") => Some(Proto::Tcp),
+            Some("udp") => Some(Proto::Udp),
+            Some(other) => {
+                self.error(
+                    key,
+                    format!("{other:?} is not a protocol; write \"tcp\" or \"udp\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn id(&mut self, key: &str, n: i64, what: &str) -> Option<u32> {
+        match u32::try_from(n) {
+            Ok(id) if id != u32::MAX => Some(id),
+            _ => {
+                self.error(
+                    key,
+                    format!("{n} is not a valid {what}; write a number from 1 to 4294967294"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Validates a (merged) raw policy. `overridden` are the keys the operator file set, named
+/// `operator_label` in messages.
+pub(crate) fn validate(
+    raw: &RawPolicy,
+    users: &dyn UserDb,
+    overridden: &[String],
+    operator_label: &str,
+) -> Result<Policy, Vec<String>> {
+    let mut c = Check {
+        problems: Vec::new(),
+        overridden,
+        operator_label,
+    };
+    let workload = workload(&mut c, raw.workload.as_ref(), users);
+    let attestation = attestation(&mut c, raw.attestation.as_ref());
+    let volumes = volumes(&mut c, raw.volume.as_deref().unwrap_or_default());
+    let network = raw.network.as_ref().and_then(|n| network(&mut c, n));
+    let lockdown = raw.lockdown.as_ref().and_then(|l| lockdown(&mut c, l));
+    let audit = audit(&mut c, raw.audit.as_ref());
+    let on_failure = match raw.on_failure.as_deref() {
+        None | Some("poweroff") => Some(FailureAction::Poweroff),
+        Some("halt") => Some(FailureAction::Halt),
+        Some(other) => {
+            c.error(
+                "on_failure",
+                format!("{other:?} is not a failure action; write \"poweroff\" or \"halt\""),
+            );
+            None
+        }
+    };
+    let (overridable_problems, _) = check_overridable(raw.overridable.as_deref().unwrap_or(&[]));
+    c.problems.extend(overridable_problems);
+
+    match (workload, attestation, audit, on_failure) {
+        (Some(workload), Some(attestation), Some(audit), Some(on_failure))
+            if c.problems.is_empty() =>
+        {
+            Ok(Policy {
+                workload,
+                attestation,
+                volumes,
+                network,
+                lockdown,
+                audit,
+                on_failure,
+                overridable: raw.overridable.clone().unwrap_or_default(),
+            })
+        }
+        _ => Err(c.problems),
+    }
+}
+
+fn workload(c: &mut Check<'_>, raw: Option<&RawWorkload>, users: &dyn UserDb) -> Option<Workload> {
+    let Some(raw) = raw else {
+        c.missing(
+            "workload",
+            "add a [workload] table with at least bundle, source, exec and user",
+        );
+        return None;
+    };
+    let bundle = match &raw.bundle {
+        None => {
+            c.missing(
+                "workload.bundle",
+                "write the directory to measure, e.g. bundle = \"/opt/flare\"",
+            );
+            None
+        }
+        Some(b) => c.abs_path("workload.bundle", b, "/opt/flare"),
+    };
+    let source = bundle_source(c, raw, bundle.as_deref());
+    // Some(None): not set; None: set but invalid.
+    let digest = match raw.digest.as_deref() {
+        None => Some(None),
+        Some(d) => match d.parse::<Digest>() {
+            Ok(digest) => Some(Some(digest)),
+            Err(_) => {
+                c.error(
+                    "workload.digest",
+                    format!(
+                        "{d:?} is not a digest; write \"sha256:\" followed by 64 lowercase hex digits, as `cvm-warden measure` prints it"
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let manifest = match raw.manifest.as_deref() {
+        None => Some(None),
+        Some(m) => c
+            .abs_path("workload.manifest", m, "/etc/cvm-warden/manifest.json")
+            .map(Some),
+    };
+    let exec = exec(c, raw.exec.as_deref());
+    let user = identity(c, raw.user.as_ref(), raw.group.as_ref(), users);
+    let env = env(c, raw.env.as_ref());
+    let workdir = match &raw.workdir {
+        None => Some(PathBuf::from(DEFAULT_WORKDIR)),
+        Some(w) => c.abs_path("workload.workdir", w, "/workspace"),
+    };
+    let umask = umask(c, raw.umask.as_ref());
+    let rlimits = rlimits(c, raw.rlimit.as_deref().unwrap_or_default());
+    let restart = restart(c, raw.restart.as_deref(), raw.max_restarts);
+    Some(Workload {
+        bundle: bundle?,
+        source: source?,
+        digest: digest?,
+        manifest: manifest?,
+        exec: exec?,
+        user: user?,
+        env: env?,
+        workdir: workdir?,
+        umask: umask?,
+        rlimits: rlimits?,
+        restart: restart?,
+    })
+}
+
+fn bundle_source(
+    c: &mut Check<'_>,
+    raw: &RawWorkload,
+    bundle: Option<&Path>,
+) -> Option<BundleSource> {
+    let source = match raw.source.as_deref() {
+        None => {
+            c.missing(
+                "workload.source",
+                "write where the bundle's bytes live: \"initramfs\" (inside the measured initramfs), \"copy\" (copied into tmpfs while measured) or \"verity\"",
+            );
+            return None;
+        }
+        Some(s) => s,
+    };
+    if source != "copy" {
+        if let Some(copy_to) = &raw.copy_to {
+            c.error(
+                "workload.copy_to",
+                format!(
+                    "{copy_to:?} is only used with source = \"copy\"; remove it or set workload.source = \"copy\""
+                ),
+            );
+        }
+    }
+    match source {
+        "initramfs" => Some(BundleSource::Initramfs),
+        "verity" => Some(BundleSource::Verity),
+        "copy" => {
+            let into = match &raw.copy_to {
+                None => PathBuf::from(DEFAULT_COPY_TO),
+                Some(p) => c.abs_path("workload.copy_to", p, DEFAULT_COPY_TO)?,
+            };
+            if let Some(bundle) = bundle {
+                if into.starts_with(bundle) || bundle.starts_with(&into) {
+                    c.error(
+                        "workload.copy_to",
+                        format!(
+                            "{:?} overlaps workload.bundle {:?}; choose a directory outside the bundle, e.g. {DEFAULT_COPY_TO:?}",
+                            into.display().to_string(),
+                            bundle.display().to_string()
+                        ),
+                    );
+                    return None;
+                }
+            }
+            Some(BundleSource::Copy { into })
+        }
+        other => {
+            c.error(
+                "workload.source",
+                format!(
+                    "{other:?} is not a bundle source; write \"initramfs\", \"copy\" or \"verity\""
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn exec(c: &mut Check<'_>, raw: Option<&[String]>) -> Option<Vec<String>> {
+    let Some(args) = raw else {
+        c.missing(
+            "workload.exec",
+            "write the workload's command line, e.g. exec = [\"/opt/flare/startup/start.sh\"]",
+        );
+        return None;
+    };
+    let Some(program) = args.first() else {
+        c.error(
+            "workload.exec",
+            "the command line is empty; write the program and its arguments, e.g. exec = [\"/opt/flare/startup/start.sh\"]",
+        );
+        return None;
+    };
+    let mut ok = true;
+    if !program.starts_with('/') {
+        c.error(
+            "workload.exec[0]",
+            format!(
+                "{program:?} is not an absolute path; write the full path inside the image, e.g. \"/opt/flare/startup/start.sh\""
+            ),
+        );
+        ok = false;
+    }
+    for (i, arg) in args.iter().enumerate() {
+        if arg.contains('\0') {
+            c.error(
+                &format!("workload.exec[{i}]"),
+                format!("{arg:?} contains a NUL character; remove it"),
+            );
+            ok = false;
+        }
+    }
+    ok.then(|| args.to_vec())
+}
+
+fn identity(
+    c: &mut Check<'_>,
+    user: Option<&RawId>,
+    group: Option<&RawId>,
+    users: &dyn UserDb,
+) -> Option<Identity> {
+    let explicit_gid = match group {
+        None => None,
+        Some(RawId::Number(n)) => Some(c.id("workload.group", *n, "gid")?),
+        Some(RawId::Name(name)) => match users.group_by_name(name) {
+            Some(gid) => Some(gid),
+            None => {
+                c.error(
+                    "workload.group",
+                    format!(
+                        "no group {name:?} in the image's group file; create the group in the image or write a numeric gid"
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    let (name, uid, primary_gid) = match user {
+        None => {
+            c.missing(
+                "workload.user",
+                "write the unprivileged user the workload runs as, e.g. user = \"flare\"",
+            );
+            return None;
+        }
+        Some(RawId::Name(name)) => match users.user_by_name(name) {
+            Some((uid, gid)) => (name.clone(), uid, Some(gid)),
+            None => {
+                c.error(
+                    "workload.user",
+                    format!(
+                        "no user {name:?} in the image's passwd file; create the user in the image, or write a numeric uid and set workload.group"
+                    ),
+                );
+                return None;
+            }
+        },
+        Some(RawId::Number(n)) => {
+            let uid = c.id("workload.user", *n, "uid")?;
+            let primary = users.user_by_uid(uid).map(|(_, gid)| gid);
+            if primary.is_none() && group.is_none() {
+                c.error(
+                    "workload.user",
+                    format!("numeric user {uid} has no passwd entry; set `workload.group`"),
+                );
+                return None;
+            }
+            (uid.to_string(), uid, primary)
+        }
+    };
+    let written = match user {
+        Some(RawId::Name(n)) => format!("{n:?}"),
+        _ => name.clone(),
+    };
+    if uid == 0 {
+        c.error("workload.user", format!("{written} is uid 0; {ROOT_HINT}"));
+        return None;
+    }
+    let gid = match (explicit_gid, primary_gid) {
+        (Some(gid), _) => {
+            if gid == 0 {
+                let g = match group {
+                    Some(RawId::Name(n)) => format!("{n:?}"),
+                    _ => "0".to_string(),
+                };
+                c.error("workload.group", format!("{g} is gid 0; {ROOT_HINT}"));
+                return None;
+            }
+            gid
+        }
+        (None, Some(gid)) => {
+            if gid == 0 {
+                c.error(
+                    "workload.user",
+                    format!(
+                        "{written} has primary group 0 (root); {ROOT_HINT}, or set workload.group to an unprivileged group"
+                    ),
+                );
+                return None;
+            }
+            gid
+        }
+        (None, None) => return None,
+    };
+    Some(Identity { name, uid, gid })
+}
+
+fn env(
+    c: &mut Check<'_>,
+    raw: Option<&std::collections::BTreeMap<String, String>>,
+) -> Option<Vec<(String, String)>> {
+    let mut ok = true;
+    let mut out = Vec::new();
+    for (name, value) in raw.into_iter().flatten() {
+        let key = format!("workload.env.{name}");
+        if !is_env_name(name) {
+            c.error(
+                &key,
+                format!(
+                    "{name:?} is not a valid environment variable name; use letters, digits and \"_\", not starting with a digit"
+                ),
+            );
+            ok = false;
+        } else if value.contains('\0') {
+            c.error(
+                &key,
+                format!("{value:?} contains a NUL character; remove it"),
+            );
+            ok = false;
+        } else {
+            out.push((name.clone(), value.clone()));
+        }
+    }
+    ok.then_some(out)
+}
+
+fn umask(c: &mut Check<'_>, raw: Option<&RawUmask>) -> Option<u32> {
+    match raw {
+        None => Some(DEFAULT_UMASK),
+        Some(RawUmask::Number(n)) => {
+            c.error(
+                "workload.umask",
+                format!(
+                    "{n} is an integer; write the umask as a string of octal digits, e.g. \"0077\""
+                ),
+            );
+            None
+        }
+        Some(RawUmask::Text(text)) => {
+            let valid =
+                (3..=4).contains(&text.len()) && text.chars().all(|ch| ('0'..='7').contains(&ch));
+            match u32::from_str_radix(text, 8) {
+                Ok(mask) if valid && mask <= 0o777 => Some(mask),
+                _ => {
+                    c.error(
+                        "workload.umask",
+                        format!("{text:?} is not an octal umask; write 3 or 4 octal digits, e.g. \"0077\""),
+                    );
+                    None
+                }
+            }
+        }
+    }
+}
+
+fn rlimit_value(c: &mut Check<'_>, key: &str, raw: Option<&RawLimit>) -> Option<u64> {
+    match raw {
+        None => {
+            c.missing(key, "write a number or \"unlimited\"");
+            None
+        }
+        Some(RawLimit::Number(n)) => match u64::try_from(*n) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                c.error(
+                    key,
+                    format!("{n} is negative; write a number of 0 or more, or \"unlimited\""),
+                );
+                None
+            }
+        },
+        Some(RawLimit::Word(w)) if w == "unlimited" => Some(u64::MAX),
+        Some(RawLimit::Word(w)) => {
+            c.error(
+                key,
+                format!("{w:?} is not a limit; write a number or \"unlimited\""),
+            );
+            None
+        }
+    }
+}
+
+fn rlimits(c: &mut Check<'_>, raw: &[RawRlimit]) -> Option<Vec<Rlimit>> {
+    let mut ok = true;
+    let mut out: Vec<Rlimit> = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let key = format!("workload.rlimit[{i}]");
+        let resource = match r.resource.as_deref() {
+            None => {
+                c.missing(
+                    &format!("{key}.resource"),
+                    &format!("write one of {RLIMIT_NAMES}"),
+                );
+                None
+            }
+            Some(name) => {
+                let resource = match name {
+                    "nofile" => Some(RlimitResource::Nofile),
+                    "nproc" => Some(RlimitResource::Nproc),
+                    "core" => Some(RlimitResource::Core),
+                    "as" => Some(RlimitResource::As),
+                    "fsize" => Some(RlimitResource::Fsize),
+                    "stack" => Some(RlimitResource::Stack),
+                    "memlock" => Some(RlimitResource::Memlock),
+                    _ => None,
+                };
+                if resource.is_none() {
+                    c.error(
+                        &format!("{key}.resource"),
+                        format!("{name:?} is not a resource; write one of {RLIMIT_NAMES}"),
+                    );
+                } else if out.iter().any(|o| Some(o.resource) == resource) {
+                    c.error(
+                        &format!("{key}.resource"),
+                        format!("{name:?} is limited twice; keep one entry per resource"),
+                    );
+                    ok = false;
+                }
+                resource
+            }
+        };
+        let soft = rlimit_value(c, &format!("{key}.soft"), r.soft.as_ref());
+        let hard = rlimit_value(c, &format!("{key}.hard"), r.hard.as_ref());
+        match (resource, soft, hard) {
+            (Some(resource), Some(soft), Some(hard)) => {
+                if soft > hard {
+                    c.error(
+                        &key,
+                        format!("soft limit {soft} is above hard limit {hard}; lower soft or raise hard"),
+                    );
+                    ok = false;
+                }
+                out.push(Rlimit {
+                    resource,
+                    soft,
+                    hard,
+                });
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn restart(c: &mut Check<'_>, raw: Option<&str>, max: Option<Int>) -> Option<Restart> {
+    match raw {
+        None | Some("never") => {
+            if let Some(Int(n)) = max {
+                c.error(
+                    "workload.max_restarts",
+                    format!("{n} is only used with restart = \"on-failure\"; remove it or set workload.restart = \"on-failure\""),
+                );
+                return None;
+            }
+            Some(Restart::Never)
+        }
+        Some("on-failure") => match max {
+            None => Some(Restart::OnFailure {
+                max: DEFAULT_MAX_RESTARTS,
+            }),
+            Some(Int(n)) if (0..=MAX_RESTARTS_LIMIT).contains(&n) => Some(Restart::OnFailure {
+                max: u32::try_from(n).unwrap_or(DEFAULT_MAX_RESTARTS),
+            }),
+            Some(Int(n)) => {
+                c.error(
+                    "workload.max_restarts",
+                    format!("{n} is out of range; write a number from 0 to {MAX_RESTARTS_LIMIT}"),
+                );
+                None
+            }
+        },
+        Some(other) => {
+            c.error(
+                "workload.restart",
+                format!("{other:?} is not a restart policy; write \"never\" or \"on-failure\""),
+            );
+            None
+        }
+    }
+}
+
+fn attestation(c: &mut Check<'_>, raw: Option<&RawAttestation>) -> Option<Attestation> {
+    match raw {
+        None => {
+            c.missing(
+                "attestation",
+                "configure an [attestation] table (tee, kbs), or write attestation = \"none\" for development",
+            );
+            None
+        }
+        Some(RawAttestation::Mode(mode)) if mode == "none" => Some(Attestation::None),
+        Some(RawAttestation::Mode(mode)) => {
+            c.error(
+                "attestation",
+                format!(
+                    "{mode:?} is not valid as a string, only \"none\" (development) is; configure an [attestation] table with tee and kbs"
+                ),
+            );
+            None
+        }
+        Some(RawAttestation::Broker(broker)) => broker_attestation(c, broker),
+    }
+}
+
+fn broker_attestation(c: &mut Check<'_>, raw: &RawBroker) -> Option<Attestation> {
+    let insecure_sample = raw.insecure_sample.unwrap_or(false);
+    let tee = match raw.tee.as_deref() {
+        None => {
+            c.missing(
+                "attestation.tee",
+                "write the evidence provider: \"snp\", \"tdx\", \"tpm\" or \"az-snp-vtpm\"",
+            );
+            None
+        }
+        Some("snp") => Some(Tee::Snp),
+        Some("tdx") => Some(Tee::Tdx),
+        Some("tpm") => Some(Tee::Tpm),
+        Some("az-snp-vtpm") => Some(Tee::AzSnpVtpm),
+        Some("sample") if insecure_sample => Some(Tee::Sample),
+        Some("sample") => {
+            c.error(
+                "attestation.tee",
+                "\"sample\" evidence proves nothing; write insecure_sample = true in [attestation] to use it in tests, or use a real TEE",
+            );
+            None
+        }
+        Some(other) => {
+            c.error(
+                "attestation.tee",
+                format!(
+                    "{other:?} is not an evidence provider; write \"snp\", \"tdx\", \"tpm\", \"az-snp-vtpm\" or \"sample\" (tests only)"
+                ),
+            );
+            None
+        }
+    };
+    if insecure_sample && tee.is_some_and(|t| t != Tee::Sample) {
+        c.error(
+            "attestation.insecure_sample",
+            "true only applies to tee = \"sample\"; remove it",
+        );
+        return None;
+    }
+    let kbs = match raw.kbs.as_deref() {
+        None => {
+            c.missing(
+                "attestation.kbs",
+                "write the key broker's URL, e.g. kbs = \"https://kbs.example:8999\"",
+            );
+            None
+        }
+        Some(url) => match check_url(url) {
+            Ok(()) => Some(url.to_string()),
+            Err(why) => {
+                c.error(
+                    "attestation.kbs",
+                    format!(
+                        "{url:?} is not a key broker URL ({why}); write scheme://host[:port][/path], e.g. \"https://kbs.example:8999\""
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let kbs_ca_ok = raw.kbs_ca.is_none();
+    let kbs_ca = c.opt_path(
+        "attestation.kbs_ca",
+        raw.kbs_ca.as_ref(),
+        "/etc/cvm-warden/kbs-ca.pem",
+    );
+    if !kbs_ca_ok && kbs_ca.is_none() {
+        return None;
+    }
+    Some(Attestation::Broker {
+        tee: tee?,
+        kbs: kbs?,
+        kbs_ca,
+    })
+}
+
+fn volumes(c: &mut Check<'_>, raw: &[RawVolume]) -> Vec<Volume> {
+    let mut out = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut devices = BTreeSet::new();
+    let mut mounts = BTreeSet::new();
+    for (i, v) in raw.iter().enumerate() {
+        let key = |field: &str| format!("volume[{i}].{field}");
+        let name = match v.name.as_deref() {
+            None => {
+                c.missing(
+                    &key("name"),
+                    "write a name for the volume, e.g. name = \"workspace\"",
+                );
+                None
+            }
+            Some(n)
+                if n.is_empty()
+                    || n.len() > 64
+                    || !n
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-') =>
+            {
+                c.error(
+                    &key("name"),
+                    format!(
+                        "{n:?} is not a volume name; use 1 to 64 letters, digits, \"_\" or \"-\""
+                    ),
+                );
+                None
+            }
+            Some(n) if !names.insert(n.to_string()) => {
+                c.error(
+                    &key("name"),
+                    format!("{n:?} is used by another volume; give each volume its own name"),
+                );
+                None
+            }
+            Some(n) => Some(n.to_string()),
+        };
+        let device = match &v.device {
+            None => {
+                c.missing(
+                    &key("device"),
+                    "write the block device, e.g. device = \"/dev/vdb\"",
+                );
+                None
+            }
+            Some(d) => c.abs_path(&key("device"), d, "/dev/vdb").and_then(|p| {
+                if devices.insert(p.clone()) {
+                    Some(p)
+                } else {
+                    c.error(
+                        &key("device"),
+                        format!("{d:?} is used by another volume; give each volume its own device"),
+                    );
+                    None
+                }
+            }),
+        };
+        let key_uri = match v.key.as_deref() {
+            None => {
+                c.missing(&key("key"), "write the broker resource of the key, e.g. key = \"kbs:///default/keys/workspace\"");
+                None
+            }
+            Some(k) => {
+                let parts: Option<Vec<&str>> = k
+                    .strip_prefix("kbs:///")
+                    .map(|rest| rest.split('/').collect());
+                let ok = parts.is_some_and(|p| {
+                    p.len() == 3
+                        && p.iter().all(|s| {
+                            !s.is_empty()
+                                && s.chars()
+                                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+                        })
+                });
+                if ok {
+                    Some(k.to_string())
+                } else {
+                    c.error(
+                        &key("key"),
+                        format!("{k:?} is not a key broker resource; write kbs:///<repository>/<type>/<tag>, e.g. \"kbs:///default/keys/workspace\""),
+                    );
+                    None
+                }
+            }
+        };
+        let mount = match &v.mount {
+            None => {
+                c.missing(&key("mount"), "write the mount point, e.g. mount = \"/workspace\"");
+                None
+            }
+            Some(m) => c.abs_path(&key("mount"), m, "/workspace").and_then(|p| {
+                if p == Path::new("/") {
+                    c.error(&key("mount"), "\"/\" cannot be a volume's mount point; mount the volume on a directory, e.g. \"/workspace\"");
+                    None
+                } else if mounts.insert(p.clone()) {
+                    Some(p)
+                } else {
+                    c.error(&key("mount"), format!("{m:?} is used by another volume; give each volume its own mount point"));
+                    None
+                }
+            }),
+        };
+        let integrity = match v.integrity.as_deref() {
+            None => Some(None),
+            Some(mode @ ("hmac-sha256" | "hmac-sha512")) => Some(Some(mode.to_string())),
+            Some(other) => {
+                c.error(
+                    &key("integrity"),
+                    format!("{other:?} is not an integrity mode; write \"hmac-sha256\" or \"hmac-sha512\", or remove it"),
+                );
+                None
+            }
+        };
+        if let (Some(name), Some(device), Some(key), Some(mount), Some(integrity)) =
+            (name, device, key_uri, mount, integrity)
+        {
+            out.push(Volume {
+                name,
+                device,
+                key,
+                mount,
+                format_if_blank: v.format_if_blank.unwrap_or(false),
+                integrity,
+            });
+        }
+    }
+    out
+}
+
+fn inbound(c: &mut Check<'_>, i: usize, raw: &RawInbound) -> Option<InboundRule> {
+    let key = format!("network.inbound[{i}]");
+    let port = c.port(&format!("{key}.port"), raw.port);
+    let proto = c.proto(&format!("{key}.proto"), raw.proto.as_ref());
+    let mut from = Vec::new();
+    let mut ok = true;
+    for (j, cidr) in raw.from.iter().flatten().enumerate() {
+        match canonical_cidr(cidr) {
+            Ok(canonical) => from.push(canonical),
+            Err(why) => {
+                c.error(
+                    &format!("{key}.from[{j}]"),
+                    format!("{cidr:?} is not a CIDR ({why}); write an address and a prefix length, e.g. \"10.0.0.0/8\" or \"fd00::/8\""),
+                );
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    Some(InboundRule {
+        port: port?,
+        proto: proto?,
+        from,
+    })
+}
+
+fn outbound(c: &mut Check<'_>, i: usize, raw: &RawOutbound) -> Option<OutboundRule> {
+    let key = format!("network.outbound[{i}]");
+    let host = match raw.host.as_deref() {
+        None => {
+            c.missing(
+                &format!("{key}.host"),
+                "write the host name or address, e.g. host = \"fl-server.example\"",
+            );
+            None
+        }
+        Some(h) => {
+            let bare = h
+                .strip_prefix('[')
+                .and_then(|r| r.strip_suffix(']'))
+                .unwrap_or(h);
+            if is_host_name(bare) || bare.parse::<Ipv6Addr>().is_ok() {
+                Some(bare.to_string())
+            } else {
+                c.error(
+                    &format!("{key}.host"),
+                    format!("{h:?} is not a host name or address; write e.g. \"fl-server.example\" or \"10.0.0.5\" (no scheme, no port)"),
+                );
+                None
+            }
+        }
+    };
+    let port = c.port(&format!("{key}.port"), raw.port);
+    let proto = c.proto(&format!("{key}.proto"), raw.proto.as_ref());
+    Some(OutboundRule {
+        host: host?,
+        port: port?,
+        proto: proto?,
+    })
+}
+
+fn network(c: &mut Check<'_>, raw: &RawNetwork) -> Option<Network> {
+    let mut inbound_rules: Vec<InboundRule> = Vec::new();
+    let mut outbound_rules: Vec<OutboundRule> = Vec::new();
+    let mut ok = true;
+    for (i, r) in raw.inbound.iter().flatten().enumerate() {
+        match inbound(c, i, r) {
+            Some(rule)
+                if inbound_rules
+                    .iter()
+                    .any(|o| o.port == rule.port && o.proto == rule.proto) =>
+            {
+                c.error(
+                    &format!("network.inbound[{i}]"),
+                    format!("port {} is listed twice for the same protocol; merge the entries (list every source in one `from`)", rule.port),
+                );
+                ok = false;
+            }
+            Some(rule) => inbound_rules.push(rule),
+            None => ok = false,
+        }
+    }
+    for (i, r) in raw.outbound.iter().flatten().enumerate() {
+        match outbound(c, i, r) {
+            Some(rule) if outbound_rules.contains(&rule) => {
+                c.error(
+                    &format!("network.outbound[{i}]"),
+                    format!("{}:{} is listed twice; remove one", rule.host, rule.port),
+                );
+                ok = false;
+            }
+            Some(rule) => outbound_rules.push(rule),
+            None => ok = false,
+        }
+    }
+    ok.then_some(Network {
+        inbound: inbound_rules,
+        outbound: outbound_rules,
+    })
+}
+
+fn lockdown(c: &mut Check<'_>, raw: &RawLockdown) -> Option<Lockdown> {
+    let consoles = match raw.consoles.as_deref() {
+        None | Some("off") => Some("off".to_string()),
+        Some(other) => {
+            c.error(
+                "lockdown.consoles",
+                format!("{other:?} is not supported; write \"off\" (leave [lockdown] out to keep consoles)"),
+            );
+            None
+        }
+    };
+    let kernel_lockdown = match raw.kernel_lockdown.as_deref() {
+        None => Some(None),
+        Some(mode @ ("none" | "integrity" | "confidentiality")) => Some(Some(mode.to_string())),
+        Some(other) => {
+            c.error(
+                "lockdown.kernel_lockdown",
+                format!("{other:?} is not a lockdown mode; write \"none\", \"integrity\" or \"confidentiality\""),
+            );
+            None
+        }
+    };
+    let mut modules: Vec<String> = Vec::new();
+    let mut ok = true;
+    for (i, m) in raw.modules.iter().flatten().enumerate() {
+        let key = format!("lockdown.modules[{i}]");
+        if m.is_empty()
+            || !m
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+        {
+            c.error(
+                &key,
+                format!(
+                    "{m:?} is not a module name; write the name modprobe takes, e.g. \"dm_crypt\""
+                ),
+            );
+            ok = false;
+        } else if modules.contains(m) {
+            c.error(&key, format!("{m:?} is listed twice; remove one"));
+            ok = false;
+        } else {
+            modules.push(m.clone());
+        }
+    }
+    if !ok {
+        return None;
+    }
+    Some(Lockdown {
+        consoles: consoles?,
+        kernel_lockdown: kernel_lockdown?,
+        modules,
+    })
+}
+
+fn syslog_target(c: &mut Check<'_>, text: &str) -> Option<SyslogTarget> {
+    if text == "local" {
+        return Some(SyslogTarget::Local);
+    }
+    let parsed = if let Some(addr) = text.strip_prefix("udp://") {
+        Some((true, addr))
+    } else {
+        text.strip_prefix("tcp://").map(|addr| (false, addr))
+    };
+    let result = match parsed {
+        None => Err("unknown transport".to_string()),
+        Some((udp, addr)) => match split_host_port(addr) {
+            Ok((host, Some(port))) => {
+                let address = format!("{host}:{port}");
+                Ok(if udp {
+                    SyslogTarget::Udp(address)
+                } else {
+                    SyslogTarget::Tcp(address)
+                })
+            }
+            Ok((_, None)) => Err("the port is missing".to_string()),
+            Err(why) => Err(why),
+        },
+    };
+    match result {
+        Ok(target) => Some(target),
+        Err(why) => {
+            c.error(
+                "audit.syslog",
+                format!("{text:?} is not a syslog target ({why}); write \"local\", \"udp://host:port\" or \"tcp://host:port\""),
+            );
+            None
+        }
+    }
+}
+
+fn audit(c: &mut Check<'_>, raw: Option<&RawAudit>) -> Option<AuditConfig> {
+    let Some(raw) = raw else {
+        return Some(AuditConfig {
+            file: None,
+            file_required: false,
+            syslog: None,
+            console: true,
+        });
+    };
+    let file_ok = raw.file.is_none();
+    let file = c.opt_path(
+        "audit.file",
+        raw.file.as_ref(),
+        "/workspace/audit/cvm-warden.jsonl",
+    );
+    let file_ok = file_ok || file.is_some();
+    let file_required = raw.file_required.unwrap_or(false);
+    if file_required && raw.file.is_none() {
+        c.error(
+            "audit.file_required",
+            "true needs a file; set audit.file or remove file_required",
+        );
+        return None;
+    }
+    let syslog_ok = raw.syslog.is_none();
+    let syslog = raw.syslog.as_deref().and_then(|s| syslog_target(c, s));
+    let syslog_ok = syslog_ok || syslog.is_some();
+    let console = raw.console.unwrap_or(true);
+    if !file_ok || !syslog_ok {
+        return None;
+    }
+    if !console && file.is_none() && syslog.is_none() {
+        c.error(
+            "audit",
+            "every sink is off (console = false, no file, no syslog); enable at least one so the boot leaves a record",
+        );
+        return None;
+    }
+    Some(AuditConfig {
+        file,
+        file_required,
+        syslog,
+        console,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_by_shape() {
+        for good in [
+            "https://kbs.example:8999",
+            "http://10.0.0.1",
+            "https://[fd00::1]:443/kbs/v0",
+            "https://kbs.example/",
+        ] {
+            assert_eq!(check_url(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "ftp://kbs.example",
+            "https://",
+            "https://user@kbs.example",
+            "https://kbs.example:0",
+            "https://kbs.example:99999",
+            "https://kbs example",
+            "https://kbs.example/?x=1",
+            "https://[fd00::1",
+            "https://999.1.1.1",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidrs_are_canonical() {
+        assert_eq!(canonical_cidr("10.0.0.0/8"), Ok("10.0.0.0/8".to_string()));
+        assert_eq!(canonical_cidr("FD00::/8"), Ok("fd00::/8".to_string()));
+        assert_eq!(canonical_cidr("0.0.0.0/0"), Ok("0.0.0.0/0".to_string()));
+        assert_eq!(canonical_cidr("::/0"), Ok("::/0".to_string()));
+        assert_eq!(
+            canonical_cidr("10.0.0.1/8"),
+            Err("it has host bits set; write \"10.0.0.0/8\"".to_string())
+        );
+        assert!(canonical_cidr("10.0.0.0/33").is_err());
+        assert!(canonical_cidr("10.0.0.0").is_err());
+        assert!(canonical_cidr("10.0.0/8").is_err());
+        assert!(canonical_cidr("10.0.0.0/+8").is_err());
+    }
+
+    #[test]
+    fn env_names_are_portable() {
+        assert!(is_env_name("FL_SERVER"));
+        assert!(is_env_name("_x1"));
+        assert!(!is_env_name("1X"));
+        assert!(!is_env_name("A=B"));
+        assert!(!is_env_name(""));
+        assert!(!is_env_name("A-B"));
+    }
+}
