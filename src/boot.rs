@@ -117,7 +117,9 @@ pub fn chain(error: &dyn StdError) -> String {
 }
 
 fn record(audit: &Audit, stage: &str, event: &str, details: Value) -> Result<Digest, BootError> {
-    audit.record(stage, event, details).map_err(BootError::Audit)
+    audit
+        .record(stage, event, details)
+        .map_err(BootError::Audit)
 }
 
 /// Plans and applies every stage up to (not including) starting the workload.
@@ -138,7 +140,12 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
     let plan = match BootPlan::new(&loaded.policy, facts) {
         Ok(plan) => plan,
         Err(error) => {
-            record(audit, "boot", "plan_failed", json!({ "error": chain(&error) }))?;
+            record(
+                audit,
+                "boot",
+                "plan_failed",
+                json!({ "error": chain(&error) }),
+            )?;
             return Err(BootError::Plan(error));
         }
     };
@@ -248,7 +255,11 @@ pub fn fail(audit: &Audit, sys: &dyn Sys, action: FailureAction, error: &BootErr
         "failed",
         json!({ "error": chain(error), "workload_started": false }),
     );
-    let _ = audit.record("shutdown", closing_event(sys, action), json!({ "code": code }));
+    let _ = audit.record(
+        "shutdown",
+        closing_event(sys, action),
+        json!({ "code": code }),
+    );
     let _ = audit.flush();
     Shutdown { action, code }
 }
@@ -280,7 +291,11 @@ pub fn run_init(
             1
         }
     };
-    let _ = audit.record("shutdown", closing_event(sys, action), json!({ "code": code }));
+    let _ = audit.record(
+        "shutdown",
+        closing_event(sys, action),
+        json!({ "code": code }),
+    );
     let _ = audit.flush();
     Shutdown { action, code }
 }

@@ -250,7 +250,9 @@ fn open_audit(loaded: &LoadedPolicy) -> Audit {
 /// An audit log for the time before a policy could be read: console only.
 fn console_audit() -> Audit {
     Audit::new(
-        vec![Box::new(audit::ConsoleSink::new(Box::new(std::io::stderr())))],
+        vec![Box::new(audit::ConsoleSink::new(Box::new(
+            std::io::stderr(),
+        )))],
         false,
     )
 }
@@ -381,4 +383,3 @@ fn init_logger() {
         log::set_max_level(log::LevelFilter::Info);
     }
 }
-

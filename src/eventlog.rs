@@ -166,7 +166,10 @@ mod tests {
         log.measure(&mut reg, EventKind::Bundle, b, "b").unwrap();
         assert_eq!(reg.0, vec![a, b]);
         let step1 = EventLog::next(&Digest::ZERO, EventKind::Policy, &a);
-        assert_eq!(log.accumulator(), EventLog::next(&step1, EventKind::Bundle, &b));
+        assert_eq!(
+            log.accumulator(),
+            EventLog::next(&step1, EventKind::Bundle, &b)
+        );
         assert_eq!(log.events()[1].index, 1);
     }
 

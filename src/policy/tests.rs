@@ -1029,13 +1029,11 @@ fn normalised_policy_serialises() {
 
 #[test]
 fn example_policy_parses() {
-    // examples/policy.toml is the demo policy; until it exists, testdata/good.toml stands in.
+    // examples/policy.toml is the demo policy; the demo runs its workload as `nobody`.
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policy.toml");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        parse(GOOD, None, &users()).unwrap();
-        return;
-    };
-    if let Err(e) = parse(&text, None, &users()) {
+    let text = std::fs::read_to_string(&path).unwrap();
+    let users = MemoryUsers::new().user("nobody", 65534, 65534);
+    if let Err(e) = parse(&text, None, &users) {
         panic!("{} does not validate:\n{e}", path.display());
     }
 }

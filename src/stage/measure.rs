@@ -55,17 +55,16 @@ pub struct Plan {
 
 /// Plans the measure stage. Pure.
 pub fn plan(policy: &Policy, facts: &Facts) -> Result<Plan, StageError> {
-    let source = match &policy.workload.source {
-        BundleSource::Initramfs => Source::InPlace,
-        BundleSource::Copy { into } => Source::Copy { into: into.clone() },
-        BundleSource::Verity => {
-            return Err(StageError::Unsupported {
+    let source =
+        match &policy.workload.source {
+            BundleSource::Initramfs => Source::InPlace,
+            BundleSource::Copy { into } => Source::Copy { into: into.clone() },
+            BundleSource::Verity => return Err(StageError::Unsupported {
                 stage: "measure",
                 what: "workload.source = \"verity\"".to_string(),
                 hint: "use source = \"copy\" or \"initramfs\", or a release with dm-verity support",
-            })
-        }
-    };
+            }),
+        };
     Ok(Plan {
         policy_digest: facts.policy_digest,
         operator_digest: facts.operator_digest,
@@ -150,10 +149,14 @@ fn check_pin(plan: &Plan, fx: &Effects<'_>, measured: &Measurement) -> Result<()
         return Ok(());
     }
     let reference = match &plan.reference_manifest {
-        Some(path) => Some(fx.measurer.reference(path).map_err(|source| StageError::Measure {
-            bundle: plan.bundle.clone(),
-            source,
-        })?),
+        Some(path) => Some(
+            fx.measurer
+                .reference(path)
+                .map_err(|source| StageError::Measure {
+                    bundle: plan.bundle.clone(),
+                    source,
+                })?,
+        ),
         None => None,
     };
     Err(StageError::Measure {

@@ -16,8 +16,9 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::{cargo, ensure_tools, is_root, sh, show, TOOLS};
 
-/// Where the example policy expects the bundle, its manifest, the copy and the audit log.
-const DEMO_DIR: &str = "/run/cvm-warden-demo";
+/// Where the example policy expects the bundle, its manifest and the audit log (not under
+/// /run or /tmp: PID 1 mounts fresh tmpfs there when they are not mount points).
+const DEMO_DIR: &str = "/var/lib/cvm-warden-demo";
 /// The line the example workload prints when it ran.
 const WORKLOAD_MARK: &str = "workload: hello from the federated-learning participant";
 
@@ -26,7 +27,9 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     if !is_root() {
         bail!("the demo creates namespaces and mounts: run it as root");
     }
-    sh(cargo().current_dir(root).args(["build", "--quiet", "--bin", "cvm-warden"]))?;
+    sh(cargo()
+        .current_dir(root)
+        .args(["build", "--quiet", "--bin", "cvm-warden"]))?;
     let bin = root.join("target/debug/cvm-warden");
     let policy = root.join("examples/policy.toml");
     let demo = Path::new(DEMO_DIR);
@@ -62,7 +65,10 @@ fn acts(root: &Path, bin: &Path, policy: &Path, demo: &Path) -> Result<()> {
     );
     let log = demo.join("audit.jsonl");
     banner("the audit log");
-    print!("{}", fs::read_to_string(&log).context("reading the audit log")?);
+    print!(
+        "{}",
+        fs::read_to_string(&log).context("reading the audit log")?
+    );
     banner("the audit log, verified offline");
     sh(Command::new(bin).args(["audit", "verify"]).arg(&log))?;
 
@@ -107,8 +113,13 @@ struct Output {
 
 /// `cvm-warden init` as PID 1 of new PID, mount, network and UTS namespaces.
 fn boot(bin: &Path, policy: &Path) -> Result<Output> {
-    let mut cmd = Command::new("unshare");
+    // `sh -c 'exec "$@" 2>&1'`: one stream, so stage lines and workload output interleave.
+    let mut cmd = Command::new("sh");
     cmd.args([
+        "-c",
+        "exec \"$@\" 2>&1",
+        "sh",
+        "unshare",
         "--pid",
         "--fork",
         "--mount",
@@ -123,10 +134,11 @@ fn boot(bin: &Path, policy: &Path) -> Result<Output> {
     .arg("--policy")
     .arg(policy);
     eprintln!("$ {}", show(&cmd));
-    let out = cmd.output().with_context(|| format!("cannot start {}", show(&cmd)))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {}", show(&cmd)))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     print!("{stdout}");
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
     println!("(cvm-warden exited with {})", out.status);
     Ok(Output {
         status: out.status,
@@ -160,7 +172,10 @@ fn stage_bundle(src: &Path, dst: &Path) -> Result<()> {
             };
             fs::set_permissions(&to, fs::Permissions::from_mode(mode))?;
         } else {
-            bail!("{}: only files and directories belong in the example bundle", from.display());
+            bail!(
+                "{}: only files and directories belong in the example bundle",
+                from.display()
+            );
         }
     }
     Ok(())

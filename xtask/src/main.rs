@@ -24,7 +24,12 @@ fn main() {
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = repo_root()?;
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["ci"] => ci(&root),
         ["demo"] => demo::run(&root),
         ["bench", "measure"] => bench::measure(&root),
