@@ -260,7 +260,18 @@ fn console_audit() -> Audit {
 fn init(args: &PolicyArgs) -> i32 {
     let sys = RealSys::default();
     let pid1 = std::process::id() == 1;
-    if pid1 {
+    if !pid1 {
+        // Run by hand on a host, `init` would power the host off when the workload ends.
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "error: `cvm-warden init` must run as PID 1 (the initramfs /init, or a new PID \
+             namespace such as `unshare --pid --fork`), not as PID {}; use `cvm-warden run` \
+             for the systemd-unit shape",
+            std::process::id()
+        );
+        return 2;
+    }
+    {
         if let Err(error) = crate::launch::early_mounts(&sys) {
             // Without /proc and /dev nothing below can be trusted to work: stop now.
             print_error(&error);

@@ -1,6 +1,6 @@
 //! The manifest: every entry of a bundle with its type, mode, size and digest or link target;
 //! its canonical bytes (whose SHA-256 is the bundle digest), its JSON form and diffs between
-//! two manifests. The format is specified in `docs/manifest.md`.
+//! two manifests. The format is specified in the README's "Bundle manifest and bundle digest".
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -241,7 +241,7 @@ impl Manifest {
         Manifest { entries }
     }
 
-    /// The canonical bytes (see `docs/manifest.md`): the header line, then one line per entry
+    /// The canonical bytes (see the README's "Bundle manifest and bundle digest"): the header line, then one line per entry
     /// `<path> <type> <mode> <size> [<digest>|<target>]`, fields separated by one space,
     /// every line ending in `\n`, path and target escaped.
     pub fn canonical_bytes(&self) -> Vec<u8> {
@@ -485,7 +485,7 @@ mod tests {
         }
     }
 
-    /// The worked example of docs/manifest.md: keep the two in step.
+    /// The worked example of the README: keep the two in step.
     fn docs_example() -> Manifest {
         Manifest::from_entries(vec![
             file("run.sh", 0o755, b"#!/bin/sh\necho hi\n"),
@@ -499,8 +499,8 @@ mod tests {
     fn docs_example_canonical_bytes_and_digest() {
         let m = docs_example();
         let text = String::from_utf8(m.canonical_bytes()).unwrap();
-        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/manifest.md"))
-            .unwrap();
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
         // The canonical bytes as printed in the docs, between the markers.
         let block = doc
             .split("<!-- canonical-example -->\n```\n")
@@ -511,11 +511,11 @@ mod tests {
         let digest = m.digest().to_string();
         assert!(
             doc.contains(&format!("bundle digest: `{digest}`")),
-            "docs/manifest.md must state bundle digest: `{digest}`"
+            "README.md must state bundle digest: `{digest}`"
         );
         assert!(
             doc.contains(&m.to_json()),
-            "docs/manifest.md must show the JSON:\n{}",
+            "README.md must show the JSON:\n{}",
             m.to_json()
         );
     }

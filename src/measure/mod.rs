@@ -8,7 +8,7 @@
 //!
 //! Files are hashed in parallel on the rayon pool, and large files in parallel chunks. The
 //! manifest format, the bundle digest and the command's output are specified in
-//! `docs/manifest.md`.
+//! the README's "Bundle manifest and bundle digest".
 //!
 //! Refused, with the path in the error: device nodes, FIFOs, sockets, non-UTF-8 names and
 //! link targets, symlinks that leave the bundle, and entries that change while measured.

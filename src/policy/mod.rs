@@ -3,7 +3,7 @@
 //! [`parse`] is pure (text in, [`LoadedPolicy`] or every problem out); [`load`] reads the
 //! files and calls it. The operator file (deploy-time values) may only set keys that the
 //! policy lists in `overridable`; its values replace the policy's before validation, so the
-//! merged policy is validated as a whole. The reference is `docs/policy.md`.
+//! merged policy is validated as a whole. The reference is the README's "Policy reference".
 
 mod diag;
 mod operator;
