@@ -355,10 +355,26 @@ fn run(args: &PolicyArgs) -> i32 {
 
 fn install_hook(audit: &Audit, pid1: bool) {
     let audit = audit.clone();
+    let closing = if pid1 {
+        boot::closing_event(&RealSys::default(), policy::FailureAction::Poweroff)
+    } else {
+        "exit"
+    };
     crate::launch::install_panic_hook(
         Box::new(move |message: &str| {
-            let _ = audit.record("boot", "panic", serde_json::json!({ "message": message }));
-            let _ = audit.flush();
+            // A panic may strike while this thread holds the audit lock: never wait forever.
+            let _ = audit.record_within(
+                std::time::Duration::from_secs(2),
+                "boot",
+                "panic",
+                serde_json::json!({ "message": message }),
+            );
+            let _ = audit.record_within(
+                std::time::Duration::from_secs(1),
+                "shutdown",
+                closing,
+                serde_json::json!({ "code": 1 }),
+            );
         }),
         pid1,
     );
