@@ -7,8 +7,6 @@
 //! return a [`Ready`], the sole input of [`run_init`] and [`run_unit`]: the type system is what
 //! keeps a failed boot from launching the workload.
 
-use std::error::Error as StdError;
-
 use serde_json::{json, Value};
 
 use crate::audit::{Audit, AuditError};
@@ -104,17 +102,7 @@ pub struct Ready {
     pub event_log: EventLog,
 }
 
-/// Renders an error and its causes on one line: `outer: cause: root cause`.
-pub fn chain(error: &dyn StdError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use crate::report::error_chain as chain;
 
 fn record(audit: &Audit, stage: &str, event: &str, details: Value) -> Result<Digest, BootError> {
     audit

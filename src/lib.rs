@@ -16,6 +16,7 @@ pub mod eventlog;
 pub mod launch;
 pub mod measure;
 pub mod policy;
+pub mod report;
 pub mod stage;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -146,16 +146,7 @@ mod inside {
         }
     }
 
-    fn chain(error: &dyn std::error::Error) -> String {
-        let mut text = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        text
-    }
+    use cvm_warden::report::error_chain as chain;
 
     /// An fd without close-on-exec, which the workload must not inherit.
     fn leak_fd() {

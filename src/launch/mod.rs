@@ -263,17 +263,7 @@ pub fn plan(
     Ok(plan)
 }
 
-/// An error and its causes on one line: `outer: cause: root cause`.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+use crate::report::error_chain as chain;
 
 fn resource(resource: RlimitResource) -> Resource {
     match resource {
