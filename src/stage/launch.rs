@@ -17,5 +17,5 @@ pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
         BundleSource::Copy { into } => Some((workload.bundle.as_path(), into.as_path())),
         BundleSource::Initramfs | BundleSource::Verity => None,
     };
-    crate::launch::plan(workload, exec_root).map_err(StageError::Launch)
+    crate::launch::plan(workload, exec_root).map_err(|e| StageError::Launch(Box::new(e)))
 }

@@ -80,15 +80,15 @@ pub fn plan(policy: &Policy, facts: &Facts) -> Result<Plan, StageError> {
 pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
     fx.event_log
         .measure(fx.register, EventKind::Policy, plan.policy_digest, "policy")
-        .map_err(StageError::Extend)?;
+        .map_err(|e| StageError::Extend(Box::new(e)))?;
     if let Some(operator) = plan.operator_digest {
         fx.event_log
             .measure(fx.register, EventKind::Operator, operator, "operator file")
-            .map_err(StageError::Extend)?;
+            .map_err(|e| StageError::Extend(Box::new(e)))?;
     }
     let cmdline = std::fs::read(&plan.cmdline_path).map_err(|source| StageError::ReadInput {
         path: plan.cmdline_path.clone(),
-        source,
+        source: Box::new(source),
     })?;
     fx.event_log
         .measure(
@@ -97,7 +97,7 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             Digest::of(&cmdline),
             plan.cmdline_path.display().to_string(),
         )
-        .map_err(StageError::Extend)?;
+        .map_err(|e| StageError::Extend(Box::new(e)))?;
 
     let measurement = measure_bundle(plan, fx)?;
     fx.event_log
@@ -107,7 +107,7 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             measurement.bundle_digest,
             plan.bundle.display().to_string(),
         )
-        .map_err(StageError::Extend)?;
+        .map_err(|e| StageError::Extend(Box::new(e)))?;
     check_pin(plan, fx, &measurement)?;
 
     Ok(json!({
@@ -123,14 +123,14 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
 fn measure_bundle(plan: &Plan, fx: &mut Effects<'_>) -> Result<Measurement, StageError> {
     let wrap = |source: MeasureError| StageError::Measure {
         bundle: plan.bundle.clone(),
-        source,
+        source: Box::new(source),
     };
     match &plan.source {
         Source::InPlace => fx.measurer.in_place(&plan.bundle).map_err(wrap),
         Source::Copy { into } => {
             let sys_err = |source| StageError::Sys {
                 stage: "measure",
-                source,
+                source: Box::new(source),
             };
             fx.sys.mkdir_all(into).map_err(sys_err)?;
             fx.sys.mount_tmpfs(into, COPY_TMPFS_MODE).map_err(sys_err)?;
@@ -154,13 +154,13 @@ fn check_pin(plan: &Plan, fx: &Effects<'_>, measured: &Measurement) -> Result<()
                 .reference(path)
                 .map_err(|source| StageError::Measure {
                     bundle: plan.bundle.clone(),
-                    source,
+                    source: Box::new(source),
                 })?,
         ),
         None => None,
     };
     Err(StageError::Measure {
         bundle: plan.bundle.clone(),
-        source: MeasureError::mismatch(expected, measured, reference.as_ref()),
+        source: Box::new(MeasureError::mismatch(expected, measured, reference.as_ref())),
     })
 }

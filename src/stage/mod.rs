@@ -85,7 +85,7 @@ pub enum StageError {
         bundle: PathBuf,
         /// Why.
         #[source]
-        source: MeasureError,
+        source: Box<MeasureError>,
     },
     /// Reading an input that is measured (kernel command line, policy) failed.
     #[error("measure: cannot read {path}")]
@@ -94,11 +94,11 @@ pub enum StageError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: Box<std::io::Error>,
     },
     /// A runtime register refused an event.
     #[error("measure: event log")]
-    Extend(#[source] ExtendError),
+    Extend(#[source] Box<ExtendError>),
     /// A mount or other system call failed.
     #[error("{stage}: system call failed")]
     Sys {
@@ -106,11 +106,11 @@ pub enum StageError {
         stage: &'static str,
         /// Why.
         #[source]
-        source: SysError,
+        source: Box<SysError>,
     },
     /// The workload's launch plan is invalid.
     #[error("launch: invalid launch plan")]
-    Launch(#[source] LaunchError),
+    Launch(#[source] Box<LaunchError>),
 }
 
 /// Loads bundles; the seam between the measure stage and the file system.
