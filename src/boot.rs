@@ -205,7 +205,7 @@ fn separator(fx: &mut Effects<'_>) -> Result<Value, StageError> {
             Digest::of(b"cvm-warden separator: workload starts"),
             "separator",
         )
-        .map_err(StageError::Extend)?;
+        .map_err(|e| StageError::Extend(Box::new(e)))?;
     Ok(json!({
         "separator": event.digest,
         "event_log_accumulator": event.accumulator,
