@@ -160,7 +160,7 @@ pub fn measure(repo_root: &Path) -> Result<()> {
                 "--bin",
                 "cvm-warden",
             ]))?;
-            repo_root.join("target/release/cvm-warden")
+            crate::target_dir(repo_root).join("release/cvm-warden")
         }
     };
     ensure!(bin.is_file(), "{} is missing", bin.display());

@@ -14,7 +14,7 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::{cargo, ensure_tools, is_root, sh, show, TOOLS};
+use crate::{cargo, ensure_tools, is_root, sh, show, target_dir, TOOLS};
 
 /// Where the example policy expects the bundle, its manifest and the audit log (not under
 /// /run or /tmp: PID 1 mounts fresh tmpfs there when they are not mount points).
@@ -30,7 +30,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     sh(cargo()
         .current_dir(root)
         .args(["build", "--quiet", "--bin", "cvm-warden"]))?;
-    let bin = root.join("target/debug/cvm-warden");
+    let bin = target_dir(root).join("debug/cvm-warden");
     let policy = root.join("examples/policy.toml");
     let demo = Path::new(DEMO_DIR);
 

@@ -121,6 +121,15 @@ pub(crate) const TOOLS: &[(&str, &str)] = &[
     ("id", "coreutils"),
 ];
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the workspace root),
+/// else `target/` in the workspace.
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
 }
