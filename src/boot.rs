@@ -307,3 +307,665 @@ pub fn run_unit(ready: &Ready, launcher: &dyn Launcher, audit: &Audit) -> i32 {
     let _ = audit.flush();
     1
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::cell::{Cell, RefCell};
+    use std::io::ErrorKind;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::audit::{MemorySink, MemorySinkControl};
+    use crate::eventlog::NoRegister;
+    use crate::measure::{Manifest, MeasureError, Measurement};
+    use crate::policy::{parse, MemoryUsers};
+    use crate::stage::RealMeasurer;
+    use crate::sys::{FakeSys, SysCall};
+
+    const STAGES: [&str; 6] = [
+        "perimeter",
+        "measure",
+        "attest",
+        "unlock",
+        "allowlist",
+        "launch",
+    ];
+
+    /// A bundle with one script, a kernel command line file and room for a copy.
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("bundle")).unwrap();
+            std::fs::write(dir.path().join("bundle/run.sh"), "#!/bin/sh\nexit 0\n").unwrap();
+            std::fs::write(dir.path().join("bundle/data.txt"), "v1\n").unwrap();
+            std::fs::write(dir.path().join("cmdline"), "console=ttyS0\n").unwrap();
+            Fixture { dir }
+        }
+
+        fn path(&self, rel: &str) -> PathBuf {
+            self.dir.path().join(rel)
+        }
+
+        fn bundle(&self) -> PathBuf {
+            self.path("bundle")
+        }
+
+        fn copy_to(&self) -> PathBuf {
+            self.path("copy")
+        }
+
+        /// A valid `initramfs` policy for the bundle, with `extra` appended.
+        fn policy(&self, extra: &str) -> String {
+            format!(
+                "attestation = \"none\"\n\n[workload]\nbundle = {:?}\nsource = \"initramfs\"\nexec = [{:?}, \"--once\"]\nuser = \"flare\"\n{extra}",
+                self.bundle().display().to_string(),
+                self.bundle().join("run.sh").display().to_string(),
+            )
+        }
+
+        fn facts(&self, loaded: &LoadedPolicy) -> Facts {
+            Facts {
+                cmdline_path: self.path("cmdline"),
+                policy_digest: loaded.policy_digest,
+                operator_digest: loaded.operator_digest,
+            }
+        }
+    }
+
+    fn users() -> MemoryUsers {
+        MemoryUsers::new()
+            .user("root", 0, 0)
+            .user("flare", 1000, 1000)
+            .group("root", 0)
+            .group("flare", 1000)
+    }
+
+    fn load(text: &str) -> LoadedPolicy {
+        parse(text, None, &users()).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    fn memory_audit() -> (Audit, Arc<Mutex<Vec<String>>>) {
+        let (sink, lines) = MemorySink::new();
+        (Audit::new(vec![Box::new(sink)], true), lines)
+    }
+
+    fn records(lines: &Arc<Mutex<Vec<String>>>) -> Vec<Value> {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn events(records: &[Value]) -> Vec<(String, String)> {
+        records
+            .iter()
+            .map(|r| {
+                (
+                    r["stage"].as_str().unwrap().to_string(),
+                    r["event"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(s, e)| ((*s).to_string(), (*e).to_string()))
+            .collect()
+    }
+
+    /// The records of a boot whose every stage succeeded.
+    fn successful_boot() -> Vec<(String, String)> {
+        let mut expected = pairs(&[("boot", "start"), ("boot", "planned")]);
+        for stage in STAGES {
+            expected.push((stage.to_string(), "begin".to_string()));
+            expected.push((stage.to_string(), "ok".to_string()));
+        }
+        expected
+    }
+
+    fn run_prepare(
+        fixture: &Fixture,
+        loaded: &LoadedPolicy,
+        sys: &FakeSys,
+        measurer: &dyn Measurer,
+        audit: &Audit,
+    ) -> Result<Ready, BootError> {
+        let mut register = NoRegister;
+        let env = Env {
+            sys,
+            measurer,
+            register: &mut register,
+            audit,
+        };
+        prepare(loaded, &fixture.facts(loaded), env)
+    }
+
+    /// Records what the runner asked of it; never starts anything.
+    struct FakeLauncher {
+        supervised: Cell<u32>,
+        execed: Cell<u32>,
+        plans: RefCell<Vec<LaunchPlan>>,
+        code: i32,
+    }
+
+    impl FakeLauncher {
+        fn new(code: i32) -> FakeLauncher {
+            FakeLauncher {
+                supervised: Cell::new(0),
+                execed: Cell::new(0),
+                plans: RefCell::new(Vec::new()),
+                code,
+            }
+        }
+
+        fn called(&self) -> bool {
+            self.supervised.get() + self.execed.get() > 0
+        }
+    }
+
+    impl Launcher for FakeLauncher {
+        fn supervise(
+            &self,
+            plan: &LaunchPlan,
+            _sys: &dyn Sys,
+            events: &mut dyn FnMut(&str, Value),
+        ) -> Result<WorkloadExit, LaunchError> {
+            self.supervised.set(self.supervised.get() + 1);
+            self.plans.borrow_mut().push(plan.clone());
+            events("started", json!({ "pid": 2 }));
+            events("exited", json!({ "pid": 2, "code": self.code }));
+            Ok(WorkloadExit {
+                code: self.code,
+                restarts: 0,
+            })
+        }
+
+        fn exec(&self, plan: &LaunchPlan) -> LaunchError {
+            self.execed.set(self.execed.get() + 1);
+            self.plans.borrow_mut().push(plan.clone());
+            LaunchError::EmptyExec
+        }
+    }
+
+    /// The real measurer, with a hook that runs before each bundle measurement.
+    struct HookedMeasurer<F: Fn()> {
+        before: F,
+    }
+
+    impl<F: Fn()> Measurer for HookedMeasurer<F> {
+        fn in_place(&self, dir: &Path) -> Result<Measurement, MeasureError> {
+            (self.before)();
+            RealMeasurer.in_place(dir)
+        }
+
+        fn copy(&self, src: &Path, dst: &Path) -> Result<Measurement, MeasureError> {
+            (self.before)();
+            RealMeasurer.copy(src, dst)
+        }
+
+        fn reference(&self, path: &Path) -> Result<Manifest, MeasureError> {
+            RealMeasurer.reference(path)
+        }
+    }
+
+    // ---- (a) every stage succeeds ----
+
+    #[test]
+    fn all_stages_succeed_in_order_and_every_record_is_insecure() {
+        let fixture = Fixture::new();
+        let loaded = load(&fixture.policy(""));
+        let sys = FakeSys::new().in_sandbox();
+        let (audit, lines) = memory_audit();
+        let ready = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap();
+
+        let recs = records(&lines);
+        assert_eq!(events(&recs), successful_boot());
+        assert!(
+            recs.iter().all(|r| r["insecure"] == json!(true)),
+            "{recs:#?}"
+        );
+        // initramfs: measured in place, no mount of any kind.
+        assert_eq!(sys.calls(), Vec::<SysCall>::new());
+        // The event log ends with the separator, and the launch/ok record names it.
+        let last = ready.event_log.events().last().unwrap();
+        assert_eq!(last.kind, EventKind::Separator);
+        assert_eq!(
+            recs.last().unwrap()["details"]["separator"],
+            json!(last.digest)
+        );
+        assert_eq!(
+            ready.plan.launch.argv,
+            [
+                fixture.bundle().join("run.sh").display().to_string(),
+                "--once".to_string()
+            ]
+        );
+
+        let launcher = FakeLauncher::new(7);
+        let shutdown = run_init(&ready, &launcher, &sys, &audit, FailureAction::Poweroff);
+        assert_eq!(
+            shutdown,
+            Shutdown {
+                action: FailureAction::Poweroff,
+                code: 7
+            }
+        );
+        assert_eq!((launcher.supervised.get(), launcher.execed.get()), (1, 0));
+        let recs = records(&lines);
+        let tail: Vec<_> = events(&recs).split_off(successful_boot().len());
+        assert_eq!(
+            tail,
+            pairs(&[
+                ("launch", "started"),
+                ("launch", "exited"),
+                ("launch", "workload_done"),
+                ("shutdown", "exit"),
+            ])
+        );
+        let done = &recs[recs.len() - 2]["details"];
+        assert_eq!(done, &json!({ "code": 7, "restarts": 0 }));
+        assert_eq!(recs.last().unwrap()["details"], json!({ "code": 7 }));
+        assert!(recs.iter().all(|r| r["insecure"] == json!(true)));
+        // The whole log verifies.
+        let joined: String = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::audit::verify(joined.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn a_real_boot_closes_with_poweroff_or_halt() {
+        for (action, closing) in [
+            (FailureAction::Poweroff, "poweroff"),
+            (FailureAction::Halt, "halt"),
+        ] {
+            let fixture = Fixture::new();
+            let loaded = load(&fixture.policy(""));
+            let sys = FakeSys::new();
+            let (audit, lines) = memory_audit();
+            let ready = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap();
+            let launcher = FakeLauncher::new(0);
+            let shutdown = run_init(&ready, &launcher, &sys, &audit, action);
+            assert_eq!(shutdown, Shutdown { action, code: 0 });
+            let last = events(&records(&lines)).pop().unwrap();
+            assert_eq!(last, ("shutdown".to_string(), closing.to_string()));
+            // The runner itself never powers anything off: the caller does.
+            assert!(!sys
+                .calls()
+                .iter()
+                .any(|c| matches!(c, SysCall::PowerOff(_))));
+        }
+    }
+
+    // ---- (b) pinned digest mismatch ----
+
+    #[test]
+    fn a_changed_bundle_stops_the_boot_at_measure_and_names_the_file() {
+        let fixture = Fixture::new();
+        let reference = crate::measure::measure_in_place(&fixture.bundle()).unwrap();
+        let manifest = fixture.path("manifest.json");
+        reference.manifest.save_json(&manifest).unwrap();
+        let policy = fixture.policy(&format!(
+            "digest = \"{}\"\nmanifest = {:?}\n",
+            reference.bundle_digest,
+            manifest.display().to_string()
+        ));
+        // The pin matches before the change.
+        {
+            let sys = FakeSys::new();
+            let (audit, _) = memory_audit();
+            run_prepare(&fixture, &load(&policy), &sys, &RealMeasurer, &audit).unwrap();
+        }
+        std::fs::write(fixture.bundle().join("data.txt"), "v2\n").unwrap();
+
+        let loaded = load(&policy);
+        let sys = FakeSys::new().in_sandbox();
+        let (audit, lines) = memory_audit();
+        let error = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                BootError::Stage {
+                    stage: "measure",
+                    source: StageError::Measure { .. }
+                }
+            ),
+            "{error:?}"
+        );
+        let recs = records(&lines);
+        assert_eq!(
+            events(&recs),
+            pairs(&[
+                ("boot", "start"),
+                ("boot", "planned"),
+                ("perimeter", "begin"),
+                ("perimeter", "ok"),
+                ("measure", "begin"),
+                ("measure", "failed"),
+            ])
+        );
+        let message = recs.last().unwrap()["details"]["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(message.contains("changed data.txt"), "{message}");
+        assert!(!message.contains("run.sh"), "{message}");
+        assert_eq!(message, chain(&error));
+
+        // The launcher is never reached (there is no Ready); the failure path closes the log.
+        let launcher = FakeLauncher::new(0);
+        assert!(!launcher.called());
+        let shutdown = fail(&audit, &sys, FailureAction::Halt, &error);
+        assert_eq!(
+            shutdown,
+            Shutdown {
+                action: FailureAction::Halt,
+                code: 1
+            }
+        );
+        let recs = records(&lines);
+        let tail: Vec<_> = events(&recs).split_off(6);
+        assert_eq!(tail, pairs(&[("boot", "failed"), ("shutdown", "exit")]));
+        assert_eq!(
+            recs[6]["details"],
+            json!({ "error": message, "workload_started": false })
+        );
+        assert_eq!(recs[7]["details"], json!({ "code": 1 }));
+
+        // In a real boot the closing record is the failure action.
+        let (audit, lines) = memory_audit();
+        fail(&audit, &FakeSys::new(), FailureAction::Halt, &error);
+        assert_eq!(
+            events(&records(&lines)),
+            pairs(&[("boot", "failed"), ("shutdown", "halt")])
+        );
+    }
+
+    // ---- (c) configured but unsupported features are refused at plan time ----
+
+    #[test]
+    fn unsupported_features_are_refused_before_any_stage_or_effect() {
+        let fixture = Fixture::new();
+        let initramfs = fixture.policy("");
+        let no_attestation = initramfs.replacen("attestation = \"none\"\n", "", 1);
+        let cases = [
+            (
+                format!("{initramfs}\n[network]\ninbound = [{{ port = 8002 }}]\n"),
+                "perimeter: [network] (nftables perimeter) is not supported by this build yet; \
+                 remove [network] from the policy or use a release with firewall support",
+            ),
+            (
+                format!(
+                    "{initramfs}\n[[volume]]\nname = \"workspace\"\ndevice = \"/dev/vdb\"\n\
+                     key = \"kbs:///default/keys/workspace\"\nmount = \"/workspace\"\n"
+                ),
+                "unlock: [[volume]] \"workspace\" (LUKS2 unlock) is not supported by this build \
+                 yet; remove the [[volume]] entries or use a release with volume support",
+            ),
+            (
+                format!(
+                    "{no_attestation}\n[attestation]\ntee = \"snp\"\n\
+                     kbs = \"https://kbs.example:8999\"\n"
+                ),
+                "attest: attestation.tee = \"snp\" is not supported by this build yet; for \
+                 development write attestation = \"none\", or use a release with key-broker \
+                 support",
+            ),
+        ];
+        for (policy, expected) in cases {
+            let loaded = load(&policy);
+            let sys = FakeSys::new();
+            let (sink, lines) = MemorySink::new();
+            let insecure = loaded.policy.attestation == crate::policy::Attestation::None;
+            let audit = Audit::new(vec![Box::new(sink)], insecure);
+            let error = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap_err();
+            let BootError::Plan(source) = &error else {
+                panic!("expected a plan error, got {error:?}");
+            };
+            assert!(
+                matches!(source, StageError::Unsupported { .. }),
+                "{source:?}"
+            );
+            assert_eq!(source.to_string(), expected);
+            let recs = records(&lines);
+            assert_eq!(
+                events(&recs),
+                pairs(&[("boot", "start"), ("boot", "plan_failed")])
+            );
+            assert_eq!(recs[1]["details"], json!({ "error": expected }));
+            assert_eq!(sys.calls(), Vec::<SysCall>::new());
+        }
+    }
+
+    // ---- (d) copy source ----
+
+    #[test]
+    fn copy_source_mounts_a_tmpfs_remounts_it_readonly_and_runs_from_the_copy() {
+        let fixture = Fixture::new();
+        std::fs::create_dir(fixture.copy_to()).unwrap();
+        let policy = fixture.policy("").replacen(
+            "source = \"initramfs\"",
+            &format!(
+                "source = \"copy\"\ncopy_to = {:?}",
+                fixture.copy_to().display().to_string()
+            ),
+            1,
+        );
+        let loaded = load(&policy);
+        let sys = FakeSys::new().in_sandbox();
+        let (audit, lines) = memory_audit();
+        let ready = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap();
+        assert_eq!(events(&records(&lines)), successful_boot());
+        let copy = fixture.copy_to();
+        assert_eq!(
+            sys.calls(),
+            vec![
+                SysCall::MkdirAll(copy.clone()),
+                SysCall::MountTmpfs {
+                    target: copy.clone(),
+                    mode: crate::stage::measure::COPY_TMPFS_MODE,
+                },
+                SysCall::RemountReadonly(copy.clone()),
+            ]
+        );
+        let program = copy.join("run.sh").display().to_string();
+        assert_eq!(ready.plan.launch.argv, [program.as_str(), "--once"]);
+        // The copy holds the measured bytes.
+        assert_eq!(
+            std::fs::read_to_string(copy.join("run.sh")).unwrap(),
+            "#!/bin/sh\nexit 0\n"
+        );
+        let launcher = FakeLauncher::new(0);
+        run_init(&ready, &launcher, &sys, &audit, FailureAction::Poweroff);
+        assert_eq!(launcher.plans.borrow()[0].argv[0], program);
+    }
+
+    #[test]
+    fn a_failing_tmpfs_mount_stops_the_boot_at_measure() {
+        let fixture = Fixture::new();
+        std::fs::create_dir(fixture.copy_to()).unwrap();
+        let policy = fixture.policy("").replacen(
+            "source = \"initramfs\"",
+            &format!(
+                "source = \"copy\"\ncopy_to = {:?}",
+                fixture.copy_to().display().to_string()
+            ),
+            1,
+        );
+        let loaded = load(&policy);
+        let sys = FakeSys::new().fail_on(crate::sys::Op::MountTmpfs, nix::errno::Errno::EPERM);
+        let (audit, lines) = memory_audit();
+        let error = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                BootError::Stage {
+                    stage: "measure",
+                    source: StageError::Sys { .. }
+                }
+            ),
+            "{error:?}"
+        );
+        let last = events(&records(&lines)).pop().unwrap();
+        assert_eq!(last, ("measure".to_string(), "failed".to_string()));
+        // Nothing was copied, nothing remounted.
+        assert!(!sys
+            .calls()
+            .iter()
+            .any(|c| matches!(c, SysCall::RemountReadonly(_))));
+        assert_eq!(std::fs::read_dir(fixture.copy_to()).unwrap().count(), 0);
+    }
+
+    // ---- (e) a required audit sink that fails ----
+
+    fn required_memory_audit() -> (Audit, MemorySinkControl, Arc<Mutex<Vec<String>>>) {
+        let (required, _) = MemorySink::new();
+        let required = required.named("required").required(true);
+        let control = required.control();
+        let (other, lines) = MemorySink::new();
+        let audit = Audit::new(
+            vec![Box::new(required), Box::new(other.named("other"))],
+            true,
+        );
+        (audit, control, lines)
+    }
+
+    #[test]
+    fn a_required_sink_failing_from_the_start_stops_the_boot() {
+        let fixture = Fixture::new();
+        let loaded = load(&fixture.policy(""));
+        let sys = FakeSys::new();
+        let (audit, control, lines) = required_memory_audit();
+        control.fail_always(ErrorKind::PermissionDenied);
+        let error = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                BootError::Audit(AuditError::RequiredSinkFailed { .. })
+            ),
+            "{error:?}"
+        );
+        let evs = events(&records(&lines));
+        assert_eq!(
+            evs,
+            pairs(&[("boot", "start"), ("audit", "sink_failed")]),
+            "no stage may begin"
+        );
+        let launcher = FakeLauncher::new(0);
+        assert!(!launcher.called());
+    }
+
+    #[test]
+    fn a_required_sink_failing_during_a_stage_stops_the_boot_before_launch() {
+        let fixture = Fixture::new();
+        let loaded = load(&fixture.policy(""));
+        let sys = FakeSys::new();
+        let (audit, control, lines) = required_memory_audit();
+        let measurer = HookedMeasurer {
+            before: || control.fail_always(ErrorKind::Other),
+        };
+        let error = run_prepare(&fixture, &loaded, &sys, &measurer, &audit).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                BootError::Audit(AuditError::RequiredSinkFailed { .. })
+            ),
+            "{error:?}"
+        );
+        let evs = events(&records(&lines));
+        // The measure stage's outcome was the first record the required sink refused; the
+        // other sink still got it, and nothing after it.
+        assert_eq!(
+            evs.last().unwrap(),
+            &("audit".to_string(), "sink_failed".to_string())
+        );
+        assert!(evs.contains(&("measure".to_string(), "ok".to_string())));
+        assert!(!evs.contains(&("attest".to_string(), "begin".to_string())));
+        assert!(!evs.contains(&("launch".to_string(), "begin".to_string())));
+        let launcher = FakeLauncher::new(0);
+        assert!(!launcher.called());
+    }
+
+    #[test]
+    fn a_required_sink_that_never_caught_up_stops_the_boot_before_launch() {
+        let fixture = Fixture::new();
+        let loaded = load(&fixture.policy(""));
+        let sys = FakeSys::new();
+        let (audit, control, lines) = required_memory_audit();
+        // NotFound before the first write: waiting (e.g. a file on a later volume), not
+        // failed; still behind at launch, so the boot stops.
+        control.fail_always(ErrorKind::NotFound);
+        let error = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                BootError::Audit(AuditError::RequiredSinkBehind { .. })
+            ),
+            "{error:?}"
+        );
+        let evs = events(&records(&lines));
+        assert!(evs.contains(&("audit".to_string(), "sink_waiting".to_string())));
+        assert_eq!(
+            evs.last().unwrap(),
+            &("launch".to_string(), "ok".to_string())
+        );
+    }
+
+    // ---- (f) unit shape ----
+
+    #[test]
+    fn run_unit_records_exec_then_exec_failed_and_returns_1() {
+        let fixture = Fixture::new();
+        let loaded = load(&fixture.policy(""));
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let ready = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap();
+        let launcher = FakeLauncher::new(0);
+        assert_eq!(run_unit(&ready, &launcher, &audit), 1);
+        assert_eq!((launcher.supervised.get(), launcher.execed.get()), (0, 1));
+        let recs = records(&lines);
+        let tail: Vec<_> = events(&recs).split_off(successful_boot().len());
+        assert_eq!(
+            tail,
+            pairs(&[
+                ("launch", "exec"),
+                ("launch", "exec_failed"),
+                ("shutdown", "exit"),
+            ])
+        );
+        let n = successful_boot().len();
+        assert_eq!(recs[n]["details"]["argv"], json!(ready.plan.launch.argv));
+        assert_eq!(
+            recs[n + 1]["details"]["error"],
+            json!(chain(&LaunchError::EmptyExec))
+        );
+        assert_eq!(recs[n + 2]["details"], json!({ "code": 1 }));
+    }
+
+    #[test]
+    fn chain_joins_every_cause() {
+        let error = BootError::Stage {
+            stage: "measure",
+            source: StageError::ReadInput {
+                path: PathBuf::from("/proc/cmdline"),
+                source: std::io::Error::new(ErrorKind::NotFound, "gone").into(),
+            },
+        };
+        assert_eq!(
+            chain(&error),
+            "stage measure failed: measure: cannot read /proc/cmdline: gone"
+        );
+    }
+}

@@ -161,6 +161,10 @@ fn check_pin(plan: &Plan, fx: &Effects<'_>, measured: &Measurement) -> Result<()
     };
     Err(StageError::Measure {
         bundle: plan.bundle.clone(),
-        source: Box::new(MeasureError::mismatch(expected, measured, reference.as_ref())),
+        source: Box::new(MeasureError::mismatch(
+            expected,
+            measured,
+            reference.as_ref(),
+        )),
     })
 }

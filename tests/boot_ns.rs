@@ -1,0 +1,460 @@
+//! The whole boot through the real binary, as root, as PID 1 of fresh namespaces.
+//!
+//! Each test writes a bundle, a policy and an audit log path under `/var/tmp` (PID 1 mounts a
+//! fresh tmpfs on `/run` and `/tmp` inside the namespace, so nothing there would be seen from
+//! outside), then runs `unshare --pid --fork --mount --mount-proc --net --uts --kill-child --
+//! cvm-warden init --policy P` and checks the exit status, the workload's output and the audit
+//! log from outside. The policy copies the bundle into `/run/cvm-warden/bundle` (a tmpfs of
+//! the namespace) and runs a shell script from it as `nobody`.
+//!
+//! Every run is bounded (`RUN_LIMIT`); on a timeout `unshare` is killed and `--kill-child`
+//! takes the namespace down with it. Without root these tests fail (they do not skip).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_cvm-warden");
+/// Upper bound of one namespace run.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+/// Where the policy copies the bundle inside the namespace.
+const COPY_TO: &str = "/run/cvm-warden/bundle";
+/// Printed by every workload script first: proves the workload ran.
+const MARKER: &str = "WORKLOAD-RAN";
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (it runs cvm-warden as PID 1 in new PID, mount, network and UTS \
+         namespaces with unshare); run it as root, e.g. `sudo -E cargo test --test boot_ns`"
+    );
+}
+
+/// A bundle, its policy and the audit log, in a world-readable temporary directory.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// A bundle whose `run.sh` prints the marker and then runs `script`.
+    fn new(script: &str) -> Setup {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("cvm-warden-boot-ns.")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        chmod(dir.path(), 0o755);
+        let setup = Setup { dir };
+        std::fs::create_dir(setup.bundle()).unwrap();
+        chmod(&setup.bundle(), 0o755);
+        std::fs::write(
+            setup.bundle().join("run.sh"),
+            format!("#!/bin/sh\necho {MARKER}\n{script}\n"),
+        )
+        .unwrap();
+        chmod(&setup.bundle().join("run.sh"), 0o755);
+        std::fs::write(setup.bundle().join("data.txt"), "model weights v1\n").unwrap();
+        chmod(&setup.bundle().join("data.txt"), 0o644);
+        setup
+    }
+
+    fn bundle(&self) -> PathBuf {
+        self.dir.path().join("bundle")
+    }
+
+    fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+
+    fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
+    }
+
+    /// The policy with `exec`, and `workload_extra` appended to `[workload]`.
+    fn write_policy(&self, exec: &str, workload_extra: &str) {
+        let policy = format!(
+            r#"attestation = "none"
+
+[workload]
+bundle = {bundle:?}
+source = "copy"
+copy_to = {COPY_TO:?}
+exec = [{exec:?}]
+user = "nobody"
+{workload_extra}
+
+[workload.env]
+PATH = "/usr/bin:/bin"
+
+[audit]
+file = {audit:?}
+file_required = true
+"#,
+            bundle = self.bundle().display().to_string(),
+            audit = self.audit_log().display().to_string(),
+        );
+        std::fs::write(self.policy_path(), policy).unwrap();
+    }
+
+    /// The usual policy: run the bundle's `run.sh`.
+    fn write_default_policy(&self, workload_extra: &str) {
+        let exec = self.bundle().join("run.sh").display().to_string();
+        self.write_policy(&exec, workload_extra);
+    }
+
+    /// Every record of the audit log (empty when there is none).
+    fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.audit_log())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    fn start(&self) -> Run {
+        start_init(&self.policy_path())
+    }
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn event_of(record: &Value) -> (&str, &str) {
+    (
+        record["stage"].as_str().unwrap(),
+        record["event"].as_str().unwrap(),
+    )
+}
+
+fn has_event(records: &[Value], stage: &str, event: &str) -> bool {
+    records.iter().any(|r| event_of(r) == (stage, event))
+}
+
+/// A running `unshare … cvm-warden init`.
+struct Run {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+    started: Instant,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+struct Outcome {
+    code: Option<i32>,
+    lines: Vec<String>,
+    stderr: String,
+}
+
+impl Outcome {
+    fn ran(&self) -> bool {
+        self.lines.iter().any(|l| l == MARKER)
+    }
+
+    /// The value of a `/proc/self/status` line `field:\tvalue`.
+    fn status_field(&self, field: &str) -> &str {
+        let prefix = format!("{field}:");
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no {field} in {self:#?}"))
+            .trim()
+    }
+}
+
+fn start_init(policy: &Path) -> Run {
+    let mut child = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount",
+            "--mount-proc",
+            "--net",
+            "--uts",
+            "--kill-child",
+            "--",
+            BIN,
+            "init",
+            "--policy",
+        ])
+        .arg(policy)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run unshare (util-linux): {e}"));
+    let stdout = Arc::new(Mutex::new(Vec::new()));
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let (out, lines) = (child.stdout.take().unwrap(), Arc::clone(&stdout));
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line);
+        }
+    });
+    let (mut err, text) = (child.stderr.take().unwrap(), Arc::clone(&stderr));
+    std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = err.read_to_string(&mut all);
+        text.lock().unwrap().push_str(&all);
+    });
+    Run {
+        child,
+        stdout,
+        stderr,
+        started: Instant::now(),
+    }
+}
+
+impl Run {
+    /// Waits until `done` holds (bounded; fails the test if the run ends or times out first).
+    fn wait_until(&mut self, what: &str, done: impl Fn(&Run) -> bool) {
+        while !done(self) {
+            if self.started.elapsed() > RUN_LIMIT || self.child.try_wait().unwrap().is_some() {
+                let outcome = self.finish_unchecked();
+                panic!("{what} never happened: {outcome:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn has_line(&self, line: &str) -> bool {
+        self.stdout.lock().unwrap().iter().any(|l| l == line)
+    }
+
+    /// Host pid of the namespace's PID 1: the child of `unshare`.
+    fn pid1(&self) -> nix::unistd::Pid {
+        let unshare = self.child.id();
+        let tasks = std::fs::read_dir(format!("/proc/{unshare}/task")).unwrap();
+        let children: Vec<i32> = tasks
+            .filter_map(Result::ok)
+            .flat_map(|task| {
+                std::fs::read_to_string(task.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(|pid| pid.parse().unwrap())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        match children.as_slice() {
+            [pid] => nix::unistd::Pid::from_raw(*pid),
+            other => panic!("unshare {unshare} should have one child, has {other:?}"),
+        }
+    }
+
+    fn finish_unchecked(&mut self) -> Outcome {
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if self.started.elapsed() > RUN_LIMIT {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let the reader threads drain the pipes.
+        std::thread::sleep(Duration::from_millis(100));
+        Outcome {
+            code: status.and_then(|s| s.code()),
+            lines: self.stdout.lock().unwrap().clone(),
+            stderr: self.stderr.lock().unwrap().clone(),
+        }
+    }
+
+    /// Waits for the end (bounded; on a timeout the namespace is killed and the test fails).
+    fn finish(&mut self) -> Outcome {
+        let outcome = self.finish_unchecked();
+        assert!(
+            outcome.code.is_some(),
+            "timed out after {RUN_LIMIT:?} (or killed by a signal): {outcome:#?}"
+        );
+        outcome
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn workload_status_becomes_the_exit_status_and_the_audit_log_verifies() {
+    let setup = Setup::new("exit 7");
+    setup.write_default_policy("");
+    let outcome = setup.start().finish();
+    assert_eq!(outcome.code, Some(7), "{outcome:#?}");
+    assert!(outcome.ran(), "{outcome:#?}");
+
+    let verify = Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(setup.audit_log())
+        .output()
+        .unwrap();
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "audit verify: {}\n{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    let records = setup.records();
+    let last = records.last().unwrap();
+    assert_eq!(event_of(last), ("shutdown", "exit"), "{records:#?}");
+    assert_eq!(last["details"]["code"], 7);
+    assert!(
+        records.iter().all(|r| r["insecure"] == true),
+        "{records:#?}"
+    );
+    for stage in [
+        "perimeter",
+        "measure",
+        "attest",
+        "unlock",
+        "allowlist",
+        "launch",
+    ] {
+        assert!(has_event(&records, stage, "ok"), "{stage}: {records:#?}");
+    }
+    assert!(has_event(&records, "launch", "started"));
+    let done = records
+        .iter()
+        .find(|r| event_of(r) == ("launch", "workload_done"))
+        .unwrap();
+    assert_eq!(done["details"]["code"], 7);
+}
+
+#[test]
+fn workload_runs_as_nobody_without_capabilities_and_with_no_new_privs() {
+    // Builtins only: the shell reads its own status (see tests/launch_ns.rs).
+    let setup = Setup::new(
+        r#"while IFS= read -r line; do printf '%s\n' "$line"; done < /proc/$$/status
+exit 0"#,
+    );
+    setup.write_default_policy("");
+    let outcome = setup.start().finish();
+    assert_eq!(outcome.code, Some(0), "{outcome:#?}");
+    assert_eq!(outcome.status_field("Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(outcome.status_field("Gid"), "65534\t65534\t65534\t65534");
+    assert_eq!(outcome.status_field("Groups"), "");
+    assert_eq!(outcome.status_field("CapEff"), "0000000000000000");
+    assert_eq!(outcome.status_field("CapPrm"), "0000000000000000");
+    assert_eq!(outcome.status_field("NoNewPrivs"), "1");
+}
+
+#[test]
+fn a_tampered_bundle_stops_the_boot_before_launch() {
+    let setup = Setup::new("exit 0");
+    let manifest = setup.dir.path().join("manifest.json");
+    let measured = Command::new(BIN)
+        .arg("measure")
+        .arg(setup.bundle())
+        .arg("--json")
+        .arg("--manifest")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(measured.status.success(), "{measured:?}");
+    let json: Value = serde_json::from_slice(&measured.stdout).unwrap();
+    let digest = json["bundle_digest"].as_str().unwrap().to_string();
+    assert!(digest.starts_with("sha256:"), "{json}");
+    chmod(&manifest, 0o644);
+    setup.write_default_policy(&format!(
+        "digest = {digest:?}\nmanifest = {:?}",
+        manifest.display().to_string()
+    ));
+    std::fs::write(setup.bundle().join("data.txt"), "model weights v2\n").unwrap();
+
+    let outcome = setup.start().finish();
+    assert_ne!(outcome.code, Some(0), "{outcome:#?}");
+    assert!(!outcome.ran(), "the workload ran: {outcome:#?}");
+
+    let records = setup.records();
+    let failed = records
+        .iter()
+        .find(|r| event_of(r) == ("measure", "failed"))
+        .unwrap_or_else(|| panic!("no measure/failed: {records:#?}"));
+    let error = failed["details"]["error"].as_str().unwrap();
+    assert!(error.contains("changed data.txt"), "{error}");
+    assert!(!error.contains("run.sh"), "{error}");
+    assert!(!has_event(&records, "launch", "started"), "{records:#?}");
+    assert!(
+        !records.iter().any(|r| r["stage"] == "launch"),
+        "{records:#?}"
+    );
+    assert!(has_event(&records, "boot", "failed"));
+    assert_eq!(
+        event_of(records.last().unwrap()),
+        ("shutdown", "exit"),
+        "{records:#?}"
+    );
+}
+
+#[test]
+fn an_invalid_policy_exits_2_and_nothing_runs() {
+    let setup = Setup::new("exit 0");
+    setup.write_policy("run.sh", "");
+    let outcome = setup.start().finish();
+    assert_eq!(outcome.code, Some(2), "{outcome:#?}");
+    assert!(!outcome.ran(), "{outcome:#?}");
+    assert!(outcome.stderr.contains("workload.exec"), "{outcome:#?}");
+    // The policy could not be read, so its audit file was never opened.
+    assert!(setup.records().is_empty());
+}
+
+#[test]
+fn pid1_reaps_an_orphan_and_forwards_sigterm_to_the_workload() {
+    // The subshell exits at once, so its `sh` child is re-parented to PID 1, which must reap
+    // it; then the workload waits for SIGTERM and turns it into status 42.
+    let setup = Setup::new(
+        r#"( sh -c 'sleep 0.2; exit 3' & )
+trap 'exit 42' TERM
+echo READY
+while :; do sleep 0.1; done"#,
+    );
+    setup.write_default_policy("");
+    let mut run = setup.start();
+    run.wait_until("READY", |run| run.has_line("READY"));
+    run.wait_until("orphan_reaped", |_| {
+        has_event(&setup.records(), "launch", "orphan_reaped")
+    });
+    nix::sys::signal::kill(run.pid1(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let outcome = run.finish();
+    assert_eq!(outcome.code, Some(42), "{outcome:#?}");
+
+    let records = setup.records();
+    let reaped = records
+        .iter()
+        .find(|r| event_of(r) == ("launch", "orphan_reaped"))
+        .unwrap();
+    assert_eq!(reaped["details"]["code"], 3, "{records:#?}");
+    assert!(
+        records
+            .iter()
+            .any(|r| event_of(r) == ("launch", "exited") && r["details"]["code"] == 42),
+        "{records:#?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| event_of(r) == ("launch", "signal_forwarded")
+                && r["details"]["signal"] == "SIGTERM"),
+        "{records:#?}"
+    );
+    let last = records.last().unwrap();
+    assert_eq!(event_of(last), ("shutdown", "exit"));
+    assert_eq!(last["details"]["code"], 42);
+}
