@@ -31,16 +31,19 @@ pub(crate) fn run(root: &Path) -> Result<()> {
         .current_dir(root)
         .args(["build", "--quiet", "--bin", "cvm-warden"]))?;
     let bin = target_dir(root).join("debug/cvm-warden");
-    let policy = root.join("examples/policy.toml");
     let demo = Path::new(DEMO_DIR);
 
-    let result = acts(root, &bin, &policy, demo);
+    let result = acts(root, &bin, demo);
     let _ = fs::remove_dir_all(demo);
     result
 }
 
-fn acts(root: &Path, bin: &Path, policy: &Path, demo: &Path) -> Result<()> {
+fn acts(root: &Path, bin: &Path, demo: &Path) -> Result<()> {
     stage_bundle(&root.join("examples/bundle"), &demo.join("bundle"))?;
+    // The policy is read after PID 1 has mounted a fresh tmpfs on /tmp and /run, so it must
+    // not live there (the checkout might): copy it next to the bundle.
+    let policy = &demo.join("policy.toml");
+    fs::copy(root.join("examples/policy.toml"), policy).context("copying the example policy")?;
     fs::copy(
         root.join("examples/bundle.manifest.json"),
         demo.join("bundle.manifest.json"),
