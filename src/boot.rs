@@ -369,6 +369,19 @@ mod tests {
             )
         }
 
+        /// The default policy with `source = "copy"` into [`Fixture::copy_to`], created here.
+        fn copy_policy(&self) -> String {
+            std::fs::create_dir(self.copy_to()).unwrap();
+            self.policy("").replacen(
+                "source = \"initramfs\"",
+                &format!(
+                    "source = \"copy\"\ncopy_to = {:?}",
+                    self.copy_to().display().to_string()
+                ),
+                1,
+            )
+        }
+
         fn facts(&self, loaded: &LoadedPolicy) -> Facts {
             Facts {
                 cmdline_path: self.path("cmdline"),
@@ -432,13 +445,15 @@ mod tests {
         expected
     }
 
+    /// `prepare` of `policy` (loaded here) for the fixture.
     fn run_prepare(
         fixture: &Fixture,
-        loaded: &LoadedPolicy,
+        policy: &str,
         sys: &FakeSys,
         measurer: &dyn Measurer,
         audit: &Audit,
     ) -> Result<Ready, BootError> {
+        let loaded = load(policy);
         let mut register = NoRegister;
         let env = Env {
             sys,
@@ -446,7 +461,17 @@ mod tests {
             register: &mut register,
             audit,
         };
-        prepare(loaded, &fixture.facts(loaded), env)
+        prepare(&loaded, &fixture.facts(&loaded), env)
+    }
+
+    /// [`run_prepare`] of the fixture's default policy.
+    fn prepare_default(
+        fixture: &Fixture,
+        sys: &FakeSys,
+        measurer: &dyn Measurer,
+        audit: &Audit,
+    ) -> Result<Ready, BootError> {
+        run_prepare(fixture, &fixture.policy(""), sys, measurer, audit)
     }
 
     /// Records what the runner asked of it; never starts anything.
@@ -522,10 +547,9 @@ mod tests {
     #[test]
     fn all_stages_succeed_in_order_and_every_record_is_insecure() {
         let fixture = Fixture::new();
-        let loaded = load(&fixture.policy(""));
         let sys = FakeSys::new().in_sandbox();
         let (audit, lines) = memory_audit();
-        let ready = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap();
+        let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
 
         let recs = records(&lines);
         assert_eq!(events(&recs), successful_boot());
@@ -592,10 +616,9 @@ mod tests {
             (FailureAction::Halt, "halt"),
         ] {
             let fixture = Fixture::new();
-            let loaded = load(&fixture.policy(""));
             let sys = FakeSys::new();
             let (audit, lines) = memory_audit();
-            let ready = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap();
+            let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
             let launcher = FakeLauncher::new(0);
             let shutdown = run_init(&ready, &launcher, &sys, &audit, action);
             assert_eq!(shutdown, Shutdown { action, code: 0 });
@@ -626,14 +649,13 @@ mod tests {
         {
             let sys = FakeSys::new();
             let (audit, _) = memory_audit();
-            run_prepare(&fixture, &load(&policy), &sys, &RealMeasurer, &audit).unwrap();
+            run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap();
         }
         std::fs::write(fixture.bundle().join("data.txt"), "v2\n").unwrap();
 
-        let loaded = load(&policy);
         let sys = FakeSys::new().in_sandbox();
         let (audit, lines) = memory_audit();
-        let error = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap_err();
+        let error = run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap_err();
         assert!(
             matches!(
                 &error,
@@ -725,12 +747,11 @@ mod tests {
             ),
         ];
         for (policy, expected) in cases {
-            let loaded = load(&policy);
             let sys = FakeSys::new();
             let (sink, lines) = MemorySink::new();
-            let insecure = loaded.policy.attestation == crate::policy::Attestation::None;
+            let insecure = load(&policy).policy.attestation == crate::policy::Attestation::None;
             let audit = Audit::new(vec![Box::new(sink)], insecure);
-            let error = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap_err();
+            let error = run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap_err();
             let BootError::Plan(source) = &error else {
                 panic!("expected a plan error, got {error:?}");
             };
@@ -754,19 +775,10 @@ mod tests {
     #[test]
     fn copy_source_mounts_a_tmpfs_remounts_it_readonly_and_runs_from_the_copy() {
         let fixture = Fixture::new();
-        std::fs::create_dir(fixture.copy_to()).unwrap();
-        let policy = fixture.policy("").replacen(
-            "source = \"initramfs\"",
-            &format!(
-                "source = \"copy\"\ncopy_to = {:?}",
-                fixture.copy_to().display().to_string()
-            ),
-            1,
-        );
-        let loaded = load(&policy);
+        let policy = fixture.copy_policy();
         let sys = FakeSys::new().in_sandbox();
         let (audit, lines) = memory_audit();
-        let ready = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap();
+        let ready = run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap();
         assert_eq!(events(&records(&lines)), successful_boot());
         let copy = fixture.copy_to();
         assert_eq!(
@@ -795,19 +807,10 @@ mod tests {
     #[test]
     fn a_failing_tmpfs_mount_stops_the_boot_at_measure() {
         let fixture = Fixture::new();
-        std::fs::create_dir(fixture.copy_to()).unwrap();
-        let policy = fixture.policy("").replacen(
-            "source = \"initramfs\"",
-            &format!(
-                "source = \"copy\"\ncopy_to = {:?}",
-                fixture.copy_to().display().to_string()
-            ),
-            1,
-        );
-        let loaded = load(&policy);
+        let policy = fixture.copy_policy();
         let sys = FakeSys::new().fail_on(crate::sys::Op::MountTmpfs, nix::errno::Errno::EPERM);
         let (audit, lines) = memory_audit();
-        let error = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap_err();
+        let error = run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap_err();
         assert!(
             matches!(
                 error,
@@ -842,14 +845,23 @@ mod tests {
         (audit, control, lines)
     }
 
+    /// The default policy prepared against `audit` (from [`required_memory_audit`]), which
+    /// must fail; the error and the events the other sink got.
+    fn required_sink_failure(
+        measurer: &dyn Measurer,
+        audit: &Audit,
+        lines: &Arc<Mutex<Vec<String>>>,
+    ) -> (BootError, Vec<(String, String)>) {
+        let fixture = Fixture::new();
+        let error = prepare_default(&fixture, &FakeSys::new(), measurer, audit).unwrap_err();
+        (error, events(&records(lines)))
+    }
+
     #[test]
     fn a_required_sink_failing_from_the_start_stops_the_boot() {
-        let fixture = Fixture::new();
-        let loaded = load(&fixture.policy(""));
-        let sys = FakeSys::new();
         let (audit, control, lines) = required_memory_audit();
         control.fail_always(ErrorKind::PermissionDenied);
-        let error = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap_err();
+        let (error, evs) = required_sink_failure(&RealMeasurer, &audit, &lines);
         assert!(
             matches!(
                 error,
@@ -857,7 +869,6 @@ mod tests {
             ),
             "{error:?}"
         );
-        let evs = events(&records(&lines));
         assert_eq!(
             evs,
             pairs(&[("boot", "start"), ("audit", "sink_failed")]),
@@ -869,14 +880,11 @@ mod tests {
 
     #[test]
     fn a_required_sink_failing_during_a_stage_stops_the_boot_before_launch() {
-        let fixture = Fixture::new();
-        let loaded = load(&fixture.policy(""));
-        let sys = FakeSys::new();
         let (audit, control, lines) = required_memory_audit();
         let measurer = HookedMeasurer {
             before: || control.fail_always(ErrorKind::Other),
         };
-        let error = run_prepare(&fixture, &loaded, &sys, &measurer, &audit).unwrap_err();
+        let (error, evs) = required_sink_failure(&measurer, &audit, &lines);
         assert!(
             matches!(
                 error,
@@ -884,7 +892,6 @@ mod tests {
             ),
             "{error:?}"
         );
-        let evs = events(&records(&lines));
         // The measure stage's outcome was the first record the required sink refused; the
         // other sink still got it, and nothing after it.
         assert_eq!(
@@ -900,14 +907,11 @@ mod tests {
 
     #[test]
     fn a_required_sink_that_never_caught_up_stops_the_boot_before_launch() {
-        let fixture = Fixture::new();
-        let loaded = load(&fixture.policy(""));
-        let sys = FakeSys::new();
         let (audit, control, lines) = required_memory_audit();
         // NotFound before the first write: waiting (e.g. a file on a later volume), not
         // failed; still behind at launch, so the boot stops.
         control.fail_always(ErrorKind::NotFound);
-        let error = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap_err();
+        let (error, evs) = required_sink_failure(&RealMeasurer, &audit, &lines);
         assert!(
             matches!(
                 error,
@@ -915,7 +919,6 @@ mod tests {
             ),
             "{error:?}"
         );
-        let evs = events(&records(&lines));
         assert!(evs.contains(&("audit".to_string(), "sink_waiting".to_string())));
         assert_eq!(
             evs.last().unwrap(),
@@ -928,10 +931,9 @@ mod tests {
     #[test]
     fn run_unit_records_exec_then_exec_failed_and_returns_1() {
         let fixture = Fixture::new();
-        let loaded = load(&fixture.policy(""));
         let sys = FakeSys::new();
         let (audit, lines) = memory_audit();
-        let ready = run_prepare(&fixture, &loaded, &sys, &RealMeasurer, &audit).unwrap();
+        let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
         let launcher = FakeLauncher::new(0);
         assert_eq!(run_unit(&ready, &launcher, &audit), 1);
         assert_eq!((launcher.supervised.get(), launcher.execed.get()), (0, 1));

@@ -13,6 +13,7 @@ pub mod boot;
 pub mod cli;
 pub mod digest;
 pub mod eventlog;
+pub mod evidence;
 pub mod launch;
 pub mod measure;
 pub mod policy;

@@ -11,14 +11,17 @@
 //! takes the namespace down with it. Without root these tests fail (they do not skip).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
+
+#[allow(dead_code)] // the parts only tests/launch_ns.rs uses
+mod common;
+
+use common::{Outcome, Run};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_cvm-warden");
@@ -30,10 +33,9 @@ const COPY_TO: &str = "/run/cvm-warden/bundle";
 const MARKER: &str = "WORKLOAD-RAN";
 
 fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (it runs cvm-warden as PID 1 in new PID, mount, network and UTS \
-         namespaces with unshare); run it as root, e.g. `sudo -E cargo test --test boot_ns`"
+    common::require_root(
+        "boot_ns",
+        "it runs cvm-warden as PID 1 in new PID, mount, network and UTS namespaces with unshare",
     );
 }
 
@@ -138,156 +140,16 @@ fn has_event(records: &[Value], stage: &str, event: &str) -> bool {
     records.iter().any(|r| event_of(r) == (stage, event))
 }
 
-/// A running `unshare … cvm-warden init`.
-struct Run {
-    child: Child,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<String>>,
-    started: Instant,
-}
-
-/// How a run ended.
-#[derive(Debug)]
-struct Outcome {
-    code: Option<i32>,
-    lines: Vec<String>,
-    stderr: String,
-}
-
 impl Outcome {
     fn ran(&self) -> bool {
         self.lines.iter().any(|l| l == MARKER)
     }
-
-    /// The value of a `/proc/self/status` line `field:\tvalue`.
-    fn status_field(&self, field: &str) -> &str {
-        let prefix = format!("{field}:");
-        self.lines
-            .iter()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .unwrap_or_else(|| panic!("no {field} in {self:#?}"))
-            .trim()
-    }
 }
 
 fn start_init(policy: &Path) -> Run {
-    let mut child = Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--mount",
-            "--mount-proc",
-            "--net",
-            "--uts",
-            "--kill-child",
-            "--",
-            BIN,
-            "init",
-            "--policy",
-        ])
-        .arg(policy)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run unshare (util-linux): {e}"));
-    let stdout = Arc::new(Mutex::new(Vec::new()));
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let (out, lines) = (child.stdout.take().unwrap(), Arc::clone(&stdout));
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            lines.lock().unwrap().push(line);
-        }
-    });
-    let (mut err, text) = (child.stderr.take().unwrap(), Arc::clone(&stderr));
-    std::thread::spawn(move || {
-        let mut all = String::new();
-        let _ = err.read_to_string(&mut all);
-        text.lock().unwrap().push_str(&all);
-    });
-    Run {
-        child,
-        stdout,
-        stderr,
-        started: Instant::now(),
-    }
-}
-
-impl Run {
-    /// Waits until `done` holds (bounded; fails the test if the run ends or times out first).
-    fn wait_until(&mut self, what: &str, done: impl Fn(&Run) -> bool) {
-        while !done(self) {
-            if self.started.elapsed() > RUN_LIMIT || self.child.try_wait().unwrap().is_some() {
-                let outcome = self.finish_unchecked();
-                panic!("{what} never happened: {outcome:#?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn has_line(&self, line: &str) -> bool {
-        self.stdout.lock().unwrap().iter().any(|l| l == line)
-    }
-
-    /// Host pid of the namespace's PID 1: the child of `unshare`.
-    fn pid1(&self) -> nix::unistd::Pid {
-        let unshare = self.child.id();
-        let tasks = std::fs::read_dir(format!("/proc/{unshare}/task")).unwrap();
-        let children: Vec<i32> = tasks
-            .filter_map(Result::ok)
-            .flat_map(|task| {
-                std::fs::read_to_string(task.path().join("children"))
-                    .unwrap_or_default()
-                    .split_whitespace()
-                    .map(|pid| pid.parse().unwrap())
-                    .collect::<Vec<i32>>()
-            })
-            .collect();
-        match children.as_slice() {
-            [pid] => nix::unistd::Pid::from_raw(*pid),
-            other => panic!("unshare {unshare} should have one child, has {other:?}"),
-        }
-    }
-
-    fn finish_unchecked(&mut self) -> Outcome {
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if self.started.elapsed() > RUN_LIMIT {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Let the reader threads drain the pipes.
-        std::thread::sleep(Duration::from_millis(100));
-        Outcome {
-            code: status.and_then(|s| s.code()),
-            lines: self.stdout.lock().unwrap().clone(),
-            stderr: self.stderr.lock().unwrap().clone(),
-        }
-    }
-
-    /// Waits for the end (bounded; on a timeout the namespace is killed and the test fails).
-    fn finish(&mut self) -> Outcome {
-        let outcome = self.finish_unchecked();
-        assert!(
-            outcome.code.is_some(),
-            "timed out after {RUN_LIMIT:?} (or killed by a signal): {outcome:#?}"
-        );
-        outcome
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    let mut command = common::unshare(&["--net", "--uts"]);
+    command.arg(BIN).args(["init", "--policy"]).arg(policy);
+    Run::spawn(command, RUN_LIMIT)
 }
 
 #[test]

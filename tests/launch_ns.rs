@@ -11,13 +11,15 @@
 //! takes the whole namespace down with it. Without root these tests fail (they do not skip).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
+
+#[allow(dead_code)] // the parts only tests/boot_ns.rs uses
+mod common;
+
+use common::{Outcome, Run};
 
 /// Selects the scenario in the re-executed binary.
 const SCENARIO_ENV: &str = "CVM_WARDEN_LAUNCH_NS_SCENARIO";
@@ -305,29 +307,10 @@ mod inside {
 // Outside: run a scenario and check what it printed.
 
 fn require_root() {
-    if !nix::unistd::geteuid().is_root() {
-        panic!(
-            "tests/launch_ns.rs needs root: it creates PID and mount namespaces and drops to \
-             uid {NOBODY}; run it as root (CI does), e.g. `sudo -E cargo test --test launch_ns`"
-        );
-    }
-}
-
-/// A namespace run in progress.
-struct Run {
-    child: Child,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<String>>,
-    started: Instant,
-}
-
-/// What a finished run printed.
-#[derive(Debug)]
-struct Outcome {
-    code: Option<i32>,
-    lines: Vec<String>,
-    stderr: String,
-    elapsed: Duration,
+    common::require_root(
+        "launch_ns",
+        &format!("it creates PID and mount namespaces and drops to uid {NOBODY}"),
+    );
 }
 
 impl Outcome {
@@ -373,17 +356,9 @@ impl Outcome {
 
 fn start(scenario: &str, dir: &Path) -> Run {
     require_root();
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new("unshare")
-        .args([
-            "--pid",
-            "--fork",
-            "--mount",
-            "--mount-proc",
-            "--kill-child",
-            "--",
-        ])
-        .arg(exe)
+    let mut command = common::unshare(&[]);
+    command
+        .arg(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "namespace_entry_point",
@@ -391,89 +366,8 @@ fn start(scenario: &str, dir: &Path) -> Run {
             "--test-threads=1",
         ])
         .env(SCENARIO_ENV, scenario)
-        .env(DIR_ENV, dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run unshare (util-linux): {e}"));
-    let stdout = Arc::new(Mutex::new(Vec::new()));
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let (out, lines) = (child.stdout.take().unwrap(), Arc::clone(&stdout));
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            lines.lock().unwrap().push(line);
-        }
-    });
-    let (mut err, text) = (child.stderr.take().unwrap(), Arc::clone(&stderr));
-    std::thread::spawn(move || {
-        let mut all = String::new();
-        let _ = err.read_to_string(&mut all);
-        text.lock().unwrap().push_str(&all);
-    });
-    Run {
-        child,
-        stdout,
-        stderr,
-        started: Instant::now(),
-    }
-}
-
-impl Run {
-    /// Waits until a line equal to `line` appears (bounded).
-    fn wait_for_line(&mut self, line: &str) {
-        while !self.stdout.lock().unwrap().iter().any(|l| l == line) {
-            if self.started.elapsed() > RUN_LIMIT || self.child.try_wait().unwrap().is_some() {
-                let outcome = self.finish();
-                panic!("{line:?} never came: {outcome:#?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Host pid of the namespace's PID 1 (the child of `unshare`).
-    fn pid1(&self) -> nix::unistd::Pid {
-        let unshare = self.child.id().to_string();
-        for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-            let Some(close) = stat.rfind(')') else {
-                continue;
-            };
-            if stat[close + 1..].split_whitespace().nth(1) == Some(unshare.as_str()) {
-                let pid = entry.file_name().to_str().unwrap().parse().unwrap();
-                return nix::unistd::Pid::from_raw(pid);
-            }
-        }
-        panic!("no child of unshare {unshare}");
-    }
-
-    /// Waits for the end (bounded; on a timeout the namespace is killed and the test fails).
-    fn finish(&mut self) -> Outcome {
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if self.started.elapsed() > RUN_LIMIT {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Let the reader threads drain the pipes.
-        std::thread::sleep(Duration::from_millis(100));
-        let outcome = Outcome {
-            code: status.and_then(|s| s.code()),
-            lines: self.stdout.lock().unwrap().clone(),
-            stderr: self.stderr.lock().unwrap().clone(),
-            elapsed: self.started.elapsed(),
-        };
-        assert!(
-            status.is_some(),
-            "timed out after {RUN_LIMIT:?}: {outcome:#?}"
-        );
-        outcome
-    }
+        .env(DIR_ENV, dir);
+    Run::spawn(command, RUN_LIMIT)
 }
 
 fn run_scenario(scenario: &str, dir: &Path) -> Outcome {
@@ -487,28 +381,18 @@ fn workdir() -> tempfile::TempDir {
     dir
 }
 
-fn status_field<'a>(outcome: &'a Outcome, field: &str) -> &'a str {
-    let prefix = format!("{field}:");
-    outcome
-        .lines
-        .iter()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("no {field} in {outcome:#?}"))
-        .trim()
-}
-
 /// What every workload must see, in both shapes.
 fn assert_locked_down(outcome: &Outcome, dir: &Path) {
     let ids = format!("{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}");
-    assert_eq!(status_field(outcome, "Uid"), ids, "{outcome:#?}");
-    assert_eq!(status_field(outcome, "Gid"), ids);
-    assert_eq!(status_field(outcome, "Groups"), "");
+    assert_eq!(outcome.status_field("Uid"), ids, "{outcome:#?}");
+    assert_eq!(outcome.status_field("Gid"), ids);
+    assert_eq!(outcome.status_field("Groups"), "");
     for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(status_field(outcome, set), "0000000000000000", "{set}");
+        assert_eq!(outcome.status_field(set), "0000000000000000", "{set}");
     }
-    assert_eq!(status_field(outcome, "NoNewPrivs"), "1");
-    assert_eq!(status_field(outcome, "SigBlk"), "0000000000000000");
-    assert_eq!(status_field(outcome, "SigIgn"), "0000000000000000");
+    assert_eq!(outcome.status_field("NoNewPrivs"), "1");
+    assert_eq!(outcome.status_field("SigBlk"), "0000000000000000");
+    assert_eq!(outcome.status_field("SigIgn"), "0000000000000000");
     assert_eq!(
         outcome.block("ENV-BEGIN", "ENV-END"),
         ["FOO=bar baz", "PATH=/usr/bin:/bin"]
@@ -574,7 +458,7 @@ fn pid1_reaps_orphans_and_terminates_leftovers() {
 fn sigterm_to_pid1_is_forwarded_and_its_status_is_the_exit_status() {
     let dir = workdir();
     let mut run = start("sigterm", dir.path());
-    run.wait_for_line("READY");
+    run.wait_until("READY", |run| run.has_line("READY"));
     nix::sys::signal::kill(run.pid1(), nix::sys::signal::Signal::SIGTERM).unwrap();
     let outcome = run.finish();
     assert_eq!(outcome.code, Some(42), "{outcome:#?}");

@@ -1,0 +1,8 @@
+//! TEE evidence: parsing and offline verification.
+//!
+//! - [`snp`]: AMD SEV-SNP attestation reports, checked offline against a VCEK and the
+//!   AMD ARK/ASK chain (built-in or a KDS `cert_chain` PEM).
+
+pub mod snp;
+
+pub use snp::{verify_report, ChainSource, Product, SnpError, TcbFields, VerifiedReport};
