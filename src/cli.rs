@@ -60,6 +60,34 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Offline evidence checks for auditors.
+    Evidence {
+        #[command(subcommand)]
+        command: EvidenceCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EvidenceCommand {
+    /// Verify one piece of evidence offline and print its parsed fields as JSON (exit 0 only
+    /// when it verifies).
+    Verify(EvidenceArgs),
+}
+
+#[derive(Debug, Args)]
+struct EvidenceArgs {
+    /// SEV-SNP attestation report (1184 bytes, raw).
+    #[arg(long, value_name = "FILE")]
+    snp_report: PathBuf,
+    /// The VCEK (or VLEK) certificate that signed the report, DER or PEM.
+    #[arg(long, value_name = "FILE")]
+    vcek: PathBuf,
+    /// PEM file with the ASK (or ASVK) and ARK, as AMD's key server serves `cert_chain`.
+    #[arg(long, value_name = "FILE", conflicts_with = "product")]
+    chain: Option<PathBuf>,
+    /// Use AMD's built-in ARK and ASK for this product: milan, genoa or turin.
+    #[arg(long, required_unless_present = "chain")]
+    product: Option<crate::evidence::Product>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +166,40 @@ pub fn main() -> i32 {
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => audit_verify(&file),
+        Command::Evidence {
+            command: EvidenceCommand::Verify(args),
+        } => evidence_verify(&args),
+    }
+}
+
+fn evidence_verify(args: &EvidenceArgs) -> i32 {
+    use crate::evidence::{verify_report, ChainSource};
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|error| {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: cannot read {}: {error}",
+                path.display()
+            );
+        })
+    };
+    let (Ok(report), Ok(vcek)) = (read(&args.snp_report), read(&args.vcek)) else {
+        return 1;
+    };
+    let chain = match (&args.chain, args.product) {
+        (Some(path), _) => match read(path) {
+            Ok(pem) => ChainSource::Pem(pem),
+            Err(()) => return 1,
+        },
+        (None, Some(product)) => ChainSource::Builtin(product),
+        (None, None) => return 2,
+    };
+    match verify_report(&report, &vcek, chain) {
+        Ok(verified) => print_json(&verified),
+        Err(error) => {
+            print_error(&error);
+            1
+        }
     }
 }
 
