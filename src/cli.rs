@@ -75,19 +75,38 @@ enum EvidenceCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("kind").required(true).args(["snp_report", "tpm_quote"]))]
 struct EvidenceArgs {
     /// SEV-SNP attestation report (1184 bytes, raw).
-    #[arg(long, value_name = "FILE")]
-    snp_report: PathBuf,
+    #[arg(long, value_name = "FILE", requires = "vcek")]
+    snp_report: Option<PathBuf>,
     /// The VCEK (or VLEK) certificate that signed the report, DER or PEM.
-    #[arg(long, value_name = "FILE")]
-    vcek: PathBuf,
+    #[arg(long, value_name = "FILE", requires = "snp_report")]
+    vcek: Option<PathBuf>,
     /// PEM file with the ASK (or ASVK) and ARK, as AMD's key server serves `cert_chain`.
-    #[arg(long, value_name = "FILE", conflicts_with = "product")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "product",
+        requires = "snp_report"
+    )]
     chain: Option<PathBuf>,
     /// Use AMD's built-in ARK and ASK for this product: milan, genoa or turin.
-    #[arg(long, required_unless_present = "chain")]
+    #[arg(long, requires = "snp_report")]
     product: Option<crate::evidence::Product>,
+    /// TPM quote: the TPMS_ATTEST bytes.
+    #[arg(long, value_name = "MSG", requires_all = ["tpm_signature", "ak"], conflicts_with = "snp_report")]
+    tpm_quote: Option<PathBuf>,
+    /// The quote's signature: raw, or a marshalled TPMT_SIGNATURE.
+    #[arg(long, value_name = "SIG", requires = "tpm_quote")]
+    tpm_signature: Option<PathBuf>,
+    /// The attestation key's public key, PEM or DER.
+    #[arg(long, value_name = "FILE", requires = "tpm_quote")]
+    ak: Option<PathBuf>,
+    /// SHA-256 PCR values concatenated, PCR 0 first (32 bytes each); checked against the
+    /// quote's PCR digest.
+    #[arg(long, value_name = "FILE", requires = "tpm_quote")]
+    pcrs: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,7 +192,7 @@ pub fn main() -> i32 {
 }
 
 fn evidence_verify(args: &EvidenceArgs) -> i32 {
-    use crate::evidence::{verify_report, ChainSource};
+    use crate::evidence::{tpm, verify_report, ChainSource};
     let read = |path: &Path| {
         std::fs::read(path).map_err(|error| {
             let _ = writeln!(
@@ -183,7 +202,31 @@ fn evidence_verify(args: &EvidenceArgs) -> i32 {
             );
         })
     };
-    let (Ok(report), Ok(vcek)) = (read(&args.snp_report), read(&args.vcek)) else {
+    if let (Some(quote), Some(signature), Some(ak)) =
+        (&args.tpm_quote, &args.tpm_signature, &args.ak)
+    {
+        let (Ok(quote), Ok(signature), Ok(ak)) = (read(quote), read(signature), read(ak)) else {
+            return 1;
+        };
+        let pcrs = match &args.pcrs {
+            Some(path) => match read(path) {
+                Ok(bytes) => Some(bytes),
+                Err(()) => return 1,
+            },
+            None => None,
+        };
+        return match tpm::verify_quote(&quote, &signature, &ak, pcrs.as_deref()) {
+            Ok(verified) => print_json(&verified),
+            Err(error) => {
+                print_error(&error);
+                1
+            }
+        };
+    }
+    let (Some(report), Some(vcek)) = (&args.snp_report, &args.vcek) else {
+        return 2;
+    };
+    let (Ok(report), Ok(vcek)) = (read(report), read(vcek)) else {
         return 1;
     };
     let chain = match (&args.chain, args.product) {
@@ -192,7 +235,13 @@ fn evidence_verify(args: &EvidenceArgs) -> i32 {
             Err(()) => return 1,
         },
         (None, Some(product)) => ChainSource::Builtin(product),
-        (None, None) => return 2,
+        (None, None) => {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: --snp-report needs --chain FILE or --product milan|genoa|turin"
+            );
+            return 2;
+        }
     };
     match verify_report(&report, &vcek, chain) {
         Ok(verified) => print_json(&verified),

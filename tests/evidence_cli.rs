@@ -80,3 +80,63 @@ fn one_flipped_bit_in_the_report_fails_with_exit_1() {
         "{stderr}"
     );
 }
+
+fn verify_quote(msg: &Path, sig: &Path, ak: &Path, pcrs: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(["evidence", "verify", "--tpm-quote"])
+        .arg(msg)
+        .arg("--tpm-signature")
+        .arg(sig)
+        .arg("--ak")
+        .arg(ak)
+        .arg("--pcrs")
+        .arg(pcrs)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_real_azure_vtpm_quote_verifies_with_its_ak_and_pcrs() {
+    let d = |f: &str| vector(&format!("derived/azure-cvm-tooling-quote.{f}"));
+    let (code, stdout, stderr) = verify_quote(
+        &d("msg.bin"),
+        &d("sig.bin"),
+        &vector("azure-cvm-tooling/akpub.pem"),
+        &d("pcrs-sha256.bin"),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["verified"], true);
+    assert_eq!(json["pcrs_checked"], true);
+    assert_eq!(json["extra_data"], hex_of(b"challenge"));
+}
+
+#[test]
+fn a_quote_with_a_changed_pcr_or_another_ak_fails_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |f: &str| vector(&format!("derived/azure-cvm-tooling-quote.{f}"));
+    let mut pcrs = std::fs::read(d("pcrs-sha256.bin")).unwrap();
+    pcrs[0] ^= 0x80;
+    let changed = dir.path().join("pcrs.bin");
+    std::fs::write(&changed, &pcrs).unwrap();
+    let ak = vector("azure-cvm-tooling/akpub.pem");
+    let (code, stdout, _) = verify_quote(&d("msg.bin"), &d("sig.bin"), &ak, &changed);
+    assert_eq!((code, stdout.is_empty()), (1, true));
+    let other_ak = vector("derived/trustee-evidence-genoa.akpub.pem");
+    let (code, stdout, _) = verify_quote(
+        &d("msg.bin"),
+        &d("sig.bin"),
+        &other_ak,
+        &d("pcrs-sha256.bin"),
+    );
+    assert_eq!((code, stdout.is_empty()), (1, true));
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
