@@ -149,31 +149,19 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
     for stage in StageName::ALL {
         let name = stage.as_str();
         log::info!("stage {name}: begin");
+        record(
+            audit,
+            name,
+            "begin",
+            json!({ "plan": plan.stage_plan(stage) }),
+        )?;
         let result = match stage {
-            StageName::Perimeter => {
-                record(audit, name, "begin", json!({ "plan": plan.perimeter }))?;
-                stage::perimeter::apply(&plan.perimeter, &mut fx)
-            }
-            StageName::Measure => {
-                record(audit, name, "begin", json!({ "plan": plan.measure }))?;
-                stage::measure::apply(&plan.measure, &mut fx)
-            }
-            StageName::Attest => {
-                record(audit, name, "begin", json!({ "plan": plan.attest }))?;
-                stage::attest::apply(&plan.attest, &mut fx)
-            }
-            StageName::Unlock => {
-                record(audit, name, "begin", json!({ "plan": plan.unlock }))?;
-                stage::unlock::apply(&plan.unlock, &mut fx)
-            }
-            StageName::Allowlist => {
-                record(audit, name, "begin", json!({ "plan": plan.allowlist }))?;
-                stage::allowlist::apply(&plan.allowlist, &mut fx)
-            }
-            StageName::Launch => {
-                record(audit, name, "begin", json!({ "plan": plan.launch }))?;
-                separator(&mut fx)
-            }
+            StageName::Perimeter => stage::perimeter::apply(&plan.perimeter, &mut fx),
+            StageName::Measure => stage::measure::apply(&plan.measure, &mut fx),
+            StageName::Attest => stage::attest::apply(&plan.attest, &mut fx),
+            StageName::Unlock => stage::unlock::apply(&plan.unlock, &mut fx),
+            StageName::Allowlist => stage::allowlist::apply(&plan.allowlist, &mut fx),
+            StageName::Launch => separator(&mut fx),
         };
         match result {
             Ok(details) => {
@@ -237,19 +225,20 @@ pub fn closing_event(sys: &dyn Sys, action: FailureAction) -> &'static str {
 /// Records a failed boot and the closing record; returns the shutdown to perform.
 /// Audit errors here are ignored: the machine goes down either way (fail closed).
 pub fn fail(audit: &Audit, sys: &dyn Sys, action: FailureAction, error: &BootError) -> Shutdown {
-    let code = 1;
+    record_failure(audit, closing_event(sys, action), error);
+    Shutdown { action, code: 1 }
+}
+
+/// Records a failed boot (`boot/failed`) and the closing `shutdown/<closing>` record with code
+/// 1, then flushes. Audit errors are ignored: the boot has already failed closed.
+pub fn record_failure(audit: &Audit, closing: &str, error: &BootError) {
     let _ = audit.record(
         "boot",
         "failed",
         json!({ "error": chain(error), "workload_started": false }),
     );
-    let _ = audit.record(
-        "shutdown",
-        closing_event(sys, action),
-        json!({ "code": code }),
-    );
+    let _ = audit.record("shutdown", closing, json!({ "code": 1 }));
     let _ = audit.flush();
-    Shutdown { action, code }
 }
 
 /// PID 1 shape: supervise the workload, then record the shutdown.

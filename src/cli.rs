@@ -413,14 +413,7 @@ fn init(args: &PolicyArgs) -> i32 {
     let audit = open_audit(&loaded);
     install_hook(&audit, pid1);
     let action = loaded.policy.on_failure;
-    let mut register = NoRegister;
-    let env = Env {
-        sys: &sys,
-        measurer: &RealMeasurer,
-        register: &mut register,
-        audit: &audit,
-    };
-    let shutdown = match boot::prepare(&loaded, &facts(&loaded), env) {
+    let shutdown = match prepare(&loaded, &sys, &audit) {
         Ok(ready) => boot::run_init(&ready, &RealLauncher, &sys, &audit, action),
         Err(error) => {
             print_error(&error);
@@ -441,27 +434,30 @@ fn run(args: &PolicyArgs) -> i32 {
     };
     let audit = open_audit(&loaded);
     install_hook(&audit, false);
-    let mut register = NoRegister;
-    let env = Env {
-        sys: &sys,
-        measurer: &RealMeasurer,
-        register: &mut register,
-        audit: &audit,
-    };
-    match boot::prepare(&loaded, &facts(&loaded), env) {
+    match prepare(&loaded, &sys, &audit) {
         Ok(ready) => boot::run_unit(&ready, &RealLauncher, &audit),
         Err(error) => {
             print_error(&error);
-            let _ = audit.record(
-                "boot",
-                "failed",
-                serde_json::json!({ "error": boot::chain(&error), "workload_started": false }),
-            );
-            let _ = audit.record("shutdown", "exit", serde_json::json!({ "code": 1 }));
-            let _ = audit.flush();
+            boot::record_failure(&audit, "exit", &error);
             1
         }
     }
+}
+
+/// Runs every stage before launch with the real effects.
+fn prepare(
+    loaded: &LoadedPolicy,
+    sys: &RealSys,
+    audit: &Audit,
+) -> Result<boot::Ready, boot::BootError> {
+    let mut register = NoRegister;
+    let env = Env {
+        sys,
+        measurer: &RealMeasurer,
+        register: &mut register,
+        audit,
+    };
+    boot::prepare(loaded, &facts(loaded), env)
 }
 
 fn install_hook(audit: &Audit, pid1: bool) {

@@ -13,13 +13,11 @@ fn vector(path: &str) -> PathBuf {
         .join(path)
 }
 
-fn verify(report: &Path, vcek: &Path, chain: &[&str]) -> (i32, String, String) {
+/// Runs `cvm-warden evidence verify ARGS…`; returns (exit code, stdout, stderr).
+fn evidence_verify(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
     let out = Command::new(BIN)
-        .args(["evidence", "verify", "--snp-report"])
-        .arg(report)
-        .arg("--vcek")
-        .arg(vcek)
-        .args(chain)
+        .args(["evidence", "verify"])
+        .args(args)
         .output()
         .unwrap();
     (
@@ -27,6 +25,17 @@ fn verify(report: &Path, vcek: &Path, chain: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+fn verify(report: &Path, vcek: &Path, chain: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
+        "--snp-report".as_ref(),
+        report.as_os_str(),
+        "--vcek".as_ref(),
+        vcek.as_os_str(),
+    ];
+    args.extend(chain.iter().map(std::ffi::OsStr::new));
+    evidence_verify(&args)
 }
 
 #[test]
@@ -82,22 +91,16 @@ fn one_flipped_bit_in_the_report_fails_with_exit_1() {
 }
 
 fn verify_quote(msg: &Path, sig: &Path, ak: &Path, pcrs: &Path) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(["evidence", "verify", "--tpm-quote"])
-        .arg(msg)
-        .arg("--tpm-signature")
-        .arg(sig)
-        .arg("--ak")
-        .arg(ak)
-        .arg("--pcrs")
-        .arg(pcrs)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    evidence_verify(&[
+        "--tpm-quote".as_ref(),
+        msg.as_os_str(),
+        "--tpm-signature".as_ref(),
+        sig.as_os_str(),
+        "--ak".as_ref(),
+        ak.as_os_str(),
+        "--pcrs".as_ref(),
+        pcrs.as_os_str(),
+    ])
 }
 
 #[test]

@@ -202,4 +202,18 @@ impl BootPlan {
             launch: launch::plan(policy)?,
         })
     }
+
+    /// One stage's plan as JSON (for its `begin` audit record).
+    pub fn stage_plan(&self, stage: StageName) -> serde_json::Value {
+        let value = match stage {
+            StageName::Perimeter => serde_json::to_value(&self.perimeter),
+            StageName::Measure => serde_json::to_value(&self.measure),
+            StageName::Attest => serde_json::to_value(&self.attest),
+            StageName::Unlock => serde_json::to_value(&self.unlock),
+            StageName::Allowlist => serde_json::to_value(&self.allowlist),
+            StageName::Launch => serde_json::to_value(&self.launch),
+        };
+        // Plans are plain data; serialising them cannot fail, but never panic in PID 1.
+        value.unwrap_or_else(|error| serde_json::json!({ "unserialisable": error.to_string() }))
+    }
 }
