@@ -38,6 +38,9 @@ pub enum BootError {
     /// The event log's separator could not be extended.
     #[error("measure: separator event")]
     Separator(#[source] crate::eventlog::ExtendError),
+    /// The evidence provider or the key broker client could not be set up.
+    #[error("boot setup")]
+    Setup(#[source] crate::keybroker::SetupError),
 }
 
 /// Starts the workload in one of the two process shapes. The seam that lets the runner be
@@ -83,6 +86,10 @@ pub struct Env<'a> {
     pub register: &'a mut dyn RuntimeRegister,
     /// The audit log.
     pub audit: &'a Audit,
+    /// The TEE and key broker (`None` with `attestation = "none"`).
+    pub broker: Option<&'a mut dyn stage::KeyBroker>,
+    /// LUKS2 volumes.
+    pub volumes: &'a dyn crate::volume::Volumes,
 }
 
 impl std::fmt::Debug for Env<'_> {
@@ -145,6 +152,12 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
         measurer: env.measurer,
         register: env.register,
         event_log: &mut event_log,
+        audit,
+        broker: match env.broker {
+            Some(broker) => Some(broker),
+            None => None,
+        },
+        volumes: env.volumes,
     };
     for stage in StageName::ALL {
         let name = stage.as_str();
@@ -449,6 +462,8 @@ mod tests {
             measurer,
             register: &mut register,
             audit,
+            broker: None,
+            volumes: &crate::volume::FakeVolumes::new(),
         };
         prepare(&loaded, &fixture.facts(&loaded), env)
     }
@@ -710,29 +725,11 @@ mod tests {
     fn unsupported_features_are_refused_before_any_stage_or_effect() {
         let fixture = Fixture::new();
         let initramfs = fixture.policy("");
-        let no_attestation = initramfs.replacen("attestation = \"none\"\n", "", 1);
         let cases = [
             (
                 format!("{initramfs}\n[network]\ninbound = [{{ port = 8002 }}]\n"),
                 "perimeter: [network] (nftables perimeter) is not supported by this build yet; \
                  remove [network] from the policy or use a release with firewall support",
-            ),
-            (
-                format!(
-                    "{initramfs}\n[[volume]]\nname = \"workspace\"\ndevice = \"/dev/vdb\"\n\
-                     key = \"kbs:///default/keys/workspace\"\nmount = \"/workspace\"\n"
-                ),
-                "unlock: [[volume]] \"workspace\" (LUKS2 unlock) is not supported by this build \
-                 yet; remove the [[volume]] entries or use a release with volume support",
-            ),
-            (
-                format!(
-                    "{no_attestation}\n[attestation]\ntee = \"snp\"\n\
-                     kbs = \"https://kbs.example:8999\"\n"
-                ),
-                "attest: attestation.tee = \"snp\" is not supported by this build yet; for \
-                 development write attestation = \"none\", or use a release with key-broker \
-                 support",
             ),
         ];
         for (policy, expected) in cases {
@@ -958,5 +955,181 @@ mod tests {
             chain(&error),
             "stage measure failed: measure: cannot read /proc/cmdline: gone"
         );
+    }
+
+    // ---- attest and unlock with a recording fake broker ----
+
+    const SECRET: &[u8] = b"-----BEGIN PRIVATE KEY----- fl-client-key-bytes";
+
+    /// A recording [`stage::KeyBroker`]: answers from a table, never touches a network.
+    struct FakeBroker {
+        attest_ok: bool,
+        deny: Option<String>,
+        calls: Vec<String>,
+        bindings: Vec<[u8; 64]>,
+    }
+
+    impl FakeBroker {
+        fn new() -> FakeBroker {
+            FakeBroker {
+                attest_ok: true,
+                deny: None,
+                calls: Vec::new(),
+                bindings: Vec::new(),
+            }
+        }
+    }
+
+    impl stage::KeyBroker for FakeBroker {
+        fn describe(&self) -> Value {
+            json!({ "tee": "sample", "broker": "fake" })
+        }
+
+        fn insecure(&self) -> bool {
+            true
+        }
+
+        fn attest(&mut self, attempt: &mut dyn FnMut(Value)) -> Result<Value, stage::BrokerError> {
+            self.calls.push("attest".to_string());
+            attempt(json!({ "call": "auth", "try": 1, "outcome": 200 }));
+            if self.attest_ok {
+                attempt(json!({ "call": "attest", "try": 1, "outcome": 200 }));
+                Ok(json!({ "tee": "sample", "nonce": "bm9uY2U=", "status": "affirming" }))
+            } else {
+                attempt(json!({ "call": "attest", "try": 1, "outcome": 401 }));
+                Err("the key broker refused the evidence (AttestationFailed: bad quote)".into())
+            }
+        }
+
+        fn fetch(
+            &mut self,
+            uri: &crate::policy::ResourceUri,
+            attempt: &mut dyn FnMut(Value),
+        ) -> Result<zeroize::Zeroizing<Vec<u8>>, stage::BrokerError> {
+            self.calls.push(format!("fetch {uri}"));
+            attempt(json!({ "call": "resource", "resource": uri, "try": 1 }));
+            if self.deny.as_deref() == Some(uri.to_string().as_str()) {
+                return Err(format!("the key broker refused the evidence for {uri} (PolicyDeny)").into());
+            }
+            Ok(zeroize::Zeroizing::new(SECRET.to_vec()))
+        }
+
+        fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+            self.calls.push("checkpoint".to_string());
+            self.bindings.push(*binding);
+            Ok(json!({ "svn": "1", "report_data": hex::encode(binding) }))
+        }
+    }
+
+    fn broker_policy(fixture: &Fixture) -> String {
+        fixture.policy("").replacen(
+            "attestation = \"none\"",
+            "attestation = { tee = \"sample\", kbs = \"http://127.0.0.1:9\", insecure_sample = true, insecure_http = true }\n\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/client-key\"\n",
+            1,
+        )
+    }
+
+    fn prepare_with_broker(
+        fixture: &Fixture,
+        sys: &FakeSys,
+        broker: &mut FakeBroker,
+        audit: &Audit,
+    ) -> Result<Ready, BootError> {
+        let loaded = load(&broker_policy(fixture));
+        let mut register = NoRegister;
+        let env = Env {
+            sys,
+            measurer: &RealMeasurer,
+            register: &mut register,
+            audit,
+            broker: Some(broker),
+            volumes: &crate::volume::FakeVolumes::new(),
+        };
+        prepare(&loaded, &fixture.facts(&loaded), env)
+    }
+
+    #[test]
+    fn broker_boot_attests_checkpoints_and_delivers_secrets_without_logging_them() {
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let mut broker = FakeBroker::new();
+        prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap();
+        assert_eq!(
+            broker.calls,
+            [
+                "attest",
+                "checkpoint",
+                "fetch kbs:///default/secrets/client-key"
+            ]
+        );
+        let records = records(&lines);
+        let attested = records
+            .iter()
+            .position(|r| r["event"] == "attested")
+            .unwrap();
+        // The checkpoint binds the hash of the record that holds the exchange.
+        let head: Digest = serde_json::from_value(records[attested]["hash"].clone()).unwrap();
+        assert_eq!(
+            broker.bindings,
+            [stage::attest::checkpoint_binding(&head)]
+        );
+        let ok = records
+            .iter()
+            .find(|r| r["stage"] == "attest" && r["event"] == "ok")
+            .unwrap();
+        assert_eq!(ok["details"]["checkpoint"]["head_seq"], records[attested]["seq"]);
+        let tries = records
+            .iter()
+            .filter(|r| r["event"] == "try")
+            .count();
+        assert_eq!(tries, 3, "every broker try is a record");
+        // The secret went to the tmpfs, owned by the workload user, and never into the log.
+        let calls = sys.calls();
+        assert!(calls.iter().any(|c| matches!(c,
+            SysCall::Mount { target, data: Some(data), .. }
+                if target == Path::new("/run/cvm-warden/secrets")
+                    && data == "mode=0500,uid=1000,gid=1000,size=4m,nr_inodes=256")));
+        assert!(calls.iter().any(|c| matches!(c,
+            SysCall::WritePrivate { path, len, uid: 1000, gid: 1000, .. }
+                if path == Path::new("/run/cvm-warden/secrets/client.key") && *len == SECRET.len())));
+        let all = lines.lock().unwrap().join("\n");
+        assert!(!all.contains("fl-client-key-bytes"));
+        assert!(!all.contains(&hex::encode(SECRET)));
+    }
+
+    #[test]
+    fn refused_attestation_fetches_nothing_and_stops_before_launch() {
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let mut broker = FakeBroker::new();
+        broker.attest_ok = false;
+        let error = prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap_err();
+        assert_eq!(broker.calls, ["attest"]);
+        assert!(
+            chain(&error).contains("attest: key broker exchange with http://127.0.0.1:9: the key broker refused the evidence"),
+            "{}",
+            chain(&error)
+        );
+        assert!(!sys.calls().iter().any(|c| matches!(c, SysCall::WritePrivate { .. })));
+        let records = records(&lines);
+        assert!(!records.iter().any(|r| r["stage"] == "unlock"));
+    }
+
+    #[test]
+    fn denied_secret_is_not_written_and_names_the_resource() {
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, _lines) = memory_audit();
+        let mut broker = FakeBroker::new();
+        broker.deny = Some("kbs:///default/secrets/client-key".to_string());
+        let error = prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap_err();
+        let text = chain(&error);
+        assert!(
+            text.contains("unlock: secret \"client.key\" from kbs:///default/secrets/client-key: the key broker refused the evidence for kbs:///default/secrets/client-key (PolicyDeny)"),
+            "{text}"
+        );
+        assert!(!sys.calls().iter().any(|c| matches!(c, SysCall::WritePrivate { .. })));
     }
 }

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::audit::{self, Audit};
 use crate::boot::{self, Env, RealLauncher};
-use crate::eventlog::NoRegister;
+use crate::eventlog::{NoRegister, RuntimeRegister};
 use crate::policy::{self, Attestation, LoadedPolicy, PasswdFiles};
 use crate::stage::{BootPlan, Facts, RealMeasurer};
 use crate::sys::RealSys;
@@ -55,6 +55,14 @@ enum Command {
     Init(PolicyArgs),
     /// systemd-unit shape: boot, then execve the workload.
     Run(PolicyArgs),
+    /// Operator dry run: the measure and attest stages against the policy's TEE and key
+    /// broker; prints the broker's verdict and, for each resource, whether it was released
+    /// (length and SHA-256 fingerprint, never the bytes). Exit 0 only when every resource
+    /// was released. Extends the TEE's register like a boot: reboot before a real boot.
+    Attest(AttestArgs),
+    /// Reference values for the key broker: the measure stage's events for this policy and
+    /// bundle and the application PCR value they produce (no TEE, no root needed).
+    ReferenceValues(ReferenceArgs),
     /// Audit log commands.
     Audit {
         #[command(subcommand)]
@@ -139,6 +147,25 @@ struct PolicyArgs {
 }
 
 #[derive(Debug, Args)]
+struct AttestArgs {
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// A further resource to ask for, `kbs:///repo/type/tag` (repeatable); the policy's
+    /// volume keys and secrets are always asked for.
+    #[arg(long, value_name = "URI")]
+    resource: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct ReferenceArgs {
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// The kernel command line the VM will boot with, as a file (default: this machine's).
+    #[arg(long, value_name = "FILE", default_value = PROC_CMDLINE)]
+    cmdline: PathBuf,
+}
+
+#[derive(Debug, Args)]
 struct CommonArgs {
     /// Operator file with deploy-time values (only keys the policy declares overridable).
     #[arg(long, value_name = "FILE")]
@@ -182,6 +209,8 @@ pub fn main() -> i32 {
         Command::Plan(args) => plan(&args),
         Command::Init(args) => init(&args),
         Command::Run(args) => run(&args),
+        Command::Attest(args) => attest_dry_run(&args),
+        Command::ReferenceValues(args) => reference_values(&args),
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => audit_verify(&file),
@@ -329,7 +358,7 @@ fn plan(args: &PolicyArgs) -> i32 {
         Ok(plan) => print_json(&serde_json::json!({
             "policy_digest": loaded.policy_digest,
             "operator_digest": loaded.operator_digest,
-            "insecure": loaded.policy.attestation == Attestation::None,
+            "insecure": insecure(&loaded),
             "stages": plan,
         })),
         Err(error) => {
@@ -350,10 +379,76 @@ fn audit_verify(file: &Path) -> i32 {
     }
 }
 
+fn attest_dry_run(args: &AttestArgs) -> i32 {
+    let loaded = match load(&args.policy.policy, &args.policy.common) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            print_error(&error);
+            return 2;
+        }
+    };
+    let mut extra = Vec::new();
+    for text in &args.resource {
+        match policy::ResourceUri::parse(text) {
+            Ok(uri) => extra.push(uri),
+            Err(why) => {
+                let _ = writeln!(std::io::stderr().lock(), "error: --resource {why}");
+                return 2;
+            }
+        }
+    }
+    match crate::dryrun::attest(&loaded, &facts(&loaded), &RealSys::default(), &extra) {
+        Ok((report, all_released)) => {
+            let code = print_json(&report);
+            if code == 0 && all_released {
+                0
+            } else {
+                1
+            }
+        }
+        Err(error) => {
+            print_error(&error);
+            1
+        }
+    }
+}
+
+fn reference_values(args: &ReferenceArgs) -> i32 {
+    let loaded = match load(&args.policy.policy, &args.policy.common) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            print_error(&error);
+            return 2;
+        }
+    };
+    let mut facts = facts(&loaded);
+    facts.cmdline_path = args.cmdline.clone();
+    match crate::dryrun::reference_values(&loaded, &facts, &RealSys::default()) {
+        Ok(values) => print_json(&values),
+        Err(error) => {
+            print_error(&error);
+            1
+        }
+    }
+}
+
+/// Whether every audit record must say `"insecure": true`: nothing is attested
+/// (`attestation = "none"`) or the evidence proves nothing (`tee = "sample"`).
+fn insecure(loaded: &LoadedPolicy) -> bool {
+    matches!(
+        loaded.policy.attestation,
+        Attestation::None
+            | Attestation::Broker {
+                tee: policy::Tee::Sample,
+                ..
+            }
+    )
+}
+
 /// Builds the audit log for a loaded policy (console = stderr: the serial console in PID 1
 /// mode, the journal in unit mode).
 fn open_audit(loaded: &LoadedPolicy) -> Audit {
-    let insecure = loaded.policy.attestation == Attestation::None;
+    let insecure = insecure(loaded);
     let sinks = audit::sinks_from_config(&loaded.policy.audit, Box::new(std::io::stderr()));
     Audit::new(sinks, insecure)
 }
@@ -444,18 +539,39 @@ fn run(args: &PolicyArgs) -> i32 {
     }
 }
 
-/// Runs every stage before launch with the real effects.
+/// Runs every stage before launch with the real effects: the policy's evidence provider and
+/// key broker client are set up first, so the provider's runtime register receives every
+/// measurement.
 fn prepare(
     loaded: &LoadedPolicy,
     sys: &RealSys,
     audit: &Audit,
 ) -> Result<boot::Ready, boot::BootError> {
-    let mut register = NoRegister;
+    use crate::keybroker::{client_config, open_provider, RealBroker};
+    let attestation = &loaded.policy.attestation;
+    let mut broker = match (
+        open_provider(attestation).map_err(boot::BootError::Setup)?,
+        client_config(attestation).map_err(boot::BootError::Setup)?,
+    ) {
+        (Some(provider), Some(config)) => {
+            Some(RealBroker::new(provider, config).map_err(boot::BootError::Setup)?)
+        }
+        _ => None,
+    };
+    let mut register: Box<dyn RuntimeRegister> = match broker.as_mut() {
+        Some(broker) => broker
+            .runtime_register()
+            .map_err(boot::BootError::Setup)?
+            .unwrap_or_else(|| Box::new(NoRegister)),
+        None => Box::new(NoRegister),
+    };
     let env = Env {
         sys,
         measurer: &RealMeasurer,
-        register: &mut register,
+        register: register.as_mut(),
         audit,
+        broker: broker.as_mut().map(|b| b as &mut dyn crate::stage::KeyBroker),
+        volumes: &crate::volume::RealVolumes::new(),
     };
     boot::prepare(loaded, &facts(loaded), env)
 }

@@ -64,6 +64,36 @@ impl RuntimeRegister for NoRegister {
     }
 }
 
+/// A software model of a SHA-256 PCR: `value = SHA-256(value || digest)` per extend. Used to
+/// compute reference values (what the TEE's register will read after the measure stage) and
+/// by auditors to replay an event log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimulatedPcr {
+    /// The current value (all zero after a TPM reset).
+    pub value: Digest,
+}
+
+impl SimulatedPcr {
+    /// The PCR after extending `digest`.
+    pub fn extended(value: &Digest, digest: &Digest) -> Digest {
+        let mut buf = [0u8; 64];
+        buf[..32].copy_from_slice(&value.0);
+        buf[32..].copy_from_slice(&digest.0);
+        Digest::of(&buf)
+    }
+}
+
+impl RuntimeRegister for SimulatedPcr {
+    fn name(&self) -> String {
+        "simulated sha256 pcr".to_string()
+    }
+
+    fn extend(&mut self, digest: &Digest) -> Result<(), std::io::Error> {
+        self.value = Self::extended(&self.value, digest);
+        Ok(())
+    }
+}
+
 /// A failed extend: the event was not appended.
 #[derive(Debug, thiserror::Error)]
 #[error("extending the {kind:?} measurement into runtime register {register} failed")]

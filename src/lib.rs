@@ -12,8 +12,11 @@ pub mod audit;
 pub mod boot;
 pub mod cli;
 pub mod digest;
+pub mod dryrun;
 pub mod eventlog;
 pub mod evidence;
+pub mod kbs;
+pub mod keybroker;
 pub mod launch;
 pub mod measure;
 pub mod policy;
@@ -21,3 +24,5 @@ pub mod report;
 pub mod stage;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod tee;
+pub mod volume;

@@ -15,6 +15,7 @@ pub(crate) struct RawPolicy {
     pub workload: Option<RawWorkload>,
     pub attestation: Option<RawAttestation>,
     pub volume: Option<Vec<RawVolume>>,
+    pub secret: Option<Vec<RawSecret>>,
     pub network: Option<RawNetwork>,
     pub lockdown: Option<RawLockdown>,
     pub audit: Option<RawAudit>,
@@ -68,6 +69,21 @@ pub(crate) struct RawBroker {
     pub kbs: Option<String>,
     pub kbs_ca: Option<String>,
     pub insecure_sample: Option<bool>,
+    pub insecure_http: Option<bool>,
+    pub key_wrap: Option<String>,
+    pub tries: Option<Int>,
+    pub timeout: Option<String>,
+    pub tpm: Option<String>,
+    pub tpm_ak_handle: Option<String>,
+    pub snp_certs: Option<String>,
+}
+
+/// `[[secret]]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecret {
+    pub name: Option<String>,
+    pub resource: Option<String>,
 }
 
 /// `[[volume]]`.
@@ -80,6 +96,7 @@ pub(crate) struct RawVolume {
     pub mount: Option<String>,
     pub format_if_blank: Option<bool>,
     pub integrity: Option<String>,
+    pub allow_exec: Option<bool>,
 }
 
 /// `[network]`.

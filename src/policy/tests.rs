@@ -60,7 +60,7 @@ fn unknown_key_is_refused_with_its_position() {
 fn unknown_top_level_key_is_refused() {
     assert_eq!(
         error_of(&format!("insecure = true\n{MINIMAL}")),
-        "policy: unknown key `insecure` at line 1, column 1; expected one of workload, attestation, volume, network, lockdown, audit, on_failure, overridable"
+        "policy: unknown key `insecure` at line 1, column 1; expected one of workload, attestation, volume, secret, network, lockdown, audit, on_failure, overridable"
     );
 }
 
@@ -71,7 +71,7 @@ fn unknown_key_in_an_array_of_tables_names_its_index() {
     );
     assert_eq!(
         error_of(&policy),
-        "policy: unknown key `volume[1].nmae` at line 16, column 1; expected one of name, device, key, mount, format_if_blank, integrity"
+        "policy: unknown key `volume[1].nmae` at line 16, column 1; expected one of name, device, key, mount, format_if_blank, integrity, allow_exec"
     );
 }
 
@@ -185,7 +185,7 @@ fn unknown_tee_is_refused() {
     assert_eq!(
         error_of(&minimal_with(
             "attestation = \"none\"",
-            "attestation = { tee = \"sev\", kbs = \"https://kbs.example\" }"
+            "attestation = { tee = \"sev\", kbs = \"https://kbs.example\", kbs_ca = \"/etc/kbs.pem\" }"
         )),
         "attestation.tee: \"sev\" is not an evidence provider; write \"snp\", \"tdx\", \"tpm\", \"az-snp-vtpm\" or \"sample\" (tests only)"
     );
@@ -196,7 +196,7 @@ fn sample_tee_needs_insecure_sample() {
     assert_eq!(
         error_of(&minimal_with(
             "attestation = \"none\"",
-            "attestation = { tee = \"sample\", kbs = \"http://127.0.0.1:8080\" }"
+            "attestation = { tee = \"sample\", kbs = \"http://127.0.0.1:8080\", insecure_http = true }"
         )),
         "attestation.tee: \"sample\" evidence proves nothing; write insecure_sample = true in [attestation] to use it in tests, or use a real TEE"
     );
@@ -463,11 +463,12 @@ fn volume_shape_is_checked() {
         error_of(&policy),
         "volume[1].name: \"workspace\" is used by another volume; give each volume its own name\n\
          volume[1].device: \"vdc\" is not an absolute path; write the full path inside the image, e.g. \"/dev/vdb\"\n\
-         volume[1].key: \"https://kbs/keys/x\" is not a key broker resource; write kbs:///<repository>/<type>/<tag>, e.g. \"kbs:///default/keys/workspace\"\n\
+         volume[1].key: \"https://kbs/keys/x\" is not a broker resource; write kbs:///<repo>/<type>/<tag>, e.g. kbs:///default/keys/workspace\n\
          volume[1].mount: \"/workspace\" is used by another volume; give each volume its own mount point\n\
          volume[2].name: \"bad name\" is not a volume name; use 1 to 64 letters, digits, \"_\" or \"-\"\n\
-         volume[2].key: \"kbs:///default/keys\" is not a key broker resource; write kbs:///<repository>/<type>/<tag>, e.g. \"kbs:///default/keys/workspace\"\n\
-         volume[2].mount: \"/\" cannot be a volume's mount point; mount the volume on a directory, e.g. \"/workspace\""
+         volume[2].key: \"kbs:///default/keys\" has 2 path segments; write exactly three: kbs:///<repo>/<type>/<tag>\n\
+         volume[2].mount: \"/\" cannot be a volume's mount point; mount the volume on a directory, e.g. \"/workspace\"\n\
+         volume: attestation = \"none\" releases no keys, so no volume can be unlocked; configure [attestation] with a TEE and a key broker, or remove the [[volume]] entries"
     );
 }
 
@@ -526,7 +527,7 @@ fn overridable_keys_must_exist_in_the_schema() {
         error_of(&format!(
             "overridable = [\"attestation.kbs\", \"attestation.url\", \"overridable\", \"attestation.kbs\"]\n{MINIMAL}"
         )),
-        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, volume, network, network.inbound, network.outbound, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, audit, audit.file, audit.file_required, audit.syslog, audit.console, on_failure, or workload.env.<NAME>\n\
+        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, audit, audit.file, audit.file_required, audit.syslog, audit.console, on_failure, or workload.env.<NAME>\n\
          overridable[2]: \"overridable\" cannot be overridable; the operator file must not widen what it may set, so remove it\n\
          overridable[3]: \"attestation.kbs\" is listed twice; remove one"
     );
@@ -560,6 +561,7 @@ FL_SERVER = "localhost:8002"
 [attestation]
 tee = "snp"
 kbs = "https://kbs.placeholder:8999"
+kbs_ca = "/etc/cvm-warden/kbs-ca.pem"
 "#;
 
 #[test]
@@ -578,7 +580,7 @@ fn operator_key_not_declared_overridable_is_refused() {
 fn operator_unknown_key_is_refused_with_its_position() {
     assert_eq!(
         error_with_operator(WITH_BROKER, "[attestation]\nkbs_url = \"https://kbs.site\"\n"),
-        "operator: unknown key `attestation.kbs_url` at line 2, column 1; expected one of tee, kbs, kbs_ca, insecure_sample"
+        "operator: unknown key `attestation.kbs_url` at line 2, column 1; expected one of tee, kbs, kbs_ca, insecure_sample, insecure_http, key_wrap, tries, timeout, tpm, tpm_ak_handle, snp_certs"
     );
 }
 
@@ -626,6 +628,7 @@ fn minimal_policy_gets_the_defaults() {
             },
             attestation: Attestation::None,
             volumes: Vec::new(),
+            secrets: Vec::new(),
             network: None,
             lockdown: None,
             audit: AuditConfig {
@@ -645,7 +648,7 @@ fn minimal_policy_gets_the_defaults() {
 #[test]
 fn copy_source_and_on_failure_restart_get_their_defaults() {
     let policy = format!(
-        "{}\n[attestation]\ntee = \"sample\"\nkbs = \"http://127.0.0.1:8080\"\ninsecure_sample = true\n",
+        "{}\n[attestation]\ntee = \"sample\"\nkbs = \"http://127.0.0.1:8080\"\ninsecure_sample = true\ninsecure_http = true\n",
         minimal_with("source = \"initramfs\"", "source = \"copy\"\nrestart = \"on-failure\"")
             .replace("attestation = \"none\"\n", "")
     );
@@ -662,11 +665,7 @@ fn copy_source_and_on_failure_restart_get_their_defaults() {
     );
     assert_eq!(
         loaded.policy.attestation,
-        Attestation::Broker {
-            tee: Tee::Sample,
-            kbs: "http://127.0.0.1:8080".to_string(),
-            kbs_ca: None
-        }
+        Attestation::Broker { tee: Tee::Sample, kbs: "http://127.0.0.1:8080".to_string(), kbs_ca: None, insecure_http: true, key_wrap: KeyWrap::EcdhEsA256kw, tries: 5, timeout_secs: 120, tpm: "device:/dev/tpmrm0".to_string(), tpm_ak_handle: None, snp_certs: None }
     );
 }
 
@@ -724,7 +723,14 @@ fn full_policy_parses_with_every_value() {
         Attestation::Broker {
             tee: Tee::Snp,
             kbs: "https://kbs.example:8999".to_string(),
-            kbs_ca: Some(PathBuf::from("/etc/cvm-warden/kbs-ca.pem"))
+            kbs_ca: Some(PathBuf::from("/etc/cvm-warden/kbs-ca.pem")),
+            insecure_http: false,
+            key_wrap: KeyWrap::RsaOaep256,
+            tries: 3,
+            timeout_secs: 90,
+            tpm: "device:/dev/tpmrm0".to_string(),
+            tpm_ak_handle: Some(0x8101_0002),
+            snp_certs: Some(PathBuf::from("/etc/cvm-warden/snp-certs")),
         }
     );
     assert_eq!(
@@ -732,10 +738,19 @@ fn full_policy_parses_with_every_value() {
         vec![Volume {
             name: "workspace".to_string(),
             device: PathBuf::from("/dev/vdb"),
-            key: "kbs:///default/keys/workspace".to_string(),
+            key: ResourceUri::parse("kbs:///default/keys/workspace").unwrap(),
             mount: PathBuf::from("/workspace"),
             format_if_blank: true,
             integrity: Some("hmac-sha256".to_string()),
+            allow_exec: false,
+        }]
+    );
+    assert_eq!(
+        p.secrets,
+        vec![Secret {
+            name: "client.key".to_string(),
+            resource: ResourceUri::parse("kbs:///default/secrets/fl-client-key").unwrap(),
+            path: PathBuf::from("/run/cvm-warden/secrets/client.key"),
         }]
     );
     assert_eq!(
@@ -882,11 +897,7 @@ fn operator_overrides_are_applied_and_reported() {
     );
     assert_eq!(
         loaded.policy.attestation,
-        Attestation::Broker {
-            tee: Tee::Snp,
-            kbs: "https://kbs.site:8999".to_string(),
-            kbs_ca: None
-        }
+        broker(Tee::Snp, "https://kbs.site:8999", Some(PathBuf::from("/etc/cvm-warden/kbs-ca.pem")))
     );
     assert_eq!(
         loaded.policy.workload.env,
@@ -908,16 +919,12 @@ fn operator_overrides_are_applied_and_reported() {
 #[test]
 fn an_overridable_table_is_replaced_whole() {
     let policy = format!("overridable = [\"attestation\"]\n{MINIMAL}");
-    let operator = "[attestation]\ntee = \"tdx\"\nkbs = \"https://kbs.site\"\n";
+    let operator = "[attestation]\ntee = \"tdx\"\nkbs = \"https://kbs.site\"\nkbs_ca = \"/etc/kbs.pem\"\n";
     let loaded = parse(&policy, Some(operator), &users()).unwrap();
     assert_eq!(loaded.overridden, ["attestation"]);
     assert_eq!(
         loaded.policy.attestation,
-        Attestation::Broker {
-            tee: Tee::Tdx,
-            kbs: "https://kbs.site".to_string(),
-            kbs_ca: None
-        }
+        broker(Tee::Tdx, "https://kbs.site", Some(PathBuf::from("/etc/kbs.pem")))
     );
 }
 
@@ -1036,4 +1043,70 @@ fn example_policy_parses() {
     if let Err(e) = parse(&text, None, &users) {
         panic!("{} does not validate:\n{e}", path.display());
     }
+}
+
+/// An `[attestation]` table with every optional key at its default.
+fn broker(tee: Tee, kbs: &str, kbs_ca: Option<PathBuf>) -> Attestation {
+    Attestation::Broker {
+        tee,
+        kbs: kbs.to_string(),
+        kbs_ca,
+        insecure_http: false,
+        key_wrap: KeyWrap::EcdhEsA256kw,
+        tries: 5,
+        timeout_secs: 120,
+        tpm: "device:/dev/tpmrm0".to_string(),
+        tpm_ak_handle: None,
+        snp_certs: None,
+    }
+}
+
+#[test]
+fn broker_transport_and_tuning_keys_are_checked() {
+    let with = |table: &str| minimal_with("attestation = \"none\"", &format!("attestation = {{ {table} }}"));
+    assert_eq!(
+        error_of(&with("tee = \"tpm\", kbs = \"https://kbs.example\"")),
+        "attestation.kbs_ca: missing; write the CA certificate (PEM) the broker's TLS certificate is pinned to, e.g. kbs_ca = \"/etc/cvm-warden/kbs-ca.pem\"; system roots are never used"
+    );
+    assert_eq!(
+        error_of(&with("tee = \"tpm\", kbs = \"http://kbs.example\"")),
+        "attestation.kbs: \"http://kbs.example\" is plain HTTP: keys and evidence would cross the network unprotected; use https:// with kbs_ca, or write insecure_http = true (tests only)"
+    );
+    assert_eq!(
+        error_of(&with("tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\", insecure_http = true")),
+        "attestation.insecure_http: true only applies to an http:// broker URL; remove it"
+    );
+    assert_eq!(
+        error_of(&with(
+            "tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\", key_wrap = \"A128KW\", tries = 0, timeout = \"2h\", tpm = \"/dev/tpm0\", tpm_ak_handle = \"0x01010002\", snp_certs = \"certs\""
+        )),
+        "attestation.key_wrap: \"A128KW\" is not a key wrapping algorithm; write \"ECDH-ES+A256KW\" (default) or \"RSA-OAEP-256\"\n\
+         attestation.tries: 0 is out of range; write a number of tries from 1 to 10\n\
+         attestation.timeout: \"2h\" is not a duration from 1s to 1h; write e.g. \"120s\" or \"5m\"\n\
+         attestation.tpm: \"/dev/tpm0\" is not a TPM connection; write \"device:/dev/tpmrm0\" (default) or \"swtpm:host=127.0.0.1,port=2321\"\n\
+         attestation.tpm_ak_handle: \"0x01010002\" is not a persistent TPM handle; write one from 0x81000000 to 0x81FFFFFF, e.g. \"0x81010002\", or remove it to create the AK each boot\n\
+         attestation.snp_certs: \"certs\" is not an absolute path; write the full path inside the image, e.g. \"/etc/cvm-warden/snp-certs\""
+    );
+}
+
+#[test]
+fn secret_shape_is_checked() {
+    let broker = "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }";
+    let policy = format!(
+        "{}\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/key\"\n\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/a b\"\n\n[[secret]]\nname = \"../x\"\n\n[[secret]]\nresource = \"kbs:///r/t/x\"\n",
+        minimal_with("attestation = \"none\"", broker)
+    );
+    assert_eq!(
+        error_of(&policy),
+        "secret[1].name: \"client.key\" is used by another secret; give each secret its own name\n\
+         secret[1].resource: \"kbs:///default/secrets/a b\": segment \"a b\" must match [a-zA-Z0-9_-][a-zA-Z0-9_.-]* (the broker answers 404 otherwise)\n\
+         secret[2].name: \"../x\" is not a secret file name; use 1 to 64 letters, digits, \"_\", \"-\" or \".\", not starting with \".\"\n\
+         secret[2].resource: missing; write the broker resource, e.g. resource = \"kbs:///default/secrets/client-key\"\n\
+         secret[3].name: missing; write the file name the workload reads, e.g. name = \"client.key\""
+    );
+    let none = format!("{MINIMAL}\n[[secret]]\nname = \"k\"\nresource = \"kbs:///a/b/c\"\n");
+    assert_eq!(
+        error_of(&none),
+        "secret: attestation = \"none\" releases no secrets; configure [attestation] with a TEE and a key broker, or remove the [[secret]] entries"
+    );
 }

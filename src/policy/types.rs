@@ -15,8 +15,10 @@ pub struct Policy {
     pub workload: Workload,
     /// How to attest; `None` means `attestation = "none"` was written explicitly (insecure).
     pub attestation: Attestation,
-    /// Encrypted volumes to unlock (implemented by a later issue).
+    /// Encrypted volumes to unlock.
     pub volumes: Vec<Volume>,
+    /// Broker resources delivered to the workload as files.
+    pub secrets: Vec<Secret>,
     /// Network perimeter and allowlist (implemented by a later issue); `None` when absent.
     pub network: Option<Network>,
     /// Console/kernel lockdown (implemented by a later issue); `None` when absent.
@@ -140,9 +142,35 @@ pub enum Attestation {
         tee: Tee,
         /// Key broker base URL.
         kbs: String,
-        /// CA certificate the broker's TLS is pinned to.
+        /// CA certificate the broker's TLS is pinned to (required for `https://`).
         kbs_ca: Option<PathBuf>,
+        /// `insecure_http = true`: plain HTTP to the broker is allowed (tests only; audited).
+        insecure_http: bool,
+        /// How the broker wraps released resources to the ephemeral TEE key.
+        key_wrap: KeyWrap,
+        /// Tries per broker call (≥ 1), with exponential backoff between them.
+        tries: u32,
+        /// Total time budget for the whole broker exchange, in seconds.
+        timeout_secs: u64,
+        /// TPM (for `tpm`, `az-snp-vtpm`): a TCTI, e.g. `device:/dev/tpmrm0` (default).
+        tpm: String,
+        /// TPM attestation key at a persistent handle; `None`: created each boot.
+        tpm_ak_handle: Option<u32>,
+        /// Directory of SNP certificates baked into the image (used when the host supplies
+        /// none with the extended report).
+        snp_certs: Option<PathBuf>,
     },
+}
+
+/// `attestation.key_wrap`: the algorithm of the ephemeral TEE key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum KeyWrap {
+    /// `ECDH-ES+A256KW` with an ephemeral P-256 key (default).
+    #[serde(rename = "ECDH-ES+A256KW")]
+    EcdhEsA256kw,
+    /// `RSA-OAEP-256` with an ephemeral RSA key.
+    #[serde(rename = "RSA-OAEP-256")]
+    RsaOaep256,
 }
 
 /// Evidence providers.
@@ -161,21 +189,37 @@ pub enum Tee {
     Sample,
 }
 
-/// One `[[volume]]` (validated shape only; unlocking comes in a later issue).
+/// One `[[volume]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Volume {
     /// Name (used for the dm mapping).
     pub name: String,
     /// Block device.
     pub device: PathBuf,
-    /// Broker resource URI of the key.
-    pub key: String,
+    /// Broker resource of the key.
+    pub key: ResourceUri,
     /// Mount point.
     pub mount: PathBuf,
     /// Format when the device is blank.
     pub format_if_blank: bool,
     /// dm-integrity mode, if any.
     pub integrity: Option<String>,
+    /// `allow_exec = true`: mounted without `noexec` (always `nosuid,nodev`).
+    pub allow_exec: bool,
+}
+
+/// Directory (a tmpfs cvm-warden mounts) that holds the `[[secret]]` files.
+pub const SECRETS_DIR: &str = "/run/cvm-warden/secrets";
+
+/// One `[[secret]]`: a broker resource delivered to the workload as a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Secret {
+    /// File name under [`SECRETS_DIR`].
+    pub name: String,
+    /// The broker resource.
+    pub resource: ResourceUri,
+    /// `SECRETS_DIR/name`: owned by the workload user, mode 0400.
+    pub path: PathBuf,
 }
 
 /// `[network]` (validated shape only).
@@ -263,4 +307,73 @@ pub enum FailureAction {
     Poweroff,
     /// Halt the VM (the hypervisor keeps it for inspection of the serial log).
     Halt,
+}
+
+/// A key broker resource, written `kbs:///<repo>/<type>/<tag>` in a policy (the broker's
+/// address comes from `attestation.kbs`). Each segment matches `[a-zA-Z0-9_-][a-zA-Z0-9_.-]*`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(into = "String")]
+pub struct ResourceUri {
+    /// Repository, e.g. `default`.
+    pub repo: String,
+    /// Type, e.g. `keys`.
+    pub kind: String,
+    /// Tag, e.g. `workspace`.
+    pub tag: String,
+}
+
+impl ResourceUri {
+    /// Parses `kbs:///repo/type/tag`; the error says what is wrong with `text`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let Some(path) = text.strip_prefix("kbs:///") else {
+            return Err(format!(
+                "{text:?} is not a broker resource; write kbs:///<repo>/<type>/<tag>, e.g. kbs:///default/keys/workspace"
+            ));
+        };
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.len() != 3 {
+            return Err(format!(
+                "{text:?} has {} path segments; write exactly three: kbs:///<repo>/<type>/<tag>",
+                parts.len()
+            ));
+        }
+        for part in &parts {
+            if !Self::segment_ok(part) {
+                return Err(format!(
+                    "{text:?}: segment {part:?} must match [a-zA-Z0-9_-][a-zA-Z0-9_.-]* (the broker answers 404 otherwise)"
+                ));
+            }
+        }
+        Ok(Self {
+            repo: parts[0].to_string(),
+            kind: parts[1].to_string(),
+            tag: parts[2].to_string(),
+        })
+    }
+
+    fn segment_ok(s: &str) -> bool {
+        let mut chars = s.chars();
+        match chars.next() {
+            Some(c) if c.is_ascii_alphanumeric() || c == '_' || c == '-' => {}
+            _ => return false,
+        }
+        chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    }
+
+    /// The path under `/kbs/v0/resource/`: `repo/type/tag`.
+    pub fn path(&self) -> String {
+        format!("{}/{}/{}", self.repo, self.kind, self.tag)
+    }
+}
+
+impl std::fmt::Display for ResourceUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "kbs:///{}", self.path())
+    }
+}
+
+impl From<ResourceUri> for String {
+    fn from(uri: ResourceUri) -> String {
+        uri.to_string()
+    }
 }

@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use super::operator::check_overridable;
 use super::raw::{
     Int, RawAttestation, RawAudit, RawBroker, RawId, RawInbound, RawLimit, RawLockdown, RawNetwork,
-    RawOutbound, RawPolicy, RawRlimit, RawUmask, RawVolume, RawWorkload,
+    RawOutbound, RawPolicy, RawRlimit, RawUmask, RawSecret, RawVolume, RawWorkload,
 };
 use super::types::*;
 use super::users::UserDb;
@@ -276,6 +276,15 @@ pub(crate) fn validate(
     let workload = workload(&mut c, raw.workload.as_ref(), users);
     let attestation = attestation(&mut c, raw.attestation.as_ref());
     let volumes = volumes(&mut c, raw.volume.as_deref().unwrap_or_default());
+    let secrets = secrets(&mut c, raw.secret.as_deref().unwrap_or_default());
+    if matches!(attestation, Some(Attestation::None)) {
+        if !volumes.is_empty() {
+            c.error("volume", "attestation = \"none\" releases no keys, so no volume can be unlocked; configure [attestation] with a TEE and a key broker, or remove the [[volume]] entries");
+        }
+        if !secrets.is_empty() {
+            c.error("secret", "attestation = \"none\" releases no secrets; configure [attestation] with a TEE and a key broker, or remove the [[secret]] entries");
+        }
+    }
     let network = raw.network.as_ref().and_then(|n| network(&mut c, n));
     let lockdown = raw.lockdown.as_ref().and_then(|l| lockdown(&mut c, l));
     let audit = audit(&mut c, raw.audit.as_ref());
@@ -301,6 +310,7 @@ pub(crate) fn validate(
                 workload,
                 attestation,
                 volumes,
+                secrets,
                 network,
                 lockdown,
                 audit,
@@ -843,11 +853,175 @@ fn broker_attestation(c: &mut Check<'_>, raw: &RawBroker) -> Option<Attestation>
     if !kbs_ca_ok && kbs_ca.is_none() {
         return None;
     }
+    let insecure_http = raw.insecure_http.unwrap_or(false);
+    let mut transport_ok = true;
+    if let Some(url) = kbs.as_deref() {
+        if url.starts_with("http://") && !insecure_http {
+            c.error(
+                "attestation.kbs",
+                format!(
+                    "{url:?} is plain HTTP: keys and evidence would cross the network unprotected; use https:// with kbs_ca, or write insecure_http = true (tests only)"
+                ),
+            );
+            transport_ok = false;
+        } else if url.starts_with("https://") && kbs_ca.is_none() {
+            c.missing(
+                "attestation.kbs_ca",
+                "write the CA certificate (PEM) the broker's TLS certificate is pinned to, e.g. kbs_ca = \"/etc/cvm-warden/kbs-ca.pem\"; system roots are never used",
+            );
+            transport_ok = false;
+        } else if insecure_http && !url.starts_with("http://") {
+            c.error(
+                "attestation.insecure_http",
+                "true only applies to an http:// broker URL; remove it",
+            );
+            transport_ok = false;
+        }
+    }
+    let key_wrap = match raw.key_wrap.as_deref() {
+        None | Some("ECDH-ES+A256KW") => Some(KeyWrap::EcdhEsA256kw),
+        Some("RSA-OAEP-256") => Some(KeyWrap::RsaOaep256),
+        Some(other) => {
+            c.error(
+                "attestation.key_wrap",
+                format!("{other:?} is not a key wrapping algorithm; write \"ECDH-ES+A256KW\" (default) or \"RSA-OAEP-256\""),
+            );
+            None
+        }
+    };
+    let tries = match raw.tries {
+        None => Some(5),
+        Some(Int(n)) => match u32::try_from(n) {
+            Ok(t @ 1..=10) => Some(t),
+            _ => {
+                c.error(
+                    "attestation.tries",
+                    format!("{n} is out of range; write a number of tries from 1 to 10"),
+                );
+                None
+            }
+        },
+    };
+    let timeout_secs = match raw.timeout.as_deref() {
+        None => Some(120),
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if (1..=3600).contains(&d.as_secs()) => Some(d.as_secs()),
+            _ => {
+                c.error(
+                    "attestation.timeout",
+                    format!("{text:?} is not a duration from 1s to 1h; write e.g. \"120s\" or \"5m\""),
+                );
+                None
+            }
+        },
+    };
+    let tpm = match raw.tpm.as_deref() {
+        None => Some("device:/dev/tpmrm0".to_string()),
+        Some(t) if ["device:", "swtpm:", "mssim:", "tabrmd:"].iter().any(|p| t.starts_with(p)) => {
+            Some(t.to_string())
+        }
+        Some(other) => {
+            c.error(
+                "attestation.tpm",
+                format!("{other:?} is not a TPM connection; write \"device:/dev/tpmrm0\" (default) or \"swtpm:host=127.0.0.1,port=2321\""),
+            );
+            None
+        }
+    };
+    let tpm_ak_handle = match raw.tpm_ak_handle.as_deref() {
+        None => Some(None),
+        Some(text) => match text
+            .strip_prefix("0x")
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+        {
+            Some(h) if (0x8100_0000..=0x81FF_FFFF).contains(&h) => Some(Some(h)),
+            _ => {
+                c.error(
+                    "attestation.tpm_ak_handle",
+                    format!("{text:?} is not a persistent TPM handle; write one from 0x81000000 to 0x81FFFFFF, e.g. \"0x81010002\", or remove it to create the AK each boot"),
+                );
+                None
+            }
+        },
+    };
+    let snp_certs_ok = raw.snp_certs.is_none();
+    let snp_certs = c.opt_path(
+        "attestation.snp_certs",
+        raw.snp_certs.as_ref(),
+        "/etc/cvm-warden/snp-certs",
+    );
+    if !snp_certs_ok && snp_certs.is_none() {
+        return None;
+    }
+    if !transport_ok {
+        return None;
+    }
     Some(Attestation::Broker {
         tee: tee?,
         kbs: kbs?,
         kbs_ca,
+        insecure_http,
+        key_wrap: key_wrap?,
+        tries: tries?,
+        timeout_secs: timeout_secs?,
+        tpm: tpm?,
+        tpm_ak_handle: tpm_ak_handle?,
+        snp_certs,
     })
+}
+
+fn secrets(c: &mut Check<'_>, raw: &[RawSecret]) -> Vec<Secret> {
+    let mut out = Vec::new();
+    let mut names = BTreeSet::new();
+    for (i, s) in raw.iter().enumerate() {
+        let key = |field: &str| format!("secret[{i}].{field}");
+        let name = match s.name.as_deref() {
+            None => {
+                c.missing(&key("name"), "write the file name the workload reads, e.g. name = \"client.key\"");
+                None
+            }
+            Some(n)
+                if n.is_empty()
+                    || n.len() > 64
+                    || n.starts_with('.')
+                    || !n
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | '.')) =>
+            {
+                c.error(
+                    &key("name"),
+                    format!("{n:?} is not a secret file name; use 1 to 64 letters, digits, \"_\", \"-\" or \".\", not starting with \".\""),
+                );
+                None
+            }
+            Some(n) if !names.insert(n.to_string()) => {
+                c.error(&key("name"), format!("{n:?} is used by another secret; give each secret its own name"));
+                None
+            }
+            Some(n) => Some(n.to_string()),
+        };
+        let resource = match s.resource.as_deref() {
+            None => {
+                c.missing(&key("resource"), "write the broker resource, e.g. resource = \"kbs:///default/secrets/client-key\"");
+                None
+            }
+            Some(r) => match ResourceUri::parse(r) {
+                Ok(uri) => Some(uri),
+                Err(why) => {
+                    c.error(&key("resource"), why);
+                    None
+                }
+            },
+        };
+        if let (Some(name), Some(resource)) = (name, resource) {
+            out.push(Secret {
+                path: Path::new(SECRETS_DIR).join(&name),
+                name,
+                resource,
+            });
+        }
+    }
+    out
 }
 
 fn volumes(c: &mut Check<'_>, raw: &[RawVolume]) -> Vec<Volume> {
@@ -914,28 +1088,13 @@ fn volumes(c: &mut Check<'_>, raw: &[RawVolume]) -> Vec<Volume> {
                 c.missing(&key("key"), "write the broker resource of the key, e.g. key = \"kbs:///default/keys/workspace\"");
                 None
             }
-            Some(k) => {
-                let parts: Option<Vec<&str>> = k
-                    .strip_prefix("kbs:///")
-                    .map(|rest| rest.split('/').collect());
-                let ok = parts.is_some_and(|p| {
-                    p.len() == 3
-                        && p.iter().all(|s| {
-                            !s.is_empty()
-                                && s.chars()
-                                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
-                        })
-                });
-                if ok {
-                    Some(k.to_string())
-                } else {
-                    c.error(
-                        &key("key"),
-                        format!("{k:?} is not a key broker resource; write kbs:///<repository>/<type>/<tag>, e.g. \"kbs:///default/keys/workspace\""),
-                    );
+            Some(k) => match ResourceUri::parse(k) {
+                Ok(uri) => Some(uri),
+                Err(why) => {
+                    c.error(&key("key"), why);
                     None
                 }
-            }
+            },
         };
         let mount = match &v.mount {
             None => {
@@ -975,6 +1134,7 @@ fn volumes(c: &mut Check<'_>, raw: &[RawVolume]) -> Vec<Volume> {
                 mount,
                 format_if_blank: v.format_if_blank.unwrap_or(false),
                 integrity,
+                allow_exec: v.allow_exec.unwrap_or(false),
             });
         }
     }

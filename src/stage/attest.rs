@@ -1,15 +1,27 @@
-//! Stage 3, attest: TEE evidence bound to the broker's nonce and the event log, sent to the
-//! key broker.
+//! Stage 3, attest: TEE evidence bound to the broker's nonce and an ephemeral key is sent to
+//! the key broker (Trustee KBS protocol), which answers with a token.
 //!
-//! This build supports only `attestation = "none"`, which must be written explicitly and
-//! marks every audit record `"insecure": true`. A configured TEE is refused with "not
-//! supported by this build yet".
+//! Every try of the exchange is an audit record. After a successful exchange the stage
+//! appends a **checkpoint**: fresh evidence whose report data is
+//! `SHA-512("cvm-warden checkpoint v1\0" || head)`, where `head` is the hash of the audit
+//! record that holds the broker exchange, so `audit verify` can show that this log — up to
+//! that record — is what the TEE vouched for. A checkpoint can never pass for broker evidence
+//! (the label), and the broker's evidence cannot carry the head (its report data is fixed by
+//! the protocol).
+//!
+//! `attestation = "none"` must be written explicitly; nothing is attested and every audit
+//! record says `"insecure": true`.
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use sha2::{Digest as _, Sha512};
 
 use super::{Effects, StageError};
-use crate::policy::{Attestation, Policy};
+use crate::digest::Digest;
+use crate::policy::{Attestation, Policy, Tee};
+
+/// Label hashed in front of the audit head for checkpoint evidence.
+pub const CHECKPOINT_LABEL: &[u8] = b"cvm-warden checkpoint v1\0";
 
 /// What the attest stage will do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -17,33 +29,139 @@ use crate::policy::{Attestation, Policy};
 pub enum Plan {
     /// `attestation = "none"`: nothing is attested; development only.
     InsecureNone,
+    /// Evidence from `tee` to the broker at `kbs`.
+    Broker {
+        /// Evidence provider.
+        tee: Tee,
+        /// Broker URL.
+        kbs: String,
+        /// Whether plain HTTP was allowed (`insecure_http = true`).
+        insecure_http: bool,
+        /// Tries per call.
+        tries: u32,
+        /// Total time budget, seconds.
+        timeout_secs: u64,
+    },
 }
 
 /// Plans attestation. Pure.
 pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
-    match &policy.attestation {
-        Attestation::None => Ok(Plan::InsecureNone),
-        Attestation::Broker { tee, .. } => Err(StageError::Unsupported {
-            stage: "attest",
-            what: format!(
-                "attestation.tee = {:?}",
-                serde_json::to_value(tee)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            ),
-            hint: "for development write attestation = \"none\", or use a release with key-broker support",
-        }),
-    }
+    Ok(match &policy.attestation {
+        Attestation::None => Plan::InsecureNone,
+        Attestation::Broker {
+            tee,
+            kbs,
+            insecure_http,
+            tries,
+            timeout_secs,
+            ..
+        } => Plan::Broker {
+            tee: *tee,
+            kbs: kbs.clone(),
+            insecure_http: *insecure_http,
+            tries: *tries,
+            timeout_secs: *timeout_secs,
+        },
+    })
+}
+
+/// The report data of checkpoint evidence for an audit head.
+pub fn checkpoint_binding(head: &Digest) -> [u8; 64] {
+    let mut hasher = Sha512::new();
+    hasher.update(CHECKPOINT_LABEL);
+    hasher.update(head.0);
+    hasher.finalize().into()
 }
 
 /// Applies the plan; returns the details of the outcome record.
 pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
-    match plan {
-        Plan::InsecureNone => Ok(json!({
-            "attested": false,
-            "reason": "attestation = \"none\" in the policy: no evidence, no key broker (development only)",
-            "event_log_accumulator": fx.event_log.accumulator(),
-        })),
+    let kbs = match plan {
+        Plan::InsecureNone => {
+            return Ok(json!({
+                "attested": false,
+                "reason": "attestation = \"none\" in the policy: no evidence, no key broker (development only)",
+                "event_log_accumulator": fx.event_log.accumulator(),
+            }))
+        }
+        Plan::Broker { kbs, .. } => kbs,
+    };
+    let audit = fx.audit;
+    let Some(broker) = fx.broker.as_deref_mut() else {
+        return Err(StageError::Broker {
+            stage: "attest",
+            what: format!("no evidence provider or key broker client was set up for {kbs}"),
+            source: "the boot environment has no key broker although the policy configures one; this is a bug, report it".into(),
+        });
+    };
+    let mut audit_failure = None;
+    let mut attempt = |details: Value| {
+        if let Err(error) = audit.record("attest", "try", details) {
+            audit_failure.get_or_insert(error);
+        }
+    };
+    let exchange = broker.attest(&mut attempt);
+    if let Some(error) = audit_failure {
+        return Err(StageError::Broker {
+            stage: "attest",
+            what: "recording a key broker try in the audit log".to_string(),
+            source: Box::new(error),
+        });
+    }
+    let exchange = exchange.map_err(|source| StageError::Broker {
+        stage: "attest",
+        what: format!("key broker exchange with {kbs}"),
+        source,
+    })?;
+    let exchange_head = audit
+        .record(
+            "attest",
+            "attested",
+            json!({
+                "broker": kbs,
+                "tee": broker.describe(),
+                "exchange": exchange,
+                "event_log": fx.event_log.events(),
+                "event_log_accumulator": fx.event_log.accumulator(),
+            }),
+        )
+        .map_err(|error| StageError::Broker {
+            stage: "attest",
+            what: "recording the broker exchange in the audit log".to_string(),
+            source: Box::new(error),
+        })?;
+    let exchange_seq = audit.seq().saturating_sub(1);
+    let binding = checkpoint_binding(&exchange_head);
+    let evidence = broker
+        .checkpoint(&binding)
+        .map_err(|source| StageError::Broker {
+            stage: "attest",
+            what: "checkpoint evidence over the audit log".to_string(),
+            source,
+        })?;
+    Ok(json!({
+        "attested": true,
+        "status": exchange.get("status").cloned().unwrap_or(Value::Null),
+        "checkpoint": {
+            "head_seq": exchange_seq,
+            "head": exchange_head,
+            "report_data": hex::encode(binding),
+            "evidence": evidence,
+        },
+    }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_binding_is_sha512_of_label_and_head() {
+        let head = Digest::of(b"record");
+        let mut expected = Sha512::new();
+        expected.update(b"cvm-warden checkpoint v1\0");
+        expected.update(head.0);
+        assert_eq!(checkpoint_binding(&head).to_vec(), expected.finalize().to_vec());
+        assert_ne!(checkpoint_binding(&head), checkpoint_binding(&Digest::ZERO));
     }
 }

@@ -120,6 +120,18 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
     }))
 }
 
+/// Runs the measure stage without mounting anything: the bundle is measured where it is
+/// (same digest as `copy`, which hashes the same bytes), every event goes through
+/// `fx.register`. Used to compute reference values (with a simulated PCR) and by the
+/// operator's `attest` dry run (with the TEE's register). Never used by a boot: measuring a
+/// host disk in place and then running from it would reopen the time-of-check gap that
+/// `copy` closes.
+pub fn apply_in_place(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
+    let mut plan = plan.clone();
+    plan.source = Source::InPlace;
+    apply(&plan, fx)
+}
+
 fn measure_bundle(plan: &Plan, fx: &mut Effects<'_>) -> Result<Measurement, StageError> {
     let wrap = |source: MeasureError| StageError::Measure {
         bundle: plan.bundle.clone(),

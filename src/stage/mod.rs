@@ -10,10 +10,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use crate::audit::Audit;
 use crate::eventlog::{EventLog, ExtendError, RuntimeRegister};
 use crate::launch::LaunchError;
 use crate::measure::{Manifest, MeasureError, Measurement};
-use crate::policy::Policy;
+use crate::policy::{Policy, ResourceUri};
 use crate::sys::{Sys, SysError};
 
 pub mod allowlist;
@@ -111,6 +115,53 @@ pub enum StageError {
     /// The workload's launch plan is invalid.
     #[error("launch: invalid launch plan")]
     Launch(#[source] Box<LaunchError>),
+    /// The TEE or the key broker failed (attestation, a resource, a checkpoint).
+    #[error("{stage}: {what}")]
+    Broker {
+        /// The stage.
+        stage: &'static str,
+        /// What was being done, e.g. `key broker exchange with https://kbs:8999`.
+        what: String,
+        /// Why (the broker's or TEE's error, already phrased for the operator).
+        #[source]
+        source: BrokerError,
+    },
+    /// A volume could not be unlocked, formatted or mounted.
+    #[error("unlock: volume {name:?} ({device})")]
+    Volume {
+        /// The policy's volume name.
+        name: String,
+        /// The device.
+        device: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// An error from a [`KeyBroker`] (already phrased for the operator; never holds a secret).
+pub type BrokerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The TEE and the key broker, as the attest and unlock stages see them. The real one
+/// ([`crate::keybroker::RealBroker`]) joins an evidence provider and the KBS client; tests
+/// use recording fakes.
+pub trait KeyBroker {
+    /// Public facts for the audit log: TEE, broker URL, attestation key. Never a secret.
+    fn describe(&self) -> Value;
+    /// Whether the evidence proves nothing (`sample`).
+    fn insecure(&self) -> bool;
+    /// Runs the handshake (auth, evidence, attest). `attempt` receives one JSON record per
+    /// try. Returns what an auditor needs to re-check the exchange: TEE, nonce, ephemeral
+    /// public key, report data, the evidence and the broker's verdict.
+    fn attest(&mut self, attempt: &mut dyn FnMut(Value)) -> Result<Value, BrokerError>;
+    /// Fetches one resource with the attested session (re-attesting if the broker asks).
+    fn fetch(
+        &mut self,
+        uri: &ResourceUri,
+        attempt: &mut dyn FnMut(Value),
+    ) -> Result<Zeroizing<Vec<u8>>, BrokerError>;
+    /// Fresh evidence whose report data is `binding` (an audit-log checkpoint).
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, BrokerError>;
 }
 
 /// Loads bundles; the seam between the measure stage and the file system.
@@ -151,6 +202,12 @@ pub struct Effects<'a> {
     pub register: &'a mut dyn RuntimeRegister,
     /// The event log being built.
     pub event_log: &'a mut EventLog,
+    /// The audit log (stages record each broker try and checkpoints).
+    pub audit: &'a Audit,
+    /// The TEE and key broker; `None` with `attestation = "none"`.
+    pub broker: Option<&'a mut dyn KeyBroker>,
+    /// LUKS2 volumes.
+    pub volumes: &'a dyn crate::volume::Volumes,
 }
 
 impl std::fmt::Debug for Effects<'_> {
@@ -158,6 +215,7 @@ impl std::fmt::Debug for Effects<'_> {
         f.debug_struct("Effects")
             .field("register", &self.register.name())
             .field("event_log", &self.event_log)
+            .field("broker", &self.broker.as_ref().map(|b| b.describe()))
             .finish_non_exhaustive()
     }
 }

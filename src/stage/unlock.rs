@@ -1,36 +1,196 @@
-//! Stage 4, unlock: LUKS2 volumes opened with the keys the broker released.
+//! Stage 4, unlock: the broker releases the volume keys and the workload's secrets.
 //!
-//! Not implemented by this build: a policy with `[[volume]]` entries is refused at plan time.
+//! - `[[secret]]` entries are fetched into a fresh tmpfs at [`SECRETS_DIR`] (`nosuid,nodev,
+//!   noexec`, mode 0500, owned by the workload user), one file each, mode 0400, owned by the
+//!   workload user. The bytes live only in memory (tmpfs) and in a zeroized buffer while
+//!   being written; the audit log records the name, resource and length, never the bytes.
+//!
+//! - `[[volume]]` entries: the key is fetched, then [`crate::volume::unlock`] opens the LUKS2
+//!   volume (formatting it only when blank and `format_if_blank = true`), checks its token
+//!   names the same resource, creates ext4 on first boot and mounts it `nosuid,nodev` (and
+//!   `noexec` unless `allow_exec = true`). The key is a zeroized buffer dropped right after.
 
+use std::path::PathBuf;
+
+use nix::mount::MsFlags;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{Effects, StageError};
-use crate::policy::Policy;
+use crate::policy::{Policy, ResourceUri, Volume, SECRETS_DIR};
+use crate::volume::{self, VolumeKey, VolumeSpec};
+
+/// Size limit of the secrets tmpfs.
+pub const SECRETS_TMPFS_SIZE: &str = "4m";
+
+/// One secret to deliver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SecretPlan {
+    /// File name.
+    pub name: String,
+    /// Broker resource.
+    pub resource: ResourceUri,
+    /// Full path of the file.
+    pub path: PathBuf,
+    /// Owner (the workload user).
+    pub uid: u32,
+    /// Group (the workload's primary group).
+    pub gid: u32,
+}
 
 /// What the unlock stage will do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "action", rename_all = "kebab-case")]
-pub enum Plan {
-    /// The policy declares no volumes.
-    NoVolumes,
+pub struct Plan {
+    /// Volumes to unlock, in policy order.
+    pub volumes: Vec<Volume>,
+    /// Secrets delivered to the workload.
+    pub secrets: Vec<SecretPlan>,
+    /// The tmpfs that receives them (only mounted when there are secrets).
+    pub secrets_dir: PathBuf,
+    /// Its mount options.
+    pub secrets_mount: String,
 }
 
 /// Plans the unlock stage. Pure.
 pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
-    if let Some(volume) = policy.volumes.first() {
-        return Err(StageError::Unsupported {
-            stage: "unlock",
-            what: format!("[[volume]] {:?} (LUKS2 unlock)", volume.name),
-            hint: "remove the [[volume]] entries or use a release with volume support",
-        });
+    for volume in &policy.volumes {
+        VolumeSpec::from_policy(volume).map_err(|source| volume_error(volume, source))?;
     }
-    Ok(Plan::NoVolumes)
+    let user = &policy.workload.user;
+    Ok(Plan {
+        volumes: policy.volumes.clone(),
+        secrets: policy
+            .secrets
+            .iter()
+            .map(|s| SecretPlan {
+                name: s.name.clone(),
+                resource: s.resource.clone(),
+                path: s.path.clone(),
+                uid: user.uid,
+                gid: user.gid,
+            })
+            .collect(),
+        secrets_dir: PathBuf::from(SECRETS_DIR),
+        secrets_mount: secrets_mount_data(user.uid, user.gid),
+    })
+}
+
+fn volume_error(volume: &Volume, source: volume::VolumeError) -> StageError {
+    StageError::Volume {
+        name: volume.name.clone(),
+        device: volume.device.display().to_string(),
+        source: Box::new(source),
+    }
+}
+
+/// tmpfs options of the secrets directory.
+pub fn secrets_mount_data(uid: u32, gid: u32) -> String {
+    format!("mode=0500,uid={uid},gid={gid},size={SECRETS_TMPFS_SIZE},nr_inodes=256")
 }
 
 /// Applies the plan; returns the details of the outcome record.
-pub fn apply(plan: &Plan, _fx: &mut Effects<'_>) -> Result<Value, StageError> {
-    match plan {
-        Plan::NoVolumes => Ok(json!({ "volumes": 0 })),
+pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
+    let mut opened = Vec::new();
+    for volume in &plan.volumes {
+        let spec = VolumeSpec::from_policy(volume).map_err(|e| volume_error(volume, e))?;
+        let audit = fx.audit;
+        let Some(broker) = fx.broker.as_deref_mut() else {
+            return Err(StageError::Broker {
+                stage: "unlock",
+                what: format!("no key broker to release the key of volume {:?}", volume.name),
+                source: "the policy lists volumes but the boot has no key broker; this is a bug, report it".into(),
+            });
+        };
+        let mut audit_failure = None;
+        let mut attempt = |details: Value| {
+            if let Err(error) = audit.record("unlock", "try", details) {
+                audit_failure.get_or_insert(error);
+            }
+        };
+        let fetched = broker.fetch(&volume.key, &mut attempt);
+        if let Some(error) = audit_failure {
+            return Err(StageError::Broker {
+                stage: "unlock",
+                what: "recording a key broker try in the audit log".to_string(),
+                source: Box::new(error),
+            });
+        }
+        let bytes = fetched.map_err(|source| StageError::Broker {
+            stage: "unlock",
+            what: format!("key of volume {:?} from {}", volume.name, volume.key),
+            source,
+        })?;
+        let key = VolumeKey::new(bytes, volume.key.clone()).map_err(|e| volume_error(volume, e))?;
+        let unlocked = volume::unlock(fx.volumes, &spec, &key).map_err(|e| volume_error(volume, e))?;
+        drop(key);
+        opened.push(json!({
+            "name": volume.name,
+            "device": volume.device,
+            "resource": volume.key,
+            "mapped": unlocked.mapped,
+            "keyslot": unlocked.keyslot,
+            "formatted": unlocked.formatted,
+            "mount": volume.mount,
+            "noexec": !volume.allow_exec,
+        }));
     }
+    let mut delivered = Vec::new();
+    if !plan.secrets.is_empty() {
+        let audit = fx.audit;
+        let Some(broker) = fx.broker.as_deref_mut() else {
+            return Err(StageError::Broker {
+                stage: "unlock",
+                what: "no key broker to release the [[secret]] entries".to_string(),
+                source: "the policy lists secrets but the boot has no key broker; this is a bug, report it".into(),
+            });
+        };
+        let sys_err = |source| StageError::Sys {
+            stage: "unlock",
+            source: Box::new(source),
+        };
+        fx.sys.mkdir_all(&plan.secrets_dir).map_err(sys_err)?;
+        fx.sys
+            .mount(
+                Some("tmpfs"),
+                &plan.secrets_dir,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some(&plan.secrets_mount),
+            )
+            .map_err(sys_err)?;
+        for secret in &plan.secrets {
+            let mut audit_failure = None;
+            let mut attempt = |details: Value| {
+                if let Err(error) = audit.record("unlock", "try", details) {
+                    audit_failure.get_or_insert(error);
+                }
+            };
+            let fetched = broker.fetch(&secret.resource, &mut attempt);
+            if let Some(error) = audit_failure {
+                return Err(StageError::Broker {
+                    stage: "unlock",
+                    what: "recording a key broker try in the audit log".to_string(),
+                    source: Box::new(error),
+                });
+            }
+            let bytes = fetched.map_err(|source| StageError::Broker {
+                stage: "unlock",
+                what: format!("secret {:?} from {}", secret.name, secret.resource),
+                source,
+            })?;
+            fx.sys
+                .write_private(&secret.path, &bytes, secret.uid, secret.gid)
+                .map_err(sys_err)?;
+            delivered.push(json!({
+                "name": secret.name,
+                "resource": secret.resource,
+                "path": secret.path,
+                "bytes": bytes.len(),
+                "owner": format!("{}:{}", secret.uid, secret.gid),
+                "mode": "0400",
+            }));
+            // `bytes` is Zeroizing: wiped here.
+        }
+    }
+    Ok(json!({ "volumes": opened, "secrets": delivered }))
 }

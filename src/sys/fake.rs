@@ -46,6 +46,19 @@ pub enum SysCall {
     Sync,
     /// [`Sys::power_off`].
     PowerOff(FailureAction),
+    /// [`Sys::write_private`]: the length and SHA-256 of the data, never the bytes.
+    WritePrivate {
+        /// The file.
+        path: PathBuf,
+        /// Bytes written.
+        len: usize,
+        /// SHA-256 of the bytes, hex.
+        sha256: String,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
 }
 
 impl SysCall {
@@ -60,6 +73,7 @@ impl SysCall {
             SysCall::SetChildSubreaper => Op::SetChildSubreaper,
             SysCall::Sync => Op::Sync,
             SysCall::PowerOff(_) => Op::PowerOff,
+            SysCall::WritePrivate { .. } => Op::WritePrivate,
         }
     }
 }
@@ -83,6 +97,8 @@ pub enum Op {
     Sync,
     /// [`Sys::power_off`] (always "fails" in the fake, which cannot power anything off).
     PowerOff,
+    /// [`Sys::write_private`].
+    WritePrivate,
 }
 
 #[derive(Debug, Default)]
@@ -314,6 +330,31 @@ impl Sys for FakeSys {
 
     fn pid(&self) -> u32 {
         self.pid
+    }
+
+    fn write_private(
+        &self,
+        path: &Path,
+        data: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), SysError> {
+        let call = SysCall::WritePrivate {
+            path: path.to_path_buf(),
+            len: data.len(),
+            sha256: crate::digest::Digest::of(data).hex(),
+            uid,
+            gid,
+        };
+        match self.record(call) {
+            Some(errno) => Err(SysError::WritePrivate {
+                path: path.to_path_buf(),
+                uid,
+                gid,
+                source: std::io::Error::from_raw_os_error(errno as i32),
+            }),
+            None => Ok(()),
+        }
     }
 }
 

@@ -102,6 +102,19 @@ pub enum SysError {
         #[source]
         errno: Errno,
     },
+    /// Writing a private file (a delivered secret) failed. Never carries the contents.
+    #[error("write {} (owner {uid}:{gid}, mode 0400)", path.display())]
+    WritePrivate {
+        /// The file.
+        path: PathBuf,
+        /// Owner it was to get.
+        uid: u32,
+        /// Group it was to get.
+        gid: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Another process-level system call failed (fork, pipe, sigaction, waitpid, kill).
     #[error("{op}")]
     Process {
@@ -199,6 +212,10 @@ pub trait Sys {
     fn in_initial_pid_namespace(&self) -> bool;
     /// This process's id (in its own PID namespace).
     fn pid(&self) -> u32;
+    /// Creates `path` (which must not exist; symlinks are not followed) with mode 0400,
+    /// owned by `uid:gid`, writes `data` and syncs it. On failure the file is removed.
+    fn write_private(&self, path: &Path, data: &[u8], uid: u32, gid: u32)
+        -> Result<(), SysError>;
 }
 
 /// The real system. Paths under `/proc` are injectable for tests.
@@ -321,6 +338,40 @@ impl Sys for RealSys {
 
     fn pid(&self) -> u32 {
         std::process::id()
+    }
+
+    fn write_private(
+        &self,
+        path: &Path,
+        data: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), SysError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let fail = |source| SysError::WritePrivate {
+            path: path.to_path_buf(),
+            uid,
+            gid,
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(fail)?;
+        let written = std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+            .and_then(|()| file.write_all(data))
+            .and_then(|()| file.sync_all());
+        if let Err(source) = written {
+            drop(file);
+            // Best effort: a half-written secret must not stay behind.
+            let _ = std::fs::remove_file(path);
+            return Err(fail(source));
+        }
+        Ok(())
     }
 }
 

@@ -75,9 +75,15 @@ pub(crate) fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Whether `tool` is installed: a command on PATH, or `pkgconfig:NAME` for a C library that
+/// pkg-config knows (the -dev packages the -sys crates build against).
 fn have(tool: &str) -> bool {
+    let check = match tool.strip_prefix("pkgconfig:") {
+        Some(lib) => format!("pkg-config --exists {lib}"),
+        None => format!("command -v {tool} >/dev/null 2>&1"),
+    };
     Command::new("sh")
-        .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
+        .args(["-c", &check])
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
@@ -119,6 +125,16 @@ pub(crate) const TOOLS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     ("sha256sum", "coreutils"),
     ("id", "coreutils"),
+    // Building: bindgen (libcryptsetup-rs-sys) and the C libraries of the -sys crates.
+    ("pkg-config", "pkg-config"),
+    ("clang", "clang"),
+    ("pkgconfig:tss2-esys", "libtss2-dev"),
+    ("pkgconfig:libcryptsetup", "libcryptsetup-dev"),
+    // Tests and the demo: a software TPM, LUKS2 tools, ext4.
+    ("swtpm", "swtpm"),
+    ("swtpm_setup", "swtpm-tools"),
+    ("cryptsetup", "cryptsetup-bin"),
+    ("mkfs.ext4", "e2fsprogs"),
 ];
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the workspace root),

@@ -1,0 +1,157 @@
+//! Operator and owner tools that run parts of the boot without its effects:
+//!
+//! - [`reference_values`]: the event log and the application-PCR value the measure stage
+//!   will produce for a policy and bundle — what a model owner registers with the key
+//!   broker's resource policy;
+//! - [`attest`]: the measure and attest stages against the real TEE and broker, reporting
+//!   for each resource whether it was released (length and SHA-256 fingerprint, never the
+//!   bytes) — how an operator debugs a broker setup before a real boot, once the VM can no
+//!   longer be logged into.
+//!
+//! Both measure the bundle in place (no tmpfs copy; the digest is the same).
+
+use serde_json::{json, Value};
+
+use crate::audit::Audit;
+use crate::eventlog::{EventLog, NoRegister, RuntimeRegister, SimulatedPcr};
+use crate::keybroker::{self, RealBroker, SetupError};
+use crate::policy::{LoadedPolicy, ResourceUri};
+use crate::stage::{self, Effects, Facts, KeyBroker, RealMeasurer, StageError};
+use crate::sys::Sys;
+use crate::tee::tpm::APP_PCR;
+
+/// Why a dry run could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DryRunError {
+    /// The policy has `attestation = "none"`.
+    #[error("attestation = \"none\" in the policy: there is no TEE or key broker to try; configure [attestation]")]
+    NoBroker,
+    /// The provider or client could not be set up.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// A stage failed.
+    #[error(transparent)]
+    Stage(#[from] StageError),
+}
+
+fn measure(
+    loaded: &LoadedPolicy,
+    facts: &Facts,
+    sys: &dyn Sys,
+    register: &mut dyn RuntimeRegister,
+) -> Result<(EventLog, Value), StageError> {
+    let plan = stage::measure::plan(&loaded.policy, facts)?;
+    let audit = Audit::new(Vec::new(), false);
+    let mut event_log = EventLog::new();
+    let mut fx = Effects {
+        sys,
+        measurer: &RealMeasurer,
+        register,
+        event_log: &mut event_log,
+        audit: &audit,
+        broker: None,
+        volumes: &crate::volume::FakeVolumes::new(),
+    };
+    let details = stage::measure::apply_in_place(&plan, &mut fx)?;
+    Ok((event_log, details))
+}
+
+/// The measure stage's events for `loaded` and the value the TEE's application PCR (a TPM
+/// or vTPM PCR [`APP_PCR`], starting from zero after reset) holds after it.
+pub fn reference_values(
+    loaded: &LoadedPolicy,
+    facts: &Facts,
+    sys: &dyn Sys,
+) -> Result<Value, StageError> {
+    let mut pcr = SimulatedPcr::default();
+    let (event_log, details) = measure(loaded, facts, sys, &mut pcr)?;
+    Ok(json!({
+        "bundle_digest": details["bundle_digest"],
+        "events": event_log.events(),
+        "event_log_accumulator": event_log.accumulator(),
+        "tpm": {
+            "pcr": APP_PCR,
+            "bank": "sha256",
+            "initial": "0".repeat(64),
+            "value": pcr.value.hex(),
+        },
+    }))
+}
+
+/// The measure and attest stages against the policy's TEE and broker, then a fetch of each
+/// resource (the policy's volume keys and secrets, plus `extra`). Returns the report and
+/// whether everything was released.
+pub fn attest(
+    loaded: &LoadedPolicy,
+    facts: &Facts,
+    sys: &dyn Sys,
+    extra: &[ResourceUri],
+) -> Result<(Value, bool), DryRunError> {
+    let attestation = &loaded.policy.attestation;
+    let provider = keybroker::open_provider(attestation)?.ok_or(DryRunError::NoBroker)?;
+    let config = keybroker::client_config(attestation)?.ok_or(DryRunError::NoBroker)?;
+    let mut broker = RealBroker::new(provider, config)?;
+    let mut register = broker.runtime_register()?;
+    let mut none = NoRegister;
+    let register: &mut dyn RuntimeRegister = match register.as_deref_mut() {
+        Some(register) => register,
+        None => &mut none,
+    };
+    let register_name = register.name();
+    let (event_log, details) = measure(loaded, facts, sys, register)?;
+
+    let mut tries = Vec::new();
+    let exchange = broker.attest(&mut |attempt| tries.push(attempt));
+    let mut report = json!({
+        "provider": broker.describe(),
+        "register": register_name,
+        "bundle_digest": details["bundle_digest"],
+        "event_log_accumulator": event_log.accumulator(),
+    });
+    let exchange = match exchange {
+        Ok(exchange) => exchange,
+        Err(error) => {
+            report["attested"] = json!(false);
+            report["error"] = json!(crate::report::error_chain(error.as_ref()));
+            report["tries"] = json!(tries);
+            return Ok((report, false));
+        }
+    };
+    report["attested"] = json!(true);
+    report["tee"] = exchange["tee"].clone();
+    report["status"] = exchange["status"].clone();
+    report["nonce"] = exchange["nonce"].clone();
+
+    let mut resources: Vec<ResourceUri> = loaded
+        .policy
+        .volumes
+        .iter()
+        .map(|v| v.key.clone())
+        .chain(loaded.policy.secrets.iter().map(|s| s.resource.clone()))
+        .chain(extra.iter().cloned())
+        .collect();
+    resources.dedup();
+    let mut all = true;
+    let mut results = Vec::new();
+    for uri in &resources {
+        match broker.release(uri, &mut |attempt| tries.push(attempt)) {
+            Ok(released) => results.push(json!({
+                "resource": uri,
+                "released": true,
+                "bytes": released.len(),
+                "sha256": released.sha256_hex(),
+            })),
+            Err(error) => {
+                all = false;
+                results.push(json!({
+                    "resource": uri,
+                    "released": false,
+                    "error": crate::report::error_chain(&error),
+                }));
+            }
+        }
+    }
+    report["resources"] = json!(results);
+    report["tries"] = json!(tries);
+    Ok((report, all))
+}

@@ -1,0 +1,213 @@
+//! The real [`KeyBroker`]: the policy's evidence provider ([`crate::tee`]) joined with the
+//! Trustee KBS client ([`crate::kbs`]). Built once per boot, before the measure stage, so
+//! the provider's runtime register (vTPM PCR) receives every measurement.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use crate::eventlog::RuntimeRegister;
+use crate::kbs::{self, Attempt, Client, KbsConfig};
+use crate::policy::{Attestation, KeyWrap, ResourceUri, Tee};
+use crate::stage::{BrokerError, KeyBroker};
+use crate::tee::{self, Provider, TeeError};
+
+/// Why the key broker could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The evidence provider could not be opened.
+    #[error("attest: cannot open the {tee} evidence provider")]
+    Provider {
+        /// `attestation.tee`.
+        tee: &'static str,
+        /// Why.
+        #[source]
+        source: TeeError,
+    },
+    /// The CA file named by `attestation.kbs_ca` cannot be read.
+    #[error("attest: cannot read attestation.kbs_ca {path}; install the broker's CA certificate (PEM) there")]
+    Ca {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The KBS client refused its configuration.
+    #[error("attest: key broker client")]
+    Client(#[source] Box<kbs::KbsError>),
+}
+
+/// The name of a TEE as the KBS protocol writes it.
+pub fn tee_name(tee: Tee) -> &'static str {
+    match tee {
+        Tee::Snp => "snp",
+        Tee::Tdx => "tdx",
+        Tee::Tpm => "tpm",
+        Tee::AzSnpVtpm => "az-snp-vtpm",
+        Tee::Sample => "sample",
+    }
+}
+
+/// Opens the evidence provider the policy names. `None` for `attestation = "none"`.
+pub fn open_provider(attestation: &Attestation) -> Result<Option<Box<dyn Provider>>, SetupError> {
+    let Attestation::Broker {
+        tee,
+        tpm,
+        tpm_ak_handle,
+        snp_certs,
+        ..
+    } = attestation
+    else {
+        return Ok(None);
+    };
+    let wrap = |source| SetupError::Provider {
+        tee: tee_name(*tee),
+        source,
+    };
+    let provider: Box<dyn Provider> = match tee {
+        Tee::Sample => Box::new(tee::sample::SampleProvider::new()),
+        Tee::Tpm => {
+            let ak = match tpm_ak_handle {
+                Some(handle) => tee::tpm::AkSource::Persistent(*handle),
+                None => tee::tpm::AkSource::Create,
+            };
+            Box::new(tee::tpm::TpmProvider::open(tpm, ak).map_err(wrap)?)
+        }
+        Tee::AzSnpVtpm => Box::new(tee::azure::AzSnpVtpmProvider::open(tpm).map_err(wrap)?),
+        Tee::Snp => match snp_certs {
+            Some(cache) => {
+                let device = tee::snp::open_device(
+                    tee::tsm::Tsm::new("snp", tee::tsm::DEFAULT_ROOT, tee::tsm::RealTsmFs),
+                    std::path::Path::new(tee::snp::SEV_GUEST_DEVICE),
+                )
+                .map_err(wrap)?;
+                Box::new(tee::snp::SnpProvider::new(device, cache))
+            }
+            None => Box::new(tee::snp::SnpProvider::open_default().map_err(wrap)?),
+        },
+        Tee::Tdx => Box::new(tee::tdx::TdxProvider::open_default().map_err(wrap)?),
+    };
+    Ok(Some(provider))
+}
+
+/// The KBS client configuration for the policy's `[attestation]` table (`None` for
+/// `attestation = "none"`). Reads the CA file.
+pub fn client_config(attestation: &Attestation) -> Result<Option<KbsConfig>, SetupError> {
+    let Attestation::Broker {
+        kbs,
+        kbs_ca,
+        insecure_http,
+        key_wrap,
+        tries,
+        timeout_secs,
+        ..
+    } = attestation
+    else {
+        return Ok(None);
+    };
+    let mut config = KbsConfig::new(kbs.clone());
+    if let Some(path) = kbs_ca {
+        config.ca_pem = Some(std::fs::read(path).map_err(|source| SetupError::Ca {
+            path: path.display().to_string(),
+            source,
+        })?);
+        config.ca_path = Some(path.clone());
+    }
+    config.insecure_http = *insecure_http;
+    config.key_wrap = match key_wrap {
+        KeyWrap::EcdhEsA256kw => kbs::KeyWrap::EcdhEsA256kw,
+        KeyWrap::RsaOaep256 => kbs::KeyWrap::RsaOaep256,
+    };
+    config.tries = *tries;
+    config.total_timeout = Duration::from_secs(*timeout_secs);
+    Ok(Some(config))
+}
+
+/// A provider and a KBS client: what the attest and unlock stages talk to.
+#[derive(Debug)]
+pub struct RealBroker {
+    provider: Box<dyn Provider>,
+    client: Client,
+}
+
+impl RealBroker {
+    /// Joins `provider` and a client for `config` (real transport, pinned TLS).
+    pub fn new(provider: Box<dyn Provider>, config: KbsConfig) -> Result<Self, SetupError> {
+        let client = Client::new(config).map_err(|e| SetupError::Client(Box::new(e)))?;
+        Ok(Self { provider, client })
+    }
+
+    /// Joins `provider` and an already built client (tests: scripted transports).
+    pub fn with_client(provider: Box<dyn Provider>, client: Client) -> Self {
+        Self { provider, client }
+    }
+
+    /// The provider's runtime register, if its TEE has one.
+    pub fn runtime_register(&mut self) -> Result<Option<Box<dyn RuntimeRegister>>, SetupError> {
+        let tee = self.provider.tee();
+        self.provider
+            .runtime_register()
+            .map_err(|source| SetupError::Provider { tee, source })
+    }
+
+    /// Fetches one resource (for the `attest` dry run, which reports every resource).
+    pub fn release(
+        &mut self,
+        uri: &ResourceUri,
+        attempt: &mut dyn FnMut(Value),
+    ) -> Result<kbs::Released, kbs::KbsError> {
+        let mut observer = |a: &Attempt| attempt(attempt_json(a));
+        self.client.resource(uri, self.provider.as_mut(), &mut observer)
+    }
+}
+
+/// An attempt as an audit record's details.
+pub fn attempt_json(attempt: &Attempt) -> Value {
+    json!({
+        "call": attempt.call,
+        "try": attempt.try_no,
+        "resource": attempt.resource,
+        "outcome": attempt.outcome.to_string(),
+        "will_retry": attempt.will_retry,
+    })
+}
+
+impl KeyBroker for RealBroker {
+    fn describe(&self) -> Value {
+        json!({
+            "tee": self.provider.tee(),
+            "broker": self.client.url(),
+            "provider": self.provider.describe(),
+        })
+    }
+
+    fn insecure(&self) -> bool {
+        self.provider.insecure()
+    }
+
+    fn attest(&mut self, attempt: &mut dyn FnMut(Value)) -> Result<Value, BrokerError> {
+        let mut observer = |a: &Attempt| attempt(attempt_json(a));
+        let attested = self
+            .client
+            .attest(self.provider.as_mut(), &mut observer)
+            .map_err(|e| Box::new(e) as BrokerError)?;
+        Ok(serde_json::to_value(&attested)?)
+    }
+
+    fn fetch(
+        &mut self,
+        uri: &ResourceUri,
+        attempt: &mut dyn FnMut(Value),
+    ) -> Result<Zeroizing<Vec<u8>>, BrokerError> {
+        Ok(self.release(uri, attempt)?.into_bytes())
+    }
+
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, BrokerError> {
+        Ok(json!({
+            "tee": self.provider.tee(),
+            "evidence": self.provider.checkpoint(binding)?,
+        }))
+    }
+}

@@ -1,0 +1,509 @@
+//! [`RealVolumes`]: the volume effects through libcryptsetup (on one worker thread),
+//! `mkfs.ext4` and mount(2).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+
+use libcryptsetup_rs::consts::flags::{
+    CryptActivate, CryptDeactivate, CryptPbkdf, CryptVolumeKey, CryptWipe,
+};
+use libcryptsetup_rs::consts::vals::{CryptKdf, CryptWipePattern, EncryptionFormat};
+use libcryptsetup_rs::{
+    CryptDevice, CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptPbkdfType, CryptTokenInfo,
+    Either, LibcryptErr, TokenInput,
+};
+use nix::mount::MsFlags;
+use zeroize::Zeroizing;
+
+use super::decide::{self, DeviceState, PROBE_LEN, SECONDARY_OFFSETS_PAST_PROBE};
+use super::{
+    Integrity, MountOptions, VolumeError, VolumeKey, Volumes, CIPHER, CIPHER_KEY_BYTES,
+    PBKDF2_ITERATIONS, SECTOR_SIZE,
+};
+use crate::policy::ResourceUri;
+
+/// Default `mkfs.ext4`.
+pub const MKFS_EXT4: &str = "/usr/sbin/mkfs.ext4";
+/// Default device-mapper directory.
+pub const DEV_MAPPER: &str = "/dev/mapper";
+/// LUKS2 has at most 32 tokens.
+const MAX_TOKENS: u32 = 32;
+/// Block size of the integrity wipe (as cryptsetup's default).
+const WIPE_BLOCK: usize = 1024 * 1024;
+
+/// The real volume effects. Paths of the tools and of `/dev/mapper` are injectable.
+#[derive(Debug, Clone)]
+pub struct RealVolumes {
+    mkfs_ext4: PathBuf,
+    dev_mapper: PathBuf,
+}
+
+impl Default for RealVolumes {
+    fn default() -> Self {
+        Self {
+            mkfs_ext4: PathBuf::from(MKFS_EXT4),
+            dev_mapper: PathBuf::from(DEV_MAPPER),
+        }
+    }
+}
+
+impl RealVolumes {
+    /// The real effects with the default paths.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The real effects with another `mkfs.ext4` and device-mapper directory.
+    pub fn with_paths(mkfs_ext4: PathBuf, dev_mapper: PathBuf) -> Self {
+        Self {
+            mkfs_ext4,
+            dev_mapper,
+        }
+    }
+
+    fn mapped(&self, name: &str) -> PathBuf {
+        self.dev_mapper.join(name)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The libcryptsetup worker thread.
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+static WORKER: OnceLock<Option<mpsc::Sender<Job>>> = OnceLock::new();
+
+fn spawn_worker() -> Option<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    let spawned = std::thread::Builder::new()
+        .name("cvm-warden-luks".to_string())
+        .spawn(move || {
+            for job in rx {
+                // A panicking call drops its reply channel; the caller sees `Worker`. The
+                // thread stays alive for the next call.
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(err) => {
+            log::error!("cannot start the libcryptsetup worker thread: {err}");
+            None
+        }
+    }
+}
+
+/// Runs `f` on the libcryptsetup worker thread and waits for its result.
+fn on_worker<R, F>(f: F) -> Result<R, VolumeError>
+where
+    R: Send + 'static,
+    F: FnOnce() -> R + Send + 'static,
+{
+    let sender = WORKER
+        .get_or_init(spawn_worker)
+        .as_ref()
+        .ok_or(VolumeError::Worker("it could not be started"))?;
+    let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = reply_tx.send(f());
+    });
+    sender
+        .send(job)
+        .map_err(|_| VolumeError::Worker("it stopped"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| VolumeError::Worker("a libcryptsetup call panicked"))
+}
+
+/// A copy of the key for the worker thread, zeroized when dropped there.
+fn key_copy(key: &VolumeKey) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(key.expose().to_vec())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pieces that run on the worker thread.
+
+fn crypt_err<'a>(
+    op: &'static str,
+    device: &'a Path,
+) -> impl FnOnce(LibcryptErr) -> VolumeError + 'a {
+    move |source| VolumeError::Crypt {
+        op,
+        device: device.to_path_buf(),
+        source,
+    }
+}
+
+fn is_errno(err: &LibcryptErr, errno: i32) -> bool {
+    matches!(err, LibcryptErr::IOError(io) if io.raw_os_error() == Some(errno))
+}
+
+/// `crypt_init` + `crypt_load(LUKS2)`.
+fn load_luks2(device: &Path) -> Result<CryptDevice, VolumeError> {
+    let mut dev = CryptInit::init(device).map_err(crypt_err("open the device", device))?;
+    dev.context_handle()
+        .load::<()>(Some(EncryptionFormat::Luks2), None)
+        .map_err(crypt_err("load the LUKS2 header of", device))?;
+    Ok(dev)
+}
+
+/// The keyslot PBKDF: PBKDF2-SHA256, minimum iterations, no benchmark (see the module doc).
+fn keyslot_pbkdf() -> CryptPbkdfType {
+    CryptPbkdfType {
+        type_: CryptKdf::Pbkdf2,
+        hash: Some("sha256".to_string()),
+        time_ms: 0,
+        iterations: PBKDF2_ITERATIONS,
+        max_memory_kb: 0,
+        parallel_threads: 0,
+        flags: CryptPbkdf::NO_BENCHMARK,
+    }
+}
+
+fn format_on_worker(
+    device: &Path,
+    key: &[u8],
+    resource: &ResourceUri,
+    integrity: Option<Integrity>,
+    wipe_name: &str,
+    wipe_path: &Path,
+) -> Result<u32, VolumeError> {
+    let step = |step: &'static str| {
+        move |source| VolumeError::Format {
+            device: device.to_path_buf(),
+            step,
+            source,
+        }
+    };
+    let mut dev = CryptInit::init(device).map_err(crypt_err("open the device", device))?;
+    let params = CryptParamsLuks2 {
+        pbkdf: Some(keyslot_pbkdf()),
+        integrity: integrity.map(|i| i.crypto_api_name().to_string()),
+        integrity_params: None,
+        data_alignment: 0,
+        data_device: None,
+        sector_size: SECTOR_SIZE,
+        label: None,
+        subsystem: None,
+    };
+    let mut params_ref: CryptParamsLuks2Ref<'_> = (&params)
+        .try_into()
+        .map_err(step("preparing the LUKS2 parameters"))?;
+    let volume_key_bytes = CIPHER_KEY_BYTES + integrity.map_or(0, Integrity::key_bytes);
+    dev.context_handle()
+        .format(
+            EncryptionFormat::Luks2,
+            CIPHER,
+            None,
+            Either::Right(volume_key_bytes),
+            Some(&mut params_ref),
+        )
+        .map_err(step("writing the LUKS2 header"))?;
+    dev.settings_handle()
+        .set_pbkdf_type(&keyslot_pbkdf())
+        .map_err(step("setting the keyslot PBKDF"))?;
+    let keyslot = dev
+        .keyslot_handle()
+        .add_by_key(None, None, key, CryptVolumeKey::empty())
+        .map_err(step("adding the keyslot"))?;
+    dev.token_handle()
+        .json_set(TokenInput::AddToken(&decide::token_json(resource, keyslot)))
+        .map_err(step("writing the cvm-warden-kbs token"))?;
+    if integrity.is_some() {
+        // As `cryptsetup luksFormat --integrity` does (`_wipe_data_device`): write every sector
+        // once through a private temporary mapping so each has a valid tag (an unwritten
+        // sector reads as an I/O error), then remove the mapping. The mapping is activated by
+        // the volume key libcryptsetup still holds from the format, as the CLI does.
+        dev.activate_handle()
+            .activate_by_volume_key(
+                Some(wipe_name),
+                None,
+                CryptActivate::PRIVATE | CryptActivate::NO_JOURNAL,
+            )
+            .map_err(step(
+                "activating the mapping that initialises the integrity tags",
+            ))?;
+        let wiped = dev
+            .wipe_handle()
+            .wipe::<()>(
+                wipe_path,
+                CryptWipePattern::Zero,
+                0,
+                0,
+                WIPE_BLOCK,
+                CryptWipe::empty(),
+                None,
+                None,
+            )
+            .map_err(step("initialising the integrity tags"));
+        let closed = dev
+            .activate_handle()
+            .deactivate(wipe_name, CryptDeactivate::empty())
+            .map_err(step("closing the integrity initialisation mapping"));
+        wiped?;
+        closed?;
+    }
+    Ok(keyslot)
+}
+
+fn verify_on_worker(device: &Path, key: &[u8], resource: &ResourceUri) -> Result<u32, VolumeError> {
+    let mut dev = load_luks2(device)?;
+    dev.activate_handle()
+        .activate_by_passphrase(None, None, key, CryptActivate::empty())
+        .map_err(|source| rejected_or(device, resource, "check the key against", source))
+}
+
+fn rejected_or(
+    device: &Path,
+    resource: &ResourceUri,
+    op: &'static str,
+    source: LibcryptErr,
+) -> VolumeError {
+    // libcryptsetup answers -EPERM when no keyslot accepts the passphrase.
+    if is_errno(&source, libc::EPERM) {
+        VolumeError::KeyRejected {
+            device: device.to_path_buf(),
+            resource: resource.clone(),
+        }
+    } else {
+        VolumeError::Crypt {
+            op,
+            device: device.to_path_buf(),
+            source,
+        }
+    }
+}
+
+fn tokens_on_worker(device: &Path) -> Result<Vec<String>, VolumeError> {
+    let mut dev = load_luks2(device)?;
+    let mut found = Vec::new();
+    for id in 0..MAX_TOKENS {
+        let mut tokens = dev.token_handle();
+        let info = tokens
+            .status(id)
+            .map_err(crypt_err("read the token status of", device))?;
+        let kind = match info {
+            CryptTokenInfo::Invalid | CryptTokenInfo::Inactive => continue,
+            CryptTokenInfo::Internal(kind)
+            | CryptTokenInfo::InternalUnknown(kind)
+            | CryptTokenInfo::External(kind)
+            | CryptTokenInfo::ExternalUnknown(kind) => kind,
+        };
+        if kind != decide::TOKEN_TYPE {
+            continue;
+        }
+        let json = tokens
+            .json_get(id)
+            .map_err(crypt_err("read a cvm-warden-kbs token of", device))?;
+        match decide::token_resource(&json) {
+            Ok(Some(resource)) => found.push(resource),
+            Ok(None) => {}
+            Err(reason) => {
+                return Err(VolumeError::BadToken {
+                    device: device.to_path_buf(),
+                    id,
+                    reason,
+                })
+            }
+        }
+    }
+    Ok(found)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inspection (plain reads, no libcryptsetup).
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn inspect_device(device: &Path) -> std::io::Result<DeviceState> {
+    let mut file = File::open(device)?;
+    let mut head = vec![0u8; PROBE_LEN];
+    let len = read_up_to(&mut file, &mut head)?;
+    head.truncate(len);
+    let mut past = Vec::new();
+    if len == PROBE_LEN {
+        for offset in SECONDARY_OFFSETS_PAST_PROBE {
+            file.seek(SeekFrom::Start(offset))?;
+            let mut magic = [0u8; 6];
+            if read_up_to(&mut file, &mut magic)? < magic.len() {
+                break;
+            }
+            past.push((offset, magic));
+        }
+    }
+    Ok(decide::classify(&head, &past))
+}
+
+/// mount(8)-style option text for errors.
+fn option_text(flags: MsFlags) -> String {
+    let mut parts = Vec::new();
+    for (flag, name) in [
+        (MsFlags::MS_NOSUID, "nosuid"),
+        (MsFlags::MS_NODEV, "nodev"),
+        (MsFlags::MS_NOEXEC, "noexec"),
+    ] {
+        if flags.contains(flag) {
+            parts.push(name);
+        }
+    }
+    parts.join(",")
+}
+
+/// The mount flags for `options`: `nosuid` and `nodev` always.
+pub(super) fn mount_flags(options: MountOptions) -> MsFlags {
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if options.noexec {
+        flags |= MsFlags::MS_NOEXEC;
+    }
+    flags
+}
+
+impl Volumes for RealVolumes {
+    fn inspect(&self, device: &Path) -> Result<DeviceState, VolumeError> {
+        inspect_device(device).map_err(|source| VolumeError::Inspect {
+            device: device.to_path_buf(),
+            source,
+        })
+    }
+
+    fn format(
+        &self,
+        device: &Path,
+        key: &VolumeKey,
+        integrity: Option<Integrity>,
+    ) -> Result<u32, VolumeError> {
+        // Defence in depth: whoever calls, only a blank device is formatted.
+        let state = self.inspect(device)?;
+        if state != DeviceState::Blank {
+            return Err(match decide::decide(device, &state, true) {
+                Err(refusal) => VolumeError::Refused(refusal),
+                // A LUKS2 volume is never formatted over.
+                Ok(_) => VolumeError::AlreadyLuks2 {
+                    device: device.to_path_buf(),
+                },
+            });
+        }
+        if let Some(integrity) = integrity {
+            let control = self.dev_mapper.join("control");
+            if !control.exists() {
+                return Err(VolumeError::NoDeviceMapper {
+                    device: device.to_path_buf(),
+                    integrity,
+                    control,
+                });
+            }
+        }
+        let wipe_name = format!("cvm-warden-wipe-{}", std::process::id());
+        let wipe_path = self.mapped(&wipe_name);
+        let device = device.to_path_buf();
+        let resource = key.resource().clone();
+        let key = key_copy(key);
+        on_worker(move || {
+            format_on_worker(&device, &key, &resource, integrity, &wipe_name, &wipe_path)
+        })?
+    }
+
+    fn token_resources(&self, device: &Path) -> Result<Vec<String>, VolumeError> {
+        let device = device.to_path_buf();
+        on_worker(move || tokens_on_worker(&device))?
+    }
+
+    fn verify_key(&self, device: &Path, key: &VolumeKey) -> Result<u32, VolumeError> {
+        let device = device.to_path_buf();
+        let resource = key.resource().clone();
+        let key = key_copy(key);
+        on_worker(move || verify_on_worker(&device, &key, &resource))?
+    }
+
+    fn open(&self, device: &Path, name: &str, key: &VolumeKey) -> Result<PathBuf, VolumeError> {
+        let device = device.to_path_buf();
+        let resource = key.resource().clone();
+        let key = key_copy(key);
+        let owned_name = name.to_string();
+        on_worker(move || -> Result<u32, VolumeError> {
+            let mut dev = load_luks2(&device)?;
+            dev.activate_handle()
+                .activate_by_passphrase(Some(&owned_name), None, &key, CryptActivate::empty())
+                .map_err(|source| {
+                    rejected_or(
+                        &device,
+                        &resource,
+                        "activate the dm-crypt mapping of",
+                        source,
+                    )
+                })
+        })??;
+        Ok(self.mapped(name))
+    }
+
+    fn close(&self, name: &str) -> Result<(), VolumeError> {
+        let mapped = self.mapped(name);
+        let name = name.to_string();
+        on_worker(move || -> Result<(), VolumeError> {
+            let mut dev = CryptInit::init_by_name_and_header(&name, None)
+                .map_err(crypt_err("find the mapping", &mapped))?;
+            dev.activate_handle()
+                .deactivate(&name, CryptDeactivate::empty())
+                .map_err(crypt_err("close the mapping", &mapped))
+        })?
+    }
+
+    fn mkfs_ext4(&self, mapped: &Path) -> Result<(), VolumeError> {
+        let output = Command::new(&self.mkfs_ext4)
+            .args(["-F", "-q", "-E", "nodiscard"])
+            .arg(mapped)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| VolumeError::MkfsSpawn {
+                tool: self.mkfs_ext4.clone(),
+                device: mapped.to_path_buf(),
+                source,
+            })?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(VolumeError::Mkfs {
+            tool: self.mkfs_ext4.clone(),
+            device: mapped.to_path_buf(),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+
+    fn mount(
+        &self,
+        mapped: &Path,
+        mountpoint: &Path,
+        options: MountOptions,
+    ) -> Result<(), VolumeError> {
+        std::fs::create_dir_all(mountpoint).map_err(|source| VolumeError::Mountpoint {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+        let flags = mount_flags(options);
+        nix::mount::mount(Some(mapped), mountpoint, Some("ext4"), flags, None::<&str>).map_err(
+            |source| VolumeError::Mount {
+                device: mapped.to_path_buf(),
+                target: mountpoint.to_path_buf(),
+                options: option_text(flags),
+                source,
+            },
+        )
+    }
+}

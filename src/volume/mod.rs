@@ -1,0 +1,553 @@
+//! LUKS2 volumes opened with keys the key broker released; blank volumes formatted on first
+//! boot; nothing that holds data is ever formatted.
+//!
+//! # Shape
+//!
+//! - [`decide`](mod@decide) (pure): [`classify`] reads a device's first MiB into a [`DeviceState`];
+//!   [`decide()`] turns it into an [`Action`] or a [`Refusal`]; [`check_token`] compares the
+//!   LUKS2 token with the policy.
+//! - [`Volumes`]: the effect seam (inspect, format, token, verify, open, close, mkfs, mount).
+//!   [`RealVolumes`] does it with libcryptsetup, `mkfs.ext4` and mount(2); [`FakeVolumes`]
+//!   records the calls for unit tests.
+//! - [`unlock`]: the whole flow for one volume, through a `&dyn Volumes`.
+//!
+//! # The decision (never lose data)
+//!
+//! | device | `format_if_blank` | outcome |
+//! |---|---|---|
+//! | LUKS2 header | any | unlock |
+//! | no header, first MiB all zeros | true | format, unlock, mkfs.ext4 |
+//! | no header, first MiB all zeros | false | refused: "… is blank; set format_if_blank = true …" |
+//! | no header, any non-zero byte in the first MiB | any | refused: "refusing to format /dev/vdb: it holds data but no LUKS2 header" |
+//! | LUKS1 header (or an unknown LUKS version) | any | refused |
+//! | first MiB zero, LUKS2 secondary header at 1, 2 or 4 MiB | any | refused (recoverable with `cryptsetup repair`) |
+//!
+//! [`RealVolumes::format`] inspects the device again itself and formats only a blank one, so
+//! no caller can format a device that holds data.
+//!
+//! # Keys: a keyslot with PBKDF2-SHA256 at 1000 iterations, no benchmark
+//!
+//! The broker releases a high-entropy key (32 bytes or more of randomness). cvm-warden keys it
+//! into LUKS2 keyslot 0 as the passphrase, with PBKDF2-SHA256 at 1000 iterations, the lowest
+//! count libcryptsetup accepts, and `CRYPT_PBKDF_NO_BENCHMARK` (no timing run at format).
+//!
+//! **Why this is safe.** Password stretching (argon2id, many PBKDF2 iterations) makes each
+//! guess of a *low-entropy* password expensive. A 256-bit random key has no dictionary to
+//! walk: an attacker who has the header must try 2^256 keys, and 2^256 stays out of reach
+//! whether each try costs one PBKDF2 run of 1000 iterations or a second of argon2id. The
+//! stretching would only slow every boot down (cryptsetup's default argon2id is tuned to
+//! ~2 s and up to 1 GiB of memory per unlock; the whole PBKDF2-1000 key check takes a few
+//! milliseconds, see `cargo bench --bench unlock`) and add an out-of-memory failure mode in
+//! small confidential VMs. For the same reason a key **shorter than 32 bytes is refused**
+//! ([`VolumeError::KeyTooShort`], naming the resource): a broker resource shorter than 32
+//! bytes is not a volume key, and no iteration count would make it one.
+//!
+//! **Why a keyslot rather than the broker key as the volume key.** The volume key stays a
+//! fresh random key of the size the cipher needs (64 bytes for AES-XTS-512, plus 32 for
+//! HMAC-SHA256 with integrity) even when the broker key is 32 bytes; the broker key can be
+//! rotated by adding a keyslot (`cryptsetup luksAddKey`) without re-encrypting; and standard
+//! tools open the volume for recovery (`cryptsetup open --key-file`).
+//!
+//! Keys live in [`VolumeKey`] (a `Zeroizing` buffer, no `Display`, a redacting `Debug`), are
+//! passed by reference, and are never logged nor written to a file by this module.
+//!
+//! # Format
+//!
+//! LUKS2, `aes-xts-plain64` with a 512-bit key, 4096-byte sectors. With
+//! `integrity = "hmac-sha256"`: LUKS2 authenticated encryption as
+//! `cryptsetup luksFormat --integrity hmac-sha256` does it (integrity `hmac(sha256)`, a 768-bit
+//! volume key: 512 for XTS, 256 for the HMAC). libcryptsetup formats the dm-integrity
+//! superblock through a temporary device-mapper device, and the data area must then be wiped
+//! through the mapping so every sector has a valid tag; both need device-mapper.
+//! [`RealVolumes::format`] therefore checks for `/dev/mapper/control` *before* writing
+//! anything and refuses without it. Hosts without device-mapper (the CI sandbox) test the
+//! format on file images without integrity; the integrity format and wipe are exercised by
+//! the VM test.
+//!
+//! The LUKS2 header carries a token `{"type":"cvm-warden-kbs","keyslots":["0"],
+//! "resource":"kbs:///…"}` naming the broker resource (visible in `cryptsetup luksDump`). On
+//! unlock the token's resource must equal the policy's; a mismatch fails closed naming both.
+//!
+//! # Threads
+//!
+//! libcryptsetup-rs (without its `mutex` feature) panics when it is called from a thread
+//! other than the first one that called it. [`RealVolumes`] therefore runs every libcryptsetup
+//! call on one dedicated worker thread, so callers (the boot runner, test threads) may be any
+//! thread.
+
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::policy::{ResourceUri, Volume};
+
+pub mod decide;
+mod fake;
+mod luks;
+
+pub use decide::{
+    check_token, classify, decide, token_json, Action, DeviceState, Refusal, TokenProblem,
+    TOKEN_TYPE,
+};
+pub use fake::{FakeVolumes, VolumeCall, VolumeOp};
+pub use luks::RealVolumes;
+
+/// The cipher, as `cryptsetup --cipher` writes it.
+pub const CIPHER: (&str, &str) = ("aes", "xts-plain64");
+/// Bytes of the XTS key (512 bits: AES-256 in XTS mode).
+pub const CIPHER_KEY_BYTES: usize = 64;
+/// Encryption sector size.
+pub const SECTOR_SIZE: u32 = 4096;
+/// PBKDF2 iterations of the keyslot: libcryptsetup's minimum.
+pub const PBKDF2_ITERATIONS: u32 = 1000;
+
+/// A key the broker released for a volume. Holds the bytes in a `Zeroizing` buffer; its
+/// `Debug` shows the resource and length only; it has no `Display`.
+pub struct VolumeKey {
+    bytes: Zeroizing<Vec<u8>>,
+    resource: ResourceUri,
+}
+
+impl VolumeKey {
+    /// Shortest accepted key: 32 bytes (256 bits).
+    pub const MIN_LEN: usize = 32;
+
+    /// Wraps the key released for `resource`; refuses one shorter than [`Self::MIN_LEN`].
+    pub fn new(bytes: Zeroizing<Vec<u8>>, resource: ResourceUri) -> Result<Self, VolumeError> {
+        if bytes.len() < Self::MIN_LEN {
+            return Err(VolumeError::KeyTooShort {
+                resource,
+                len: bytes.len(),
+            });
+        }
+        Ok(Self { bytes, resource })
+    }
+
+    /// The broker resource the key was released for.
+    pub fn resource(&self) -> &ResourceUri {
+        &self.resource
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Always false (a key has at least [`Self::MIN_LEN`] bytes).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The secret bytes, for libcryptsetup only.
+    pub(crate) fn expose(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl std::fmt::Debug for VolumeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeKey")
+            .field("resource", &self.resource.to_string())
+            .field("len", &self.bytes.len())
+            .field("bytes", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Authenticated encryption modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Integrity {
+    /// `hmac-sha256`: dm-integrity with HMAC-SHA256 tags keyed from the volume key.
+    HmacSha256,
+}
+
+impl Integrity {
+    /// Parses the policy's `integrity` value.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "hmac-sha256" => Ok(Self::HmacSha256),
+            other => Err(format!(
+                "integrity {other:?} is not supported; write integrity = \"hmac-sha256\" or leave it out"
+            )),
+        }
+    }
+
+    /// The policy spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HmacSha256 => "hmac-sha256",
+        }
+    }
+
+    /// The libcryptsetup spelling (kernel crypto API name).
+    pub fn crypto_api_name(self) -> &'static str {
+        match self {
+            Self::HmacSha256 => "hmac(sha256)",
+        }
+    }
+
+    /// Bytes of the integrity key appended to the volume key.
+    pub fn key_bytes(self) -> usize {
+        match self {
+            Self::HmacSha256 => 32,
+        }
+    }
+}
+
+/// Mount options the caller chooses; `nosuid` and `nodev` are always set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MountOptions {
+    /// Mount with `noexec` (the policy's `allow_exec = false`).
+    pub noexec: bool,
+}
+
+/// Everything [`unlock`] needs about one volume, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// Device-mapper name (`/dev/mapper/<name>`).
+    pub name: String,
+    /// Block device.
+    pub device: PathBuf,
+    /// Broker resource of the key.
+    pub resource: ResourceUri,
+    /// Mount point.
+    pub mountpoint: PathBuf,
+    /// Format when blank.
+    pub format_if_blank: bool,
+    /// Authenticated encryption, if any.
+    pub integrity: Option<Integrity>,
+    /// Mount options.
+    pub mount: MountOptions,
+}
+
+impl VolumeSpec {
+    /// Builds the spec of a policy volume (`noexec` unless the policy says `allow_exec`).
+    pub fn from_policy(volume: &Volume) -> Result<Self, VolumeError> {
+        let bad = |what: &'static str, value: &str, reason: String| VolumeError::BadSpec {
+            volume: volume.name.clone(),
+            what,
+            value: value.to_string(),
+            reason,
+        };
+        if !dm_name_ok(&volume.name) {
+            return Err(bad(
+                "name",
+                &volume.name,
+                "a device-mapper name is 1 to 127 characters of [A-Za-z0-9_.-] and not . or .."
+                    .to_string(),
+            ));
+        }
+        let integrity = match &volume.integrity {
+            None => None,
+            Some(text) => Some(Integrity::parse(text).map_err(|r| bad("integrity", text, r))?),
+        };
+        Ok(Self {
+            name: volume.name.clone(),
+            device: volume.device.clone(),
+            resource: volume.key.clone(),
+            mountpoint: volume.mount.clone(),
+            format_if_blank: volume.format_if_blank,
+            integrity,
+            mount: MountOptions {
+                noexec: !volume.allow_exec,
+            },
+        })
+    }
+}
+
+fn dm_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 127
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// What [`unlock`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unlocked {
+    /// Device-mapper name.
+    pub name: String,
+    /// The mapped device (`/dev/mapper/<name>`).
+    pub mapped: PathBuf,
+    /// The keyslot the key opened.
+    pub keyslot: u32,
+    /// Whether this boot formatted the device (first boot).
+    pub formatted: bool,
+}
+
+/// Errors of the volume capability. Messages name the device, the resource and what the
+/// operator should do; they never contain key material.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The decision refused the device; nothing was written.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The token check failed closed.
+    #[error(transparent)]
+    Token(#[from] TokenProblem),
+    /// The broker released fewer than 32 bytes.
+    #[error(
+        "broker resource {resource} released {len} bytes, but a broker resource shorter than 32 \
+         bytes is not a volume key; store 32 or more random bytes under it \
+         (e.g. `head -c 32 /dev/urandom`)"
+    )]
+    KeyTooShort {
+        /// The resource.
+        resource: ResourceUri,
+        /// Bytes released.
+        len: usize,
+    },
+    /// The key handed in was released for another resource than the volume's.
+    #[error("volume {volume:?} needs the key of {expected}, but was handed the key of {got}")]
+    WrongResource {
+        /// The volume.
+        volume: String,
+        /// The policy's resource (`kbs:///…`).
+        expected: String,
+        /// The key's resource (`kbs:///…`).
+        got: String,
+    },
+    /// A policy value cannot be used.
+    #[error("volume {volume:?}: {what} {value:?} cannot be used: {reason}")]
+    BadSpec {
+        /// The volume.
+        volume: String,
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: String,
+        /// Why, and what to write instead.
+        reason: String,
+    },
+    /// [`Volumes::format`] was called on a device that already has a LUKS2 header.
+    #[error(
+        "refusing to format {}: it already has a LUKS2 header; nothing was written",
+        device.display()
+    )]
+    AlreadyLuks2 {
+        /// The device.
+        device: PathBuf,
+    },
+    /// A `cvm-warden-kbs` token cannot be read.
+    #[error(
+        "LUKS2 token {id} of {} has type {TOKEN_TYPE} but is malformed: {reason}; replace it \
+         (`cryptsetup token remove --token-id {id}`, then `cryptsetup token import`)",
+        device.display()
+    )]
+    BadToken {
+        /// The device.
+        device: PathBuf,
+        /// Token number.
+        id: u32,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading the device's first bytes failed.
+    #[error(
+        "cannot read the start of {} to tell a LUKS2 volume from a blank device; check that \
+         the device exists and is readable", device.display()
+    )]
+    Inspect {
+        /// The device.
+        device: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Formatting with integrity needs device-mapper, which is missing.
+    #[error(
+        "formatting {} with integrity {} needs device-mapper ({} is missing) to initialise the \
+         integrity tags; load dm_mod and dm_integrity in the VM, or leave integrity out; \
+         nothing was written", device.display(), integrity.as_str(), control.display()
+    )]
+    NoDeviceMapper {
+        /// The device.
+        device: PathBuf,
+        /// The integrity mode.
+        integrity: Integrity,
+        /// The control node looked for.
+        control: PathBuf,
+    },
+    /// Formatting failed after libcryptsetup started writing.
+    #[error(
+        "formatting {0} failed while {step}; the device may now hold a partial LUKS2 layout and \
+         will be refused on the next boot: if it holds nothing of value, zero its first 16 MiB \
+         (`dd if=/dev/zero of={0} bs=1M count=16 conv=fsync`) before booting again",
+        device.display()
+    )]
+    Format {
+        /// The device.
+        device: PathBuf,
+        /// What was being done.
+        step: &'static str,
+        /// Cause.
+        #[source]
+        source: libcryptsetup_rs::LibcryptErr,
+    },
+    /// The key opens no keyslot.
+    #[error(
+        "the key released for {resource} opens no keyslot of {}: the broker holds a different \
+         key than the one this volume was formatted with; check the broker resource (a \
+         rotated key must be added with `cryptsetup luksAddKey` first)", device.display()
+    )]
+    KeyRejected {
+        /// The device.
+        device: PathBuf,
+        /// The resource.
+        resource: ResourceUri,
+    },
+    /// Another libcryptsetup operation failed.
+    #[error("libcryptsetup could not {op} {}", device.display())]
+    Crypt {
+        /// What was being done.
+        op: &'static str,
+        /// The device or mapping.
+        device: PathBuf,
+        /// Cause.
+        #[source]
+        source: libcryptsetup_rs::LibcryptErr,
+    },
+    /// mkfs.ext4 could not be started.
+    #[error("cannot run {} to make a file system on {}", tool.display(), device.display())]
+    MkfsSpawn {
+        /// The tool.
+        tool: PathBuf,
+        /// The device.
+        device: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// mkfs.ext4 failed.
+    #[error("{} {} failed ({status}): {stderr}", tool.display(), device.display())]
+    Mkfs {
+        /// The tool.
+        tool: PathBuf,
+        /// The device.
+        device: PathBuf,
+        /// Exit status.
+        status: std::process::ExitStatus,
+        /// Its standard error, trimmed.
+        stderr: String,
+    },
+    /// Creating the mount point failed.
+    #[error("cannot create mount point {}", path.display())]
+    Mountpoint {
+        /// The mount point.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// mount(2) failed.
+    #[error(
+        "cannot mount {} on {} (ext4, {options}); check that the ext4 module is available",
+        device.display(), target.display()
+    )]
+    Mount {
+        /// The mapped device.
+        device: PathBuf,
+        /// The mount point.
+        target: PathBuf,
+        /// The options, as mount(8) prints them.
+        options: String,
+        /// Cause.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// The libcryptsetup worker thread is gone.
+    #[error("the libcryptsetup worker thread is gone ({0}); the boot cannot continue")]
+    Worker(&'static str),
+}
+
+/// The effects of the volume capability: the seam the unlock stage goes through.
+pub trait Volumes {
+    /// Reads the device's first MiB (and the LUKS2 secondary-header offsets past it).
+    fn inspect(&self, device: &Path) -> Result<DeviceState, VolumeError>;
+    /// Formats a blank device: LUKS2, keyslot for `key`, token naming `key.resource()`, and
+    /// with `integrity` the dm-integrity initialisation. Returns the keyslot. Refuses a device
+    /// that is not blank.
+    fn format(
+        &self,
+        device: &Path,
+        key: &VolumeKey,
+        integrity: Option<Integrity>,
+    ) -> Result<u32, VolumeError>;
+    /// The resources named by the device's `cvm-warden-kbs` tokens.
+    fn token_resources(&self, device: &Path) -> Result<Vec<String>, VolumeError>;
+    /// Checks that `key` opens a keyslot (no mapping is created); returns the keyslot.
+    fn verify_key(&self, device: &Path, key: &VolumeKey) -> Result<u32, VolumeError>;
+    /// Activates the dm-crypt mapping `name`; returns the mapped device.
+    fn open(&self, device: &Path, name: &str, key: &VolumeKey) -> Result<PathBuf, VolumeError>;
+    /// Removes the mapping `name`.
+    fn close(&self, name: &str) -> Result<(), VolumeError>;
+    /// Makes an ext4 file system on the mapped device, without prompts.
+    fn mkfs_ext4(&self, mapped: &Path) -> Result<(), VolumeError>;
+    /// Mounts the mapped device (ext4, `nosuid,nodev`, plus `noexec` when asked).
+    fn mount(
+        &self,
+        mapped: &Path,
+        mountpoint: &Path,
+        options: MountOptions,
+    ) -> Result<(), VolumeError>;
+}
+
+/// Unlocks one volume: inspect → decide → (format) → token check → verify key → open →
+/// (mkfs on first boot) → mount. A failure after `open` closes the mapping again (the first
+/// error is the one returned). Nothing is formatted unless [`decide()`] said so.
+pub fn unlock(
+    vols: &dyn Volumes,
+    spec: &VolumeSpec,
+    key: &VolumeKey,
+) -> Result<Unlocked, VolumeError> {
+    if key.resource() != &spec.resource {
+        return Err(VolumeError::WrongResource {
+            volume: spec.name.clone(),
+            expected: spec.resource.to_string(),
+            got: key.resource().to_string(),
+        });
+    }
+    let state = vols.inspect(&spec.device)?;
+    let action = decide(&spec.device, &state, spec.format_if_blank)?;
+    let formatted = action == Action::FormatThenUnlock;
+    if formatted {
+        log::info!(
+            "formatting blank device {} as LUKS2 for volume {:?} (key {})",
+            spec.device.display(),
+            spec.name,
+            spec.resource
+        );
+        vols.format(&spec.device, key, spec.integrity)?;
+    }
+    let found = vols.token_resources(&spec.device)?;
+    check_token(&spec.device, &found, &spec.resource)?;
+    let keyslot = vols.verify_key(&spec.device, key)?;
+    let mapped = vols.open(&spec.device, &spec.name, key)?;
+    let after_open = || -> Result<(), VolumeError> {
+        if formatted {
+            vols.mkfs_ext4(&mapped)?;
+        }
+        vols.mount(&mapped, &spec.mountpoint, spec.mount)
+    };
+    if let Err(err) = after_open() {
+        if let Err(close_err) = vols.close(&spec.name) {
+            log::warn!(
+                "closing {:?} after a failure failed too: {close_err}",
+                spec.name
+            );
+        }
+        return Err(err);
+    }
+    Ok(Unlocked {
+        name: spec.name.clone(),
+        mapped,
+        keyslot,
+        formatted,
+    })
+}
+
+#[cfg(test)]
+mod tests;

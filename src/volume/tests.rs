@@ -1,0 +1,351 @@
+//! Unit tests of the unlock flow through the recording fake, and of the small types. No root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::MsFlags;
+use zeroize::Zeroizing;
+
+use super::*;
+
+const DEV: &str = "/dev/vdb";
+const RES: &str = "kbs:///default/keys/workspace";
+
+fn uri(text: &str) -> ResourceUri {
+    ResourceUri::parse(text).unwrap()
+}
+
+fn key_bytes(fill: u8) -> Vec<u8> {
+    vec![fill; 32]
+}
+
+fn key(fill: u8) -> VolumeKey {
+    VolumeKey::new(Zeroizing::new(key_bytes(fill)), uri(RES)).unwrap()
+}
+
+fn spec(format_if_blank: bool) -> VolumeSpec {
+    VolumeSpec {
+        name: "workspace".to_string(),
+        device: PathBuf::from(DEV),
+        resource: uri(RES),
+        mountpoint: PathBuf::from("/data"),
+        format_if_blank,
+        integrity: None,
+        mount: MountOptions { noexec: true },
+    }
+}
+
+/// The one place that builds a policy `Volume` (update it when the policy type grows).
+fn policy_volume(name: &str, allow_exec: bool, integrity: Option<&str>) -> Volume {
+    Volume {
+        name: name.to_string(),
+        device: PathBuf::from(DEV),
+        key: uri(RES),
+        mount: PathBuf::from("/data"),
+        format_if_blank: true,
+        integrity: integrity.map(str::to_string),
+        allow_exec,
+    }
+}
+
+fn mapped() -> PathBuf {
+    PathBuf::from("/dev/mapper/workspace")
+}
+
+#[test]
+fn first_boot_formats_then_opens_makes_ext4_and_mounts_in_that_order() {
+    let fake = FakeVolumes::new().with_device(DEV, DeviceState::Blank);
+    let got = unlock(&fake, &spec(true), &key(7)).unwrap();
+    assert_eq!(
+        got,
+        Unlocked {
+            name: "workspace".to_string(),
+            mapped: mapped(),
+            keyslot: 0,
+            formatted: true,
+        }
+    );
+    let dev = PathBuf::from(DEV);
+    assert_eq!(
+        fake.calls(),
+        vec![
+            VolumeCall::Inspect(dev.clone()),
+            VolumeCall::Format {
+                device: dev.clone(),
+                resource: RES.to_string(),
+                integrity: None
+            },
+            VolumeCall::TokenResources(dev.clone()),
+            VolumeCall::VerifyKey {
+                device: dev.clone(),
+                resource: RES.to_string()
+            },
+            VolumeCall::Open {
+                device: dev,
+                name: "workspace".to_string()
+            },
+            VolumeCall::MkfsExt4(mapped()),
+            VolumeCall::Mount {
+                mapped: mapped(),
+                mountpoint: PathBuf::from("/data"),
+                options: MountOptions { noexec: true }
+            },
+        ]
+    );
+    assert_eq!(fake.state(Path::new(DEV)), Some(DeviceState::Luks2));
+    assert_eq!(fake.mappings(), vec!["workspace".to_string()]);
+}
+
+#[test]
+fn integrity_mode_reaches_format() {
+    let fake = FakeVolumes::new().with_device(DEV, DeviceState::Blank);
+    let mut s = spec(true);
+    s.integrity = Some(Integrity::HmacSha256);
+    unlock(&fake, &s, &key(7)).unwrap();
+    assert!(fake.calls().contains(&VolumeCall::Format {
+        device: PathBuf::from(DEV),
+        resource: RES.to_string(),
+        integrity: Some(Integrity::HmacSha256)
+    }));
+}
+
+#[test]
+fn existing_volume_is_opened_and_mounted_without_format_or_mkfs() {
+    let fake = FakeVolumes::new().with_luks2(DEV, &key_bytes(7), &[RES]);
+    let got = unlock(&fake, &spec(true), &key(7)).unwrap();
+    assert!(!got.formatted);
+    assert_eq!(
+        fake.ops(),
+        vec![
+            VolumeOp::Inspect,
+            VolumeOp::TokenResources,
+            VolumeOp::VerifyKey,
+            VolumeOp::Open,
+            VolumeOp::Mount
+        ]
+    );
+}
+
+#[test]
+fn refusals_stop_after_inspect_and_write_nothing() {
+    let cases = [
+        (
+            DeviceState::HoldsData {
+                first_nonzero: 1000,
+            },
+            true,
+        ),
+        (DeviceState::HoldsData { first_nonzero: 0 }, false),
+        (DeviceState::Blank, false),
+        (DeviceState::Luks1, true),
+        (DeviceState::LuksVersion(3), true),
+        (
+            DeviceState::OrphanSecondaryHeader { offset: 0x20_0000 },
+            true,
+        ),
+    ];
+    for (state, allow) in cases {
+        let fake = FakeVolumes::new().with_device(DEV, state.clone());
+        let err = unlock(&fake, &spec(allow), &key(7)).unwrap_err();
+        assert!(matches!(err, VolumeError::Refused(_)), "{state:?}: {err}");
+        assert_eq!(fake.ops(), vec![VolumeOp::Inspect], "{state:?}");
+        assert_eq!(fake.state(Path::new(DEV)), Some(state.clone()));
+    }
+    let fake = FakeVolumes::new().with_device(
+        DEV,
+        DeviceState::HoldsData {
+            first_nonzero: 1000,
+        },
+    );
+    assert_eq!(
+        unlock(&fake, &spec(true), &key(7)).unwrap_err().to_string(),
+        "refusing to format /dev/vdb: it holds data but no LUKS2 header"
+    );
+}
+
+#[test]
+fn token_mismatch_fails_closed_before_the_key_is_tried() {
+    let fake = FakeVolumes::new().with_luks2(DEV, &key_bytes(7), &["kbs:///default/keys/other"]);
+    let err = unlock(&fake, &spec(true), &key(7)).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(
+        err,
+        VolumeError::Token(TokenProblem::Mismatch { .. })
+    ));
+    assert!(text.contains("kbs:///default/keys/other"), "{text}");
+    assert!(text.contains(RES), "{text}");
+    assert_eq!(
+        fake.ops(),
+        vec![VolumeOp::Inspect, VolumeOp::TokenResources]
+    );
+    assert!(fake.mappings().is_empty());
+}
+
+#[test]
+fn missing_token_fails_closed() {
+    let fake = FakeVolumes::new().with_luks2(DEV, &key_bytes(7), &[]);
+    let err = unlock(&fake, &spec(true), &key(7)).unwrap_err();
+    assert!(
+        matches!(err, VolumeError::Token(TokenProblem::Missing { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_key_is_rejected_naming_device_and_resource_and_nothing_is_opened() {
+    let fake = FakeVolumes::new().with_luks2(DEV, &key_bytes(7), &[RES]);
+    let err = unlock(&fake, &spec(true), &key(8)).unwrap_err();
+    assert!(matches!(err, VolumeError::KeyRejected { .. }));
+    let text = err.to_string();
+    assert!(text.contains("/dev/vdb") && text.contains(RES), "{text}");
+    assert!(fake.mappings().is_empty());
+    assert!(!fake.ops().contains(&VolumeOp::Open));
+}
+
+#[test]
+fn key_for_another_resource_is_refused_before_any_effect() {
+    let fake = FakeVolumes::new().with_device(DEV, DeviceState::Blank);
+    let other = VolumeKey::new(Zeroizing::new(key_bytes(7)), uri("kbs:///default/keys/b")).unwrap();
+    let err = unlock(&fake, &spec(true), &other).unwrap_err();
+    assert!(matches!(err, VolumeError::WrongResource { .. }), "{err}");
+    assert!(fake.calls().is_empty());
+}
+
+#[test]
+fn mkfs_failure_closes_the_mapping_and_returns_the_mkfs_error() {
+    let fake = FakeVolumes::new()
+        .with_device(DEV, DeviceState::Blank)
+        .fail(VolumeOp::MkfsExt4);
+    let err = unlock(&fake, &spec(true), &key(7)).unwrap_err();
+    assert!(matches!(err, VolumeError::Crypt { .. }), "{err}");
+    assert_eq!(fake.ops().last(), Some(&VolumeOp::Close));
+    assert!(!fake.ops().contains(&VolumeOp::Mount));
+    assert!(fake.mappings().is_empty());
+}
+
+#[test]
+fn mount_failure_closes_the_mapping() {
+    let fake = FakeVolumes::new()
+        .with_luks2(DEV, &key_bytes(7), &[RES])
+        .fail(VolumeOp::Mount);
+    let err = unlock(&fake, &spec(true), &key(7)).unwrap_err();
+    assert!(matches!(err, VolumeError::Mount { .. }), "{err}");
+    assert_eq!(fake.ops().last(), Some(&VolumeOp::Close));
+    assert!(fake.mappings().is_empty());
+    assert!(fake.mounts().is_empty());
+}
+
+#[test]
+fn fake_format_refuses_a_device_that_is_not_blank() {
+    let fake = FakeVolumes::new().with_device(DEV, DeviceState::HoldsData { first_nonzero: 3 });
+    let err = fake.format(Path::new(DEV), &key(7), None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "refusing to format /dev/vdb: it holds data but no LUKS2 header"
+    );
+    assert_eq!(
+        fake.state(Path::new(DEV)),
+        Some(DeviceState::HoldsData { first_nonzero: 3 })
+    );
+}
+
+#[test]
+fn short_key_is_refused_naming_the_resource() {
+    for len in [0usize, 1, 16, 31] {
+        let err = VolumeKey::new(Zeroizing::new(vec![1; len]), uri(RES)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "broker resource {RES} released {len} bytes, but a broker resource shorter than \
+                 32 bytes is not a volume key; store 32 or more random bytes under it (e.g. \
+                 `head -c 32 /dev/urandom`)"
+            )
+        );
+    }
+    assert_eq!(
+        VolumeKey::new(Zeroizing::new(vec![1; 32]), uri(RES))
+            .unwrap()
+            .len(),
+        32
+    );
+    assert_eq!(
+        VolumeKey::new(Zeroizing::new(vec![1; 64]), uri(RES))
+            .unwrap()
+            .len(),
+        64
+    );
+}
+
+#[test]
+fn key_debug_shows_no_key_bytes() {
+    let k = VolumeKey::new(
+        Zeroizing::new(b"0123456789abcdefghijklmnopqrstuv".to_vec()),
+        uri(RES),
+    )
+    .unwrap();
+    let debug = format!("{k:?}");
+    assert!(
+        debug.contains("<redacted>") && debug.contains(RES),
+        "{debug}"
+    );
+    assert!(!debug.contains("0123456789"), "{debug}");
+    assert!(!debug.contains("48, 49"), "{debug}");
+}
+
+#[test]
+fn integrity_parses_only_hmac_sha256() {
+    assert_eq!(Integrity::parse("hmac-sha256"), Ok(Integrity::HmacSha256));
+    assert_eq!(Integrity::HmacSha256.crypto_api_name(), "hmac(sha256)");
+    assert_eq!(Integrity::HmacSha256.key_bytes(), 32);
+    for bad in ["hmac(sha256)", "HMAC-SHA256", "crc32c", ""] {
+        assert!(
+            Integrity::parse(bad).unwrap_err().contains("hmac-sha256"),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn spec_from_policy_checks_name_and_integrity_and_maps_allow_exec() {
+    let spec =
+        VolumeSpec::from_policy(&policy_volume("workspace", false, Some("hmac-sha256"))).unwrap();
+    assert_eq!(spec.resource, uri(RES));
+    assert_eq!(spec.integrity, Some(Integrity::HmacSha256));
+    assert_eq!(spec.mount, MountOptions { noexec: true });
+    let spec = VolumeSpec::from_policy(&policy_volume("workspace", true, None)).unwrap();
+    assert_eq!(spec.mount, MountOptions { noexec: false });
+    assert_eq!(spec.integrity, None);
+
+    for name in ["", ".", "..", "a/b", "a b", &"x".repeat(128)] {
+        let err = VolumeSpec::from_policy(&policy_volume(name, false, None)).unwrap_err();
+        assert!(
+            matches!(err, VolumeError::BadSpec { what: "name", .. }),
+            "{name:?}: {err}"
+        );
+    }
+    let err = VolumeSpec::from_policy(&policy_volume("w", false, Some("crc32"))).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VolumeError::BadSpec {
+                what: "integrity",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("hmac-sha256"), "{err}");
+}
+
+#[test]
+fn mount_always_sets_nosuid_and_nodev() {
+    assert_eq!(
+        luks::mount_flags(MountOptions { noexec: false }),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+    );
+    assert_eq!(
+        luks::mount_flags(MountOptions { noexec: true }),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC
+    );
+}

@@ -1,0 +1,677 @@
+//! The running broker: sessions, the three endpoints, the request log.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use rand_core::{OsRng, RngCore};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::binding::{self, TeePubKey};
+use crate::config::KNOWN_TEES;
+use crate::config::{check_resource_path, BrokerConfig, Compiled, CompiledPolicy, RequiredStatus};
+use crate::error::{BrokerError, ErrorKind, KbsError};
+use crate::evidence::{self, InitData};
+use crate::http::{self, Request, Response};
+use crate::jwe;
+use crate::token::{TokenSigner, EAR_PROFILE, TEE_PUBKEY_POINTER};
+use crate::tpm;
+
+/// The protocol version the broker accepts, compared exactly.
+pub const KBS_PROTOCOL_VERSION: &str = "0.4.0";
+/// The session cookie name.
+pub const SESSION_COOKIE: &str = "kbs-session-id";
+
+/// One request as the broker saw it, for test assertions. Never holds a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// HTTP method.
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    /// Status answered.
+    pub status: u16,
+    /// The error variant answered, if any (`None` for success and injected 503s).
+    pub error: Option<ErrorKind>,
+    /// Why (broker-side reason, more precise than the wire detail).
+    pub reason: Option<String>,
+    /// The request carried a `kbs-session-id` cookie.
+    pub session_cookie: bool,
+    /// The request carried `Authorization: Bearer`.
+    pub bearer: bool,
+    /// For a successful `/attest`: the `ear.status` issued.
+    pub ear_status: Option<String>,
+}
+
+struct Session {
+    tee: String,
+    nonce: String,
+    expires_at: SystemTime,
+    token: Option<String>,
+}
+
+struct State {
+    cfg: Compiled,
+    signer: TokenSigner,
+    sessions: Mutex<HashMap<String, Session>>,
+    log: Mutex<Vec<RequestRecord>>,
+    failures_left: AtomicU32,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn json_response(body: Value) -> Response {
+    Response {
+        status: 200,
+        content_type: "application/json",
+        extra_headers: Vec::new(),
+        body: body.to_string().into_bytes(),
+    }
+}
+
+fn bearer(req: &Request) -> Option<String> {
+    let value = req.header("authorization")?;
+    let (scheme, token) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
+        Some(token.trim().to_string())
+    } else {
+        None
+    }
+}
+
+#[derive(Deserialize)]
+struct AuthRequest {
+    version: String,
+    tee: String,
+    #[serde(rename = "extra-params")]
+    #[allow(dead_code)]
+    extra_params: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct AttestationBody {
+    init_data: Option<InitData>,
+    runtime_data: RuntimeData,
+    tee_evidence: CompositeEvidence,
+}
+
+#[derive(Deserialize)]
+struct RuntimeData {
+    nonce: String,
+    #[serde(rename = "tee-pubkey")]
+    tee_pubkey: Value,
+}
+
+#[derive(Deserialize)]
+struct CompositeEvidence {
+    primary_evidence: Value,
+    additional_evidence: String,
+}
+
+impl State {
+    fn handle(&self, req: &Request) -> Response {
+        if self.cfg.faults.delay_ms > 0 {
+            std::thread::sleep(Duration::from_millis(self.cfg.faults.delay_ms));
+        }
+        let mut rec = RequestRecord {
+            method: req.method.clone(),
+            path: req.path().to_string(),
+            status: 0,
+            error: None,
+            reason: None,
+            session_cookie: req.cookie(SESSION_COOKIE).is_some(),
+            bearer: bearer(req).is_some(),
+            ear_status: None,
+        };
+        let injected = self
+            .failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let response = if injected {
+            rec.reason = Some("injected failure (faults.fail_first_n)".to_string());
+            Response {
+                status: 503,
+                content_type: "text/plain",
+                extra_headers: Vec::new(),
+                body: b"kbs-test-broker: injected failure (faults.fail_first_n)".to_vec(),
+            }
+        } else {
+            match self.route(req, &mut rec) {
+                Ok(response) => response,
+                Err(err) => {
+                    rec.error = Some(err.kind);
+                    rec.reason = Some(err.reason.clone());
+                    Response {
+                        status: err.kind.status(),
+                        content_type: "application/json",
+                        extra_headers: Vec::new(),
+                        body: err.body(),
+                    }
+                }
+            }
+        };
+        rec.status = response.status;
+        if self.cfg.log_requests {
+            eprintln!(
+                "kbs-test-broker: {} {} -> {}{}{}",
+                rec.method,
+                rec.path,
+                rec.status,
+                rec.error.map(|k| format!(" {k}")).unwrap_or_default(),
+                rec.reason
+                    .as_ref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            );
+        }
+        lock(&self.log).push(rec);
+        response
+    }
+
+    fn route(&self, req: &Request, rec: &mut RequestRecord) -> Result<Response, KbsError> {
+        let path = req.path();
+        let Some(rest) = path.strip_prefix("/kbs/v0/") else {
+            return Err(KbsError::invalid_path(path, "not under /kbs/v0/"));
+        };
+        let (plugin, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        match (plugin, req.method.as_str()) {
+            ("auth", "POST") => self.auth(req),
+            ("attest", "POST") => self.attest(req, rec),
+            ("resource", "GET") => self.resource(req, tail),
+            _ => Err(KbsError::plugin_not_found(
+                plugin,
+                format!("no endpoint {} /kbs/v0/{plugin}", req.method),
+            )),
+        }
+    }
+
+    fn session_cookie_header(&self, id: &str, expires_at: SystemTime) -> (String, String) {
+        (
+            "Set-Cookie".to_string(),
+            format!(
+                "{SESSION_COOKIE}={id}; Expires={}",
+                http::http_date(unix_secs(expires_at))
+            ),
+        )
+    }
+
+    fn auth(&self, req: &Request) -> Result<Response, KbsError> {
+        let request: AuthRequest = serde_json::from_slice(&req.body)
+            .map_err(|e| KbsError::auth(format!("deserialize Request: {e}")))?;
+        if request.version != KBS_PROTOCOL_VERSION {
+            return Err(KbsError::auth(format!(
+                "KBS Client Protocol Version Mismatch: expect ={KBS_PROTOCOL_VERSION} while the \
+                 request is {}",
+                request.version
+            )));
+        }
+        if !KNOWN_TEES.contains(&request.tee.as_str()) {
+            return Err(KbsError::auth(format!(
+                "deserialize Request: unknown tee {:?} (known: {KNOWN_TEES:?})",
+                request.tee
+            )));
+        }
+        let mut nonce = [0u8; 32];
+        OsRng.fill_bytes(&mut nonce);
+        let nonce = base64::engine::general_purpose::STANDARD.encode(nonce);
+        let mut id = [0u8; 16];
+        OsRng.fill_bytes(&mut id);
+        let id = hex::encode(id);
+        let now = SystemTime::now();
+        let expires_at = if self.cfg.faults.expire_sessions_immediately {
+            now - Duration::from_secs(1)
+        } else {
+            now + self.cfg.session_ttl
+        };
+        let cookie = self.session_cookie_header(&id, expires_at);
+        {
+            let mut sessions = lock(&self.sessions);
+            let horizon = now - Duration::from_secs(60);
+            sessions.retain(|_, s| s.expires_at > horizon);
+            sessions.insert(
+                id,
+                Session {
+                    tee: request.tee,
+                    nonce: nonce.clone(),
+                    expires_at,
+                    token: None,
+                },
+            );
+        }
+        let mut response = json_response(json!({"nonce": nonce, "extra-params": ""}));
+        response.extra_headers.push(cookie);
+        Ok(response)
+    }
+
+    fn attest(&self, req: &Request, rec: &mut RequestRecord) -> Result<Response, KbsError> {
+        let id = req
+            .cookie(SESSION_COOKIE)
+            .ok_or_else(|| KbsError::attest("cookie not found"))?
+            .to_string();
+        let body: AttestationBody = serde_json::from_slice(&req.body)
+            .map_err(|e| KbsError::attest(format!("deserialize Attestation: {e}")))?;
+        let now = SystemTime::now();
+        let (tee, nonce, expires_at) = {
+            let sessions = lock(&self.sessions);
+            let session = sessions
+                .get(&id)
+                .ok_or_else(|| KbsError::attest(format!("no session {id}")))?;
+            if session.expires_at < now {
+                return Err(KbsError::attest(format!("session {id} expired")));
+            }
+            if let Some(token) = &session.token {
+                // Trustee answers an already attested session with its token.
+                let mut response = json_response(json!({ "token": token }));
+                response
+                    .extra_headers
+                    .push(self.session_cookie_header(&id, session.expires_at));
+                return Ok(response);
+            }
+            (
+                session.tee.clone(),
+                session.nonce.clone(),
+                session.expires_at,
+            )
+        };
+        if body.runtime_data.nonce != nonce {
+            return Err(KbsError::attest(
+                "the nonce in the handshake session is different from the one in the \
+                 Attestation message",
+            ));
+        }
+        let key = TeePubKey::from_jwk(&body.runtime_data.tee_pubkey).map_err(KbsError::attest)?;
+        let additional = &body.tee_evidence.additional_evidence;
+        let report_data =
+            binding::report_data(additional, &nonce, &key).map_err(KbsError::attest)?;
+        if !additional.is_empty() {
+            return Err(KbsError::attest(
+                "additional_evidence (device evidence) is not verified by the test broker; \
+                 send \"\"",
+            ));
+        }
+        let init_digest = match &body.init_data {
+            Some(init) => Some(evidence::init_data_digest(init).map_err(KbsError::attest)?),
+            None => None,
+        };
+        let primary = &body.tee_evidence.primary_evidence;
+        let (tee_claims, status) = match tee.as_str() {
+            "sample" => {
+                if !self.cfg.allow_sample {
+                    return Err(KbsError::attest(
+                        "sample evidence is not accepted (allow_sample = false)",
+                    ));
+                }
+                let claims = evidence::verify_sample_evidence(primary, &report_data)
+                    .map_err(KbsError::attest)?;
+                (claims, "warning")
+            }
+            "tpm" => {
+                let verified =
+                    tpm::verify_tpm_evidence(primary, &report_data, init_digest.as_ref())
+                        .map_err(|e| KbsError::attest(e.to_string()))?;
+                let trusted = self.cfg.trusted_aks.contains(&verified.ak_public);
+                (
+                    verified.claims(trusted),
+                    if trusted { "affirming" } else { "warning" },
+                )
+            }
+            other => {
+                return Err(KbsError::attest(format!(
+                    "evidence of tee {other} is not verified by the test broker (only tpm, sample)"
+                )))
+            }
+        };
+        let iat = unix_secs(now);
+        let exp = if self.cfg.faults.expire_tokens_immediately {
+            iat.saturating_sub(1)
+        } else {
+            iat + self.cfg.token_ttl_secs
+        };
+        let mut annotated = json!({
+            tee.clone(): tee_claims,
+            "report_data": hex::encode(report_data),
+            "runtime_data_claims": binding::runtime_data(additional, &nonce, &key),
+        });
+        if let (Some(digest), Some(map)) = (init_digest, annotated.as_object_mut()) {
+            map.insert("init_data".to_string(), Value::String(hex::encode(digest)));
+        }
+        let claims = json!({
+            "eat_profile": EAR_PROFILE,
+            "iat": iat,
+            "exp": exp,
+            "ear.verifier-id": {"developer": "kbs-test-broker", "build": env!("CARGO_PKG_VERSION")},
+            "submods": {"cpu0": {
+                "ear.status": status,
+                "ear.appraisal-policy-id": "default",
+                "ear.veraison.annotated-evidence": annotated,
+            }},
+        });
+        let token = self.signer.sign(&claims);
+        {
+            let mut sessions = lock(&self.sessions);
+            let session = sessions
+                .get_mut(&id)
+                .ok_or_else(|| KbsError::attest(format!("session {id} vanished")))?;
+            session.token = Some(token.clone());
+        }
+        rec.ear_status = Some(status.to_string());
+        let mut response = json_response(json!({ "token": token }));
+        response
+            .extra_headers
+            .push(self.session_cookie_header(&id, expires_at));
+        Ok(response)
+    }
+
+    fn session_token(&self, req: &Request) -> Result<String, String> {
+        let id = req
+            .cookie(SESSION_COOKIE)
+            .ok_or_else(|| "no kbs-session-id cookie".to_string())?;
+        let sessions = lock(&self.sessions);
+        let session = sessions.get(id).ok_or_else(|| format!("no session {id}"))?;
+        if session.expires_at < SystemTime::now() {
+            return Err(format!("session {id} expired"));
+        }
+        session
+            .token
+            .clone()
+            .ok_or_else(|| format!("session {id} is not attested"))
+    }
+
+    fn resource(&self, req: &Request, tail: &str) -> Result<Response, KbsError> {
+        check_resource_path(tail).map_err(|why| KbsError::invalid_path(req.path(), why))?;
+        let token = match self.session_token(req) {
+            Ok(token) => token,
+            Err(why) => bearer(req).ok_or_else(|| {
+                KbsError::token_not_found(format!("{why}, and no Authorization: Bearer token"))
+            })?,
+        };
+        let claims = self
+            .signer
+            .verify(&token, unix_secs(SystemTime::now()))
+            .map_err(KbsError::token_verifier)?;
+        let resource = self.cfg.resources.get(tail).ok_or_else(|| {
+            KbsError::policy_deny(format!(
+                "no resource {tail} is configured, so no policy allows it"
+            ))
+        })?;
+        evaluate_policy(&resource.policy, &claims).map_err(KbsError::policy_deny)?;
+        let key_jwk = claims.pointer(TEE_PUBKEY_POINTER).ok_or_else(|| {
+            KbsError::token_verifier(format!("token has no {TEE_PUBKEY_POINTER}"))
+        })?;
+        let key = TeePubKey::from_jwk(key_jwk).map_err(KbsError::token_verifier)?;
+        let answer = jwe::encrypt(&key, resource.value.expose(), self.cfg.faults.tamper_jwe)
+            .map_err(KbsError::jwe)?;
+        let body = serde_json::to_value(&answer)
+            .map_err(|e| KbsError::plugin_internal(format!("serialise JWE: {e}")))?;
+        Ok(json_response(body))
+    }
+}
+
+/// Apply a resource policy to verified token claims; `Err` says why it denies.
+pub(crate) fn evaluate_policy(policy: &CompiledPolicy, claims: &Value) -> Result<(), String> {
+    let submod = claims
+        .pointer("/submods/cpu0")
+        .ok_or_else(|| "token has no submods.cpu0".to_string())?;
+    let annotated = submod
+        .get("ear.veraison.annotated-evidence")
+        .and_then(Value::as_object)
+        .ok_or_else(|| "token has no annotated evidence".to_string())?;
+    let tee = annotated
+        .keys()
+        .find(|k| KNOWN_TEES.contains(&k.as_str()))
+        .ok_or_else(|| "token names no tee".to_string())?;
+    if !policy.tees.iter().any(|t| t == tee) {
+        return Err(format!(
+            "tee {tee} is not allowed (policy allows {:?})",
+            policy.tees
+        ));
+    }
+    let status = submod
+        .get("ear.status")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "token has no ear.status".to_string())?;
+    let status_ok = match policy.require {
+        RequiredStatus::Affirming => status == "affirming",
+        RequiredStatus::Warning => status == "affirming" || status == "warning",
+    };
+    if !status_ok {
+        return Err(format!(
+            "ear.status is {status}; the policy requires {:?}",
+            policy.require
+        ));
+    }
+    for (index, expected) in &policy.pcrs {
+        let name = format!("pcr{index:02}");
+        let got = annotated
+            .get(tee)
+            .and_then(|c| c.get(&name))
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("token carries no {tee} {name}"))?;
+        if !got.eq_ignore_ascii_case(&hex::encode(expected)) {
+            return Err(format!(
+                "PCR {index} is {got}, the policy expects {}",
+                hex::encode(expected)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn load_tls(tls: &crate::config::TlsConfig) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| BrokerError::Tls {
+            what: "certificate chain",
+            path: tls.cert.clone(),
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(BrokerError::Tls {
+            what: "certificate chain",
+            path: tls.cert.clone(),
+            detail: "no CERTIFICATE block".to_string(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| BrokerError::Tls {
+        what: "private key",
+        path: tls.key.clone(),
+        detail: e.to_string(),
+    })?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(BrokerError::TlsConfig)?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(BrokerError::TlsConfig)?;
+    Ok(Arc::new(config))
+}
+
+/// Starts brokers.
+#[derive(Debug)]
+pub struct Broker;
+
+impl Broker {
+    /// Check `config`, bind `listen` (e.g. `"127.0.0.1:0"`), and serve on a background
+    /// thread until [`RunningBroker::stop`] or drop. HTTPS when `config.tls` is set.
+    pub fn start(config: BrokerConfig, listen: &str) -> Result<RunningBroker, BrokerError> {
+        let compiled = config.compile()?;
+        let tls = match &config.tls {
+            Some(tls) => Some(load_tls(tls)?),
+            None => None,
+        };
+        let listener = TcpListener::bind(listen).map_err(|source| BrokerError::Bind {
+            addr: listen.to_string(),
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+            addr: listen.to_string(),
+            source,
+        })?;
+        let host = match addr {
+            SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                SocketAddr::from(([127, 0, 0, 1], a.port()))
+            }
+            SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+            }
+            other => other,
+        };
+        let url = format!("{}://{host}", if tls.is_some() { "https" } else { "http" });
+        let state = Arc::new(State {
+            failures_left: AtomicU32::new(compiled.faults.fail_first_n),
+            cfg: compiled,
+            signer: TokenSigner::generate(),
+            sessions: Mutex::new(HashMap::new()),
+            log: Mutex::new(Vec::new()),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler_state = state.clone();
+        let handler: http::Handler = Arc::new(move |req: &Request| handler_state.handle(req));
+        let thread =
+            http::spawn_server(listener, tls, stop.clone(), handler).map_err(|source| {
+                BrokerError::Bind {
+                    addr: listen.to_string(),
+                    source,
+                }
+            })?;
+        Ok(RunningBroker {
+            url,
+            addr,
+            stop,
+            thread: Some(thread),
+            state,
+        })
+    }
+}
+
+/// A broker serving on a background thread. Stops on [`RunningBroker::stop`] or drop.
+pub struct RunningBroker {
+    url: String,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for RunningBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningBroker")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningBroker {
+    /// Base URL, e.g. `http://127.0.0.1:41234` (no trailing slash; append `/kbs/v0/...`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The bound socket address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every request answered so far, in order.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        lock(&self.state.log).clone()
+    }
+
+    /// Forget the request log.
+    pub fn clear_requests(&self) {
+        lock(&self.state.log).clear();
+    }
+
+    /// The public key that verifies this broker's tokens (JWK: `kty`, `crv`, `x`, `y`).
+    pub fn token_public_jwk(&self) -> Value {
+        self.state.signer.public_jwk()
+    }
+
+    /// Stop serving and wait for the server threads to end.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningBroker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn claims(tee: &str, status: &str, pcr15: &str) -> Value {
+        json!({"submods": {"cpu0": {
+            "ear.status": status,
+            "ear.veraison.annotated-evidence": {
+                tee: {"pcr15": pcr15, "pcr08": "00"},
+                "report_data": "ab",
+                "runtime_data_claims": {},
+            }
+        }}})
+    }
+
+    fn policy(tees: &[&str], require: RequiredStatus, pcr15: Option<[u8; 32]>) -> CompiledPolicy {
+        let mut pcrs = BTreeMap::new();
+        if let Some(v) = pcr15 {
+            pcrs.insert(15u8, v);
+        }
+        CompiledPolicy {
+            tees: tees.iter().map(|s| s.to_string()).collect(),
+            pcrs,
+            require,
+        }
+    }
+
+    #[test]
+    fn policy_checks_tee_status_and_each_pcr() {
+        let good = [0x11u8; 32];
+        let good_hex = hex::encode(good);
+        let p = policy(&["tpm"], RequiredStatus::Affirming, Some(good));
+        assert!(evaluate_policy(&p, &claims("tpm", "affirming", &good_hex)).is_ok());
+        // upper-case hex in the token is the same value
+        assert!(evaluate_policy(&p, &claims("tpm", "affirming", &good_hex.to_uppercase())).is_ok());
+        let e = evaluate_policy(&p, &claims("tpm", "affirming", &hex::encode([0x12u8; 32])));
+        assert!(e.unwrap_err().contains("PCR 15"));
+        let e = evaluate_policy(&p, &claims("tpm", "warning", &good_hex));
+        assert!(e.unwrap_err().contains("ear.status is warning"));
+        let e = evaluate_policy(&p, &claims("sample", "affirming", &good_hex));
+        assert!(e.unwrap_err().contains("tee sample is not allowed"));
+
+        let w = policy(&["tpm", "sample"], RequiredStatus::Warning, None);
+        assert!(evaluate_policy(&w, &claims("sample", "warning", "")).is_ok());
+        assert!(evaluate_policy(&w, &claims("tpm", "affirming", "")).is_ok());
+        assert!(evaluate_policy(&w, &claims("tpm", "contraindicated", "")).is_err());
+        assert!(evaluate_policy(&w, &json!({})).is_err());
+    }
+}
