@@ -609,7 +609,9 @@ struct StderrLogger;
 
 impl log::Log for StderrLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::Level::Info
+        // Our own messages from info up; libraries (the TSS, rustls) only warnings and errors.
+        let ours = metadata.target().starts_with("cvm_warden");
+        metadata.level() <= if ours { log::Level::Info } else { log::Level::Warn }
     }
 
     fn log(&self, record: &log::Record<'_>) {

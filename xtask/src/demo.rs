@@ -1,24 +1,45 @@
-//! `cargo xtask demo`: the sandbox demo.
+//! `cargo xtask demo`: the sandbox demo, end to end with a software TPM and the test broker.
 //!
-//! Stages `examples/bundle` at the fixed path the example policy names (with explicit modes,
-//! so the pinned digest does not depend on the checkout's umask), then runs
-//! `cvm-warden init` as PID 1 of new PID, mount, network and UTS namespaces. Act 1 boots the
-//! intact bundle: each stage, the workload's output and the audit log are shown and the log
-//! is verified. Act 2 tampers with one bundle file: the boot must stop before launch, name
-//! the file in the audit log, and the workload must not run.
+//! Everything runs inside a network namespace the demo creates (`cvm-warden-demo`, loopback
+//! only): `swtpm` plays the VM's vTPM, `kbs-test-broker` plays the Trustee key broker, and
+//! `cvm-warden init` runs as PID 1 of new PID, mount and UTS namespaces in it.
+//!
+//! 1. The image builder provisions an attestation key at a persistent handle (tpm2-tools),
+//!    and the model owner computes the reference value: PCR 15 after the measure stage
+//!    (`cvm-warden reference-values`).
+//! 2. The operator's dry run (`cvm-warden attest`) against a broker that does not trust the
+//!    AK yet: evidence `warning`, the secret is refused — and the AK to register is printed.
+//! 3. Act 1: the broker trusts the AK and requires PCR 15; the VM "reboots" (swtpm restarts,
+//!    PCRs reset), boots: bundle digest extended into PCR 15 → quote → broker checks it →
+//!    secret released into a tmpfs → the workload reads it; the audit log verifies with its
+//!    evidence.
+//! 4. Act 2: one bundle file changes; reboot: PCR 15 differs, the broker refuses
+//!    (PolicyDeny), no secret, the workload never starts, the audit log says why.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::{cargo, ensure_tools, is_root, sh, show, target_dir, TOOLS};
 
-/// Where the example policy expects the bundle, its manifest and the audit log (not under
-/// /run or /tmp: PID 1 mounts fresh tmpfs there when they are not mount points).
+/// Where the example policy expects the bundle and the audit log (not under /run or /tmp:
+/// PID 1 mounts fresh tmpfs there when they are not mount points).
 const DEMO_DIR: &str = "/var/lib/cvm-warden-demo";
+/// The network namespace everything runs in.
+const NETNS: &str = "cvm-warden-demo";
+/// swtpm's ports (the policy's `attestation.tpm` names the first).
+const TPM_PORT: u16 = 12321;
+const TPM_CTRL_PORT: u16 = 12322;
+/// The broker's address (the policy's `attestation.kbs`).
+const BROKER_LISTEN: &str = "127.0.0.1:18999";
+/// The persistent AK handle (the policy's `attestation.tpm_ak_handle`).
+const AK_HANDLE: &str = "0x81010002";
+/// The broker resource of the workload's TLS key (the policy's `[[secret]]`).
+const SECRET_RESOURCE: &str = "default/secrets/fl-client-key";
 /// The line the example workload prints when it ran.
 const WORKLOAD_MARK: &str = "workload: hello from the federated-learning participant";
 
@@ -27,36 +48,104 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     if !is_root() {
         bail!("the demo creates namespaces and mounts: run it as root");
     }
-    sh(cargo()
-        .current_dir(root)
-        .args(["build", "--quiet", "--bin", "cvm-warden"]))?;
-    let bin = target_dir(root).join("debug/cvm-warden");
+    sh(cargo().current_dir(root).args([
+        "build",
+        "--quiet",
+        "--bin",
+        "cvm-warden",
+        "--bin",
+        "kbs-test-broker",
+        "-p",
+        "cvm-warden",
+        "-p",
+        "kbs-test-broker",
+    ]))?;
+    let bins = Bins {
+        warden: target_dir(root).join("debug/cvm-warden"),
+        broker: target_dir(root).join("debug/kbs-test-broker"),
+    };
     let demo = Path::new(DEMO_DIR);
-
-    let result = acts(root, &bin, demo);
+    if demo.exists() {
+        fs::remove_dir_all(demo).with_context(|| format!("removing {}", demo.display()))?;
+    }
+    let result = Netns::create().and_then(|netns| acts(root, &bins, demo, &netns));
     let _ = fs::remove_dir_all(demo);
     result
 }
 
-fn acts(root: &Path, bin: &Path, demo: &Path) -> Result<()> {
+struct Bins {
+    warden: PathBuf,
+    broker: PathBuf,
+}
+
+fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     stage_bundle(&root.join("examples/bundle"), &demo.join("bundle"))?;
     // The policy is read after PID 1 has mounted a fresh tmpfs on /tmp and /run, so it must
     // not live there (the checkout might): copy it next to the bundle.
     let policy = &demo.join("policy.toml");
     fs::copy(root.join("examples/policy.toml"), policy).context("copying the example policy")?;
-    fs::copy(
-        root.join("examples/bundle.manifest.json"),
-        demo.join("bundle.manifest.json"),
-    )
-    .context("copying the reference manifest")?;
 
     banner("the example policy, validated and normalised");
-    sh(Command::new(bin).args(["policy", "check"]).arg(policy))?;
-    banner("the bundle as the model owner measures it at build time");
-    sh(Command::new(bin).arg("measure").arg(demo.join("bundle")))?;
+    sh(Command::new(&bins.warden)
+        .args(["policy", "check"])
+        .arg(policy))?;
 
-    banner("act 1: boot with the intact bundle (cvm-warden is PID 1 of new namespaces)");
-    let out = boot(bin, policy)?;
+    banner("image builder: the VM's TPM gets a persistent attestation key");
+    let tpm_state = demo.join("tpm");
+    fs::create_dir_all(&tpm_state)?;
+    let mut tpm = Swtpm::start(netns, &tpm_state)?;
+    provision_ak(netns, demo)?;
+
+    banner("model owner: reference values for the broker (PCR 15 after the measure stage)");
+    let reference = json_of(
+        Command::new(&bins.warden)
+            .args(["reference-values", "--policy"])
+            .arg(policy),
+    )?;
+    let pcr15 = reference["tpm"]["value"]
+        .as_str()
+        .context("reference-values printed no tpm.value")?
+        .to_string();
+    println!(
+        "bundle digest {}\nPCR 15 after the measure stage: {pcr15}",
+        reference["bundle_digest"]
+    );
+
+    let secret = demo.join("fl-client.key");
+    fs::write(
+        &secret,
+        "-----BEGIN PRIVATE KEY----- (demo FL client key, released by the broker) -----END PRIVATE KEY-----\n",
+    )?;
+
+    banner("operator dry run: `cvm-warden attest` against a broker that does not know the AK yet");
+    let broker = Broker::start(netns, bins, demo, &broker_config(&[], &pcr15))?;
+    let dry = netns.command(&bins.warden);
+    let mut dry = dry;
+    dry.args(["attest", "--policy"]).arg(policy);
+    eprintln!("$ {}", show(&dry));
+    let out = dry.output().context("running the attest dry run")?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("the dry run printed no JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    ensure!(
+        !out.status.success(),
+        "the dry run released the secret to an AK the broker does not trust"
+    );
+    ensure!(
+        report["status"] == "warning",
+        "an untrusted AK must give status warning"
+    );
+    let ak = report["provider"]["provider"]["ak_public"]
+        .as_str()
+        .context("the dry run did not print the AK")?
+        .to_string();
+    broker.stop();
+    println!("\nthe operator registers this AK with the broker: {ak}");
+
+    banner("act 1: reboot (fresh PCRs) and boot the intact bundle; the broker now trusts the AK and requires PCR 15");
+    tpm.restart()?;
+    let broker = Broker::start(netns, bins, demo, &broker_config(&[ak.as_str()], &pcr15))?;
+    let out = boot(netns, &bins.warden, policy)?;
     ensure!(
         out.status.success(),
         "the demo boot failed with {}; see the output above",
@@ -66,16 +155,26 @@ fn acts(root: &Path, bin: &Path, demo: &Path) -> Result<()> {
         out.stdout.contains(WORKLOAD_MARK),
         "the workload did not print {WORKLOAD_MARK:?}"
     );
+    ensure!(
+        out.stdout.contains("workload: TLS key /run/cvm-warden/secrets/fl-client.key:")
+            && out.stdout.contains("mode 400, owner nobody"),
+        "the workload did not read its released TLS key"
+    );
+    broker.stop();
     let log = demo.join("audit.jsonl");
     banner("the audit log");
-    print!(
-        "{}",
-        fs::read_to_string(&log).context("reading the audit log")?
+    let text = fs::read_to_string(&log).context("reading the audit log")?;
+    print!("{text}");
+    ensure!(
+        !text.contains("demo FL client key"),
+        "the secret appears in the audit log"
     );
-    banner("the audit log, verified offline");
-    sh(Command::new(bin).args(["audit", "verify"]).arg(&log))?;
+    banner("the audit log, verified offline with its evidence");
+    sh(Command::new(&bins.warden)
+        .args(["audit", "verify"])
+        .arg(&log))?;
 
-    banner("act 2: a file of the bundle is changed after it was measured and pinned");
+    banner("act 2: a file of the bundle changes; reboot and boot again");
     fs::remove_file(&log).context("removing the first audit log")?;
     let tampered = demo.join("bundle/startup/start.sh");
     let mut perms = fs::metadata(&tampered)?.permissions();
@@ -84,7 +183,10 @@ fn acts(root: &Path, bin: &Path, demo: &Path) -> Result<()> {
     script.push_str("echo 'workload: exfiltrating the model' >&2\n");
     fs::write(&tampered, script)?;
     fs::set_permissions(&tampered, perms)?;
-    let out = boot(bin, policy)?;
+    tpm.restart()?;
+    let broker = Broker::start(netns, bins, demo, &broker_config(&[ak.as_str()], &pcr15))?;
+    let out = boot(netns, &bins.warden, policy)?;
+    let broker_log = broker.stop();
     ensure!(
         !out.status.success(),
         "the boot with a tampered bundle succeeded: fail-closed is broken"
@@ -93,19 +195,238 @@ fn acts(root: &Path, bin: &Path, demo: &Path) -> Result<()> {
         !out.stdout.contains(WORKLOAD_MARK),
         "the workload ran although the bundle was tampered with"
     );
+    ensure!(
+        broker_log.contains("PolicyDeny"),
+        "the broker did not refuse the resource:\n{broker_log}"
+    );
     let text = fs::read_to_string(&log).context("reading the second audit log")?;
     let failed = text
         .lines()
         .find(|l| l.contains("\"event\":\"failed\""))
         .context("the audit log has no failed record")?;
     ensure!(
-        failed.contains("startup/start.sh"),
-        "the failed record does not name the changed file: {failed}"
+        failed.contains("kbs:///default/secrets/fl-client-key") && failed.contains("PolicyDeny"),
+        "the failed record does not say the broker refused the secret: {failed}"
     );
-    banner("the record that stopped the boot (the changed file is named)");
+    banner("the broker's view");
+    print!("{broker_log}");
+    banner("the record that stopped the boot");
     println!("{failed}");
-    sh(Command::new(bin).args(["audit", "verify"]).arg(&log))?;
-    banner("demo done: intact bundle ran; tampered bundle stopped before launch");
+    sh(Command::new(&bins.warden)
+        .args(["audit", "verify"])
+        .arg(&log))?;
+    tpm.stop();
+    banner("demo done: intact bundle attested, secret released, workload ran; tampered bundle refused by the broker, no secret, no workload");
+    Ok(())
+}
+
+/// The broker's configuration: the secret, released to a `tpm` quote from a trusted AK whose
+/// PCR 15 is the reference value.
+fn broker_config(trusted_aks: &[&str], pcr15: &str) -> String {
+    let aks: Vec<String> = trusted_aks.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        "# written by cargo xtask demo\ntrusted_aks = [{}]\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = \"fl-client.key\"\npolicy = {{ tees = [\"tpm\"], pcrs = {{ \"15\" = \"{pcr15}\" }}, require = \"affirming\" }}\n",
+        aks.join(", ")
+    )
+}
+
+/// Runs `cmd`, requires success, parses its stdout as JSON.
+fn json_of(cmd: &mut Command) -> Result<serde_json::Value> {
+    eprintln!("$ {}", show(cmd));
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    ensure!(
+        out.status.success(),
+        "{} failed with {}: {}",
+        show(cmd),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).with_context(|| format!("{} printed no JSON", show(cmd)))
+}
+
+/// The demo's network namespace (loopback only); deleted on drop.
+struct Netns;
+
+impl Netns {
+    fn create() -> Result<Netns> {
+        // A namespace left over by an interrupted run is replaced.
+        let _ = Command::new("ip")
+            .args(["netns", "del", NETNS])
+            .stderr(Stdio::null())
+            .status();
+        sh(Command::new("ip").args(["netns", "add", NETNS]))?;
+        let netns = Netns;
+        sh(netns.command(Path::new("ip")).args(["link", "set", "lo", "up"]))?;
+        Ok(netns)
+    }
+
+    /// `program` inside the namespace.
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", NETNS]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
+    }
+}
+
+/// swtpm as the VM's TPM, in the namespace; killed on drop. A restart is a reboot: PCRs
+/// reset, persistent objects (the AK) stay.
+struct Swtpm<'a> {
+    netns: &'a Netns,
+    state: PathBuf,
+    child: Option<Child>,
+}
+
+impl<'a> Swtpm<'a> {
+    fn start(netns: &'a Netns, state: &Path) -> Result<Swtpm<'a>> {
+        let mut tpm = Swtpm {
+            netns,
+            state: state.to_path_buf(),
+            child: None,
+        };
+        tpm.spawn()?;
+        Ok(tpm)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut cmd = self.netns.command(Path::new("swtpm"));
+        cmd.args(["socket", "--tpm2", "--tpmstate"])
+            .arg(format!("dir={}", self.state.display()))
+            .args([
+                "--server",
+                &format!("type=tcp,port={TPM_PORT},bindaddr=127.0.0.1"),
+                "--ctrl",
+                &format!("type=tcp,port={TPM_CTRL_PORT},bindaddr=127.0.0.1"),
+                "--flags",
+                "not-need-init,startup-clear",
+            ]);
+        eprintln!("$ {} &", show(&cmd));
+        let child = cmd.spawn().context("cannot start swtpm")?;
+        self.child = Some(child);
+        // Ready when its port accepts connections (probed from inside the namespace).
+        let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{TPM_PORT}");
+        wait_until(Duration::from_secs(10), "swtpm to listen", || {
+            self.netns
+                .command(Path::new("bash"))
+                .args(["-c", &probe])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        self.stop();
+        eprintln!("(reboot: swtpm restarts, PCRs reset)");
+        self.spawn()
+    }
+}
+
+impl Drop for Swtpm<'_> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The image builder's step: an RSA-2048 restricted signing key (RSASSA-SHA256) under the
+/// endorsement key, made persistent at [`AK_HANDLE`].
+fn provision_ak(netns: &Netns, demo: &Path) -> Result<()> {
+    let dir = demo.join("ak");
+    fs::create_dir_all(&dir)?;
+    let tcti = format!("swtpm:host=127.0.0.1,port={TPM_PORT}");
+    let tool = |name: &str| {
+        let mut cmd = netns.command(Path::new(name));
+        cmd.env("TPM2TOOLS_TCTI", &tcti).current_dir(&dir);
+        cmd
+    };
+    // swtpm has no resource manager: flush what each tool leaves loaded before the next.
+    let flush = || -> Result<()> {
+        sh(tool("tpm2_flushcontext").arg("-t"))?;
+        sh(tool("tpm2_flushcontext").arg("-s"))
+    };
+    sh(tool("tpm2_createek").args(["-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"]))?;
+    flush()?;
+    sh(tool("tpm2_createak").args([
+        "-C", "ek.ctx", "-c", "ak.ctx", "-G", "rsa", "-g", "sha256", "-s", "rsassa", "-u",
+        "ak.pub", "-n", "ak.name",
+    ]))?;
+    flush()?;
+    sh(tool("tpm2_evictcontrol").args(["-C", "o", "-c", "ak.ctx", AK_HANDLE]))?;
+    flush()?;
+    Ok(())
+}
+
+/// The test broker in the namespace; stopped (and its log returned) by [`Broker::stop`].
+struct Broker {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Broker {
+    fn start(netns: &Netns, bins: &Bins, demo: &Path, config: &str) -> Result<Broker> {
+        let config_path = demo.join("broker.toml");
+        fs::write(&config_path, config)?;
+        let ready = demo.join("broker.ready");
+        let _ = fs::remove_file(&ready);
+        let log = demo.join("broker.log");
+        let mut cmd = netns.command(&bins.broker);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .args(["--listen", BROKER_LISTEN, "--ready-file"])
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?);
+        eprintln!("$ {} &", show(&cmd));
+        let child = cmd.spawn().context("cannot start kbs-test-broker")?;
+        let broker = Broker {
+            child: Some(child),
+            log,
+        };
+        wait_until(Duration::from_secs(10), "the broker to listen", || ready.exists())?;
+        Ok(broker)
+    }
+
+    fn stop(mut self) -> String {
+        self.kill();
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !ready() {
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(())
 }
 
@@ -114,10 +435,11 @@ struct Output {
     stdout: String,
 }
 
-/// `cvm-warden init` as PID 1 of new PID, mount, network and UTS namespaces.
-fn boot(bin: &Path, policy: &Path) -> Result<Output> {
+/// `cvm-warden init` as PID 1 of new PID, mount and UTS namespaces, inside the demo's
+/// network namespace.
+fn boot(netns: &Netns, bin: &Path, policy: &Path) -> Result<Output> {
     // `sh -c 'exec "$@" 2>&1'`: one stream, so stage lines and workload output interleave.
-    let mut cmd = Command::new("sh");
+    let mut cmd = netns.command(Path::new("sh"));
     cmd.args([
         "-c",
         "exec \"$@\" 2>&1",
@@ -127,7 +449,6 @@ fn boot(bin: &Path, policy: &Path) -> Result<Output> {
         "--fork",
         "--mount",
         "--mount-proc",
-        "--net",
         "--uts",
         "--kill-child",
         "--",

@@ -135,6 +135,9 @@ pub(crate) const TOOLS: &[(&str, &str)] = &[
     ("swtpm_setup", "swtpm-tools"),
     ("cryptsetup", "cryptsetup-bin"),
     ("mkfs.ext4", "e2fsprogs"),
+    // The demo: a network namespace for the broker and the TPM, the AK provisioning step.
+    ("ip", "iproute2"),
+    ("tpm2_createak", "tpm2-tools"),
 ];
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the workspace root),

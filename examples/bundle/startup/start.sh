@@ -7,6 +7,13 @@ echo "workload: uid=$(id -u) gid=$(id -g) groups=$(id -G)"
 grep -E '^(CapEff|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status | sed 's/^/workload: /'
 echo "workload: environment: $(env | sort | tr '\n' ' ')"
 echo "workload: umask $(umask), working directory $(pwd)"
+key=${FL_CLIENT_KEY:-}
+if [ -n "$key" ] && [ -r "$key" ]; then
+    echo "workload: TLS key $key: $(wc -c < "$key") bytes, mode $(stat -c %a "$key"), owner $(stat -c %U "$key")"
+else
+    echo "workload: TLS key missing" >&2
+    exit 3
+fi
 rounds=${1:-3}
 i=1
 while [ "$i" -le "$rounds" ]; do
