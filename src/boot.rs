@@ -725,13 +725,11 @@ mod tests {
     fn unsupported_features_are_refused_before_any_stage_or_effect() {
         let fixture = Fixture::new();
         let initramfs = fixture.policy("");
-        let cases = [
-            (
-                format!("{initramfs}\n[network]\ninbound = [{{ port = 8002 }}]\n"),
-                "perimeter: [network] (nftables perimeter) is not supported by this build yet; \
+        let cases = [(
+            format!("{initramfs}\n[network]\ninbound = [{{ port = 8002 }}]\n"),
+            "perimeter: [network] (nftables perimeter) is not supported by this build yet; \
                  remove [network] from the policy or use a release with firewall support",
-            ),
-        ];
+        )];
         for (policy, expected) in cases {
             let sys = FakeSys::new();
             let (sink, lines) = MemorySink::new();
@@ -1009,7 +1007,9 @@ mod tests {
             self.calls.push(format!("fetch {uri}"));
             attempt(json!({ "call": "resource", "resource": uri, "try": 1 }));
             if self.deny.as_deref() == Some(uri.to_string().as_str()) {
-                return Err(format!("the key broker refused the evidence for {uri} (PolicyDeny)").into());
+                return Err(
+                    format!("the key broker refused the evidence for {uri} (PolicyDeny)").into(),
+                );
             }
             Ok(zeroize::Zeroizing::new(SECRET.to_vec()))
         }
@@ -1035,7 +1035,26 @@ mod tests {
         broker: &mut FakeBroker,
         audit: &Audit,
     ) -> Result<Ready, BootError> {
-        let loaded = load(&broker_policy(fixture));
+        let volumes = crate::volume::FakeVolumes::new();
+        prepare_with(
+            &broker_policy(fixture),
+            fixture,
+            sys,
+            broker,
+            &volumes,
+            audit,
+        )
+    }
+
+    fn prepare_with(
+        policy: &str,
+        fixture: &Fixture,
+        sys: &FakeSys,
+        broker: &mut FakeBroker,
+        volumes: &dyn crate::volume::Volumes,
+        audit: &Audit,
+    ) -> Result<Ready, BootError> {
+        let loaded = load(policy);
         let mut register = NoRegister;
         let env = Env {
             sys,
@@ -1043,9 +1062,97 @@ mod tests {
             register: &mut register,
             audit,
             broker: Some(broker),
-            volumes: &crate::volume::FakeVolumes::new(),
+            volumes,
         };
         prepare(&loaded, &fixture.facts(&loaded), env)
+    }
+
+    fn volume_policy(fixture: &Fixture) -> String {
+        format!(
+            "{}\n[[volume]]\nname = \"workspace\"\ndevice = \"/dev/vdb\"\nkey = \"kbs:///default/keys/workspace\"\nmount = \"/workspace\"\nformat_if_blank = true\n",
+            broker_policy(fixture)
+        )
+    }
+
+    #[test]
+    fn blank_volume_is_formatted_opened_and_mounted_with_the_released_key() {
+        use crate::volume::{DeviceState, FakeVolumes, VolumeOp};
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let mut broker = FakeBroker::new();
+        let volumes = FakeVolumes::new().with_device("/dev/vdb", DeviceState::Blank);
+        prepare_with(
+            &volume_policy(&fixture),
+            &fixture,
+            &sys,
+            &mut broker,
+            &volumes,
+            &audit,
+        )
+        .unwrap();
+        assert_eq!(
+            broker.calls,
+            [
+                "attest",
+                "checkpoint",
+                "fetch kbs:///default/keys/workspace",
+                "fetch kbs:///default/secrets/client-key"
+            ]
+        );
+        assert_eq!(
+            volumes.ops(),
+            [
+                VolumeOp::Inspect,
+                VolumeOp::Format,
+                VolumeOp::TokenResources,
+                VolumeOp::VerifyKey,
+                VolumeOp::Open,
+                VolumeOp::MkfsExt4,
+                VolumeOp::Mount
+            ]
+        );
+        assert_eq!(volumes.mappings(), ["workspace"]);
+        let ok = records(&lines)
+            .into_iter()
+            .find(|r| r["stage"] == "unlock" && r["event"] == "ok")
+            .unwrap();
+        assert_eq!(ok["details"]["volumes"][0]["formatted"], true);
+        assert_eq!(ok["details"]["volumes"][0]["noexec"], true);
+    }
+
+    #[test]
+    fn volume_holding_data_without_header_is_refused_and_not_touched() {
+        use crate::volume::{DeviceState, FakeVolumes, VolumeOp};
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, _lines) = memory_audit();
+        let mut broker = FakeBroker::new();
+        let volumes = FakeVolumes::new().with_device(
+            "/dev/vdb",
+            DeviceState::HoldsData {
+                first_nonzero: 1000,
+            },
+        );
+        let error = prepare_with(
+            &volume_policy(&fixture),
+            &fixture,
+            &sys,
+            &mut broker,
+            &volumes,
+            &audit,
+        )
+        .unwrap_err();
+        let text = chain(&error);
+        assert!(
+            text.contains("refusing to format /dev/vdb: it holds data but no LUKS2 header"),
+            "{text}"
+        );
+        assert_eq!(volumes.ops(), [VolumeOp::Inspect]);
+        assert!(!sys
+            .calls()
+            .iter()
+            .any(|c| matches!(c, SysCall::WritePrivate { .. })));
     }
 
     #[test]
@@ -1070,19 +1177,16 @@ mod tests {
             .unwrap();
         // The checkpoint binds the hash of the record that holds the exchange.
         let head: Digest = serde_json::from_value(records[attested]["hash"].clone()).unwrap();
-        assert_eq!(
-            broker.bindings,
-            [stage::attest::checkpoint_binding(&head)]
-        );
+        assert_eq!(broker.bindings, [stage::attest::checkpoint_binding(&head)]);
         let ok = records
             .iter()
             .find(|r| r["stage"] == "attest" && r["event"] == "ok")
             .unwrap();
-        assert_eq!(ok["details"]["checkpoint"]["head_seq"], records[attested]["seq"]);
-        let tries = records
-            .iter()
-            .filter(|r| r["event"] == "try")
-            .count();
+        assert_eq!(
+            ok["details"]["checkpoint"]["head_seq"],
+            records[attested]["seq"]
+        );
+        let tries = records.iter().filter(|r| r["event"] == "try").count();
         assert_eq!(tries, 3, "every broker try is a record");
         // The secret went to the tmpfs, owned by the workload user, and never into the log.
         let calls = sys.calls();
@@ -1112,7 +1216,10 @@ mod tests {
             "{}",
             chain(&error)
         );
-        assert!(!sys.calls().iter().any(|c| matches!(c, SysCall::WritePrivate { .. })));
+        assert!(!sys
+            .calls()
+            .iter()
+            .any(|c| matches!(c, SysCall::WritePrivate { .. })));
         let records = records(&lines);
         assert!(!records.iter().any(|r| r["stage"] == "unlock"));
     }
@@ -1130,6 +1237,9 @@ mod tests {
             text.contains("unlock: secret \"client.key\" from kbs:///default/secrets/client-key: the key broker refused the evidence for kbs:///default/secrets/client-key (PolicyDeny)"),
             "{text}"
         );
-        assert!(!sys.calls().iter().any(|c| matches!(c, SysCall::WritePrivate { .. })));
+        assert!(!sys
+            .calls()
+            .iter()
+            .any(|c| matches!(c, SysCall::WritePrivate { .. })));
     }
 }

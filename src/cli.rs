@@ -130,7 +130,8 @@ enum PolicyCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check an audit log's hash chain (exit 0 intact, 1 broken).
+    /// Check an audit log's hash chain and its embedded attestation evidence and
+    /// checkpoints (exit 0 intact, 1 broken).
     Verify {
         /// The JSON-lines audit log.
         file: PathBuf,
@@ -570,7 +571,9 @@ fn prepare(
         measurer: &RealMeasurer,
         register: register.as_mut(),
         audit,
-        broker: broker.as_mut().map(|b| b as &mut dyn crate::stage::KeyBroker),
+        broker: broker
+            .as_mut()
+            .map(|b| b as &mut dyn crate::stage::KeyBroker),
         volumes: &crate::volume::RealVolumes::new(),
     };
     boot::prepare(loaded, &facts(loaded), env)
@@ -611,7 +614,12 @@ impl log::Log for StderrLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
         // Our own messages from info up; libraries (the TSS, rustls) only warnings and errors.
         let ours = metadata.target().starts_with("cvm_warden");
-        metadata.level() <= if ours { log::Level::Info } else { log::Level::Warn }
+        metadata.level()
+            <= if ours {
+                log::Level::Info
+            } else {
+                log::Level::Warn
+            }
     }
 
     fn log(&self, record: &log::Record<'_>) {

@@ -159,7 +159,8 @@ impl RealBroker {
         attempt: &mut dyn FnMut(Value),
     ) -> Result<kbs::Released, kbs::KbsError> {
         let mut observer = |a: &Attempt| attempt(attempt_json(a));
-        self.client.resource(uri, self.provider.as_mut(), &mut observer)
+        self.client
+            .resource(uri, self.provider.as_mut(), &mut observer)
     }
 }
 

@@ -9,6 +9,7 @@
 //! chains only; secret types must implement neither `Serialize` nor `Display`, so they
 //! cannot be passed to [`Audit::record`] by accident.
 
+pub mod evidence_check;
 mod record;
 mod sinks;
 mod verify;

@@ -3,13 +3,15 @@
 //! Each line's hash is checked over its exact bytes, then the chain: seq counts up from 0
 //! and `prev` is the hash of the record before. A file may hold several *runs* one after
 //! another (a file sink on a persistent volume is appended to at every boot): a run starts
-//! with seq 0 and `prev` = `sha256:000…`. Later issues add checkpoint records whose TEE
-//! evidence binds the chain head; they plug in through [`RecordCheck`].
+//! with seq 0 and `prev` = `sha256:000…`. Further checks plug in through [`RecordCheck`];
+//! [`run_verify_command`] adds the [`EvidenceCheck`] (the broker exchange's binding and
+//! evidence, and the checkpoint that binds the log to the TEE).
 
 use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use super::evidence_check::{EvidenceCheck, EvidenceFinding};
 use super::is_closing;
 use super::record::{LineError, Record};
 use crate::digest::Digest;
@@ -445,15 +447,52 @@ fn torn_only_run(line: usize) -> RunSummary {
     }
 }
 
-/// `cvm-warden audit verify FILE`: verifies and prints the result to `out`.
+/// `cvm-warden audit verify FILE`: verifies the chain and the attestation evidence
+/// ([`EvidenceCheck`]) and prints the result to `out`.
 ///
 /// On success it prints `ok: N records, seq 0..M, head sha256:…, complete` (or
-/// `incomplete`), one line per earlier run, and the warnings; on failure it prints nothing
-/// and returns the error for the CLI to print (exit code 1).
+/// `incomplete`), one line per earlier run, the warnings, and, when the log holds attest
+/// records, an `evidence:` section (per record: the TEE, what was verified, warnings); on
+/// failure it prints nothing and returns the error for the CLI to print (exit code 1).
 pub fn run_verify_command(path: &Path, out: &mut dyn Write) -> Result<VerifyReport, VerifyError> {
-    let report = verify_file(path)?;
+    let bytes = std::fs::read(path).map_err(|source| VerifyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut evidence = EvidenceCheck::new();
+    let report = verify_with(&bytes, &mut [&mut evidence])?;
+    let findings = evidence.finish();
     print_report(&report, out).map_err(VerifyError::Output)?;
+    print_evidence(&findings, out).map_err(VerifyError::Output)?;
     Ok(report)
+}
+
+/// The `evidence:` section: nothing when the log holds no attest record.
+fn print_evidence(findings: &[EvidenceFinding], out: &mut dyn Write) -> io::Result<()> {
+    if findings.is_empty() {
+        return Ok(());
+    }
+    let several_runs = findings.iter().any(|f| f.run != findings[0].run);
+    writeln!(out, "evidence:")?;
+    for finding in findings {
+        let run = if several_runs {
+            format!("run {} ", finding.run)
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "  {run}seq {} {}, tee {}:",
+            finding.seq, finding.what, finding.tee
+        )?;
+        for item in &finding.verified {
+            writeln!(out, "    verified: {item}")?;
+        }
+        for item in &finding.warnings {
+            writeln!(out, "    WARNING: {item}")?;
+        }
+    }
+    Ok(())
 }
 
 fn print_report(report: &VerifyReport, out: &mut dyn Write) -> io::Result<()> {

@@ -665,7 +665,18 @@ fn copy_source_and_on_failure_restart_get_their_defaults() {
     );
     assert_eq!(
         loaded.policy.attestation,
-        Attestation::Broker { tee: Tee::Sample, kbs: "http://127.0.0.1:8080".to_string(), kbs_ca: None, insecure_http: true, key_wrap: KeyWrap::EcdhEsA256kw, tries: 5, timeout_secs: 120, tpm: "device:/dev/tpmrm0".to_string(), tpm_ak_handle: None, snp_certs: None }
+        Attestation::Broker {
+            tee: Tee::Sample,
+            kbs: "http://127.0.0.1:8080".to_string(),
+            kbs_ca: None,
+            insecure_http: true,
+            key_wrap: KeyWrap::EcdhEsA256kw,
+            tries: 5,
+            timeout_secs: 120,
+            tpm: "device:/dev/tpmrm0".to_string(),
+            tpm_ak_handle: None,
+            snp_certs: None
+        }
     );
 }
 
@@ -897,7 +908,11 @@ fn operator_overrides_are_applied_and_reported() {
     );
     assert_eq!(
         loaded.policy.attestation,
-        broker(Tee::Snp, "https://kbs.site:8999", Some(PathBuf::from("/etc/cvm-warden/kbs-ca.pem")))
+        broker(
+            Tee::Snp,
+            "https://kbs.site:8999",
+            Some(PathBuf::from("/etc/cvm-warden/kbs-ca.pem"))
+        )
     );
     assert_eq!(
         loaded.policy.workload.env,
@@ -919,12 +934,17 @@ fn operator_overrides_are_applied_and_reported() {
 #[test]
 fn an_overridable_table_is_replaced_whole() {
     let policy = format!("overridable = [\"attestation\"]\n{MINIMAL}");
-    let operator = "[attestation]\ntee = \"tdx\"\nkbs = \"https://kbs.site\"\nkbs_ca = \"/etc/kbs.pem\"\n";
+    let operator =
+        "[attestation]\ntee = \"tdx\"\nkbs = \"https://kbs.site\"\nkbs_ca = \"/etc/kbs.pem\"\n";
     let loaded = parse(&policy, Some(operator), &users()).unwrap();
     assert_eq!(loaded.overridden, ["attestation"]);
     assert_eq!(
         loaded.policy.attestation,
-        broker(Tee::Tdx, "https://kbs.site", Some(PathBuf::from("/etc/kbs.pem")))
+        broker(
+            Tee::Tdx,
+            "https://kbs.site",
+            Some(PathBuf::from("/etc/kbs.pem"))
+        )
     );
 }
 
@@ -1063,7 +1083,12 @@ fn broker(tee: Tee, kbs: &str, kbs_ca: Option<PathBuf>) -> Attestation {
 
 #[test]
 fn broker_transport_and_tuning_keys_are_checked() {
-    let with = |table: &str| minimal_with("attestation = \"none\"", &format!("attestation = {{ {table} }}"));
+    let with = |table: &str| {
+        minimal_with(
+            "attestation = \"none\"",
+            &format!("attestation = {{ {table} }}"),
+        )
+    };
     assert_eq!(
         error_of(&with("tee = \"tpm\", kbs = \"https://kbs.example\"")),
         "attestation.kbs_ca: missing; write the CA certificate (PEM) the broker's TLS certificate is pinned to, e.g. kbs_ca = \"/etc/cvm-warden/kbs-ca.pem\"; system roots are never used"
@@ -1091,7 +1116,8 @@ fn broker_transport_and_tuning_keys_are_checked() {
 
 #[test]
 fn secret_shape_is_checked() {
-    let broker = "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }";
+    let broker =
+        "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }";
     let policy = format!(
         "{}\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/key\"\n\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/a b\"\n\n[[secret]]\nname = \"../x\"\n\n[[secret]]\nresource = \"kbs:///r/t/x\"\n",
         minimal_with("attestation = \"none\"", broker)

@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use super::operator::check_overridable;
 use super::raw::{
     Int, RawAttestation, RawAudit, RawBroker, RawId, RawInbound, RawLimit, RawLockdown, RawNetwork,
-    RawOutbound, RawPolicy, RawRlimit, RawUmask, RawSecret, RawVolume, RawWorkload,
+    RawOutbound, RawPolicy, RawRlimit, RawSecret, RawUmask, RawVolume, RawWorkload,
 };
 use super::types::*;
 use super::users::UserDb;
@@ -904,20 +904,26 @@ fn broker_attestation(c: &mut Check<'_>, raw: &RawBroker) -> Option<Attestation>
     };
     let timeout_secs = match raw.timeout.as_deref() {
         None => Some(120),
-        Some(text) => match humantime::parse_duration(text) {
-            Ok(d) if (1..=3600).contains(&d.as_secs()) => Some(d.as_secs()),
-            _ => {
-                c.error(
+        Some(text) => {
+            match humantime::parse_duration(text) {
+                Ok(d) if (1..=3600).contains(&d.as_secs()) => Some(d.as_secs()),
+                _ => {
+                    c.error(
                     "attestation.timeout",
                     format!("{text:?} is not a duration from 1s to 1h; write e.g. \"120s\" or \"5m\""),
                 );
-                None
+                    None
+                }
             }
-        },
+        }
     };
     let tpm = match raw.tpm.as_deref() {
         None => Some("device:/dev/tpmrm0".to_string()),
-        Some(t) if ["device:", "swtpm:", "mssim:", "tabrmd:"].iter().any(|p| t.starts_with(p)) => {
+        Some(t)
+            if ["device:", "swtpm:", "mssim:", "tabrmd:"]
+                .iter()
+                .any(|p| t.starts_with(p)) =>
+        {
             Some(t.to_string())
         }
         Some(other) => {
@@ -977,7 +983,10 @@ fn secrets(c: &mut Check<'_>, raw: &[RawSecret]) -> Vec<Secret> {
         let key = |field: &str| format!("secret[{i}].{field}");
         let name = match s.name.as_deref() {
             None => {
-                c.missing(&key("name"), "write the file name the workload reads, e.g. name = \"client.key\"");
+                c.missing(
+                    &key("name"),
+                    "write the file name the workload reads, e.g. name = \"client.key\"",
+                );
                 None
             }
             Some(n)
@@ -995,7 +1004,10 @@ fn secrets(c: &mut Check<'_>, raw: &[RawSecret]) -> Vec<Secret> {
                 None
             }
             Some(n) if !names.insert(n.to_string()) => {
-                c.error(&key("name"), format!("{n:?} is used by another secret; give each secret its own name"));
+                c.error(
+                    &key("name"),
+                    format!("{n:?} is used by another secret; give each secret its own name"),
+                );
                 None
             }
             Some(n) => Some(n.to_string()),

@@ -161,7 +161,10 @@ mod tests {
         let mut expected = Sha512::new();
         expected.update(b"cvm-warden checkpoint v1\0");
         expected.update(head.0);
-        assert_eq!(checkpoint_binding(&head).to_vec(), expected.finalize().to_vec());
+        assert_eq!(
+            checkpoint_binding(&head).to_vec(),
+            expected.finalize().to_vec()
+        );
         assert_ne!(checkpoint_binding(&head), checkpoint_binding(&Digest::ZERO));
     }
 }

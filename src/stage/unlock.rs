@@ -121,7 +121,8 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             source,
         })?;
         let key = VolumeKey::new(bytes, volume.key.clone()).map_err(|e| volume_error(volume, e))?;
-        let unlocked = volume::unlock(fx.volumes, &spec, &key).map_err(|e| volume_error(volume, e))?;
+        let unlocked =
+            volume::unlock(fx.volumes, &spec, &key).map_err(|e| volume_error(volume, e))?;
         drop(key);
         opened.push(json!({
             "name": volume.name,

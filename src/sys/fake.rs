@@ -332,13 +332,7 @@ impl Sys for FakeSys {
         self.pid
     }
 
-    fn write_private(
-        &self,
-        path: &Path,
-        data: &[u8],
-        uid: u32,
-        gid: u32,
-    ) -> Result<(), SysError> {
+    fn write_private(&self, path: &Path, data: &[u8], uid: u32, gid: u32) -> Result<(), SysError> {
         let call = SysCall::WritePrivate {
             path: path.to_path_buf(),
             len: data.len(),

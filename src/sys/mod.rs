@@ -214,8 +214,7 @@ pub trait Sys {
     fn pid(&self) -> u32;
     /// Creates `path` (which must not exist; symlinks are not followed) with mode 0400,
     /// owned by `uid:gid`, writes `data` and syncs it. On failure the file is removed.
-    fn write_private(&self, path: &Path, data: &[u8], uid: u32, gid: u32)
-        -> Result<(), SysError>;
+    fn write_private(&self, path: &Path, data: &[u8], uid: u32, gid: u32) -> Result<(), SysError>;
 }
 
 /// The real system. Paths under `/proc` are injectable for tests.
@@ -340,13 +339,7 @@ impl Sys for RealSys {
         std::process::id()
     }
 
-    fn write_private(
-        &self,
-        path: &Path,
-        data: &[u8],
-        uid: u32,
-        gid: u32,
-    ) -> Result<(), SysError> {
+    fn write_private(&self, path: &Path, data: &[u8], uid: u32, gid: u32) -> Result<(), SysError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let fail = |source| SysError::WritePrivate {

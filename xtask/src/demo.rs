@@ -124,8 +124,12 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     dry.args(["attest", "--policy"]).arg(policy);
     eprintln!("$ {}", show(&dry));
     let out = dry.output().context("running the attest dry run")?;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("the dry run printed no JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "the dry run printed no JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     ensure!(
         !out.status.success(),
@@ -156,7 +160,8 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         "the workload did not print {WORKLOAD_MARK:?}"
     );
     ensure!(
-        out.stdout.contains("workload: TLS key /run/cvm-warden/secrets/fl-client.key:")
+        out.stdout
+            .contains("workload: TLS key /run/cvm-warden/secrets/fl-client.key:")
             && out.stdout.contains("mode 400, owner nobody"),
         "the workload did not read its released TLS key"
     );
@@ -258,7 +263,9 @@ impl Netns {
             .status();
         sh(Command::new("ip").args(["netns", "add", NETNS]))?;
         let netns = Netns;
-        sh(netns.command(Path::new("ip")).args(["link", "set", "lo", "up"]))?;
+        sh(netns
+            .command(Path::new("ip"))
+            .args(["link", "set", "lo", "up"]))?;
         Ok(netns)
     }
 
@@ -396,7 +403,9 @@ impl Broker {
             child: Some(child),
             log,
         };
-        wait_until(Duration::from_secs(10), "the broker to listen", || ready.exists())?;
+        wait_until(Duration::from_secs(10), "the broker to listen", || {
+            ready.exists()
+        })?;
         Ok(broker)
     }
 

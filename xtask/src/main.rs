@@ -3,6 +3,8 @@
 //! - `ci`: everything CI checks (installs what it needs with apt-get when root).
 //! - `demo`: the sandbox demo: `cvm-warden init` as PID 1 of new namespaces.
 //! - `bench measure`: bundle measurement throughput against `fsverity digest` and `sha256sum`.
+//! - `bench unlock`: released key → verified LUKS2 keyslot against `cryptsetup open
+//!   --test-passphrase` with the default PBKDF (`benches/unlock.rs`; root).
 //!
 //! `anyhow` is allowed here and nowhere else.
 
@@ -33,7 +35,13 @@ fn run() -> Result<()> {
         ["ci"] => ci(&root),
         ["demo"] => demo::run(&root),
         ["bench", "measure"] => bench::measure(&root),
-        _ => bail!("usage: cargo xtask ci | demo | bench measure"),
+        ["bench", "unlock"] => {
+            ensure_tools(TOOLS)?;
+            sh(cargo()
+                .current_dir(&root)
+                .args(["bench", "--bench", "unlock"]))
+        }
+        _ => bail!("usage: cargo xtask ci | demo | bench measure | bench unlock"),
     }
 }
 

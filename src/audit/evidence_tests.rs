@@ -1,0 +1,578 @@
+//! Tests of the evidence checks on logs written with the real [`Audit`] API: sample evidence
+//! from the real `sample` provider, and TPM quotes made here (TPMS_ATTEST and
+//! TPMT_SIGNATURE marshalled as TPM 2.0 Part 2 says, signed by an RSA key generated per test
+//! run) in the evidence shape of the real `tpm` provider.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use rand_core::OsRng;
+use rsa::pkcs1v15::SigningKey;
+use rsa::pkcs8::EncodePublicKey;
+use rsa::signature::{SignatureEncoding, Signer};
+use rsa::RsaPrivateKey;
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+
+use super::*;
+use crate::audit::{verify_with, Audit, Clock, MemorySink, Problem, VerifyError};
+use crate::eventlog::{EventKind, EventLog, RuntimeRegister};
+use crate::kbs;
+use crate::tee::sample::SampleProvider;
+use crate::tee::snp::{CertTableEntry, CertType};
+use crate::tee::tpm::{tpm_evidence_json, QuoteParts};
+use crate::tee::Provider;
+
+fn ticking_clock() -> Clock {
+    let ms = Arc::new(AtomicU64::new(1_700_000_000_000));
+    Box::new(move || UNIX_EPOCH + Duration::from_millis(ms.fetch_add(1, Ordering::SeqCst)))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tee {
+    Sample,
+    Tpm,
+}
+
+/// What a forger changes (then rewrites the chain with the real API, so only the evidence
+/// check can notice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tamper {
+    Nothing,
+    Nonce,
+    TeePubkey,
+    EvidenceReportData,
+    CheckpointEvidence,
+    CheckpointReportData,
+    Head,
+    HeadSeq,
+    /// The TPM register saw an extend the event log does not show.
+    PcrReplay,
+    /// The checkpoint quote is signed by another (valid) key.
+    OtherAk,
+    /// The log ends after the exchange: no checkpoint.
+    NoCheckpoint,
+}
+
+struct Ak {
+    key: RsaPrivateKey,
+    spki: Vec<u8>,
+}
+
+fn ak(which: usize) -> &'static Ak {
+    static KEYS: OnceLock<Vec<Ak>> = OnceLock::new();
+    &KEYS.get_or_init(|| {
+        (0..2)
+            .map(|_| {
+                let key = RsaPrivateKey::new(&mut OsRng, 1024).unwrap();
+                let spki = key
+                    .to_public_key()
+                    .to_public_key_der()
+                    .unwrap()
+                    .as_bytes()
+                    .to_vec();
+                Ak { key, spki }
+            })
+            .collect()
+    })[which]
+}
+
+fn tpm2b(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&u16::try_from(bytes.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// A quote over sha256:0-23 with `extra` as extraData, in the `tpm` provider's JSON shape.
+fn tpm_quote(ak: &Ak, extra: &[u8], pcrs: [[u8; 32]; 24]) -> Value {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&0xFF54_4347u32.to_be_bytes()); // TPM_GENERATED_VALUE
+    msg.extend_from_slice(&0x8018u16.to_be_bytes()); // TPM_ST_ATTEST_QUOTE
+    let mut name = vec![0x00, 0x0b];
+    name.extend_from_slice(&Sha256::digest(&ak.spki));
+    tpm2b(&mut msg, &name); // qualifiedSigner
+    tpm2b(&mut msg, extra); // extraData
+    msg.extend_from_slice(&42u64.to_be_bytes()); // clock
+    msg.extend_from_slice(&1u32.to_be_bytes()); // resetCount
+    msg.extend_from_slice(&0u32.to_be_bytes()); // restartCount
+    msg.push(1); // safe
+    msg.extend_from_slice(&0x2023_0101u64.to_be_bytes()); // firmwareVersion
+    msg.extend_from_slice(&1u32.to_be_bytes()); // one selection
+    msg.extend_from_slice(&0x000bu16.to_be_bytes()); // sha256
+    msg.extend_from_slice(&[3, 0xff, 0xff, 0xff]); // pcrs 0-23
+    let mut hasher = Sha256::new();
+    for pcr in &pcrs {
+        hasher.update(pcr);
+    }
+    tpm2b(&mut msg, &hasher.finalize()); // pcrDigest
+    let raw = SigningKey::<Sha256>::new(ak.key.clone())
+        .sign(&msg)
+        .to_vec();
+    let mut signature = vec![0x00, 0x14, 0x00, 0x0b];
+    tpm2b(&mut signature, &raw);
+    tpm_evidence_json(
+        &ak.spki,
+        &QuoteParts {
+            message: msg,
+            signature,
+            raw_signature: raw,
+            pcrs,
+        },
+    )
+}
+
+/// PCR values with pcr 15 = `app` and the others fixed.
+fn pcr_values(app: [u8; 32]) -> [[u8; 32]; 24] {
+    let mut pcrs = [[0u8; 32]; 24];
+    for (i, pcr) in pcrs.iter_mut().enumerate() {
+        *pcr = [u8::try_from(i).unwrap(); 32];
+    }
+    pcrs[usize::from(APP_PCR)] = app;
+    pcrs
+}
+
+fn flip_char(text: &str, at: usize) -> String {
+    let mut bytes = text.as_bytes().to_vec();
+    bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(bytes).unwrap()
+}
+
+struct Built {
+    bytes: Vec<u8>,
+    attested_seq: u64,
+    ok_seq: u64,
+}
+
+/// A boot log with a broker exchange and its checkpoint, as the attest stage writes them.
+fn build(tee: Tee, tamper: Tamper) -> Built {
+    let (sink, _) = MemorySink::new();
+    let audit = Audit::with_clock(vec![Box::new(sink)], false, ticking_clock());
+    audit.record("boot", "start", json!({})).unwrap();
+
+    // The measure stage: write-ahead into a simulated pcr 15.
+    let mut pcr = SimulatedPcr::default();
+    let mut log = EventLog::new();
+    log.measure(&mut pcr, EventKind::Policy, Digest::of(b"policy"), "policy")
+        .unwrap();
+    log.measure(&mut pcr, EventKind::Bundle, Digest::of(b"bundle"), "bundle")
+        .unwrap();
+    audit
+        .record("measure", "ok", json!({"accumulator": log.accumulator()}))
+        .unwrap();
+    audit
+        .record("attest", "try", json!({"call": "auth", "try_no": 1}))
+        .unwrap();
+
+    // The exchange.
+    let nonce = "ZXhhbXBsZSBub25jZSBmcm9tIHRoZSBicm9rZXI=".to_string();
+    let tee_pubkey = json!({
+        "kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW",
+        "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+        "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+    });
+    let report_data = kbs::report_data(&nonce, &tee_pubkey, "").unwrap();
+    let (tee_name, mut evidence) = match tee {
+        Tee::Sample => (
+            "sample",
+            SampleProvider::new().evidence(&report_data).unwrap(),
+        ),
+        Tee::Tpm => (
+            "tpm",
+            tpm_quote(ak(0), &report_data[..32], pcr_values(pcr.value.0)),
+        ),
+    };
+    let mut exchange = json!({
+        "broker": "https://kbs.example:8080",
+        "tee": tee_name,
+        "insecure": tee == Tee::Sample,
+        "nonce": nonce,
+        "tee_pubkey": tee_pubkey,
+        "additional_evidence": "",
+        "report_data": hex::encode(report_data),
+        "evidence": Value::Null,
+        "claims": {"submods": {}},
+        "status": "affirming",
+    });
+    match tamper {
+        Tamper::Nonce => exchange["nonce"] = json!(flip_char(&nonce, 3)),
+        Tamper::TeePubkey => {
+            exchange["tee_pubkey"]["x"] = json!(flip_char(tee_pubkey["x"].as_str().unwrap(), 5))
+        }
+        Tamper::EvidenceReportData => match tee {
+            Tee::Sample => {
+                let mut rd = report_data;
+                rd[7] ^= 1;
+                evidence["report_data"] = json!(STANDARD.encode(rd));
+            }
+            Tee::Tpm => {
+                let mut rd = report_data;
+                rd[7] ^= 1;
+                evidence = tpm_quote(ak(0), &rd[..32], pcr_values(pcr.value.0));
+            }
+        },
+        _ => {}
+    }
+    exchange["evidence"] = evidence;
+    let head = audit
+        .record(
+            "attest",
+            "attested",
+            json!({
+                "broker": "https://kbs.example:8080",
+                "tee": {"tee": tee_name},
+                "exchange": exchange,
+                "event_log": log.events(),
+                "event_log_accumulator": log.accumulator(),
+            }),
+        )
+        .unwrap();
+    let attested_seq = audit.seq() - 1;
+
+    // The checkpoint.
+    let binding = checkpoint_binding(&head);
+    let mut checkpoint_evidence = match tee {
+        Tee::Sample => SampleProvider::new().checkpoint(&binding).unwrap(),
+        Tee::Tpm => {
+            let mut app = pcr;
+            if tamper == Tamper::PcrReplay {
+                app.extend(&Digest::of(b"unlogged")).unwrap();
+            }
+            let key = if tamper == Tamper::OtherAk { 1 } else { 0 };
+            tpm_quote(ak(key), &binding[..32], pcr_values(app.value.0))
+        }
+    };
+    if tamper == Tamper::CheckpointEvidence {
+        match tee {
+            Tee::Sample => {
+                let mut rd = binding;
+                rd[40] ^= 0x80;
+                checkpoint_evidence = SampleProvider::new().checkpoint(&rd).unwrap();
+            }
+            Tee::Tpm => {
+                let sig = checkpoint_evidence["tpm_quote"]["signature"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                let mut bytes = STANDARD.decode(sig).unwrap();
+                bytes[20] ^= 1;
+                checkpoint_evidence["tpm_quote"]["signature"] = json!(STANDARD.encode(bytes));
+            }
+        }
+    }
+    let mut checkpoint = json!({
+        "head_seq": attested_seq,
+        "head": head,
+        "report_data": hex::encode(binding),
+        "evidence": {"tee": tee_name, "evidence": checkpoint_evidence},
+    });
+    match tamper {
+        Tamper::Head => {
+            let text = head.to_string();
+            let last = text.len() - 1;
+            let c = if text.ends_with('0') { "1" } else { "0" };
+            checkpoint["head"] = json!(format!("{}{c}", &text[..last]));
+        }
+        Tamper::HeadSeq => checkpoint["head_seq"] = json!(attested_seq - 1),
+        Tamper::CheckpointReportData => {
+            let mut rd = binding;
+            rd[63] ^= 1;
+            checkpoint["report_data"] = json!(hex::encode(rd));
+        }
+        _ => {}
+    }
+    if tamper != Tamper::NoCheckpoint {
+        audit
+            .record(
+                "attest",
+                "ok",
+                json!({"attested": true, "status": "affirming", "checkpoint": checkpoint}),
+            )
+            .unwrap();
+    }
+    let ok_seq = audit.seq() - 1;
+    audit.record("launch", "exec", json!({})).unwrap();
+    let bytes = audit
+        .lines()
+        .iter()
+        .flat_map(|l| format!("{l}\n").into_bytes())
+        .collect();
+    Built {
+        bytes,
+        attested_seq,
+        ok_seq,
+    }
+}
+
+fn check(bytes: &[u8]) -> Result<Vec<EvidenceFinding>, VerifyError> {
+    let mut evidence = EvidenceCheck::new();
+    verify_with(bytes, &mut [&mut evidence])?;
+    Ok(evidence.finish())
+}
+
+/// The log fails the evidence check at `seq`; returns the reason.
+fn rejected_at(built: &Built, seq: u64) -> String {
+    // The chain itself is intact: a forger rewrote it.
+    crate::audit::verify(&built.bytes).unwrap();
+    match check(&built.bytes) {
+        Err(VerifyError::Broken {
+            seq: Some(at),
+            problem: Problem::Rejected { check, reason },
+            ..
+        }) => {
+            assert_eq!(check, CHECK_NAME);
+            assert_eq!(at, seq, "{reason}");
+            reason
+        }
+        other => panic!("expected an evidence failure at seq {seq}, got {other:?}"),
+    }
+}
+
+#[test]
+fn intact_sample_log_verifies_and_says_sample_proves_nothing() {
+    let built = build(Tee::Sample, Tamper::Nothing);
+    let findings = check(&built.bytes).unwrap();
+    assert_eq!(findings.len(), 2);
+    assert_eq!(
+        (
+            findings[0].seq,
+            findings[0].what.as_str(),
+            findings[0].tee.as_str()
+        ),
+        (built.attested_seq, "broker exchange", "sample")
+    );
+    assert_eq!(findings[1].seq, built.ok_seq);
+    assert_eq!(
+        findings[1].what,
+        format!("checkpoint of seq {}", built.attested_seq)
+    );
+    for f in &findings {
+        assert!(
+            f.warnings.iter().any(|w| w.contains("proves nothing")),
+            "{f:?}"
+        );
+    }
+    assert!(findings[0].verified[0].contains("SHA-384"));
+}
+
+#[test]
+fn intact_tpm_log_verifies_with_pcr_replay() {
+    let built = build(Tee::Tpm, Tamper::Nothing);
+    let findings = check(&built.bytes).unwrap();
+    assert_eq!(findings.len(), 2);
+    let checkpoint = &findings[1];
+    assert_eq!(checkpoint.tee, "tpm");
+    assert!(checkpoint
+        .verified
+        .iter()
+        .any(|v| v.starts_with("pcr 15 = replay of the 2 event log digest(s)")));
+    assert!(checkpoint
+        .verified
+        .iter()
+        .any(|v| v.contains("same ak signed")));
+    assert!(findings
+        .iter()
+        .all(|f| !f.warnings.iter().any(|w| w.contains("proves nothing"))));
+}
+
+#[test]
+fn changed_nonce_or_key_breaks_the_exchange_binding() {
+    for tee in [Tee::Sample, Tee::Tpm] {
+        for tamper in [Tamper::Nonce, Tamper::TeePubkey] {
+            let built = build(tee, tamper);
+            let reason = rejected_at(&built, built.attested_seq);
+            assert!(
+                reason.starts_with("exchange.report_data is ")
+                    && reason.contains("SHA-384 of the JCS binding"),
+                "{tee:?} {tamper:?}: {reason}"
+            );
+        }
+    }
+}
+
+#[test]
+fn evidence_for_another_report_data_is_rejected() {
+    let built = build(Tee::Sample, Tamper::EvidenceReportData);
+    let reason = rejected_at(&built, built.attested_seq);
+    assert!(
+        reason.starts_with("broker exchange evidence (sample): sample report_data is "),
+        "{reason}"
+    );
+    let built = build(Tee::Tpm, Tamper::EvidenceReportData);
+    let reason = rejected_at(&built, built.attested_seq);
+    assert!(
+        reason.starts_with("broker exchange evidence (tpm): quote extraData is "),
+        "{reason}"
+    );
+}
+
+#[test]
+fn changed_checkpoint_evidence_is_rejected() {
+    let built = build(Tee::Sample, Tamper::CheckpointEvidence);
+    let reason = rejected_at(&built, built.ok_seq);
+    assert!(
+        reason.starts_with("checkpoint evidence (sample): sample report_data is "),
+        "{reason}"
+    );
+    let built = build(Tee::Tpm, Tamper::CheckpointEvidence);
+    let reason = rejected_at(&built, built.ok_seq);
+    assert!(
+        reason.starts_with("checkpoint evidence (tpm): quote does not verify: quote signature"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_checkpoint_for_another_head_is_rejected() {
+    for tee in [Tee::Sample, Tee::Tpm] {
+        let built = build(tee, Tamper::Head);
+        let reason = rejected_at(&built, built.ok_seq);
+        assert!(
+            reason.starts_with("checkpoint.head is sha256:")
+                && reason.contains(&format!("but record seq {} hashes to", built.attested_seq)),
+            "{reason}"
+        );
+        let built = build(tee, Tamper::HeadSeq);
+        let reason = rejected_at(&built, built.ok_seq);
+        assert!(reason.contains("hashes to"), "{reason}");
+        let built = build(tee, Tamper::CheckpointReportData);
+        let reason = rejected_at(&built, built.ok_seq);
+        assert!(
+            reason.starts_with("checkpoint.report_data is ")
+                && reason.contains("checkpoint_binding(head)"),
+            "{reason}"
+        );
+    }
+}
+
+#[test]
+fn pcr_replay_mismatch_is_rejected() {
+    let built = build(Tee::Tpm, Tamper::PcrReplay);
+    let reason = rejected_at(&built, built.ok_seq);
+    assert!(
+        reason.starts_with("pcr 15 in the checkpoint quote is ")
+            && reason.contains("the register and the event log disagree"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_checkpoint_by_another_ak_is_rejected() {
+    let built = build(Tee::Tpm, Tamper::OtherAk);
+    let reason = rejected_at(&built, built.ok_seq);
+    assert!(
+        reason.starts_with("checkpoint quote is signed by ak sha256:"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn an_exchange_without_checkpoint_is_a_warning() {
+    let built = build(Tee::Sample, Tamper::NoCheckpoint);
+    let findings = check(&built.bytes).unwrap();
+    assert_eq!(findings.len(), 1);
+    assert!(findings[0]
+        .warnings
+        .iter()
+        .any(|w| w.starts_with("no checkpoint follows this exchange")));
+}
+
+#[test]
+fn other_tees_are_a_warning_not_a_pass() {
+    let result = check_evidence("tdx", &json!({"quote": "AAAA"}), &[0u8; 48]).unwrap();
+    assert!(result.verified.is_empty());
+    assert!(result.warnings[0].contains("not checked offline"));
+}
+
+fn vector(path: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/vectors/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// A real SEV-SNP report (Trustee's Milan test vector) in the `snp` evidence shape.
+fn snp_evidence(vcek: Option<Vec<u8>>) -> (Value, [u8; 64]) {
+    let report = vector("trustee/snp/test-report.bin");
+    let mut carried = [0u8; 64];
+    carried.copy_from_slice(&report[SNP_REPORT_DATA_OFFSET..SNP_REPORT_DATA_OFFSET + 64]);
+    let chain = vcek.map(|data| {
+        vec![CertTableEntry {
+            cert_type: CertType::Vcek,
+            data,
+        }]
+    });
+    let evidence = crate::tee::snp::evidence_json(&report, chain.as_deref()).unwrap();
+    (evidence, carried)
+}
+
+#[test]
+fn snp_report_is_verified_to_amd_and_must_carry_the_binding() {
+    let (evidence, carried) = snp_evidence(Some(vector("trustee/snp/test-vcek.der")));
+    let result = check_evidence("snp", &evidence, &carried).unwrap();
+    assert!(
+        result
+            .verified
+            .iter()
+            .any(|v| v.contains("chains to the built-in milan chain")),
+        "{result:?}"
+    );
+    assert!(result.warnings.is_empty());
+
+    let mut other = carried;
+    other[10] ^= 1;
+    let err = check_evidence("snp", &evidence, &other).unwrap_err();
+    assert!(err.starts_with("REPORT_DATA is "), "{err}");
+    // An exchange binding (48 bytes) needs 16 zero bytes after it.
+    if carried[48..] != [0u8; 16] {
+        let err = check_evidence("snp", &evidence, &carried[..48]).unwrap_err();
+        assert!(err.starts_with("REPORT_DATA is "), "{err}");
+    }
+
+    let (wrong_vcek, _) = snp_evidence(Some(vector("virtee-sev/certs_data/vcek_milan.der")));
+    let err = check_evidence("snp", &wrong_vcek, &carried).unwrap_err();
+    assert!(err.starts_with("the report does not verify"), "{err}");
+
+    let (no_chain, _) = snp_evidence(None);
+    let result = check_evidence("snp", &no_chain, &carried).unwrap();
+    assert!(result.warnings[0].contains("no VCEK"), "{result:?}");
+}
+
+#[test]
+fn verify_command_prints_the_evidence_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let built = build(Tee::Sample, Tamper::Nothing);
+    std::fs::write(&path, &built.bytes).unwrap();
+    let mut out = Vec::new();
+    crate::audit::run_verify_command(&path, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("ok: "), "{text}");
+    assert!(
+        text.contains(&format!(
+            "evidence:\n  seq {} broker exchange, tee sample:\n    verified: ",
+            built.attested_seq
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "  seq {} checkpoint of seq {}, tee sample:\n",
+            built.ok_seq, built.attested_seq
+        )),
+        "{text}"
+    );
+    assert!(text.contains("    WARNING: sample evidence proves nothing"));
+
+    let bad = build(Tee::Sample, Tamper::Head);
+    std::fs::write(&path, &bad.bytes).unwrap();
+    let mut out = Vec::new();
+    let err = crate::audit::run_verify_command(&path, &mut out).unwrap_err();
+    assert!(out.is_empty());
+    assert!(err.to_string().contains(&format!(
+        "(seq {}): evidence check failed: checkpoint.head is",
+        bad.ok_seq
+    )));
+}
