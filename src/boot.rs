@@ -1242,4 +1242,40 @@ mod tests {
             .iter()
             .any(|c| matches!(c, SysCall::WritePrivate { .. })));
     }
+
+    #[test]
+    fn the_register_value_before_the_first_extend_is_recorded() {
+        use crate::eventlog::SimulatedPcr;
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let loaded = load(&fixture.policy(""));
+        let firmware = Digest::of(b"extended by firmware before cvm-warden");
+        let mut register = SimulatedPcr { value: firmware };
+        let env = Env {
+            sys: &sys,
+            measurer: &RealMeasurer,
+            register: &mut register,
+            audit: &audit,
+            broker: None,
+            volumes: &crate::volume::FakeVolumes::new(),
+        };
+        let ready = prepare(&loaded, &fixture.facts(&loaded), env).unwrap();
+        assert_eq!(ready.event_log.register_initial(), Some(firmware));
+        let measured = records(&lines)
+            .into_iter()
+            .find(|r| r["stage"] == "measure" && r["event"] == "ok")
+            .unwrap();
+        assert_eq!(
+            measured["details"]["register_initial"],
+            serde_json::to_value(firmware).unwrap()
+        );
+        // The register replays from that value.
+        let replay = ready
+            .event_log
+            .events()
+            .iter()
+            .fold(firmware, |v, e| SimulatedPcr::extended(&v, &e.digest));
+        assert_eq!(register.value, replay);
+    }
 }

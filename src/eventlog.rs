@@ -48,6 +48,11 @@ pub trait RuntimeRegister {
     fn name(&self) -> String;
     /// Extends `digest` into the register.
     fn extend(&mut self, digest: &Digest) -> Result<(), std::io::Error>;
+    /// The register's current value, where it can be read (`None`: no register, or not
+    /// readable). Recorded before the first extend so a verifier can replay the log from it.
+    fn read(&mut self) -> Result<Option<Digest>, std::io::Error> {
+        Ok(None)
+    }
 }
 
 /// The register of a TEE without runtime registers.
@@ -92,6 +97,10 @@ impl RuntimeRegister for SimulatedPcr {
         self.value = Self::extended(&self.value, digest);
         Ok(())
     }
+
+    fn read(&mut self) -> Result<Option<Digest>, std::io::Error> {
+        Ok(Some(self.value))
+    }
 }
 
 /// A failed extend: the event was not appended.
@@ -112,6 +121,7 @@ pub struct ExtendError {
 pub struct EventLog {
     events: Vec<Event>,
     accumulator: Digest,
+    register_initial: Option<Digest>,
 }
 
 impl EventLog {
@@ -144,6 +154,16 @@ impl EventLog {
             accumulator,
         });
         Ok(&self.events[self.events.len() - 1])
+    }
+
+    /// Records the register's value before the first event (see [`RuntimeRegister::read`]).
+    pub fn set_register_initial(&mut self, value: Option<Digest>) {
+        self.register_initial = value;
+    }
+
+    /// The register's value before the first event, when it could be read.
+    pub fn register_initial(&self) -> Option<Digest> {
+        self.register_initial
     }
 
     /// The accumulator over every event so far.

@@ -75,7 +75,14 @@ pub fn open_provider(attestation: &Attestation) -> Result<Option<Box<dyn Provide
             };
             Box::new(tee::tpm::TpmProvider::open(tpm, ak).map_err(wrap)?)
         }
-        Tee::AzSnpVtpm => Box::new(tee::azure::AzSnpVtpmProvider::open(tpm).map_err(wrap)?),
+        Tee::AzSnpVtpm => {
+            let mut options = tee::azure::AzureOptions::default();
+            if let Some(dir) = snp_certs {
+                // A VCEK baked into the image instead of Azure IMDS.
+                options.vcek = tee::azure::VcekSource::File(dir.join("vcek.der"));
+            }
+            Box::new(tee::azure::AzSnpVtpmProvider::open_with(tpm, options).map_err(wrap)?)
+        }
         Tee::Snp => match snp_certs {
             Some(cache) => {
                 let device = tee::snp::open_device(

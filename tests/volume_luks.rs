@@ -179,6 +179,12 @@ fn luks_dump_shows_the_token_the_resource_and_the_format() {
     let dump = text(&out);
     assert!(out.status.success(), "{dump}");
     assert!(dump.contains("Version:       \t2"), "{dump}");
+    // The label names the resource and the subsystem says who wrote it.
+    assert!(
+        dump.contains(&format!("Label:         \t{RES}\n")),
+        "{dump}"
+    );
+    assert!(dump.contains("Subsystem:     \tcvm-warden\n"), "{dump}");
     // cryptsetup prints an external token's type and keyslots; its other members (the
     // resource) only with --dump-json-metadata (below).
     assert!(

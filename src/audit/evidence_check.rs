@@ -11,7 +11,7 @@
 //!   `attest/attested` record of the same run whose hash is `head`; `report_data` is
 //!   [`checkpoint_binding`]`(head)`; the checkpoint evidence carries it and verifies; for a
 //!   TPM the quote is made by the exchange's AK and its PCR 15 ([`APP_PCR`]) equals the
-//!   replay of the exchange record's event log from zero.
+//!   replay of the exchange record's event log from its `register_initial` (zero when absent).
 //!
 //! What was verified and every warning (sample evidence proves nothing; a TEE this build
 //! cannot check offline; an exchange without a checkpoint) is kept in [`EvidenceFinding`]s.
@@ -65,6 +65,9 @@ struct Exchange {
     ak_public: Option<Vec<u8>>,
     /// The event log digests, in order; `Err` says why they could not be read.
     event_digests: Result<Vec<Digest>, String>,
+    /// The register's value before the first event (`register_initial`; zero when the log
+    /// does not say, as after a TPM reset).
+    register_initial: Digest,
     /// Index of its finding, to warn when no checkpoint follows.
     finding: usize,
     checkpointed: bool,
@@ -158,6 +161,10 @@ impl EvidenceCheck {
                 tee: tee.to_string(),
                 ak_public: result.tpm.map(|t| t.ak_public),
                 event_digests: event_digests(details.get("event_log")),
+                register_initial: details
+                    .get("register_initial")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or(Digest::ZERO),
                 finding: self.findings.len() - 1,
                 checkpointed: false,
             },
@@ -244,17 +251,18 @@ impl EvidenceCheck {
                 .event_digests
                 .as_ref()
                 .map_err(|e| format!("cannot replay the event log of seq {head_seq}: {e}"))?;
-            let replay = digests
-                .iter()
-                .fold(Digest::ZERO, |value, d| SimulatedPcr::extended(&value, d));
+            let replay = digests.iter().fold(exchange.register_initial, |value, d| {
+                SimulatedPcr::extended(&value, d)
+            });
             let quoted = tpm.pcrs[usize::from(APP_PCR)];
             if quoted != replay.0 {
                 return Err(format!(
                     "pcr {APP_PCR} in the checkpoint quote is {}, but replaying the {} event \
-                     log digest(s) of seq {head_seq} from zero gives {}: the register and the \
+                     log digest(s) of seq {head_seq} from {} gives {}: the register and the \
                      event log disagree (an unlogged extend, or a changed event log)",
                     hex::encode(quoted),
                     digests.len(),
+                    exchange.register_initial.hex(),
                     replay.hex()
                 ));
             }

@@ -552,6 +552,7 @@ const WITH_BROKER: &str = r#"overridable = ["attestation.kbs", "network.outbound
 [workload]
 bundle = "/opt/flare"
 source = "initramfs"
+digest = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 exec = ["/opt/flare/startup/start.sh"]
 user = "flare"
 
@@ -935,13 +936,13 @@ fn operator_overrides_are_applied_and_reported() {
 fn an_overridable_table_is_replaced_whole() {
     let policy = format!("overridable = [\"attestation\"]\n{MINIMAL}");
     let operator =
-        "[attestation]\ntee = \"tdx\"\nkbs = \"https://kbs.site\"\nkbs_ca = \"/etc/kbs.pem\"\n";
+        "[attestation]\ntee = \"tpm\"\nkbs = \"https://kbs.site\"\nkbs_ca = \"/etc/kbs.pem\"\n";
     let loaded = parse(&policy, Some(operator), &users()).unwrap();
     assert_eq!(loaded.overridden, ["attestation"]);
     assert_eq!(
         loaded.policy.attestation,
         broker(
-            Tee::Tdx,
+            Tee::Tpm,
             "https://kbs.site",
             Some(PathBuf::from("/etc/kbs.pem"))
         )
@@ -1135,4 +1136,30 @@ fn secret_shape_is_checked() {
         error_of(&none),
         "secret: attestation = \"none\" releases no secrets; configure [attestation] with a TEE and a key broker, or remove the [[secret]] entries"
     );
+}
+
+#[test]
+fn tees_without_a_runtime_register_need_a_pinned_digest() {
+    for tee in ["snp", "tdx"] {
+        let policy = minimal_with(
+            "attestation = \"none\"",
+            &format!("attestation = {{ tee = \"{tee}\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }}"),
+        );
+        assert_eq!(
+            error_of(&policy),
+            format!("workload.digest: missing; tee = \"{tee}\" has no runtime register, so the key broker cannot see the bundle; pin the bundle digest (cvm-warden measure prints it) so a changed bundle stops the boot before keys are asked for")
+        );
+        let pinned = policy.replacen(
+            "source = \"initramfs\"",
+            "source = \"initramfs\"\ndigest = \"sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\"",
+            1,
+        );
+        parse(&pinned, None, &users()).unwrap();
+    }
+    // A TPM's PCR 15 carries the bundle to the broker: no pin needed.
+    let tpm = minimal_with(
+        "attestation = \"none\"",
+        "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }",
+    );
+    parse(&tpm, None, &users()).unwrap();
 }

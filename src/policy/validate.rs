@@ -285,6 +285,25 @@ pub(crate) fn validate(
             c.error("secret", "attestation = \"none\" releases no secrets; configure [attestation] with a TEE and a key broker, or remove the [[secret]] entries");
         }
     }
+    // Without a runtime register the broker's evidence cannot show the bundle: the
+    // launch-measured policy's pin is then the only thing that keeps a changed bundle from
+    // getting keys.
+    if let (
+        Some(Attestation::Broker {
+            tee: tee @ (Tee::Snp | Tee::Tdx),
+            ..
+        }),
+        Some(workload),
+    ) = (&attestation, &workload)
+    {
+        if workload.digest.is_none() {
+            let name = if *tee == Tee::Snp { "snp" } else { "tdx" };
+            c.missing(
+                "workload.digest",
+                &format!("tee = \"{name}\" has no runtime register, so the key broker cannot see the bundle; pin the bundle digest (cvm-warden measure prints it) so a changed bundle stops the boot before keys are asked for"),
+            );
+        }
+    }
     let network = raw.network.as_ref().and_then(|n| network(&mut c, n));
     let lockdown = raw.lockdown.as_ref().and_then(|l| lockdown(&mut c, l));
     let audit = audit(&mut c, raw.audit.as_ref());

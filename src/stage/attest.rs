@@ -121,6 +121,7 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
                 "tee": broker.describe(),
                 "exchange": exchange,
                 "event_log": fx.event_log.events(),
+                "register_initial": fx.event_log.register_initial(),
                 "event_log_accumulator": fx.event_log.accumulator(),
             }),
         )

@@ -306,6 +306,13 @@ impl RuntimeRegister for TpmPcr {
         ctx.execute_with_nullauth_session(|c| c.pcr_extend(self.handle, values))
             .map_err(|e| std::io::Error::other(format!("PCR_Extend pcr {}: {e}", self.index)))
     }
+
+    fn read(&mut self) -> Result<Option<Digest>, std::io::Error> {
+        let mut ctx = self.ctx.borrow_mut();
+        let value = pcr_value(&mut ctx, self.index)
+            .map_err(|e| std::io::Error::other(format!("PCR_Read pcr {}: {e}", self.index)))?;
+        Ok(Some(Digest(value)))
+    }
 }
 
 // ---- shared with the az-snp-vtpm provider ----

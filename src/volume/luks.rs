@@ -165,6 +165,20 @@ fn keyslot_pbkdf() -> CryptPbkdfType {
     }
 }
 
+/// The LUKS2 subsystem cvm-warden writes (shown by `cryptsetup luksDump`).
+pub const LUKS2_SUBSYSTEM: &str = "cvm-warden";
+
+/// The LUKS2 label: the broker resource when it fits in 47 bytes, else a pointer to the
+/// token.
+pub fn header_label(resource: &ResourceUri) -> String {
+    let uri = resource.to_string();
+    if uri.len() <= 47 {
+        uri
+    } else {
+        "key: see token cvm-warden-kbs".to_string()
+    }
+}
+
 fn format_on_worker(
     device: &Path,
     key: &[u8],
@@ -181,6 +195,10 @@ fn format_on_worker(
         }
     };
     let mut dev = CryptInit::init(device).map_err(crypt_err("open the device", device))?;
+    // Plain `cryptsetup luksDump` prints the label and subsystem but only the type of an
+    // unknown token: the label names the broker resource when it fits (LUKS2 labels hold 47
+    // bytes); the token always holds it.
+    let label = header_label(resource);
     let params = CryptParamsLuks2 {
         pbkdf: Some(keyslot_pbkdf()),
         integrity: integrity.map(|i| i.crypto_api_name().to_string()),
@@ -188,8 +206,8 @@ fn format_on_worker(
         data_alignment: 0,
         data_device: None,
         sector_size: SECTOR_SIZE,
-        label: None,
-        subsystem: None,
+        label: Some(label),
+        subsystem: Some(LUKS2_SUBSYSTEM.to_string()),
     };
     let mut params_ref: CryptParamsLuks2Ref<'_> = (&params)
         .try_into()

@@ -349,3 +349,14 @@ fn mount_always_sets_nosuid_and_nodev() {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC
     );
 }
+
+#[test]
+fn header_label_is_the_resource_when_it_fits() {
+    use crate::volume::luks::header_label;
+    let short = ResourceUri::parse("kbs:///default/keys/workspace").unwrap();
+    assert_eq!(header_label(&short), "kbs:///default/keys/workspace");
+    let long =
+        ResourceUri::parse("kbs:///a-very-long-repository/keys/a-very-long-volume-tag").unwrap();
+    assert!(long.to_string().len() > 47);
+    assert_eq!(header_label(&long), "key: see token cvm-warden-kbs");
+}
