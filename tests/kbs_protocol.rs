@@ -9,11 +9,8 @@
 //! FAILS, naming it: it is never skipped.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::ErrorKind as IoErrorKind;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -699,102 +696,9 @@ fn https_pinned_to_another_ca_fails_naming_the_ca() {
 // 8. TPM end to end (swtpm)
 // ---------------------------------------------------------------------------------------
 
-/// A running `swtpm`, killed on drop (copied from tests/tpm_swtpm.rs).
-struct Swtpm {
-    child: Child,
-    port: u16,
-    _state: tempfile::TempDir,
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Two free consecutive ports.
-fn free_port_pair() -> (u16, u16) {
-    for _ in 0..50 {
-        let port = free_port();
-        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return (port, port + 1);
-        }
-    }
-    panic!("no two free consecutive tcp ports on 127.0.0.1 for swtpm");
-}
-
-impl Swtpm {
-    fn start() -> Swtpm {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let state = tempfile::tempdir().unwrap();
-            // The TSS swtpm TCTI talks to the control channel at port + 1.
-            let (port, ctrl) = free_port_pair();
-            let spawned = Command::new("swtpm")
-                .args(["socket", "--tpm2", "--tpmstate"])
-                .arg(format!("dir={}", state.path().display()))
-                .args([
-                    "--server",
-                    &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-                ])
-                .args([
-                    "--ctrl",
-                    &format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"),
-                ])
-                .args(["--flags", "not-need-init,startup-clear"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn();
-            let child = match spawned {
-                Ok(child) => child,
-                Err(e) if e.kind() == IoErrorKind::NotFound => panic!(
-                    "swtpm is not installed (`apt install swtpm swtpm-tools`): the KBS TPM \
-                     end-to-end test needs a real software TPM and is not skipped"
-                ),
-                Err(e) => panic!("cannot start swtpm: {e}"),
-            };
-            let mut tpm = Swtpm {
-                child,
-                port,
-                _state: state,
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(status)) = tpm.child.try_wait() {
-                    let mut err = String::new();
-                    if let Some(mut stderr) = tpm.child.stderr.take() {
-                        let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
-                    }
-                    last = format!("swtpm exited with {status}: {err}");
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok()
-                    && TcpStream::connect(("127.0.0.1", ctrl)).is_ok()
-                {
-                    return tpm;
-                }
-                if Instant::now() > deadline {
-                    panic!("swtpm did not listen on 127.0.0.1:{port} within 10 s");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("swtpm did not start (5 tries on fresh ports): {last}");
-    }
-
-    fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-}
+#[path = "common/swtpm.rs"]
+mod swtpm;
+use swtpm::Swtpm;
 
 fn tpm_broker(ak_public: &str, pcr15_hex: &str) -> RunningBroker {
     let config = BrokerConfig {

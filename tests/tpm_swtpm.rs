@@ -13,10 +13,7 @@
 //! NV_Read, the parse and binding checks, the AK check, the quote) runs for real.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::ErrorKind;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -43,106 +40,13 @@ use tss_esapi::structures::{MaxNvBuffer, NvPublicBuilder};
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::Context;
 
-/// A running `swtpm`, killed on drop.
-struct Swtpm {
-    child: Child,
-    port: u16,
-    _state: tempfile::TempDir,
-}
+#[path = "common/swtpm.rs"]
+mod swtpm;
+use swtpm::Swtpm;
 
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Two free consecutive ports.
-fn free_port_pair() -> (u16, u16) {
-    for _ in 0..50 {
-        let port = free_port();
-        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return (port, port + 1);
-        }
-    }
-    panic!("no two free consecutive tcp ports on 127.0.0.1 for swtpm");
-}
-
-impl Swtpm {
-    fn start() -> Swtpm {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let state = tempfile::tempdir().unwrap();
-            // The TSS swtpm TCTI talks to the control channel at port + 1.
-            let (port, ctrl) = free_port_pair();
-            let spawned = Command::new("swtpm")
-                .args(["socket", "--tpm2", "--tpmstate"])
-                .arg(format!("dir={}", state.path().display()))
-                .args([
-                    "--server",
-                    &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-                ])
-                .args([
-                    "--ctrl",
-                    &format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"),
-                ])
-                .args(["--flags", "not-need-init,startup-clear"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn();
-            let child = match spawned {
-                Ok(child) => child,
-                Err(e) if e.kind() == ErrorKind::NotFound => panic!(
-                    "swtpm is not installed (`apt install swtpm swtpm-tools`): the tpm and \
-                     az-snp-vtpm provider tests need a real software TPM and are not skipped"
-                ),
-                Err(e) => panic!("cannot start swtpm: {e}"),
-            };
-            let mut tpm = Swtpm {
-                child,
-                port,
-                _state: state,
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(status)) = tpm.child.try_wait() {
-                    let mut err = String::new();
-                    if let Some(mut stderr) = tpm.child.stderr.take() {
-                        let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
-                    }
-                    last = format!("swtpm exited with {status}: {err}");
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok()
-                    && TcpStream::connect(("127.0.0.1", ctrl)).is_ok()
-                {
-                    return tpm;
-                }
-                if Instant::now() > deadline {
-                    panic!("swtpm did not listen on 127.0.0.1:{port} within 10 s");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("swtpm did not start (5 tries on fresh ports): {last}");
-    }
-
-    fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-
-    /// A raw TSS context (the providers must be dropped first: swtpm serves one client).
-    fn context(&self) -> Context {
-        Context::new(TctiNameConf::from_str(&self.tcti()).unwrap()).unwrap()
-    }
+/// A raw TSS context on `tpm` (the providers must be dropped first: swtpm serves one client).
+fn context_of(tpm: &Swtpm) -> Context {
+    Context::new(TctiNameConf::from_str(&tpm.tcti()).unwrap()).unwrap()
 }
 
 fn vector(path: &str) -> Vec<u8> {
@@ -322,7 +226,7 @@ fn a_persistent_ak_is_loaded_checked_and_quotes() {
 
     // A key that is not an AK (the EK: a restricted decryption key) is refused.
     {
-        let mut ctx = swtpm.context();
+        let mut ctx = context_of(&swtpm);
         let ek = tss_esapi::abstraction::ek::create_ek_object_2(
             &mut ctx,
             tss_esapi::abstraction::AsymmetricAlgorithmSelection::Rsa(
@@ -371,7 +275,7 @@ fn bad_tcti_and_missing_device_are_named_errors() {
     assert!(err.to_string().contains("nonsense"));
 
     // Nobody listens on this port: the TSS error is reported with the tcti.
-    let tcti = format!("swtpm:host=127.0.0.1,port={}", free_port());
+    let tcti = format!("swtpm:host=127.0.0.1,port={}", swtpm::free_port());
     let err = TpmProvider::open(&tcti, AkSource::Create).unwrap_err();
     assert!(matches!(err, TeeError::Tpm { .. }), "{err}");
     assert!(err.to_string().contains(&tcti), "{err}");
@@ -466,7 +370,7 @@ fn azure_like(swtpm: &Swtpm, hcl: impl FnOnce(&[u8]) -> Option<Vec<u8>>) -> Vec<
         tpm.ak_public().to_vec()
     };
     if let Some(report) = hcl(&ak) {
-        define_nv(&mut swtpm.context(), HCL_REPORT_NV_INDEX, &report);
+        define_nv(&mut context_of(&swtpm), HCL_REPORT_NV_INDEX, &report);
     }
     ak
 }
@@ -487,9 +391,9 @@ fn az_snp_vtpm_evidence_runs_the_nv_and_quote_path_on_swtpm() {
     let ak = azure_like(&swtpm, |ak| {
         Some(synthetic_hcl_report(ak, &user_data_for(&rd)))
     });
-    let nv_contents = read_nv(&mut swtpm.context(), HCL_REPORT_NV_INDEX);
+    let nv_contents = read_nv(&mut context_of(&swtpm), HCL_REPORT_NV_INDEX);
     // A leftover 0x01400002 of the wrong size must be replaced by a 64-byte one.
-    define_nv(&mut swtpm.context(), REPORT_DATA_NV_INDEX, &[0xee; 16]);
+    define_nv(&mut context_of(&swtpm), REPORT_DATA_NV_INDEX, &[0xee; 16]);
 
     let mut az = AzSnpVtpmProvider::open_with(&swtpm.tcti(), fast_options()).unwrap();
     assert_eq!(az.tee(), "az-snp-vtpm");
@@ -550,7 +454,7 @@ fn az_snp_vtpm_evidence_runs_the_nv_and_quote_path_on_swtpm() {
     drop(az);
 
     // The report data was written to 0x01400002 (64 bytes: report_data, 16 zero bytes).
-    let written = read_nv(&mut swtpm.context(), REPORT_DATA_NV_INDEX);
+    let written = read_nv(&mut context_of(&swtpm), REPORT_DATA_NV_INDEX);
     assert_eq!(written, user_data_for(&report_data(5)));
     eprintln!("az-snp-vtpm test: {:?}", started.elapsed());
 }

@@ -83,6 +83,42 @@ fn volume_error(volume: &Volume, source: volume::VolumeError) -> StageError {
     }
 }
 
+/// Fetches one resource from the broker, recording every try as `unlock/try`; `what` names
+/// the volume or secret in the error.
+fn fetch(
+    fx: &mut Effects<'_>,
+    uri: &ResourceUri,
+    what: String,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, StageError> {
+    let audit = fx.audit;
+    let Some(broker) = fx.broker.as_deref_mut() else {
+        return Err(StageError::Broker {
+            stage: "unlock",
+            what,
+            source: "the policy lists volumes or secrets but the boot has no key broker; this is a bug, report it".into(),
+        });
+    };
+    let mut audit_failure = None;
+    let mut attempt = |details: Value| {
+        if let Err(error) = audit.record("unlock", "try", details) {
+            audit_failure.get_or_insert(error);
+        }
+    };
+    let fetched = broker.fetch(uri, &mut attempt);
+    if let Some(error) = audit_failure {
+        return Err(StageError::Broker {
+            stage: "unlock",
+            what: "recording a key broker try in the audit log".to_string(),
+            source: Box::new(error),
+        });
+    }
+    fetched.map_err(|source| StageError::Broker {
+        stage: "unlock",
+        what,
+        source,
+    })
+}
+
 /// tmpfs options of the secrets directory.
 pub fn secrets_mount_data(uid: u32, gid: u32) -> String {
     format!("mode=0500,uid={uid},gid={gid},size={SECRETS_TMPFS_SIZE},nr_inodes=256")
@@ -93,33 +129,11 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
     let mut opened = Vec::new();
     for volume in &plan.volumes {
         let spec = VolumeSpec::from_policy(volume).map_err(|e| volume_error(volume, e))?;
-        let audit = fx.audit;
-        let Some(broker) = fx.broker.as_deref_mut() else {
-            return Err(StageError::Broker {
-                stage: "unlock",
-                what: format!("no key broker to release the key of volume {:?}", volume.name),
-                source: "the policy lists volumes but the boot has no key broker; this is a bug, report it".into(),
-            });
-        };
-        let mut audit_failure = None;
-        let mut attempt = |details: Value| {
-            if let Err(error) = audit.record("unlock", "try", details) {
-                audit_failure.get_or_insert(error);
-            }
-        };
-        let fetched = broker.fetch(&volume.key, &mut attempt);
-        if let Some(error) = audit_failure {
-            return Err(StageError::Broker {
-                stage: "unlock",
-                what: "recording a key broker try in the audit log".to_string(),
-                source: Box::new(error),
-            });
-        }
-        let bytes = fetched.map_err(|source| StageError::Broker {
-            stage: "unlock",
-            what: format!("key of volume {:?} from {}", volume.name, volume.key),
-            source,
-        })?;
+        let bytes = fetch(
+            fx,
+            &volume.key,
+            format!("key of volume {:?} from {}", volume.name, volume.key),
+        )?;
         let key = VolumeKey::new(bytes, volume.key.clone()).map_err(|e| volume_error(volume, e))?;
         let unlocked =
             volume::unlock(fx.volumes, &spec, &key).map_err(|e| volume_error(volume, e))?;
@@ -137,14 +151,6 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
     }
     let mut delivered = Vec::new();
     if !plan.secrets.is_empty() {
-        let audit = fx.audit;
-        let Some(broker) = fx.broker.as_deref_mut() else {
-            return Err(StageError::Broker {
-                stage: "unlock",
-                what: "no key broker to release the [[secret]] entries".to_string(),
-                source: "the policy lists secrets but the boot has no key broker; this is a bug, report it".into(),
-            });
-        };
         let sys_err = |source| StageError::Sys {
             stage: "unlock",
             source: Box::new(source),
@@ -160,25 +166,11 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             )
             .map_err(sys_err)?;
         for secret in &plan.secrets {
-            let mut audit_failure = None;
-            let mut attempt = |details: Value| {
-                if let Err(error) = audit.record("unlock", "try", details) {
-                    audit_failure.get_or_insert(error);
-                }
-            };
-            let fetched = broker.fetch(&secret.resource, &mut attempt);
-            if let Some(error) = audit_failure {
-                return Err(StageError::Broker {
-                    stage: "unlock",
-                    what: "recording a key broker try in the audit log".to_string(),
-                    source: Box::new(error),
-                });
-            }
-            let bytes = fetched.map_err(|source| StageError::Broker {
-                stage: "unlock",
-                what: format!("secret {:?} from {}", secret.name, secret.resource),
-                source,
-            })?;
+            let bytes = fetch(
+                fx,
+                &secret.resource,
+                format!("secret {:?} from {}", secret.name, secret.resource),
+            )?;
             fx.sys
                 .write_private(&secret.path, &bytes, secret.uid, secret.gid)
                 .map_err(sys_err)?;
