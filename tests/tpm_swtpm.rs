@@ -370,7 +370,7 @@ fn azure_like(swtpm: &Swtpm, hcl: impl FnOnce(&[u8]) -> Option<Vec<u8>>) -> Vec<
         tpm.ak_public().to_vec()
     };
     if let Some(report) = hcl(&ak) {
-        define_nv(&mut context_of(&swtpm), HCL_REPORT_NV_INDEX, &report);
+        define_nv(&mut context_of(swtpm), HCL_REPORT_NV_INDEX, &report);
     }
     ak
 }
