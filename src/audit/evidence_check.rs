@@ -29,6 +29,7 @@ use crate::digest::Digest;
 use crate::eventlog::SimulatedPcr;
 use crate::evidence::snp::{verify_report, ChainSource, Product};
 use crate::evidence::tpm::{verify_quote, PCR_LEN};
+use crate::report::error_chain;
 use crate::stage::attest::checkpoint_binding;
 use crate::tee::snp::{report_from_evidence, CertTableEntry, CertType};
 use crate::tee::tpm::{APP_PCR, PCR_COUNT};
@@ -553,18 +554,6 @@ fn base64_field(value: Option<&Value>, name: &str) -> Result<Vec<u8>, String> {
     STANDARD
         .decode(text)
         .map_err(|e| format!("{name} is not standard base64: {e}"))
-}
-
-/// An error and its causes, `: `-joined.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
