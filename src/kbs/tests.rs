@@ -891,10 +891,9 @@ fn happy_path_rsa() {
     assert!(h.broker.lock().unwrap().complaints.is_empty());
 }
 
-/// Slow unoptimised (tens of seconds): run with
-/// `cargo test --release --lib kbs::tests -- --ignored`.
+/// Fast enough in a debug build because the workspace builds `num-bigint-dig` optimised
+/// (`[profile.dev.package.num-bigint-dig]`).
 #[test]
-#[ignore = "RSA-3072 generation takes tens of seconds in a debug build; run with --release -- --ignored"]
 fn rsa_generation_makes_a_3072_bit_key() {
     let key = TeeKey::generate(KeyWrap::RsaOaep256).unwrap();
     let jwk = key.jwk();

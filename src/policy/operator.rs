@@ -52,6 +52,25 @@ pub(crate) const SCHEMA_KEYS: &[&str] = &[
     "on_failure",
 ];
 
+/// Keys that decide whom the VM trusts or what it runs: never set by the site operator. On
+/// SNP and TDX the operator file is invisible to the broker, so an overridable trust anchor
+/// would let the host point the VM at its own broker (and have blank volumes formatted with
+/// keys it knows).
+pub(crate) const NEVER_OVERRIDABLE: &[&str] = &[
+    "workload",
+    "workload.digest",
+    "workload.manifest",
+    "attestation",
+    "attestation.tee",
+    "attestation.kbs_ca",
+    "attestation.insecure_http",
+    "attestation.insecure_sample",
+    "attestation.tpm_ak_handle",
+    "attestation.snp_certs",
+    "volume",
+    "secret",
+];
+
 /// Whether `key` is something `overridable` may name.
 fn is_schema_key(key: &str) -> bool {
     SCHEMA_KEYS.contains(&key) || key.strip_prefix("workload.env.").is_some_and(is_env_name)
@@ -66,6 +85,10 @@ pub(crate) fn check_overridable(list: &[String]) -> (Vec<String>, Vec<String>) {
         if key == "overridable" || key.starts_with("overridable.") {
             problems.push(format!(
                 "overridable[{i}]: {key:?} cannot be overridable; the operator file must not widen what it may set, so remove it"
+            ));
+        } else if NEVER_OVERRIDABLE.contains(&key.as_str()) {
+            problems.push(format!(
+                "overridable[{i}]: {key:?} decides what the VM trusts or runs, so only the image builder may set it; remove it (overridable keys for deployment values: attestation.kbs, attestation.tries, attestation.timeout, workload.env.<NAME>, network.outbound, …)"
             ));
         } else if !is_schema_key(key) {
             problems.push(format!(

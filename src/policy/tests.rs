@@ -934,19 +934,47 @@ fn operator_overrides_are_applied_and_reported() {
 
 #[test]
 fn an_overridable_table_is_replaced_whole() {
-    let policy = format!("overridable = [\"attestation\"]\n{MINIMAL}");
-    let operator =
-        "[attestation]\ntee = \"tpm\"\nkbs = \"https://kbs.site\"\nkbs_ca = \"/etc/kbs.pem\"\n";
-    let loaded = parse(&policy, Some(operator), &users()).unwrap();
-    assert_eq!(loaded.overridden, ["attestation"]);
-    assert_eq!(
-        loaded.policy.attestation,
-        broker(
-            Tee::Tpm,
-            "https://kbs.site",
-            Some(PathBuf::from("/etc/kbs.pem"))
-        )
+    let policy = format!(
+        "overridable = [\"network\"]\n{MINIMAL}\n[network]\ninbound = [{{ port = 8002 }}]\noutbound = [{{ host = \"a.example\", port = 1 }}]\n"
     );
+    let operator = "[network]\noutbound = [{ host = \"fl.site\", port = 8002 }]\n";
+    let loaded = parse(&policy, Some(operator), &users()).unwrap();
+    assert_eq!(loaded.overridden, ["network"]);
+    assert_eq!(
+        loaded.policy.network,
+        Some(Network {
+            inbound: vec![],
+            outbound: vec![OutboundRule {
+                host: "fl.site".to_string(),
+                port: 8002,
+                proto: Proto::Tcp
+            }]
+        })
+    );
+}
+
+#[test]
+fn trust_anchors_cannot_be_overridable() {
+    for key in [
+        "workload",
+        "workload.digest",
+        "workload.manifest",
+        "attestation",
+        "attestation.tee",
+        "attestation.kbs_ca",
+        "attestation.insecure_http",
+        "attestation.insecure_sample",
+        "attestation.tpm_ak_handle",
+        "attestation.snp_certs",
+        "volume",
+        "secret",
+    ] {
+        let policy = format!("overridable = [\"{key}\"]\n{MINIMAL}");
+        assert_eq!(
+            error_of(&policy),
+            format!("overridable[0]: \"{key}\" decides what the VM trusts or runs, so only the image builder may set it; remove it (overridable keys for deployment values: attestation.kbs, attestation.tries, attestation.timeout, workload.env.<NAME>, network.outbound, …)")
+        );
+    }
 }
 
 #[test]
@@ -1162,4 +1190,19 @@ fn tees_without_a_runtime_register_need_a_pinned_digest() {
         "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }",
     );
     parse(&tpm, None, &users()).unwrap();
+}
+
+#[test]
+fn only_the_integrity_mode_the_volume_code_formats_is_accepted() {
+    let policy = format!(
+        "{}\n[[volume]]\nname = \"w\"\ndevice = \"/dev/vdb\"\nkey = \"kbs:///a/b/c\"\nmount = \"/w\"\nintegrity = \"hmac-sha512\"\n",
+        minimal_with(
+            "attestation = \"none\"",
+            "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }"
+        )
+    );
+    assert_eq!(
+        error_of(&policy),
+        "volume[0].integrity: \"hmac-sha512\" is not an integrity mode; write \"hmac-sha256\" (dm-integrity with HMAC-SHA-256), or remove it"
+    );
 }

@@ -1146,11 +1146,11 @@ fn volumes(c: &mut Check<'_>, raw: &[RawVolume]) -> Vec<Volume> {
         };
         let integrity = match v.integrity.as_deref() {
             None => Some(None),
-            Some(mode @ ("hmac-sha256" | "hmac-sha512")) => Some(Some(mode.to_string())),
+            Some(mode @ "hmac-sha256") => Some(Some(mode.to_string())),
             Some(other) => {
                 c.error(
                     &key("integrity"),
-                    format!("{other:?} is not an integrity mode; write \"hmac-sha256\" or \"hmac-sha512\", or remove it"),
+                    format!("{other:?} is not an integrity mode; write \"hmac-sha256\" (dm-integrity with HMAC-SHA-256), or remove it"),
                 );
                 None
             }

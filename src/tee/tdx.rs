@@ -1,7 +1,10 @@
 //! `tdx` evidence provider: an Intel TDX quote through configfs-tsm (provider `tdx_guest`).
 //!
-//! The inblob (TDX REPORTDATA) is the 48-byte binding followed by 16 zero bytes. The evidence
-//! is the shape the Trustee `tdx` verifier reads:
+//! The inblob (TDX REPORTDATA) is the 48-byte binding followed by 16 zero bytes for the broker
+//! exchange ([`report_data`]), and the whole 64-byte audit-log binding for a checkpoint
+//! ([`Provider::checkpoint`]; its last 16 bytes are a SHA-512 output, so a checkpoint quote
+//! never passes for broker evidence). The evidence, the same for both, is the shape the
+//! Trustee `tdx` verifier reads:
 //! `{"quote":"<base64 std of the quote>","cc_eventlog":"<base64 std of the CCEL table>"|null}`,
 //! where the CC event log is the ACPI CCEL data (`/sys/firmware/acpi/tables/data/CCEL`) when
 //! it can be read, else `null`.
@@ -155,6 +158,54 @@ pub fn check_quote(quote: &[u8], inblob: &[u8; INBLOB_LEN]) -> Result<(), TeeErr
     Ok(())
 }
 
+/// The raw quote inside an evidence JSON (the inverse of [`TdxProvider`]'s evidence and
+/// checkpoint, for auditors and tests): exactly the fields `quote` (standard base64) and
+/// `cc_eventlog` (standard base64 or `null`). The quote itself is not checked here; call
+/// [`check_quote`] with the expected REPORTDATA.
+pub fn quote_from_evidence(evidence: &Value) -> Result<Vec<u8>, TeeError> {
+    let bad = |detail: String| TeeError::Malformed {
+        tee: TEE,
+        what: "evidence",
+        detail,
+    };
+    let object = evidence
+        .as_object()
+        .ok_or_else(|| bad(format!("not a json object: {evidence}")))?;
+    if let Some(extra) = object
+        .keys()
+        .find(|k| k.as_str() != "quote" && k.as_str() != "cc_eventlog")
+    {
+        return Err(bad(format!(
+            "unexpected field {extra:?}; tdx evidence has only \"quote\" and \"cc_eventlog\""
+        )));
+    }
+    match object.get("cc_eventlog") {
+        Some(Value::Null) => {}
+        Some(Value::String(text)) => {
+            STANDARD
+                .decode(text)
+                .map_err(|e| bad(format!("cc_eventlog is not standard base64: {e}")))?;
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "cc_eventlog is neither a string nor null: {other}"
+            )))
+        }
+        None => {
+            return Err(bad(
+                "no cc_eventlog field (null when there is none)".to_string()
+            ))
+        }
+    }
+    let text = object
+        .get("quote")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("no \"quote\" string".to_string()))?;
+    STANDARD
+        .decode(text)
+        .map_err(|e| bad(format!("quote is not standard base64: {e}")))
+}
+
 /// Reads the CC event log: `None` when it does not exist or cannot be read (logged).
 fn read_ccel(path: &Path) -> Option<Vec<u8>> {
     match std::fs::read(path) {
@@ -211,6 +262,25 @@ impl<F: TsmFs> TdxProvider<F> {
         })
     }
 
+    /// A quote for `inblob` (checked: header, and REPORTDATA = `inblob`) and the CC event
+    /// log, as the evidence JSON.
+    fn quote(&mut self, inblob: &[u8; INBLOB_LEN]) -> Result<Value, TeeError> {
+        let answer = self.tsm.generate(
+            PROVIDER_TDX,
+            &TsmRequest {
+                inblob: *inblob,
+                privlevel: None,
+                read_auxblob: false,
+            },
+        )?;
+        check_quote(&answer.outblob, inblob)?;
+        let ccel = read_ccel(&self.ccel);
+        Ok(json!({
+            "quote": STANDARD.encode(&answer.outblob),
+            "cc_eventlog": ccel.map(|el| STANDARD.encode(el)),
+        }))
+    }
+
     /// The configfs-tsm root (tests inspect its fake through this).
     pub fn tsm(&self) -> &Tsm<F> {
         &self.tsm
@@ -223,21 +293,12 @@ impl<F: TsmFs> Provider for TdxProvider<F> {
     }
 
     fn evidence(&mut self, binding: &[u8; 48]) -> Result<Value, TeeError> {
-        let inblob = report_data(binding);
-        let answer = self.tsm.generate(
-            PROVIDER_TDX,
-            &TsmRequest {
-                inblob,
-                privlevel: None,
-                read_auxblob: false,
-            },
-        )?;
-        check_quote(&answer.outblob, &inblob)?;
-        let ccel = read_ccel(&self.ccel);
-        Ok(json!({
-            "quote": STANDARD.encode(&answer.outblob),
-            "cc_eventlog": ccel.map(|el| STANDARD.encode(el)),
-        }))
+        self.quote(&report_data(binding))
+    }
+
+    /// A quote whose REPORTDATA is all 64 bytes of `binding`, same shape as the evidence.
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, TeeError> {
+        self.quote(binding)
     }
 
     /// None: RTMR extension is not implemented yet (see the module documentation).
@@ -252,6 +313,7 @@ impl<F: TsmFs> Provider for TdxProvider<F> {
             "provider": PROVIDER_TDX,
             "cc_eventlog": self.ccel.display().to_string(),
             "report_data": "48-byte binding followed by 16 zero bytes",
+            "checkpoint_report_data": "the 64-byte checkpoint binding",
             "runtime_register": null,
         })
     }
@@ -419,6 +481,121 @@ mod tests {
         assert!(matches!(err, TeeError::Malformed { .. }), "{err:?}");
     }
 
+    fn checkpoint_binding() -> [u8; 64] {
+        let mut b = [0u8; 64];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i as u8).wrapping_mul(13).wrapping_add(0x80);
+        }
+        b
+    }
+
+    #[test]
+    fn checkpoint_quote_carries_the_whole_64_byte_binding() {
+        let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = written.clone();
+        let fs = FakeTsmFs::new(
+            ROOT,
+            PROVIDER_TDX,
+            Box::new(move |inblob| {
+                seen.lock().unwrap().push(inblob.to_vec());
+                Ok(quote(5, TEE_TYPE_TDX, 3, inblob))
+            }),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ccel = dir.path().join("CCEL");
+        std::fs::write(&ccel, b"ccel bytes").unwrap();
+        let mut p = TdxProvider::open(Tsm::new("tdx", ROOT, fs), &ccel).unwrap();
+        let binding = checkpoint_binding();
+        let evidence = p.checkpoint(&binding).unwrap();
+
+        // The device was asked for exactly the binding, all 64 bytes.
+        assert_eq!(*written.lock().unwrap(), vec![binding.to_vec()]);
+        // Same shape as the broker evidence; the quote's REPORTDATA is the binding.
+        let mut keys: Vec<&String> = evidence.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["cc_eventlog", "quote"]);
+        let q = quote_from_evidence(&evidence).unwrap();
+        assert_eq!(q, quote(5, TEE_TYPE_TDX, 3, &binding));
+        assert_eq!(quote_report_data(&q).unwrap(), binding);
+        check_quote(&q, &binding).unwrap();
+        assert_eq!(
+            STANDARD
+                .decode(evidence["cc_eventlog"].as_str().unwrap())
+                .unwrap(),
+            b"ccel bytes"
+        );
+        assert_eq!(p.tsm().fs().live_entries(), 0);
+
+        // A checkpoint quote is not a quote for the 48-byte prefix padded with zeros (what
+        // broker evidence carries), so neither passes for the other.
+        let mut prefix = [0u8; 48];
+        prefix.copy_from_slice(&binding[..48]);
+        assert!(check_quote(&q, &report_data(&prefix)).is_err());
+        let broker = quote_from_evidence(&p.evidence(&prefix).unwrap()).unwrap();
+        assert!(check_quote(&broker, &binding).is_err());
+    }
+
+    #[test]
+    fn checkpoint_quote_for_other_data_fails_closed() {
+        // A device that keeps only 48 bytes of the inblob (zeroing the rest) is caught.
+        let fs = FakeTsmFs::new(
+            ROOT,
+            PROVIDER_TDX,
+            Box::new(|inblob| {
+                let mut rd = inblob.to_vec();
+                rd[48..].fill(0);
+                Ok(quote(4, TEE_TYPE_TDX, 2, &rd))
+            }),
+        );
+        let mut p = TdxProvider::open(Tsm::new("tdx", ROOT, fs), "/nonexistent").unwrap();
+        let err = p.checkpoint(&checkpoint_binding()).unwrap_err();
+        assert!(matches!(err, TeeError::Malformed { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("REPORTDATA is") && text.contains(&hex::encode(checkpoint_binding())),
+            "{text}"
+        );
+
+        // A device error is reported, not papered over.
+        let mut fs = fake(4, 2);
+        fs.fail_on = Some("outblob");
+        let mut p = TdxProvider::open(Tsm::new("tdx", ROOT, fs), "/nonexistent").unwrap();
+        assert!(p.checkpoint(&checkpoint_binding()).is_err());
+    }
+
+    #[test]
+    fn quote_from_evidence_refuses_other_shapes() {
+        let q = STANDARD.encode([1u8, 2, 3]);
+        assert_eq!(
+            quote_from_evidence(&json!({"quote": q, "cc_eventlog": null})).unwrap(),
+            vec![1, 2, 3]
+        );
+        for (bad, want) in [
+            (json!([]), "not a json object"),
+            (json!({"quote": q}), "no cc_eventlog"),
+            (json!({"cc_eventlog": null}), "no \"quote\""),
+            (
+                json!({"quote": "!!", "cc_eventlog": null}),
+                "quote is not standard base64",
+            ),
+            (
+                json!({"quote": q, "cc_eventlog": 5}),
+                "neither a string nor null",
+            ),
+            (
+                json!({"quote": q, "cc_eventlog": "-_"}),
+                "cc_eventlog is not standard",
+            ),
+            (
+                json!({"quote": q, "cc_eventlog": null, "x": 1}),
+                "unexpected field \"x\"",
+            ),
+        ] {
+            let err = quote_from_evidence(&bad).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
+
     #[test]
     fn sev_provider_is_refused() {
         let fs = FakeTsmFs::new(ROOT, PROVIDER_SEV, Box::new(|_| Ok(vec![0; 1184])));
@@ -457,5 +634,9 @@ mod tests {
         assert_eq!(d["tee"], "tdx");
         assert_eq!(d["provider"], "tdx_guest");
         assert_eq!(d["device"], format!("configfs-tsm {ROOT}"));
+        assert_eq!(
+            d["checkpoint_report_data"],
+            "the 64-byte checkpoint binding"
+        );
     }
 }
