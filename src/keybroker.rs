@@ -165,9 +165,25 @@ impl RealBroker {
         uri: &ResourceUri,
         attempt: &mut dyn FnMut(Value),
     ) -> Result<kbs::Released, kbs::KbsError> {
-        let mut observer = |a: &Attempt| attempt(attempt_json(a));
-        self.client
-            .resource(uri, self.provider.as_mut(), &mut observer)
+        let before = self.client.attested().map(|a| a.nonce.clone());
+        let result = {
+            let mut observer = |a: &Attempt| attempt(attempt_json(a));
+            self.client
+                .resource(uri, self.provider.as_mut(), &mut observer)
+        };
+        // The broker may have asked for a fresh handshake (401): a new nonce, key and
+        // evidence. Record that exchange too, so no key is released under an exchange the
+        // audit log does not hold.
+        if let Some(attested) = self.client.attested() {
+            if before.as_deref() != Some(attested.nonce.as_str()) {
+                attempt(json!({
+                    "call": "re-attested",
+                    "resource": uri,
+                    "exchange": attested,
+                }));
+            }
+        }
+        result
     }
 }
 
