@@ -1105,6 +1105,7 @@ mod tests {
             [
                 VolumeOp::Inspect,
                 VolumeOp::Format,
+                VolumeOp::CheckFormat,
                 VolumeOp::TokenResources,
                 VolumeOp::VerifyKey,
                 VolumeOp::Open,

@@ -165,25 +165,38 @@ impl RealBroker {
         uri: &ResourceUri,
         attempt: &mut dyn FnMut(Value),
     ) -> Result<kbs::Released, kbs::KbsError> {
-        let before = self.client.attested().map(|a| a.nonce.clone());
-        let result = {
-            let mut observer = |a: &Attempt| attempt(attempt_json(a));
-            self.client
-                .resource(uri, self.provider.as_mut(), &mut observer)
-        };
-        // The broker may have asked for a fresh handshake (401): a new nonce, key and
-        // evidence. Record that exchange too, so no key is released under an exchange the
+        // The broker may ask for a fresh handshake (401): a new nonce, key and evidence.
+        // Each is recorded with its exchange, so no key is released under an exchange the
         // audit log does not hold.
-        if let Some(attested) = self.client.attested() {
-            if before.as_deref() != Some(attested.nonce.as_str()) {
-                attempt(json!({
-                    "call": "re-attested",
-                    "resource": uri,
-                    "exchange": attested,
-                }));
-            }
+        let mut observer = AuditObserver {
+            attempt,
+            resource: Some(uri),
+        };
+        self.client
+            .resource(uri, self.provider.as_mut(), &mut observer)
+    }
+}
+
+/// Forwards the client's tries, and the handshakes a resource request runs, as JSON.
+struct AuditObserver<'a, 'b> {
+    attempt: &'a mut dyn FnMut(Value),
+    /// The resource being fetched (`None` during `attest`, whose exchange the stage records).
+    resource: Option<&'b ResourceUri>,
+}
+
+impl kbs::Observer for AuditObserver<'_, '_> {
+    fn attempt(&mut self, attempt: &Attempt) {
+        (self.attempt)(attempt_json(attempt));
+    }
+
+    fn attested(&mut self, attested: &kbs::Attested) {
+        if let Some(uri) = self.resource {
+            (self.attempt)(json!({
+                "call": "re-attested",
+                "resource": uri,
+                "exchange": attested,
+            }));
         }
-        result
     }
 }
 

@@ -882,3 +882,43 @@ fn real_broker_fetch_errors_carry_the_client_error() {
         "{err}"
     );
 }
+
+/// A handshake the broker forces during a fetch (401) is recorded with its exchange, so no
+/// key is ever released under an exchange the audit log does not hold.
+#[test]
+fn real_broker_records_re_handshakes_during_fetch() {
+    let broker = sample_broker(
+        sample_policy(),
+        Faults {
+            expire_tokens_immediately: true,
+            ..Faults::default()
+        },
+    );
+    let mut real = RealBroker::with_client(Box::new(SampleProvider::new()), http_client(&broker));
+    real.attest(&mut |_| {}).unwrap();
+    let first_nonce = broker
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/kbs/v0/auth")
+        .count();
+    assert_eq!(first_nonce, 1);
+    let mut tries = Vec::new();
+    let err = real.fetch(&uri(), &mut |t| tries.push(t)).unwrap_err();
+    assert!(
+        err.to_string().contains("kbs:///default/secrets/x"),
+        "{err}"
+    );
+    let re = tries
+        .iter()
+        .filter(|t| t["call"] == "re-attested")
+        .collect::<Vec<_>>();
+    // The broker refused every token, so the client re-attested MAX_HANDSHAKES (3) times.
+    assert_eq!(re.len(), 3, "{tries:#?}");
+    assert_eq!(re[0]["resource"], "kbs:///default/secrets/x");
+    assert_eq!(re[0]["exchange"]["tee"], "sample");
+    assert!(re[0]["exchange"]["nonce"]
+        .as_str()
+        .is_some_and(|n| !n.is_empty()));
+    assert!(re[0]["exchange"].get("token").is_none());
+    assert_ne!(re[0]["exchange"]["nonce"], re[1]["exchange"]["nonce"]);
+}

@@ -22,8 +22,8 @@ use base64::Engine;
 use cvm_warden::digest::Digest;
 use cvm_warden::evidence::tpm::verify_quote;
 use cvm_warden::tee::azure::{
-    parse_hcl_report, user_data_for, AzSnpVtpmProvider, AzureOptions, VcekSource, AZURE_AK_HANDLE,
-    HCL_REPORT_NV_INDEX, REPORT_DATA_NV_INDEX,
+    checkpoint_quote_nonce, parse_hcl_report, user_data_for, AzEvidence, AzSnpVtpmProvider,
+    AzureOptions, VcekSource, AZURE_AK_HANDLE, HCL_REPORT_NV_INDEX, REPORT_DATA_NV_INDEX,
 };
 use cvm_warden::tee::tpm::{AkSource, TpmProvider, APP_PCR};
 use cvm_warden::tee::{Provider, TeeError};
@@ -32,7 +32,9 @@ use rsa::traits::PublicKeyParts;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use tss_esapi::attributes::NvIndexAttributesBuilder;
-use tss_esapi::handles::{NvIndexTpmHandle, ObjectHandle, PersistentTpmHandle};
+use tss_esapi::handles::{
+    NvIndexHandle, NvIndexTpmHandle, ObjectHandle, PersistentTpmHandle, TpmHandle,
+};
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::resource_handles::{NvAuth, Provision};
@@ -353,6 +355,22 @@ fn define_nv(ctx: &mut Context, index: u32, data: &[u8]) {
     }
 }
 
+/// Overwrites the defined NV `index` with `data` in chunks, as the paravisor refreshes the
+/// HCL report.
+fn rewrite_nv(ctx: &mut Context, index: u32, data: &[u8]) {
+    let tpm_handle = TpmHandle::NvIndex(NvIndexTpmHandle::new(index).unwrap());
+    let handle = NvIndexHandle::from(
+        ctx.execute_without_session(|c| c.tr_from_tpm_public(tpm_handle))
+            .unwrap(),
+    );
+    for (i, chunk) in data.chunks(512).enumerate() {
+        let buffer = MaxNvBuffer::try_from(chunk.to_vec()).unwrap();
+        let offset = u16::try_from(i * 512).unwrap();
+        ctx.execute_with_nullauth_session(|c| c.nv_write(NvAuth::Owner, handle, buffer, offset))
+            .unwrap();
+    }
+}
+
 fn read_nv(ctx: &mut Context, index: u32) -> Vec<u8> {
     let index = NvIndexTpmHandle::new(index).unwrap();
     ctx.execute_with_nullauth_session(|c| {
@@ -457,6 +475,109 @@ fn az_snp_vtpm_evidence_runs_the_nv_and_quote_path_on_swtpm() {
     let written = read_nv(&mut context_of(&swtpm), REPORT_DATA_NV_INDEX);
     assert_eq!(written, user_data_for(&report_data(5)));
     eprintln!("az-snp-vtpm test: {:?}", started.elapsed());
+}
+
+/// A 64-byte checkpoint binding (SHA-512-like: no zero tail).
+fn checkpoint_binding(seed: u8) -> [u8; 64] {
+    let mut b = [0u8; 64];
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = seed.wrapping_mul(17).wrapping_add(i as u8).wrapping_add(1) | 0x01;
+    }
+    b
+}
+
+#[test]
+fn az_snp_vtpm_checkpoint_binds_the_whole_binding_in_user_data_and_48_bytes_in_the_quote() {
+    let started = Instant::now();
+    let swtpm = Swtpm::start();
+    let rd = report_data(6);
+    let ak = azure_like(&swtpm, |ak| {
+        Some(synthetic_hcl_report(ak, &user_data_for(&rd)))
+    });
+    let binding = checkpoint_binding(7);
+
+    // The broker exchange, then an extend of vTPM pcr 15 (what the event log does).
+    let mut az = AzSnpVtpmProvider::open_with(&swtpm.tcti(), fast_options()).unwrap();
+    let exchange = az.evidence(&rd).unwrap();
+    let pcr15_initial = az.pcr_value(APP_PCR).unwrap();
+    let digest = Digest::of(b"bundle manifest");
+    let mut register = az.runtime_register().unwrap().unwrap();
+    register.extend(&digest).unwrap();
+    let mut replay = Sha256::new();
+    replay.update(pcr15_initial);
+    replay.update(digest.0);
+    let replay: [u8; 32] = replay.finalize().into();
+
+    // Nothing refreshed the HCL report for the binding yet: the checkpoint fails closed.
+    let err = az.checkpoint(&binding).unwrap_err().to_string();
+    assert!(
+        err.contains("did not refresh") && err.contains(&hex::encode(binding)),
+        "{err}"
+    );
+    drop(register);
+    drop(az);
+    // The whole binding, not a padded prefix, was written to 0x01400002.
+    assert_eq!(
+        read_nv(&mut context_of(&swtpm), REPORT_DATA_NV_INDEX),
+        binding
+    );
+
+    // Play the paravisor: the HCL report now carries the binding as user-data.
+    rewrite_nv(
+        &mut context_of(&swtpm),
+        HCL_REPORT_NV_INDEX,
+        &synthetic_hcl_report(&ak, &binding),
+    );
+    let mut az = AzSnpVtpmProvider::open_with(&swtpm.tcti(), fast_options()).unwrap();
+    let checkpoint = az.checkpoint(&binding).unwrap();
+    drop(az);
+
+    // Same v2 shape as the broker evidence.
+    let e = AzEvidence::from_json(&checkpoint).unwrap();
+    let x = AzEvidence::from_json(&exchange).unwrap();
+    assert_eq!(e.vcek, x.vcek);
+    assert_eq!(
+        e.hcl_report,
+        read_nv(&mut context_of(&swtpm), HCL_REPORT_NV_INDEX)
+    );
+
+    // What a verifier checks: the HCL report binds its variable data (parse), user-data is
+    // the whole binding, the quote verifies with HCLAkPub (the exchange's AK), its extraData
+    // is the first 48 bytes of the binding, and pcr 15 is the replay of the logged extend.
+    let hcl = parse_hcl_report(&e.hcl_report).unwrap();
+    assert_eq!(hcl.user_data.as_deref(), Some(&binding[..]));
+    assert_eq!(hcl.ak_public, ak);
+    assert_eq!(
+        parse_hcl_report(&x.hcl_report).unwrap().ak_public,
+        hcl.ak_public
+    );
+    assert_eq!(e.quote_signature.len(), 256);
+    let pcrs: Vec<u8> = e.pcrs.iter().flatten().copied().collect();
+    let q = verify_quote(
+        &e.quote_message,
+        &e.quote_signature,
+        &hcl.ak_public,
+        Some(&pcrs),
+    )
+    .unwrap();
+    assert!(q.verified && q.pcrs_checked);
+    assert_eq!(q.extra_data, hex::encode(&binding[..48]));
+    assert_eq!(q.extra_data, hex::encode(checkpoint_quote_nonce(&binding)));
+    assert_eq!(e.pcrs[usize::from(APP_PCR)], replay);
+
+    // The exchange quote carried the 48-byte report data and the pre-extend pcr 15; its
+    // user-data is zero-padded, unlike the checkpoint's.
+    let xq = verify_quote(&x.quote_message, &x.quote_signature, &ak, None).unwrap();
+    assert_eq!(xq.extra_data, hex::encode(rd));
+    assert_eq!(x.pcrs[usize::from(APP_PCR)], pcr15_initial);
+    assert_eq!(
+        parse_hcl_report(&x.hcl_report)
+            .unwrap()
+            .user_data
+            .as_deref(),
+        Some(&user_data_for(&rd)[..])
+    );
+    eprintln!("az-snp-vtpm checkpoint test: {:?}", started.elapsed());
 }
 
 #[test]

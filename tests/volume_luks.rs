@@ -14,8 +14,8 @@ use std::process::{Command, Output};
 
 use cvm_warden::policy::ResourceUri;
 use cvm_warden::volume::{
-    check_token, decide, unlock, Action, DeviceState, Integrity, MountOptions, RealVolumes,
-    TokenProblem, VolumeError, VolumeKey, VolumeSpec, Volumes,
+    check_token, decide, token_json, unlock, Action, DeviceState, FormatProblem, Integrity,
+    MountOptions, RealVolumes, TokenProblem, VolumeError, VolumeKey, VolumeSpec, Volumes,
 };
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
@@ -128,6 +128,16 @@ fn format_if_blank_formats_and_the_key_verifies() {
     let bytes = formatted_image(&vols, &image, RES);
 
     assert_eq!(vols.inspect(&image).unwrap(), DeviceState::Luks2);
+    // The header says exactly what cvm-warden formats, for a policy without integrity only.
+    vols.check_format(&image, None).unwrap();
+    let err = vols
+        .check_format(&image, Some(Integrity::HmacSha256))
+        .unwrap_err();
+    let problem = header_problem(&err);
+    assert_eq!(
+        (problem.field.as_str(), problem.found.as_str()),
+        ("integrity", "none")
+    );
     assert_eq!(vols.token_resources(&image).unwrap(), vec![RES.to_string()]);
     assert_eq!(
         vols.verify_key(&image, &volume_key(&bytes, RES)).unwrap(),
@@ -571,4 +581,310 @@ fn foreign_tokens_are_ignored_and_malformed_or_ambiguous_ones_fail_closed() {
         "{err:?}"
     );
     assert!(err.to_string().contains("not a string"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Headers cvm-warden did not write, or that a host rewrote, are refused before the key is tried.
+
+fn header_problem(err: &VolumeError) -> &FormatProblem {
+    match err {
+        VolumeError::HeaderFormat(problem) => problem,
+        other => panic!("expected a header format refusal, got {other:?}"),
+    }
+}
+
+fn spec_for(image: &Path, dir: &Path, integrity: Option<Integrity>) -> VolumeSpec {
+    VolumeSpec {
+        name: "tampered".to_string(),
+        device: image.to_path_buf(),
+        resource: uri(RES),
+        mountpoint: dir.join("mnt"),
+        format_if_blank: true,
+        integrity,
+        mount: MountOptions { noexec: true },
+    }
+}
+
+/// `cryptsetup luksFormat --type luks2` with `cipher_args` and the keyslot cvm-warden writes
+/// (PBKDF2, 1000 iterations, 4096-byte sectors), then the cvm-warden token imported.
+fn foreign_luks2(dir: &Path, image: &Path, keyfile: &Path, cipher_args: &[&str]) {
+    let mut args = vec![
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks2",
+        "--sector-size",
+        "4096",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        path_str(keyfile),
+    ];
+    args.extend_from_slice(cipher_args);
+    args.push(path_str(image));
+    let out = run("cryptsetup", &args);
+    assert!(out.status.success(), "{}", text(&out));
+    import_token(
+        dir,
+        image,
+        "token.json",
+        &token_json(&uri(RES), 0).to_string(),
+    );
+}
+
+/// Asserts that the whole flow refuses `image` naming `field`, `found` and `expected`, before
+/// the key is tried, and leaves the image as it was.
+fn assert_refused(
+    vols: &RealVolumes,
+    dir: &Path,
+    image: &Path,
+    key: &[u8],
+    (field, found, expected): (&str, &str, &str),
+) {
+    let before = digest(image);
+    let err = unlock(vols, &spec_for(image, dir, None), &volume_key(key, RES)).unwrap_err();
+    let problem = header_problem(&err);
+    assert_eq!(
+        (
+            problem.device.as_path(),
+            problem.field.as_str(),
+            problem.found.as_str(),
+            problem.expected.as_str()
+        ),
+        (image, field, found, expected),
+        "{err}"
+    );
+    assert!(
+        err.to_string().starts_with(&format!(
+            "the LUKS2 header of {} says {field} {found}, cvm-warden formats {expected}: ",
+            image.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(digest(image), before, "the image changed");
+    assert!(!dir.join("mnt").exists(), "the flow went past the check");
+}
+
+#[test]
+fn another_cipher_is_refused_naming_the_cipher() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "cbc.img");
+    let bytes = random_key(32);
+    let keyfile = key_file(dir.path(), "cbc.key", &bytes);
+    foreign_luks2(
+        dir.path(),
+        &image,
+        &keyfile,
+        &["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"],
+    );
+    let vols = RealVolumes::new();
+    // The key opens it and the token matches: only the format check stands in the way.
+    assert_eq!(vols.token_resources(&image).unwrap(), vec![RES.to_string()]);
+    assert_eq!(
+        vols.verify_key(&image, &volume_key(&bytes, RES)).unwrap(),
+        0
+    );
+    assert_refused(
+        &vols,
+        dir.path(),
+        &image,
+        &bytes,
+        ("cipher", "aes-cbc-essiv:sha256", "aes-xts-plain64"),
+    );
+}
+
+#[test]
+fn a_256_bit_xts_key_is_refused_naming_the_key_size() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "xts256.img");
+    let bytes = random_key(32);
+    let keyfile = key_file(dir.path(), "xts256.key", &bytes);
+    foreign_luks2(
+        dir.path(),
+        &image,
+        &keyfile,
+        &["--cipher", "aes-xts-plain64", "--key-size", "256"],
+    );
+    let vols = RealVolumes::new();
+    assert_eq!(
+        vols.verify_key(&image, &volume_key(&bytes, RES)).unwrap(),
+        0
+    );
+    assert_refused(
+        &vols,
+        dir.path(),
+        &image,
+        &bytes,
+        ("volume key size (keyslot 0)", "32 bytes", "64 bytes"),
+    );
+}
+
+#[test]
+fn a_key_added_with_cryptsetup_defaults_still_passes_the_check() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "addkey.img");
+    let vols = RealVolumes::new();
+    let bytes = formatted_image(&vols, &image, RES);
+    let old = key_file(dir.path(), "old.key", &bytes);
+    let new = key_file(dir.path(), "new.key", &random_key(32));
+    let out = run(
+        "cryptsetup",
+        &[
+            "luksAddKey",
+            "--batch-mode",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            path_str(&old),
+            path_str(&image),
+            path_str(&new),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    vols.check_format(&image, None).unwrap();
+}
+
+// The LUKS2 binary header (cryptsetup's `struct luks2_hdr_disk`): big-endian `hdr_size` at 8,
+// the checksum (SHA-256 over `hdr_size` bytes with the checksum field zeroed) at 448, the JSON
+// metadata from 4096 to `hdr_size`. The secondary header starts at `hdr_size`.
+const HDR_SIZE_AT: usize = 8;
+const CSUM_AT: usize = 448;
+const JSON_AT: usize = 4096;
+
+/// Rewrites the JSON metadata of both LUKS2 headers of `image` with `change` and recomputes
+/// their checksums, as a host that controls the disk can.
+fn rewrite_header(image: &Path, change: impl Fn(&mut serde_json::Value)) {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut first = [0u8; 16];
+    file.read_exact(&mut first).unwrap();
+    let hdr_size = u64::from_be_bytes(first[HDR_SIZE_AT..HDR_SIZE_AT + 8].try_into().unwrap());
+    for offset in [0, hdr_size] {
+        let mut hdr = vec![0u8; hdr_size as usize];
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.read_exact(&mut hdr).unwrap();
+        let json_area = &hdr[JSON_AT..];
+        let end = json_area.iter().position(|&b| b == 0).unwrap();
+        let mut metadata: serde_json::Value = serde_json::from_slice(&json_area[..end]).unwrap();
+        change(&mut metadata);
+        let json = serde_json::to_vec(&metadata).unwrap();
+        assert!(
+            json.len() < hdr.len() - JSON_AT,
+            "the metadata grew too large"
+        );
+        hdr[JSON_AT..].fill(0);
+        hdr[JSON_AT..JSON_AT + json.len()].copy_from_slice(&json);
+        hdr[CSUM_AT..CSUM_AT + 64].fill(0);
+        let csum = Sha256::digest(&hdr);
+        hdr[CSUM_AT..CSUM_AT + 32].copy_from_slice(&csum);
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.write_all(&hdr).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+#[test]
+fn a_header_rewritten_to_cipher_null_is_refused_though_the_key_still_opens_it() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "null.img");
+    let vols = RealVolumes::new();
+    let bytes = formatted_image(&vols, &image, RES);
+    rewrite_header(&image, |meta| {
+        meta["segments"]["0"]["encryption"] = "cipher_null-ecb".into();
+    });
+    // libcryptsetup accepts the rewritten header: the checksum is valid, the keyslot still
+    // opens with the broker key and the token still matches.
+    let out = run("cryptsetup", &["luksDump", path_str(&image)]);
+    assert!(text(&out).contains("cipher_null-ecb"), "{}", text(&out));
+    assert_eq!(vols.token_resources(&image).unwrap(), vec![RES.to_string()]);
+    assert_eq!(
+        vols.verify_key(&image, &volume_key(&bytes, RES)).unwrap(),
+        0
+    );
+    assert_refused(
+        &vols,
+        dir.path(),
+        &image,
+        &bytes,
+        ("cipher", "cipher_null-ecb", "aes-xts-plain64"),
+    );
+    assert_eq!(
+        unlock(
+            &vols,
+            &spec_for(&image, dir.path(), None),
+            &volume_key(&bytes, RES)
+        )
+        .unwrap_err()
+        .to_string(),
+        format!(
+            "the LUKS2 header of {0} says cipher cipher_null-ecb, cvm-warden formats \
+             aes-xts-plain64: the header was changed or does not match the policy, so the \
+             volume is not opened; restore the header from a backup (`cryptsetup \
+             luksHeaderRestore {0} --header-backup-file <file>`) or reformat the volume",
+            image.display()
+        )
+    );
+}
+
+#[test]
+fn a_keyslot_area_rewritten_to_cipher_null_is_refused() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "null-slot.img");
+    let vols = RealVolumes::new();
+    let bytes = formatted_image(&vols, &image, RES);
+    rewrite_header(&image, |meta| {
+        meta["keyslots"]["0"]["area"]["encryption"] = "cipher_null-ecb".into();
+    });
+    assert_refused(
+        &vols,
+        dir.path(),
+        &image,
+        &bytes,
+        (
+            "keyslot 0 area cipher",
+            "cipher_null-ecb",
+            "aes-xts-plain64",
+        ),
+    );
+}
+
+#[test]
+fn integrity_dropped_from_the_policy_or_the_header_is_refused() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "hmac.img");
+    let vols = RealVolumes::new();
+    let bytes = formatted_image(&vols, &image, RES);
+    // The policy asks for integrity; the header (cvm-warden's, without) has none.
+    let err = unlock(
+        &vols,
+        &spec_for(&image, dir.path(), Some(Integrity::HmacSha256)),
+        &volume_key(&bytes, RES),
+    )
+    .unwrap_err();
+    let problem = header_problem(&err);
+    assert_eq!(
+        (
+            problem.field.as_str(),
+            problem.found.as_str(),
+            problem.expected.as_str()
+        ),
+        (
+            "integrity",
+            "none",
+            "hmac(sha256) for the policy's integrity = \"hmac-sha256\""
+        )
+    );
 }

@@ -9,9 +9,16 @@
 //!   the primary evidence must carry it and verify (per TEE, see [`check_evidence`]);
 //! - `attest/ok` with `"attested": true` (the checkpoint): the record at `head_seq` is an
 //!   `attest/attested` record of the same run whose hash is `head`; `report_data` is
-//!   [`checkpoint_binding`]`(head)`; the checkpoint evidence carries it and verifies; for a
-//!   TPM the quote is made by the exchange's AK and its PCR 15 ([`APP_PCR`]) equals the
-//!   replay of the exchange record's event log from its `register_initial` (zero when absent).
+//!   [`checkpoint_binding`]`(head)`; the checkpoint evidence carries it and verifies, and it
+//!   comes from the machine and boot of the exchange:
+//!   - TPM: both quotes select exactly sha256:0-23, the checkpoint quote is made by the
+//!     exchange's AK in the same boot (equal resetCount and restartCount, clock not behind),
+//!     PCRs 0-14 equal the exchange's, and PCR 15 ([`APP_PCR`]) equals the replay of the
+//!     exchange record's event log from its `register_initial` (zero when absent; a warning
+//!     when not zero);
+//!   - SEV-SNP: both guests have debug disabled (policy bit 19), and the checkpoint report's
+//!     measurement, chip_id, policy, host_data, reported_tcb, vmpl and report_id equal the
+//!     exchange report's (any SNP guest can put any REPORT_DATA in a report).
 //!
 //! What was verified and every warning (sample evidence proves nothing; a TEE this build
 //! cannot check offline; an exchange without a checkpoint) is kept in [`EvidenceFinding`]s.
@@ -27,8 +34,8 @@ use super::record::Record;
 use super::verify::RecordCheck;
 use crate::digest::Digest;
 use crate::eventlog::SimulatedPcr;
-use crate::evidence::snp::{verify_report, ChainSource, Product};
-use crate::evidence::tpm::{verify_quote, PCR_LEN};
+use crate::evidence::snp::{parse_unverified, verify_report, ChainSource, Product, VerifiedReport};
+use crate::evidence::tpm::{verify_quote, PcrSelection, PCR_LEN, TPM_ALG_SHA256};
 use crate::report::error_chain;
 use crate::stage::attest::checkpoint_binding;
 use crate::tee::snp::{report_from_evidence, CertTableEntry, CertType};
@@ -39,6 +46,10 @@ pub const CHECK_NAME: &str = "evidence";
 
 /// Offset of REPORT_DATA in an SEV-SNP attestation report.
 const SNP_REPORT_DATA_OFFSET: usize = 0x50;
+
+/// The DEBUG bit of the SEV-SNP guest policy: the hypervisor may read and write the guest's
+/// memory with the debug commands.
+const SNP_POLICY_DEBUG: u64 = 1 << 19;
 
 /// The outcome of the evidence checks of one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,8 +73,10 @@ pub struct EvidenceFinding {
 struct Exchange {
     hash: Digest,
     tee: String,
-    /// The AK of a TPM exchange (SPKI DER).
-    ak_public: Option<Vec<u8>>,
+    /// The facts of a TPM exchange quote.
+    tpm: Option<TpmFacts>,
+    /// The fields of an SEV-SNP exchange report.
+    snp: Option<VerifiedReport>,
     /// The event log digests, in order; `Err` says why they could not be read.
     event_digests: Result<Vec<Digest>, String>,
     /// The register's value before the first event (`register_initial`; zero when the log
@@ -139,6 +152,15 @@ impl EvidenceCheck {
         let evidence = exchange
             .get("evidence")
             .ok_or("exchange.evidence is missing")?;
+        let register_initial = match details.get("register_initial") {
+            None | Some(Value::Null) => Digest::ZERO,
+            Some(value) => serde_json::from_value(value.clone()).map_err(|_| {
+                format!(
+                    "details.register_initial is {value}, not a sha256:<hex> digest or null: the \
+                     event log cannot be replayed"
+                )
+            })?,
+        };
         let mut result = check_evidence(tee, evidence, &computed)
             .map_err(|e| format!("broker exchange evidence ({tee}): {e}"))?;
         result.verified.insert(
@@ -160,12 +182,10 @@ impl EvidenceCheck {
             Exchange {
                 hash: record.hash,
                 tee: tee.to_string(),
-                ak_public: result.tpm.map(|t| t.ak_public),
+                tpm: result.tpm,
+                snp: result.snp,
                 event_digests: event_digests(details.get("event_log")),
-                register_initial: details
-                    .get("register_initial")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                    .unwrap_or(Digest::ZERO),
+                register_initial,
                 finding: self.findings.len() - 1,
                 checkpointed: false,
             },
@@ -232,22 +252,65 @@ impl EvidenceCheck {
             0,
             format!("head = hash of seq {head_seq}; report_data = checkpoint_binding(head)"),
         );
+        if let Some(snp) = &result.snp {
+            let Some(first) = &exchange.snp else {
+                return Err(format!(
+                    "the exchange at seq {head_seq} has no sev-snp report to compare the \
+                     checkpoint report with"
+                ));
+            };
+            same_snp_guest(first, snp, head_seq)?;
+            result.verified.push(
+                "measurement, chip_id, policy, host_data, reported_tcb, vmpl and report_id equal \
+                 the exchange report's (the same guest)"
+                    .to_string(),
+            );
+        }
         if let Some(tpm) = &result.tpm {
-            if exchange.ak_public.as_deref() != Some(tpm.ak_public.as_slice()) {
+            let Some(first) = &exchange.tpm else {
+                return Err(format!(
+                    "the exchange at seq {head_seq} has no tpm quote to compare the checkpoint \
+                     quote with"
+                ));
+            };
+            if first.ak_public != tpm.ak_public {
                 return Err(format!(
                     "checkpoint quote is signed by ak {}, but the exchange at seq {head_seq} by \
                      ak {}",
                     Digest::of(&tpm.ak_public),
-                    exchange
-                        .ak_public
-                        .as_deref()
-                        .map(|k| Digest::of(k).to_string())
-                        .unwrap_or_else(|| "(none)".to_string())
+                    Digest::of(&first.ak_public)
                 ));
             }
             result
                 .verified
                 .push("the same ak signed the exchange and the checkpoint".to_string());
+            same_boot(first, tpm, head_seq)?;
+            result.verified.push(format!(
+                "same boot as the exchange quote (resetCount {}, restartCount {}; clock {} ms \
+                 then {} ms)",
+                tpm.reset_count, tpm.restart_count, first.clock, tpm.clock
+            ));
+            if let Some(index) = (0..usize::from(APP_PCR)).find(|&i| first.pcrs[i] != tpm.pcrs[i]) {
+                return Err(format!(
+                    "pcr {index} in the checkpoint quote is {}, but {} in the exchange quote of \
+                     seq {head_seq}: pcrs 0-{} must not change between the exchange and the \
+                     checkpoint of one boot (another machine or a changed platform state)",
+                    hex::encode(tpm.pcrs[index]),
+                    hex::encode(first.pcrs[index]),
+                    APP_PCR - 1
+                ));
+            }
+            result
+                .verified
+                .push(format!("pcrs 0-{} equal the exchange quote's", APP_PCR - 1));
+            if exchange.register_initial != Digest::ZERO {
+                result.warnings.push(format!(
+                    "PCR {APP_PCR} did not start at zero (register_initial {}): something \
+                     extended it before cvm-warden; the replay starts from the logged value, \
+                     which the log itself asserts",
+                    exchange.register_initial
+                ));
+            }
             let digests = exchange
                 .event_digests
                 .as_ref()
@@ -323,8 +386,10 @@ pub struct EvidenceResult {
     pub verified: Vec<String>,
     /// What was not verified or proves nothing.
     pub warnings: Vec<String>,
-    /// For `tpm`: the AK and the quoted PCR values.
+    /// For `tpm`: the AK, the quoted PCR values and the quote's clock.
     pub tpm: Option<TpmFacts>,
+    /// For `snp`: the report's fields (`verified` says whether its signature was checked).
+    pub snp: Option<VerifiedReport>,
 }
 
 /// The parts of verified `tpm` evidence a checkpoint check needs.
@@ -334,6 +399,12 @@ pub struct TpmFacts {
     pub ak_public: Vec<u8>,
     /// SHA-256 PCR values 0..23, verified against the quote's pcrDigest.
     pub pcrs: Vec<[u8; PCR_LEN]>,
+    /// `clockInfo.clock` of the quote (milliseconds the TPM has been powered).
+    pub clock: u64,
+    /// `clockInfo.resetCount` (TPM resets, i.e. boots).
+    pub reset_count: u32,
+    /// `clockInfo.restartCount` (TPM restarts and resumes since the last reset).
+    pub restart_count: u32,
 }
 
 /// Checks that primary `evidence` of `tee` carries `binding` and verifies offline.
@@ -387,6 +458,20 @@ fn check_tpm(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
     let all: Vec<u8> = pcrs.iter().flatten().copied().collect();
     let verified = verify_quote(&message, &signature, &ak_public, Some(&all))
         .map_err(|e| format!("quote does not verify: {}", error_chain(&e)))?;
+    let all_pcrs: Vec<u32> = (0u32..).take(PCR_COUNT).collect();
+    match verified.pcr_selection.as_slice() {
+        [one] if one.alg == TPM_ALG_SHA256 && one.pcrs == all_pcrs => {}
+        other => {
+            return Err(format!(
+                "quote selects {}, but the protocol requires exactly one selection, \
+                 sha256:0-{}: a pcr the quote does not select is not covered by its signature \
+                 (pcr {APP_PCR} would be free to claim any value); quote sha256:0-{} only",
+                describe_selection(other),
+                PCR_COUNT - 1,
+                PCR_COUNT - 1
+            ))
+        }
+    }
     let expected = hex::encode(binding.get(..32).ok_or("binding shorter than 32 bytes")?);
     if verified.extra_data != expected {
         return Err(format!(
@@ -401,7 +486,7 @@ fn check_tpm(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
                 "quote signature by ak {} (RSASSA SHA-256)",
                 Digest::of(&ak_public)
             ),
-            "pcrs 0-23 match the quote's pcrDigest".to_string(),
+            "the quote selects sha256:0-23 and pcrs 0-23 match its pcrDigest".to_string(),
             "quote extraData = first 32 bytes of the report data".to_string(),
         ],
         warnings: vec![format!(
@@ -409,7 +494,14 @@ fn check_tpm(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
              with the ak the broker trusts",
             Digest::of(&ak_public)
         )],
-        tpm: Some(TpmFacts { ak_public, pcrs }),
+        tpm: Some(TpmFacts {
+            ak_public,
+            pcrs,
+            clock: verified.clock,
+            reset_count: verified.reset_count,
+            restart_count: verified.restart_count,
+        }),
+        snp: None,
     })
 }
 
@@ -429,6 +521,7 @@ fn check_sample(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, Stri
             "sample evidence proves nothing: software wrote it, no TEE vouches for it".to_string(),
         ],
         tpm: None,
+        snp: None,
     })
 }
 
@@ -447,15 +540,32 @@ fn check_snp(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
             hex::encode(expected)
         ));
     }
+    let fields = parse_unverified(&report)
+        .map_err(|e| format!("cannot read the attestation report: {}", error_chain(&e)))?;
+    if fields.policy & SNP_POLICY_DEBUG != 0 {
+        return Err(format!(
+            "guest policy is 0x{:x}: bit 19 (DEBUG) is set, so the hypervisor can read and \
+             change the guest's memory and the report proves nothing about what runs in it \
+             (measurement {}); launch the guest with debug disabled",
+            fields.policy, fields.measurement
+        ));
+    }
     let mut result = EvidenceResult {
-        verified: vec![format!(
-            "REPORT_DATA = the report data{}",
-            if binding.len() < 64 {
-                " followed by zero bytes"
-            } else {
-                ""
-            }
-        )],
+        verified: vec![
+            format!(
+                "REPORT_DATA = the report data{}",
+                if binding.len() < 64 {
+                    " followed by zero bytes"
+                } else {
+                    ""
+                }
+            ),
+            format!(
+                "guest policy 0x{:x} has debug (bit 19) disabled",
+                fields.policy
+            ),
+            format!("measurement {}", fields.measurement),
+        ],
         ..EvidenceResult::default()
     };
     let chain: Vec<CertTableEntry> = match evidence.get("cert_chain") {
@@ -467,31 +577,32 @@ fn check_snp(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
     let Some(vcek) = find(&CertType::Vcek) else {
         result.warnings.push(
             "the report signature is not checked offline: cert_chain carries no VCEK (the \
-             broker fetched it)"
+             broker fetched it); the report's fields are unverified"
                 .to_string(),
         );
+        result.snp = Some(fields);
         return Ok(result);
     };
+    // A supplied ARK must be AMD's (verify_report refuses any other), so a self-made
+    // ARK/ASK/VCEK in the evidence cannot vouch for a report.
     let sources: Vec<ChainSource> = match (find(&CertType::Ask), find(&CertType::Ark)) {
         (Some(ask), Some(ark)) => vec![ChainSource::Pem(
             format!("{}{}", pem(&ask.data), pem(&ark.data)).into_bytes(),
         )],
-        _ => [Product::Milan, Product::Genoa, Product::Turin]
-            .into_iter()
-            .map(ChainSource::Builtin)
-            .collect(),
+        _ => Product::ALL.into_iter().map(ChainSource::Builtin).collect(),
     };
     let mut failures = Vec::new();
     for source in sources {
         let name = match &source {
             ChainSource::Builtin(p) => format!("built-in {} chain", p.name()),
-            ChainSource::Pem(_) => "ASK and ARK of cert_chain".to_string(),
+            ChainSource::Pem(_) => "ASK and ARK of cert_chain (the ARK is AMD's)".to_string(),
         };
         match verify_report(&report, &vcek.data, source) {
-            Ok(_) => {
+            Ok(verified) => {
                 result.verified.push(format!(
                     "report signed by the VCEK of cert_chain, which chains to the {name}"
                 ));
+                result.snp = Some(verified);
                 return Ok(result);
             }
             Err(e) => failures.push(format!("{name}: {}", error_chain(&e))),
@@ -501,6 +612,103 @@ fn check_snp(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
         "the report does not verify with the VCEK of cert_chain ({})",
         failures.join("; ")
     ))
+}
+
+/// `sha256:0-14,16-23 sha1:0-7`, or `no pcrs`.
+fn describe_selection(selections: &[PcrSelection]) -> String {
+    if selections.is_empty() {
+        return "no pcrs".to_string();
+    }
+    selections
+        .iter()
+        .map(|sel| {
+            let mut ranges: Vec<(u32, u32)> = Vec::new();
+            for &pcr in &sel.pcrs {
+                match ranges.last_mut() {
+                    Some((_, end)) if *end + 1 == pcr => *end = pcr,
+                    _ => ranges.push((pcr, pcr)),
+                }
+            }
+            let list: Vec<String> = ranges
+                .iter()
+                .map(|&(a, b)| {
+                    if a == b {
+                        a.to_string()
+                    } else {
+                        format!("{a}-{b}")
+                    }
+                })
+                .collect();
+            format!("{}:{}", sel.hash, list.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The checkpoint quote `later` is from the boot of the exchange quote `first`.
+fn same_boot(first: &TpmFacts, later: &TpmFacts, head_seq: u64) -> Result<(), String> {
+    if (first.reset_count, first.restart_count) != (later.reset_count, later.restart_count) {
+        return Err(format!(
+            "checkpoint quote has resetCount {} and restartCount {}, but the exchange quote of \
+             seq {head_seq} has {} and {}: the tpm was reset or restarted between them, so the \
+             checkpoint is not from the boot that did the exchange",
+            later.reset_count, later.restart_count, first.reset_count, first.restart_count
+        ));
+    }
+    if later.clock < first.clock {
+        return Err(format!(
+            "checkpoint quote clock is {} ms, behind the exchange quote of seq {head_seq} \
+             ({} ms): the checkpoint quote was not made after the exchange in the same boot",
+            later.clock, first.clock
+        ));
+    }
+    Ok(())
+}
+
+/// The checkpoint report `later` is from the guest of the exchange report `first`.
+fn same_snp_guest(
+    first: &VerifiedReport,
+    later: &VerifiedReport,
+    head_seq: u64,
+) -> Result<(), String> {
+    let fields = [
+        (
+            "measurement",
+            first.measurement.clone(),
+            later.measurement.clone(),
+        ),
+        ("chip_id", first.chip_id.clone(), later.chip_id.clone()),
+        (
+            "policy",
+            format!("0x{:x}", first.policy),
+            format!("0x{:x}", later.policy),
+        ),
+        (
+            "host_data",
+            first.host_data.clone(),
+            later.host_data.clone(),
+        ),
+        (
+            "reported_tcb",
+            first.reported_tcb.to_string(),
+            later.reported_tcb.to_string(),
+        ),
+        ("vmpl", first.vmpl.to_string(), later.vmpl.to_string()),
+        (
+            "report_id",
+            first.report_id.clone(),
+            later.report_id.clone(),
+        ),
+    ];
+    let mismatch = fields.iter().find(|(_, a, b)| a != b);
+    if let Some((name, a, b)) = mismatch {
+        return Err(format!(
+            "checkpoint report {name} is {b}, but the exchange report of seq {head_seq} has \
+             {a}: the checkpoint comes from another guest than the one that did the exchange \
+             (any sev-snp guest can put any REPORT_DATA in a report)"
+        ));
+    }
+    Ok(())
 }
 
 /// A DER certificate as PEM.

@@ -1,7 +1,9 @@
 //! Tests of the evidence checks on logs written with the real [`Audit`] API: sample evidence
-//! from the real `sample` provider, and TPM quotes made here (TPMS_ATTEST and
-//! TPMT_SIGNATURE marshalled as TPM 2.0 Part 2 says, signed by an RSA key generated per test
-//! run) in the evidence shape of the real `tpm` provider.
+//! from the real `sample` provider, TPM quotes made here (TPMS_ATTEST and TPMT_SIGNATURE
+//! marshalled as TPM 2.0 Part 2 says, signed by an RSA key generated per test run) in the
+//! evidence shape of the real `tpm` provider, and SEV-SNP evidence made from a real report
+//! (Trustee's Milan test vector) with REPORT_DATA set to the binding and no VCEK (so its
+//! signature is not checked: the guest-identity checks are what such logs test).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -35,6 +37,7 @@ fn ticking_clock() -> Clock {
 enum Tee {
     Sample,
     Tpm,
+    Snp,
 }
 
 /// What a forger changes (then rewrites the chain with the real API, so only the evidence
@@ -55,6 +58,27 @@ enum Tamper {
     OtherAk,
     /// The log ends after the exchange: no checkpoint.
     NoCheckpoint,
+    /// The checkpoint quote selects sha256:0-14,16-23 and claims the replay for pcr 15,
+    /// while the register saw an unlogged extend.
+    PcrSelectionGap,
+    /// The exchange quote selects sha256:0-14,16-23.
+    ExchangeSelectionGap,
+    /// The checkpoint quote is from a later boot (resetCount + 1).
+    OtherBoot,
+    /// The TPM restarted between the quotes (restartCount + 1).
+    Restarted,
+    /// The checkpoint quote's clock is behind the exchange quote's.
+    ClockBehind,
+    /// Pcr 7 differs between the exchange and the checkpoint quote.
+    OtherPcr7,
+    /// Pcr 15 did not start at zero; the log says so (`register_initial`).
+    RegisterInitial,
+    /// `register_initial` is not a digest.
+    BadRegisterInitial,
+    /// One bit of the checkpoint report at this offset differs from the exchange report.
+    SnpCheckpointByte(usize),
+    /// The exchange report's guest policy has debug (bit 19) set.
+    SnpDebug,
 }
 
 struct Ak {
@@ -85,8 +109,38 @@ fn tpm2b(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// The clock and PCR selection of a quote.
+#[derive(Debug, Clone, Copy)]
+struct QuoteSpec {
+    clock: u64,
+    reset_count: u32,
+    restart_count: u32,
+    /// pcrSelect bitmap of the (single) sha256 selection.
+    select: [u8; 3],
+}
+
+const ALL_PCRS: [u8; 3] = [0xff, 0xff, 0xff];
+const ALL_BUT_15: [u8; 3] = [0xff, 0x7f, 0xff];
+
+const EXCHANGE_QUOTE: QuoteSpec = QuoteSpec {
+    clock: 42_000,
+    reset_count: 1,
+    restart_count: 0,
+    select: ALL_PCRS,
+};
+
+const CHECKPOINT_QUOTE: QuoteSpec = QuoteSpec {
+    clock: 43_500,
+    ..EXCHANGE_QUOTE
+};
+
 /// A quote over sha256:0-23 with `extra` as extraData, in the `tpm` provider's JSON shape.
 fn tpm_quote(ak: &Ak, extra: &[u8], pcrs: [[u8; 32]; 24]) -> Value {
+    tpm_quote_with(ak, extra, pcrs, EXCHANGE_QUOTE)
+}
+
+/// A quote as `spec` says; its pcrDigest covers the selected PCRs only, as a TPM's does.
+fn tpm_quote_with(ak: &Ak, extra: &[u8], pcrs: [[u8; 32]; 24], spec: QuoteSpec) -> Value {
     let mut msg = Vec::new();
     msg.extend_from_slice(&0xFF54_4347u32.to_be_bytes()); // TPM_GENERATED_VALUE
     msg.extend_from_slice(&0x8018u16.to_be_bytes()); // TPM_ST_ATTEST_QUOTE
@@ -94,17 +148,20 @@ fn tpm_quote(ak: &Ak, extra: &[u8], pcrs: [[u8; 32]; 24]) -> Value {
     name.extend_from_slice(&Sha256::digest(&ak.spki));
     tpm2b(&mut msg, &name); // qualifiedSigner
     tpm2b(&mut msg, extra); // extraData
-    msg.extend_from_slice(&42u64.to_be_bytes()); // clock
-    msg.extend_from_slice(&1u32.to_be_bytes()); // resetCount
-    msg.extend_from_slice(&0u32.to_be_bytes()); // restartCount
+    msg.extend_from_slice(&spec.clock.to_be_bytes()); // clock
+    msg.extend_from_slice(&spec.reset_count.to_be_bytes()); // resetCount
+    msg.extend_from_slice(&spec.restart_count.to_be_bytes()); // restartCount
     msg.push(1); // safe
     msg.extend_from_slice(&0x2023_0101u64.to_be_bytes()); // firmwareVersion
     msg.extend_from_slice(&1u32.to_be_bytes()); // one selection
     msg.extend_from_slice(&0x000bu16.to_be_bytes()); // sha256
-    msg.extend_from_slice(&[3, 0xff, 0xff, 0xff]); // pcrs 0-23
+    msg.push(3); // sizeofSelect
+    msg.extend_from_slice(&spec.select); // pcrSelect
     let mut hasher = Sha256::new();
-    for pcr in &pcrs {
-        hasher.update(pcr);
+    for (i, pcr) in pcrs.iter().enumerate() {
+        if spec.select[i / 8] & (1 << (i % 8)) != 0 {
+            hasher.update(pcr);
+        }
     }
     tpm2b(&mut msg, &hasher.finalize()); // pcrDigest
     let raw = SigningKey::<Sha256>::new(ak.key.clone())
@@ -152,7 +209,10 @@ fn build(tee: Tee, tamper: Tamper) -> Built {
     audit.record("boot", "start", json!({})).unwrap();
 
     // The measure stage: write-ahead into a simulated pcr 15.
-    let mut pcr = SimulatedPcr::default();
+    let initial = (tamper == Tamper::RegisterInitial).then(|| Digest::of(b"firmware extend"));
+    let mut pcr = SimulatedPcr {
+        value: initial.unwrap_or(Digest::ZERO),
+    };
     let mut log = EventLog::new();
     log.measure(&mut pcr, EventKind::Policy, Digest::of(b"policy"), "policy")
         .unwrap();
@@ -178,10 +238,25 @@ fn build(tee: Tee, tamper: Tamper) -> Built {
             "sample",
             SampleProvider::new().evidence(&report_data).unwrap(),
         ),
-        Tee::Tpm => (
-            "tpm",
-            tpm_quote(ak(0), &report_data[..32], pcr_values(pcr.value.0)),
-        ),
+        Tee::Tpm => {
+            let spec = QuoteSpec {
+                select: if tamper == Tamper::ExchangeSelectionGap {
+                    ALL_BUT_15
+                } else {
+                    ALL_PCRS
+                },
+                ..EXCHANGE_QUOTE
+            };
+            (
+                "tpm",
+                tpm_quote_with(ak(0), &report_data[..32], pcr_values(pcr.value.0), spec),
+            )
+        }
+        Tee::Snp => {
+            let mut rd = [0u8; 64];
+            rd[..48].copy_from_slice(&report_data);
+            ("snp", snp_evidence_for(&rd, tamper, false))
+        }
     };
     let mut exchange = json!({
         "broker": "https://kbs.example:8080",
@@ -211,6 +286,12 @@ fn build(tee: Tee, tamper: Tamper) -> Built {
                 rd[7] ^= 1;
                 evidence = tpm_quote(ak(0), &rd[..32], pcr_values(pcr.value.0));
             }
+            Tee::Snp => {
+                let mut rd = [0u8; 64];
+                rd[..48].copy_from_slice(&report_data);
+                rd[7] ^= 1;
+                evidence = snp_evidence_for(&rd, tamper, false);
+            }
         },
         _ => {}
     }
@@ -225,6 +306,11 @@ fn build(tee: Tee, tamper: Tamper) -> Built {
                 "exchange": exchange,
                 "event_log": log.events(),
                 "event_log_accumulator": log.accumulator(),
+                "register_initial": if tamper == Tamper::BadRegisterInitial {
+                    json!("firmware")
+                } else {
+                    json!(initial)
+                },
             }),
         )
         .unwrap();
@@ -236,12 +322,27 @@ fn build(tee: Tee, tamper: Tamper) -> Built {
         Tee::Sample => SampleProvider::new().checkpoint(&binding).unwrap(),
         Tee::Tpm => {
             let mut app = pcr;
-            if tamper == Tamper::PcrReplay {
+            if matches!(tamper, Tamper::PcrReplay | Tamper::PcrSelectionGap) {
                 app.extend(&Digest::of(b"unlogged")).unwrap();
             }
             let key = if tamper == Tamper::OtherAk { 1 } else { 0 };
-            tpm_quote(ak(key), &binding[..32], pcr_values(app.value.0))
+            let mut spec = CHECKPOINT_QUOTE;
+            let mut values = pcr_values(app.value.0);
+            match tamper {
+                Tamper::PcrSelectionGap => {
+                    // Pcr 15 is outside the signed selection: claim the logged value.
+                    spec.select = ALL_BUT_15;
+                    values[usize::from(APP_PCR)] = pcr.value.0;
+                }
+                Tamper::OtherBoot => spec.reset_count += 1,
+                Tamper::Restarted => spec.restart_count += 1,
+                Tamper::ClockBehind => spec.clock = EXCHANGE_QUOTE.clock - 1,
+                Tamper::OtherPcr7 => values[7][0] ^= 1,
+                _ => {}
+            }
+            tpm_quote_with(ak(key), &binding[..32], values, spec)
         }
+        Tee::Snp => snp_evidence_for(&binding, tamper, true),
     };
     if tamper == Tamper::CheckpointEvidence {
         match tee {
@@ -249,6 +350,11 @@ fn build(tee: Tee, tamper: Tamper) -> Built {
                 let mut rd = binding;
                 rd[40] ^= 0x80;
                 checkpoint_evidence = SampleProvider::new().checkpoint(&rd).unwrap();
+            }
+            Tee::Snp => {
+                let mut rd = binding;
+                rd[40] ^= 0x80;
+                checkpoint_evidence = snp_evidence_for(&rd, tamper, true);
             }
             Tee::Tpm => {
                 let sig = checkpoint_evidence["tpm_quote"]["signature"]
@@ -378,7 +484,7 @@ fn intact_tpm_log_verifies_with_pcr_replay() {
 
 #[test]
 fn changed_nonce_or_key_breaks_the_exchange_binding() {
-    for tee in [Tee::Sample, Tee::Tpm] {
+    for tee in [Tee::Sample, Tee::Tpm, Tee::Snp] {
         for tamper in [Tamper::Nonce, Tamper::TeePubkey] {
             let built = build(tee, tamper);
             let reason = rejected_at(&built, built.attested_seq);
@@ -405,6 +511,12 @@ fn evidence_for_another_report_data_is_rejected() {
         reason.starts_with("broker exchange evidence (tpm): quote extraData is "),
         "{reason}"
     );
+    let built = build(Tee::Snp, Tamper::EvidenceReportData);
+    let reason = rejected_at(&built, built.attested_seq);
+    assert!(
+        reason.starts_with("broker exchange evidence (snp): REPORT_DATA is "),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -421,11 +533,17 @@ fn changed_checkpoint_evidence_is_rejected() {
         reason.starts_with("checkpoint evidence (tpm): quote does not verify: quote signature"),
         "{reason}"
     );
+    let built = build(Tee::Snp, Tamper::CheckpointEvidence);
+    let reason = rejected_at(&built, built.ok_seq);
+    assert!(
+        reason.starts_with("checkpoint evidence (snp): REPORT_DATA is "),
+        "{reason}"
+    );
 }
 
 #[test]
 fn a_checkpoint_for_another_head_is_rejected() {
-    for tee in [Tee::Sample, Tee::Tpm] {
+    for tee in [Tee::Sample, Tee::Tpm, Tee::Snp] {
         let built = build(tee, Tamper::Head);
         let reason = rejected_at(&built, built.ok_seq);
         assert!(
@@ -491,6 +609,29 @@ fn vector(path: &str) -> Vec<u8> {
         env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap()
+}
+
+/// Offsets of the SEV-SNP report fields a checkpoint must share with the exchange.
+const SNP_POLICY: usize = 0x08;
+const SNP_VMPL: usize = 0x30;
+const SNP_MEASUREMENT: usize = 0x90;
+const SNP_HOST_DATA: usize = 0xc0;
+const SNP_REPORT_ID: usize = 0x140;
+const SNP_REPORTED_TCB: usize = 0x180;
+const SNP_CHIP_ID: usize = 0x1a0;
+
+/// Trustee's Milan test report with `report_data` as REPORT_DATA and what `tamper` changes
+/// (in the checkpoint report when `checkpoint`, else in the exchange report), as `snp`
+/// evidence without a certificate table.
+fn snp_evidence_for(report_data: &[u8; 64], tamper: Tamper, checkpoint: bool) -> Value {
+    let mut report = vector("trustee/snp/test-report.bin");
+    report[SNP_REPORT_DATA_OFFSET..SNP_REPORT_DATA_OFFSET + 64].copy_from_slice(report_data);
+    match tamper {
+        Tamper::SnpCheckpointByte(offset) if checkpoint => report[offset] ^= 1,
+        Tamper::SnpDebug if !checkpoint => report[SNP_POLICY + 2] |= 0x08,
+        _ => {}
+    }
+    crate::tee::snp::evidence_json(&report, None).unwrap()
 }
 
 /// A real SEV-SNP report (Trustee's Milan test vector) in the `snp` evidence shape.
@@ -575,4 +716,220 @@ fn verify_command_prints_the_evidence_section() {
         "(seq {}): evidence check failed: checkpoint.head is",
         bad.ok_seq
     )));
+}
+
+#[test]
+fn a_forged_snp_chain_in_the_evidence_is_refused() {
+    let (_, carried) = snp_evidence(None);
+    let report = vector("trustee/snp/test-report.bin");
+    let forged = crate::evidence::snp::forge::chain(&vector("trustee/snp/test-vcek.der"));
+    let table = |vcek: &[u8], ask: &[u8], ark: &[u8]| {
+        let entries = [
+            (CertType::Vcek, vcek),
+            (CertType::Ask, ask),
+            (CertType::Ark, ark),
+        ]
+        .map(|(cert_type, data)| CertTableEntry {
+            cert_type,
+            data: data.to_vec(),
+        });
+        crate::tee::snp::evidence_json(&report, Some(&entries)).unwrap()
+    };
+    // Every signature of the forgery holds (see evidence::snp's tests); its ARK is not AMD's.
+    let evidence = table(&forged.vcek, &forged.ask, &forged.ark);
+    let err = check_evidence("snp", &evidence, &carried).unwrap_err();
+    assert!(
+        err.starts_with("the report does not verify with the VCEK of cert_chain")
+            && err.contains("the ark of the pem chain is not amd's"),
+        "{err}"
+    );
+
+    // AMD's own ASK and ARK in the table verify, and say so.
+    let milan = |c: sev::certs::snp::Certificate| c.to_der().unwrap();
+    let evidence = table(
+        &vector("trustee/snp/test-vcek.der"),
+        &milan(sev::certs::snp::builtin::milan::ask().unwrap()),
+        &milan(sev::certs::snp::builtin::milan::ark().unwrap()),
+    );
+    let result = check_evidence("snp", &evidence, &carried).unwrap();
+    assert!(
+        result
+            .verified
+            .iter()
+            .any(|v| v.contains("chains to the ASK and ARK of cert_chain (the ARK is AMD's)")),
+        "{result:?}"
+    );
+    assert!(result.snp.unwrap().verified);
+}
+
+#[test]
+fn a_debug_snp_guest_is_refused() {
+    // go-sev-guest's real report has policy 0xb0000: debug (bit 19) set.
+    let report = vector("go-sev-guest/attestation.bin");
+    let mut carried = [0u8; 64];
+    carried.copy_from_slice(&report[SNP_REPORT_DATA_OFFSET..SNP_REPORT_DATA_OFFSET + 64]);
+    let entries = [CertTableEntry {
+        cert_type: CertType::Vcek,
+        data: vector("go-sev-guest/vcek.testcer"),
+    }];
+    let evidence = crate::tee::snp::evidence_json(&report, Some(&entries)).unwrap();
+    let err = check_evidence("snp", &evidence, &carried).unwrap_err();
+    assert!(
+        err.starts_with("guest policy is 0xb0000: bit 19 (DEBUG) is set")
+            && err.contains("launch the guest with debug disabled"),
+        "{err}"
+    );
+
+    let built = build(Tee::Snp, Tamper::SnpDebug);
+    let reason = rejected_at(&built, built.attested_seq);
+    assert!(
+        reason.starts_with("broker exchange evidence (snp): guest policy is 0xb001f: bit 19"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn intact_snp_log_binds_the_checkpoint_to_the_exchange_guest() {
+    let built = build(Tee::Snp, Tamper::Nothing);
+    let findings = check(&built.bytes).unwrap();
+    assert_eq!(findings.len(), 2);
+    let report = vector("trustee/snp/test-report.bin");
+    let measurement = format!(
+        "measurement {}",
+        hex::encode(&report[SNP_MEASUREMENT..SNP_MEASUREMENT + 48])
+    );
+    for f in &findings {
+        assert_eq!(f.tee, "snp");
+        assert!(f.verified.contains(&measurement), "{f:?}");
+        assert!(
+            f.verified
+                .iter()
+                .any(|v| v == "guest policy 0x3001f has debug (bit 19) disabled"),
+            "{f:?}"
+        );
+        assert!(f.warnings.iter().any(|w| w.contains("no VCEK")), "{f:?}");
+    }
+    assert!(findings[1].verified.iter().any(|v| v.starts_with(
+        "measurement, chip_id, policy, host_data, reported_tcb, vmpl and report_id equal"
+    )));
+}
+
+#[test]
+fn an_snp_checkpoint_from_another_guest_is_rejected() {
+    for (name, offset) in [
+        ("measurement", SNP_MEASUREMENT + 5),
+        ("chip_id", SNP_CHIP_ID + 9),
+        ("policy", SNP_POLICY),
+        ("host_data", SNP_HOST_DATA + 31),
+        ("reported_tcb", SNP_REPORTED_TCB),
+        ("vmpl", SNP_VMPL),
+        ("report_id", SNP_REPORT_ID),
+    ] {
+        let built = build(Tee::Snp, Tamper::SnpCheckpointByte(offset));
+        let reason = rejected_at(&built, built.ok_seq);
+        assert!(
+            reason.starts_with(&format!("checkpoint report {name} is "))
+                && reason.contains(&format!(
+                    "but the exchange report of seq {} has",
+                    built.attested_seq
+                ))
+                && reason.contains("another guest"),
+            "{name}: {reason}"
+        );
+    }
+}
+
+#[test]
+fn a_quote_that_leaves_pcr_15_out_is_rejected() {
+    let built = build(Tee::Tpm, Tamper::PcrSelectionGap);
+    let reason = rejected_at(&built, built.ok_seq);
+    assert!(
+        reason.starts_with(
+            "checkpoint evidence (tpm): quote selects sha256:0-14,16-23, but the protocol \
+             requires exactly one selection, sha256:0-23"
+        ),
+        "{reason}"
+    );
+    let built = build(Tee::Tpm, Tamper::ExchangeSelectionGap);
+    let reason = rejected_at(&built, built.attested_seq);
+    assert!(
+        reason.starts_with("broker exchange evidence (tpm): quote selects sha256:0-14,16-23"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_tpm_checkpoint_from_another_boot_is_rejected() {
+    for (tamper, expected) in [
+        (
+            Tamper::OtherBoot,
+            "checkpoint quote has resetCount 2 and restartCount 0, but",
+        ),
+        (
+            Tamper::Restarted,
+            "checkpoint quote has resetCount 1 and restartCount 1, but",
+        ),
+        (
+            Tamper::ClockBehind,
+            "checkpoint quote clock is 41999 ms, behind the exchange",
+        ),
+    ] {
+        let built = build(Tee::Tpm, tamper);
+        let reason = rejected_at(&built, built.ok_seq);
+        assert!(reason.starts_with(expected), "{tamper:?}: {reason}");
+    }
+    let built = build(Tee::Tpm, Tamper::OtherPcr7);
+    let reason = rejected_at(&built, built.ok_seq);
+    assert!(
+        reason.starts_with("pcr 7 in the checkpoint quote is ")
+            && reason.contains("pcrs 0-14 must not change"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn intact_tpm_log_says_same_boot_and_pcrs_equal() {
+    let built = build(Tee::Tpm, Tamper::Nothing);
+    let findings = check(&built.bytes).unwrap();
+    let checkpoint = &findings[1];
+    assert!(
+        checkpoint.verified.iter().any(|v| v
+            == "same boot as the exchange quote (resetCount 1, restartCount 0; clock 42000 ms \
+                then 43500 ms)"),
+        "{checkpoint:?}"
+    );
+    assert!(checkpoint
+        .verified
+        .iter()
+        .any(|v| v == "pcrs 0-14 equal the exchange quote's"));
+    assert!(!checkpoint
+        .warnings
+        .iter()
+        .any(|w| w.contains("did not start at zero")));
+}
+
+#[test]
+fn a_nonzero_register_initial_is_replayed_from_and_warned_about() {
+    let built = build(Tee::Tpm, Tamper::RegisterInitial);
+    let findings = check(&built.bytes).unwrap();
+    let checkpoint = &findings[1];
+    assert!(checkpoint
+        .verified
+        .iter()
+        .any(|v| v.starts_with("pcr 15 = replay of the 2 event log digest(s)")));
+    assert!(
+        checkpoint.warnings.iter().any(|w| w.starts_with(&format!(
+            "PCR 15 did not start at zero (register_initial {}): something extended it before \
+             cvm-warden; the replay starts from the logged value, which the log itself asserts",
+            Digest::of(b"firmware extend")
+        ))),
+        "{checkpoint:?}"
+    );
+
+    let built = build(Tee::Tpm, Tamper::BadRegisterInitial);
+    let reason = rejected_at(&built, built.attested_seq);
+    assert!(
+        reason.starts_with("details.register_initial is \"firmware\", not a sha256:<hex> digest"),
+        "{reason}"
+    );
 }

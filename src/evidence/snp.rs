@@ -6,7 +6,11 @@
 //!    must be zero) and re-encodes byte-exact, so the bytes whose signature is checked are
 //!    the bytes that were passed in;
 //! 2. it is signed (signature algorithm 1, ECDSA P-384 with SHA-384, by a VCEK or VLEK);
-//! 3. the ARK is self-signed, the ARK signs the ASK (or ASVK), the ASK signs the VCEK
+//! 3. the ARK is AMD's: for [`ChainSource::Builtin`] it is the one built into the `sev`
+//!    crate; the ARK of a [`ChainSource::Pem`] must have the public key of the built-in
+//!    Milan, Genoa or Turin ARK, or the chain is refused ([`SnpError::ArkNotAmd`]) — a
+//!    self-made ARK/ASK/VCEK would otherwise "verify" any report its maker signs;
+//! 4. the ARK is self-signed, the ARK signs the ASK (or ASVK), the ASK signs the VCEK
 //!    (or VLEK), and the VCEK signs the report.
 //!
 //! Only signatures are checked: no certificate validity period, no revocation list, and
@@ -53,6 +57,18 @@ impl Product {
         }
     }
 
+    /// Every product, oldest first.
+    pub const ALL: [Product; 3] = [Product::Milan, Product::Genoa, Product::Turin];
+
+    /// The built-in ARK for this product, as shipped in the `sev` crate.
+    fn builtin_ark(self) -> std::io::Result<Certificate> {
+        match self {
+            Product::Milan => builtin::milan::ark(),
+            Product::Genoa => builtin::genoa::ark(),
+            Product::Turin => builtin::turin::ark(),
+        }
+    }
+
     /// The built-in (ARK, ASK) for this product, as shipped in the `sev` crate.
     fn builtin_ark_ask(self) -> std::io::Result<(Certificate, Certificate)> {
         match self {
@@ -91,7 +107,8 @@ pub enum ChainSource {
     Builtin(Product),
     /// A PEM file holding exactly two certificates, the ASK (or ASVK) and the ARK, in either
     /// order (the AMD KDS `cert_chain` form is [ASK, ARK]). The ARK is the one that is
-    /// self-signed and signs the other.
+    /// self-signed and signs the other, and its public key must be that of AMD's Milan,
+    /// Genoa or Turin ARK (built into the `sev` crate); any other ARK is refused.
     Pem(Vec<u8>),
 }
 
@@ -194,6 +211,19 @@ pub enum SnpError {
          and signs the other; pass the amd kds cert_chain file [ask, ark]"
     )]
     ChainNoArk,
+    /// The ARK of a PEM chain is not AMD's: its public key is none of the built-in ARKs.
+    #[error(
+        "the ark of the {chain} is not amd's: its public key (sha-256 {key_sha256}) is not the \
+         key of the built-in milan, genoa or turin ark, so the chain proves nothing (anyone can \
+         make a self-signed ark); pass the amd kds cert_chain of the chip's product, or use \
+         the built-in chain (--product)"
+    )]
+    ArkNotAmd {
+        /// Which chain was used.
+        chain: String,
+        /// SHA-256 of the supplied ARK's public key (hex).
+        key_sha256: String,
+    },
     /// The ARK is not self-signed.
     #[error("ark is not self-signed ({chain}); the chain is not an amd root")]
     ArkNotSelfSigned {
@@ -285,7 +315,8 @@ impl fmt::Display for TcbFields {
 /// The fields of a report whose signature chain verified. Byte strings are lowercase hex.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VerifiedReport {
-    /// Always `true`: a `VerifiedReport` exists only for a report that verified.
+    /// `true` when [`verify_report`] returned it (the whole chain verified); `false` only
+    /// from [`parse_unverified`], whose fields nothing vouches for.
     pub verified: bool,
     /// Which key signed the report: `"vcek"` or `"vlek"`.
     pub signing_key: &'static str,
@@ -409,8 +440,7 @@ pub fn verify_report(
     }
 
     let vek = parse_vcek(vcek)?;
-    let chain_name = chain.describe();
-    let (ark, ask) = load_chain(chain)?;
+    let (ark, ask, chain_name) = load_chain(chain)?;
 
     (&ark, &ark)
         .verify()
@@ -439,6 +469,17 @@ pub fn verify_report(
         })?;
 
     Ok(VerifiedReport::from_report(&parsed))
+}
+
+/// Parse a report strictly (exact size, reserved bytes zero, byte-exact re-encoding)
+/// without checking its signature: the fields are what the bytes say, nothing vouches for
+/// them, and `verified` is `false`. For comparing reports whose signature is checked
+/// elsewhere, or cannot be.
+pub fn parse_unverified(report: &[u8]) -> Result<VerifiedReport, SnpError> {
+    let parsed = parse_report(report)?;
+    let mut fields = VerifiedReport::from_report(&parsed);
+    fields.verified = false;
+    Ok(fields)
 }
 
 /// Parse a report strictly: exact size, `sev` parser, byte-exact re-encoding.
@@ -497,13 +538,31 @@ fn parse_vcek(vcek: &[u8]) -> Result<Certificate, SnpError> {
     }
 }
 
-/// Load (ARK, ASK) from the chain source. For a PEM, the ARK is the certificate that is
-/// self-signed and signs the other one; the signatures are checked again by the caller.
-fn load_chain(chain: ChainSource) -> Result<(Certificate, Certificate), SnpError> {
+/// The product whose built-in ARK has the public key of `ark`, if any.
+fn amd_ark_product(ark: &Certificate) -> Result<Option<Product>, SnpError> {
+    for product in Product::ALL {
+        let builtin = product
+            .builtin_ark()
+            .map_err(|source| SnpError::BuiltinChain { product, source })?;
+        if builtin.public_key_sec1() == ark.public_key_sec1() {
+            return Ok(Some(product));
+        }
+    }
+    Ok(None)
+}
+
+/// Load (ARK, ASK) and a description of the chain from the chain source. For a PEM, the
+/// ARK is the certificate that is self-signed and signs the other one, and it must have the
+/// public key of one of AMD's built-in ARKs; the signatures are checked again by the caller.
+fn load_chain(chain: ChainSource) -> Result<(Certificate, Certificate, String), SnpError> {
+    let name = chain.describe();
     match chain {
-        ChainSource::Builtin(product) => product
-            .builtin_ark_ask()
-            .map_err(|source| SnpError::BuiltinChain { product, source }),
+        ChainSource::Builtin(product) => {
+            let (ark, ask) = product
+                .builtin_ark_ask()
+                .map_err(|source| SnpError::BuiltinChain { product, source })?;
+            Ok((ark, ask, name))
+        }
         ChainSource::Pem(pem) => {
             let blocks = pem_certificates(&pem).map_err(SnpError::ChainParse)?;
             let certs = blocks
@@ -517,14 +576,158 @@ fn load_chain(chain: ChainSource) -> Result<(Certificate, Certificate), SnpError
             let is_ark_of = |ark: &Certificate, ask: &Certificate| {
                 (ark, ark).verify().is_ok() && (ark, ask).verify().is_ok()
             };
-            if is_ark_of(&b, &a) {
-                Ok((b, a))
+            let (ark, ask) = if is_ark_of(&b, &a) {
+                (b, a)
             } else if is_ark_of(&a, &b) {
-                Ok((a, b))
+                (a, b)
             } else {
-                Err(SnpError::ChainNoArk)
+                return Err(SnpError::ChainNoArk);
+            };
+            match amd_ark_product(&ark)? {
+                Some(product) => Ok((ark, ask, format!("{name} (amd {product} ark)"))),
+                None => {
+                    use sha2::Digest as _;
+                    Err(SnpError::ArkNotAmd {
+                        chain: name,
+                        key_sha256: hex::encode(sha2::Sha256::digest(ark.public_key_sec1())),
+                    })
+                }
             }
         }
+    }
+}
+
+/// A self-made ARK/ASK chain for tests: certificates re-signed with RSASSA-PSS SHA-384 by
+/// keys generated per test run, so that every signature in the chain holds but its root is
+/// not AMD's.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub(crate) mod forge {
+    use rand_core::OsRng;
+    use rsa::pkcs8::EncodePublicKey;
+    use rsa::signature::{RandomizedSigner, SignatureEncoding};
+    use rsa::RsaPrivateKey;
+    use sev::certs::snp::builtin;
+    use sha2::Sha384;
+
+    /// (header length, total length) of the DER element at the start of `buf`.
+    fn tlv(buf: &[u8]) -> (usize, usize) {
+        let first = usize::from(buf[1]);
+        if first < 0x80 {
+            return (2, 2 + first);
+        }
+        let n = first & 0x7f;
+        let len = buf[2..2 + n]
+            .iter()
+            .fold(0usize, |len, b| (len << 8) | usize::from(*b));
+        (2 + n, 2 + n + len)
+    }
+
+    /// The DER elements of a constructed element's content.
+    fn elements(mut content: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while !content.is_empty() {
+            let (_, total) = tlv(content);
+            out.push(content[..total].to_vec());
+            content = &content[total..];
+        }
+        out
+    }
+
+    fn wrap(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = content.len();
+        if len < 0x80 {
+            out.push(u8::try_from(len).unwrap());
+        } else {
+            let bytes: Vec<u8> = len
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            out.push(0x80 | u8::try_from(bytes.len()).unwrap());
+            out.extend(bytes);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// `cert` (DER) with its public key replaced by `spki` (DER, when given) and signed by
+    /// `signer` (RSASSA-PSS SHA-384, the AMD certificate signature scheme).
+    pub(crate) fn resign(cert: &[u8], spki: Option<&[u8]>, signer: &RsaPrivateKey) -> Vec<u8> {
+        let (header, _) = tlv(cert);
+        let parts = elements(&cert[header..]);
+        assert_eq!(parts.len(), 3, "certificate: tbs, algorithm, signature");
+        let (tbs_header, _) = tlv(&parts[0]);
+        let mut tbs = elements(&parts[0][tbs_header..]);
+        if let Some(spki) = spki {
+            // [0] version, serial, signature, issuer, validity, subject, spki, …
+            assert_eq!(tbs[0][0], 0xa0);
+            assert_eq!(tbs[6][0], 0x30);
+            tbs[6] = spki.to_vec();
+        }
+        let tbs = wrap(0x30, &tbs.concat());
+        let signature = rsa::pss::SigningKey::<Sha384>::new(signer.clone())
+            .sign_with_rng(&mut OsRng, &tbs)
+            .to_vec();
+        let mut bits = vec![0u8];
+        bits.extend(signature);
+        wrap(0x30, &[tbs, parts[1].clone(), wrap(0x03, &bits)].concat())
+    }
+
+    /// A forged chain, DER.
+    #[derive(Debug)]
+    pub(crate) struct Forged {
+        /// A self-signed ARK (AMD's Milan ARK with another key).
+        pub ark: Vec<u8>,
+        /// An ASK signed by that ARK (AMD's Milan ASK with another key).
+        pub ask: Vec<u8>,
+        /// The VCEK given to [`chain`], signed by that ASK (its key unchanged).
+        pub vcek: Vec<u8>,
+    }
+
+    /// A self-made ARK and ASK, and `vcek` (DER) re-signed by that ASK.
+    pub(crate) fn chain(vcek: &[u8]) -> Forged {
+        let ark_key = RsaPrivateKey::new(&mut OsRng, 1024).unwrap();
+        let ask_key = RsaPrivateKey::new(&mut OsRng, 1024).unwrap();
+        let spki = |k: &RsaPrivateKey| {
+            k.to_public_key()
+                .to_public_key_der()
+                .unwrap()
+                .as_bytes()
+                .to_vec()
+        };
+        let ark = resign(
+            &builtin::milan::ark().unwrap().to_der().unwrap(),
+            Some(&spki(&ark_key)),
+            &ark_key,
+        );
+        let ask = resign(
+            &builtin::milan::ask().unwrap().to_der().unwrap(),
+            Some(&spki(&ask_key)),
+            &ark_key,
+        );
+        Forged {
+            ark,
+            ask,
+            vcek: resign(vcek, None, &ask_key),
+        }
+    }
+
+    /// DER certificates as one PEM.
+    pub(crate) fn pem(ders: &[&[u8]]) -> Vec<u8> {
+        use base64::Engine;
+        let mut out = String::new();
+        for der in ders {
+            let text = base64::engine::general_purpose::STANDARD.encode(der);
+            out.push_str("-----BEGIN CERTIFICATE-----\n");
+            for line in text.as_bytes().chunks(64) {
+                out.push_str(std::str::from_utf8(line).unwrap());
+                out.push('\n');
+            }
+            out.push_str("-----END CERTIFICATE-----\n");
+        }
+        out.into_bytes()
     }
 }
 
@@ -855,6 +1058,91 @@ mod tests {
     }
 
     #[test]
+    fn a_self_made_ark_is_refused_although_every_signature_holds() {
+        let report = vector!("trustee/snp/test-report.bin");
+        let forged = forge::chain(&vector!("trustee/snp/test-vcek.der"));
+        let [ark, ask, vcek] =
+            [&forged.ark, &forged.ask, &forged.vcek].map(|der| Certificate::from_der(der).unwrap());
+        // The forgery is internally consistent: only the root decides.
+        (&ark, &ark).verify().unwrap();
+        (&ark, &ask).verify().unwrap();
+        (&ask, &vcek).verify().unwrap();
+        (&vcek, &parse_report(&report).unwrap()).verify().unwrap();
+
+        for pem in [
+            forge::pem(&[&forged.ask, &forged.ark]),
+            forge::pem(&[&forged.ark, &forged.ask]),
+        ] {
+            let err = verify_report(&report, &forged.vcek, ChainSource::Pem(pem)).unwrap_err();
+            assert!(matches!(err, SnpError::ArkNotAmd { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with("the ark of the pem chain is not amd's"),
+                "{msg}"
+            );
+            assert!(msg.contains("pass the amd kds cert_chain"), "{msg}");
+        }
+        // The forged VCEK does not chain to AMD's ASK either.
+        assert!(matches!(
+            verify_report(&report, &forged.vcek, ChainSource::Builtin(Product::Milan)),
+            Err(SnpError::VcekNotSignedByAsk { .. })
+        ));
+    }
+
+    #[test]
+    fn amd_ask_with_a_self_signed_ark_is_refused() {
+        let report = vector!("go-sev-guest/attestation.bin");
+        let vcek = vector!("go-sev-guest/vcek.testcer");
+        let forged = forge::chain(&vector!("trustee/snp/test-vcek.der"));
+        let ask = builtin::milan::ask().unwrap().to_der().unwrap();
+        let err = verify_report(
+            &report,
+            &vcek,
+            ChainSource::Pem(forge::pem(&[&ask, &forged.ark])),
+        )
+        .unwrap_err();
+        assert!(matches!(err, SnpError::ChainNoArk), "{err:?}");
+    }
+
+    #[test]
+    fn a_pem_chain_names_the_amd_product_of_its_ark() {
+        for (pem, product) in [
+            (vector!("go-sev-guest/milan.testcer"), Product::Milan),
+            (
+                vector!("go-sev-guest/trust/ask_ark_genoa.pem"),
+                Product::Genoa,
+            ),
+            (
+                vector!("go-sev-guest/trust/ask_ark_milan_vlek.pem"),
+                Product::Milan,
+            ),
+        ] {
+            let (ark, _, name) = load_chain(ChainSource::Pem(pem)).unwrap();
+            assert_eq!(amd_ark_product(&ark).unwrap(), Some(product));
+            assert_eq!(name, format!("pem chain (amd {product} ark)"));
+        }
+    }
+
+    #[test]
+    fn parse_unverified_reads_the_fields_and_says_unverified() {
+        let report = vector!("trustee/snp/test-report.bin");
+        let fields = parse_unverified(&report).unwrap();
+        assert!(!fields.verified);
+        let mut verified = verify_report(
+            &report,
+            &vector!("trustee/snp/test-vcek.der"),
+            ChainSource::Builtin(Product::Milan),
+        )
+        .unwrap();
+        verified.verified = false;
+        assert_eq!(fields, verified);
+        assert!(matches!(
+            parse_unverified(&report[1..]),
+            Err(SnpError::ReportLength { .. })
+        ));
+    }
+
+    #[test]
     fn garbage_vcek_fails_parse() {
         let err = verify_report(
             &vector!("go-sev-guest/attestation.bin"),
@@ -871,6 +1159,10 @@ mod tests {
             SnpError::ReportLength { len: 3 },
             SnpError::ReportNotCanonical,
             SnpError::ChainNoArk,
+            SnpError::ArkNotAmd {
+                chain: "pem chain".to_string(),
+                key_sha256: "00".repeat(32),
+            },
             SnpError::ChainCount { count: 3 },
             SnpError::VcekCount { count: 0 },
             SnpError::UnsupportedSignatureAlgo { algo: 2 },

@@ -9,6 +9,11 @@
 //! 3. when PCR values are given, the quote's PCR digest is SHA-256 over the selected SHA-256
 //!    bank PCR values, in ascending PCR order.
 //!
+//! A PCR the quote does not select is not covered by its signature, whatever value was
+//! given for it: [`VerifiedQuote::pcrs`] lists the selected ones only, and a caller that
+//! relies on a PCR must check [`VerifiedQuote::pcr_selection`] (`audit verify` requires
+//! exactly `sha256:0-23`).
+//!
 //! No TPM software stack is used, on purpose: the TSS marshalling of `TPMS_ATTEST` and
 //! `TPMT_SIGNATURE` is small and fixed by the TPM 2.0 specification (Part 2, Structures),
 //! and the verifier must run on an auditor's machine that has no `libtss2` and no TPM.
@@ -207,7 +212,8 @@ pub struct VerifiedQuote {
     pub pcr_digest: String,
     /// Whether PCR values were given and matched `pcrDigest`.
     pub pcrs_checked: bool,
-    /// The PCR values given, by index, hex.
+    /// The PCR values the quote covers (the selected SHA-256 PCRs), by index, hex. Values
+    /// given for PCRs the quote does not select are left out: nothing vouches for them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pcrs: Option<BTreeMap<u32, String>>,
 }
@@ -458,6 +464,12 @@ pub fn verify_quote(
         pcr_map = Some(
             (0u32..)
                 .zip(&chunks)
+                .filter(|(i, _)| {
+                    quote
+                        .pcr_selection
+                        .iter()
+                        .any(|sel| sel.alg == TPM_ALG_SHA256 && sel.pcrs.contains(i))
+                })
                 .map(|(i, v)| (i, hex::encode(v)))
                 .collect(),
         );
@@ -545,6 +557,68 @@ mod tests {
                 pcrs: vector!("derived/trustee-tpm_evidence.pcrs-sha256.bin"),
             },
         ]
+    }
+
+    /// A quote over `sha256:` the PCRs of `select`, signed by a new RSA key; returns
+    /// (message, raw signature, AK SPKI DER).
+    fn made_quote(select: [u8; 3], pcrs: &[[u8; PCR_LEN]; 24]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        use rsa::pkcs8::EncodePublicKey;
+        use rsa::signature::{SignatureEncoding, Signer};
+        let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 1024).unwrap();
+        let spki = key.to_public_key().to_public_key_der().unwrap().to_vec();
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&TPM_GENERATED_VALUE.to_be_bytes());
+        msg.extend_from_slice(&TPM_ST_ATTEST_QUOTE.to_be_bytes());
+        msg.extend_from_slice(&[0, 0]); // qualifiedSigner
+        msg.extend_from_slice(&[0, 1, 7]); // extraData
+        msg.extend_from_slice(&[0; 17]); // clockInfo
+        msg.extend_from_slice(&[0; 8]); // firmwareVersion
+        msg.extend_from_slice(&1u32.to_be_bytes());
+        msg.extend_from_slice(&TPM_ALG_SHA256.to_be_bytes());
+        msg.push(3);
+        msg.extend_from_slice(&select);
+        let mut hasher = Sha256::new();
+        for (i, pcr) in pcrs.iter().enumerate() {
+            if select[i / 8] & (1 << (i % 8)) != 0 {
+                hasher.update(pcr);
+            }
+        }
+        msg.extend_from_slice(&32u16.to_be_bytes());
+        msg.extend_from_slice(&hasher.finalize());
+        let sig = rsa::pkcs1v15::SigningKey::<Sha256>::new(key)
+            .sign(&msg)
+            .to_vec();
+        (msg, sig, spki)
+    }
+
+    #[test]
+    fn unselected_pcrs_are_not_reported_as_covered() {
+        let mut pcrs = [[0u8; PCR_LEN]; 24];
+        for (i, pcr) in pcrs.iter_mut().enumerate() {
+            pcr[0] = u8::try_from(i).unwrap();
+        }
+        // sha256:0-14,16-23: pcr 15 is outside the signature.
+        let (msg, sig, ak) = made_quote([0xff, 0x7f, 0xff], &pcrs);
+        let all: Vec<u8> = pcrs.iter().flatten().copied().collect();
+        let q = verify_quote(&msg, &sig, &ak, Some(&all)).unwrap();
+        let map = q.pcrs.unwrap();
+        assert_eq!(map.len(), 23);
+        assert!(!map.contains_key(&15));
+        assert_eq!(map[&16], hex::encode(pcrs[16]));
+        // Any value for pcr 15 "verifies": it is not covered.
+        let mut changed = all.clone();
+        changed[15 * PCR_LEN] ^= 0xff;
+        verify_quote(&msg, &sig, &ak, Some(&changed)).unwrap();
+        // …but a covered one is.
+        changed[16 * PCR_LEN] ^= 0xff;
+        assert!(matches!(
+            verify_quote(&msg, &sig, &ak, Some(&changed)),
+            Err(TpmError::PcrDigest { .. })
+        ));
+
+        let (msg, sig, ak) = made_quote([0xff; 3], &pcrs);
+        let q = verify_quote(&msg, &sig, &ak, Some(&all)).unwrap();
+        assert_eq!(q.pcrs.unwrap().len(), 24);
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl fmt::Debug for KbsConfig {
 }
 
 /// What an auditor needs to re-check one handshake: recompute
-/// [`report_data`](super::report_data)`(nonce, tee_pubkey, additional_evidence)`, compare
+/// [`report_data`]`(nonce, tee_pubkey, additional_evidence)`, compare
 /// it with `report_data` and with the value inside `evidence`, and verify `evidence`
 /// offline.
 ///
@@ -562,6 +562,7 @@ impl Client {
             claims,
             status,
         };
+        observer.attested(&attested);
         Ok(Session {
             cookie,
             token,

@@ -121,6 +121,12 @@ pub struct Attempt {
 pub trait Observer {
     /// Called once per try, after it ended.
     fn attempt(&mut self, attempt: &Attempt);
+
+    /// Called after every successful handshake (also the ones a resource request runs when
+    /// the broker answers 401), with what an auditor needs to re-check it.
+    fn attested(&mut self, attested: &Attested) {
+        let _ = attested;
+    }
 }
 
 impl<F: FnMut(&Attempt)> Observer for F {

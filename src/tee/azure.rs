@@ -18,6 +18,21 @@
 //!    quote's `extraData` with the report data byte for byte). The provider checks the AK
 //!    equals `HCLAkPub` before quoting: the verifier trusts the quote only through that key.
 //!
+//! A checkpoint ([`Provider::checkpoint`], the audit-log binding of 64 bytes) takes the same
+//! path with the same JSON shape, but the binding is used whole where the evidence pads:
+//!
+//! - `user-data` (NV [`REPORT_DATA_NV_INDEX`], then the refreshed HCL report) is the 64-byte
+//!   binding itself, so the VCEK-signed SNP report binds all of it through
+//!   `REPORT_DATA[..32] = SHA-256(variable data)`;
+//! - the quote's qualifying data is the binding's first [`QUOTE_NONCE_LEN`] (48) bytes
+//!   ([`checkpoint_quote_nonce`]): the same length the broker evidence's quote carries, which
+//!   the Azure vTPM is known to accept (Trustee's v2 evidence), where 64 bytes may exceed its
+//!   `TPM2B_DATA`.
+//!
+//! So for both, a verifier checks `user-data == binding zero-padded to 64 bytes` and
+//! `extraData == the first 48 bytes of the binding`. A checkpoint's user-data ends in 16
+//! bytes of SHA-512 output, never in the 16 zero bytes of broker evidence.
+//!
 //! The VCEK (which signs the SNP report) is not in the vTPM: Azure serves it, with the
 //! ASK/ARK chain, from the instance metadata service (IMDS, [`IMDS_VCEK_URL`], the "THIM"
 //! endpoint), which is what Azure's `az-snp-vtpm` crate and the Trustee attester use. It is
@@ -67,6 +82,9 @@ pub const USER_DATA_SIZE: usize = 64;
 pub const IMDS_VCEK_URL: &str = "http://169.254.169.254/metadata/THIM/amd/certification";
 /// The evidence shape version Trustee's verifier expects (user-data carries report_data).
 pub const EVIDENCE_VERSION: u32 = 2;
+/// Length of the vTPM quote's qualifying data: all of the 48-byte broker report data, the
+/// first 48 bytes of a 64-byte checkpoint binding.
+pub const QUOTE_NONCE_LEN: usize = 48;
 
 const TEE: &str = "az-snp-vtpm";
 /// `"HCLA"` little-endian: the HCL report header signature.
@@ -261,6 +279,14 @@ pub fn user_data_for(report_data: &[u8; 48]) -> [u8; USER_DATA_SIZE] {
     out
 }
 
+/// The qualifying data of a checkpoint's vTPM quote: the first [`QUOTE_NONCE_LEN`] bytes of
+/// the 64-byte `binding` (whose whole is the HCL report's `user-data`).
+pub fn checkpoint_quote_nonce(binding: &[u8; USER_DATA_SIZE]) -> [u8; QUOTE_NONCE_LEN] {
+    let mut out = [0u8; QUOTE_NONCE_LEN];
+    out.copy_from_slice(&binding[..QUOTE_NONCE_LEN]);
+    out
+}
+
 /// Where the VCEK comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcekSource {
@@ -393,6 +419,97 @@ pub(crate) fn az_evidence_json(quote: &QuoteParts, hcl_report: &[u8], vcek: &[u8
     })
 }
 
+/// `az-snp-vtpm` evidence decoded (the inverse of what [`AzSnpVtpmProvider`] writes, for
+/// auditors and tests). Nothing is verified here: parse [`AzEvidence::hcl_report`] with
+/// [`parse_hcl_report`] and verify the quote with its `HCLAkPub`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AzEvidence {
+    /// The HCL report bytes (the whole NV index 0x01400001).
+    pub hcl_report: Vec<u8>,
+    /// The quote's `TPMS_ATTEST`.
+    pub quote_message: Vec<u8>,
+    /// The quote's raw RSASSA signature (no `TPMT_SIGNATURE` header).
+    pub quote_signature: Vec<u8>,
+    /// The SHA-256 PCRs 0–23 the quote covers.
+    pub pcrs: Vec<[u8; 32]>,
+    /// The VCEK, DER.
+    pub vcek: Vec<u8>,
+}
+
+impl AzEvidence {
+    /// Decodes the version 2 evidence JSON: exactly `version` (2), `tpm_quote` (`signature`,
+    /// `message` in hex, `pcrs` 24 hex SHA-256 values), `hcl_report` and `vcek` (base64url,
+    /// padding optional).
+    pub fn from_json(evidence: &Value) -> Result<Self, TeeError> {
+        let bad = |detail: String| TeeError::Malformed {
+            tee: TEE,
+            what: "evidence",
+            detail,
+        };
+        let object = evidence
+            .as_object()
+            .ok_or_else(|| bad(format!("not a json object: {evidence}")))?;
+        let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        if keys != ["hcl_report", "tpm_quote", "vcek", "version"] {
+            return Err(bad(format!(
+                "fields {keys:?}, expected hcl_report, tpm_quote, vcek and version"
+            )));
+        }
+        if object.get("version").and_then(Value::as_u64) != Some(u64::from(EVIDENCE_VERSION)) {
+            return Err(bad(format!(
+                "version is {}, expected {EVIDENCE_VERSION}",
+                evidence["version"]
+            )));
+        }
+        let base64url = |name: &str| -> Result<Vec<u8>, TeeError> {
+            let text = object
+                .get(name)
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("{name} is not a string")))?;
+            URL_SAFE_NO_PAD
+                .decode(text.trim_end_matches('='))
+                .map_err(|e| bad(format!("{name} is not base64url: {e}")))
+        };
+        let quote = object
+            .get("tpm_quote")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("tpm_quote is not an object".to_string()))?;
+        let hex_field = |name: &str| -> Result<Vec<u8>, TeeError> {
+            let text = quote
+                .get(name)
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("tpm_quote.{name} is not a string")))?;
+            hex::decode(text).map_err(|e| bad(format!("tpm_quote.{name} is not hex: {e}")))
+        };
+        let texts = quote
+            .get("pcrs")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("tpm_quote.pcrs is not an array".to_string()))?;
+        if texts.len() != 24 {
+            return Err(bad(format!(
+                "tpm_quote.pcrs holds {} values, expected 24 (sha256:0-23)",
+                texts.len()
+            )));
+        }
+        let mut pcrs = Vec::with_capacity(24);
+        for (i, text) in texts.iter().enumerate() {
+            let mut value = [0u8; 32];
+            text.as_str()
+                .and_then(|t| hex::decode_to_slice(t, &mut value).ok())
+                .ok_or_else(|| bad(format!("tpm_quote.pcrs[{i}] is not 32 bytes of hex")))?;
+            pcrs.push(value);
+        }
+        Ok(Self {
+            hcl_report: base64url("hcl_report")?,
+            quote_message: hex_field("message")?,
+            quote_signature: hex_field("signature")?,
+            pcrs,
+            vcek: base64url("vcek")?,
+        })
+    }
+}
+
 /// The `az-snp-vtpm` evidence provider.
 pub struct AzSnpVtpmProvider {
     tcti: String,
@@ -455,6 +572,24 @@ impl AzSnpVtpmProvider {
         pcr_value(&mut self.ctx.borrow_mut(), index)
     }
 
+    /// Evidence with an HCL report refreshed to carry `user_data` and a quote over
+    /// `qualifying`, made by the AK the report names.
+    fn bound_evidence(
+        &mut self,
+        user_data: &[u8; USER_DATA_SIZE],
+        qualifying: &[u8; QUOTE_NONCE_LEN],
+    ) -> Result<Value, TeeError> {
+        let (hcl_bytes, hcl) = self.fresh_hcl_report(user_data)?;
+        check_ak_matches(&hcl, &self.ak_public)?;
+        let quote = consistent_quote(
+            &mut self.ctx.borrow_mut(),
+            self.ak,
+            qualifying,
+            rsassa_sha256(),
+        )?;
+        Ok(az_evidence_json(&quote, &hcl_bytes, &self.vcek))
+    }
+
     /// Writes `user_data` to 0x01400002 and waits until the HCL report carries it.
     fn fresh_hcl_report(
         &mut self,
@@ -493,15 +628,13 @@ impl Provider for AzSnpVtpmProvider {
     }
 
     fn evidence(&mut self, report_data: &[u8; 48]) -> Result<Value, TeeError> {
-        let (hcl_bytes, hcl) = self.fresh_hcl_report(&user_data_for(report_data))?;
-        check_ak_matches(&hcl, &self.ak_public)?;
-        let quote = consistent_quote(
-            &mut self.ctx.borrow_mut(),
-            self.ak,
-            report_data,
-            rsassa_sha256(),
-        )?;
-        Ok(az_evidence_json(&quote, &hcl_bytes, &self.vcek))
+        self.bound_evidence(&user_data_for(report_data), report_data)
+    }
+
+    /// user-data = the whole `binding`; quote qualifying data = its first 48 bytes (see the
+    /// module documentation).
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, TeeError> {
+        self.bound_evidence(binding, &checkpoint_quote_nonce(binding))
     }
 
     fn runtime_register(&mut self) -> Result<Option<Box<dyn RuntimeRegister>>, TeeError> {
@@ -515,6 +648,10 @@ impl Provider for AzSnpVtpmProvider {
             "ak_public": STANDARD.encode(&self.ak_public),
             "hcl_report_nv_index": format!("0x{HCL_REPORT_NV_INDEX:08x}"),
             "report_data_nv_index": format!("0x{REPORT_DATA_NV_INDEX:08x}"),
+            "report_data": "user-data = 48-byte binding followed by 16 zero bytes; quote \
+                            qualifying data = the 48-byte binding",
+            "checkpoint_report_data": "user-data = the 64-byte checkpoint binding; quote \
+                                       qualifying data = its first 48 bytes",
             "pcr": APP_PCR,
             "pcr_selection": PCR_SELECTION,
             "vcek_source": self.options.vcek.to_string(),
@@ -911,6 +1048,72 @@ mod tests {
         // base64url with padding, like the Trustee vectors.
         assert_eq!(v["hcl_report"], "-_8=");
         assert_eq!(v["vcek"], "_g==");
+    }
+
+    #[test]
+    fn az_evidence_decodes_what_az_evidence_json_writes() {
+        let mut pcrs = [[0u8; 32]; 24];
+        pcrs[15] = [0x15; 32];
+        let quote = QuoteParts {
+            message: vec![0xff, 0x54, 0x80],
+            signature: vec![0, 0x14, 0, 0x0b, 0, 2, 0xaa, 0xbb],
+            raw_signature: vec![0xaa, 0xbb],
+            pcrs,
+        };
+        let hcl = vector("derived/trustee-evidence-v2.hcl-report.bin");
+        let vcek = vector("derived/trustee-evidence-v2.vcek.der");
+        let json = az_evidence_json(&quote, &hcl, &vcek);
+        let decoded = AzEvidence::from_json(&json).unwrap();
+        assert_eq!(decoded.hcl_report, hcl);
+        assert_eq!(decoded.vcek, vcek);
+        assert_eq!(decoded.quote_message, quote.message);
+        assert_eq!(decoded.quote_signature, quote.raw_signature);
+        assert_eq!(decoded.pcrs, pcrs.to_vec());
+
+        let broken = |edit: &dyn Fn(&mut Value)| {
+            let mut v = json.clone();
+            edit(&mut v);
+            AzEvidence::from_json(&v).unwrap_err().to_string()
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (broken(&|v| v["version"] = 1.into()), "version is 1"),
+            (broken(&|v| v["extra"] = 1.into()), "fields"),
+            (
+                broken(&|v| v["hcl_report"] = "@@".into()),
+                "hcl_report is not base64url",
+            ),
+            (
+                broken(&|v| v["tpm_quote"]["message"] = "xyz".into()),
+                "message is not hex",
+            ),
+            (
+                broken(&|v| {
+                    v["tpm_quote"]["pcrs"].as_array_mut().unwrap().pop();
+                }),
+                "holds 23 values",
+            ),
+            (
+                broken(&|v| v["tpm_quote"]["pcrs"][3] = "00".into()),
+                "pcrs[3]",
+            ),
+        ];
+        for (err, want) in cases {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
+
+    #[test]
+    fn checkpoint_nonce_is_the_first_48_bytes_and_user_data_the_whole_binding() {
+        let mut binding = [0u8; 64];
+        for (i, b) in binding.iter_mut().enumerate() {
+            *b = 0x40 + i as u8;
+        }
+        let nonce = checkpoint_quote_nonce(&binding);
+        assert_eq!(nonce.len(), QUOTE_NONCE_LEN);
+        assert_eq!(&nonce[..], &binding[..48]);
+        // Broker evidence pads the 48-byte nonce with zeros: a checkpoint binding (SHA-512
+        // output) is a different user-data for the same nonce.
+        assert_ne!(user_data_for(&nonce), binding);
     }
 
     #[test]

@@ -41,8 +41,10 @@ pub trait Provider: std::fmt::Debug {
 
     /// Fresh evidence for an audit-log checkpoint whose report data is `binding`
     /// (`SHA-512(label || audit head)`, see [`crate::stage::attest`]), in the same shape as
-    /// [`Provider::evidence`]. TEEs with 64 bytes of report data carry it whole; a TPM quote
-    /// carries its first 32 bytes as qualifying data; `sample` its first 48.
+    /// [`Provider::evidence`]. `snp` and `tdx` carry it whole as report data; a TPM quote
+    /// carries its first 32 bytes as qualifying data; `az-snp-vtpm` carries it whole as the
+    /// HCL report's user-data and its first 48 bytes as the quote's qualifying data; `sample`
+    /// its first 48.
     fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, TeeError> {
         let _ = binding;
         Err(TeeError::Config {

@@ -1,11 +1,14 @@
 //! The pure half of the volume capability: what the first bytes of a device say
-//! ([`classify`]), what to do about it ([`decide`]), and whether the LUKS2 token agrees with
-//! the policy ([`check_token`]). No I/O here; every rule is unit-tested exhaustively.
+//! ([`classify`]), what to do about it ([`decide`]), whether the LUKS2 token agrees with
+//! the policy ([`check_token`]), and whether the LUKS2 header says what cvm-warden formats
+//! ([`check_format`] on a [`HeaderFormat`] read from its JSON metadata). No I/O here; every
+//! rule is unit-tested exhaustively.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use super::{Integrity, CIPHER_KEY_BYTES, SECTOR_SIZE};
 use crate::policy::ResourceUri;
 
 /// How many bytes at the start of a device decide "blank" (all zeros) versus "holds data".
@@ -76,8 +79,9 @@ pub enum Refusal {
     /// A LUKS1 volume.
     #[error(
         "refusing to use {0}: it has a LUKS1 header and cvm-warden opens only LUKS2 volumes \
-         (tokens, authenticated metadata); convert it with `cryptsetup convert --type luks2 {0}` \
-         or point the volume at a LUKS2 device", device.display()
+         (their token names the broker resource of the key); convert it with \
+         `cryptsetup convert --type luks2 {0}` or point the volume at a LUKS2 device",
+        device.display()
     )]
     Luks1 {
         /// The device.
@@ -255,6 +259,286 @@ pub fn check_token(
             found: distinct,
         }),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The header format check.
+//
+// LUKS2 metadata is protected by an unkeyed checksum only, and the host controls the disk: it
+// can rewrite a header cvm-warden wrote (switch the data segment to `cipher_null-ecb`, add a
+// keyslot whose area is not encrypted and that holds a volume key of its choosing, drop the
+// integrity) and recompute the checksum. The broker key still opens the keyslot and the token
+// still matches, so nothing but an explicit check stops the guest from mounting a file system
+// the host can read. [`check_format`] requires exactly what cvm-warden formats.
+
+/// The cipher spec of the data segment and of every keyslot area cvm-warden writes.
+pub const CIPHER_SPEC: &str = "aes-xts-plain64";
+
+/// The LUKS2 segment type of an encrypted data segment.
+pub const SEGMENT_TYPE: &str = "crypt";
+
+/// The LUKS2 keyslot type libcryptsetup writes for a passphrase keyslot.
+pub const KEYSLOT_TYPE: &str = "luks2";
+
+/// Bytes of the key that encrypts a keyslot area (AES-256-XTS), as libcryptsetup writes it for
+/// an `aes-xts-plain64` volume with or without integrity (also for `cryptsetup luksAddKey`).
+pub const KEYSLOT_AREA_KEY_BYTES: u64 = 64;
+
+/// How a LUKS2 header says the data and the keyslots are encrypted: the fields
+/// [`check_format`] compares with what cvm-warden formats. [`HeaderFormat::from_metadata`]
+/// reads it from the LUKS2 JSON metadata; a field that is absent or of the wrong JSON type is
+/// `None` (and never matches).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderFormat {
+    /// The segments, in the order of their ids.
+    pub segments: Vec<SegmentFormat>,
+    /// The keyslots, in the order of their ids.
+    pub keyslots: Vec<KeyslotFormat>,
+}
+
+/// One LUKS2 segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentFormat {
+    /// Segment id.
+    pub id: String,
+    /// `type` (`crypt` for an encrypted segment).
+    pub kind: Option<String>,
+    /// `encryption`: the cipher spec (`aes-xts-plain64`).
+    pub encryption: Option<String>,
+    /// `sector_size` in bytes.
+    pub sector_size: Option<u64>,
+    /// `integrity.type` (`hmac(sha256)`); `None` when the segment has no `integrity` member.
+    pub integrity: Option<String>,
+}
+
+/// One LUKS2 keyslot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyslotFormat {
+    /// Keyslot id.
+    pub id: String,
+    /// `type` (`luks2`).
+    pub kind: Option<String>,
+    /// `key_size`: bytes of the volume key the keyslot holds.
+    pub key_size: Option<u64>,
+    /// `area.encryption`: the cipher spec that encrypts the keyslot area.
+    pub area_encryption: Option<String>,
+    /// `area.key_size`: bytes of the key that encrypts the keyslot area.
+    pub area_key_size: Option<u64>,
+}
+
+/// Bytes of the volume key cvm-warden formats: 64 for AES-256-XTS, plus the integrity key.
+pub fn volume_key_bytes(integrity: Option<Integrity>) -> u64 {
+    (CIPHER_KEY_BYTES + integrity.map_or(0, Integrity::key_bytes)) as u64
+}
+
+/// The members of a JSON object sorted by numeric id (LUKS2 ids are decimal strings); an empty
+/// list when `value` is not an object.
+fn by_id(value: &Value) -> Vec<(&String, &Value)> {
+    let mut members: Vec<(&String, &Value)> = value
+        .as_object()
+        .map(|map| map.iter().collect())
+        .unwrap_or_default();
+    members.sort_by(|(a, _), (b, _)| {
+        (a.parse::<u64>().ok(), a.as_str()).cmp(&(b.parse::<u64>().ok(), b.as_str()))
+    });
+    members
+}
+
+fn text_at(value: &Value, pointer: &str) -> Option<String> {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+fn number_at(value: &Value, pointer: &str) -> Option<u64> {
+    value.pointer(pointer).and_then(Value::as_u64)
+}
+
+impl HeaderFormat {
+    /// Reads the format from the LUKS2 JSON metadata (as `crypt_dump_json` and
+    /// `cryptsetup luksDump --dump-json-metadata` print it).
+    pub fn from_metadata(metadata: &Value) -> Self {
+        let segments = by_id(&metadata["segments"])
+            .into_iter()
+            .map(|(id, segment)| SegmentFormat {
+                id: id.clone(),
+                kind: text_at(segment, "/type"),
+                encryption: text_at(segment, "/encryption"),
+                sector_size: number_at(segment, "/sector_size"),
+                // A member that is there but malformed names itself (and never matches).
+                integrity: segment.get("integrity").map(|integrity| {
+                    text_at(integrity, "/type").unwrap_or_else(|| integrity.to_string())
+                }),
+            })
+            .collect();
+        let keyslots = by_id(&metadata["keyslots"])
+            .into_iter()
+            .map(|(id, keyslot)| KeyslotFormat {
+                id: id.clone(),
+                kind: text_at(keyslot, "/type"),
+                key_size: number_at(keyslot, "/key_size"),
+                area_encryption: text_at(keyslot, "/area/encryption"),
+                area_key_size: number_at(keyslot, "/area/key_size"),
+            })
+            .collect();
+        Self { segments, keyslots }
+    }
+
+    /// Exactly what cvm-warden formats: one `crypt` segment, `aes-xts-plain64`, 4096-byte
+    /// sectors, `integrity`; keyslot 0 holding the volume key in an `aes-xts-plain64` area.
+    pub fn cvm_warden(integrity: Option<Integrity>) -> Self {
+        Self {
+            segments: vec![SegmentFormat {
+                id: "0".to_string(),
+                kind: Some(SEGMENT_TYPE.to_string()),
+                encryption: Some(CIPHER_SPEC.to_string()),
+                sector_size: Some(u64::from(SECTOR_SIZE)),
+                integrity: integrity.map(|i| i.crypto_api_name().to_string()),
+            }],
+            keyslots: vec![KeyslotFormat {
+                id: "0".to_string(),
+                kind: Some(KEYSLOT_TYPE.to_string()),
+                key_size: Some(volume_key_bytes(integrity)),
+                area_encryption: Some(CIPHER_SPEC.to_string()),
+                area_key_size: Some(KEYSLOT_AREA_KEY_BYTES),
+            }],
+        }
+    }
+}
+
+/// A LUKS2 header that does not say what cvm-warden formats. The volume is not opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the LUKS2 header of {0} says {field} {found}, cvm-warden formats {expected}: the header \
+     was changed or does not match the policy, so the volume is not opened; restore the header \
+     from a backup (`cryptsetup luksHeaderRestore {0} --header-backup-file <file>`) or \
+     reformat the volume",
+    device.display()
+)]
+pub struct FormatProblem {
+    /// The device.
+    pub device: PathBuf,
+    /// Which field (`cipher`, `volume key size`, `keyslot 1 area cipher`, …).
+    pub field: String,
+    /// What the header says.
+    pub found: String,
+    /// What cvm-warden formats.
+    pub expected: String,
+}
+
+fn shown<T: std::fmt::Display>(value: &Option<T>, unit: &str) -> String {
+    match value {
+        Some(value) => format!("{value}{unit}"),
+        None => "nothing (the field is missing)".to_string(),
+    }
+}
+
+/// Compares `found` with what cvm-warden formats for `integrity` (the policy's). Fails closed
+/// on the first difference: the segment count, then the data segment's type, cipher,
+/// integrity and sector size, then every keyslot's type, volume key size, area cipher and area
+/// key size. A header without keyslots is refused too.
+pub fn check_format(
+    device: &Path,
+    found: &HeaderFormat,
+    integrity: Option<Integrity>,
+) -> Result<(), FormatProblem> {
+    let problem = |field: String, found: String, expected: String| FormatProblem {
+        device: device.to_path_buf(),
+        field,
+        found,
+        expected,
+    };
+    let segment = match found.segments.as_slice() {
+        [segment] => segment,
+        segments => {
+            let ids: Vec<&str> = segments.iter().map(|s| s.id.as_str()).collect();
+            return Err(problem(
+                "segments".to_string(),
+                format!("{} ({})", segments.len(), ids.join(", ")),
+                "exactly one data segment".to_string(),
+            ));
+        }
+    };
+    if segment.kind.as_deref() != Some(SEGMENT_TYPE) {
+        return Err(problem(
+            format!("segment {} type", segment.id),
+            shown(&segment.kind, ""),
+            SEGMENT_TYPE.to_string(),
+        ));
+    }
+    if segment.encryption.as_deref() != Some(CIPHER_SPEC) {
+        return Err(problem(
+            "cipher".to_string(),
+            shown(&segment.encryption, ""),
+            CIPHER_SPEC.to_string(),
+        ));
+    }
+    let want_integrity = integrity.map(Integrity::crypto_api_name);
+    if segment.integrity.as_deref() != want_integrity {
+        return Err(problem(
+            "integrity".to_string(),
+            segment
+                .integrity
+                .clone()
+                .unwrap_or_else(|| "none".to_string()),
+            match integrity {
+                Some(i) => format!(
+                    "{} for the policy's integrity = \"{}\"",
+                    i.crypto_api_name(),
+                    i.as_str()
+                ),
+                None => "none for a policy without integrity".to_string(),
+            },
+        ));
+    }
+    if segment.sector_size != Some(u64::from(SECTOR_SIZE)) {
+        return Err(problem(
+            "sector size".to_string(),
+            shown(&segment.sector_size, " bytes"),
+            format!("{SECTOR_SIZE} bytes"),
+        ));
+    }
+    if found.keyslots.is_empty() {
+        return Err(problem(
+            "keyslots".to_string(),
+            "none".to_string(),
+            "keyslot 0 for the broker key".to_string(),
+        ));
+    }
+    let key_bytes = volume_key_bytes(integrity);
+    for keyslot in &found.keyslots {
+        let id = &keyslot.id;
+        if keyslot.kind.as_deref() != Some(KEYSLOT_TYPE) {
+            return Err(problem(
+                format!("keyslot {id} type"),
+                shown(&keyslot.kind, ""),
+                KEYSLOT_TYPE.to_string(),
+            ));
+        }
+        if keyslot.key_size != Some(key_bytes) {
+            return Err(problem(
+                format!("volume key size (keyslot {id})"),
+                shown(&keyslot.key_size, " bytes"),
+                format!("{key_bytes} bytes"),
+            ));
+        }
+        if keyslot.area_encryption.as_deref() != Some(CIPHER_SPEC) {
+            return Err(problem(
+                format!("keyslot {id} area cipher"),
+                shown(&keyslot.area_encryption, ""),
+                CIPHER_SPEC.to_string(),
+            ));
+        }
+        if keyslot.area_key_size != Some(KEYSLOT_AREA_KEY_BYTES) {
+            return Err(problem(
+                format!("keyslot {id} area key size"),
+                shown(&keyslot.area_key_size, " bytes"),
+                format!("{KEYSLOT_AREA_KEY_BYTES} bytes"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -511,5 +795,133 @@ mod tests {
         let ambiguous = check_token(dev, &[same, other], &want).unwrap_err();
         assert!(matches!(ambiguous, TokenProblem::Ambiguous { ref found, .. } if found.len() == 2));
         assert!(ambiguous.to_string().contains("keep exactly one"));
+    }
+
+    /// LUKS2 JSON metadata as `cryptsetup luksDump --dump-json-metadata` prints it (keyslot 0
+    /// of `cryptsetup luksFormat --type luks2 --cipher aes-xts-plain64 --key-size 512
+    /// --sector-size 4096 --pbkdf pbkdf2`, salts shortened).
+    fn metadata(encryption: &str, key_size: u64, integrity: Option<Value>) -> Value {
+        let mut segment = json!({
+            "type":"crypt","offset":"16777216","size":"dynamic","iv_tweak":"0",
+            "encryption":encryption,"sector_size":4096
+        });
+        if let Some(integrity) = integrity {
+            segment["integrity"] = integrity;
+        }
+        json!({
+            "keyslots":{"0":{"type":"luks2","key_size":key_size,
+                "af":{"type":"luks1","stripes":4000,"hash":"sha256"},
+                "area":{"type":"raw","offset":"32768","size":"258048",
+                    "encryption":"aes-xts-plain64","key_size":64},
+                "kdf":{"type":"pbkdf2","hash":"sha256","iterations":1000,"salt":"AA=="}}},
+            "tokens":{"0":{"type":"cvm-warden-kbs","keyslots":["0"],"resource":"kbs:///a/b/c"}},
+            "segments":{"0":segment},
+            "digests":{"0":{"type":"pbkdf2","keyslots":["0"],"segments":["0"],"hash":"sha256",
+                "iterations":1000,"salt":"AA==","digest":"AA=="}},
+            "config":{"json_size":"12288","keyslots_size":"16744448"}
+        })
+    }
+
+    #[test]
+    fn from_metadata_reads_what_cvm_warden_formats() {
+        let plain = HeaderFormat::from_metadata(&metadata("aes-xts-plain64", 64, None));
+        assert_eq!(plain, HeaderFormat::cvm_warden(None));
+        assert_eq!(check_format(Path::new(DEV), &plain, None), Ok(()));
+
+        let integrity = json!({"type":"hmac(sha256)","journal_encryption":"none",
+            "journal_integrity":"none"});
+        let hmac = HeaderFormat::from_metadata(&metadata("aes-xts-plain64", 96, Some(integrity)));
+        assert_eq!(hmac, HeaderFormat::cvm_warden(Some(Integrity::HmacSha256)));
+        assert_eq!(
+            check_format(Path::new(DEV), &hmac, Some(Integrity::HmacSha256)),
+            Ok(())
+        );
+        // Each policy refuses the other's header.
+        assert_eq!(
+            check_format(Path::new(DEV), &hmac, None).unwrap_err().field,
+            "integrity"
+        );
+        assert_eq!(
+            check_format(Path::new(DEV), &plain, Some(Integrity::HmacSha256))
+                .unwrap_err()
+                .field,
+            "integrity"
+        );
+    }
+
+    #[test]
+    fn from_metadata_reads_a_rewritten_header_and_check_format_names_the_field() {
+        let rewritten = HeaderFormat::from_metadata(&metadata("cipher_null-ecb", 64, None));
+        let problem = check_format(Path::new(DEV), &rewritten, None).unwrap_err();
+        assert_eq!(
+            (
+                problem.field.as_str(),
+                problem.found.as_str(),
+                problem.expected.as_str()
+            ),
+            ("cipher", "cipher_null-ecb", "aes-xts-plain64")
+        );
+        let short = HeaderFormat::from_metadata(&metadata("aes-xts-plain64", 32, None));
+        let problem = check_format(Path::new(DEV), &short, None).unwrap_err();
+        assert_eq!(
+            (problem.field.as_str(), problem.found.as_str()),
+            ("volume key size (keyslot 0)", "32 bytes")
+        );
+    }
+
+    #[test]
+    fn from_metadata_turns_missing_or_malformed_members_into_refusals() {
+        let dev = Path::new(DEV);
+        // Not an object at all: no segments.
+        let empty = HeaderFormat::from_metadata(&json!("nonsense"));
+        assert_eq!(
+            check_format(dev, &empty, None).unwrap_err().field,
+            "segments"
+        );
+
+        // A number where a string belongs, a string where a number belongs.
+        let mut meta = metadata("aes-xts-plain64", 64, None);
+        meta["segments"]["0"]["encryption"] = json!(7);
+        let problem = check_format(dev, &HeaderFormat::from_metadata(&meta), None).unwrap_err();
+        assert_eq!(
+            (problem.field.as_str(), problem.found.as_str()),
+            ("cipher", "nothing (the field is missing)")
+        );
+        let mut meta = metadata("aes-xts-plain64", 64, None);
+        meta["segments"]["0"]["sector_size"] = json!("4096");
+        assert_eq!(
+            check_format(dev, &HeaderFormat::from_metadata(&meta), None)
+                .unwrap_err()
+                .field,
+            "sector size"
+        );
+        // An integrity member without a type is integrity that is not none.
+        let mut meta = metadata("aes-xts-plain64", 64, None);
+        meta["segments"]["0"]["integrity"] = json!({"journal_encryption":"none"});
+        let problem = check_format(dev, &HeaderFormat::from_metadata(&meta), None).unwrap_err();
+        assert_eq!(problem.field, "integrity");
+        assert!(problem.found.contains("journal_encryption"), "{problem}");
+        // Keyslots are read in numeric id order: 10 after 2.
+        let mut meta = metadata("aes-xts-plain64", 64, None);
+        let slot = meta["keyslots"]["0"].clone();
+        meta["keyslots"]["2"] = slot.clone();
+        meta["keyslots"]["10"] = slot;
+        meta["keyslots"]["10"]["area"]["encryption"] = json!("cipher_null-ecb");
+        meta["keyslots"]["2"]["area"]["encryption"] = json!("serpent-xts-plain64");
+        let header = HeaderFormat::from_metadata(&meta);
+        let ids: Vec<&str> = header.keyslots.iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(ids, ["0", "2", "10"]);
+        assert_eq!(
+            check_format(dev, &header, None).unwrap_err().field,
+            "keyslot 2 area cipher"
+        );
+    }
+
+    #[test]
+    fn luks1_refusal_does_not_claim_authenticated_metadata() {
+        let text = decide(Path::new(DEV), &DeviceState::Luks1, true)
+            .unwrap_err()
+            .to_string();
+        assert!(!text.contains("authenticated"), "{text}");
     }
 }

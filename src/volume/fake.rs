@@ -1,7 +1,8 @@
 //! [`FakeVolumes`]: the recording fake of [`Volumes`]. It keeps a table of devices (their
-//! [`DeviceState`], the SHA-256 of the key a LUKS2 one was formatted with, and its token
-//! resources), records every call, mirrors the real implementation's refusals (format only a
-//! blank device; the key must match), and fails the operations it is told to fail.
+//! [`DeviceState`], the SHA-256 of the key a LUKS2 one was formatted with, its token
+//! resources and its [`HeaderFormat`]), records every call, mirrors the real implementation's
+//! refusals (format only a blank device; the header format must be cvm-warden's, also on
+//! open; the key must match), and fails the operations it is told to fail.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use libcryptsetup_rs::LibcryptErr;
 use sha2::{Digest as _, Sha256};
 
-use super::decide::{self, DeviceState};
+use super::decide::{self, DeviceState, HeaderFormat};
 use super::{Integrity, MountOptions, VolumeError, VolumeKey, Volumes};
 
 /// One recorded call (no key material: the key is recorded by its resource).
@@ -25,6 +26,13 @@ pub enum VolumeCall {
         /// Resource of the key.
         resource: String,
         /// Integrity mode.
+        integrity: Option<Integrity>,
+    },
+    /// [`Volumes::check_format`].
+    CheckFormat {
+        /// Device.
+        device: PathBuf,
+        /// The policy's integrity mode.
         integrity: Option<Integrity>,
     },
     /// [`Volumes::token_resources`].
@@ -64,6 +72,7 @@ impl VolumeCall {
         match self {
             VolumeCall::Inspect(_) => VolumeOp::Inspect,
             VolumeCall::Format { .. } => VolumeOp::Format,
+            VolumeCall::CheckFormat { .. } => VolumeOp::CheckFormat,
             VolumeCall::TokenResources(_) => VolumeOp::TokenResources,
             VolumeCall::VerifyKey { .. } => VolumeOp::VerifyKey,
             VolumeCall::Open { .. } => VolumeOp::Open,
@@ -81,6 +90,8 @@ pub enum VolumeOp {
     Inspect,
     /// [`Volumes::format`].
     Format,
+    /// [`Volumes::check_format`].
+    CheckFormat,
     /// [`Volumes::token_resources`].
     TokenResources,
     /// [`Volumes::verify_key`].
@@ -100,6 +111,7 @@ struct FakeDevice {
     state: DeviceState,
     key_sha256: Option<[u8; 32]>,
     tokens: Vec<String>,
+    header: HeaderFormat,
 }
 
 #[derive(Debug, Default)]
@@ -147,7 +159,8 @@ impl FakeVolumes {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds a device in `state` (a LUKS2 one added this way has no key and no token).
+    /// Adds a device in `state` (a LUKS2 one added this way has no key and no token, and the
+    /// header format cvm-warden writes without integrity).
     pub fn with_device(self, device: impl Into<PathBuf>, state: DeviceState) -> Self {
         self.lock().devices.insert(
             device.into(),
@@ -155,12 +168,14 @@ impl FakeVolumes {
                 state,
                 key_sha256: None,
                 tokens: Vec::new(),
+                header: HeaderFormat::cvm_warden(None),
             },
         );
         self
     }
 
-    /// Adds a LUKS2 device that `key` opens and whose tokens name `tokens`.
+    /// Adds a LUKS2 device that `key` opens and whose tokens name `tokens`, with the header
+    /// format cvm-warden writes without integrity (see [`Self::with_header`]).
     pub fn with_luks2(self, device: impl Into<PathBuf>, key: &[u8], tokens: &[&str]) -> Self {
         self.lock().devices.insert(
             device.into(),
@@ -168,8 +183,18 @@ impl FakeVolumes {
                 state: DeviceState::Luks2,
                 key_sha256: Some(sha256(key)),
                 tokens: tokens.iter().map(|t| t.to_string()).collect(),
+                header: HeaderFormat::cvm_warden(None),
             },
         );
+        self
+    }
+
+    /// Gives a device added before the header format `header` (a host's rewrite, another
+    /// tool's format). Does nothing for a device not added yet.
+    pub fn with_header(self, device: impl AsRef<Path>, header: HeaderFormat) -> Self {
+        if let Some(dev) = self.lock().devices.get_mut(device.as_ref()) {
+            dev.header = header;
+        }
         self
     }
 
@@ -289,8 +314,19 @@ impl Volumes for FakeVolumes {
             state: DeviceState::Luks2,
             key_sha256: Some(sha256(key.expose())),
             tokens: vec![key.resource().to_string()],
+            header: HeaderFormat::cvm_warden(integrity),
         };
         Ok(0)
+    }
+
+    fn check_format(&self, device: &Path, integrity: Option<Integrity>) -> Result<(), VolumeError> {
+        let call = VolumeCall::CheckFormat {
+            device: device.to_path_buf(),
+            integrity,
+        };
+        let mut inner = self.record(call, device)?;
+        let dev = luks2(&mut inner, device)?;
+        Ok(decide::check_format(device, &dev.header, integrity)?)
     }
 
     fn token_resources(&self, device: &Path) -> Result<Vec<String>, VolumeError> {
@@ -308,13 +344,21 @@ impl Volumes for FakeVolumes {
         check_key(dev, device, key)
     }
 
-    fn open(&self, device: &Path, name: &str, key: &VolumeKey) -> Result<PathBuf, VolumeError> {
+    fn open(
+        &self,
+        device: &Path,
+        name: &str,
+        key: &VolumeKey,
+        integrity: Option<Integrity>,
+    ) -> Result<PathBuf, VolumeError> {
         let call = VolumeCall::Open {
             device: device.to_path_buf(),
             name: name.to_string(),
         };
         let mut inner = self.record(call, device)?;
         let dev = luks2(&mut inner, device)?;
+        // As the real implementation: the header it activates from is checked again.
+        decide::check_format(device, &dev.header, integrity)?;
         check_key(dev, device, key)?;
         let mapped = Path::new("/dev/mapper").join(name);
         if inner.mappings.contains_key(name) {

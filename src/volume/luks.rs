@@ -20,10 +20,12 @@ use libcryptsetup_rs::{
 use nix::mount::MsFlags;
 use zeroize::Zeroizing;
 
-use super::decide::{self, DeviceState, PROBE_LEN, SECONDARY_OFFSETS_PAST_PROBE};
+use super::decide::{
+    self, DeviceState, FormatProblem, HeaderFormat, PROBE_LEN, SECONDARY_OFFSETS_PAST_PROBE,
+};
 use super::{
-    Integrity, MountOptions, VolumeError, VolumeKey, Volumes, CIPHER, CIPHER_KEY_BYTES,
-    PBKDF2_ITERATIONS, SECTOR_SIZE,
+    Integrity, MountOptions, VolumeError, VolumeKey, Volumes, CIPHER, PBKDF2_ITERATIONS,
+    SECTOR_SIZE,
 };
 use crate::policy::ResourceUri;
 
@@ -212,7 +214,7 @@ fn format_on_worker(
     let mut params_ref: CryptParamsLuks2Ref<'_> = (&params)
         .try_into()
         .map_err(step("preparing the LUKS2 parameters"))?;
-    let volume_key_bytes = CIPHER_KEY_BYTES + integrity.map_or(0, Integrity::key_bytes);
+    let volume_key_bytes = decide::volume_key_bytes(integrity) as usize;
     dev.context_handle()
         .format(
             EncryptionFormat::Luks2,
@@ -267,6 +269,61 @@ fn format_on_worker(
         closed?;
     }
     Ok(keyslot)
+}
+
+/// Checks the header loaded in `dev` (the one libcryptsetup activates from): the LUKS2 JSON
+/// metadata through [`decide::check_format`], then the cipher, mode, volume key size and
+/// sector size libcryptsetup itself reports for the data segment.
+fn check_format_loaded(
+    dev: &mut CryptDevice,
+    device: &Path,
+    integrity: Option<Integrity>,
+) -> Result<(), VolumeError> {
+    let metadata = dev
+        .status_handle()
+        .dump_json()
+        .map_err(crypt_err("read the LUKS2 metadata of", device))?;
+    decide::check_format(device, &HeaderFormat::from_metadata(&metadata), integrity)?;
+    let problem = |field: &str, found: String, expected: String| {
+        VolumeError::HeaderFormat(FormatProblem {
+            device: device.to_path_buf(),
+            field: field.to_string(),
+            found,
+            expected,
+        })
+    };
+    let mut status = dev.status_handle();
+    let cipher = status
+        .get_cipher()
+        .map_err(crypt_err("read the cipher of", device))?;
+    let mode = status
+        .get_cipher_mode()
+        .map_err(crypt_err("read the cipher mode of", device))?;
+    if (cipher.as_str(), mode.as_str()) != CIPHER {
+        return Err(problem(
+            "cipher",
+            format!("{cipher}-{mode}"),
+            decide::CIPHER_SPEC.to_string(),
+        ));
+    }
+    let key_bytes = decide::volume_key_bytes(integrity);
+    let found_key = status.get_volume_key_size();
+    if u64::try_from(found_key).ok() != Some(key_bytes) {
+        return Err(problem(
+            "volume key size",
+            format!("{found_key} bytes"),
+            format!("{key_bytes} bytes"),
+        ));
+    }
+    let sector = libcryptsetup_rs::get_sector_size(Some(dev));
+    if u32::try_from(sector).ok() != Some(SECTOR_SIZE) {
+        return Err(problem(
+            "sector size",
+            format!("{sector} bytes"),
+            format!("{SECTOR_SIZE} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 fn verify_on_worker(device: &Path, key: &[u8], resource: &ResourceUri) -> Result<u32, VolumeError> {
@@ -437,6 +494,11 @@ impl Volumes for RealVolumes {
         })?
     }
 
+    fn check_format(&self, device: &Path, integrity: Option<Integrity>) -> Result<(), VolumeError> {
+        let device = device.to_path_buf();
+        on_worker(move || check_format_loaded(&mut load_luks2(&device)?, &device, integrity))?
+    }
+
     fn token_resources(&self, device: &Path) -> Result<Vec<String>, VolumeError> {
         let device = device.to_path_buf();
         on_worker(move || tokens_on_worker(&device))?
@@ -449,13 +511,22 @@ impl Volumes for RealVolumes {
         on_worker(move || verify_on_worker(&device, &key, &resource))?
     }
 
-    fn open(&self, device: &Path, name: &str, key: &VolumeKey) -> Result<PathBuf, VolumeError> {
+    fn open(
+        &self,
+        device: &Path,
+        name: &str,
+        key: &VolumeKey,
+        integrity: Option<Integrity>,
+    ) -> Result<PathBuf, VolumeError> {
         let device = device.to_path_buf();
         let resource = key.resource().clone();
         let key = key_copy(key);
         let owned_name = name.to_string();
         on_worker(move || -> Result<u32, VolumeError> {
             let mut dev = load_luks2(&device)?;
+            // Again, on the header this activation uses: one the host changed after
+            // `check_format` is not opened either.
+            check_format_loaded(&mut dev, &device, integrity)?;
             dev.activate_handle()
                 .activate_by_passphrase(Some(&owned_name), None, &key, CryptActivate::empty())
                 .map_err(|source| {

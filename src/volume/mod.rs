@@ -5,8 +5,10 @@
 //!
 //! - [`decide`](mod@decide) (pure): [`classify`] reads a device's first MiB into a [`DeviceState`];
 //!   [`decide()`] turns it into an [`Action`] or a [`Refusal`]; [`check_token`] compares the
-//!   LUKS2 token with the policy.
-//! - [`Volumes`]: the effect seam (inspect, format, token, verify, open, close, mkfs, mount).
+//!   LUKS2 token with the policy; [`check_format`] compares the header's format with what
+//!   cvm-warden formats.
+//! - [`Volumes`]: the effect seam (inspect, format, check format, token, verify, open, close,
+//!   mkfs, mount).
 //!   [`RealVolumes`] does it with libcryptsetup, `mkfs.ext4` and mount(2); [`FakeVolumes`]
 //!   records the calls for unit tests.
 //! - [`unlock`]: the whole flow for one volume, through a `&dyn Volumes`.
@@ -64,6 +66,21 @@
 //! format on file images without integrity; the integrity format and wipe are exercised by
 //! the VM test.
 //!
+//! # The header is checked before the key is tried
+//!
+//! LUKS2 metadata is protected by an unkeyed checksum only, and the host controls the disk. A
+//! host can rewrite a header the guest wrote, switch the data segment to `cipher_null-ecb`,
+//! recompute the checksum and put a plaintext ext4 in the data area: the keyslot still opens
+//! with the broker key and the token still matches. Or it adds a keyslot whose area is not
+//! encrypted (`cipher_null`) holding a volume key it chose. So before the key is tried and
+//! again on the header that [`RealVolumes`] activates from, [`check_format`] requires exactly
+//! what cvm-warden formats: one data segment of type `crypt`, cipher `aes-xts-plain64`, a
+//! 64-byte volume key (96 with integrity), the policy's integrity (none, or `hmac(sha256)`),
+//! 4096-byte sectors, and every keyslot a `luks2` keyslot holding a volume key of that size in
+//! an `aes-xts-plain64` area with a 64-byte key. Anything else fails closed, naming the
+//! device, the field, what the header says and what cvm-warden formats. A volume whose keys
+//! are added with `cryptsetup luksAddKey` (defaults) still passes.
+//!
 //! The LUKS2 header carries a token `{"type":"cvm-warden-kbs","keyslots":["0"],
 //! "resource":"kbs:///…"}` naming the broker resource (visible in `cryptsetup luksDump`). On
 //! unlock the token's resource must equal the policy's; a mismatch fails closed naming both.
@@ -86,8 +103,8 @@ mod fake;
 mod luks;
 
 pub use decide::{
-    check_token, classify, decide, token_json, Action, DeviceState, Refusal, TokenProblem,
-    TOKEN_TYPE,
+    check_format, check_token, classify, decide, token_json, volume_key_bytes, Action, DeviceState,
+    FormatProblem, HeaderFormat, KeyslotFormat, Refusal, SegmentFormat, TokenProblem, TOKEN_TYPE,
 };
 pub use fake::{FakeVolumes, VolumeCall, VolumeOp};
 pub use luks::RealVolumes;
@@ -288,6 +305,9 @@ pub enum VolumeError {
     /// The token check failed closed.
     #[error(transparent)]
     Token(#[from] TokenProblem),
+    /// The LUKS2 header does not say what cvm-warden formats; nothing was opened.
+    #[error(transparent)]
+    HeaderFormat(#[from] FormatProblem),
     /// The broker released fewer than 32 bytes.
     #[error(
         "broker resource {resource} released {len} bytes, but a broker resource shorter than 32 \
@@ -476,12 +496,26 @@ pub trait Volumes {
         key: &VolumeKey,
         integrity: Option<Integrity>,
     ) -> Result<u32, VolumeError>;
+    /// Checks that the LUKS2 header says exactly what cvm-warden formats with `integrity` (the
+    /// policy's): [`check_format`] on the header's metadata. Fails closed with
+    /// [`VolumeError::HeaderFormat`] naming the field, what the header says and what was
+    /// expected.
+    fn check_format(&self, device: &Path, integrity: Option<Integrity>) -> Result<(), VolumeError>;
     /// The resources named by the device's `cvm-warden-kbs` tokens.
     fn token_resources(&self, device: &Path) -> Result<Vec<String>, VolumeError>;
-    /// Checks that `key` opens a keyslot (no mapping is created); returns the keyslot.
+    /// Checks that `key` opens a keyslot (no mapping is created); returns the keyslot. It does
+    /// not check the header format: call [`Volumes::check_format`] first.
     fn verify_key(&self, device: &Path, key: &VolumeKey) -> Result<u32, VolumeError>;
-    /// Activates the dm-crypt mapping `name`; returns the mapped device.
-    fn open(&self, device: &Path, name: &str, key: &VolumeKey) -> Result<PathBuf, VolumeError>;
+    /// Activates the dm-crypt mapping `name`; returns the mapped device. Checks the header
+    /// format (as [`Volumes::check_format`] with `integrity`) again on the header it activates
+    /// from, so a header changed after the check is not opened either.
+    fn open(
+        &self,
+        device: &Path,
+        name: &str,
+        key: &VolumeKey,
+        integrity: Option<Integrity>,
+    ) -> Result<PathBuf, VolumeError>;
     /// Removes the mapping `name`.
     fn close(&self, name: &str) -> Result<(), VolumeError>;
     /// Makes an ext4 file system on the mapped device, without prompts.
@@ -495,9 +529,11 @@ pub trait Volumes {
     ) -> Result<(), VolumeError>;
 }
 
-/// Unlocks one volume: inspect → decide → (format) → token check → verify key → open →
-/// (mkfs on first boot) → mount. A failure after `open` closes the mapping again (the first
-/// error is the one returned). Nothing is formatted unless [`decide()`] said so.
+/// Unlocks one volume: inspect → decide → (format) → header format check → token check →
+/// verify key → open → (mkfs on first boot) → mount. A failure after `open` closes the mapping
+/// again (the first error is the one returned). Nothing is formatted unless [`decide()`] said
+/// so; nothing is opened unless the header says what cvm-warden formats with the policy's
+/// integrity ([`check_format`]).
 pub fn unlock(
     vols: &dyn Volumes,
     spec: &VolumeSpec,
@@ -522,10 +558,11 @@ pub fn unlock(
         );
         vols.format(&spec.device, key, spec.integrity)?;
     }
+    vols.check_format(&spec.device, spec.integrity)?;
     let found = vols.token_resources(&spec.device)?;
     check_token(&spec.device, &found, &spec.resource)?;
     let keyslot = vols.verify_key(&spec.device, key)?;
-    let mapped = vols.open(&spec.device, &spec.name, key)?;
+    let mapped = vols.open(&spec.device, &spec.name, key, spec.integrity)?;
     let after_open = || -> Result<(), VolumeError> {
         if formatted {
             vols.mkfs_ext4(&mapped)?;

@@ -76,6 +76,10 @@ fn first_boot_formats_then_opens_makes_ext4_and_mounts_in_that_order() {
                 resource: RES.to_string(),
                 integrity: None
             },
+            VolumeCall::CheckFormat {
+                device: dev.clone(),
+                integrity: None
+            },
             VolumeCall::TokenResources(dev.clone()),
             VolumeCall::VerifyKey {
                 device: dev.clone(),
@@ -119,6 +123,7 @@ fn existing_volume_is_opened_and_mounted_without_format_or_mkfs() {
         fake.ops(),
         vec![
             VolumeOp::Inspect,
+            VolumeOp::CheckFormat,
             VolumeOp::TokenResources,
             VolumeOp::VerifyKey,
             VolumeOp::Open,
@@ -177,7 +182,11 @@ fn token_mismatch_fails_closed_before_the_key_is_tried() {
     assert!(text.contains(RES), "{text}");
     assert_eq!(
         fake.ops(),
-        vec![VolumeOp::Inspect, VolumeOp::TokenResources]
+        vec![
+            VolumeOp::Inspect,
+            VolumeOp::CheckFormat,
+            VolumeOp::TokenResources
+        ]
     );
     assert!(fake.mappings().is_empty());
 }
@@ -359,4 +368,266 @@ fn header_label_is_the_resource_when_it_fits() {
         ResourceUri::parse("kbs:///a-very-long-repository/keys/a-very-long-volume-tag").unwrap();
     assert!(long.to_string().len() > 47);
     assert_eq!(header_label(&long), "key: see token cvm-warden-kbs");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The header format check (a host that rewrote the LUKS2 header).
+
+/// One change to the header cvm-warden writes, with the field the refusal must name and what
+/// it must say was found and expected.
+struct Tamper {
+    what: &'static str,
+    change: fn(&mut HeaderFormat),
+    field: &'static str,
+    found: &'static str,
+    expected: &'static str,
+}
+
+fn tampers() -> Vec<Tamper> {
+    vec![
+        Tamper {
+            what: "data segment switched to cipher_null",
+            change: |h| h.segments[0].encryption = Some("cipher_null-ecb".to_string()),
+            field: "cipher",
+            found: "cipher_null-ecb",
+            expected: "aes-xts-plain64",
+        },
+        Tamper {
+            what: "another cipher",
+            change: |h| h.segments[0].encryption = Some("aes-cbc-essiv:sha256".to_string()),
+            field: "cipher",
+            found: "aes-cbc-essiv:sha256",
+            expected: "aes-xts-plain64",
+        },
+        Tamper {
+            what: "no encryption member",
+            change: |h| h.segments[0].encryption = None,
+            field: "cipher",
+            found: "nothing (the field is missing)",
+            expected: "aes-xts-plain64",
+        },
+        Tamper {
+            what: "AES-128-XTS",
+            change: |h| h.keyslots[0].key_size = Some(32),
+            field: "volume key size (keyslot 0)",
+            found: "32 bytes",
+            expected: "64 bytes",
+        },
+        Tamper {
+            what: "integrity the policy does not ask for",
+            change: |h| h.segments[0].integrity = Some("hmac(sha256)".to_string()),
+            field: "integrity",
+            found: "hmac(sha256)",
+            expected: "none for a policy without integrity",
+        },
+        Tamper {
+            what: "integrity \"none\" spelled out",
+            change: |h| h.segments[0].integrity = Some("none".to_string()),
+            field: "integrity",
+            found: "none",
+            expected: "none for a policy without integrity",
+        },
+        Tamper {
+            what: "512-byte sectors",
+            change: |h| h.segments[0].sector_size = Some(512),
+            field: "sector size",
+            found: "512 bytes",
+            expected: "4096 bytes",
+        },
+        Tamper {
+            what: "a second segment",
+            change: |h| {
+                let mut second = h.segments[0].clone();
+                second.id = "1".to_string();
+                h.segments.push(second);
+            },
+            field: "segments",
+            found: "2 (0, 1)",
+            expected: "exactly one data segment",
+        },
+        Tamper {
+            what: "no segment",
+            change: |h| h.segments.clear(),
+            field: "segments",
+            found: "0 ()",
+            expected: "exactly one data segment",
+        },
+        Tamper {
+            what: "a linear (unencrypted) segment",
+            change: |h| h.segments[0].kind = Some("linear".to_string()),
+            field: "segment 0 type",
+            found: "linear",
+            expected: "crypt",
+        },
+        Tamper {
+            what: "a forged keyslot with a cipher_null area",
+            change: |h| {
+                let mut forged = h.keyslots[0].clone();
+                forged.id = "1".to_string();
+                forged.area_encryption = Some("cipher_null-ecb".to_string());
+                h.keyslots.push(forged);
+            },
+            field: "keyslot 1 area cipher",
+            found: "cipher_null-ecb",
+            expected: "aes-xts-plain64",
+        },
+        Tamper {
+            what: "keyslot 0 area switched to cipher_null",
+            change: |h| h.keyslots[0].area_encryption = Some("cipher_null".to_string()),
+            field: "keyslot 0 area cipher",
+            found: "cipher_null",
+            expected: "aes-xts-plain64",
+        },
+        Tamper {
+            what: "a short keyslot area key",
+            change: |h| h.keyslots[0].area_key_size = Some(16),
+            field: "keyslot 0 area key size",
+            found: "16 bytes",
+            expected: "64 bytes",
+        },
+        Tamper {
+            what: "a keyslot of another type",
+            change: |h| h.keyslots[0].kind = Some("reencrypt".to_string()),
+            field: "keyslot 0 type",
+            found: "reencrypt",
+            expected: "luks2",
+        },
+        Tamper {
+            what: "no keyslot",
+            change: |h| h.keyslots.clear(),
+            field: "keyslots",
+            found: "none",
+            expected: "keyslot 0 for the broker key",
+        },
+    ]
+}
+
+#[test]
+fn every_tampered_header_field_is_refused_before_the_key_is_tried() {
+    for tamper in tampers() {
+        let mut header = HeaderFormat::cvm_warden(None);
+        (tamper.change)(&mut header);
+        let fake = FakeVolumes::new()
+            .with_luks2(DEV, &key_bytes(7), &[RES])
+            .with_header(DEV, header);
+        let err = unlock(&fake, &spec(true), &key(7)).unwrap_err();
+        let VolumeError::HeaderFormat(problem) = &err else {
+            panic!("{}: {err}", tamper.what);
+        };
+        assert_eq!(
+            (
+                problem.device.as_path(),
+                problem.field.as_str(),
+                problem.found.as_str(),
+                problem.expected.as_str()
+            ),
+            (Path::new(DEV), tamper.field, tamper.found, tamper.expected),
+            "{}",
+            tamper.what
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "the LUKS2 header of /dev/vdb says {} {}, cvm-warden formats {}: ",
+                tamper.field, tamper.found, tamper.expected
+            )),
+            "{}: {text}",
+            tamper.what
+        );
+        assert!(text.contains("restore the header from a backup"), "{text}");
+        // Stopped right after the check: no key tried, nothing opened or mounted.
+        assert_eq!(
+            fake.ops(),
+            vec![VolumeOp::Inspect, VolumeOp::CheckFormat],
+            "{}",
+            tamper.what
+        );
+        assert!(fake.mappings().is_empty() && fake.mounts().is_empty());
+    }
+}
+
+#[test]
+fn cipher_null_refusal_message_is_exact() {
+    let mut header = HeaderFormat::cvm_warden(None);
+    header.segments[0].encryption = Some("cipher_null-ecb".to_string());
+    let fake = FakeVolumes::new()
+        .with_luks2(DEV, &key_bytes(7), &[RES])
+        .with_header(DEV, header);
+    assert_eq!(
+        unlock(&fake, &spec(true), &key(7)).unwrap_err().to_string(),
+        "the LUKS2 header of /dev/vdb says cipher cipher_null-ecb, cvm-warden formats \
+         aes-xts-plain64: the header was changed or does not match the policy, so the volume is \
+         not opened; restore the header from a backup (`cryptsetup luksHeaderRestore /dev/vdb \
+         --header-backup-file <file>`) or reformat the volume"
+    );
+}
+
+#[test]
+fn integrity_must_match_the_policy_both_ways() {
+    // The policy asks for integrity; the header has none (a host dropped it).
+    let fake = FakeVolumes::new().with_luks2(DEV, &key_bytes(7), &[RES]);
+    let mut s = spec(true);
+    s.integrity = Some(Integrity::HmacSha256);
+    let err = unlock(&fake, &s, &key(7)).unwrap_err();
+    let VolumeError::HeaderFormat(problem) = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(problem.field, "integrity");
+    assert_eq!(problem.found, "none");
+    assert_eq!(
+        problem.expected,
+        "hmac(sha256) for the policy's integrity = \"hmac-sha256\""
+    );
+    assert_eq!(fake.ops(), vec![VolumeOp::Inspect, VolumeOp::CheckFormat]);
+
+    // Integrity in both, but a 64-byte volume key where integrity needs 96.
+    let mut header = HeaderFormat::cvm_warden(Some(Integrity::HmacSha256));
+    header.keyslots[0].key_size = Some(64);
+    let fake = FakeVolumes::new()
+        .with_luks2(DEV, &key_bytes(7), &[RES])
+        .with_header(DEV, header);
+    let err = unlock(&fake, &s, &key(7)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("says volume key size (keyslot 0) 64 bytes, cvm-warden formats 96 bytes"),
+        "{err}"
+    );
+
+    // The format cvm-warden writes with integrity unlocks under that policy.
+    let fake = FakeVolumes::new()
+        .with_luks2(DEV, &key_bytes(7), &[RES])
+        .with_header(DEV, HeaderFormat::cvm_warden(Some(Integrity::HmacSha256)));
+    unlock(&fake, &s, &key(7)).unwrap();
+    assert!(fake.calls().contains(&VolumeCall::CheckFormat {
+        device: PathBuf::from(DEV),
+        integrity: Some(Integrity::HmacSha256)
+    }));
+}
+
+#[test]
+fn a_key_added_with_luksaddkey_defaults_still_passes() {
+    // cryptsetup luksAddKey on an aes-xts-plain64 volume writes a luks2 keyslot with a
+    // 64-byte volume key in an aes-xts-plain64 area with a 64-byte key.
+    let mut header = HeaderFormat::cvm_warden(None);
+    let mut added = header.keyslots[0].clone();
+    added.id = "1".to_string();
+    header.keyslots.push(added);
+    let fake = FakeVolumes::new()
+        .with_luks2(DEV, &key_bytes(7), &[RES])
+        .with_header(DEV, header);
+    unlock(&fake, &spec(true), &key(7)).unwrap();
+}
+
+#[test]
+fn open_checks_the_header_again() {
+    let mut header = HeaderFormat::cvm_warden(None);
+    header.segments[0].encryption = Some("cipher_null-ecb".to_string());
+    let fake = FakeVolumes::new()
+        .with_luks2(DEV, &key_bytes(7), &[RES])
+        .with_header(DEV, header);
+    let err = fake
+        .open(Path::new(DEV), "workspace", &key(7), None)
+        .unwrap_err();
+    assert!(matches!(err, VolumeError::HeaderFormat(_)), "{err}");
+    assert!(fake.mappings().is_empty());
 }
