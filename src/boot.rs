@@ -962,6 +962,7 @@ mod tests {
     /// A recording [`stage::KeyBroker`]: answers from a table, never touches a network.
     struct FakeBroker {
         attest_ok: bool,
+        status: &'static str,
         deny: Option<String>,
         calls: Vec<String>,
         bindings: Vec<[u8; 64]>,
@@ -971,6 +972,7 @@ mod tests {
         fn new() -> FakeBroker {
             FakeBroker {
                 attest_ok: true,
+                status: "affirming",
                 deny: None,
                 calls: Vec::new(),
                 bindings: Vec::new(),
@@ -992,7 +994,7 @@ mod tests {
             attempt(json!({ "call": "auth", "try": 1, "outcome": 200 }));
             if self.attest_ok {
                 attempt(json!({ "call": "attest", "try": 1, "outcome": 200 }));
-                Ok(json!({ "tee": "sample", "nonce": "bm9uY2U=", "status": "affirming" }))
+                Ok(json!({ "tee": "sample", "nonce": "bm9uY2U=", "status": self.status }))
             } else {
                 attempt(json!({ "call": "attest", "try": 1, "outcome": 401 }));
                 Err("the key broker refused the evidence (AttestationFailed: bad quote)".into())
@@ -1278,5 +1280,21 @@ mod tests {
             .iter()
             .fold(firmware, |v, e| SimulatedPcr::extended(&v, &e.digest));
         assert_eq!(register.value, replay);
+    }
+
+    #[test]
+    fn a_contraindicated_verdict_stops_the_boot_before_any_key() {
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, _lines) = memory_audit();
+        let mut broker = FakeBroker::new();
+        broker.status = "contraindicated";
+        let error = prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap_err();
+        assert!(
+            chain(&error).contains("the broker's verdict on this evidence is \"contraindicated\""),
+            "{}",
+            chain(&error)
+        );
+        assert_eq!(broker.calls, ["attest"]);
     }
 }

@@ -112,6 +112,19 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
         what: format!("key broker exchange with {kbs}"),
         source,
     })?;
+    // The token's verdict is unverified (the guest holds no key for the broker's token
+    // signature), so it is never a reason to go on — but a broker that itself says the
+    // evidence contradicts its reference values is a reason to stop.
+    if exchange.get("status").and_then(Value::as_str) == Some("contraindicated") {
+        return Err(StageError::Broker {
+            stage: "attest",
+            what: format!("key broker exchange with {kbs}"),
+            source: format!(
+                "the broker's verdict on this evidence is \"contraindicated\" (ear.status): it contradicts the broker's reference values; check the measurements against the reference values registered at {kbs}"
+            )
+            .into(),
+        });
+    }
     let exchange_head = audit
         .record(
             "attest",
