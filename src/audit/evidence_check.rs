@@ -18,10 +18,15 @@
 //!     when not zero);
 //!   - SEV-SNP: both guests have debug disabled (policy bit 19), and the checkpoint report's
 //!     measurement, chip_id, policy, host_data, reported_tcb, vmpl and report_id equal the
-//!     exchange report's (any SNP guest can put any REPORT_DATA in a report).
+//!     exchange report's (any SNP guest can put any REPORT_DATA in a report);
+//!   - TDX: the checkpoint quote's MRTD and RTMR0-3 and the evidence's `cc_eventlog` equal
+//!     the exchange's (the quote signature cannot be checked offline: always a warning);
+//!   - az-snp-vtpm: both the SEV-SNP rule (on the VCEK-verified report inside the HCL
+//!     report) and the TPM rule (on the vTPM quote made by the HCL report's `HCLAkPub`).
 //!
-//! What was verified and every warning (sample evidence proves nothing; a TEE this build
-//! cannot check offline; an exchange without a checkpoint) is kept in [`EvidenceFinding`]s.
+//! What was verified and every warning (sample evidence proves nothing; a TDX quote whose
+//! signature is not checked offline; a TEE this build cannot check offline; an exchange
+//! without a checkpoint) is kept in [`EvidenceFinding`]s.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -38,7 +43,9 @@ use crate::evidence::snp::{parse_unverified, verify_report, ChainSource, Product
 use crate::evidence::tpm::{verify_quote, PcrSelection, PCR_LEN, TPM_ALG_SHA256};
 use crate::report::error_chain;
 use crate::stage::attest::checkpoint_binding;
+use crate::tee::azure::{parse_hcl_report, AzEvidence, QUOTE_NONCE_LEN};
 use crate::tee::snp::{report_from_evidence, CertTableEntry, CertType};
+use crate::tee::tdx;
 use crate::tee::tpm::{APP_PCR, PCR_COUNT};
 
 /// The name of this check in verification errors (`evidence check failed: …`).
@@ -50,6 +57,24 @@ const SNP_REPORT_DATA_OFFSET: usize = 0x50;
 /// The DEBUG bit of the SEV-SNP guest policy: the hypervisor may read and write the guest's
 /// memory with the debug commands.
 const SNP_POLICY_DEBUG: u64 = 1 << 19;
+
+/// Offset of TDATTRIBUTES (8 bytes, little-endian) in a TD report body.
+const TD_BODY_ATTRIBUTES_OFFSET: usize = 120;
+
+/// The DEBUG bit of TDATTRIBUTES: the host VMM may read and write the TD's memory.
+const TD_ATTRIBUTES_DEBUG: u64 = 1;
+
+/// Offset of MRTD (48 bytes) in a TD report body.
+const TD_BODY_MRTD_OFFSET: usize = 136;
+
+/// Offset of RTMR0 in a TD report body; RTMR1-3 follow it.
+const TD_BODY_RTMR_OFFSET: usize = 328;
+
+/// Length of MRTD and of each RTMR (SHA-384).
+const TD_MEASUREMENT_LEN: usize = 48;
+
+/// Number of RTMRs in a TD report.
+const TD_RTMR_COUNT: usize = 4;
 
 /// The outcome of the evidence checks of one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +102,8 @@ struct Exchange {
     tpm: Option<TpmFacts>,
     /// The fields of an SEV-SNP exchange report.
     snp: Option<VerifiedReport>,
+    /// The measurements of a TDX exchange quote.
+    tdx: Option<TdxFacts>,
     /// The event log digests, in order; `Err` says why they could not be read.
     event_digests: Result<Vec<Digest>, String>,
     /// The register's value before the first event (`register_initial`; zero when the log
@@ -184,6 +211,7 @@ impl EvidenceCheck {
                 tee: tee.to_string(),
                 tpm: result.tpm,
                 snp: result.snp,
+                tdx: result.tdx,
                 event_digests: event_digests(details.get("event_log")),
                 register_initial,
                 finding: self.findings.len() - 1,
@@ -252,89 +280,7 @@ impl EvidenceCheck {
             0,
             format!("head = hash of seq {head_seq}; report_data = checkpoint_binding(head)"),
         );
-        if let Some(snp) = &result.snp {
-            let Some(first) = &exchange.snp else {
-                return Err(format!(
-                    "the exchange at seq {head_seq} has no sev-snp report to compare the \
-                     checkpoint report with"
-                ));
-            };
-            same_snp_guest(first, snp, head_seq)?;
-            result.verified.push(
-                "measurement, chip_id, policy, host_data, reported_tcb, vmpl and report_id equal \
-                 the exchange report's (the same guest)"
-                    .to_string(),
-            );
-        }
-        if let Some(tpm) = &result.tpm {
-            let Some(first) = &exchange.tpm else {
-                return Err(format!(
-                    "the exchange at seq {head_seq} has no tpm quote to compare the checkpoint \
-                     quote with"
-                ));
-            };
-            if first.ak_public != tpm.ak_public {
-                return Err(format!(
-                    "checkpoint quote is signed by ak {}, but the exchange at seq {head_seq} by \
-                     ak {}",
-                    Digest::of(&tpm.ak_public),
-                    Digest::of(&first.ak_public)
-                ));
-            }
-            result
-                .verified
-                .push("the same ak signed the exchange and the checkpoint".to_string());
-            same_boot(first, tpm, head_seq)?;
-            result.verified.push(format!(
-                "same boot as the exchange quote (resetCount {}, restartCount {}; clock {} ms \
-                 then {} ms)",
-                tpm.reset_count, tpm.restart_count, first.clock, tpm.clock
-            ));
-            if let Some(index) = (0..usize::from(APP_PCR)).find(|&i| first.pcrs[i] != tpm.pcrs[i]) {
-                return Err(format!(
-                    "pcr {index} in the checkpoint quote is {}, but {} in the exchange quote of \
-                     seq {head_seq}: pcrs 0-{} must not change between the exchange and the \
-                     checkpoint of one boot (another machine or a changed platform state)",
-                    hex::encode(tpm.pcrs[index]),
-                    hex::encode(first.pcrs[index]),
-                    APP_PCR - 1
-                ));
-            }
-            result
-                .verified
-                .push(format!("pcrs 0-{} equal the exchange quote's", APP_PCR - 1));
-            if exchange.register_initial != Digest::ZERO {
-                result.warnings.push(format!(
-                    "PCR {APP_PCR} did not start at zero (register_initial {}): something \
-                     extended it before cvm-warden; the replay starts from the logged value, \
-                     which the log itself asserts",
-                    exchange.register_initial
-                ));
-            }
-            let digests = exchange
-                .event_digests
-                .as_ref()
-                .map_err(|e| format!("cannot replay the event log of seq {head_seq}: {e}"))?;
-            let replay = digests.iter().fold(exchange.register_initial, |value, d| {
-                SimulatedPcr::extended(&value, d)
-            });
-            let quoted = tpm.pcrs[usize::from(APP_PCR)];
-            if quoted != replay.0 {
-                return Err(format!(
-                    "pcr {APP_PCR} in the checkpoint quote is {}, but replaying the {} event \
-                     log digest(s) of seq {head_seq} from {} gives {}: the register and the \
-                     event log disagree (an unlogged extend, or a changed event log)",
-                    hex::encode(quoted),
-                    digests.len(),
-                    exchange.register_initial.hex(),
-                    replay.hex()
-                ));
-            }
-            result.verified.push(format!(
-                "pcr {APP_PCR} = replay of the {} event log digest(s) of seq {head_seq}",
-                digests.len()
-            ));
-        }
+        same_origin(&exchange, head_seq, &mut result)?;
         if let Some(e) = self.exchanges.get_mut(&head_seq) {
             e.checkpointed = true;
         }
@@ -386,10 +332,25 @@ pub struct EvidenceResult {
     pub verified: Vec<String>,
     /// What was not verified or proves nothing.
     pub warnings: Vec<String>,
-    /// For `tpm`: the AK, the quoted PCR values and the quote's clock.
+    /// For `tpm` and `az-snp-vtpm`: the AK, the quoted PCR values and the quote's clock.
     pub tpm: Option<TpmFacts>,
-    /// For `snp`: the report's fields (`verified` says whether its signature was checked).
+    /// For `snp` and `az-snp-vtpm`: the report's fields (`verified` says whether its
+    /// signature was checked; always for `az-snp-vtpm`).
     pub snp: Option<VerifiedReport>,
+    /// For `tdx`: the quote's MRTD and RTMRs and the evidence's CC event log.
+    pub tdx: Option<TdxFacts>,
+}
+
+/// The parts of `tdx` evidence a checkpoint check needs. The quote's signature is not
+/// checked offline: these are what the quote's bytes say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TdxFacts {
+    /// MRTD: the measurement of the TD's initial contents (TD report body bytes 136..184).
+    pub mrtd: [u8; TD_MEASUREMENT_LEN],
+    /// RTMR0-3 (TD report body bytes 328..520).
+    pub rtmrs: [[u8; TD_MEASUREMENT_LEN]; TD_RTMR_COUNT],
+    /// The evidence's `cc_eventlog` (the ACPI CCEL data), `None` when it is `null`.
+    pub cc_eventlog: Option<Vec<u8>>,
 }
 
 /// The parts of verified `tpm` evidence a checkpoint check needs.
@@ -411,8 +372,10 @@ pub struct TpmFacts {
 ///
 /// `binding` is the 48-byte exchange report data or the 64-byte checkpoint binding. A TPM
 /// quote's extraData must be its first 32 bytes; `sample` report data its first 48; an
-/// SEV-SNP REPORT_DATA all of it, zero-padded to 64 bytes. A TEE this build cannot check
-/// offline is a warning, not an error.
+/// SEV-SNP REPORT_DATA and a TDX REPORTDATA all of it, zero-padded to 64 bytes; for
+/// `az-snp-vtpm` the HCL report's `user-data` all of it zero-padded to 64 bytes and the vTPM
+/// quote's extraData its first 48 bytes. A TDX quote's signature is not checked offline (a
+/// warning). A TEE this build cannot check offline is a warning, not an error.
 pub fn check_evidence(
     tee: &str,
     evidence: &Value,
@@ -422,6 +385,8 @@ pub fn check_evidence(
         "tpm" => check_tpm(evidence, binding),
         "sample" => check_sample(evidence, binding),
         "snp" => check_snp(evidence, binding),
+        "tdx" => check_tdx(evidence, binding),
+        "az-snp-vtpm" => check_az_snp_vtpm(evidence, binding),
         other => Ok(EvidenceResult {
             warnings: vec![format!(
                 "evidence of tee {other} is not checked offline by this build (neither its \
@@ -455,8 +420,39 @@ fn check_tpm(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
             .ok_or_else(|| format!("tpm_quote.pcrs[{i}] is not 32 bytes of hex"))?;
         pcrs.push(value);
     }
+    let facts = verify_pcr_quote(&message, &signature, &ak_public, pcrs, binding, 32)?;
+    Ok(EvidenceResult {
+        verified: vec![
+            format!(
+                "quote signature by ak {} (RSASSA SHA-256)",
+                Digest::of(&ak_public)
+            ),
+            "the quote selects sha256:0-23 and pcrs 0-23 match its pcrDigest".to_string(),
+            "quote extraData = first 32 bytes of the report data".to_string(),
+        ],
+        warnings: vec![format!(
+            "whether ak {} belongs to this machine's TPM is not checked offline; compare it \
+             with the ak the broker trusts",
+            Digest::of(&ak_public)
+        )],
+        tpm: Some(facts),
+        ..EvidenceResult::default()
+    })
+}
+
+/// Verifies a quote made by `ak_public` over the SHA-256 `pcrs` 0-23: its signature, that it
+/// selects exactly sha256:0-23, that the values match its pcrDigest, and that its
+/// extraData is the first `extra_len` bytes of `binding`.
+fn verify_pcr_quote(
+    message: &[u8],
+    signature: &[u8],
+    ak_public: &[u8],
+    pcrs: Vec<[u8; PCR_LEN]>,
+    binding: &[u8],
+    extra_len: usize,
+) -> Result<TpmFacts, String> {
     let all: Vec<u8> = pcrs.iter().flatten().copied().collect();
-    let verified = verify_quote(&message, &signature, &ak_public, Some(&all))
+    let verified = verify_quote(message, signature, ak_public, Some(&all))
         .map_err(|e| format!("quote does not verify: {}", error_chain(&e)))?;
     let all_pcrs: Vec<u32> = (0u32..).take(PCR_COUNT).collect();
     match verified.pcr_selection.as_slice() {
@@ -472,36 +468,24 @@ fn check_tpm(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
             ))
         }
     }
-    let expected = hex::encode(binding.get(..32).ok_or("binding shorter than 32 bytes")?);
+    let expected = hex::encode(
+        binding
+            .get(..extra_len)
+            .ok_or_else(|| format!("binding shorter than {extra_len} bytes"))?,
+    );
     if verified.extra_data != expected {
         return Err(format!(
-            "quote extraData is {}, expected {expected} (the first 32 bytes of the report \
-             data): the quote was not made for this binding",
+            "quote extraData is {}, expected {expected} (the first {extra_len} bytes of the \
+             report data): the quote was not made for this binding",
             verified.extra_data
         ));
     }
-    Ok(EvidenceResult {
-        verified: vec![
-            format!(
-                "quote signature by ak {} (RSASSA SHA-256)",
-                Digest::of(&ak_public)
-            ),
-            "the quote selects sha256:0-23 and pcrs 0-23 match its pcrDigest".to_string(),
-            "quote extraData = first 32 bytes of the report data".to_string(),
-        ],
-        warnings: vec![format!(
-            "whether ak {} belongs to this machine's TPM is not checked offline; compare it \
-             with the ak the broker trusts",
-            Digest::of(&ak_public)
-        )],
-        tpm: Some(TpmFacts {
-            ak_public,
-            pcrs,
-            clock: verified.clock,
-            reset_count: verified.reset_count,
-            restart_count: verified.restart_count,
-        }),
-        snp: None,
+    Ok(TpmFacts {
+        ak_public: ak_public.to_vec(),
+        pcrs,
+        clock: verified.clock,
+        reset_count: verified.reset_count,
+        restart_count: verified.restart_count,
     })
 }
 
@@ -520,8 +504,7 @@ fn check_sample(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, Stri
         warnings: vec![
             "sample evidence proves nothing: software wrote it, no TEE vouches for it".to_string(),
         ],
-        tpm: None,
-        snp: None,
+        ..EvidenceResult::default()
     })
 }
 
@@ -610,6 +593,376 @@ fn check_snp(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
     }
     Err(format!(
         "the report does not verify with the VCEK of cert_chain ({})",
+        failures.join("; ")
+    ))
+}
+
+/// Checks that the checkpoint evidence (`result`) comes from the machine, guest and boot of
+/// the exchange at `head_seq`, per TEE (see the module documentation), and adds what was
+/// verified and the warnings to `result`.
+fn same_origin(
+    exchange: &Exchange,
+    head_seq: u64,
+    result: &mut EvidenceResult,
+) -> Result<(), String> {
+    if let Some(snp) = &result.snp {
+        let Some(first) = &exchange.snp else {
+            return Err(format!(
+                "the exchange at seq {head_seq} has no sev-snp report to compare the \
+                 checkpoint report with"
+            ));
+        };
+        same_snp_guest(first, snp, head_seq)?;
+        result.verified.push(
+            "measurement, chip_id, policy, host_data, reported_tcb, vmpl and report_id equal \
+             the exchange report's (the same guest)"
+                .to_string(),
+        );
+    }
+    if let Some(tpm) = &result.tpm {
+        let Some(first) = &exchange.tpm else {
+            return Err(format!(
+                "the exchange at seq {head_seq} has no tpm quote to compare the checkpoint \
+                 quote with"
+            ));
+        };
+        if first.ak_public != tpm.ak_public {
+            return Err(format!(
+                "checkpoint quote is signed by ak {}, but the exchange at seq {head_seq} by \
+                 ak {}",
+                Digest::of(&tpm.ak_public),
+                Digest::of(&first.ak_public)
+            ));
+        }
+        result
+            .verified
+            .push("the same ak signed the exchange and the checkpoint".to_string());
+        same_boot(first, tpm, head_seq)?;
+        result.verified.push(format!(
+            "same boot as the exchange quote (resetCount {}, restartCount {}; clock {} ms \
+             then {} ms)",
+            tpm.reset_count, tpm.restart_count, first.clock, tpm.clock
+        ));
+        if let Some(index) = (0..usize::from(APP_PCR)).find(|&i| first.pcrs[i] != tpm.pcrs[i]) {
+            return Err(format!(
+                "pcr {index} in the checkpoint quote is {}, but {} in the exchange quote of \
+                 seq {head_seq}: pcrs 0-{} must not change between the exchange and the \
+                 checkpoint of one boot (another machine or a changed platform state)",
+                hex::encode(tpm.pcrs[index]),
+                hex::encode(first.pcrs[index]),
+                APP_PCR - 1
+            ));
+        }
+        result
+            .verified
+            .push(format!("pcrs 0-{} equal the exchange quote's", APP_PCR - 1));
+        if exchange.register_initial != Digest::ZERO {
+            result.warnings.push(format!(
+                "PCR {APP_PCR} did not start at zero (register_initial {}): something \
+                 extended it before cvm-warden; the replay starts from the logged value, \
+                 which the log itself asserts",
+                exchange.register_initial
+            ));
+        }
+        let digests = exchange
+            .event_digests
+            .as_ref()
+            .map_err(|e| format!("cannot replay the event log of seq {head_seq}: {e}"))?;
+        let replay = digests.iter().fold(exchange.register_initial, |value, d| {
+            SimulatedPcr::extended(&value, d)
+        });
+        let quoted = tpm.pcrs[usize::from(APP_PCR)];
+        if quoted != replay.0 {
+            return Err(format!(
+                "pcr {APP_PCR} in the checkpoint quote is {}, but replaying the {} event \
+                 log digest(s) of seq {head_seq} from {} gives {}: the register and the \
+                 event log disagree (an unlogged extend, or a changed event log)",
+                hex::encode(quoted),
+                digests.len(),
+                exchange.register_initial.hex(),
+                replay.hex()
+            ));
+        }
+        result.verified.push(format!(
+            "pcr {APP_PCR} = replay of the {} event log digest(s) of seq {head_seq}",
+            digests.len()
+        ));
+    }
+    if let Some(tdx) = &result.tdx {
+        let Some(first) = &exchange.tdx else {
+            return Err(format!(
+                "the exchange at seq {head_seq} has no td quote to compare the checkpoint \
+                 quote with"
+            ));
+        };
+        same_td(first, tdx, head_seq)?;
+        result.verified.push(
+            "MRTD, RTMR0-3 and cc_eventlog equal the exchange's (the same TD, no runtime \
+             measurement since)"
+                .to_string(),
+        );
+    }
+    Ok(())
+}
+
+/// The checkpoint quote `later` is from the TD of the exchange quote `first`, with the same
+/// runtime measurements (cvm-warden extends no RTMR, so they must not change).
+fn same_td(first: &TdxFacts, later: &TdxFacts, head_seq: u64) -> Result<(), String> {
+    if first.mrtd != later.mrtd {
+        return Err(format!(
+            "checkpoint quote MRTD is {}, but the exchange quote of seq {head_seq} has {}: \
+             the checkpoint comes from another TD than the one that did the exchange (any TD \
+             can put any REPORTDATA in a quote)",
+            hex::encode(later.mrtd),
+            hex::encode(first.mrtd)
+        ));
+    }
+    if let Some(index) = (0..TD_RTMR_COUNT).find(|&i| first.rtmrs.get(i) != later.rtmrs.get(i)) {
+        let show = |facts: &TdxFacts| facts.rtmrs.get(index).map(hex::encode).unwrap_or_default();
+        return Err(format!(
+            "checkpoint quote RTMR{index} is {}, but the exchange quote of seq {head_seq} has \
+             {}: the TD's runtime measurements changed between the exchange and the checkpoint \
+             (cvm-warden extends no RTMR), or another TD made the checkpoint",
+            show(later),
+            show(first)
+        ));
+    }
+    if first.cc_eventlog != later.cc_eventlog {
+        let show = |log: &Option<Vec<u8>>| match log {
+            None => "null".to_string(),
+            Some(bytes) => format!("{} bytes, {}", bytes.len(), Digest::of(bytes)),
+        };
+        return Err(format!(
+            "checkpoint cc_eventlog is {}, but the exchange evidence of seq {head_seq} has {}: \
+             the CC event log of one TD does not change, so the checkpoint comes from another \
+             TD or its evidence was changed",
+            show(&later.cc_eventlog),
+            show(&first.cc_eventlog)
+        ));
+    }
+    Ok(())
+}
+
+/// `binding` followed by zero bytes up to 64 bytes (a 64-byte binding as it is).
+fn pad64(binding: &[u8]) -> Result<[u8; 64], String> {
+    let mut out = [0u8; 64];
+    out.get_mut(..binding.len())
+        .ok_or_else(|| format!("binding of {} bytes is longer than 64", binding.len()))?
+        .copy_from_slice(binding);
+    Ok(out)
+}
+
+/// How [`pad64`] filled the 64 bytes, for the verified items.
+fn padding(binding: &[u8]) -> &'static str {
+    if binding.len() < 64 {
+        " followed by zero bytes"
+    } else {
+        ""
+    }
+}
+
+/// `N` bytes at `offset` of the TD report body that starts at `body_start`.
+fn td_body_field<const N: usize>(
+    quote: &[u8],
+    body_start: usize,
+    offset: usize,
+    name: &str,
+) -> Result<[u8; N], String> {
+    let at = body_start + offset;
+    quote
+        .get(at..at + N)
+        .and_then(|b| <[u8; N]>::try_from(b).ok())
+        .ok_or_else(|| {
+            format!(
+                "td quote of {} bytes has no {name} at {at}..{}",
+                quote.len(),
+                at + N
+            )
+        })
+}
+
+fn check_tdx(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String> {
+    let quote = tdx::quote_from_evidence(evidence).map_err(|e| error_chain(&e))?;
+    // quote_from_evidence accepted `cc_eventlog` as null or standard base64.
+    let cc_eventlog = match evidence.get("cc_eventlog") {
+        Some(Value::String(text)) => Some(
+            STANDARD
+                .decode(text)
+                .map_err(|e| format!("cc_eventlog is not standard base64: {e}"))?,
+        ),
+        _ => None,
+    };
+    let expected = pad64(binding)?;
+    // The header (version 4 or 5, tee type 0x81, v5 body descriptor, length), as
+    // tdx::check_quote checks it; REPORTDATA is compared here for an auditor's message.
+    let carried = tdx::quote_report_data(&quote)
+        .map_err(|e| format!("the quote is not a td quote: {}", error_chain(&e)))?;
+    if carried != expected {
+        return Err(format!(
+            "REPORTDATA is {}, expected {} (the report data{}): the quote was not made for \
+             this binding",
+            hex::encode(carried),
+            hex::encode(expected),
+            padding(binding)
+        ));
+    }
+    let (version, body_start) = match quote.get(..2) {
+        Some([4, 0]) => (4, tdx::QUOTE_HEADER_LEN),
+        Some([5, 0]) => (5, tdx::QUOTE_HEADER_LEN + 6),
+        _ => return Err("td quote version is neither 4 nor 5".to_string()),
+    };
+    let attributes = u64::from_le_bytes(td_body_field(
+        &quote,
+        body_start,
+        TD_BODY_ATTRIBUTES_OFFSET,
+        "TDATTRIBUTES",
+    )?);
+    let mrtd: [u8; TD_MEASUREMENT_LEN] =
+        td_body_field(&quote, body_start, TD_BODY_MRTD_OFFSET, "MRTD")?;
+    if attributes & TD_ATTRIBUTES_DEBUG != 0 {
+        return Err(format!(
+            "TDATTRIBUTES is 0x{attributes:016x}: bit 0 (DEBUG) is set, so the host can read \
+             and change the TD's memory and the quote proves nothing about what runs in it \
+             (MRTD {}); launch the TD with debug off",
+            hex::encode(mrtd)
+        ));
+    }
+    let mut rtmrs = [[0u8; TD_MEASUREMENT_LEN]; TD_RTMR_COUNT];
+    for (i, rtmr) in rtmrs.iter_mut().enumerate() {
+        *rtmr = td_body_field(
+            &quote,
+            body_start,
+            TD_BODY_RTMR_OFFSET + i * TD_MEASUREMENT_LEN,
+            &format!("RTMR{i}"),
+        )?;
+    }
+    Ok(EvidenceResult {
+        verified: vec![
+            format!(
+                "quote header (version {version}, tee type 0x{:x}) and REPORTDATA = the report \
+                 data{}",
+                tdx::TEE_TYPE_TDX,
+                padding(binding)
+            ),
+            format!("TDATTRIBUTES 0x{attributes:016x} has debug (bit 0) disabled"),
+            format!("MRTD {}", hex::encode(mrtd)),
+        ],
+        warnings: vec![
+            "the td quote signature (Intel PCK certificate chain) is not verified offline: \
+             its header, REPORTDATA, MRTD and RTMRs are what the quote's bytes say and nothing \
+             here vouches for them; verify the quote with Intel's DCAP quote verification, or \
+             rely on the broker's verdict at the exchange"
+                .to_string(),
+        ],
+        tdx: Some(TdxFacts {
+            mrtd,
+            rtmrs,
+            cc_eventlog,
+        }),
+        ..EvidenceResult::default()
+    })
+}
+
+fn check_az_snp_vtpm(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String> {
+    let az = AzEvidence::from_json(evidence).map_err(|e| error_chain(&e))?;
+    let hcl = parse_hcl_report(&az.hcl_report).map_err(|e| error_chain(&e))?;
+    // Only the VCEK-signed SNP report vouches for the variable data (HCLAkPub, user-data)
+    // that parse_hcl_report bound to its REPORT_DATA: verify it before trusting them.
+    let (report, chain) = verify_az_snp_report(&hcl.snp_report, &az.vcek)?;
+    if report.vmpl != 0 {
+        return Err(format!(
+            "the SNP report in the HCL report was requested at VMPL {}, not 0: Azure's \
+             paravisor runs at VMPL 0, so the report is not the paravisor's and its HCLAkPub \
+             and user-data vouch for nothing",
+            report.vmpl
+        ));
+    }
+    if report.policy & SNP_POLICY_DEBUG != 0 {
+        return Err(format!(
+            "guest policy is 0x{:x}: bit 19 (DEBUG) is set, so the hypervisor can read and \
+             change the guest's memory and the report proves nothing about what runs in it \
+             (measurement {}); launch the guest with debug disabled",
+            report.policy, report.measurement
+        ));
+    }
+    let expected = pad64(binding)?;
+    match hcl.user_data.as_deref() {
+        None => {
+            return Err(format!(
+                "the HCL report (header version {}) has no user-data, so nothing in it binds \
+                 the report data {}: the paravisor is too old to carry report data, use an \
+                 Azure image whose HCL report has user-data",
+                hcl.version,
+                hex::encode(binding)
+            ))
+        }
+        Some(found) if found != expected.as_slice() => {
+            return Err(format!(
+                "HCL report user-data is {}, expected {} (the report data{}): the paravisor's \
+                 report was not made for this binding",
+                hex::encode(found),
+                hex::encode(expected),
+                padding(binding)
+            ))
+        }
+        Some(_) => {}
+    }
+    let facts = verify_pcr_quote(
+        &az.quote_message,
+        &az.quote_signature,
+        &hcl.ak_public,
+        az.pcrs,
+        binding,
+        QUOTE_NONCE_LEN,
+    )
+    .map_err(|e| {
+        format!(
+            "vtpm {e} (the ak is the HCL report's HCLAkPub {})",
+            Digest::of(&hcl.ak_public)
+        )
+    })?;
+    Ok(EvidenceResult {
+        verified: vec![
+            format!(
+                "SNP report (VMPL 0) of the HCL report signed by the VCEK of the evidence, \
+                 which chains to the {chain}"
+            ),
+            format!(
+                "guest policy 0x{:x} has debug (bit 19) disabled",
+                report.policy
+            ),
+            format!("measurement {}", report.measurement),
+            "SHA-256 of the HCL report's variable data = REPORT_DATA[..32] (it carries \
+             HCLAkPub and user-data)"
+                .to_string(),
+            format!("HCL user-data = the report data{}", padding(binding)),
+            format!(
+                "vtpm quote signature by HCLAkPub {} (RSASSA SHA-256)",
+                Digest::of(&facts.ak_public)
+            ),
+            "the quote selects sha256:0-23 and pcrs 0-23 match its pcrDigest".to_string(),
+            format!("quote extraData = first {QUOTE_NONCE_LEN} bytes of the report data"),
+        ],
+        tpm: Some(facts),
+        snp: Some(report),
+        ..EvidenceResult::default()
+    })
+}
+
+/// Verifies the SNP report of an HCL report with `vcek` against AMD's built-in chains
+/// (Milan, Genoa, Turin); returns its fields and the name of the chain.
+fn verify_az_snp_report(report: &[u8], vcek: &[u8]) -> Result<(VerifiedReport, String), String> {
+    let mut failures = Vec::new();
+    for product in Product::ALL {
+        let name = format!("built-in {} chain", product.name());
+        match verify_report(report, vcek, ChainSource::Builtin(product)) {
+            Ok(verified) => return Ok((verified, name)),
+            Err(e) => failures.push(format!("{name}: {}", error_chain(&e))),
+        }
+    }
+    Err(format!(
+        "the SNP report of the HCL report does not verify with the VCEK of the evidence ({}): \
+         without that signature neither HCLAkPub nor user-data can be trusted",
         failures.join("; ")
     ))
 }
