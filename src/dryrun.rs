@@ -50,7 +50,8 @@ fn measure(
         event_log: &mut event_log,
         audit: &audit,
         broker: None,
-        volumes: &crate::volume::FakeVolumes::new(),
+        // The measure stage touches no volume.
+        volumes: &crate::volume::RealVolumes::new(),
     };
     let details = stage::measure::apply_in_place(&plan, &mut fx)?;
     Ok((event_log, details))

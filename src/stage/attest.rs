@@ -93,25 +93,12 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             source: "the boot environment has no key broker although the policy configures one; this is a bug, report it".into(),
         });
     };
-    let mut audit_failure = None;
-    let mut attempt = |details: Value| {
-        if let Err(error) = audit.record("attest", "try", details) {
-            audit_failure.get_or_insert(error);
-        }
-    };
-    let exchange = broker.attest(&mut attempt);
-    if let Some(error) = audit_failure {
-        return Err(StageError::Broker {
-            stage: "attest",
-            what: "recording a key broker try in the audit log".to_string(),
-            source: Box::new(error),
-        });
-    }
-    let exchange = exchange.map_err(|source| StageError::Broker {
-        stage: "attest",
-        what: format!("key broker exchange with {kbs}"),
-        source,
-    })?;
+    let exchange = super::audited_broker_call(
+        audit,
+        "attest",
+        || format!("key broker exchange with {kbs}"),
+        |attempt| broker.attest(attempt),
+    )?;
     // The token's verdict is unverified (the guest holds no key for the broker's token
     // signature), so it is never a reason to go on — but a broker that itself says the
     // evidence contradicts its reference values is a reason to stop.

@@ -139,6 +139,36 @@ pub enum StageError {
     },
 }
 
+/// Runs a broker call whose every try is recorded as a `<stage>/try` audit record, then
+/// maps its error to a [`StageError::Broker`] naming `what`. A try that cannot be recorded
+/// fails the call: the audit log must hold every try.
+pub(crate) fn audited_broker_call<T>(
+    audit: &Audit,
+    stage: &'static str,
+    what: impl FnOnce() -> String,
+    call: impl FnOnce(&mut dyn FnMut(Value)) -> Result<T, BrokerError>,
+) -> Result<T, StageError> {
+    let mut audit_failure = None;
+    let mut attempt = |details: Value| {
+        if let Err(error) = audit.record(stage, "try", details) {
+            audit_failure.get_or_insert(error);
+        }
+    };
+    let result = call(&mut attempt);
+    if let Some(error) = audit_failure {
+        return Err(StageError::Broker {
+            stage,
+            what: "recording a key broker try in the audit log".to_string(),
+            source: Box::new(error),
+        });
+    }
+    result.map_err(|source| StageError::Broker {
+        stage,
+        what: what(),
+        source,
+    })
+}
+
 /// An error from a [`KeyBroker`] (already phrased for the operator; never holds a secret).
 pub type BrokerError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -98,25 +98,12 @@ fn fetch(
             source: "the policy lists volumes or secrets but the boot has no key broker; this is a bug, report it".into(),
         });
     };
-    let mut audit_failure = None;
-    let mut attempt = |details: Value| {
-        if let Err(error) = audit.record("unlock", "try", details) {
-            audit_failure.get_or_insert(error);
-        }
-    };
-    let fetched = broker.fetch(uri, &mut attempt);
-    if let Some(error) = audit_failure {
-        return Err(StageError::Broker {
-            stage: "unlock",
-            what: "recording a key broker try in the audit log".to_string(),
-            source: Box::new(error),
-        });
-    }
-    fetched.map_err(|source| StageError::Broker {
-        stage: "unlock",
-        what,
-        source,
-    })
+    super::audited_broker_call(
+        audit,
+        "unlock",
+        || what,
+        |attempt| broker.fetch(uri, attempt),
+    )
 }
 
 /// tmpfs options of the secrets directory.
