@@ -1,0 +1,1 @@
+//! nftables perimeter and allowlist (being written).

@@ -1,0 +1,1 @@
+//! Console, login and kernel lockdown (being written).
