@@ -146,6 +146,9 @@ pub(crate) const TOOLS: &[(&str, &str)] = &[
     // The demo: a network namespace for the broker and the TPM, the AK provisioning step.
     ("ip", "iproute2"),
     ("tpm2_createak", "tpm2-tools"),
+    // The lockdown: nftables rulesets, unit files checked with systemd-analyze.
+    ("nft", "nftables"),
+    ("systemd-analyze", "systemd"),
 ];
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the workspace root),
