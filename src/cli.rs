@@ -63,6 +63,11 @@ enum Command {
     /// Reference values for the key broker: the measure stage's events for this policy and
     /// bundle and the application PCR value they produce (no TEE, no root needed).
     ReferenceValues(ReferenceArgs),
+    /// nftables rulesets: render (no root) or apply (in the current network namespace).
+    Firewall {
+        #[command(subcommand)]
+        command: FirewallCommand,
+    },
     /// Audit log commands.
     Audit {
         #[command(subcommand)]
@@ -147,6 +152,30 @@ struct PolicyArgs {
     common: CommonArgs,
 }
 
+#[derive(Debug, Subcommand)]
+enum FirewallCommand {
+    /// Print the ruleset of a phase for a policy (names resolved once, addresses pinned).
+    Render {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// perimeter (before measure) or allowlist (just before launch).
+        #[arg(long)]
+        phase: crate::firewall::Phase,
+        /// nft (text for `nft -f`) or json (`nft -j -f -` input).
+        #[arg(long, default_value = "nft")]
+        format: crate::firewall::RenderFormat,
+    },
+    /// Apply the ruleset of a phase in this network namespace: one atomic transaction, read
+    /// back and compared; prints what was applied (digest, pinned addresses) as JSON.
+    Apply {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// perimeter or allowlist.
+        #[arg(long)]
+        phase: crate::firewall::Phase,
+    },
+}
+
 #[derive(Debug, Args)]
 struct AttestArgs {
     #[command(flatten)]
@@ -211,6 +240,7 @@ pub fn main() -> i32 {
         Command::Init(args) => init(&args),
         Command::Run(args) => run(&args),
         Command::Attest(args) => attest_dry_run(&args),
+        Command::Firewall { command } => firewall(&command),
         Command::ReferenceValues(args) => reference_values(&args),
         Command::Audit {
             command: AuditCommand::Verify { file },
@@ -407,6 +437,42 @@ fn attest_dry_run(args: &AttestArgs) -> i32 {
                 1
             }
         }
+        Err(error) => {
+            print_error(&error);
+            1
+        }
+    }
+}
+
+fn firewall(command: &FirewallCommand) -> i32 {
+    use crate::firewall::{run_apply_command, run_render_command, NftFirewall, SystemResolver};
+    let args = match command {
+        FirewallCommand::Render { policy, .. } | FirewallCommand::Apply { policy, .. } => policy,
+    };
+    let loaded = match load(&args.policy, &args.common) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            print_error(&error);
+            return 2;
+        }
+    };
+    let resolver = SystemResolver::default();
+    let mut stdout = std::io::stdout().lock();
+    let result = match command {
+        FirewallCommand::Render { phase, format, .. } => {
+            run_render_command(&loaded.policy, *phase, *format, &resolver, &mut stdout).map(|_| ())
+        }
+        FirewallCommand::Apply { phase, .. } => run_apply_command(
+            &loaded.policy,
+            *phase,
+            &resolver,
+            &mut NftFirewall::new(),
+            &mut stdout,
+        )
+        .map(|_| ()),
+    };
+    match result {
+        Ok(()) => 0,
         Err(error) => {
             print_error(&error);
             1

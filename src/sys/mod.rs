@@ -4,11 +4,13 @@
 //! (`tests/launch_ns.rs`).
 //!
 //! This is the only module of the crate where `unsafe` is allowed. The unsafe code is in
-//! [`process`] (fork, execve, raw capability and fd syscalls, the signal self-pipe); every
+//! [`process`] (fork, execve, raw capability and fd syscalls, the signal self-pipe) and
+//! [`kernel`] (`swapoff`); every
 //! block carries a `// SAFETY:` comment and is wrapped in a safe function. Everything else
 //! here uses `nix`.
 
 mod fake;
+pub mod kernel;
 pub mod process;
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
