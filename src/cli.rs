@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: FirewallCommand,
     },
+    /// Console, login and kernel lockdown.
+    Lockdown {
+        #[command(subcommand)]
+        command: LockdownCommand,
+    },
     /// Audit log commands.
     Audit {
         #[command(subcommand)]
@@ -150,6 +155,13 @@ struct PolicyArgs {
     policy: PathBuf,
     #[command(flatten)]
     common: CommonArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum LockdownCommand {
+    /// Read back every lockdown setting of this machine and print it as JSON (exit 0 only
+    /// when every kernel setting is locked down).
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -241,6 +253,17 @@ pub fn main() -> i32 {
         Command::Run(args) => run(&args),
         Command::Attest(args) => attest_dry_run(&args),
         Command::Firewall { command } => firewall(&command),
+        Command::Lockdown {
+            command: LockdownCommand::Status,
+        } => {
+            let status = crate::lockdown::status(&crate::lockdown::Paths::default());
+            let ok = status["ok"] == serde_json::Value::Bool(true);
+            match print_json(&status) {
+                0 if ok => 0,
+                0 => 1,
+                code => code,
+            }
+        }
         Command::ReferenceValues(args) => reference_values(&args),
         Command::Audit {
             command: AuditCommand::Verify { file },

@@ -147,11 +147,18 @@ fn rules_files_equal_the_rulesets_rendered_from_the_example_policies() {
 }
 
 #[test]
-fn the_client_allowlist_has_no_broker_and_the_perimeter_has_it() {
+fn the_broker_is_in_the_client_allowlist_only_because_the_workload_lists_it() {
     let perimeter = rendered("flare-client.policy.toml", Phase::Perimeter).nft_text();
     let allowlist = rendered("flare-client.policy.toml", Phase::Allowlist).nft_text();
-    assert!(perimeter.contains("ip daddr 198.51.100.7 tcp dport 8999 accept"));
-    assert!(!allowlist.contains("198.51.100.7"));
+    // cvm-warden's own broker rule (attestation.kbs) exists only in the perimeter.
+    assert!(perimeter.contains(
+        "ip daddr 198.51.100.7 tcp dport 8999 accept comment \"key broker tcp 198.51.100.7:8999 (attestation.kbs)\""
+    ));
+    assert!(!allowlist.contains("(attestation.kbs)"));
+    // The workload's own outbound rule to the broker (network.outbound[1]).
+    assert!(allowlist.contains(
+        "ip daddr 198.51.100.7 tcp dport 8999 accept comment \"outbound tcp 198.51.100.7:8999 (network.outbound[1])\""
+    ));
     assert!(allowlist.contains("ip daddr 192.0.2.10 tcp dport 8002 accept"));
 }
 
@@ -197,8 +204,8 @@ fn perimeter_then_allowlist_replace_each_other_atomically_in_a_fresh_namespace()
         assert!(verify(&perimeter, &listing).is_err());
         let text = String::from_utf8(nft(&["list", "ruleset"]).stdout).unwrap();
         assert!(
-            !text.contains("198.51.100.7"),
-            "the broker rule survived:\n{text}"
+            !text.contains("(attestation.kbs)"),
+            "the perimeter's broker rule survived:\n{text}"
         );
         assert!(
             !text.contains("dport 22"),
