@@ -13,16 +13,34 @@ use std::process::Command;
 
 const UNITS: [&str; 2] = ["cvm-warden.service", "examples/nvflare-client.service"];
 
-/// The units the drop-ins forbid, and the instance `verify` loads for each template.
-const FORBIDDEN: [(&str, &str); 7] = [
+/// The units the drop-ins forbid (the units cvm-warden masks at runtime,
+/// `lockdown::MASKED_UNITS`), and the instance `verify` loads for each template.
+const FORBIDDEN: [(&str, &str); 13] = [
     ("getty@.service", "getty@tty1.service"),
     ("serial-getty@.service", "serial-getty@ttyS0.service"),
     ("console-getty.service", "console-getty.service"),
     ("container-getty@.service", "container-getty@1.service"),
+    ("autovt@.service", "autovt@tty1.service"),
     ("debug-shell.service", "debug-shell.service"),
     ("ssh.service", "ssh.service"),
     ("sshd.service", "sshd.service"),
+    ("ssh.socket", "ssh.socket"),
+    ("sshd.socket", "sshd.socket"),
+    ("rescue.service", "rescue.service"),
+    ("emergency.service", "emergency.service"),
+    ("ctrl-alt-del.target", "ctrl-alt-del.target"),
 ];
+
+/// A stub of the right kind for `unit`.
+fn stub(unit: &str) -> &'static str {
+    if unit.ends_with(".socket") {
+        "[Unit]\nDescription=stub\nDefaultDependencies=no\n\n[Socket]\nListenStream=22\n"
+    } else if unit.ends_with(".target") {
+        "[Unit]\nDescription=stub\nDefaultDependencies=no\n"
+    } else {
+        "[Unit]\nDescription=stub\nDefaultDependencies=no\n\n[Service]\nExecStart=/usr/bin/cvm-warden --version\n"
+    }
+}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -57,11 +75,7 @@ fn root() -> tempfile::TempDir {
         // A stub stands in for the unit (this machine may lack it, e.g. without
         // openssh-server, and Debian's own units are not what is checked here), so the
         // drop-in is loaded and checked on its own.
-        std::fs::write(
-            r.join("usr/lib/systemd/system").join(unit),
-            "[Unit]\nDescription=stub\n\n[Service]\nExecStart=/usr/bin/cvm-warden --version\n",
-        )
-        .unwrap();
+        std::fs::write(r.join("usr/lib/systemd/system").join(unit), stub(unit)).unwrap();
         let dir = format!("{unit}.d");
         copy_dir(&repo().join("units/dropins").join(&dir), &etc.join(&dir));
     }
@@ -136,4 +150,20 @@ fn a_unit_with_an_unknown_key_fails_the_check() {
         &["/etc/systemd/system/cvm-warden.service".to_string()],
     );
     assert!(out.contains("Unknown key 'NoSuchKey'"), "{out}");
+}
+
+#[test]
+fn the_drop_ins_are_exactly_the_units_masked_at_runtime() {
+    let mut forbidden: Vec<&str> = FORBIDDEN.iter().map(|(u, _)| *u).collect();
+    let mut masked: Vec<&str> = cvm_warden::lockdown::MASKED_UNITS.to_vec();
+    forbidden.sort_unstable();
+    masked.sort_unstable();
+    assert_eq!(forbidden, masked);
+    let mut dirs: Vec<String> = std::fs::read_dir(repo().join("units/dropins"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    dirs.sort_unstable();
+    let expected: Vec<String> = masked.iter().map(|u| format!("{u}.d")).collect();
+    assert_eq!(dirs, expected);
 }
