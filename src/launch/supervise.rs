@@ -120,6 +120,12 @@ trait Processes {
     fn has_children(&mut self) -> bool;
     /// The time now.
     fn now(&self) -> Instant;
+    /// Signals that are neither forwarded nor a stop request: SIGINT for PID 1 of a real
+    /// boot, which is how the kernel reports Ctrl-Alt-Del once the lockdown disabled it.
+    fn ignored(&self, signal: Signal) -> bool {
+        let _ = signal;
+        false
+    }
 }
 
 type Events<'e> = dyn FnMut(&str, Value) + 'e;
@@ -207,6 +213,13 @@ fn wait_for(
         let ended = reaped(&observed, Some(pid), events);
         for item in &observed {
             if let Observed::Signal(signal) = *item {
+                if procs.ignored(signal) {
+                    events(
+                        "signal_ignored",
+                        json!({ "signal": signal.as_str(), "reason": "Ctrl-Alt-Del is disabled: the kernel reports it to PID 1 as SIGINT" }),
+                    );
+                    continue;
+                }
                 if !FORWARDED.contains(&signal) {
                     continue;
                 }
@@ -250,7 +263,7 @@ fn drain_until(
         reaped(&observed, None, events);
         for item in &observed {
             if let Observed::Signal(signal) = *item {
-                *stop |= is_stop_request(signal);
+                *stop |= !procs.ignored(signal) && is_stop_request(signal);
             }
         }
     }
@@ -333,11 +346,14 @@ pub fn supervise(
         Signal::SIGCHLD,
     ])
     .map_err(LaunchError::Supervise)?;
+    let pid1 = sys.pid() == 1;
     let mut procs = RealProcesses {
         plan,
         spec,
         signals,
-        pid1: sys.pid() == 1,
+        pid1,
+        // In a sandbox PID namespace SIGINT comes from a person (Ctrl-C), not the kernel.
+        ignore_sigint: pid1 && sys.in_initial_pid_namespace(),
         proc_root: PathBuf::from("/proc"),
     };
     run(plan, &mut procs, events, Timing::default())
@@ -348,10 +364,15 @@ struct RealProcesses<'p> {
     spec: ExecSpec,
     signals: SignalPipe,
     pid1: bool,
+    ignore_sigint: bool,
     proc_root: PathBuf,
 }
 
 impl Processes for RealProcesses<'_> {
+    fn ignored(&self, signal: Signal) -> bool {
+        self.ignore_sigint && signal == Signal::SIGINT
+    }
+
     fn spawn(&mut self) -> Result<Pid, LaunchError> {
         spawn(&self.spec).map_err(|error| match error {
             SpawnError::Sys(error) => LaunchError::Supervise(error),
@@ -533,6 +554,8 @@ mod tests {
         kill_remaining: Vec<Signal>,
         clock: Instant,
         start: Instant,
+        /// PID 1 of a real boot: SIGINT is Ctrl-Alt-Del and ignored.
+        ignore_sigint: bool,
     }
 
     impl Fake {
@@ -548,6 +571,7 @@ mod tests {
                 kill_remaining: vec![],
                 clock: now,
                 start: now,
+                ignore_sigint: false,
             }
         }
 
@@ -575,6 +599,10 @@ mod tests {
     }
 
     impl Processes for Fake {
+        fn ignored(&self, signal: Signal) -> bool {
+            self.ignore_sigint && signal == Signal::SIGINT
+        }
+
         fn spawn(&mut self) -> Result<Pid, LaunchError> {
             let pid = self.spawns.pop_front().expect("unexpected spawn")?;
             self.live.insert(pid);
@@ -753,6 +781,38 @@ mod tests {
             }
         );
         assert_eq!(fake.kills, [(10, Signal::SIGHUP)]);
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_ignored_by_the_pid1_of_a_real_boot() {
+        let mut fake = Fake::new(&[10, 11])
+            .then(vec![Observed::Signal(Signal::SIGINT)])
+            .then(vec![exited(10, 3)])
+            .then(vec![Observed::Signal(Signal::SIGINT)])
+            .then(vec![exited(11, 0)]);
+        fake.ignore_sigint = true;
+        let (result, log) = run_fake(Restart::OnFailure { max: 3 }, &mut fake);
+        // Neither forwarded nor a stop request: the restart policy still applies.
+        assert_eq!(
+            result.unwrap(),
+            WorkloadExit {
+                code: 0,
+                restarts: 1
+            }
+        );
+        assert!(fake.kills.is_empty());
+        // The second SIGINT falls into the restart pause: it does not stop the restart.
+        assert_eq!(
+            names(&log),
+            [
+                "started",
+                "signal_ignored",
+                "exited",
+                "restart",
+                "started",
+                "exited"
+            ]
+        );
     }
 
     #[test]
