@@ -90,6 +90,14 @@ pub struct Env<'a> {
     pub broker: Option<&'a mut dyn stage::KeyBroker>,
     /// LUKS2 volumes.
     pub volumes: &'a dyn crate::volume::Volumes,
+    /// nftables.
+    pub firewall: &'a mut dyn crate::firewall::Firewall,
+    /// Name resolution for the rulesets.
+    pub resolver: &'a dyn crate::firewall::Resolver,
+    /// Console, login and kernel lockdown effects.
+    pub lockdown: &'a dyn crate::lockdown::LockdownSys,
+    /// Where the lockdown reads and writes.
+    pub lockdown_paths: &'a crate::lockdown::Paths,
 }
 
 impl std::fmt::Debug for Env<'_> {
@@ -147,6 +155,22 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
     record(audit, "boot", "planned", json!({ "plan": plan }))?;
 
     let mut event_log = EventLog::new();
+    // The register's value before the first extend (a TPM PCR may already carry the
+    // firmware's or systemd's events): verifiers replay the log from it.
+    match env.register.read() {
+        Ok(initial) => event_log.set_register_initial(initial),
+        Err(source) => {
+            let error = BootError::Stage {
+                stage: "measure",
+                source: StageError::Extend(Box::new(crate::eventlog::ExtendError {
+                    kind: EventKind::Policy,
+                    register: env.register.name(),
+                    source,
+                })),
+            };
+            return Err(error);
+        }
+    }
     let mut fx = Effects {
         sys: env.sys,
         measurer: env.measurer,
@@ -158,6 +182,11 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
             None => None,
         },
         volumes: env.volumes,
+        firewall: env.firewall,
+        resolver: env.resolver,
+        resolution: None,
+        lockdown: env.lockdown,
+        lockdown_paths: env.lockdown_paths,
     };
     for stage in StageName::ALL {
         let name = stage.as_str();
@@ -389,6 +418,8 @@ mod tests {
                 cmdline_path: self.path("cmdline"),
                 policy_digest: loaded.policy_digest,
                 operator_digest: loaded.operator_digest,
+                shape: crate::lockdown::Shape::Pid1,
+                sandbox: false,
             }
         }
     }
@@ -464,6 +495,12 @@ mod tests {
             audit,
             broker: None,
             volumes: &crate::volume::FakeVolumes::new(),
+            firewall: &mut crate::firewall::RecordingFirewall::new(),
+            resolver: &crate::firewall::FakeResolver::new(),
+            lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
+            lockdown_paths: &crate::lockdown::Paths::under(Path::new(
+                "/nonexistent/cvm-warden-test",
+            )),
         };
         prepare(&loaded, &fixture.facts(&loaded), env)
     }
@@ -726,9 +763,9 @@ mod tests {
         let fixture = Fixture::new();
         let initramfs = fixture.policy("");
         let cases = [(
-            format!("{initramfs}\n[network]\ninbound = [{{ port = 8002 }}]\n"),
-            "perimeter: [network] (nftables perimeter) is not supported by this build yet; \
-                 remove [network] from the policy or use a release with firewall support",
+            initramfs.replacen("source = \"initramfs\"", "source = \"verity\"", 1),
+            "measure: workload.source = \"verity\" is not supported by this build yet; use \
+             source = \"copy\" or \"initramfs\", or a release with dm-verity support",
         )];
         for (policy, expected) in cases {
             let sys = FakeSys::new();
@@ -1065,6 +1102,12 @@ mod tests {
             audit,
             broker: Some(broker),
             volumes,
+            firewall: &mut crate::firewall::RecordingFirewall::new(),
+            resolver: &crate::firewall::FakeResolver::new(),
+            lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
+            lockdown_paths: &crate::lockdown::Paths::under(Path::new(
+                "/nonexistent/cvm-warden-test",
+            )),
         };
         prepare(&loaded, &fixture.facts(&loaded), env)
     }
@@ -1262,6 +1305,12 @@ mod tests {
             audit: &audit,
             broker: None,
             volumes: &crate::volume::FakeVolumes::new(),
+            firewall: &mut crate::firewall::RecordingFirewall::new(),
+            resolver: &crate::firewall::FakeResolver::new(),
+            lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
+            lockdown_paths: &crate::lockdown::Paths::under(Path::new(
+                "/nonexistent/cvm-warden-test",
+            )),
         };
         let ready = prepare(&loaded, &fixture.facts(&loaded), env).unwrap();
         assert_eq!(ready.event_log.register_initial(), Some(firmware));
@@ -1296,5 +1345,103 @@ mod tests {
             chain(&error)
         );
         assert_eq!(broker.calls, ["attest"]);
+    }
+
+    // ---- perimeter and allowlist with recording fakes ----
+
+    fn network_policy(fixture: &Fixture) -> String {
+        fixture.policy(
+            "\n[network]\ninbound = [{ port = 8002 }]\noutbound = [{ host = \"fl-server.example\", port = 8002 }]\n\n[lockdown]\nconsoles = \"off\"\nkernel_lockdown = \"confidentiality\"\nmodules = [\"dm_crypt\"]\n",
+        )
+    }
+
+    #[test]
+    fn perimeter_and_allowlist_apply_measure_and_pin_once_and_a_sandbox_skips_host_settings() {
+        use crate::firewall::{FakeResolver, RecordingFirewall};
+        use crate::lockdown::{FakeLockdownSys, Paths};
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let loaded = load(&network_policy(&fixture));
+        let mut facts = fixture.facts(&loaded);
+        facts.sandbox = true;
+        // A sandbox's lockdown touches only its own /tmp and standard input.
+        let root = tempfile::tempdir().unwrap();
+        let paths = Paths::under(root.path());
+        std::fs::create_dir_all(paths.mountinfo.parent().unwrap()).unwrap();
+        std::fs::write(
+            &paths.mountinfo,
+            "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(&paths.proc_self_fd).unwrap();
+        std::os::unix::fs::symlink("/dev/pts/0", paths.proc_self_fd.join("0")).unwrap();
+        std::fs::create_dir_all(paths.dev_null.parent().unwrap()).unwrap();
+        std::fs::write(&paths.dev_null, "").unwrap();
+        std::fs::create_dir_all(&paths.tmp).unwrap();
+        let lockdown = FakeLockdownSys::new("6.1.0").with_kernel(&paths);
+        let mut firewall = RecordingFirewall::new();
+        let resolver = FakeResolver::new()
+            .host("fl-server.example", &["192.0.2.10".parse().unwrap()])
+            .nameservers(&["192.0.2.53".parse().unwrap()]);
+        let mut register = crate::eventlog::SimulatedPcr::default();
+        let env = Env {
+            sys: &sys,
+            measurer: &RealMeasurer,
+            register: &mut register,
+            audit: &audit,
+            broker: None,
+            volumes: &crate::volume::FakeVolumes::new(),
+            firewall: &mut firewall,
+            resolver: &resolver,
+            lockdown: &lockdown,
+            lockdown_paths: &paths,
+        };
+        let ready = prepare(&loaded, &facts, env).unwrap();
+        // Two atomic transactions: the perimeter, then the allowlist.
+        assert_eq!(firewall.transactions.len(), 2);
+        let kinds: Vec<EventKind> = ready.event_log.events().iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::Ruleset,
+                EventKind::Policy,
+                EventKind::KernelCmdline,
+                EventKind::Bundle,
+                EventKind::Ruleset,
+                EventKind::Separator
+            ]
+        );
+        let records = records(&lines);
+        let perimeter = records
+            .iter()
+            .find(|r| r["stage"] == "perimeter" && r["event"] == "ok")
+            .unwrap();
+        assert_eq!(
+            perimeter["details"]["firewall"]["digest"],
+            serde_json::to_value(ready.event_log.events()[0].digest).unwrap()
+        );
+        let skipped = perimeter["details"]["sandbox_skipped"]["settings"].to_string();
+        assert!(
+            skipped.contains("sysctls") && skipped.contains("kernel modules"),
+            "{skipped}"
+        );
+        // No host-wide effect was asked of the lockdown fake.
+        let calls = format!("{:?}", lockdown.calls());
+        assert!(
+            !calls.contains("FinitModule") && !calls.contains("Swapoff"),
+            "{calls}"
+        );
+        let allowlist = records
+            .iter()
+            .find(|r| r["stage"] == "allowlist" && r["event"] == "ok")
+            .unwrap();
+        assert_eq!(
+            allowlist["details"]["firewall"]["digest"],
+            serde_json::to_value(ready.event_log.events()[4].digest).unwrap()
+        );
+        // The allowlist uses the address pinned when the perimeter resolved both phases.
+        let pins = allowlist["details"]["firewall"]["pins"].to_string();
+        assert!(pins.contains("192.0.2.10"), "{pins}");
     }
 }

@@ -392,11 +392,15 @@ fn print_json(value: &impl serde::Serialize) -> i32 {
     }
 }
 
-fn facts(loaded: &LoadedPolicy) -> Facts {
+fn facts(loaded: &LoadedPolicy, shape: crate::lockdown::Shape) -> Facts {
     Facts {
         cmdline_path: PathBuf::from(PROC_CMDLINE),
         policy_digest: loaded.policy_digest,
         operator_digest: loaded.operator_digest,
+        shape,
+        // Host-wide settings are applied only by the PID 1 of a real boot or a unit on the
+        // VM itself, never from a sandbox PID namespace.
+        sandbox: !crate::sys::Sys::in_initial_pid_namespace(&RealSys::default()),
     }
 }
 
@@ -408,7 +412,10 @@ fn plan(args: &PolicyArgs) -> i32 {
             return 2;
         }
     };
-    match BootPlan::new(&loaded.policy, &facts(&loaded)) {
+    match BootPlan::new(
+        &loaded.policy,
+        &facts(&loaded, crate::lockdown::Shape::Pid1),
+    ) {
         Ok(plan) => print_json(&serde_json::json!({
             "policy_digest": loaded.policy_digest,
             "operator_digest": loaded.operator_digest,
@@ -451,7 +458,8 @@ fn attest_dry_run(args: &AttestArgs) -> i32 {
             }
         }
     }
-    match crate::dryrun::attest(&loaded, &facts(&loaded), &RealSys::default(), &extra) {
+    let facts = facts(&loaded, crate::lockdown::Shape::Pid1);
+    match crate::dryrun::attest(&loaded, &facts, &RealSys::default(), &extra) {
         Ok((report, all_released)) => {
             let code = print_json(&report);
             if code == 0 && all_released {
@@ -511,7 +519,7 @@ fn reference_values(args: &ReferenceArgs) -> i32 {
             return 2;
         }
     };
-    let mut facts = facts(&loaded);
+    let mut facts = facts(&loaded, crate::lockdown::Shape::Pid1);
     facts.cmdline_path = args.cmdline.clone();
     match crate::dryrun::reference_values(&loaded, &facts, &RealSys::default()) {
         Ok(values) => print_json(&values),
@@ -598,7 +606,7 @@ fn init(args: &PolicyArgs) -> i32 {
     let audit = open_audit(&loaded);
     install_hook(&audit, pid1);
     let action = loaded.policy.on_failure;
-    let shutdown = match prepare(&loaded, &sys, &audit) {
+    let shutdown = match prepare(&loaded, &sys, &audit, crate::lockdown::Shape::Pid1) {
         Ok(ready) => boot::run_init(&ready, &RealLauncher, &sys, &audit, action),
         Err(error) => {
             print_error(&error);
@@ -619,7 +627,7 @@ fn run(args: &PolicyArgs) -> i32 {
     };
     let audit = open_audit(&loaded);
     install_hook(&audit, false);
-    match prepare(&loaded, &sys, &audit) {
+    match prepare(&loaded, &sys, &audit, crate::lockdown::Shape::Systemd) {
         Ok(ready) => boot::run_unit(&ready, &RealLauncher, &audit),
         Err(error) => {
             print_error(&error);
@@ -636,6 +644,7 @@ fn prepare(
     loaded: &LoadedPolicy,
     sys: &RealSys,
     audit: &Audit,
+    shape: crate::lockdown::Shape,
 ) -> Result<boot::Ready, boot::BootError> {
     use crate::keybroker::{client_config, open_provider, RealBroker};
     let attestation = &loaded.policy.attestation;
@@ -664,8 +673,12 @@ fn prepare(
             .as_mut()
             .map(|b| b as &mut dyn crate::stage::KeyBroker),
         volumes: &crate::volume::RealVolumes::new(),
+        firewall: &mut crate::firewall::NftFirewall::new(),
+        resolver: &crate::firewall::SystemResolver::default(),
+        lockdown: &crate::lockdown::RealLockdownSys,
+        lockdown_paths: &crate::lockdown::Paths::default(),
     };
-    boot::prepare(loaded, &facts(loaded), env)
+    boot::prepare(loaded, &facts(loaded, shape), env)
 }
 
 fn install_hook(audit: &Audit, pid1: bool) {

@@ -13,7 +13,10 @@
 use serde_json::{json, Value};
 
 use crate::audit::Audit;
-use crate::eventlog::{EventLog, NoRegister, RuntimeRegister, SimulatedPcr};
+use crate::eventlog::{
+    EventKind, EventLog, ExtendError, NoRegister, RuntimeRegister, SimulatedPcr,
+};
+use crate::firewall::{self, NftFirewall, Phase, SystemResolver};
 use crate::keybroker::{self, RealBroker, SetupError};
 use crate::policy::{LoadedPolicy, ResourceUri};
 use crate::stage::{self, Effects, Facts, KeyBroker, RealMeasurer, StageError};
@@ -34,6 +37,9 @@ pub enum DryRunError {
     Stage(#[from] StageError),
 }
 
+/// The events a boot extends before the attest stage, in the same order: the perimeter
+/// ruleset's digest (when `[network]` is configured; names resolved now, as the boot would),
+/// then the measure stage (in place). Nothing is applied: no firewall, no lockdown, no mount.
 fn measure(
     loaded: &LoadedPolicy,
     facts: &Facts,
@@ -43,6 +49,36 @@ fn measure(
     let plan = stage::measure::plan(&loaded.policy, facts)?;
     let audit = Audit::new(Vec::new(), false);
     let mut event_log = EventLog::new();
+    let initial = register.read().map_err(|source| {
+        StageError::Extend(Box::new(ExtendError {
+            kind: EventKind::Policy,
+            register: register.name(),
+            source,
+        }))
+    })?;
+    event_log.set_register_initial(initial);
+    if loaded.policy.network.is_some() {
+        let resolver = SystemResolver::default();
+        let ruleset =
+            firewall::build(&loaded.policy, Phase::Perimeter, &resolver).map_err(|source| {
+                StageError::Firewall {
+                    stage: "perimeter",
+                    source: Box::new(source),
+                }
+            })?;
+        event_log
+            .measure(
+                register,
+                EventKind::Ruleset,
+                ruleset.digest(),
+                "perimeter ruleset",
+            )
+            .map_err(|e| StageError::Extend(Box::new(e)))?;
+    }
+    // The measure stage uses none of the effects below; they are here because `Effects`
+    // carries every seam.
+    let mut nft = NftFirewall::new();
+    let lockdown_paths = crate::lockdown::Paths::default();
     let mut fx = Effects {
         sys,
         measurer: &RealMeasurer,
@@ -50,15 +86,21 @@ fn measure(
         event_log: &mut event_log,
         audit: &audit,
         broker: None,
-        // The measure stage touches no volume.
         volumes: &crate::volume::RealVolumes::new(),
+        firewall: &mut nft,
+        resolver: &SystemResolver::default(),
+        resolution: None,
+        lockdown: &crate::lockdown::RealLockdownSys,
+        lockdown_paths: &lockdown_paths,
     };
     let details = stage::measure::apply_in_place(&plan, &mut fx)?;
     Ok((event_log, details))
 }
 
-/// The measure stage's events for `loaded` and the value the TEE's application PCR (a TPM
-/// or vTPM PCR [`APP_PCR`], starting from zero after reset) holds after it.
+/// The events a boot extends before the attest stage (perimeter ruleset, measure stage) for
+/// `loaded` and the value the TEE's application PCR (a TPM or vTPM PCR [`APP_PCR`], starting
+/// from zero after reset) holds after them. With host names in `[network]` the ruleset —
+/// and so the PCR — depends on what DNS answers; pin addresses where the broker checks PCR 15.
 pub fn reference_values(
     loaded: &LoadedPolicy,
     facts: &Facts,

@@ -53,7 +53,12 @@ fn copy_dir(from: &Path, to: &Path) {
         .arg(to)
         .status()
         .unwrap();
-    assert!(status.success(), "cp -a {} {}", from.display(), to.display());
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
 }
 
 /// A root with the system's units, ours, the drop-ins and the binary.
@@ -61,10 +66,17 @@ fn root() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     std::fs::create_dir_all(r.join("usr/lib/systemd")).unwrap();
-    copy_dir(Path::new("/usr/lib/systemd/system"), &r.join("usr/lib/systemd/"));
+    copy_dir(
+        Path::new("/usr/lib/systemd/system"),
+        &r.join("usr/lib/systemd/"),
+    );
     std::os::unix::fs::symlink("usr/lib", r.join("lib")).unwrap();
     std::fs::create_dir_all(r.join("usr/bin")).unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_cvm-warden"), r.join("usr/bin/cvm-warden")).unwrap();
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_cvm-warden"),
+        r.join("usr/bin/cvm-warden"),
+    )
+    .unwrap();
     let etc = r.join("etc/systemd/system");
     std::fs::create_dir_all(&etc).unwrap();
     for unit in UNITS {
@@ -100,7 +112,10 @@ fn verify(root: &Path, args: &[String]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "systemd-analyze verify {args:?}:\n{text}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify {args:?}:\n{text}"
+    );
     text
 }
 
@@ -117,7 +132,10 @@ fn units_verify_without_a_warning() {
         })
         .collect();
     let text = verify(root.path(), &paths);
-    assert!(text.trim().is_empty(), "systemd-analyze verify warned:\n{text}");
+    assert!(
+        text.trim().is_empty(),
+        "systemd-analyze verify warned:\n{text}"
+    );
 }
 
 #[test]
@@ -125,9 +143,14 @@ fn drop_ins_verify_and_forbid_their_units() {
     let root = root();
     for (unit, instance) in FORBIDDEN {
         let text = verify(root.path(), &[instance.to_string()]);
-        assert!(text.trim().is_empty(), "{unit}: systemd-analyze verify warned:\n{text}");
+        assert!(
+            text.trim().is_empty(),
+            "{unit}: systemd-analyze verify warned:\n{text}"
+        );
         let conf = std::fs::read_to_string(
-            repo().join("units/dropins").join(format!("{unit}.d/50-cvm-warden.conf")),
+            repo()
+                .join("units/dropins")
+                .join(format!("{unit}.d/50-cvm-warden.conf")),
         )
         .unwrap();
         assert!(
@@ -144,7 +167,11 @@ fn a_unit_with_an_unknown_key_fails_the_check() {
     let root = root();
     let unit = root.path().join("etc/systemd/system/cvm-warden.service");
     let text = std::fs::read_to_string(&unit).unwrap();
-    std::fs::write(&unit, text.replace("[Service]\n", "[Service]\nNoSuchKey=1\n")).unwrap();
+    std::fs::write(
+        &unit,
+        text.replace("[Service]\n", "[Service]\nNoSuchKey=1\n"),
+    )
+    .unwrap();
     let out = verify(
         root.path(),
         &["/etc/systemd/system/cvm-warden.service".to_string()],

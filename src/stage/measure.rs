@@ -78,16 +78,6 @@ pub fn plan(policy: &Policy, facts: &Facts) -> Result<Plan, StageError> {
 
 /// Applies the plan; returns the details of the outcome record.
 pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
-    // The register's value before our first extend (a TPM PCR may already carry the
-    // firmware's or systemd's events): verifiers replay the log from it.
-    let initial = fx.register.read().map_err(|source| {
-        StageError::Extend(Box::new(crate::eventlog::ExtendError {
-            kind: EventKind::Policy,
-            register: fx.register.name(),
-            source,
-        }))
-    })?;
-    fx.event_log.set_register_initial(initial);
     fx.event_log
         .measure(fx.register, EventKind::Policy, plan.policy_digest, "policy")
         .map_err(|e| StageError::Extend(Box::new(e)))?;

@@ -126,6 +126,18 @@ pub enum StageError {
         #[source]
         source: BrokerError,
     },
+    /// A firewall ruleset could not be built, applied or verified.
+    #[error("{stage}: nftables")]
+    Firewall {
+        /// The stage.
+        stage: &'static str,
+        /// Why.
+        #[source]
+        source: Box<crate::firewall::FirewallError>,
+    },
+    /// The console, login or kernel lockdown failed or did not stick.
+    #[error("perimeter: lockdown")]
+    Lockdown(#[source] Box<crate::lockdown::LockdownError>),
     /// A volume could not be unlocked, formatted or mounted.
     #[error("unlock: volume {name:?} ({device})")]
     Volume {
@@ -238,6 +250,16 @@ pub struct Effects<'a> {
     pub broker: Option<&'a mut dyn KeyBroker>,
     /// LUKS2 volumes.
     pub volumes: &'a dyn crate::volume::Volumes,
+    /// nftables.
+    pub firewall: &'a mut dyn crate::firewall::Firewall,
+    /// Name resolution for the rulesets (once, in the perimeter stage).
+    pub resolver: &'a dyn crate::firewall::Resolver,
+    /// The addresses the perimeter stage pinned, for the allowlist stage.
+    pub resolution: Option<crate::firewall::Resolution>,
+    /// Console, login and kernel lockdown effects.
+    pub lockdown: &'a dyn crate::lockdown::LockdownSys,
+    /// Where the lockdown reads and writes (`/proc/sys`, `/etc/shadow`, …).
+    pub lockdown_paths: &'a crate::lockdown::Paths,
 }
 
 impl std::fmt::Debug for Effects<'_> {
@@ -259,6 +281,10 @@ pub struct Facts {
     pub policy_digest: crate::digest::Digest,
     /// SHA-256 of the operator file, if one was given.
     pub operator_digest: Option<crate::digest::Digest>,
+    /// PID 1 of the initramfs (`init`) or a systemd unit (`run`).
+    pub shape: crate::lockdown::Shape,
+    /// A sandbox PID namespace (demo, tests): host-wide settings are not touched.
+    pub sandbox: bool,
 }
 
 /// The whole boot, planned before the first side effect. Printed by `cvm-warden plan`.
@@ -282,7 +308,7 @@ impl BootPlan {
     /// Plans every stage. Pure: no I/O, so it runs without root anywhere.
     pub fn new(policy: &Policy, facts: &Facts) -> Result<BootPlan, StageError> {
         Ok(BootPlan {
-            perimeter: perimeter::plan(policy)?,
+            perimeter: perimeter::plan(policy, facts)?,
             measure: measure::plan(policy, facts)?,
             attest: attest::plan(policy)?,
             unlock: unlock::plan(policy)?,

@@ -1,48 +1,150 @@
-//! Stage 1, perimeter: default-deny nftables, consoles and logins off, kernel hardened.
+//! Stage 1, perimeter: consoles and logins off, kernel hardened, default-deny nftables —
+//! before anything valuable is touched.
 //!
-//! This build plans the perimeter from `[network]` and `[lockdown]` but cannot apply it yet:
-//! a policy that configures either is refused with "not supported by this build yet" (never
-//! silently skipped). A policy without both gets an explicit, audited "nothing configured".
+//! - `[lockdown]`: [`crate::lockdown`] loads the policy's modules, then sets the sysctls
+//!   (`kernel.modules_disabled` last), the lockdown LSM, swap off, `/tmp` on tmpfs, Ctrl-Alt-Del
+//!   off, the console's input closed and logins shut (root locked and nologin shells in the
+//!   PID 1 shape; runtime masks, stopped units and ended sessions in the systemd shape); then
+//!   every setting is read back and one that did not stick fails closed.
+//! - `[network]`: every host name of both phases is resolved once (the pinned addresses are
+//!   in the outcome record), the perimeter ruleset replaces whatever `inet cvm_warden` held in
+//!   one transaction, is read back and compared, and its digest is measured (event log and
+//!   runtime register) before the measure stage.
+//!
+//! In a sandbox PID namespace (the demo, namespace tests) the settings that are host-wide —
+//! modules, sysctls, the lockdown LSM, swap, Ctrl-Alt-Del, the console, account files,
+//! systemd units — are not touched: the plan lists them as skipped, with the reason, and
+//! only the namespace's own settings (`/tmp`, standard input, the network namespace's
+//! firewall) are applied.
 
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{Effects, StageError};
+use super::{Effects, Facts, StageError};
+use crate::eventlog::EventKind;
+use crate::firewall::{self, Phase, Resolution};
+use crate::lockdown::{self, LockdownPlan};
 use crate::policy::Policy;
+
+/// Host-wide settings a sandbox never applies.
+pub const SANDBOX_SKIPPED: [&str; 8] = [
+    "kernel modules",
+    "sysctls",
+    "lockdown LSM",
+    "swap",
+    "Ctrl-Alt-Del",
+    "console input",
+    "account files (root password, login shells)",
+    "systemd units and login sessions",
+];
 
 /// What the perimeter stage will do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "action", rename_all = "kebab-case")]
-pub enum Plan {
-    /// The policy has neither `[network]` nor `[lockdown]`.
-    NotConfigured,
+pub struct Plan {
+    /// Console, login and kernel lockdown (`None`: no `[lockdown]`).
+    pub lockdown: Option<LockdownPlan>,
+    /// Host-wide settings skipped because this is a sandbox (empty in a real boot).
+    pub sandbox_skipped: Vec<&'static str>,
+    /// Whether the perimeter ruleset is applied (`[network]` is configured).
+    pub firewall: bool,
+    /// The policy the rulesets are derived from (not printed: the plan shows the endpoints).
+    #[serde(skip)]
+    pub policy: Box<Policy>,
+    /// What the perimeter lets through, before names are resolved.
+    pub endpoints: Vec<firewall::Endpoint>,
 }
 
 /// Plans the perimeter. Pure.
-pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
-    if policy.network.is_some() {
-        return Err(StageError::Unsupported {
-            stage: "perimeter",
-            what: "[network] (nftables perimeter)".to_string(),
-            hint: "remove [network] from the policy or use a release with firewall support",
-        });
+pub fn plan(policy: &Policy, facts: &Facts) -> Result<Plan, StageError> {
+    let lockdown = policy.lockdown.as_ref().map(|l| {
+        let mut plan = lockdown::plan(l, facts.shape);
+        if facts.sandbox {
+            plan.modules.clear();
+            plan.sysctls.clear();
+            plan.kernel_lockdown = None;
+            plan.swap_off = false;
+            plan.disable_ctrl_alt_del = false;
+            plan.console_receiver_off = false;
+            plan.lock_root = false;
+            plan.nologin_shells = false;
+            plan.masks.clear();
+            plan.stop_units = false;
+            plan.end_sessions = false;
+        }
+        plan
+    });
+    let sandbox_skipped = if facts.sandbox && lockdown.is_some() {
+        SANDBOX_SKIPPED.to_vec()
+    } else {
+        Vec::new()
+    };
+    let endpoints = if policy.network.is_some() {
+        firewall::endpoints(policy, Phase::Perimeter).map_err(|e| firewall_error("perimeter", e))?
+    } else {
+        Vec::new()
+    };
+    Ok(Plan {
+        lockdown,
+        sandbox_skipped,
+        firewall: policy.network.is_some(),
+        policy: Box::new(policy.clone()),
+        endpoints,
+    })
+}
+
+pub(super) fn firewall_error(stage: &'static str, source: firewall::FirewallError) -> StageError {
+    StageError::Firewall {
+        stage,
+        source: Box::new(source),
     }
-    if policy.lockdown.is_some() {
-        return Err(StageError::Unsupported {
-            stage: "perimeter",
-            what: "[lockdown] (console and kernel lockdown)".to_string(),
-            hint: "remove [lockdown] from the policy or use a release with lockdown support",
-        });
-    }
-    Ok(Plan::NotConfigured)
 }
 
 /// Applies the plan; returns the details of the outcome record.
-pub fn apply(plan: &Plan, _fx: &mut Effects<'_>) -> Result<Value, StageError> {
-    match plan {
-        Plan::NotConfigured => Ok(json!({
-            "applied": false,
-            "reason": "the policy configures no [network] and no [lockdown]",
-        })),
+pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
+    let mut details = json!({});
+    match &plan.lockdown {
+        Some(lockdown_plan) => {
+            let report = lockdown::apply(lockdown_plan, fx.lockdown, fx.lockdown_paths)
+                .map_err(|source| StageError::Lockdown(Box::new(source)))?;
+            details["lockdown"] = json!(report);
+            if !plan.sandbox_skipped.is_empty() {
+                details["sandbox_skipped"] = json!({
+                    "settings": plan.sandbox_skipped,
+                    "reason": "sandbox PID namespace: these settings are host-wide and are applied only in a real boot",
+                });
+            }
+        }
+        None => {
+            details["lockdown"] =
+                json!({ "applied": false, "reason": "the policy configures no [lockdown]" })
+        }
     }
+    if plan.firewall {
+        // Names of both phases are resolved now, once: the allowlist then needs no DNS
+        // through the perimeter, and both phases pin the same addresses.
+        let resolution = Resolution::resolve(
+            &plan.policy,
+            &[Phase::Perimeter, Phase::Allowlist],
+            fx.resolver,
+        )
+        .map_err(|e| firewall_error("perimeter", e))?;
+        let ruleset = firewall::plan(&plan.policy, Phase::Perimeter, &resolution)
+            .map_err(|e| firewall_error("perimeter", e))?;
+        let applied =
+            firewall::apply(&ruleset, fx.firewall).map_err(|e| firewall_error("perimeter", e))?;
+        fx.event_log
+            .measure(
+                fx.register,
+                EventKind::Ruleset,
+                applied.digest,
+                "perimeter ruleset",
+            )
+            .map_err(|e| StageError::Extend(Box::new(e)))?;
+        details["firewall"] = json!(applied);
+        fx.resolution = Some(resolution);
+    } else {
+        details["firewall"] =
+            json!({ "applied": false, "reason": "the policy configures no [network]" });
+    }
+    Ok(details)
 }
