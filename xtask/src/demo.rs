@@ -166,6 +166,23 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         "the workload did not read its released TLS key"
     );
     broker.stop();
+    banner("the allowlist the workload ran behind (nft list table inet cvm_warden, in the VM's network namespace)");
+    let listing = netns
+        .command(Path::new("nft"))
+        .args(["list", "table", "inet", "cvm_warden"])
+        .output()
+        .context("running nft list table")?;
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    print!("{listing}");
+    ensure!(
+        listing.contains("tcp dport 8002 accept comment")
+            && listing.contains("ip daddr 192.0.2.10 tcp dport 8002 accept comment"),
+        "the allowlist is not in place after the boot"
+    );
+    ensure!(
+        !listing.contains("(attestation.kbs)"),
+        "the perimeter's broker rule survived the allowlist"
+    );
     let log = demo.join("audit.jsonl");
     banner("the audit log");
     let text = fs::read_to_string(&log).context("reading the audit log")?;
@@ -174,6 +191,16 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         !text.contains("demo FL client key"),
         "the secret appears in the audit log"
     );
+    for (stage, what) in [
+        ("perimeter", "\"phase\":\"perimeter\""),
+        ("perimeter", "\"checks\""),
+        ("allowlist", "\"phase\":\"allowlist\""),
+    ] {
+        ensure!(
+            text.lines().any(|l| l.contains(&format!("\"stage\":\"{stage}\",\"event\":\"ok\"")) && l.contains(what)),
+            "the audit log has no {stage} record with {what}"
+        );
+    }
     banner("the audit log, verified offline with its evidence");
     sh(Command::new(&bins.warden)
         .args(["audit", "verify"])
