@@ -197,7 +197,10 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         ("allowlist", "\"phase\":\"allowlist\""),
     ] {
         ensure!(
-            text.lines().any(|l| l.contains(&format!("\"stage\":\"{stage}\",\"event\":\"ok\"")) && l.contains(what)),
+            text.lines().any(
+                |l| l.contains(&format!("\"stage\":\"{stage}\",\"event\":\"ok\""))
+                    && l.contains(what)
+            ),
             "the audit log has no {stage} record with {what}"
         );
     }
