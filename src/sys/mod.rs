@@ -402,7 +402,9 @@ pub fn parse_mountinfo(text: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-fn unescape_mountinfo(field: &str) -> String {
+/// Decodes the kernel's octal escapes in a mountinfo or `/proc/swaps` field (`\040` for a
+/// space).
+pub fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
