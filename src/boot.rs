@@ -1444,4 +1444,26 @@ mod tests {
         let pins = allowlist["details"]["firewall"]["pins"].to_string();
         assert!(pins.contains("192.0.2.10"), "{pins}");
     }
+
+    #[test]
+    fn module_loading_is_disabled_last_by_the_allowlist_stage() {
+        let fixture = Fixture::new();
+        let loaded = load(&network_policy(&fixture));
+        let plan = BootPlan::new(&loaded.policy, &fixture.facts(&loaded)).unwrap();
+        let perimeter = plan.perimeter.lockdown.as_ref().unwrap();
+        let keys: Vec<&str> = perimeter.sysctls.iter().map(|s| s.key).collect();
+        assert!(!keys.contains(&"kernel.modules_disabled"), "{keys:?}");
+        assert!(keys.contains(&"kernel.kexec_load_disabled"), "{keys:?}");
+        assert_eq!(perimeter.modules, ["dm_crypt"]);
+        let last = plan.allowlist.disable_modules.as_ref().unwrap();
+        let keys: Vec<&str> = last.sysctls.iter().map(|s| s.key).collect();
+        assert_eq!(keys, ["kernel.modules_disabled"]);
+        assert!(last.modules.is_empty() && last.masks.is_empty() && !last.lock_root);
+        // A sandbox never disables module loading on its host.
+        let mut facts = fixture.facts(&loaded);
+        facts.sandbox = true;
+        let plan = BootPlan::new(&loaded.policy, &facts).unwrap();
+        assert!(plan.allowlist.disable_modules.is_none());
+        assert!(plan.perimeter.lockdown.as_ref().unwrap().sysctls.is_empty());
+    }
 }

@@ -136,8 +136,14 @@ pub enum StageError {
         source: Box<crate::firewall::FirewallError>,
     },
     /// The console, login or kernel lockdown failed or did not stick.
-    #[error("perimeter: lockdown")]
-    Lockdown(#[source] Box<crate::lockdown::LockdownError>),
+    #[error("{stage}: lockdown")]
+    Lockdown {
+        /// The stage.
+        stage: &'static str,
+        /// Why.
+        #[source]
+        source: Box<crate::lockdown::LockdownError>,
+    },
     /// A volume could not be unlocked, formatted or mounted.
     #[error("unlock: volume {name:?} ({device})")]
     Volume {
@@ -312,7 +318,7 @@ impl BootPlan {
             measure: measure::plan(policy, facts)?,
             attest: attest::plan(policy)?,
             unlock: unlock::plan(policy)?,
-            allowlist: allowlist::plan(policy)?,
+            allowlist: allowlist::plan(policy, facts)?,
             launch: launch::plan(policy)?,
         })
     }

@@ -26,6 +26,30 @@ use crate::firewall::{self, Phase, Resolution};
 use crate::lockdown::{self, LockdownPlan};
 use crate::policy::Policy;
 
+/// The sysctl that disables module loading: set last, by the allowlist stage, after unlock
+/// (dm-crypt, dm-integrity) and the rulesets (nf_tables and friends) may have needed the
+/// kernel to load modules on demand.
+pub const MODULES_DISABLED: &str = "kernel.modules_disabled";
+
+/// Turns a lockdown plan into the one step left for the end of the boot: module loading
+/// disabled (and read back). Everything else was done by the perimeter stage.
+pub fn only_disable_modules(mut plan: LockdownPlan) -> LockdownPlan {
+    plan.modules.clear();
+    plan.sysctls.retain(|s| s.key == MODULES_DISABLED);
+    plan.kernel_lockdown = None;
+    plan.swap_off = false;
+    plan.tmp_tmpfs = false;
+    plan.disable_ctrl_alt_del = false;
+    plan.close_stdin = false;
+    plan.console_receiver_off = false;
+    plan.lock_root = false;
+    plan.nologin_shells = false;
+    plan.masks.clear();
+    plan.stop_units = false;
+    plan.end_sessions = false;
+    plan
+}
+
 /// Host-wide settings a sandbox never applies.
 pub const SANDBOX_SKIPPED: [&str; 8] = [
     "kernel modules",
@@ -58,6 +82,8 @@ pub struct Plan {
 pub fn plan(policy: &Policy, facts: &Facts) -> Result<Plan, StageError> {
     let lockdown = policy.lockdown.as_ref().map(|l| {
         let mut plan = lockdown::plan(l, facts.shape);
+        // Module loading is disabled at the end of the boot (allowlist stage), not here.
+        plan.sysctls.retain(|s| s.key != MODULES_DISABLED);
         if facts.sandbox {
             plan.modules.clear();
             plan.sysctls.clear();
@@ -104,8 +130,12 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
     let mut details = json!({});
     match &plan.lockdown {
         Some(lockdown_plan) => {
-            let report = lockdown::apply(lockdown_plan, fx.lockdown, fx.lockdown_paths)
-                .map_err(|source| StageError::Lockdown(Box::new(source)))?;
+            let report = lockdown::apply(lockdown_plan, fx.lockdown, fx.lockdown_paths).map_err(
+                |source| StageError::Lockdown {
+                    stage: "perimeter",
+                    source: Box::new(source),
+                },
+            )?;
             details["lockdown"] = json!(report);
             if !plan.sandbox_skipped.is_empty() {
                 details["sandbox_skipped"] = json!({
