@@ -138,6 +138,8 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
             "operator_digest": loaded.operator_digest,
             "overridden": loaded.overridden,
             "register": env.register.name(),
+            "shape": facts.shape,
+            "sandbox": facts.sandbox,
         }),
     )?;
     let plan = match BootPlan::new(&loaded.policy, facts) {

@@ -52,7 +52,7 @@ enum Command {
     /// Print the whole boot plan as JSON (no side effects, no root needed).
     Plan(PolicyArgs),
     /// PID 1 shape: boot, supervise the workload, power off.
-    Init(PolicyArgs),
+    Init(InitArgs),
     /// systemd-unit shape: boot, then execve the workload.
     Run(PolicyArgs),
     /// Operator dry run: the measure and attest stages against the policy's TEE and key
@@ -186,6 +186,18 @@ enum FirewallCommand {
         #[arg(long)]
         phase: crate::firewall::Phase,
     },
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// This PID 1 runs in a sandbox PID namespace (tests, the demo): host-wide lockdown
+    /// settings (modules, sysctls, lockdown LSM, swap, Ctrl-Alt-Del, console, accounts) are
+    /// skipped and the audit log says so. Refused in a real boot; required in a sandbox whose
+    /// policy has [lockdown], so neither is ever guessed.
+    #[arg(long)]
+    sandbox: bool,
 }
 
 #[derive(Debug, Args)]
@@ -392,15 +404,15 @@ fn print_json(value: &impl serde::Serialize) -> i32 {
     }
 }
 
-fn facts(loaded: &LoadedPolicy, shape: crate::lockdown::Shape) -> Facts {
+/// `sandbox`: only `init --sandbox` (checked against the PID namespace by `init`); every
+/// other command plans a real boot.
+fn facts(loaded: &LoadedPolicy, shape: crate::lockdown::Shape, sandbox: bool) -> Facts {
     Facts {
         cmdline_path: PathBuf::from(PROC_CMDLINE),
         policy_digest: loaded.policy_digest,
         operator_digest: loaded.operator_digest,
         shape,
-        // Host-wide settings are applied only by the PID 1 of a real boot or a unit on the
-        // VM itself, never from a sandbox PID namespace.
-        sandbox: !crate::sys::Sys::in_initial_pid_namespace(&RealSys::default()),
+        sandbox,
     }
 }
 
@@ -414,7 +426,7 @@ fn plan(args: &PolicyArgs) -> i32 {
     };
     match BootPlan::new(
         &loaded.policy,
-        &facts(&loaded, crate::lockdown::Shape::Pid1),
+        &facts(&loaded, crate::lockdown::Shape::Pid1, false),
     ) {
         Ok(plan) => print_json(&serde_json::json!({
             "policy_digest": loaded.policy_digest,
@@ -458,7 +470,7 @@ fn attest_dry_run(args: &AttestArgs) -> i32 {
             }
         }
     }
-    let facts = facts(&loaded, crate::lockdown::Shape::Pid1);
+    let facts = facts(&loaded, crate::lockdown::Shape::Pid1, false);
     match crate::dryrun::attest(&loaded, &facts, &RealSys::default(), &extra) {
         Ok((report, all_released)) => {
             let code = print_json(&report);
@@ -519,7 +531,7 @@ fn reference_values(args: &ReferenceArgs) -> i32 {
             return 2;
         }
     };
-    let mut facts = facts(&loaded, crate::lockdown::Shape::Pid1);
+    let mut facts = facts(&loaded, crate::lockdown::Shape::Pid1, false);
     facts.cmdline_path = args.cmdline.clone();
     match crate::dryrun::reference_values(&loaded, &facts, &RealSys::default()) {
         Ok(values) => print_json(&values),
@@ -561,7 +573,8 @@ fn console_audit() -> Audit {
     )
 }
 
-fn init(args: &PolicyArgs) -> i32 {
+fn init(init_args: &InitArgs) -> i32 {
+    let args = &init_args.policy;
     let sys = RealSys::default();
     let pid1 = std::process::id() == 1;
     if !pid1 {
@@ -603,10 +616,34 @@ fn init(args: &PolicyArgs) -> i32 {
             crate::launch::shutdown(&sys, action, 2);
         }
     };
+    let in_sandbox = !crate::sys::Sys::in_initial_pid_namespace(&sys);
+    let sandbox_problem = match (init_args.sandbox, in_sandbox) {
+        (true, false) => Some(
+            "--sandbox was given, but this is the PID 1 of a real boot (the initial PID \
+             namespace): a real boot applies every lockdown setting; remove --sandbox",
+        ),
+        (false, true) if loaded.policy.lockdown.is_some() => Some(
+            "this PID 1 runs in a sandbox PID namespace and the policy has [lockdown], whose \
+             kernel settings are host-wide: pass --sandbox to skip them (tests, demo), or boot \
+             the VM",
+        ),
+        _ => None,
+    };
+    if let Some(problem) = sandbox_problem {
+        let _ = writeln!(std::io::stderr().lock(), "error: {problem}");
+        // In a sandbox, shutdown() exits instead of powering anything off.
+        crate::launch::shutdown(&sys, policy::FailureAction::Poweroff, 2);
+    }
     let audit = open_audit(&loaded);
     install_hook(&audit, pid1);
     let action = loaded.policy.on_failure;
-    let shutdown = match prepare(&loaded, &sys, &audit, crate::lockdown::Shape::Pid1) {
+    let shutdown = match prepare(
+        &loaded,
+        &sys,
+        &audit,
+        crate::lockdown::Shape::Pid1,
+        init_args.sandbox,
+    ) {
         Ok(ready) => boot::run_init(&ready, &RealLauncher, &sys, &audit, action),
         Err(error) => {
             print_error(&error);
@@ -627,7 +664,13 @@ fn run(args: &PolicyArgs) -> i32 {
     };
     let audit = open_audit(&loaded);
     install_hook(&audit, false);
-    match prepare(&loaded, &sys, &audit, crate::lockdown::Shape::Systemd) {
+    match prepare(
+        &loaded,
+        &sys,
+        &audit,
+        crate::lockdown::Shape::Systemd,
+        false,
+    ) {
         Ok(ready) => boot::run_unit(&ready, &RealLauncher, &audit),
         Err(error) => {
             print_error(&error);
@@ -645,6 +688,7 @@ fn prepare(
     sys: &RealSys,
     audit: &Audit,
     shape: crate::lockdown::Shape,
+    sandbox: bool,
 ) -> Result<boot::Ready, boot::BootError> {
     use crate::keybroker::{client_config, open_provider, RealBroker};
     let attestation = &loaded.policy.attestation;
@@ -678,7 +722,7 @@ fn prepare(
         lockdown: &crate::lockdown::RealLockdownSys,
         lockdown_paths: &crate::lockdown::Paths::default(),
     };
-    boot::prepare(loaded, &facts(loaded, shape), env)
+    boot::prepare(loaded, &facts(loaded, shape, sandbox), env)
 }
 
 fn install_hook(audit: &Audit, pid1: bool) {

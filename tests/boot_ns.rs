@@ -320,3 +320,56 @@ while :; do sleep 0.1; done"#,
     assert_eq!(event_of(last), ("shutdown", "exit"));
     assert_eq!(last["details"]["code"], 42);
 }
+
+/// `init` with a `[lockdown]` policy: refused in a sandbox unless `--sandbox` says so (the
+/// kernel settings are host-wide); with `--sandbox` the host-wide settings are skipped and
+/// recorded, and the perimeter and allowlist rulesets are applied for real in the
+/// namespace's own network stack.
+#[test]
+fn lockdown_in_a_sandbox_needs_the_flag_and_skips_host_settings() {
+    let setup = Setup::new("exit 0");
+    setup.write_default_policy("");
+    let mut policy = std::fs::read_to_string(setup.policy_path()).unwrap();
+    policy.push_str(
+        "\n[lockdown]\nconsoles = \"off\"\nkernel_lockdown = \"confidentiality\"\n\n[network]\ninbound = [{ port = 8002 }]\n",
+    );
+    std::fs::write(setup.policy_path(), &policy).unwrap();
+
+    let outcome = setup.start().finish();
+    assert_eq!(outcome.code, Some(2), "{outcome:#?}");
+    assert!(!outcome.ran());
+    assert!(
+        outcome.stderr.contains("pass --sandbox to skip them"),
+        "{}",
+        outcome.stderr
+    );
+
+    let mut command = common::unshare(&["--net", "--uts"]);
+    command
+        .arg(BIN)
+        .args(["init", "--sandbox", "--policy"])
+        .arg(setup.policy_path());
+    let outcome = Run::spawn(command, RUN_LIMIT).finish();
+    assert_eq!(outcome.code, Some(0), "{outcome:#?}");
+    assert!(outcome.ran());
+    let records = setup.records();
+    let perimeter = records
+        .iter()
+        .find(|r| event_of(r) == ("perimeter", "ok"))
+        .unwrap();
+    assert_eq!(perimeter["details"]["firewall"]["phase"], "perimeter");
+    assert!(perimeter["details"]["sandbox_skipped"]["settings"]
+        .to_string()
+        .contains("sysctls"));
+    let allowlist = records
+        .iter()
+        .find(|r| event_of(r) == ("allowlist", "ok"))
+        .unwrap();
+    assert_eq!(allowlist["details"]["firewall"]["phase"], "allowlist");
+    assert!(allowlist["details"].get("modules_disabled").is_none());
+    let start = records
+        .iter()
+        .find(|r| event_of(r) == ("boot", "start"))
+        .unwrap();
+    assert_eq!(start["details"]["sandbox"], true);
+}

@@ -494,6 +494,8 @@ fn boot(netns: &Netns, bin: &Path, policy: &Path) -> Result<Output> {
     ])
     .arg(bin)
     .arg("init")
+    // A sandbox PID namespace: host-wide lockdown settings are skipped (and recorded so).
+    .arg("--sandbox")
     .arg("--policy")
     .arg(policy);
     eprintln!("$ {}", show(&cmd));
