@@ -211,6 +211,13 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
             Ok(details) => {
                 log::info!("stage {name}: ok");
                 record(audit, name, "ok", details)?;
+                if stage == StageName::Perimeter {
+                    // systemd (Type=notify): units ordered after cvm-warden start now, behind
+                    // the perimeter. Not fatal: without a service manager nothing listens.
+                    if let Err(error) = env.sys.notify_ready("perimeter up; measuring") {
+                        log::warn!("cannot notify the service manager: {error}");
+                    }
+                }
             }
             Err(source) => {
                 let error = BootError::Stage {
@@ -600,8 +607,12 @@ mod tests {
             recs.iter().all(|r| r["insecure"] == json!(true)),
             "{recs:#?}"
         );
-        // initramfs: measured in place, no mount of any kind.
-        assert_eq!(sys.calls(), Vec::<SysCall>::new());
+        // initramfs: measured in place, no mount of any kind; the service manager is told
+        // once the perimeter is up.
+        assert_eq!(
+            sys.calls(),
+            [SysCall::NotifyReady("perimeter up; measuring".to_string())]
+        );
         // The event log ends with the separator, and the launch/ok record names it.
         let last = ready.event_log.events().last().unwrap();
         assert_eq!(last.kind, EventKind::Separator);
@@ -807,6 +818,7 @@ mod tests {
         assert_eq!(
             sys.calls(),
             vec![
+                SysCall::NotifyReady("perimeter up; measuring".to_string()),
                 SysCall::MkdirAll(copy.clone()),
                 SysCall::MountTmpfs {
                     target: copy.clone(),
@@ -1065,7 +1077,7 @@ mod tests {
     fn broker_policy(fixture: &Fixture) -> String {
         fixture.policy("").replacen(
             "attestation = \"none\"",
-            "attestation = { tee = \"sample\", kbs = \"http://127.0.0.1:9\", insecure_sample = true, insecure_http = true }\n\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/client-key\"\n",
+            "attestation = { tee = \"sample\", kbs = \"http://127.0.0.1:9\", insecure_sample = true, insecure_http = true }\n\n[network]\n\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/client-key\"\n",
             1,
         )
     }

@@ -563,6 +563,8 @@ FL_SERVER = "localhost:8002"
 tee = "snp"
 kbs = "https://kbs.placeholder:8999"
 kbs_ca = "/etc/cvm-warden/kbs-ca.pem"
+
+[network]
 "#;
 
 #[test]
@@ -649,7 +651,7 @@ fn minimal_policy_gets_the_defaults() {
 #[test]
 fn copy_source_and_on_failure_restart_get_their_defaults() {
     let policy = format!(
-        "{}\n[attestation]\ntee = \"sample\"\nkbs = \"http://127.0.0.1:8080\"\ninsecure_sample = true\ninsecure_http = true\n",
+        "{}\n[attestation]\ntee = \"sample\"\nkbs = \"http://127.0.0.1:8080\"\ninsecure_sample = true\ninsecure_http = true\n\n[network]\n",
         minimal_with("source = \"initramfs\"", "source = \"copy\"\nrestart = \"on-failure\"")
             .replace("attestation = \"none\"\n", "")
     );
@@ -1148,7 +1150,7 @@ fn secret_shape_is_checked() {
     let broker =
         "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }";
     let policy = format!(
-        "{}\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/key\"\n\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/a b\"\n\n[[secret]]\nname = \"../x\"\n\n[[secret]]\nresource = \"kbs:///r/t/x\"\n",
+        "{}\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/key\"\n\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/a b\"\n\n[[secret]]\nname = \"../x\"\n\n[[secret]]\nresource = \"kbs:///r/t/x\"\n\n[network]\n",
         minimal_with("attestation = \"none\"", broker)
     );
     assert_eq!(
@@ -1172,7 +1174,7 @@ fn tees_without_a_runtime_register_need_a_pinned_digest() {
         let policy = minimal_with(
             "attestation = \"none\"",
             &format!("attestation = {{ tee = \"{tee}\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }}"),
-        );
+        ) + "\n[network]\n";
         assert_eq!(
             error_of(&policy),
             format!("workload.digest: missing; tee = \"{tee}\" has no runtime register, so the key broker cannot see the bundle; pin the bundle digest (cvm-warden measure prints it) so a changed bundle stops the boot before keys are asked for")
@@ -1188,14 +1190,14 @@ fn tees_without_a_runtime_register_need_a_pinned_digest() {
     let tpm = minimal_with(
         "attestation = \"none\"",
         "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }",
-    );
+    ) + "\n[network]\n";
     parse(&tpm, None, &users()).unwrap();
 }
 
 #[test]
 fn only_the_integrity_mode_the_volume_code_formats_is_accepted() {
     let policy = format!(
-        "{}\n[[volume]]\nname = \"w\"\ndevice = \"/dev/vdb\"\nkey = \"kbs:///a/b/c\"\nmount = \"/w\"\nintegrity = \"hmac-sha512\"\n",
+        "{}\n[[volume]]\nname = \"w\"\ndevice = \"/dev/vdb\"\nkey = \"kbs:///a/b/c\"\nmount = \"/w\"\nintegrity = \"hmac-sha512\"\n\n[network]\n",
         minimal_with(
             "attestation = \"none\"",
             "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }"
@@ -1204,5 +1206,17 @@ fn only_the_integrity_mode_the_volume_code_formats_is_accepted() {
     assert_eq!(
         error_of(&policy),
         "volume[0].integrity: \"hmac-sha512\" is not an integrity mode; write \"hmac-sha256\" (dm-integrity with HMAC-SHA-256), or remove it"
+    );
+}
+
+#[test]
+fn a_key_broker_needs_the_network_perimeter() {
+    let policy = minimal_with(
+        "attestation = \"none\"",
+        "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }",
+    );
+    assert_eq!(
+        error_of(&policy),
+        "network: missing; a key broker is configured, so the default-deny perimeter must be up before any key is asked for; add a [network] table (with no inbound or outbound entries only the broker is reachable during the boot, and nothing afterwards)"
     );
 }

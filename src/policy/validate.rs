@@ -304,6 +304,12 @@ pub(crate) fn validate(
             );
         }
     }
+    if matches!(attestation, Some(Attestation::Broker { .. })) && raw.network.is_none() {
+        c.missing(
+            "network",
+            "a key broker is configured, so the default-deny perimeter must be up before any key is asked for; add a [network] table (with no inbound or outbound entries only the broker is reachable during the boot, and nothing afterwards)",
+        );
+    }
     let network = raw.network.as_ref().and_then(|n| network(&mut c, n));
     let lockdown = raw.lockdown.as_ref().and_then(|l| lockdown(&mut c, l));
     let audit = audit(&mut c, raw.audit.as_ref());

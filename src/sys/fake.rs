@@ -46,6 +46,8 @@ pub enum SysCall {
     Sync,
     /// [`Sys::power_off`].
     PowerOff(FailureAction),
+    /// [`Sys::notify_ready`].
+    NotifyReady(String),
     /// [`Sys::write_private`]: the length and SHA-256 of the data, never the bytes.
     WritePrivate {
         /// The file.
@@ -74,6 +76,7 @@ impl SysCall {
             SysCall::Sync => Op::Sync,
             SysCall::PowerOff(_) => Op::PowerOff,
             SysCall::WritePrivate { .. } => Op::WritePrivate,
+            SysCall::NotifyReady(_) => Op::NotifyReady,
         }
     }
 }
@@ -99,6 +102,8 @@ pub enum Op {
     PowerOff,
     /// [`Sys::write_private`].
     WritePrivate,
+    /// [`Sys::notify_ready`].
+    NotifyReady,
 }
 
 #[derive(Debug, Default)]
@@ -330,6 +335,13 @@ impl Sys for FakeSys {
 
     fn pid(&self) -> u32 {
         self.pid
+    }
+
+    fn notify_ready(&self, status: &str) -> std::io::Result<bool> {
+        match self.record(SysCall::NotifyReady(status.to_owned())) {
+            Some(errno) => Err(std::io::Error::from_raw_os_error(errno as i32)),
+            None => Ok(true),
+        }
     }
 
     fn write_private(&self, path: &Path, data: &[u8], uid: u32, gid: u32) -> Result<(), SysError> {

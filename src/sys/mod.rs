@@ -217,6 +217,10 @@ pub trait Sys {
     /// Creates `path` (which must not exist; symlinks are not followed) with mode 0400,
     /// owned by `uid:gid`, writes `data` and syncs it. On failure the file is removed.
     fn write_private(&self, path: &Path, data: &[u8], uid: u32, gid: u32) -> Result<(), SysError>;
+    /// Tells the service manager (systemd `Type=notify`, through `$NOTIFY_SOCKET`) that the
+    /// unit is up: after the perimeter, so units ordered after cvm-warden start only behind
+    /// it. Best effort: no socket, nothing to do; a failure is returned for the log.
+    fn notify_ready(&self, status: &str) -> std::io::Result<bool>;
 }
 
 /// The real system. Paths under `/proc` are injectable for tests.
@@ -341,6 +345,10 @@ impl Sys for RealSys {
         std::process::id()
     }
 
+    fn notify_ready(&self, status: &str) -> std::io::Result<bool> {
+        sd_notify(&format!("READY=1\nSTATUS={status}\n"))
+    }
+
     fn write_private(&self, path: &Path, data: &[u8], uid: u32, gid: u32) -> Result<(), SysError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
@@ -368,6 +376,29 @@ impl Sys for RealSys {
         }
         Ok(())
     }
+}
+
+/// Sends `state` to `$NOTIFY_SOCKET` (a path, or `@name` for an abstract socket), as
+/// sd_notify(3) does. `Ok(false)` when the variable is not set.
+pub fn sd_notify(state: &str) -> std::io::Result<bool> {
+    match std::env::var_os("NOTIFY_SOCKET") {
+        Some(target) => notify_socket(&target, state).map(|()| true),
+        None => Ok(false),
+    }
+}
+
+/// Sends `state` to the notification socket `target` (a path, or `@name`: abstract).
+pub fn notify_socket(target: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    let bytes = target.as_encoded_bytes();
+    if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        socket.send_to_addr(state.as_bytes(), &addr)?;
+    } else {
+        socket.send_to(state.as_bytes(), Path::new(target))?;
+    }
+    Ok(())
 }
 
 /// `mode=…` option of a tmpfs (octal, as mount(8) writes it).
@@ -505,6 +536,28 @@ broken
             ..RealSys::default()
         };
         assert!(!sys.in_initial_pid_namespace());
+    }
+
+    #[test]
+    fn notifications_reach_path_and_abstract_sockets() {
+        use std::os::linux::net::SocketAddrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let listener = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        notify_socket(path.as_os_str(), "READY=1\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\n");
+
+        let name = format!("cvm-warden-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let listener = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+        notify_socket(std::ffi::OsStr::new(&format!("@{name}")), "READY=1\nSTATUS=x\n").unwrap();
+        let n = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=x\n");
+
+        let missing = dir.path().join("nobody-listens");
+        assert!(notify_socket(missing.as_os_str(), "READY=1\n").is_err());
     }
 
     #[test]
