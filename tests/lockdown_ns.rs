@@ -142,7 +142,16 @@ mod inside {
             None::<&str>,
         )
         .unwrap();
-        write(&paths.passwd, "root:x:0:0:root:/root:/bin/sh\n");
+        // pam_unix uses a hash in /etc/passwd itself; read-only, it cannot be locked.
+        let root_field = if scenario == "passwd-hash" {
+            "$6$s$h"
+        } else {
+            "x"
+        };
+        write(
+            &paths.passwd,
+            &format!("root:{root_field}:0:0:root:/root:/bin/sh\n"),
+        );
         write(&paths.shadow, "root:$6$s$h:1::::::\n");
         nix::mount::mount(
             None::<&str>,
@@ -153,7 +162,7 @@ mod inside {
         )
         .unwrap();
         match scenario {
-            "fresh" => {}
+            "fresh" | "passwd-hash" => {}
             "remount" => {
                 // /tmp already a tmpfs, but without nosuid,nodev, and noexec to be kept.
                 nix::mount::mount(
@@ -199,7 +208,7 @@ mod inside {
     }
 }
 
-fn run_scenario(scenario: &str) -> (Value, tempfile::TempDir) {
+fn spawn_scenario(scenario: &str) -> (common::Outcome, tempfile::TempDir) {
     common::require_root(
         "lockdown_ns",
         "it mounts tmpfs in a private mount namespace",
@@ -216,7 +225,11 @@ fn run_scenario(scenario: &str) -> (Value, tempfile::TempDir) {
         ])
         .env(SCENARIO_ENV, scenario)
         .env(DIR_ENV, dir.path());
-    let outcome = Run::spawn(command, RUN_LIMIT).finish();
+    (Run::spawn(command, RUN_LIMIT).finish(), dir)
+}
+
+fn run_scenario(scenario: &str) -> (Value, tempfile::TempDir) {
+    let (outcome, dir) = spawn_scenario(scenario);
     assert_eq!(outcome.code, Some(0), "{outcome:#?}");
     let report = outcome
         .lines
@@ -292,6 +305,27 @@ fn tmp_gets_a_real_nosuid_nodev_tmpfs_and_the_console_and_stdin_are_closed() {
     assert_eq!(check(&report, "root password")["state"], "skipped");
     assert_eq!(check(&report, "login shells")["state"], "skipped");
     assert_not_mounted_on_host(&tmp);
+}
+
+#[test]
+fn a_root_hash_in_a_read_only_passwd_fails_closed() {
+    // Shadow's hash on a read-only /etc is skipped (the fresh scenario); a hash in passwd
+    // is what pam_unix checks, and it cannot be locked there: the boot stops.
+    let (outcome, dir) = spawn_scenario("passwd-hash");
+    assert_eq!(outcome.code, Some(1), "{outcome:#?}");
+    let error = outcome
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("ERROR "))
+        .unwrap_or_else(|| panic!("no error: {outcome:#?}"));
+    assert!(
+        error.contains(
+            "root password wanted locked, actual usable password in passwd (read-only /etc: \
+             cannot be locked)"
+        ),
+        "{error}"
+    );
+    assert_not_mounted_on_host(&dir.path().join("tmp"));
 }
 
 #[test]

@@ -15,7 +15,7 @@ const UNITS: [&str; 2] = ["cvm-warden.service", "examples/nvflare-client.service
 
 /// The units the drop-ins forbid (the units cvm-warden masks at runtime,
 /// `lockdown::MASKED_UNITS`), and the instance `verify` loads for each template.
-const FORBIDDEN: [(&str, &str); 13] = [
+const FORBIDDEN: [(&str, &str); 15] = [
     ("getty@.service", "getty@tty1.service"),
     ("serial-getty@.service", "serial-getty@ttyS0.service"),
     ("console-getty.service", "console-getty.service"),
@@ -26,6 +26,9 @@ const FORBIDDEN: [(&str, &str); 13] = [
     ("sshd.service", "sshd.service"),
     ("ssh.socket", "ssh.socket"),
     ("sshd.socket", "sshd.socket"),
+    // Debian's per-connection instances (ssh.socket with Accept=yes); the stub is a service.
+    ("ssh@.service", "ssh@0.service"),
+    ("sshd@.service", "sshd@0.service"),
     ("rescue.service", "rescue.service"),
     ("emergency.service", "emergency.service"),
     ("ctrl-alt-del.target", "ctrl-alt-del.target"),

@@ -60,6 +60,40 @@ pub fn lock_root_password(shadow: &str) -> Result<Option<String>, String> {
     Ok(Some(text))
 }
 
+/// `passwd` with root's password field locked (`!` prefixed) where it holds a hash: pam_unix
+/// reads `/etc/shadow` only when that field is `x`, and uses the field itself otherwise (an
+/// empty field is an empty password). `Ok(None)`: nothing to lock (`x`, already starting
+/// with `!`, or no root line); fails when root is listed twice.
+pub fn lock_root_in_passwd(passwd: &str) -> Result<Option<String>, String> {
+    let mut found = false;
+    let mut changed = false;
+    let mut lines: Vec<String> = Vec::new();
+    for line in passwd.lines() {
+        let mut fields: Vec<String> = line.split(':').map(str::to_owned).collect();
+        if fields.first().map(String::as_str) == Some("root") && fields.len() >= 2 {
+            if found {
+                return Err("root is listed twice".to_owned());
+            }
+            found = true;
+            if fields[1] != "x" && !fields[1].starts_with('!') {
+                fields[1] = format!("!{}", fields[1]);
+                lines.push(fields.join(":"));
+                changed = true;
+                continue;
+            }
+        }
+        lines.push(line.to_owned());
+    }
+    if !changed {
+        return Ok(None);
+    }
+    let mut text = lines.join("\n");
+    if passwd.ends_with('\n') {
+        text.push('\n');
+    }
+    Ok(Some(text))
+}
+
 /// `passwd` with every login shell replaced by [`NOLOGIN`], and root's password field locked
 /// when it holds a hash there (no shadow entry, i.e. not `x`). Returns the new text and the
 /// accounts changed (empty: nothing to do). Lines that are not 7 colon-separated fields
@@ -106,7 +140,7 @@ pub(crate) fn login_accounts(passwd: &str) -> Vec<String> {
         .collect()
 }
 
-/// Root's password field: from `shadow` when present, else from `passwd`.
+/// Root's password field (field 2 of the first `root` line) of a shadow or passwd text.
 pub(crate) fn root_password_field(text: &str) -> Option<String> {
     text.lines().find_map(|line| {
         let mut fields = line.split(':');

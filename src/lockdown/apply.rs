@@ -8,13 +8,16 @@ use std::time::Duration;
 use nix::mount::MsFlags;
 use serde::Serialize;
 
-use super::accounts::{lock_root_password, nologin_shells, write_atomic};
+use super::accounts::{lock_root_in_passwd, lock_root_password, nologin_shells, write_atomic};
 use super::check::{self_check, Check};
 use super::effects::{CommandOutput, LockdownSys};
 use super::error::LockdownError;
 use super::kmod::{compression, module_name, ModuleIndex};
 use super::mountinfo;
-use super::{lockdown_rank, parse_lockdown, LockdownPlan, Paths, Shape, Sysctl};
+use super::{
+    load_state_probe, lockdown_rank, parse_lockdown, LockdownPlan, Paths, Shape, Sysctl,
+    MANAGER_CONF,
+};
 
 /// What one step did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -115,6 +118,11 @@ pub fn apply(
             lock_root_password(text)
         })?;
         steps.push("root password", "locked", outcome);
+        // pam_unix uses a hash in /etc/passwd itself (the field is not `x`): lock it there too.
+        let outcome = edit_account_file(&paths.passwd, "lock root's password", |text| {
+            lock_root_in_passwd(text)
+        })?;
+        steps.push("root password in passwd", "locked", outcome);
     }
     if plan.nologin_shells {
         let mut changed = Vec::new();
@@ -133,9 +141,29 @@ pub fn apply(
     for unit in &plan.masks {
         mask(unit, paths, &mut steps)?;
     }
-    if plan.stop_units {
+    let mut reexec = false;
+    if plan.burst_action_off() {
+        write_manager_conf(paths, &mut steps)?;
+        // Only a re-executed manager reads system.conf.d; skip it when this one already has it.
+        reexec = burst_action(sys).as_deref() != Some(BURST_OFF);
+    }
+    if reexec {
+        // Re-execution reloads the units too (the masks above).
+        run_checked(sys, "systemctl", &["daemon-reexec"])?;
+        let now = wait_burst_action(sys);
+        steps.push(
+            "systemd",
+            format!(
+                "daemon-reexec (CtrlAltDelBurstAction {})",
+                now.as_deref().unwrap_or("unreadable")
+            ),
+            Outcome::Applied,
+        );
+    } else if plan.stop_units {
         run_checked(sys, "systemctl", &["daemon-reload"])?;
         steps.push("systemd", "daemon-reload", Outcome::Applied);
+    }
+    if plan.stop_units {
         let running = active_units(sys, &plan.masks)?;
         if running.is_empty() {
             steps.push("running gettys and ssh", "none", Outcome::AlreadySet);
@@ -557,7 +585,7 @@ fn edit_account_file(
 }
 
 fn mask(unit: &str, paths: &Paths, steps: &mut Steps) -> Result<(), LockdownError> {
-    let link = paths.systemd_runtime.join(unit);
+    let link = paths.systemd_control.join(unit);
     let fail = |source| LockdownError::Mask {
         unit: unit.to_owned(),
         path: link.clone(),
@@ -567,9 +595,9 @@ fn mask(unit: &str, paths: &Paths, steps: &mut Steps) -> Result<(), LockdownErro
         steps.push(format!("mask {unit}"), "/dev/null", Outcome::AlreadySet);
         return Ok(());
     }
-    std::fs::create_dir_all(&paths.systemd_runtime).map_err(fail)?;
+    std::fs::create_dir_all(&paths.systemd_control).map_err(fail)?;
     // A new link renamed over whatever is there: the mask appears in one step.
-    let tmp = paths.systemd_runtime.join(format!(".{unit}.cvm-warden"));
+    let tmp = paths.systemd_control.join(format!(".{unit}.cvm-warden"));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink("/dev/null", &tmp).map_err(fail)?;
     if let Err(source) = std::fs::rename(&tmp, &link) {
@@ -578,6 +606,96 @@ fn mask(unit: &str, paths: &Paths, steps: &mut Steps) -> Result<(), LockdownErro
     }
     steps.push(format!("mask {unit}"), "/dev/null", Outcome::Applied);
     Ok(())
+}
+
+/// The value systemd's Ctrl-Alt-Del burst must have.
+pub(crate) const BURST_OFF: &str = "none";
+
+/// Writes [`MANAGER_CONF`] to [`Paths::manager_conf`] (atomically: a new file renamed over
+/// whatever is there), unless it already holds exactly that.
+fn write_manager_conf(paths: &Paths, steps: &mut Steps) -> Result<(), LockdownError> {
+    const SETTING: &str = "systemd CtrlAltDelBurstAction";
+    let path = &paths.manager_conf;
+    let fail = |source| LockdownError::ManagerConf {
+        path: path.clone(),
+        source,
+    };
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+        && std::fs::read_to_string(path).is_ok_and(|text| text == MANAGER_CONF)
+    {
+        steps.push(SETTING, BURST_OFF, Outcome::AlreadySet);
+        return Ok(());
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.cvm-warden"));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        file.write_all(MANAGER_CONF.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(source) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail(source));
+    }
+    steps.push(SETTING, BURST_OFF, Outcome::Applied);
+    Ok(())
+}
+
+/// `systemctl show -p <property> --value <unit…>`, trimmed; `Err` with the reason when it
+/// cannot be run or fails.
+pub(crate) fn show(
+    sys: &dyn LockdownSys,
+    property: &str,
+    unit: Option<&str>,
+) -> Result<String, String> {
+    let mut args = vec!["show", "-p", property, "--value"];
+    args.extend(unit);
+    match run_checked(sys, "systemctl", &args) {
+        Ok(output) => Ok(output.stdout.trim().to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The manager's `CtrlAltDelBurstAction`, `None` when systemctl cannot tell.
+pub(crate) fn burst_action(sys: &dyn LockdownSys) -> Option<String> {
+    show(sys, "CtrlAltDelBurstAction", None).ok()
+}
+
+/// `LoadState` of the unit systemd loads for `unit` ([`load_state_probe`]).
+pub(crate) fn load_state(sys: &dyn LockdownSys, unit: &str) -> Result<String, String> {
+    show(sys, "LoadState", Some(&load_state_probe(unit)))
+}
+
+/// How often, and how long apart, the manager is asked while it re-executes.
+const REEXEC_POLLS: u32 = 20;
+const REEXEC_POLL_GAP: Duration = Duration::from_millis(250);
+
+/// Waits until the re-executed manager answers with the burst off (at most ~5 s); the last
+/// answer. The self-check decides.
+fn wait_burst_action(sys: &dyn LockdownSys) -> Option<String> {
+    let mut last = None;
+    for _ in 0..REEXEC_POLLS {
+        last = burst_action(sys);
+        if last.as_deref() == Some(BURST_OFF) {
+            break;
+        }
+        sys.pause(REEXEC_POLL_GAP);
+    }
+    last
 }
 
 fn command_line(program: &str, args: &[&str]) -> String {

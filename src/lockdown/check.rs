@@ -6,10 +6,15 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::accounts::{login_accounts, password_locked, root_password_field};
-use super::apply::{active_units, module_index, module_loaded, no_console, sessions};
+use super::apply::{
+    active_units, burst_action, load_state, module_index, module_loaded, no_console, sessions,
+    BURST_OFF,
+};
 use super::effects::LockdownSys;
 use super::error::{LockdownError, Mismatch};
-use super::{lockdown_rank, mountinfo, parse_lockdown, LockdownPlan, Paths};
+use super::{
+    load_state_probe, lockdown_rank, mountinfo, parse_lockdown, LockdownPlan, Paths, MANAGER_CONF,
+};
 
 /// How a read-back came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -128,7 +133,10 @@ pub fn self_check(
         checks.push(shells_check(paths));
     }
     for unit in &plan.masks {
-        checks.push(mask_check(paths, unit));
+        checks.push(mask_check(paths, sys, unit));
+    }
+    if plan.burst_action_off() {
+        checks.extend(burst_checks(paths, sys));
     }
     if plan.stop_units {
         let running = active_units(sys, &plan.masks)?;
@@ -264,13 +272,27 @@ fn root_check(paths: &Paths) -> Check {
     const SETTING: &str = "root password";
     let shadow = read(&paths.shadow);
     let passwd = read(&paths.passwd);
-    let field = shadow.as_deref().and_then(root_password_field).or_else(|| {
-        passwd
-            .as_deref()
-            .and_then(root_password_field)
-            .filter(|f| f != "x")
-    });
-    match field {
+    // pam_unix reads /etc/shadow only when root's passwd field is `x`; any other value (a
+    // hash, an empty password) is what a login is checked against.
+    if let Some(field) = passwd
+        .as_deref()
+        .and_then(root_password_field)
+        .filter(|f| f != "x")
+    {
+        return if password_locked(&field) {
+            check(SETTING, "locked", "locked (in passwd)", true)
+        } else if read_only(&paths.passwd) {
+            check(
+                SETTING,
+                "locked",
+                "usable password in passwd (read-only /etc: cannot be locked)",
+                false,
+            )
+        } else {
+            check(SETTING, "locked", "usable password in passwd", false)
+        };
+    }
+    match shadow.as_deref().and_then(root_password_field) {
         None if shadow.is_none() && passwd.is_none() => with_state(
             SETTING,
             "locked",
@@ -312,43 +334,149 @@ fn shells_check(paths: &Paths) -> Check {
     }
 }
 
-fn mask_check(paths: &Paths, unit: &str) -> Check {
-    let actual = match std::fs::read_link(paths.systemd_runtime.join(unit)) {
+/// The mask link in `/run/systemd/system.control` and what systemd made of it: the
+/// `LoadState` of the unit (of an instance for a template) must be `masked`, so a unit file
+/// in a directory ranked higher, or a mask never loaded, fails.
+fn mask_check(paths: &Paths, sys: &dyn LockdownSys, unit: &str) -> Check {
+    let link = match std::fs::read_link(paths.systemd_control.join(unit)) {
         Ok(target) => target.display().to_string(),
         Err(_) => "not masked".to_owned(),
     };
+    let probe = load_state_probe(unit);
+    let state = load_state(sys, unit).unwrap_or_else(|e| format!("unknown ({e})"));
     check(
         format!("mask {unit}"),
-        "/dev/null",
-        &actual,
-        actual == "/dev/null",
+        &format!("/dev/null, {probe} masked"),
+        &format!("{link}, {probe} {state}"),
+        link == "/dev/null" && state == "masked",
     )
 }
 
-/// The state of every lockdown setting on this machine, from files only (no commands, no
-/// plan): `kernel` (sysctls, swap, `/tmp`, Ctrl-Alt-Del) with `ok` true when none failed,
-/// `kernel_lockdown` (the active mode, or `null` without the LSM), `accounts` (root password,
-/// login shells), `systemd_masks`. For `cvm-warden lockdown status`.
+/// The manager drop-in on disk and the manager's `CtrlAltDelBurstAction`.
+fn burst_checks(paths: &Paths, sys: &dyn LockdownSys) -> [Check; 2] {
+    let file = paths.manager_conf.display().to_string();
+    let conf = match std::fs::symlink_metadata(&paths.manager_conf) {
+        Ok(meta) if meta.file_type().is_file() => {
+            match std::fs::read_to_string(&paths.manager_conf) {
+                Ok(text) if text == MANAGER_CONF => "CtrlAltDelBurstAction=none".to_owned(),
+                Ok(text) => format!("other content {:?}", text.trim()),
+                Err(e) => format!("unreadable: {e}"),
+            }
+        }
+        Ok(_) => "not a regular file".to_owned(),
+        Err(_) => "absent".to_owned(),
+    };
+    let ok = conf == "CtrlAltDelBurstAction=none";
+    let action = burst_action(sys).unwrap_or_else(|| "unknown (systemctl failed)".to_owned());
+    [
+        check(file, "CtrlAltDelBurstAction=none", &conf, ok),
+        check(
+            "systemd CtrlAltDelBurstAction",
+            BURST_OFF,
+            &action,
+            action == BURST_OFF,
+        ),
+    ]
+}
+
+/// Marks a check that does not apply in this machine's shape as skipped, keeping what was
+/// read.
+fn not_applicable(mut c: Check, why: &str) -> Check {
+    if c.state != CheckState::NotAvailable {
+        c.state = CheckState::Skipped;
+        c.actual = format!("{} ({why})", c.actual);
+    }
+    c
+}
+
+/// [`status_with`] on the real system ([`super::RealLockdownSys`]), for
+/// `cvm-warden lockdown status`.
 pub fn status(paths: &Paths) -> serde_json::Value {
+    status_with(paths, &super::RealLockdownSys)
+}
+
+/// The state of every lockdown setting on this machine, without a plan: the checks of the
+/// shape this machine runs in — systemd when [`Paths::systemd_runtime`] is a directory
+/// (`sd_booted()`), PID 1 otherwise — as JSON:
+///
+/// - `kernel`: the sysctls, swap, `/tmp`, Ctrl-Alt-Del and `kernel lockdown` (wanted
+///   `integrity` or stricter; not available without the lockdown LSM, since the policy that
+///   may ask for more is not known here);
+/// - `kernel_lockdown`: the active mode, or `null` without the LSM;
+/// - `accounts`: root password and login shells (PID 1 shape; in the systemd shape logins are
+///   shut by the masks, so these are read but skipped, with the reason);
+/// - `systemd_masks`: every unit of [`super::MASKED_UNITS`] (link and `LoadState` through
+///   `systemctl show`), the manager drop-in and `CtrlAltDelBurstAction` (systemd shape; in the
+///   PID 1 shape there is no systemd: links read, skipped, no command run);
+/// - `failed`: every check whose state is `failed`;
+/// - `ok`: `true` exactly when no check anywhere in the output has the state `failed`.
+///   `not-available` (the kernel or system lacks the feature) and `skipped` (does not apply
+///   in this shape, or a read-only file the lockdown may not edit) never make it false.
+pub fn status_with(paths: &Paths, sys: &dyn LockdownSys) -> serde_json::Value {
     let policy = crate::policy::Lockdown {
         consoles: "off".to_owned(),
-        kernel_lockdown: None,
+        kernel_lockdown: Some("integrity".to_owned()),
         modules: Vec::new(),
     };
+    let systemd = paths.systemd_runtime.is_dir();
+    let shape = if systemd {
+        super::Shape::Systemd
+    } else {
+        super::Shape::Pid1
+    };
     let full = super::plan(&policy, super::Shape::Systemd);
-    let kernel = kernel_checks(&full, paths);
-    let ok = kernel.iter().all(|c| c.state != CheckState::Failed);
+    let lockdown_text = read(&paths.lockdown());
+    let mut kernel = kernel_checks(&full, paths);
+    if lockdown_text.is_none() {
+        for c in kernel.iter_mut().filter(|c| c.setting == "kernel lockdown") {
+            c.state = CheckState::NotAvailable;
+            c.actual = "no lockdown LSM".to_owned();
+        }
+    }
+    let mut accounts = vec![root_check(paths), shells_check(paths)];
+    let mut masks: Vec<Check>;
+    if systemd {
+        accounts = accounts
+            .into_iter()
+            .map(|c| not_applicable(c, "systemd shape: logins are shut by the masks"))
+            .collect();
+        masks = full
+            .masks
+            .iter()
+            .map(|u| mask_check(paths, sys, u))
+            .collect();
+        masks.extend(burst_checks(paths, sys));
+    } else {
+        masks = full
+            .masks
+            .iter()
+            .map(|u| {
+                let link = match std::fs::read_link(paths.systemd_control.join(u)) {
+                    Ok(target) => target.display().to_string(),
+                    Err(_) => "not masked".to_owned(),
+                };
+                with_state(
+                    format!("mask {u}"),
+                    "/dev/null",
+                    &format!("{link} (PID 1 shape: systemd is not running)"),
+                    CheckState::Skipped,
+                )
+            })
+            .collect();
+    }
     let failed: Vec<&Check> = kernel
         .iter()
+        .chain(&accounts)
+        .chain(&masks)
         .filter(|c| c.state == CheckState::Failed)
         .collect();
-    let lockdown_text = read(&paths.lockdown());
     serde_json::json!({
-        "ok": ok,
+        "ok": failed.is_empty(),
+        "shape": shape,
         "failed": failed,
         "kernel": kernel,
         "kernel_lockdown": lockdown_text.as_deref().and_then(parse_lockdown),
-        "accounts": [root_check(paths), shells_check(paths)],
-        "systemd_masks": full.masks.iter().map(|u| mask_check(paths, u)).collect::<Vec<_>>(),
+        "accounts": accounts,
+        "systemd_masks": masks,
     })
 }

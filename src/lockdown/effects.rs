@@ -217,15 +217,38 @@ struct FakeState {
     fail: Vec<(String, i32)>,
     scripts: Vec<Script>,
     console_receives: Option<bool>,
+    manager: FakeManager,
+}
+
+/// What the simulated systemd has loaded: changed only by `daemon-reload` (masks) and
+/// `daemon-reexec` (masks and the manager drop-in), as the real one.
+#[derive(Debug)]
+struct FakeManager {
+    masked: Vec<String>,
+    burst_action: String,
+}
+
+impl Default for FakeManager {
+    fn default() -> Self {
+        FakeManager {
+            masked: Vec::new(),
+            // systemd's default.
+            burst_action: "reboot-force".to_owned(),
+        }
+    }
 }
 
 /// Recording fake of [`LockdownSys`]. It also plays the kernel against a [`super::Paths`]
 /// tree when built with [`FakeLockdownSys::with_kernel`]: a loaded module appears in
 /// `sys/module`, `swapoff` removes the line from the swaps file, a mount is appended to the
 /// mount table, Ctrl-Alt-Del off writes `0` to `kernel/ctrl-alt-del`, and stdin points to
-/// the null device in `proc_self_fd`. So `apply` followed by `self_check` is tested end to
-/// end, and a test proves the self-check catches a kernel that ignores a write by leaving
-/// [`FakeLockdownSys::with_kernel`] out.
+/// the null device in `proc_self_fd`. It plays systemd too, for commands no script answers:
+/// `systemctl daemon-reload` loads the `/dev/null` links of `systemd_control`,
+/// `daemon-reexec` also the `CtrlAltDelBurstAction=` of `manager_conf`, and `systemctl show
+/// -p LoadState|CtrlAltDelBurstAction --value [unit]` answers from what was loaded (`masked`
+/// for a unit or its template masked, `loaded` otherwise). So `apply` followed by
+/// `self_check` is tested end to end, and a test proves the self-check catches a kernel that
+/// ignores a write by leaving [`FakeLockdownSys::with_kernel`] out.
 #[derive(Debug)]
 pub struct FakeLockdownSys {
     release: String,
@@ -449,10 +472,17 @@ impl LockdownSys for FakeLockdownSys {
             .iter_mut()
             .find(|s| line.starts_with(&s.prefix));
         match script {
-            None => Ok(CommandOutput {
-                code: Some(0),
-                ..CommandOutput::default()
-            }),
+            None => {
+                let stdout = match &self.kernel {
+                    Some(paths) => play_systemd(paths, &mut state.manager, &line)?,
+                    None => String::new(),
+                };
+                Ok(CommandOutput {
+                    code: Some(0),
+                    stdout,
+                    ..CommandOutput::default()
+                })
+            }
             Some(script) => {
                 let next = if script.outputs.len() > 1 {
                     script.outputs.pop_front()
@@ -468,4 +498,63 @@ impl LockdownSys for FakeLockdownSys {
     }
 
     fn pause(&self, _duration: Duration) {}
+}
+
+/// The simulated systemd's answer to `line` (empty for commands it does not play).
+fn play_systemd(
+    paths: &super::Paths,
+    manager: &mut FakeManager,
+    line: &[String],
+) -> io::Result<String> {
+    let words: Vec<&str> = line.iter().map(String::as_str).collect();
+    let load_masks = |manager: &mut FakeManager| -> io::Result<()> {
+        manager.masked.clear();
+        let entries = match std::fs::read_dir(&paths.systemd_control) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if std::fs::read_link(entry.path()).is_ok_and(|t| t == Path::new("/dev/null")) {
+                manager
+                    .masked
+                    .push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(())
+    };
+    match words.as_slice() {
+        ["systemctl", "daemon-reload"] => load_masks(manager)?,
+        ["systemctl", "daemon-reexec"] => {
+            load_masks(manager)?;
+            *manager = FakeManager {
+                masked: std::mem::take(&mut manager.masked),
+                ..FakeManager::default()
+            };
+            if let Ok(text) = std::fs::read_to_string(&paths.manager_conf) {
+                if let Some(value) = text
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("CtrlAltDelBurstAction="))
+                {
+                    manager.burst_action = value.trim().to_owned();
+                }
+            }
+        }
+        ["systemctl", "show", "-p", "LoadState", "--value", unit] => {
+            let template = unit
+                .split_once('@')
+                .and_then(|(name, rest)| Some(format!("{name}@.{}", rest.rsplit_once('.')?.1)));
+            let masked = manager
+                .masked
+                .iter()
+                .any(|m| m == unit || Some(m) == template.as_ref());
+            return Ok(if masked { "masked\n" } else { "loaded\n" }.to_owned());
+        }
+        ["systemctl", "show", "-p", "CtrlAltDelBurstAction", "--value"] => {
+            return Ok(format!("{}\n", manager.burst_action));
+        }
+        _ => {}
+    }
+    Ok(String::new())
 }

@@ -252,6 +252,19 @@ pub enum LockdownError {
         #[source]
         source: std::io::Error,
     },
+    /// Writing systemd's manager drop-in (Ctrl-Alt-Del burst off) failed.
+    #[error(
+        "write {} (CtrlAltDelBurstAction=none, so 7 Ctrl-Alt-Del presses in 2 s do not reboot); \
+         hint: /run must be a writable tmpfs",
+        path.display()
+    )]
+    ManagerConf {
+        /// The drop-in.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A command could not be run.
     #[error("run `{command}`; hint: the systemd shape needs systemctl and loginctl in PATH")]
     CommandSpawn {

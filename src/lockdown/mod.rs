@@ -15,9 +15,16 @@
 //! 5. consoles and logins: Ctrl-Alt-Del off, our stdin on `/dev/null`, and
 //!    - PID 1 shape: the console's receiver off (`CREAD` cleared), root's password locked,
 //!      login shells set to `nologin` (where `/etc/passwd` is writable);
-//!    - systemd shape: runtime masks in `/run/systemd/system`, `daemon-reload`, running gettys
-//!      and SSH stopped, login sessions ended;
-//! 6. the self-check.
+//!    - systemd shape: runtime masks in `/run/systemd/system.control` (that directory outranks
+//!      `/etc/systemd/system`, so a unit file there cannot override a mask; `/run/systemd/system`,
+//!      where `systemctl mask --runtime` writes, does not), systemd's own Ctrl-Alt-Del burst
+//!      (7 presses in 2 s force a reboot by default) off in
+//!      `/run/systemd/system.conf.d/50-cvm-warden.conf`, then `daemon-reexec` when the manager
+//!      does not show `CtrlAltDelBurstAction=none` yet (else `daemon-reload`), running gettys
+//!      and SSH (including Debian's per-connection `ssh@`/`sshd@` instances) stopped, login
+//!      sessions ended;
+//! 6. the self-check (in the systemd shape it asks systemd: each masked unit's `LoadState`
+//!    must be `masked`, `CtrlAltDelBurstAction` must be `none`).
 //!
 //! Every path is in [`Paths`], every system call and command goes through [`LockdownSys`]
 //! ([`RealLockdownSys`], the recording [`FakeLockdownSys`]).
@@ -38,9 +45,9 @@ use serde::Serialize;
 
 use crate::policy::Lockdown;
 
-pub use accounts::{lock_root_password, nologin_shells, NOLOGIN};
+pub use accounts::{lock_root_in_passwd, lock_root_password, nologin_shells, NOLOGIN};
 pub use apply::{apply, Outcome, Report, Step};
-pub use check::{self_check, status, Check, CheckState};
+pub use check::{self_check, status, status_with, Check, CheckState};
 pub use effects::{CommandOutput, FakeLockdownSys, LockdownCall, LockdownSys, RealLockdownSys};
 pub use error::{LockdownError, Mismatch};
 pub use kmod::{module_name, ModuleIndex};
@@ -77,8 +84,14 @@ pub struct Paths {
     pub passwd: PathBuf,
     /// `/etc/shadow`.
     pub shadow: PathBuf,
-    /// `/run/systemd/system` (runtime unit masks).
+    /// `/run/systemd/system`: a directory exactly when systemd runs as PID 1 (`sd_booted()`);
+    /// [`status`] decides by it which shape's checks apply. Nothing is written there.
     pub systemd_runtime: PathBuf,
+    /// `/run/systemd/system.control` (runtime unit masks; ranked above `/etc/systemd/system`).
+    pub systemd_control: PathBuf,
+    /// `/run/systemd/system.conf.d/50-cvm-warden.conf` (the manager drop-in turning the
+    /// Ctrl-Alt-Del burst off).
+    pub manager_conf: PathBuf,
     /// `/dev/console`.
     pub console: PathBuf,
     /// `/dev/null` (our new stdin).
@@ -100,6 +113,8 @@ impl Default for Paths {
             passwd: PathBuf::from("/etc/passwd"),
             shadow: PathBuf::from("/etc/shadow"),
             systemd_runtime: PathBuf::from("/run/systemd/system"),
+            systemd_control: PathBuf::from("/run/systemd/system.control"),
+            manager_conf: PathBuf::from("/run/systemd/system.conf.d/50-cvm-warden.conf"),
             console: PathBuf::from("/dev/console"),
             dev_null: PathBuf::from("/dev/null"),
             tmp: PathBuf::from("/tmp"),
@@ -124,6 +139,8 @@ impl Paths {
             passwd: at(d.passwd),
             shadow: at(d.shadow),
             systemd_runtime: at(d.systemd_runtime),
+            systemd_control: at(d.systemd_control),
+            manager_conf: at(d.manager_conf),
             console: at(d.console),
             dev_null: at(d.dev_null),
             tmp: at(d.tmp),
@@ -200,10 +217,11 @@ pub const SYSCTLS: [Sysctl; 8] = [
 
 /// Units masked at runtime in the systemd shape. Beyond the gettys, the debug shell and SSH:
 /// `autovt@` (logind's alias of `getty@` for virtual terminals), the SSH sockets (socket
-/// activation would otherwise still accept connections), `rescue`/`emergency` (root shells on
-/// the console) and `ctrl-alt-del.target` (with the kernel's Ctrl-Alt-Del off, the key reaches
-/// systemd as SIGINT, and this target is what reboots).
-pub const MASKED_UNITS: [&str; 13] = [
+/// activation would otherwise still accept connections) and `ssh@`/`sshd@` (Debian's
+/// per-connection instances that `ssh.socket` starts with `Accept=yes`), `rescue`/`emergency`
+/// (root shells on the console) and `ctrl-alt-del.target` (with the kernel's Ctrl-Alt-Del off,
+/// the key reaches systemd as SIGINT, and this target is what reboots).
+pub const MASKED_UNITS: [&str; 15] = [
     "getty@.service",
     "serial-getty@.service",
     "console-getty.service",
@@ -214,10 +232,31 @@ pub const MASKED_UNITS: [&str; 13] = [
     "sshd.service",
     "ssh.socket",
     "sshd.socket",
+    "ssh@.service",
+    "sshd@.service",
     "rescue.service",
     "emergency.service",
     "ctrl-alt-del.target",
 ];
+
+/// The unit whose `LoadState` the self-check asks systemd for: the unit itself, or for a
+/// template (which `systemctl show` refuses) the instance most likely in use, whose state
+/// comes from the template's mask: `getty@tty1.service`, `autovt@tty1.service`,
+/// `serial-getty@ttyS0.service` (the serial console of a VM), `container-getty@0.service`,
+/// `ssh@0.service`, `sshd@0.service`.
+pub fn load_state_probe(unit: &str) -> String {
+    match unit.split_once("@.") {
+        Some((name, kind)) => {
+            let instance = match name {
+                "getty" | "autovt" => "tty1",
+                "serial-getty" => "ttyS0",
+                _ => "0",
+            };
+            format!("{name}@{instance}.{kind}")
+        }
+        None => unit.to_owned(),
+    }
+}
 
 /// Lockdown LSM modes, weakest first.
 pub const LOCKDOWN_MODES: [&str; 3] = ["none", "integrity", "confidentiality"];
@@ -237,7 +276,9 @@ pub struct LockdownPlan {
     pub swap_off: bool,
     /// `/tmp` on a `nosuid,nodev` tmpfs.
     pub tmp_tmpfs: bool,
-    /// `reboot(RB_DISABLE_CAD)`.
+    /// `reboot(RB_DISABLE_CAD)`; in the systemd shape also systemd's Ctrl-Alt-Del burst
+    /// (`CtrlAltDelBurstAction=none` in [`Paths::manager_conf`], see
+    /// [`LockdownPlan::burst_action_off`]).
     pub disable_ctrl_alt_del: bool,
     /// Our stdin onto `/dev/null`.
     pub close_stdin: bool,
@@ -247,13 +288,29 @@ pub struct LockdownPlan {
     pub lock_root: bool,
     /// Set every login shell to [`NOLOGIN`] (PID 1 shape).
     pub nologin_shells: bool,
-    /// Units masked in `/run/systemd/system` (systemd shape).
+    /// Units masked in `/run/systemd/system.control` (systemd shape).
     pub masks: Vec<String>,
     /// `systemctl daemon-reload`, then stop the masked units that are running (systemd shape).
     pub stop_units: bool,
     /// `loginctl terminate-session` for every session (systemd shape).
     pub end_sessions: bool,
 }
+
+impl LockdownPlan {
+    /// Whether systemd's Ctrl-Alt-Del burst is turned off: the systemd shape with
+    /// [`LockdownPlan::disable_ctrl_alt_del`] (so a plan that clears that flag, as a sandbox
+    /// does, leaves the manager alone too).
+    pub fn burst_action_off(&self) -> bool {
+        self.shape == Shape::Systemd && self.disable_ctrl_alt_del
+    }
+}
+
+/// What [`apply`] writes to [`Paths::manager_conf`] in the systemd shape: systemd's default
+/// `CtrlAltDelBurstAction=reboot-force` reboots on 7 Ctrl-Alt-Del presses within 2 s even
+/// with `ctrl-alt-del.target` masked.
+pub const MANAGER_CONF: &str =
+    "# Written by cvm-warden: no reboot from the console, however often \
+Ctrl-Alt-Del is pressed.\n[Manager]\nCtrlAltDelBurstAction=none\n";
 
 /// The lockdown for `policy` in `shape`. Pure: no I/O.
 pub fn plan(policy: &Lockdown, shape: Shape) -> LockdownPlan {

@@ -842,9 +842,9 @@ fn run_lines(sys: &FakeLockdownSys) -> Vec<String> {
 #[test]
 fn systemd_shape_masks_stops_and_ends_sessions_then_reads_them_back() {
     let tree = Tree::new();
-    // An old unit file in /run is replaced by the mask.
+    // An old unit file in system.control is replaced by the mask.
     write(
-        &tree.paths.systemd_runtime.join("ssh.service"),
+        &tree.paths.systemd_control.join("ssh.service"),
         "[Service]\n",
     );
     let sys = tree.kernel();
@@ -852,7 +852,8 @@ fn systemd_shape_masks_stops_and_ends_sessions_then_reads_them_back() {
         &["systemctl", "list-units"],
         vec![
             out("getty@tty1.service loaded active running Getty on tty1\n\
-                 ● sshd.service loaded active running OpenSSH\n"),
+                 ● sshd.service loaded active running OpenSSH\n\
+                 ssh@3-10.0.0.2:22-10.0.0.9:51000.service loaded active running OpenBSD Secure Shell server per-connection daemon\n"),
             out(""),
         ],
     );
@@ -867,22 +868,44 @@ fn systemd_shape_masks_stops_and_ends_sessions_then_reads_them_back() {
     let report = apply(&plan(&policy(None, &[]), Shape::Systemd), &sys, &tree.paths).unwrap();
     for unit in MASKED_UNITS {
         assert_eq!(
-            fs::read_link(tree.paths.systemd_runtime.join(unit)).unwrap(),
+            fs::read_link(tree.paths.systemd_control.join(unit)).unwrap(),
             Path::new("/dev/null"),
             "{unit}"
         );
+        // Nothing goes to /run/systemd/system, which /etc/systemd/system outranks.
+        assert!(!tree.paths.systemd_runtime.join(unit).exists(), "{unit}");
     }
-    let lines = run_lines(&sys);
-    assert_eq!(lines[0], "systemctl daemon-reload");
-    assert!(lines[1].starts_with(
-        "systemctl list-units --plain --no-legend --full --state=active,activating,reloading -- getty@*.service serial-getty@*.service"
-    ), "{}", lines[1]);
     assert_eq!(
-        lines[2],
-        "systemctl stop -- getty@tty1.service sshd.service"
+        fs::read_to_string(&tree.paths.manager_conf).unwrap(),
+        "# Written by cvm-warden: no reboot from the console, however often Ctrl-Alt-Del is \
+         pressed.\n[Manager]\nCtrlAltDelBurstAction=none\n"
+    );
+    let lines = run_lines(&sys);
+    // The manager still has the default burst action: re-executed (which reloads the units
+    // too), then asked until it answers `none`.
+    assert_eq!(
+        &lines[..3],
+        [
+            "systemctl show -p CtrlAltDelBurstAction --value",
+            "systemctl daemon-reexec",
+            "systemctl show -p CtrlAltDelBurstAction --value",
+        ]
+    );
+    assert!(!lines.contains(&"systemctl daemon-reload".to_owned()));
+    assert!(lines[3].starts_with(
+        "systemctl list-units --plain --no-legend --full --state=active,activating,reloading -- getty@*.service serial-getty@*.service"
+    ), "{}", lines[3]);
+    assert!(
+        lines[3].contains(" ssh@*.service sshd@*.service "),
+        "{}",
+        lines[3]
     );
     assert_eq!(
-        &lines[3..8],
+        lines[4],
+        "systemctl stop -- getty@tty1.service sshd.service ssh@3-10.0.0.2:22-10.0.0.9:51000.service"
+    );
+    assert_eq!(
+        &lines[5..10],
         [
             "loginctl list-sessions --no-legend",
             "loginctl terminate-session 3",
@@ -904,10 +927,169 @@ fn systemd_shape_masks_stops_and_ends_sessions_then_reads_them_back() {
     assert!(fs::read_to_string(&tree.paths.shadow)
         .unwrap()
         .starts_with("root:$6$"));
-    assert!(report
-        .checks
+    let check_of = |setting: &str| {
+        report
+            .checks
+            .iter()
+            .find(|c| c.setting == setting)
+            .unwrap_or_else(|| panic!("no check {setting}"))
+            .clone()
+    };
+    let getty = check_of("mask getty@.service");
+    assert_eq!(getty.state, CheckState::Ok);
+    assert_eq!(getty.actual, "/dev/null, getty@tty1.service masked");
+    assert_eq!(
+        check_of("mask serial-getty@.service").actual,
+        "/dev/null, serial-getty@ttyS0.service masked"
+    );
+    assert_eq!(check_of("mask sshd@.service").state, CheckState::Ok);
+    assert_eq!(check_of("systemd CtrlAltDelBurstAction").actual, "none");
+    assert_eq!(
+        check_of(&tree.paths.manager_conf.display().to_string()).state,
+        CheckState::Ok
+    );
+    for unit in MASKED_UNITS {
+        let probe = load_state_probe(unit);
+        assert!(
+            lines.contains(&format!("systemctl show -p LoadState --value {probe}")),
+            "{unit} not asked of systemd"
+        );
+    }
+}
+
+#[test]
+fn template_units_are_checked_through_an_instance() {
+    assert_eq!(load_state_probe("getty@.service"), "getty@tty1.service");
+    assert_eq!(load_state_probe("autovt@.service"), "autovt@tty1.service");
+    assert_eq!(
+        load_state_probe("serial-getty@.service"),
+        "serial-getty@ttyS0.service"
+    );
+    assert_eq!(load_state_probe("ssh@.service"), "ssh@0.service");
+    assert_eq!(load_state_probe("sshd.socket"), "sshd.socket");
+    assert!(MASKED_UNITS.contains(&"ssh@.service") && MASKED_UNITS.contains(&"sshd@.service"));
+}
+
+#[test]
+fn a_unit_file_that_outranks_the_mask_fails_the_self_check() {
+    // The link is in place, but systemd loads sshd.service from a directory ranked higher
+    // (or never read the mask): its LoadState is not `masked`.
+    let tree = Tree::new();
+    let sys = tree.kernel();
+    sys.script(
+        &[
+            "systemctl",
+            "show",
+            "-p",
+            "LoadState",
+            "--value",
+            "sshd.service",
+        ],
+        vec![out("loaded\n")],
+    );
+    let error = apply(&plan(&policy(None, &[]), Shape::Systemd), &sys, &tree.paths).unwrap_err();
+    assert_eq!(
+        mismatches(error),
+        ["mask sshd.service wanted /dev/null, sshd.service masked, actual /dev/null, sshd.service loaded"]
+    );
+    assert_eq!(
+        fs::read_link(tree.paths.systemd_control.join("sshd.service")).unwrap(),
+        Path::new("/dev/null")
+    );
+}
+
+#[test]
+fn masks_systemd_never_reloaded_fail_the_self_check() {
+    // A daemon-reload that reports success but loads nothing: every LoadState stays `loaded`.
+    let tree = Tree::new();
+    let sys = tree.kernel();
+    sys.script(&["systemctl", "daemon-reload"], vec![out("")]);
+    sys.script(
+        &["systemctl", "show", "-p", "CtrlAltDelBurstAction"],
+        vec![out("none\n")],
+    );
+    let error = apply(&plan(&policy(None, &[]), Shape::Systemd), &sys, &tree.paths).unwrap_err();
+    let list = mismatches(error);
+    assert_eq!(list.len(), MASKED_UNITS.len(), "{list:#?}");
+    assert!(list.contains(
+        &"mask getty@.service wanted /dev/null, getty@tty1.service masked, actual /dev/null, getty@tty1.service loaded"
+            .to_owned()
+    ));
+    // The manager already had the burst off: no re-execution, a reload for the masks.
+    let lines = run_lines(&sys);
+    assert!(lines.contains(&"systemctl daemon-reload".to_owned()));
+    assert!(!lines.contains(&"systemctl daemon-reexec".to_owned()));
+}
+
+#[test]
+fn a_burst_action_the_manager_does_not_take_fails_the_self_check() {
+    // Another drop-in (or an /etc file of the same name) overrides ours: after the
+    // re-execution the manager still reboots on a burst.
+    let tree = Tree::new();
+    let sys = tree.kernel();
+    sys.script(
+        &["systemctl", "show", "-p", "CtrlAltDelBurstAction"],
+        vec![out("reboot-force\n")],
+    );
+    let error = apply(&plan(&policy(None, &[]), Shape::Systemd), &sys, &tree.paths).unwrap_err();
+    assert_eq!(
+        mismatches(error),
+        ["systemd CtrlAltDelBurstAction wanted none, actual reboot-force"]
+    );
+    let lines = run_lines(&sys);
+    assert_eq!(lines[1], "systemctl daemon-reexec");
+    // Asked once before, then polled (bounded) after the re-execution.
+    let polls = lines
         .iter()
-        .any(|c| c.setting == "mask getty@.service" && c.state == CheckState::Ok));
+        .filter(|l| *l == "systemctl show -p CtrlAltDelBurstAction --value")
+        .count();
+    assert_eq!(polls, 1 + 20 + 1, "{lines:#?}");
+}
+
+#[test]
+fn a_tampered_manager_drop_in_is_replaced_and_a_wrong_one_fails_the_check() {
+    let tree = Tree::new();
+    write(
+        &tree.paths.manager_conf,
+        "[Manager]\nCtrlAltDelBurstAction=reboot-force\n",
+    );
+    let sys = tree.kernel();
+    let report = apply(&plan(&policy(None, &[]), Shape::Systemd), &sys, &tree.paths).unwrap();
+    assert_eq!(
+        outcome_of(&report, "systemd CtrlAltDelBurstAction"),
+        &Outcome::Applied
+    );
+    assert_eq!(
+        fs::read_to_string(&tree.paths.manager_conf).unwrap(),
+        MANAGER_CONF
+    );
+    // Changed behind our back after the lockdown: the self-check names the file.
+    write(&tree.paths.manager_conf, "[Manager]\n");
+    let error =
+        self_check(&plan(&policy(None, &[]), Shape::Systemd), &sys, &tree.paths).unwrap_err();
+    assert_eq!(
+        mismatches(error),
+        [format!(
+            "{} wanted CtrlAltDelBurstAction=none, actual other content \"[Manager]\"",
+            tree.paths.manager_conf.display()
+        )]
+    );
+}
+
+#[test]
+fn the_manager_drop_in_is_left_alone_when_ctrl_alt_del_is_not_planned() {
+    // A sandbox clears disable_ctrl_alt_del: systemd's configuration is not touched either.
+    let tree = Tree::new();
+    let sys = tree.kernel();
+    let mut sandboxed = plan(&policy(None, &[]), Shape::Systemd);
+    sandboxed.disable_ctrl_alt_del = false;
+    assert!(!sandboxed.burst_action_off());
+    apply(&sandboxed, &sys, &tree.paths).unwrap();
+    assert!(!tree.paths.manager_conf.exists());
+    let lines = run_lines(&sys);
+    assert_eq!(lines[0], "systemctl daemon-reload");
+    assert!(!lines.iter().any(|l| l.contains("CtrlAltDelBurstAction")));
+    assert!(!plan(&policy(None, &[]), Shape::Pid1).burst_action_off());
 }
 
 #[test]
@@ -951,7 +1133,7 @@ fn no_loginctl_means_no_sessions_and_a_failing_systemctl_stops_the_lockdown() {
 
     let sys = tree.kernel();
     sys.script(
-        &["systemctl", "daemon-reload"],
+        &["systemctl", "daemon-reexec"],
         vec![Ok(CommandOutput {
             code: Some(1),
             stdout: String::new(),
@@ -961,42 +1143,228 @@ fn no_loginctl_means_no_sessions_and_a_failing_systemctl_stops_the_lockdown() {
     let error = apply(&plan(&policy(None, &[]), Shape::Systemd), &sys, &tree.paths).unwrap_err();
     assert_eq!(
         error.to_string(),
-        "`systemctl daemon-reload` failed (exit 1): Failed to connect to bus: No such file or directory"
+        "`systemctl daemon-reexec` failed (exit 1): Failed to connect to bus: No such file or directory"
     );
 }
 
 // --- status -----------------------------------------------------------------------------------
 
-#[test]
-fn status_reports_every_setting_and_whether_the_kernel_is_hardened() {
-    let tree = Tree::new();
-    let before = status(&tree.paths);
-    assert_eq!(before["ok"], false);
-    assert_eq!(before["kernel_lockdown"], "none");
-    let failed: Vec<&str> = before["failed"]
+fn failed_settings(status: &serde_json::Value) -> Vec<String> {
+    status["failed"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| c["setting"].as_str().unwrap())
-        .collect();
-    assert!(
-        failed.contains(&"kernel.sysrq") && failed.contains(&"swap"),
-        "{failed:?}"
-    );
-    assert_eq!(before["accounts"][0]["state"], "failed");
-    assert_eq!(before["systemd_masks"][0]["actual"], "not masked");
+        .map(|c| c["setting"].as_str().unwrap().to_owned())
+        .collect()
+}
 
+/// The tree after the PID 1 lockdown, the LSM in integrity mode as a kernel shows it.
+fn pid1_locked_down() -> Tree {
+    let tree = Tree::new();
     apply(
         &plan(&policy(None, &[]), Shape::Pid1),
         &tree.kernel(),
         &tree.paths,
     )
     .unwrap();
-    let after = status(&tree.paths);
+    write(&tree.paths.lockdown(), "none [integrity] confidentiality\n");
+    tree
+}
+
+#[test]
+fn status_reports_every_setting_and_whether_the_kernel_is_hardened() {
+    let tree = Tree::new();
+    let sys = FakeLockdownSys::new(RELEASE);
+    let before = status_with(&tree.paths, &sys);
+    assert_eq!(before["ok"], false);
+    assert_eq!(before["shape"], "pid1");
+    assert_eq!(before["kernel_lockdown"], "none");
+    let failed = failed_settings(&before);
+    for setting in [
+        "kernel.sysrq",
+        "swap",
+        "kernel lockdown",
+        "root password",
+        "login shells",
+    ] {
+        assert!(failed.iter().any(|f| f == setting), "{setting}: {failed:?}");
+    }
+    // No systemd: the masks are read but do not apply, and no command is run.
+    assert_eq!(before["systemd_masks"][0]["state"], "skipped");
+    assert_eq!(
+        before["systemd_masks"][0]["actual"],
+        "not masked (PID 1 shape: systemd is not running)"
+    );
+    assert!(sys.calls().is_empty());
+
+    let tree = pid1_locked_down();
+    let after = status_with(&tree.paths, &sys);
     assert_eq!(after["ok"], true, "{after:#}");
     assert_eq!(after["failed"], serde_json::json!([]));
     assert_eq!(after["accounts"][0]["actual"], "locked");
     assert_eq!(after["accounts"][1]["actual"], "none left");
+    assert!(after["kernel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["setting"] == "kernel lockdown" && c["state"] == "ok"));
+}
+
+#[test]
+fn status_fails_on_the_lockdown_mode_and_on_each_account_check() {
+    // The lockdown LSM at `none` fails the status, though every other setting holds.
+    let tree = pid1_locked_down();
+    write(&tree.paths.lockdown(), "[none] integrity confidentiality\n");
+    let sys = FakeLockdownSys::new(RELEASE);
+    let status = status_with(&tree.paths, &sys);
+    assert_eq!(status["ok"], false);
+    assert_eq!(failed_settings(&status), ["kernel lockdown"]);
+    // Without the LSM it is not available, which does not fail it.
+    fs::remove_file(tree.paths.lockdown()).unwrap();
+    let status = status_with(&tree.paths, &sys);
+    assert_eq!(status["ok"], true, "{status:#}");
+    assert_eq!(status["kernel_lockdown"], serde_json::Value::Null);
+
+    // A usable root password alone fails it.
+    let tree = pid1_locked_down();
+    write(&tree.paths.shadow, "root:$6$salt$hash:19000:0:99999:7:::\n");
+    let status = status_with(&tree.paths, &sys);
+    assert_eq!(status["ok"], false);
+    assert_eq!(failed_settings(&status), ["root password"]);
+
+    // A login shell alone fails it.
+    let tree = pid1_locked_down();
+    let passwd = fs::read_to_string(&tree.paths.passwd).unwrap();
+    write(
+        &tree.paths.passwd,
+        &format!("{passwd}op:x:1001:1001::/home/op:/bin/bash\n"),
+    );
+    let status = status_with(&tree.paths, &sys);
+    assert_eq!(status["ok"], false);
+    assert_eq!(failed_settings(&status), ["login shells"]);
+}
+
+#[test]
+fn status_under_systemd_asks_systemd_for_the_masks_and_the_burst_action() {
+    let tree = Tree::new();
+    fs::create_dir_all(&tree.paths.systemd_runtime).unwrap();
+    write(&tree.paths.lockdown(), "none [integrity] confidentiality\n");
+    let sys = tree.kernel();
+    let before = status_with(&tree.paths, &sys);
+    assert_eq!(before["shape"], "systemd");
+    assert_eq!(before["ok"], false);
+    let failed = failed_settings(&before);
+    assert!(
+        failed.contains(&"mask getty@.service".to_owned()),
+        "{failed:?}"
+    );
+    assert!(failed.contains(&"systemd CtrlAltDelBurstAction".to_owned()));
+    // Accounts are shut by the masks in this shape: read, skipped, never failing.
+    assert_eq!(before["accounts"][0]["state"], "skipped");
+    assert_eq!(
+        before["accounts"][0]["actual"],
+        "usable (systemd shape: logins are shut by the masks)"
+    );
+
+    apply(&plan(&policy(None, &[]), Shape::Systemd), &sys, &tree.paths).unwrap();
+    let after = status_with(&tree.paths, &sys);
+    assert_eq!(after["ok"], true, "{after:#}");
+    let masks = after["systemd_masks"].as_array().unwrap();
+    assert_eq!(masks.len(), MASKED_UNITS.len() + 2);
+    assert!(masks.iter().all(|c| c["state"] == "ok"), "{masks:#?}");
+
+    // A unit file that outranks the mask: the link is still there, systemd says loaded.
+    sys.script(
+        &[
+            "systemctl",
+            "show",
+            "-p",
+            "LoadState",
+            "--value",
+            "ssh.socket",
+        ],
+        vec![out("loaded\n")],
+    );
+    let overridden = status_with(&tree.paths, &sys);
+    assert_eq!(overridden["ok"], false);
+    assert_eq!(failed_settings(&overridden), ["mask ssh.socket"]);
+    assert_eq!(
+        overridden["failed"][0]["actual"],
+        "/dev/null, ssh.socket loaded"
+    );
+}
+
+// --- root password in /etc/passwd ------------------------------------------------------------
+
+#[test]
+fn a_root_hash_in_passwd_is_locked_by_the_root_step_and_judged_there() {
+    assert_eq!(
+        lock_root_in_passwd("root:$1$abc:0:0::/root:/bin/sh\nfl:x:1:1::/:/bin/sh\n")
+            .unwrap()
+            .unwrap(),
+        "root:!$1$abc:0:0::/root:/bin/sh\nfl:x:1:1::/:/bin/sh\n"
+    );
+    assert_eq!(
+        lock_root_in_passwd("root::0:0::/root:/bin/sh")
+            .unwrap()
+            .unwrap(),
+        "root:!:0:0::/root:/bin/sh"
+    );
+    assert_eq!(
+        lock_root_in_passwd("root:x:0:0::/:/bin/sh\n").unwrap(),
+        None
+    );
+    assert_eq!(
+        lock_root_in_passwd("root:!$1$a:0:0::/:/bin/sh\n").unwrap(),
+        None
+    );
+    assert_eq!(
+        lock_root_in_passwd("root:a:0:0::/:/bin/sh\nroot:b:0:0::/:/bin/sh\n").unwrap_err(),
+        "root is listed twice"
+    );
+
+    // shadow has root locked, but pam_unix reads the hash in passwd: the check judges that.
+    let tree = Tree::new();
+    write(&tree.paths.shadow, "root:!$6$salt$hash:19000::::::\n");
+    write(
+        &tree.paths.passwd,
+        "root:$1$abc:0:0:root:/root:/usr/sbin/nologin\n",
+    );
+    let mut only_root = plan(&policy(None, &[]), Shape::Pid1);
+    only_root.nologin_shells = false;
+    let status = status_with(&tree.paths, &FakeLockdownSys::new(RELEASE));
+    assert_eq!(status["accounts"][0]["actual"], "usable password in passwd");
+    assert_eq!(status["accounts"][0]["state"], "failed");
+    let sys = tree.kernel();
+    let report = apply(&only_root, &sys, &tree.paths).unwrap();
+    assert_eq!(outcome_of(&report, "root password"), &Outcome::AlreadySet);
+    assert_eq!(
+        outcome_of(&report, "root password in passwd"),
+        &Outcome::Applied
+    );
+    assert!(fs::read_to_string(&tree.paths.passwd)
+        .unwrap()
+        .starts_with("root:!$1$abc:"));
+    let root = report
+        .checks
+        .iter()
+        .find(|c| c.setting == "root password")
+        .unwrap();
+    assert_eq!(
+        (root.actual.as_str(), root.state),
+        ("locked (in passwd)", CheckState::Ok)
+    );
+
+    // An empty passwd field is an empty password, whatever shadow says.
+    write(
+        &tree.paths.passwd,
+        "root::0:0:root:/root:/usr/sbin/nologin\n",
+    );
+    let error = self_check(&only_root, &sys, &tree.paths).unwrap_err();
+    assert_eq!(
+        mismatches(error),
+        ["root password wanted locked, actual usable password in passwd"]
+    );
 }
 
 #[test]
