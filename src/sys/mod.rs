@@ -552,7 +552,11 @@ broken
         let name = format!("cvm-warden-test-{}", std::process::id());
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         let listener = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
-        notify_socket(std::ffi::OsStr::new(&format!("@{name}")), "READY=1\nSTATUS=x\n").unwrap();
+        notify_socket(
+            std::ffi::OsStr::new(&format!("@{name}")),
+            "READY=1\nSTATUS=x\n",
+        )
+        .unwrap();
         let n = listener.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1\nSTATUS=x\n");
 
