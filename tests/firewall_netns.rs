@@ -14,7 +14,7 @@ mod netns;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use netns::{IcmpError, Net, Probe, Side};
+use netns::{echo, IcmpError, Net, Probe, Side};
 
 const TEST: &str = "firewall_netns";
 const BROKER_PORT: u16 = 8999;
@@ -441,6 +441,8 @@ fn allowlist_replaces_the_perimeter_and_anything_added_to_its_table() {
 
     apply(&net, Side::Vm, Example::Client, Phase::Perimeter);
     let perimeter = net.nft_table_json(Side::Vm);
+    // A rule that admits connections the way cvm-warden's own do (marking them, so the base
+    // rule lets the answers out).
     net.ok(
         Side::Vm,
         &[
@@ -453,6 +455,10 @@ fn allowlist_replaces_the_perimeter_and_anything_added_to_its_table() {
             "tcp",
             "dport",
             "22",
+            "ct",
+            "mark",
+            "set",
+            "0x63766d77",
             "accept",
         ],
     );
@@ -569,5 +575,99 @@ fn inbound_from_cidrs_admit_only_those_sources() {
         &net,
         &format!("under an allowlist with 8002 from {peer_net4}, {peer_net6}"),
         &want,
+    );
+}
+
+/// Conntrack is never flushed, so connections made before the perimeter (the service starts
+/// after network-online.target) are still tracked as established when it goes up. Only
+/// connections carrying cvm-warden's conntrack mark pass as established: a session from the
+/// peer into vm (think SSH), opened before the perimeter, is cut off, while a connection the
+/// perimeter's rules admit (vm to the key broker) works, and so does one made before the
+/// perimeter that the broker rule admits in its own direction (it is marked then, as a new
+/// one would be).
+#[test]
+fn connections_made_before_the_perimeter_pass_only_if_its_rules_admit_them() {
+    netns::require_root(TEST);
+    let net = Net::new();
+    let ssh = sa(Ipv6Addr::UNSPECIFIED, 22); // dual-stack
+    let broker = sa(net.peer4_alt(), BROKER_PORT);
+    net.listen(Side::Vm, ssh);
+    net.listen(Side::Peer, broker);
+
+    // Conntrack tracks a namespace's connections only once some ruleset there uses it; in a
+    // VM something usually does (a distribution firewall, Docker). Emulate that, so the
+    // connections below are tracked as established before the perimeter goes up.
+    net.nft_load(
+        Side::Vm,
+        "table inet distro {\n\tchain input {\n\t\ttype filter hook input priority -10; policy accept;\n\t\tct state established counter\n\t}\n}\n",
+    );
+
+    // Before the perimeter: sessions into vm over IPv4 and IPv6, and one from vm to the broker.
+    let into_vm: Vec<_> = [sa(net.vm4(), 22), sa(net.vm6(), 22)]
+        .into_iter()
+        .map(|to| (to, net.connect_held(Side::Peer, to)))
+        .collect();
+    let to_broker = net.connect_held(Side::Vm, broker);
+    for (to, held) in &into_vm {
+        assert_eq!(
+            echo(held, "before"),
+            Some("before".to_owned()),
+            "harness check: the session from peer to {to} does not echo with no ruleset"
+        );
+    }
+    assert_eq!(
+        echo(&to_broker, "before"),
+        Some("before".to_owned()),
+        "harness check: the connection from vm to the broker does not echo with no ruleset"
+    );
+
+    apply(&net, Side::Vm, Example::Client, Phase::Perimeter);
+
+    for (to, held) in &into_vm {
+        assert_eq!(
+            echo(held, "after"),
+            None,
+            "data on a session from peer to {to} opened before the perimeter still gets through \
+             under it (ct state established accepted without cvm-warden's mark)"
+        );
+    }
+    assert_eq!(
+        echo(&to_broker, "after"),
+        Some("after".to_owned()),
+        "vm's connection to the broker, opened before the perimeter, is admitted by the broker \
+         rule in its own direction and must keep working"
+    );
+    // A new connection the rules admit carries data; a new one into vm is dropped.
+    let fresh = net.connect_held(Side::Vm, broker);
+    assert_eq!(
+        echo(&fresh, "fresh"),
+        Some("fresh".to_owned()),
+        "a connection to the broker opened under the perimeter does not carry data"
+    );
+    expect(
+        &net,
+        "under the perimeter, after the old sessions were cut off",
+        &[
+            (Side::Peer, sa(net.vm4(), 22), Probe::TimedOut),
+            (Side::Vm, broker, answered(Side::Peer, broker)),
+        ],
+    );
+    // In vm's conntrack table the broker connections carry the mark, the old sessions do not.
+    let mark = format!("mark={}", cvm_warden::firewall::CT_MARK);
+    let table = net.ok(Side::Vm, &["cat", "/proc/net/nf_conntrack"]);
+    let entries = |port: u16| -> Vec<&str> {
+        table
+            .lines()
+            .filter(|l| l.contains(" tcp ") && l.contains(&format!(" dport={port} ")))
+            .collect()
+    };
+    let (to_broker_entries, into_vm_entries) = (entries(BROKER_PORT), entries(22));
+    assert!(
+        to_broker_entries.len() >= 2 && to_broker_entries.iter().all(|l| l.contains(&mark)),
+        "vm's connections to the broker should carry {mark}:\n{table}"
+    );
+    assert!(
+        into_vm_entries.len() >= 2 && into_vm_entries.iter().all(|l| l.contains(" mark=0 ")),
+        "the sessions into vm opened before the perimeter should carry mark=0:\n{table}"
     );
 }

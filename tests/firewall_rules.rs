@@ -152,14 +152,16 @@ fn the_broker_is_in_the_client_allowlist_only_because_the_workload_lists_it() {
     let allowlist = rendered("flare-client.policy.toml", Phase::Allowlist).nft_text();
     // cvm-warden's own broker rule (attestation.kbs) exists only in the perimeter.
     assert!(perimeter.contains(
-        "ip daddr 198.51.100.7 tcp dport 8999 accept comment \"key broker tcp 198.51.100.7:8999 (attestation.kbs)\""
+        "ip daddr 198.51.100.7 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept comment \"key broker tcp 198.51.100.7:8999 (attestation.kbs)\""
     ));
     assert!(!allowlist.contains("(attestation.kbs)"));
     // The workload's own outbound rule to the broker (network.outbound[1]).
     assert!(allowlist.contains(
-        "ip daddr 198.51.100.7 tcp dport 8999 accept comment \"outbound tcp 198.51.100.7:8999 (network.outbound[1])\""
+        "ip daddr 198.51.100.7 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept comment \"outbound tcp 198.51.100.7:8999 (network.outbound[1])\""
     ));
-    assert!(allowlist.contains("ip daddr 192.0.2.10 tcp dport 8002 accept"));
+    assert!(allowlist.contains(
+        "ip daddr 192.0.2.10 tcp dport 8002 ct direction original ct mark set 0x63766d77 accept"
+    ));
 }
 
 #[test]
@@ -280,7 +282,9 @@ syslog = "tcp://[2001:db8::50]:6514"
         for phase in [Phase::Perimeter, Phase::Allowlist] {
             let ruleset = build(&policy, phase, &resolver).unwrap();
             assert!(
-                ruleset.nft_text().contains("dport 53 accept"),
+                ruleset
+                    .nft_text()
+                    .contains("dport 53 ct direction original ct mark set 0x63766d77 accept"),
                 "{phase}: no DNS rule"
             );
             apply(&ruleset, &mut NftFirewall::new())

@@ -3,7 +3,7 @@
 //! The table has three base chains, `input`, `output` and `forward` (type filter, priority
 //! filter, policy drop). Two phases fill them:
 //!
-//! - **perimeter** (before the measure stage): loopback, replies within allowed connections,
+//! - **perimeter** (before the measure stage): loopback, packets of connections its rules admitted,
 //!   the ICMP the network needs, the key broker's addresses on its port, a remote syslog
 //!   target, and DNS to the name servers only when one of those is a host name;
 //! - **allowlist** (just before launch): the same base, the policy's inbound ports (optional
@@ -11,6 +11,20 @@
 //!   allowed. The key broker is not in it: nothing talks to it after the unlock stage.
 //!
 //! Every rule carries a comment saying what it is for and which policy key asked for it.
+//!
+//! **Connections.** Only connections cvm-warden's rules admitted get through as
+//! `established`: every rule that admits one (inbound ports, outbound host:port pairs, the key
+//! broker, syslog, DNS) matches `ct direction original` and sets the conntrack mark
+//! [`CT_MARK`] (`ct mark set 0x63766d77`, "cvmw"), and the base rule accepts only
+//! `ct state established,related ct mark 0x63766d77`. Conntrack is never flushed, so a
+//! connection tracked before the perimeter went up (an SSH session, a socket opened in the
+//! window after network-online.target) carries mark 0: its packets are judged like a new
+//! connection's, and those no rule admits are dropped. One that an admitting rule matches in
+//! its own direction (e.g. the syslog sink's UDP flow opened at boot start) is admitted and
+//! marked then. ICMP errors about a connection are looked up as that connection and see its
+//! mark. The mark stays with a connection when the allowlist replaces the perimeter:
+//! connections the perimeter admitted (to the key broker, to syslog) stay allowed under the
+//! allowlist until they close. Loopback is accepted by interface (`iif`/`oif "lo"`).
 //!
 //! Flow: [`Resolution::resolve`] resolves every host name once (through the [`Resolver`]
 //! seam; a name that does not resolve fails closed naming the host and the key), [`plan`]
@@ -24,9 +38,10 @@
 //! prints.
 //!
 //! Known limits: DHCP is not allowed (addresses must be static, or leases outlive the VM);
-//! connections tracked before the perimeter is applied stay `established`; other tables can
-//! only add drops (a drop in any base chain is final) but a NAT table could rewrite addresses
-//! before these chains see them.
+//! software that sets conntrack marks of its own would take connections away from (or give
+//! them to) the base rule, so nothing else in the VM may set them; other tables can only add
+//! drops (a drop in any base chain is final) but a NAT table could rewrite addresses before
+//! these chains see them.
 
 mod model;
 mod nft;
@@ -42,7 +57,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-pub use model::{Chain, Direction, Hook, Match, Net, Rule, Ruleset, MAX_COMMENT, TABLE};
+pub use model::{Chain, Direction, Hook, Match, Net, Rule, Ruleset, CT_MARK, MAX_COMMENT, TABLE};
 pub use nft::{apply, verify, Applied, Firewall, NftFirewall, RecordingFirewall};
 pub use plan::{endpoints, plan, Endpoint, Pin, Resolution};
 pub use resolve::{

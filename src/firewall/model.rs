@@ -1,7 +1,8 @@
 //! The ruleset model and its two renderings: the nft JSON transaction (built with the
 //! `nftables` crate's schema types, applied by `nft -j -f -`) and the `nft -f` text form.
 //!
-//! Every rule accepts (the chains' policy is drop), so a rule is its matches and its comment.
+//! Every rule accepts (the chains' policy is drop), so a rule is its matches, whether it
+//! sets cvm-warden's conntrack mark ([`CT_MARK`]) on the connection it admits, and its comment.
 //! The expressions are written in the form `nft -j list` prints them back (a full-length
 //! prefix becomes a plain address, ICMP type sets are sorted by type number), so the read-back
 //! comparison needs little normalising.
@@ -15,7 +16,7 @@ use nftables::expr::{
 use nftables::schema::{
     Chain as NfChain, NfCmd, NfListObject, NfObject, Nftables, Rule as NfRule, Table,
 };
-use nftables::stmt::{Accept, Match as NfMatch, Operator, Statement};
+use nftables::stmt::{Accept, Mangle, Match as NfMatch, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Serialize;
 use serde_json::Value;
@@ -30,6 +31,18 @@ pub const TABLE: &str = "cvm_warden";
 
 /// nft keeps at most 128 bytes of a rule comment.
 pub const MAX_COMMENT: usize = 128;
+
+/// The conntrack mark cvm-warden owns: `0x63766d77`, "cvmw" in ASCII.
+///
+/// Every rule that admits a connection (inbound ports, outbound host:port pairs, the key
+/// broker, syslog, DNS) sets it on the connection (`ct mark set 0x63766d77`), and the base
+/// rule accepts `ct state established,related` only with it (`ct mark 0x63766d77`). A
+/// connection tracked before cvm-warden's table went up carries mark 0, so its packets are
+/// judged by the rules like a new connection's instead of passing as `established`. ICMP
+/// errors that conntrack relates to a connection are looked up as that connection, so they
+/// see its mark. Nothing else in the VM may set conntrack marks (it would take connections
+/// away from, or give them to, this rule).
+pub const CT_MARK: u32 = 0x6376_6d77;
 
 /// A base chain of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -121,6 +134,16 @@ pub enum Match {
     },
     /// `ct state established,related`
     EstablishedRelated,
+    /// `ct mark <mark>` (printed as nft prints it, `0x` and 8 hex digits)
+    CtMark {
+        /// The mark, [`CT_MARK`].
+        mark: u32,
+    },
+    /// `ct direction original`: the packet travels the way the connection's first packet
+    /// did, so a rule admits connections only in the direction the policy allows (not the
+    /// replies of a connection that was tracked before the rules went up and happens to use
+    /// an allowed port on the other side).
+    CtOriginal,
     /// `icmp type <type> [icmp code <code>]`
     Icmp {
         /// ICMPv4 type name as nft spells it.
@@ -182,6 +205,20 @@ fn string(s: impl Into<String>) -> Expression<'static> {
     Expression::String(Cow::Owned(s.into()))
 }
 
+/// `ct <key>` (no family, no direction).
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: Cow::Borrowed(key),
+        family: None,
+        dir: None,
+    }))
+}
+
+/// A mark as nft lists it: `0x` and 8 hex digits.
+fn mark_text(mark: u32) -> String {
+    format!("{mark:#010x}")
+}
+
 impl Match {
     /// The nft text form, e.g. `tcp dport 8002`.
     pub fn text(&self) -> String {
@@ -189,6 +226,8 @@ impl Match {
             Match::Iif { name } => format!("iif {}", quote(name)),
             Match::Oif { name } => format!("oif {}", quote(name)),
             Match::EstablishedRelated => "ct state established,related".to_string(),
+            Match::CtMark { mark } => format!("ct mark {}", mark_text(*mark)),
+            Match::CtOriginal => "ct direction original".to_string(),
             Match::Icmp { kind, code: None } => format!("icmp type {kind}"),
             Match::Icmp {
                 kind,
@@ -227,14 +266,12 @@ impl Match {
                 )]
             }
             Match::EstablishedRelated => vec![Statement::Match(NfMatch {
-                left: Expression::Named(NamedExpression::CT(CT {
-                    key: Cow::Borrowed("state"),
-                    family: None,
-                    dir: None,
-                })),
+                left: ct("state"),
                 right: Expression::List(vec![string("established"), string("related")]),
                 op: Operator::IN,
             })],
+            Match::CtMark { mark } => vec![eq(ct("mark"), Expression::Number(*mark))],
+            Match::CtOriginal => vec![eq(ct("direction"), string("original"))],
             Match::Icmp { kind, code } => {
                 let mut out = vec![eq(payload("icmp", "type"), string(*kind))];
                 if let Some(code) = code {
@@ -300,19 +337,27 @@ pub(crate) fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// An accepting rule: all of `matches`, then `accept`, with a comment saying what it is for.
+/// An accepting rule: all of `matches`, then `ct mark set <mark>` when `set_mark` is given,
+/// then `accept`, with a comment saying what it is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rule {
     /// The matches, in order.
     pub matches: Vec<Match>,
+    /// The conntrack mark the rule sets on the connection it admits ([`CT_MARK`] for every
+    /// rule that admits a connection; `None` for loopback, the base rule and ICMP).
+    pub set_mark: Option<u32>,
     /// What the rule is for, e.g. `inbound tcp 8002 (network.inbound[0])` (≤ 128 bytes).
     pub comment: String,
 }
 
 impl Rule {
-    /// The nft text form, e.g. `tcp dport 8002 accept comment "inbound tcp 8002 (…)"`.
+    /// The nft text form, e.g. `tcp dport 8002 ct direction original ct mark set 0x63766d77
+    /// accept comment "inbound tcp 8002 (…)"`.
     pub fn text(&self) -> String {
         let mut parts: Vec<String> = self.matches.iter().map(Match::text).collect();
+        if let Some(mark) = self.set_mark {
+            parts.push(format!("ct mark set {}", mark_text(mark)));
+        }
         parts.push("accept".to_string());
         parts.push(format!("comment {}", quote(&self.comment)));
         parts.join(" ")
@@ -321,6 +366,12 @@ impl Rule {
     fn nf(&self, chain: Hook) -> NfRule<'static> {
         let mut expr: Vec<Statement<'static>> =
             self.matches.iter().flat_map(Match::statements).collect();
+        if let Some(mark) = self.set_mark {
+            expr.push(Statement::Mangle(Mangle {
+                key: ct("mark"),
+                value: Expression::Number(mark),
+            }));
+        }
         expr.push(Statement::Accept(None::<Accept>));
         NfRule {
             family: NfFamily::INet,

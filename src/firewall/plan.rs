@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use serde::Serialize;
 
-use super::model::{Chain, Direction, Hook, Match, Net, Rule, Ruleset, MAX_COMMENT};
+use super::model::{Chain, Direction, Hook, Match, Net, Rule, Ruleset, CT_MARK, MAX_COMMENT};
 use super::resolve::Resolver;
 use super::{FirewallError, Phase};
 use crate::policy::{Attestation, Policy, Proto, SyslogTarget};
@@ -285,8 +285,26 @@ fn host_port(host: &str, port: u16) -> String {
     }
 }
 
+/// A rule that accepts packets without admitting a connection (loopback, the base rule,
+/// ICMP): it sets no mark.
 fn rule(matches: Vec<Match>, comment: String) -> Rule {
-    Rule { matches, comment }
+    Rule {
+        matches,
+        set_mark: None,
+        comment,
+    }
+}
+
+/// A rule that admits connections: `matches`, then `ct direction original` (only the way the
+/// policy allows; a reply of a connection tracked before the table went up is not adopted),
+/// then `ct mark set` [`CT_MARK`], so the base rule lets the rest of the connection through.
+fn admit(mut matches: Vec<Match>, comment: String) -> Rule {
+    matches.push(Match::CtOriginal);
+    Rule {
+        matches,
+        set_mark: Some(CT_MARK),
+        comment,
+    }
 }
 
 fn base_rules(hook: Hook) -> Vec<Rule> {
@@ -304,8 +322,9 @@ fn base_rules(hook: Hook) -> Vec<Rule> {
     vec![
         rule(vec![iface], label.to_string()),
         rule(
-            vec![Match::EstablishedRelated],
-            "replies within connections already allowed (and their ICMP errors)".to_string(),
+            vec![Match::EstablishedRelated, Match::CtMark { mark: CT_MARK }],
+            "packets of connections these rules admitted (ct mark cvmw), and ICMP errors about them"
+                .to_string(),
         ),
     ]
 }
@@ -322,9 +341,11 @@ fn base_rules(hook: Hook) -> Vec<Rule> {
 /// - ICMPv4 destination-unreachable / frag-needed: the same for IPv4 (RFC 1191), since TCP
 ///   sets DF.
 ///
-/// Conntrack already marks errors about tracked connections as `related`; the explicit PMTU
-/// rules keep path MTU discovery working when the quoted header does not match a tracked
-/// flow (e.g. an entry that expired or was rewritten on the path).
+/// Conntrack already classes errors about tracked connections as `related` and looks them up
+/// as that connection, so the base rule (`ct state established,related ct mark 0x63766d77`)
+/// accepts errors about connections these rules admitted; the explicit PMTU rules keep path
+/// MTU discovery working when the quoted header does not match a tracked flow (e.g. an entry
+/// that expired or was rewritten on the path). They set no mark: an error admits nothing.
 ///
 /// output
 /// - ICMPv6 neighbour solicitation/advertisement and router solicitation: our side of
@@ -383,8 +404,10 @@ fn icmp_rules(hook: Hook) -> Vec<Rule> {
 /// Plans the ruleset of `phase` from the policy and a [`Resolution`] covering it. Pure.
 ///
 /// Both phases: chains input, output, forward (type filter, priority filter, policy drop);
-/// input and output accept loopback, `ct state established,related` and the ICMP that the
-/// network needs (see `icmp_rules`); forward has no rules. Then:
+/// input and output accept loopback, `ct state established,related ct mark 0x63766d77`
+/// (connections these rules admitted, see [`CT_MARK`]) and the ICMP that the network needs
+/// (see `icmp_rules`); forward has no rules. Every rule below admits connections: it also
+/// matches `ct direction original` and sets `ct mark set 0x63766d77`. Then:
 ///
 /// - perimeter, output: the key broker's addresses on its port (tcp) unless
 ///   `attestation = "none"`; the remote syslog target; DNS (udp and tcp 53) to the name
@@ -420,11 +443,11 @@ pub fn plan(
             };
             let what = format!("inbound {} {}", proto_name(inbound.proto), inbound.port);
             if inbound.from.is_empty() {
-                input.push(rule(vec![port.clone()], comment(&what, &key)));
+                input.push(admit(vec![port.clone()], comment(&what, &key)));
             }
             for (j, cidr) in inbound.from.iter().enumerate() {
                 let net = parse_cidr(&format!("{key}.from[{j}]"), cidr)?;
-                input.push(rule(
+                input.push(admit(
                     vec![
                         Match::Addr {
                             direction: Direction::Source,
@@ -470,7 +493,7 @@ pub fn plan(
             host_port(&endpoint.host, endpoint.port)
         );
         for ip in addresses {
-            output.push(rule(
+            output.push(admit(
                 vec![
                     Match::Addr {
                         direction: Direction::Destination,
@@ -502,7 +525,7 @@ pub fn plan(
         };
         for ns in &resolution.nameservers {
             for proto in [Proto::Udp, Proto::Tcp] {
-                output.push(rule(
+                output.push(admit(
                     vec![
                         Match::Addr {
                             direction: Direction::Destination,

@@ -13,8 +13,14 @@ fn ip(s: &str) -> IpAddr {
 }
 
 /// A valid policy: `attestation` is the attestation part (a string or a table), `rest` the
-/// `[network]` / `[audit]` tables.
+/// `[network]` / `[audit]` tables (an empty `[network]` table is added when `rest` has none:
+/// a policy with a key broker must have one).
 fn policy(attestation: &str, rest: &str) -> Policy {
+    let rest = if rest.contains("[network]") {
+        rest.to_string()
+    } else {
+        format!("[network]\n\n{rest}")
+    };
     let text = format!(
         "{attestation}\n\n[workload]\nbundle = \"/opt/flare\"\nsource = \"initramfs\"\nexec = [\"/opt/flare/start.sh\"]\nuser = \"flare\"\n\n{rest}"
     );
@@ -39,14 +45,14 @@ fn lines(ruleset: &Ruleset) -> Vec<String> {
 
 const BASE_INPUT: [&str; 5] = [
     "input: iif \"lo\" accept comment \"loopback: local processes talk to each other\"",
-    "input: ct state established,related accept comment \"replies within connections already allowed (and their ICMP errors)\"",
+    "input: ct state established,related ct mark 0x63766d77 accept comment \"packets of connections these rules admitted (ct mark cvmw), and ICMP errors about them\"",
     "input: icmpv6 type { nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept comment \"icmpv6 neighbour and router discovery from the link (RFC 4861)\"",
     "input: icmpv6 type packet-too-big accept comment \"icmpv6 packet-too-big: path MTU discovery (RFC 8201)\"",
     "input: icmp type destination-unreachable icmp code frag-needed accept comment \"icmp frag-needed: path MTU discovery (RFC 1191)\"",
 ];
 const BASE_OUTPUT: [&str; 2] = [
     "output: oif \"lo\" accept comment \"loopback: local processes talk to each other\"",
-    "output: ct state established,related accept comment \"replies within connections already allowed (and their ICMP errors)\"",
+    "output: ct state established,related ct mark 0x63766d77 accept comment \"packets of connections these rules admitted (ct mark cvmw), and ICMP errors about them\"",
 ];
 const ICMP_OUTPUT: &str = "output: icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report } accept comment \"icmpv6 neighbour and router discovery, MLDv2 reports (RFC 4861, 3810)\"";
 
@@ -81,7 +87,7 @@ fn perimeter_with_a_broker_address_allows_exactly_the_broker_and_no_dns() {
         lines(&ruleset),
         expect(
             &[],
-            &["output: ip daddr 198.51.100.7 tcp dport 8999 accept comment \"key broker tcp 198.51.100.7:8999 (attestation.kbs)\""]
+            &["output: ip daddr 198.51.100.7 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept comment \"key broker tcp 198.51.100.7:8999 (attestation.kbs)\""]
         )
     );
     assert!(ruleset.pins().is_empty());
@@ -107,7 +113,7 @@ fn perimeter_ignores_the_allowlist_and_default_ports_come_from_the_scheme() {
         lines(&ruleset),
         expect(
             &[],
-            &["output: ip6 daddr 2001:db8::7 tcp dport 443 accept comment \"key broker tcp [2001:db8::7]:443 (attestation.kbs)\""]
+            &["output: ip6 daddr 2001:db8::7 tcp dport 443 ct direction original ct mark set 0x63766d77 accept comment \"key broker tcp [2001:db8::7]:443 (attestation.kbs)\""]
         )
     );
 }
@@ -132,13 +138,13 @@ fn a_broker_name_is_pinned_v4_and_v6_and_opens_dns_to_the_name_servers_only() {
         expect(
             &[],
             &[
-                &format!("output: ip daddr 198.51.100.7 tcp dport 8999 accept comment \"key broker tcp kbs.example:8999 {c}\""),
-                &format!("output: ip daddr 198.51.100.8 tcp dport 8999 accept comment \"key broker tcp kbs.example:8999 {c}\""),
-                &format!("output: ip6 daddr 2001:db8::7 tcp dport 8999 accept comment \"key broker tcp kbs.example:8999 {c}\""),
-                &format!("output: ip daddr 10.255.255.53 udp dport 53 accept comment \"dns udp to name server 10.255.255.53 {c}\""),
-                &format!("output: ip daddr 10.255.255.53 tcp dport 53 accept comment \"dns tcp to name server 10.255.255.53 {c}\""),
-                &format!("output: ip6 daddr fd00::53 udp dport 53 accept comment \"dns udp to name server fd00::53 {c}\""),
-                &format!("output: ip6 daddr fd00::53 tcp dport 53 accept comment \"dns tcp to name server fd00::53 {c}\""),
+                &format!("output: ip daddr 198.51.100.7 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept comment \"key broker tcp kbs.example:8999 {c}\""),
+                &format!("output: ip daddr 198.51.100.8 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept comment \"key broker tcp kbs.example:8999 {c}\""),
+                &format!("output: ip6 daddr 2001:db8::7 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept comment \"key broker tcp kbs.example:8999 {c}\""),
+                &format!("output: ip daddr 10.255.255.53 udp dport 53 ct direction original ct mark set 0x63766d77 accept comment \"dns udp to name server 10.255.255.53 {c}\""),
+                &format!("output: ip daddr 10.255.255.53 tcp dport 53 ct direction original ct mark set 0x63766d77 accept comment \"dns tcp to name server 10.255.255.53 {c}\""),
+                &format!("output: ip6 daddr fd00::53 udp dport 53 ct direction original ct mark set 0x63766d77 accept comment \"dns udp to name server fd00::53 {c}\""),
+                &format!("output: ip6 daddr fd00::53 tcp dport 53 ct direction original ct mark set 0x63766d77 accept comment \"dns tcp to name server fd00::53 {c}\""),
             ]
         )
     );
@@ -173,17 +179,17 @@ syslog = "udp://192.0.2.50:514"
         lines(&ruleset),
         expect(
             &[
-                "input: tcp dport 8002 accept comment \"inbound tcp 8002 (network.inbound[0])\"",
-                "input: ip saddr 10.0.0.0/8 tcp dport 8003 accept comment \"inbound tcp 8003 from 10.0.0.0/8 (network.inbound[1].from[0])\"",
-                "input: ip6 saddr fd00::/8 tcp dport 8003 accept comment \"inbound tcp 8003 from fd00::/8 (network.inbound[1].from[1])\"",
-                "input: ip saddr 192.0.2.1 tcp dport 8003 accept comment \"inbound tcp 8003 from 192.0.2.1/32 (network.inbound[1].from[2])\"",
-                "input: udp dport 5353 accept comment \"inbound udp 5353 (network.inbound[2])\"",
+                "input: tcp dport 8002 ct direction original ct mark set 0x63766d77 accept comment \"inbound tcp 8002 (network.inbound[0])\"",
+                "input: ip saddr 10.0.0.0/8 tcp dport 8003 ct direction original ct mark set 0x63766d77 accept comment \"inbound tcp 8003 from 10.0.0.0/8 (network.inbound[1].from[0])\"",
+                "input: ip6 saddr fd00::/8 tcp dport 8003 ct direction original ct mark set 0x63766d77 accept comment \"inbound tcp 8003 from fd00::/8 (network.inbound[1].from[1])\"",
+                "input: ip saddr 192.0.2.1 tcp dport 8003 ct direction original ct mark set 0x63766d77 accept comment \"inbound tcp 8003 from 192.0.2.1/32 (network.inbound[1].from[2])\"",
+                "input: udp dport 5353 ct direction original ct mark set 0x63766d77 accept comment \"inbound udp 5353 (network.inbound[2])\"",
             ],
             &[
-                "output: ip daddr 192.0.2.10 tcp dport 8002 accept comment \"outbound tcp 192.0.2.10:8002 (network.outbound[0])\"",
-                "output: ip6 daddr 2001:db8::10 tcp dport 8003 accept comment \"outbound tcp [2001:db8::10]:8003 (network.outbound[1])\"",
-                "output: ip daddr 192.0.2.11 udp dport 53 accept comment \"outbound udp 192.0.2.11:53 (network.outbound[2])\"",
-                "output: ip daddr 192.0.2.50 udp dport 514 accept comment \"syslog udp 192.0.2.50:514 (audit.syslog)\"",
+                "output: ip daddr 192.0.2.10 tcp dport 8002 ct direction original ct mark set 0x63766d77 accept comment \"outbound tcp 192.0.2.10:8002 (network.outbound[0])\"",
+                "output: ip6 daddr 2001:db8::10 tcp dport 8003 ct direction original ct mark set 0x63766d77 accept comment \"outbound tcp [2001:db8::10]:8003 (network.outbound[1])\"",
+                "output: ip daddr 192.0.2.11 udp dport 53 ct direction original ct mark set 0x63766d77 accept comment \"outbound udp 192.0.2.11:53 (network.outbound[2])\"",
+                "output: ip daddr 192.0.2.50 udp dport 514 ct direction original ct mark set 0x63766d77 accept comment \"syslog udp 192.0.2.50:514 (audit.syslog)\"",
             ]
         )
     );
@@ -213,11 +219,11 @@ syslog = "tcp://logs.example:6514"
         expect(
             &[],
             &[
-                "output: ip daddr 192.0.2.10 tcp dport 8002 accept comment \"outbound tcp fl-server.example:8002 (network.outbound[0])\"",
-                "output: ip daddr 192.0.2.10 tcp dport 8003 accept comment \"outbound tcp fl-server.example:8003 (network.outbound[1])\"",
-                "output: ip6 daddr 2001:db8::50 tcp dport 6514 accept comment \"syslog tcp logs.example:6514 (audit.syslog)\"",
-                &format!("output: ip daddr 192.0.2.53 udp dport 53 accept comment \"dns udp to name server 192.0.2.53 ({keys})\""),
-                &format!("output: ip daddr 192.0.2.53 tcp dport 53 accept comment \"dns tcp to name server 192.0.2.53 ({keys})\""),
+                "output: ip daddr 192.0.2.10 tcp dport 8002 ct direction original ct mark set 0x63766d77 accept comment \"outbound tcp fl-server.example:8002 (network.outbound[0])\"",
+                "output: ip daddr 192.0.2.10 tcp dport 8003 ct direction original ct mark set 0x63766d77 accept comment \"outbound tcp fl-server.example:8003 (network.outbound[1])\"",
+                "output: ip6 daddr 2001:db8::50 tcp dport 6514 ct direction original ct mark set 0x63766d77 accept comment \"syslog tcp logs.example:6514 (audit.syslog)\"",
+                &format!("output: ip daddr 192.0.2.53 udp dport 53 ct direction original ct mark set 0x63766d77 accept comment \"dns udp to name server 192.0.2.53 ({keys})\""),
+                &format!("output: ip daddr 192.0.2.53 tcp dport 53 ct direction original ct mark set 0x63766d77 accept comment \"dns tcp to name server 192.0.2.53 ({keys})\""),
             ]
         )
     );
@@ -359,6 +365,35 @@ fn the_transaction_replaces_the_table_and_the_digest_is_sha256_of_its_jcs_form()
             "comment": "loopback: local processes talk to each other",
             "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "lo"}}, {"accept": null}]}}})
     );
+    // The base rule accepts established/related packets only of connections carrying
+    // cvm-warden's mark ("cvmw"); the broker rule admits a connection and sets the mark. The
+    // JSON is what `nft -j list` prints for the same rules loaded as text.
+    assert_eq!(CT_MARK, 0x6376_6d77);
+    assert_eq!(CT_MARK.to_be_bytes(), *b"cvmw");
+    assert_eq!(
+        commands[3 + 3 + 1],
+        json!({"add": {"rule": {"family": "inet", "table": "cvm_warden", "chain": "input",
+            "comment": "packets of connections these rules admitted (ct mark cvmw), and ICMP errors about them",
+            "expr": [
+                {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
+                {"match": {"op": "==", "left": {"ct": {"key": "mark"}}, "right": 1_668_705_655}},
+                {"accept": null}]}}})
+    );
+    let broker_rule = commands
+        .iter()
+        .find(|c| {
+            c["add"]["rule"]["comment"] == "key broker tcp 198.51.100.7:8999 (attestation.kbs)"
+        })
+        .unwrap();
+    assert_eq!(
+        broker_rule["add"]["rule"]["expr"],
+        json!([
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "198.51.100.7"}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8999}},
+            {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "original"}},
+            {"mangle": {"key": {"ct": {"key": "mark"}}, "value": 1_668_705_655}},
+            {"accept": null}])
+    );
     assert_eq!(commands.len(), 6 + ruleset.rule_count());
     // The pretty form is the same document.
     assert_eq!(
@@ -389,7 +424,7 @@ fn the_text_form_replaces_the_table_and_lists_every_rule() {
     for line in BASE_INPUT {
         expected.push_str(&format!("\t\t{}\n", line.strip_prefix("input: ").unwrap()));
     }
-    expected.push_str("\t\ttcp dport 8002 accept comment \"inbound tcp 8002 (network.inbound[0])\"\n\t}\n\n\tchain output {\n\t\ttype filter hook output priority filter; policy drop;\n");
+    expected.push_str("\t\ttcp dport 8002 ct direction original ct mark set 0x63766d77 accept comment \"inbound tcp 8002 (network.inbound[0])\"\n\t}\n\n\tchain output {\n\t\ttype filter hook output priority filter; policy drop;\n");
     for line in BASE_OUTPUT.iter().chain([ICMP_OUTPUT].iter()) {
         expected.push_str(&format!("\t\t{}\n", line.strip_prefix("output: ").unwrap()));
     }
@@ -481,9 +516,59 @@ fn verify_names_the_first_differing_rule() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("chain output, rule 3: expected `ip daddr 198.51.100.7 tcp dport 8999 accept comment \"key broker tcp 198.51.100.7:8999 (attestation.kbs)\"`, found {"),
+        err.contains("chain output, rule 3: expected `ip daddr 198.51.100.7 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept comment \"key broker tcp 198.51.100.7:8999 (attestation.kbs)\"`, found {"),
         "{err}"
     );
+
+    // The base rule without its mark match: established connections cvm-warden never
+    // admitted would pass again.
+    let mut listing = listing_of(&ruleset);
+    let base = objects(&mut listing)
+        .iter_mut()
+        .find(|o| {
+            o["rule"]["chain"] == "input"
+                && o["rule"]["expr"][0]["match"]["left"]["ct"]["key"] == "state"
+        })
+        .unwrap();
+    base["rule"]["expr"].as_array_mut().unwrap().remove(1);
+    let err = verify(&ruleset, &listing.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("chain input, rule 2: expected `ct state established,related ct mark 0x63766d77 accept comment"),
+        "{err}"
+    );
+
+    // The broker rule without its `ct mark set`, or setting another mark.
+    for changed in [
+        None,
+        Some(json!({"mangle": {"key": {"ct": {"key": "mark"}}, "value": 1}})),
+    ] {
+        let mut listing = listing_of(&ruleset);
+        let broker_rule = objects(&mut listing)
+            .iter_mut()
+            .find(|o| {
+                o["rule"]["comment"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("key broker"))
+            })
+            .unwrap();
+        let expr = broker_rule["rule"]["expr"].as_array_mut().unwrap();
+        let at = expr.iter().position(|e| e.get("mangle").is_some()).unwrap();
+        match changed.clone() {
+            None => {
+                expr.remove(at);
+            }
+            Some(other) => expr[at] = other,
+        }
+        let err = verify(&ruleset, &listing.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("chain output, rule 3: expected `ip daddr 198.51.100.7 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept"),
+            "{err}"
+        );
+    }
 
     // A missing rule.
     let mut listing = listing_of(&ruleset);

@@ -340,8 +340,9 @@ impl Net {
     }
 
     /// Starts a TCP listener in the namespace on `addr` that answers every connection with
-    /// [`Net::answer_of`]`(side, addr)` and a newline, then keeps the connection open until the
-    /// client closes it (at most 10 s). The listener lives until the `Net` is dropped.
+    /// [`Net::answer_of`]`(side, addr)` and a newline, then echoes each line the client sends
+    /// ([`echo`]) and keeps the connection open until the client closes it (or 10 s pass with
+    /// nothing received). The listener lives until the `Net` is dropped.
     pub fn listen(&self, side: Side, addr: SocketAddr) {
         let name = self.name(side);
         let listener = in_netns(&name, || TcpListener::bind(addr))
@@ -599,9 +600,32 @@ fn serve(mut stream: TcpStream, answer: &str) {
     if stream.write_all(format!("{answer}\n").as_bytes()).is_err() {
         return;
     }
-    // Keep the connection established until the client closes it.
-    let mut sink = [0u8; 256];
-    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    // Keep the connection established until the client closes it, echoing every line the
+    // client sends (so a test can tell whether data still flows on an old connection).
+    let Ok(reader) = stream.try_clone() else {
+        return;
+    };
+    for line in BufReader::new(reader).lines() {
+        let Ok(line) = line else { return };
+        if stream.write_all(format!("{line}\n").as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends `line` on a held connection and waits up to [`PROBE_TIMEOUT`] for the listener's
+/// echo: `Some(echoed line)` when it came back, `None` when nothing came (dropped).
+pub fn echo(stream: &TcpStream, line: &str) -> Option<String> {
+    let mut writer = stream;
+    writer
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap_or_else(|e| panic!("cannot send on the held connection: {e}"));
+    stream.set_read_timeout(Some(PROBE_TIMEOUT)).unwrap();
+    let mut answer = String::new();
+    match BufReader::new(stream).read_line(&mut answer) {
+        Ok(n) if n > 0 => Some(answer.trim_end().to_owned()),
+        _ => None,
+    }
 }
 
 fn probe(to: SocketAddr) -> Probe {
