@@ -175,8 +175,8 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
     print!("{listing}");
     ensure!(
-        listing.contains("tcp dport 8002 accept comment")
-            && listing.contains("ip daddr 192.0.2.10 tcp dport 8002 accept comment"),
+        listing.contains("comment \"inbound tcp 8002 (network.inbound[0])\"")
+            && listing.contains("comment \"outbound tcp 192.0.2.10:8002 (network.outbound[0])\""),
         "the allowlist is not in place after the boot"
     );
     ensure!(
