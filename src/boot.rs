@@ -41,6 +41,9 @@ pub enum BootError {
     /// The evidence provider or the key broker client could not be set up.
     #[error("boot setup")]
     Setup(#[source] crate::keybroker::SetupError),
+    /// The policy's kernel modules could not be loaded before the TEE was opened.
+    #[error("boot setup: loading lockdown.modules before the TEE is opened")]
+    Modules(#[source] crate::lockdown::LockdownError),
 }
 
 /// Starts the workload in one of the two process shapes. The seam that lets the runner be
@@ -1473,6 +1476,11 @@ mod tests {
         let keys: Vec<&str> = last.sysctls.iter().map(|s| s.key).collect();
         assert_eq!(keys, ["kernel.modules_disabled"]);
         assert!(last.modules.is_empty() && last.masks.is_empty() && !last.lock_root);
+        // Before the TEE is opened the boot loads only the modules (its driver may be one).
+        let first = crate::stage::perimeter::only_load_modules(perimeter.clone());
+        assert_eq!(first.modules, ["dm_crypt"]);
+        assert!(first.sysctls.is_empty() && first.kernel_lockdown.is_none());
+        assert!(!first.swap_off && !first.tmp_tmpfs && !first.close_stdin && !first.lock_root);
         // A sandbox never disables module loading on its host.
         let mut facts = fixture.facts(&loaded);
         facts.sandbox = true;

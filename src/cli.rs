@@ -691,6 +691,19 @@ fn prepare(
     sandbox: bool,
 ) -> Result<boot::Ready, boot::BootError> {
     use crate::keybroker::{client_config, open_provider, RealBroker};
+    let lockdown_paths = crate::lockdown::Paths::default();
+    // The policy's modules first (the TEE's driver, e.g. sev-guest or tpm_crb, may be one of
+    // them and there is no udev in the initramfs); the perimeter stage finds them loaded.
+    if let Some(lockdown) = loaded.policy.lockdown.as_ref() {
+        if !sandbox && !lockdown.modules.is_empty() {
+            let plan =
+                crate::stage::perimeter::only_load_modules(crate::lockdown::plan(lockdown, shape));
+            let report =
+                crate::lockdown::apply(&plan, &crate::lockdown::RealLockdownSys, &lockdown_paths)
+                    .map_err(boot::BootError::Modules)?;
+            let _ = audit.record("boot", "modules_loaded", serde_json::json!(report));
+        }
+    }
     let attestation = &loaded.policy.attestation;
     let mut broker = match (
         open_provider(attestation).map_err(boot::BootError::Setup)?,
@@ -720,7 +733,7 @@ fn prepare(
         firewall: &mut crate::firewall::NftFirewall::new(),
         resolver: &crate::firewall::SystemResolver::default(),
         lockdown: &crate::lockdown::RealLockdownSys,
-        lockdown_paths: &crate::lockdown::Paths::default(),
+        lockdown_paths: &lockdown_paths,
     };
     boot::prepare(loaded, &facts(loaded, shape, sandbox), env)
 }

@@ -50,6 +50,17 @@ pub fn only_disable_modules(mut plan: LockdownPlan) -> LockdownPlan {
     plan
 }
 
+/// Turns a lockdown plan into its first step only: the policy's modules loaded. The boot
+/// does this before it opens the TEE (whose driver, e.g. `sev-guest`, may be one of them);
+/// the perimeter stage then finds them loaded.
+pub fn only_load_modules(plan: LockdownPlan) -> LockdownPlan {
+    let modules = plan.modules.clone();
+    let mut plan = only_disable_modules(plan);
+    plan.sysctls.clear();
+    plan.modules = modules;
+    plan
+}
+
 /// Host-wide settings a sandbox never applies.
 pub const SANDBOX_SKIPPED: [&str; 8] = [
     "kernel modules",
