@@ -193,6 +193,27 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
         lockdown: env.lockdown,
         lockdown_paths: env.lockdown_paths,
     };
+    let result = run_stages(&plan, &mut fx, audit);
+    if result.is_err() && fx.sys.is_mountpoint(&plan.unlock.secrets_dir) {
+        // Secrets may already sit in their tmpfs (a later stage, or a later secret, failed):
+        // the workload will never read them, so they go now, not at power-off.
+        let removed = fx.sys.umount(&plan.unlock.secrets_dir);
+        let _ = audit.record(
+            "unlock",
+            "secrets_removed",
+            json!({
+                "dir": plan.unlock.secrets_dir,
+                "removed": removed.is_ok(),
+                "error": removed.err().map(|e| chain(&e)),
+            }),
+        );
+    }
+    result?;
+    Ok(Ready { plan, event_log })
+}
+
+/// The stage loop of [`prepare`], then the audit sinks' check.
+fn run_stages(plan: &BootPlan, fx: &mut Effects<'_>, audit: &Audit) -> Result<(), BootError> {
     for stage in StageName::ALL {
         let name = stage.as_str();
         log::info!("stage {name}: begin");
@@ -203,12 +224,12 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
             json!({ "plan": plan.stage_plan(stage) }),
         )?;
         let result = match stage {
-            StageName::Perimeter => stage::perimeter::apply(&plan.perimeter, &mut fx),
-            StageName::Measure => stage::measure::apply(&plan.measure, &mut fx),
-            StageName::Attest => stage::attest::apply(&plan.attest, &mut fx),
-            StageName::Unlock => stage::unlock::apply(&plan.unlock, &mut fx),
-            StageName::Allowlist => stage::allowlist::apply(&plan.allowlist, &mut fx),
-            StageName::Launch => separator(&mut fx),
+            StageName::Perimeter => stage::perimeter::apply(&plan.perimeter, fx),
+            StageName::Measure => stage::measure::apply(&plan.measure, fx),
+            StageName::Attest => stage::attest::apply(&plan.attest, fx),
+            StageName::Unlock => stage::unlock::apply(&plan.unlock, fx),
+            StageName::Allowlist => stage::allowlist::apply(&plan.allowlist, fx),
+            StageName::Launch => separator(fx),
         };
         match result {
             Ok(details) => {
@@ -217,7 +238,7 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
                 if stage == StageName::Perimeter {
                     // systemd (Type=notify): units ordered after cvm-warden start now, behind
                     // the perimeter. Not fatal: without a service manager nothing listens.
-                    if let Err(error) = env.sys.notify_ready("perimeter up; measuring") {
+                    if let Err(error) = fx.sys.notify_ready("perimeter up; measuring") {
                         log::warn!("cannot notify the service manager: {error}");
                     }
                 }
@@ -234,8 +255,7 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
         }
     }
     // A required audit sink that never caught up stops the boot here, before launch.
-    audit.require_sinks().map_err(BootError::Audit)?;
-    Ok(Ready { plan, event_log })
+    audit.require_sinks().map_err(BootError::Audit)
 }
 
 fn separator(fx: &mut Effects<'_>) -> Result<Value, StageError> {
@@ -1487,5 +1507,36 @@ mod tests {
         let plan = BootPlan::new(&loaded.policy, &facts).unwrap();
         assert!(plan.allowlist.disable_modules.is_none());
         assert!(plan.perimeter.lockdown.as_ref().unwrap().sysctls.is_empty());
+    }
+
+    #[test]
+    fn secrets_already_written_are_removed_when_a_later_one_is_refused() {
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let mut broker = FakeBroker::new();
+        broker.deny = Some("kbs:///default/secrets/second".to_string());
+        let policy = format!(
+            "{}\n[[secret]]\nname = \"second\"\nresource = \"kbs:///default/secrets/second\"\n",
+            broker_policy(&fixture)
+        );
+        let volumes = crate::volume::FakeVolumes::new();
+        prepare_with(&policy, &fixture, &sys, &mut broker, &volumes, &audit).unwrap_err();
+        let calls = sys.calls();
+        // The first secret was written, then its tmpfs unmounted once the second was refused.
+        assert!(calls
+            .iter()
+            .any(|c| matches!(c, SysCall::WritePrivate { .. })));
+        assert!(calls
+            .iter()
+            .any(|c| matches!(c, SysCall::Umount(p) if p == Path::new("/run/cvm-warden/secrets"))));
+        assert!(!sys
+            .mounted()
+            .contains(&PathBuf::from("/run/cvm-warden/secrets")));
+        let removed = records(&lines)
+            .into_iter()
+            .find(|r| r["event"] == "secrets_removed")
+            .unwrap();
+        assert_eq!(removed["details"]["removed"], true);
     }
 }

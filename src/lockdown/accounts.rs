@@ -152,13 +152,34 @@ pub(crate) fn root_password_field(text: &str) -> Option<String> {
 /// the same mode and owner, synced, renamed over `path`, then the directory synced. Refuses
 /// a symlink. On failure the temporary file is removed.
 pub(crate) fn write_atomic(path: &Path, contents: &str) -> io::Result<()> {
-    let meta = std::fs::symlink_metadata(path)?;
-    if !meta.file_type().is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file (a symlink is not followed)",
-        ));
-    }
+    replace_file(path, contents, None)
+}
+
+/// [`write_atomic`], except that a missing `path` is created with mode `absent_mode`
+/// (owned by the caller) instead of being an error.
+pub(crate) fn write_atomic_or_create(
+    path: &Path,
+    contents: &str,
+    absent_mode: u32,
+) -> io::Result<()> {
+    replace_file(path, contents, Some(absent_mode))
+}
+
+fn replace_file(path: &Path, contents: &str, absent_mode: Option<u32>) -> io::Result<()> {
+    // (owner, mode) the new file gets: the old file's, or the caller's for a new one.
+    let (owner, mode) = match (std::fs::symlink_metadata(path), absent_mode) {
+        (Ok(meta), _) if meta.file_type().is_file() => {
+            (Some((meta.uid(), meta.gid())), meta.mode() & 0o7777)
+        }
+        (Ok(_), _) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file (a symlink is not followed)",
+            ))
+        }
+        (Err(e), Some(mode)) if e.kind() == io::ErrorKind::NotFound => (None, mode),
+        (Err(e), _) => return Err(e),
+    };
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path
         .file_name()
@@ -173,8 +194,10 @@ pub(crate) fn write_atomic(path: &Path, contents: &str) -> io::Result<()> {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
-        std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
-        file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.write_all(contents.as_bytes())?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;

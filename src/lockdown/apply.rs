@@ -8,7 +8,9 @@ use std::time::Duration;
 use nix::mount::MsFlags;
 use serde::Serialize;
 
-use super::accounts::{lock_root_in_passwd, lock_root_password, nologin_shells, write_atomic};
+use super::accounts::{
+    lock_root_in_passwd, lock_root_password, nologin_shells, write_atomic, write_atomic_or_create,
+};
 use super::check::{self_check, Check};
 use super::effects::{CommandOutput, LockdownSys};
 use super::error::LockdownError;
@@ -626,31 +628,8 @@ fn write_manager_conf(paths: &Paths, steps: &mut Steps) -> Result<(), LockdownEr
         steps.push(SETTING, BURST_OFF, Outcome::AlreadySet);
         return Ok(());
     }
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir).map_err(fail)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.cvm-warden"));
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
-        file.write_all(MANAGER_CONF.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(source) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(fail(source));
-    }
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/"))).map_err(fail)?;
+    write_atomic_or_create(path, MANAGER_CONF, 0o644).map_err(fail)?;
     steps.push(SETTING, BURST_OFF, Outcome::Applied);
     Ok(())
 }

@@ -303,6 +303,33 @@ impl LockdownPlan {
     pub fn burst_action_off(&self) -> bool {
         self.shape == Shape::Systemd && self.disable_ctrl_alt_del
     }
+
+    /// The plan without its host-wide settings (modules, sysctls, lockdown LSM, swap,
+    /// Ctrl-Alt-Del, the console's receiver, account files, systemd units and sessions),
+    /// keeping the ones local to this process and its mount namespace (`/tmp`, standard
+    /// input).
+    pub fn without_host_wide(mut self) -> Self {
+        self.modules.clear();
+        self.sysctls.clear();
+        self.kernel_lockdown = None;
+        self.swap_off = false;
+        self.disable_ctrl_alt_del = false;
+        self.console_receiver_off = false;
+        self.lock_root = false;
+        self.nologin_shells = false;
+        self.masks.clear();
+        self.stop_units = false;
+        self.end_sessions = false;
+        self
+    }
+
+    /// A plan that does nothing but keeps `self`'s shape: the base for one-step plans.
+    pub fn nothing(self) -> Self {
+        let mut plan = self.without_host_wide();
+        plan.tmp_tmpfs = false;
+        plan.close_stdin = false;
+        plan
+    }
 }
 
 /// What [`apply`] writes to [`Paths::manager_conf`] in the systemd shape: systemd's default

@@ -9,9 +9,8 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::perimeter::firewall_error;
+use super::perimeter::{apply_ruleset, firewall_error};
 use super::{Effects, StageError};
-use crate::eventlog::EventKind;
 use crate::firewall::{self, Phase, Resolution};
 use crate::lockdown::{self, LockdownPlan};
 use crate::policy::Policy;
@@ -97,17 +96,6 @@ fn apply_firewall(plan: &FirewallPlan, fx: &mut Effects<'_>) -> Result<Value, St
         None => Resolution::resolve(policy, &[Phase::Allowlist], fx.resolver)
             .map_err(|e| firewall_error("allowlist", e))?,
     };
-    let ruleset = firewall::plan(policy, Phase::Allowlist, &resolution)
-        .map_err(|e| firewall_error("allowlist", e))?;
-    let applied =
-        firewall::apply(&ruleset, fx.firewall).map_err(|e| firewall_error("allowlist", e))?;
-    fx.event_log
-        .measure(
-            fx.register,
-            EventKind::Ruleset,
-            applied.digest,
-            "allowlist ruleset",
-        )
-        .map_err(|e| StageError::Extend(Box::new(e)))?;
+    let applied = apply_ruleset(policy, Phase::Allowlist, &resolution, fx)?;
     Ok(json!({ "firewall": applied }))
 }

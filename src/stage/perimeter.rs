@@ -33,20 +33,15 @@ pub const MODULES_DISABLED: &str = "kernel.modules_disabled";
 
 /// Turns a lockdown plan into the one step left for the end of the boot: module loading
 /// disabled (and read back). Everything else was done by the perimeter stage.
-pub fn only_disable_modules(mut plan: LockdownPlan) -> LockdownPlan {
-    plan.modules.clear();
-    plan.sysctls.retain(|s| s.key == MODULES_DISABLED);
-    plan.kernel_lockdown = None;
-    plan.swap_off = false;
-    plan.tmp_tmpfs = false;
-    plan.disable_ctrl_alt_del = false;
-    plan.close_stdin = false;
-    plan.console_receiver_off = false;
-    plan.lock_root = false;
-    plan.nologin_shells = false;
-    plan.masks.clear();
-    plan.stop_units = false;
-    plan.end_sessions = false;
+pub fn only_disable_modules(plan: LockdownPlan) -> LockdownPlan {
+    let keep: Vec<_> = plan
+        .sysctls
+        .iter()
+        .filter(|s| s.key == MODULES_DISABLED)
+        .cloned()
+        .collect();
+    let mut plan = plan.nothing();
+    plan.sysctls = keep;
     plan
 }
 
@@ -55,8 +50,7 @@ pub fn only_disable_modules(mut plan: LockdownPlan) -> LockdownPlan {
 /// the perimeter stage then finds them loaded.
 pub fn only_load_modules(plan: LockdownPlan) -> LockdownPlan {
     let modules = plan.modules.clone();
-    let mut plan = only_disable_modules(plan);
-    plan.sysctls.clear();
+    let mut plan = plan.nothing();
     plan.modules = modules;
     plan
 }
@@ -96,17 +90,7 @@ pub fn plan(policy: &Policy, facts: &Facts) -> Result<Plan, StageError> {
         // Module loading is disabled at the end of the boot (allowlist stage), not here.
         plan.sysctls.retain(|s| s.key != MODULES_DISABLED);
         if facts.sandbox {
-            plan.modules.clear();
-            plan.sysctls.clear();
-            plan.kernel_lockdown = None;
-            plan.swap_off = false;
-            plan.disable_ctrl_alt_del = false;
-            plan.console_receiver_off = false;
-            plan.lock_root = false;
-            plan.nologin_shells = false;
-            plan.masks.clear();
-            plan.stop_units = false;
-            plan.end_sessions = false;
+            plan = plan.without_host_wide();
         }
         plan
     });
@@ -169,18 +153,7 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             fx.resolver,
         )
         .map_err(|e| firewall_error("perimeter", e))?;
-        let ruleset = firewall::plan(&plan.policy, Phase::Perimeter, &resolution)
-            .map_err(|e| firewall_error("perimeter", e))?;
-        let applied =
-            firewall::apply(&ruleset, fx.firewall).map_err(|e| firewall_error("perimeter", e))?;
-        fx.event_log
-            .measure(
-                fx.register,
-                EventKind::Ruleset,
-                applied.digest,
-                "perimeter ruleset",
-            )
-            .map_err(|e| StageError::Extend(Box::new(e)))?;
+        let applied = apply_ruleset(&plan.policy, Phase::Perimeter, &resolution, fx)?;
         details["firewall"] = json!(applied);
         fx.resolution = Some(resolution);
     } else {
@@ -188,4 +161,30 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             json!({ "applied": false, "reason": "the policy configures no [network]" });
     }
     Ok(details)
+}
+
+/// Builds the ruleset of `phase` from the pinned addresses, applies it (one transaction,
+/// read back and compared) and measures its digest (`"<phase> ruleset"` event).
+pub(super) fn apply_ruleset(
+    policy: &Policy,
+    phase: Phase,
+    resolution: &Resolution,
+    fx: &mut Effects<'_>,
+) -> Result<firewall::Applied, StageError> {
+    let stage = match phase {
+        Phase::Perimeter => "perimeter",
+        Phase::Allowlist => "allowlist",
+    };
+    let ruleset =
+        firewall::plan(policy, phase, resolution).map_err(|e| firewall_error(stage, e))?;
+    let applied = firewall::apply(&ruleset, fx.firewall).map_err(|e| firewall_error(stage, e))?;
+    fx.event_log
+        .measure(
+            fx.register,
+            EventKind::Ruleset,
+            applied.digest,
+            format!("{stage} ruleset"),
+        )
+        .map_err(|e| StageError::Extend(Box::new(e)))?;
+    Ok(applied)
 }
