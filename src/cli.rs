@@ -89,42 +89,7 @@ enum Command {
 enum EvidenceCommand {
     /// Verify one piece of evidence offline and print its parsed fields as JSON (exit 0 only
     /// when it verifies).
-    Verify(EvidenceArgs),
-}
-
-#[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("kind").required(true).args(["snp_report", "tpm_quote"]))]
-struct EvidenceArgs {
-    /// SEV-SNP attestation report (1184 bytes, raw).
-    #[arg(long, value_name = "FILE", requires = "vcek")]
-    snp_report: Option<PathBuf>,
-    /// The VCEK (or VLEK) certificate that signed the report, DER or PEM.
-    #[arg(long, value_name = "FILE", requires = "snp_report")]
-    vcek: Option<PathBuf>,
-    /// PEM file with the ASK (or ASVK) and ARK, as AMD's key server serves `cert_chain`.
-    #[arg(
-        long,
-        value_name = "FILE",
-        conflicts_with = "product",
-        requires = "snp_report"
-    )]
-    chain: Option<PathBuf>,
-    /// Use AMD's built-in ARK and ASK for this product: milan, genoa or turin.
-    #[arg(long, requires = "snp_report")]
-    product: Option<crate::evidence::Product>,
-    /// TPM quote: the TPMS_ATTEST bytes.
-    #[arg(long, value_name = "MSG", requires_all = ["tpm_signature", "ak"], conflicts_with = "snp_report")]
-    tpm_quote: Option<PathBuf>,
-    /// The quote's signature: raw, or a marshalled TPMT_SIGNATURE.
-    #[arg(long, value_name = "SIG", requires = "tpm_quote")]
-    tpm_signature: Option<PathBuf>,
-    /// The attestation key's public key, PEM or DER.
-    #[arg(long, value_name = "FILE", requires = "tpm_quote")]
-    ak: Option<PathBuf>,
-    /// SHA-256 PCR values concatenated, PCR 0 first (32 bytes each); checked against the
-    /// quote's PCR digest.
-    #[arg(long, value_name = "FILE", requires = "tpm_quote")]
-    pcrs: Option<PathBuf>,
+    Verify(cvm_warden_verify::cli::EvidenceArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,10 +107,7 @@ enum PolicyCommand {
 enum AuditCommand {
     /// Check an audit log's hash chain and its embedded attestation evidence and
     /// checkpoints (exit 0 intact, 1 broken).
-    Verify {
-        /// The JSON-lines audit log.
-        file: PathBuf,
-    },
+    Verify(cvm_warden_verify::cli::AuditVerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -278,72 +240,11 @@ pub fn main() -> i32 {
         }
         Command::ReferenceValues(args) => reference_values(&args),
         Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => audit_verify(&file),
+            command: AuditCommand::Verify(args),
+        } => cvm_warden_verify::cli::audit_verify(&args),
         Command::Evidence {
             command: EvidenceCommand::Verify(args),
-        } => evidence_verify(&args),
-    }
-}
-
-fn evidence_verify(args: &EvidenceArgs) -> i32 {
-    use crate::evidence::{tpm, verify_report, ChainSource};
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|error| {
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "error: cannot read {}: {error}",
-                path.display()
-            );
-        })
-    };
-    if let (Some(quote), Some(signature), Some(ak)) =
-        (&args.tpm_quote, &args.tpm_signature, &args.ak)
-    {
-        let (Ok(quote), Ok(signature), Ok(ak)) = (read(quote), read(signature), read(ak)) else {
-            return 1;
-        };
-        let pcrs = match &args.pcrs {
-            Some(path) => match read(path) {
-                Ok(bytes) => Some(bytes),
-                Err(()) => return 1,
-            },
-            None => None,
-        };
-        return match tpm::verify_quote(&quote, &signature, &ak, pcrs.as_deref()) {
-            Ok(verified) => print_json(&verified),
-            Err(error) => {
-                print_error(&error);
-                1
-            }
-        };
-    }
-    let (Some(report), Some(vcek)) = (&args.snp_report, &args.vcek) else {
-        return 2;
-    };
-    let (Ok(report), Ok(vcek)) = (read(report), read(vcek)) else {
-        return 1;
-    };
-    let chain = match (&args.chain, args.product) {
-        (Some(path), _) => match read(path) {
-            Ok(pem) => ChainSource::Pem(pem),
-            Err(()) => return 1,
-        },
-        (None, Some(product)) => ChainSource::Builtin(product),
-        (None, None) => {
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "error: --snp-report needs --chain FILE or --product milan|genoa|turin"
-            );
-            return 2;
-        }
-    };
-    match verify_report(&report, &vcek, chain) {
-        Ok(verified) => print_json(&verified),
-        Err(error) => {
-            print_error(&error);
-            1
-        }
+        } => cvm_warden_verify::cli::evidence_verify(&args),
     }
 }
 
@@ -437,17 +338,6 @@ fn plan(args: &PolicyArgs) -> i32 {
         Err(error) => {
             print_error(&error);
             2
-        }
-    }
-}
-
-fn audit_verify(file: &Path) -> i32 {
-    let mut stdout = std::io::stdout().lock();
-    match audit::run_verify_command(file, &mut stdout) {
-        Ok(_) => 0,
-        Err(error) => {
-            print_error(&error);
-            1
         }
     }
 }

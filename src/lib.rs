@@ -11,10 +11,12 @@
 pub mod audit;
 pub mod boot;
 pub mod cli;
-pub mod digest;
+/// The one digest type (in the verifier crate).
+pub use cvm_warden_verify::digest;
 pub mod dryrun;
 pub mod eventlog;
-pub mod evidence;
+/// Offline evidence verification (in the verifier crate).
+pub use cvm_warden_verify::evidence;
 pub mod firewall;
 pub mod kbs;
 pub mod keybroker;

@@ -1,4 +1,4 @@
-//! `cvm-warden evidence verify` on the real SEV-SNP vectors (see tests/vectors/PROVENANCE.md):
+//! `cvm-warden evidence verify` on the real SEV-SNP vectors (see verify/tests/vectors/PROVENANCE.md):
 //! exit 0 with the parsed fields only when the report verifies up to AMD's root.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -9,7 +9,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_cvm-warden");
 
 fn vector(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/vectors")
+        .join("verify/tests/vectors")
         .join(path)
 }
 

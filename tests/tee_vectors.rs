@@ -1,5 +1,5 @@
 //! The `snp` evidence provider's pure helpers on every real SEV-SNP report in
-//! tests/vectors (provenance in tests/vectors/PROVENANCE.md).
+//! verify/tests/vectors (provenance in verify/tests/vectors/PROVENANCE.md).
 //!
 //! - the evidence JSON built from a report converts back to the same 1184 bytes;
 //! - that JSON is the `sev` crate's serde form: its canonical JSON hashes to the value
@@ -22,7 +22,7 @@ use cvm_warden::tee::snp::{
 };
 
 fn vectors() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("verify/tests/vectors")
 }
 
 fn read(path: &str) -> Vec<u8> {
@@ -38,7 +38,7 @@ const RAW_REPORTS: [&str; 4] = [
     "trustee/snp/test-vlek-report.bin",
 ];
 
-/// Every raw SNP report in tests/vectors: the four above and every `*.snp-report.bin`.
+/// Every raw SNP report in verify/tests/vectors: the four above and every `*.snp-report.bin`.
 fn all_reports() -> Vec<String> {
     let mut found: Vec<String> = RAW_REPORTS.iter().map(|s| s.to_string()).collect();
     let mut stack = vec![vectors()];

@@ -54,7 +54,7 @@ fn context_of(tpm: &Swtpm) -> Context {
 fn vector(path: &str) -> Vec<u8> {
     std::fs::read(
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/vectors")
+            .join("verify/tests/vectors")
             .join(path),
     )
     .unwrap()
@@ -62,7 +62,7 @@ fn vector(path: &str) -> Vec<u8> {
 
 fn vector_path(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/vectors")
+        .join("verify/tests/vectors")
         .join(path)
 }
 

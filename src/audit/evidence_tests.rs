@@ -23,9 +23,14 @@ use rsa::RsaPrivateKey;
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
-use super::*;
+use cvm_warden_verify::binding::checkpoint_binding;
+use cvm_warden_verify::check::*;
+use cvm_warden_verify::digest::Digest;
+use cvm_warden_verify::evidence::tdx;
+use cvm_warden_verify::evidence::tpm::APP_PCR;
+
 use crate::audit::{verify_with, Audit, Clock, MemorySink, Problem, VerifyError};
-use crate::eventlog::{EventKind, EventLog, RuntimeRegister};
+use crate::eventlog::{EventKind, EventLog, RuntimeRegister, SimulatedPcr};
 use crate::kbs;
 use crate::tee::sample::SampleProvider;
 use crate::tee::snp::{CertTableEntry, CertType};
@@ -658,7 +663,7 @@ fn other_tees_are_a_warning_not_a_pass() {
 
 fn vector(path: &str) -> Vec<u8> {
     std::fs::read(format!(
-        "{}/tests/vectors/{path}",
+        "{}/verify/tests/vectors/{path}",
         env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap()
@@ -775,7 +780,8 @@ fn verify_command_prints_the_evidence_section() {
 fn a_forged_snp_chain_in_the_evidence_is_refused() {
     let (_, carried) = snp_evidence(None);
     let report = vector("trustee/snp/test-report.bin");
-    let forged = crate::evidence::snp::forge::chain(&vector("trustee/snp/test-vcek.der"));
+    let forged =
+        cvm_warden_verify::evidence::snp::forge::chain(&vector("trustee/snp/test-vcek.der"));
     let table = |vcek: &[u8], ask: &[u8], ark: &[u8]| {
         let entries = [
             (CertType::Vcek, vcek),

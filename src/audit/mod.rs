@@ -9,10 +9,10 @@
 //! chains only; secret types must implement neither `Serialize` nor `Display`, so they
 //! cannot be passed to [`Audit::record`] by accident.
 
-pub mod evidence_check;
-mod record;
 mod sinks;
-mod verify;
+
+/// The evidence checks of `audit verify` (in the verifier crate).
+pub use cvm_warden_verify::check as evidence_check;
 
 use std::fmt;
 use std::io::{self, ErrorKind};
@@ -23,35 +23,18 @@ use serde_json::{json, Value};
 
 use crate::digest::Digest;
 
-pub use record::{encode, format_time, normalize_details, EncodedLine, Fields, LineError, Record};
+pub use cvm_warden_verify::chain::{
+    run_verify_command, verify, verify_file, verify_with, Problem, RecordCheck, RunSummary,
+    VerifyError, VerifyReport,
+};
+pub use cvm_warden_verify::record::{
+    encode, format_time, is_closing, normalize_details, EncodedLine, Fields, LineError, Record,
+    CLOSING_EVENTS,
+};
 pub use sinks::{
     sinks_from_config, ConsoleSink, FileSink, MemorySink, MemorySinkControl, Sink, SyslogSink,
     SYSLOG_APP_NAME,
 };
-pub use verify::{
-    run_verify_command, verify, verify_file, verify_with, Problem, RecordCheck, RunSummary,
-    VerifyError, VerifyReport,
-};
-
-/// The `(stage, event)` pairs that end a run of the log. The runner's last record is exactly
-/// one of these; a log whose last record is not one was cut (or the VM died).
-///
-/// `launch/exec` is the unit shape's last record before `execve` replaces cvm-warden;
-/// `shutdown/*` ends the PID 1 shape (`exit` in a sandbox PID namespace or after a unit
-/// shape failure).
-pub const CLOSING_EVENTS: &[(&str, &str)] = &[
-    ("launch", "exec"),
-    ("shutdown", "poweroff"),
-    ("shutdown", "halt"),
-    ("shutdown", "exit"),
-];
-
-/// True when `(stage, event)` is one of [`CLOSING_EVENTS`].
-pub fn is_closing(stage: &str, event: &str) -> bool {
-    CLOSING_EVENTS
-        .iter()
-        .any(|(s, e)| *s == stage && *e == event)
-}
 
 /// The stage of the records the log writes about its own sinks.
 pub const AUDIT_STAGE: &str = "audit";
@@ -462,3 +445,9 @@ impl Audit {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests;
+
+/// The verifier's evidence checks against evidence the daemon's own providers wrote (the
+/// writer and the reader must agree), so these tests live on the daemon's side.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod evidence_tests;

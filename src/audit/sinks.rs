@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use syslog::{Facility, Formatter5424, LogFormat, Logger, LoggerBackend, Severity};
 
-use super::record::leading_seq;
 use crate::policy::{AuditConfig, SyslogTarget};
+use cvm_warden_verify::record::leading_seq;
 
 /// A destination for audit lines.
 ///

@@ -21,7 +21,8 @@
 //! resources — are zeroized when dropped and never appear in `Debug`, `Serialize`, errors or
 //! [`Attempt`] records.
 
-pub mod binding;
+/// The report-data binding (in the verifier crate, which auditors use to recompute it).
+pub use cvm_warden_verify::binding;
 pub mod client;
 pub mod fake;
 pub mod jwe;

@@ -173,21 +173,8 @@ pub enum KeyWrap {
     RsaOaep256,
 }
 
-/// Evidence providers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Tee {
-    /// AMD SEV-SNP.
-    Snp,
-    /// Intel TDX.
-    Tdx,
-    /// TPM 2.0.
-    Tpm,
-    /// Azure SNP with vTPM.
-    AzSnpVtpm,
-    /// Sample evidence (tests only).
-    Sample,
-}
+/// Evidence providers (the one list, in the verifier crate).
+pub use cvm_warden_verify::Tee;
 
 /// One `[[volume]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -14,14 +14,11 @@
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use sha2::{Digest as _, Sha512};
 
 use super::{Effects, StageError};
-use crate::digest::Digest;
 use crate::policy::{Attestation, Policy, Tee};
 
-/// Label hashed in front of the audit head for checkpoint evidence.
-pub const CHECKPOINT_LABEL: &[u8] = b"cvm-warden checkpoint v1\0";
+pub use cvm_warden_verify::binding::{checkpoint_binding, CHECKPOINT_LABEL};
 
 /// What the attest stage will do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -63,14 +60,6 @@ pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
             timeout_secs: *timeout_secs,
         },
     })
-}
-
-/// The report data of checkpoint evidence for an audit head.
-pub fn checkpoint_binding(head: &Digest) -> [u8; 64] {
-    let mut hasher = Sha512::new();
-    hasher.update(CHECKPOINT_LABEL);
-    hasher.update(head.0);
-    hasher.finalize().into()
 }
 
 /// Applies the plan; returns the details of the outcome record.
@@ -155,6 +144,8 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::digest::Digest;
+    use sha2::{Digest as _, Sha512};
 
     #[test]
     fn checkpoint_binding_is_sha512_of_label_and_head() {

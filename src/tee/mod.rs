@@ -112,3 +112,14 @@ pub enum TeeError {
         detail: String,
     },
 }
+
+impl From<cvm_warden_verify::EvidenceError> for TeeError {
+    /// Evidence that does not parse (the verifier crate's parsers) is malformed TEE output.
+    fn from(error: cvm_warden_verify::EvidenceError) -> Self {
+        match error {
+            cvm_warden_verify::EvidenceError::Malformed { tee, what, detail } => {
+                TeeError::Malformed { tee, what, detail }
+            }
+        }
+    }
+}

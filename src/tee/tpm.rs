@@ -77,8 +77,7 @@ use super::{Provider, TeeError};
 use crate::digest::Digest;
 use crate::eventlog::RuntimeRegister;
 
-/// The PCR cvm-warden extends its measurements into (SHA-256 bank). See the module doc.
-pub const APP_PCR: u8 = 15;
+pub use cvm_warden_verify::evidence::tpm::{qualifying_data, APP_PCR, PCR_COUNT};
 /// The PCR selection every quote covers.
 pub const PCR_SELECTION: &str = "sha256:0-23";
 /// The default TCTI: the kernel's TPM resource manager.
@@ -87,8 +86,6 @@ pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
 pub const DEFAULT_PERSISTENT_AK: u32 = 0x8101_0002;
 /// How many times a quote is retried when an extend raced with it, before failing closed.
 pub const QUOTE_ATTEMPTS: usize = 3;
-/// Number of PCRs in the quoted bank.
-pub const PCR_COUNT: usize = 24;
 /// The kernel modules that provide `/dev/tpm*`.
 pub(crate) const TPM_MODULES: &str = "tpm_crb or tpm_tis";
 
@@ -666,14 +663,6 @@ pub(crate) fn rsassa_sha256() -> SignatureScheme {
 }
 
 // ---- pure helpers ----
-
-/// The quote's qualifying data for a 48-byte `report_data`: its first 32 bytes (Trustee
-/// rejects the full 48).
-pub fn qualifying_data(report_data: &[u8; 48]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(&report_data[..32]);
-    out
-}
 
 /// The `tpm` evidence JSON: `ak_public` (SPKI DER) and the quote, base64 standard with
 /// padding, PCRs as lowercase hex in index order.

@@ -1,5 +1,5 @@
-//! The broker's TPM quote verification against the real vectors in tests/vectors/ (see
-//! tests/vectors/PROVENANCE.md): every quote verifies (AK signature, TPMS_ATTEST, PCR digest)
+//! The broker's TPM quote verification against the real vectors in verify/tests/vectors/ (see
+//! verify/tests/vectors/PROVENANCE.md): every quote verifies (AK signature, TPMS_ATTEST, PCR digest)
 //! and a one-bit change anywhere is rejected. The vectors' qualifying data is whatever their
 //! producer chose, so the full evidence path must fail exactly at the nonce check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -16,7 +16,7 @@ use serde_json::json;
 
 fn derived(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../vectors")
+        .join("../../verify/tests/vectors")
         .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }

@@ -12,6 +12,26 @@ use serde_json::{Map, Value};
 
 use crate::digest::Digest;
 
+/// The `(stage, event)` pairs that end a run of the log. The runner's last record is exactly
+/// one of these; a log whose last record is not one was cut (or the VM died).
+///
+/// `launch/exec` is the unit shape's last record before `execve` replaces cvm-warden;
+/// `shutdown/*` ends the PID 1 shape (`exit` in a sandbox PID namespace or after a unit
+/// shape failure).
+pub const CLOSING_EVENTS: &[(&str, &str)] = &[
+    ("launch", "exec"),
+    ("shutdown", "poweroff"),
+    ("shutdown", "halt"),
+    ("shutdown", "exit"),
+];
+
+/// True when `(stage, event)` is one of [`CLOSING_EVENTS`].
+pub fn is_closing(stage: &str, event: &str) -> bool {
+    CLOSING_EVENTS
+        .iter()
+        .any(|(s, e)| *s == stage && *e == event)
+}
+
 /// What a line ends with, before the 64 hex digits and `"}`.
 const HASH_MEMBER: &str = ",\"hash\":\"sha256:";
 /// Length of `,"hash":"sha256:<64 hex>"}`.
@@ -194,7 +214,7 @@ fn stated_hash(line: &[u8]) -> Option<Digest> {
 }
 
 /// The seq at the start of a line written by [`encode`] (`{"seq":N,…`), without parsing it.
-pub(crate) fn leading_seq(line: &[u8]) -> Option<u64> {
+pub fn leading_seq(line: &[u8]) -> Option<u64> {
     let rest = line.strip_prefix(b"{\"seq\":")?;
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()

@@ -11,10 +11,9 @@ use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::evidence_check::{EvidenceCheck, EvidenceFinding};
-use super::is_closing;
-use super::record::{LineError, Record};
+use crate::check::{EvidenceCheck, EvidenceFinding};
 use crate::digest::Digest;
+use crate::record::{is_closing, LineError, Record};
 
 /// One more check on each record, after its hash and its chain link were verified (a
 /// checkpoint verifier: its evidence must bind `record.prev`, the head it was taken at).
@@ -180,7 +179,7 @@ pub struct RunSummary {
     pub last_seq: u64,
     /// The hash of its last record.
     pub head: Digest,
-    /// Its last record is one of [`CLOSING_EVENTS`](super::CLOSING_EVENTS).
+    /// Its last record is one of [`CLOSING_EVENTS`](crate::record::CLOSING_EVENTS).
     pub complete: bool,
     /// Its last line was torn (a crash while writing) and the next run began after it.
     pub torn: bool,
@@ -313,11 +312,11 @@ pub fn verify_with(
                 ))
             }
             Err(LineError::HashMismatch { .. }) => {
-                let seq = super::record::leading_seq(lines[idx]);
+                let seq = crate::record::leading_seq(lines[idx]);
                 return Err(broken(seq, last_good, Problem::Changed));
             }
             Err(LineError::Json(why)) => {
-                let seq = super::record::leading_seq(lines[idx]);
+                let seq = crate::record::leading_seq(lines[idx]);
                 return Err(broken(seq, last_good, Problem::Malformed(why.clone())));
             }
         };

@@ -600,9 +600,9 @@ fn load_chain(chain: ChainSource) -> Result<(Certificate, Certificate, String), 
 /// A self-made ARK/ASK chain for tests: certificates re-signed with RSASSA-PSS SHA-384 by
 /// keys generated per test run, so that every signature in the chain holds but its root is
 /// not AMD's.
-#[cfg(test)]
+#[cfg(any(test, feature = "test-forge"))]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-pub(crate) mod forge {
+pub mod forge {
     use rand_core::OsRng;
     use rsa::pkcs8::EncodePublicKey;
     use rsa::signature::{RandomizedSigner, SignatureEncoding};
@@ -654,7 +654,7 @@ pub(crate) mod forge {
 
     /// `cert` (DER) with its public key replaced by `spki` (DER, when given) and signed by
     /// `signer` (RSASSA-PSS SHA-384, the AMD certificate signature scheme).
-    pub(crate) fn resign(cert: &[u8], spki: Option<&[u8]>, signer: &RsaPrivateKey) -> Vec<u8> {
+    pub fn resign(cert: &[u8], spki: Option<&[u8]>, signer: &RsaPrivateKey) -> Vec<u8> {
         let (header, _) = tlv(cert);
         let parts = elements(&cert[header..]);
         assert_eq!(parts.len(), 3, "certificate: tbs, algorithm, signature");
@@ -677,7 +677,7 @@ pub(crate) mod forge {
 
     /// A forged chain, DER.
     #[derive(Debug)]
-    pub(crate) struct Forged {
+    pub struct Forged {
         /// A self-signed ARK (AMD's Milan ARK with another key).
         pub ark: Vec<u8>,
         /// An ASK signed by that ARK (AMD's Milan ASK with another key).
@@ -687,7 +687,7 @@ pub(crate) mod forge {
     }
 
     /// A self-made ARK and ASK, and `vcek` (DER) re-signed by that ASK.
-    pub(crate) fn chain(vcek: &[u8]) -> Forged {
+    pub fn chain(vcek: &[u8]) -> Forged {
         let ark_key = RsaPrivateKey::new(&mut OsRng, 1024).unwrap();
         let ask_key = RsaPrivateKey::new(&mut OsRng, 1024).unwrap();
         let spki = |k: &RsaPrivateKey| {
@@ -715,7 +715,7 @@ pub(crate) mod forge {
     }
 
     /// DER certificates as one PEM.
-    pub(crate) fn pem(ders: &[&[u8]]) -> Vec<u8> {
+    pub fn pem(ders: &[&[u8]]) -> Vec<u8> {
         use base64::Engine;
         let mut out = String::new();
         for der in ders {

@@ -44,6 +44,18 @@ pub const TPM_ALG_RSASSA: u16 = 0x0014;
 pub const TPM_ALG_SHA256: u16 = 0x000B;
 /// Size of one SHA-256 PCR value, in bytes.
 pub const PCR_LEN: usize = 32;
+/// The PCR cvm-warden extends its measurements into (SHA-256 bank).
+pub const APP_PCR: u8 = 15;
+/// Number of PCRs in the quoted bank (every quote covers sha256:0-23).
+pub const PCR_COUNT: usize = 24;
+
+/// The quote's qualifying data for a 48-byte `report_data`: its first 32 bytes (Trustee
+/// rejects the full 48).
+pub fn qualifying_data(report_data: &[u8; 48]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&report_data[..32]);
+    out
+}
 
 /// Why a TPM quote did not verify.
 #[derive(Debug, thiserror::Error)]

@@ -8,9 +8,25 @@
 //! ```
 //!
 //! Public because auditors (`cvm-warden audit verify`) recompute it from an audit record.
+//!
+//! The **checkpoint binding** ties TEE evidence to the audit log: its report data is
+//! `SHA-512("cvm-warden checkpoint v1\0" || head)`, `head` being the hash of the record it
+//! covers. The label keeps a checkpoint from ever passing for broker evidence (whose
+//! report data is fixed by the protocol), and the broker's evidence cannot carry a head.
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha384};
+use sha2::{Digest, Sha384, Sha512};
+
+/// Label hashed in front of the audit head for checkpoint evidence.
+pub const CHECKPOINT_LABEL: &[u8] = b"cvm-warden checkpoint v1\0";
+
+/// The report data of checkpoint evidence for an audit head.
+pub fn checkpoint_binding(head: &crate::digest::Digest) -> [u8; 64] {
+    let mut hasher = Sha512::new();
+    hasher.update(CHECKPOINT_LABEL);
+    hasher.update(head.0);
+    hasher.finalize().into()
+}
 
 /// Why the binding could not be computed.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 //! verified, in file order, and fails at the first record whose evidence does not hold up:
 //!
 //! - `attest/attested` (the broker exchange): `exchange.report_data` is recomputed from the
-//!   nonce, the ephemeral key and the additional evidence ([`crate::kbs::report_data`]), and
+//!   nonce, the ephemeral key and the additional evidence ([`crate::binding::report_data`]), and
 //!   the primary evidence must carry it and verify (per TEE, see [`check_evidence`]);
 //! - `attest/ok` with `"attested": true` (the checkpoint): the record at `head_seq` is an
 //!   `attest/attested` record of the same run whose hash is `head`; `report_data` is
@@ -35,24 +35,24 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use super::record::Record;
-use super::verify::RecordCheck;
+use crate::binding::checkpoint_binding;
+use crate::chain::RecordCheck;
 use crate::digest::Digest;
-use crate::eventlog::SimulatedPcr;
+use crate::error_chain;
+use crate::evidence::azure::{parse_hcl_report, AzEvidence, QUOTE_NONCE_LEN};
 use crate::evidence::snp::{parse_unverified, verify_report, ChainSource, Product, VerifiedReport};
-use crate::evidence::tpm::{verify_quote, PcrSelection, PCR_LEN, TPM_ALG_SHA256};
-use crate::report::error_chain;
-use crate::stage::attest::checkpoint_binding;
-use crate::tee::azure::{parse_hcl_report, AzEvidence, QUOTE_NONCE_LEN};
-use crate::tee::snp::{report_from_evidence, CertTableEntry, CertType};
-use crate::tee::tdx;
-use crate::tee::tpm::{APP_PCR, PCR_COUNT};
+use crate::evidence::snp_json::{report_from_evidence, CertTableEntry, CertType};
+use crate::evidence::tdx;
+use crate::evidence::tpm::{
+    verify_quote, PcrSelection, APP_PCR, PCR_COUNT, PCR_LEN, TPM_ALG_SHA256,
+};
+use crate::record::Record;
 
 /// The name of this check in verification errors (`evidence check failed: …`).
 pub const CHECK_NAME: &str = "evidence";
 
 /// Offset of REPORT_DATA in an SEV-SNP attestation report.
-const SNP_REPORT_DATA_OFFSET: usize = 0x50;
+pub const SNP_REPORT_DATA_OFFSET: usize = 0x50;
 
 /// The DEBUG bit of the SEV-SNP guest policy: the hypervisor may read and write the guest's
 /// memory with the debug commands.
@@ -95,23 +95,24 @@ pub struct EvidenceFinding {
 
 /// What the checkpoint check needs from an `attest/attested` record.
 #[derive(Debug, Clone)]
-struct Exchange {
-    hash: Digest,
-    tee: String,
+#[doc(hidden)] // public for the daemon's writer-reader tests only
+pub struct Exchange {
+    pub hash: Digest,
+    pub tee: String,
     /// The facts of a TPM exchange quote.
-    tpm: Option<TpmFacts>,
+    pub tpm: Option<TpmFacts>,
     /// The fields of an SEV-SNP exchange report.
-    snp: Option<VerifiedReport>,
+    pub snp: Option<VerifiedReport>,
     /// The measurements of a TDX exchange quote.
-    tdx: Option<TdxFacts>,
+    pub tdx: Option<TdxFacts>,
     /// The event log digests, in order; `Err` says why they could not be read.
-    event_digests: Result<Vec<Digest>, String>,
+    pub event_digests: Result<Vec<Digest>, String>,
     /// The register's value before the first event (`register_initial`; zero when the log
     /// does not say, as after a TPM reset).
-    register_initial: Digest,
+    pub register_initial: Digest,
     /// Index of its finding, to warn when no checkpoint follows.
-    finding: usize,
-    checkpointed: bool,
+    pub finding: usize,
+    pub checkpointed: bool,
 }
 
 /// Checks the attestation evidence of every `attest` record; see the module doc.
@@ -164,7 +165,7 @@ impl EvidenceCheck {
             "exchange.additional_evidence",
         )?;
         let stated = hex_bytes(exchange.get("report_data"), "exchange.report_data")?;
-        let computed = crate::kbs::report_data(nonce, tee_pubkey, additional)
+        let computed = crate::binding::report_data(nonce, tee_pubkey, additional)
             .map_err(|e| format!("cannot recompute the exchange binding: {e}"))?;
         if stated.as_slice() != computed.as_slice() {
             return Err(format!(
@@ -443,7 +444,8 @@ fn check_tpm(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
 /// Verifies a quote made by `ak_public` over the SHA-256 `pcrs` 0-23: its signature, that it
 /// selects exactly sha256:0-23, that the values match its pcrDigest, and that its
 /// extraData is the first `extra_len` bytes of `binding`.
-fn verify_pcr_quote(
+#[doc(hidden)] // public for the daemon's writer-reader tests only
+pub fn verify_pcr_quote(
     message: &[u8],
     signature: &[u8],
     ak_public: &[u8],
@@ -600,7 +602,8 @@ fn check_snp(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
 /// Checks that the checkpoint evidence (`result`) comes from the machine, guest and boot of
 /// the exchange at `head_seq`, per TEE (see the module documentation), and adds what was
 /// verified and the warnings to `result`.
-fn same_origin(
+#[doc(hidden)] // public for the daemon's writer-reader tests only
+pub fn same_origin(
     exchange: &Exchange,
     head_seq: u64,
     result: &mut EvidenceResult,
@@ -669,7 +672,7 @@ fn same_origin(
             .as_ref()
             .map_err(|e| format!("cannot replay the event log of seq {head_seq}: {e}"))?;
         let replay = digests.iter().fold(exchange.register_initial, |value, d| {
-            SimulatedPcr::extended(&value, d)
+            crate::pcr::extend(&value, d)
         });
         let quoted = tpm.pcrs[usize::from(APP_PCR)];
         if quoted != replay.0 {
@@ -1116,8 +1119,3 @@ fn base64_field(value: Option<&Value>, name: &str) -> Result<Vec<u8>, String> {
         .decode(text)
         .map_err(|e| format!("{name} is not standard base64: {e}"))
 }
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#[path = "evidence_tests.rs"]
-mod tests;

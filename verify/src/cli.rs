@@ -1,0 +1,151 @@
+//! The verifier's command line, shared by `cvm-warden-verify` and the daemon's
+//! `cvm-warden audit verify` / `cvm-warden evidence verify` (thin wrappers).
+//!
+//! Exit statuses of `audit verify`: 0 every run in the file is attested, 3 the file is
+//! intact but some run is not fully attested, 1 broken or unreadable, 2 usage.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::chain::run_verify_command;
+
+/// `audit verify FILE`.
+#[derive(Debug, Args)]
+pub struct AuditVerifyArgs {
+    /// The JSON-lines audit log (a file sink's copy, or a console capture).
+    pub file: PathBuf,
+}
+
+/// `audit verify`: prints the report to stdout; returns the exit status.
+pub fn audit_verify(args: &AuditVerifyArgs) -> i32 {
+    let mut stdout = std::io::stdout().lock();
+    match run_verify_command(&args.file, &mut stdout) {
+        Ok(_) => 0,
+        Err(error) => {
+            print_error(&error);
+            1
+        }
+    }
+}
+
+/// Prints an error and its causes to stderr, one `because:` line per cause.
+pub fn print_error(error: &dyn std::error::Error) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "error: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let _ = writeln!(stderr, "  because: {cause}");
+        source = cause.source();
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> i32 {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            let _ = writeln!(std::io::stdout().lock(), "{text}");
+            0
+        }
+        Err(error) => {
+            print_error(&error);
+            1
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("kind").required(true).args(["snp_report", "tpm_quote"]))]
+pub struct EvidenceArgs {
+    /// SEV-SNP attestation report (1184 bytes, raw).
+    #[arg(long, value_name = "FILE", requires = "vcek")]
+    pub snp_report: Option<PathBuf>,
+    /// The VCEK (or VLEK) certificate that signed the report, DER or PEM.
+    #[arg(long, value_name = "FILE", requires = "snp_report")]
+    pub vcek: Option<PathBuf>,
+    /// PEM file with the ASK (or ASVK) and ARK, as AMD's key server serves `cert_chain`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "product",
+        requires = "snp_report"
+    )]
+    pub chain: Option<PathBuf>,
+    /// Use AMD's built-in ARK and ASK for this product: milan, genoa or turin.
+    #[arg(long, requires = "snp_report")]
+    pub product: Option<crate::evidence::Product>,
+    /// TPM quote: the TPMS_ATTEST bytes.
+    #[arg(long, value_name = "MSG", requires_all = ["tpm_signature", "ak"], conflicts_with = "snp_report")]
+    pub tpm_quote: Option<PathBuf>,
+    /// The quote's signature: raw, or a marshalled TPMT_SIGNATURE.
+    #[arg(long, value_name = "SIG", requires = "tpm_quote")]
+    pub tpm_signature: Option<PathBuf>,
+    /// The attestation key's public key, PEM or DER.
+    #[arg(long, value_name = "FILE", requires = "tpm_quote")]
+    pub ak: Option<PathBuf>,
+    /// SHA-256 PCR values concatenated, PCR 0 first (32 bytes each); checked against the
+    /// quote's PCR digest.
+    #[arg(long, value_name = "FILE", requires = "tpm_quote")]
+    pub pcrs: Option<PathBuf>,
+}
+
+pub fn evidence_verify(args: &EvidenceArgs) -> i32 {
+    use crate::evidence::{tpm, verify_report, ChainSource};
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|error| {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: cannot read {}: {error}",
+                path.display()
+            );
+        })
+    };
+    if let (Some(quote), Some(signature), Some(ak)) =
+        (&args.tpm_quote, &args.tpm_signature, &args.ak)
+    {
+        let (Ok(quote), Ok(signature), Ok(ak)) = (read(quote), read(signature), read(ak)) else {
+            return 1;
+        };
+        let pcrs = match &args.pcrs {
+            Some(path) => match read(path) {
+                Ok(bytes) => Some(bytes),
+                Err(()) => return 1,
+            },
+            None => None,
+        };
+        return match tpm::verify_quote(&quote, &signature, &ak, pcrs.as_deref()) {
+            Ok(verified) => print_json(&verified),
+            Err(error) => {
+                print_error(&error);
+                1
+            }
+        };
+    }
+    let (Some(report), Some(vcek)) = (&args.snp_report, &args.vcek) else {
+        return 2;
+    };
+    let (Ok(report), Ok(vcek)) = (read(report), read(vcek)) else {
+        return 1;
+    };
+    let chain = match (&args.chain, args.product) {
+        (Some(path), _) => match read(path) {
+            Ok(pem) => ChainSource::Pem(pem),
+            Err(()) => return 1,
+        },
+        (None, Some(product)) => ChainSource::Builtin(product),
+        (None, None) => {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: --snp-report needs --chain FILE or --product milan|genoa|turin"
+            );
+            return 2;
+        }
+    };
+    match verify_report(&report, &vcek, chain) {
+        Ok(verified) => print_json(&verified),
+        Err(error) => {
+            print_error(&error);
+            1
+        }
+    }
+}
