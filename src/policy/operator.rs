@@ -360,3 +360,48 @@ fn set(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<(), St
     current.insert(last.to_string(), value);
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_index_agrees_with_line_column() {
+        let text = "a = 1\nbé = \"x\"\n\n[t]\nk = 2";
+        let index = LineIndex::new(text);
+        for offset in 0..=text.len() + 2 {
+            if text.is_char_boundary(offset.min(text.len())) {
+                assert_eq!(
+                    index.line_column(offset),
+                    diag::line_column(text, offset),
+                    "{offset}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn code_loading_variables_match_by_name_or_prefix() {
+        for name in [
+            "LD_PRELOAD",
+            "LD_AUDIT",
+            "SSL_CERT_FILE",
+            "PATH",
+            "ENV",
+            "NODE_OPTIONS",
+        ] {
+            assert!(is_code_loading_env(name), "{name}");
+        }
+        for name in [
+            "LD",
+            "FL_SERVER",
+            "PATHS",
+            "ENVIRONMENT",
+            "XLD_PRELOAD",
+            "SSL_CERT",
+        ] {
+            assert!(!is_code_loading_env(name), "{name}");
+        }
+    }
+}

@@ -1646,6 +1646,43 @@ mod tests {
     }
 
     #[test]
+    fn overlap_compares_whole_components() {
+        let o = |path: &str, pattern: &str| {
+            overlap(&lexical(path).unwrap(), pattern).map(|(how, p)| (how, p.display().to_string()))
+        };
+        assert_eq!(o("/etc", "/etc"), Some((Overlap::Is, "/etc".into())));
+        assert_eq!(
+            o("/etc//ssl/./", "/etc"),
+            Some((Overlap::Inside, "/etc".into()))
+        );
+        assert_eq!(
+            o("/run", "/run/cvm-warden"),
+            Some((Overlap::Contains, "/run/cvm-warden".into()))
+        );
+        assert_eq!(o("/", "/etc"), Some((Overlap::Contains, "/etc".into())));
+        assert_eq!(o("/etcetera", "/etc"), None);
+        assert_eq!(o("/run/cvm-wardens", "/run/cvm-warden"), None);
+        assert_eq!(
+            o("/lib64/x", "/lib*"),
+            Some((Overlap::Inside, "/lib64".into()))
+        );
+        assert_eq!(o("/lib", "/lib*"), Some((Overlap::Is, "/lib".into())));
+        assert_eq!(o("/usr/lib", "/lib*"), None);
+        assert_eq!(lexical("/a/../b"), None);
+        assert_eq!(lexical("a/b"), None);
+    }
+
+    #[test]
+    fn the_runtime_dir_holds_the_secrets_and_the_default_copy() {
+        for inside in [SECRETS_DIR, DEFAULT_COPY_TO] {
+            assert_eq!(
+                overlap(Path::new(inside), RUNTIME_DIR).map(|(how, _)| how),
+                Some(Overlap::Inside)
+            );
+        }
+    }
+
+    #[test]
     fn env_names_are_portable() {
         assert!(is_env_name("FL_SERVER"));
         assert!(is_env_name("_x1"));
