@@ -106,21 +106,22 @@ fn a_program_that_is_not_an_executable_regular_file_exits_2() {
     for (exec, why) in [
         (
             format!("{b}/startup/config.json"),
-            format!("\"{b}/startup/config.json\" is not executable (mode 0644); make it executable in the bundle (chmod +x) before the bundle is measured"),
+            "is not executable (mode 0644); make it executable in the bundle (chmod +x) before the bundle is measured".to_string(),
         ),
         (
             format!("{b}/startup/missing.sh"),
-            format!("\"{b}/startup/missing.sh\" does not exist; put the program into the bundle \"{b}\" or correct the path"),
+            format!(": \"{b}/startup/missing.sh\" does not exist; put the program into the bundle \"{b}\" or correct the path"),
         ),
         (
             format!("{b}/startup/dir"),
-            format!("\"{b}/startup/dir\" is a directory, not a program; name the program file itself"),
+            "is a directory, not a program; name the program file itself".to_string(),
         ),
     ] {
         for (code, stdout, stderr) in setup.both(&setup.policy(&bundle, INITRAMFS, &exec)) {
             assert_eq!(code, 2, "{exec}: {stderr}");
             assert!(stdout.is_empty(), "{stdout}");
-            assert_eq!(stderr, format!("error: workload.exec[0]: \"{exec}\": {why}\n"));
+            let sep = if why.starts_with(':') { "" } else { " " };
+            assert_eq!(stderr, format!("error: workload.exec[0]: \"{exec}\"{sep}{why}\n"));
         }
     }
     // A link out of the bundle, through the copy's path.

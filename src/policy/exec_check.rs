@@ -60,27 +60,29 @@ pub fn check_exec(workload: &Workload) -> Result<ExecCheck, String> {
     }
     let problem = |why: String| format!("workload.exec[0]: {program:?}: {why}");
     let resolved = resolve(bundle, rel).map_err(problem)?;
+    // The program, and the bundle's file when that is another path (a copy, a link).
     let shown = resolved.display().to_string();
-    let meta = std::fs::symlink_metadata(&resolved).map_err(|e| {
-        problem(format!(
-            "{shown:?} cannot be read ({e}); check its permissions"
-        ))
-    })?;
+    let subject = if resolved == program_path {
+        format!("{program:?}")
+    } else {
+        format!("{program:?} (in the bundle {shown:?})")
+    };
+    let fail = |why: &str| Err(format!("workload.exec[0]: {subject} {why}"));
+    let meta = match std::fs::symlink_metadata(&resolved) {
+        Ok(meta) => meta,
+        Err(e) => return fail(&format!("cannot be read ({e}); check its permissions")),
+    };
     if meta.is_dir() {
-        return Err(problem(format!(
-            "{shown:?} is a directory, not a program; name the program file itself"
-        )));
+        return fail("is a directory, not a program; name the program file itself");
     }
     if !meta.is_file() {
-        return Err(problem(format!(
-            "{shown:?} is not a regular file; put the program itself into the bundle"
-        )));
+        return fail("is not a regular file; put the program itself into the bundle");
     }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o111 == 0 {
-        return Err(problem(format!(
-            "{shown:?} is not executable (mode {mode:04o}); make it executable in the bundle (chmod +x) before the bundle is measured"
-        )));
+        return fail(&format!(
+            "is not executable (mode {mode:04o}); make it executable in the bundle (chmod +x) before the bundle is measured"
+        ));
     }
     Ok(ExecCheck::InBundle(resolved))
 }
@@ -261,7 +263,7 @@ mod tests {
         assert_eq!(
             check_exec(&w).unwrap_err(),
             format!(
-                "workload.exec[0]: \"/run/cvm-warden/bundle/startup/config.json\": \"{}/startup/config.json\" is not executable (mode 0644); make it executable in the bundle (chmod +x) before the bundle is measured",
+                "workload.exec[0]: \"/run/cvm-warden/bundle/startup/config.json\" (in the bundle \"{}/startup/config.json\") is not executable (mode 0644); make it executable in the bundle (chmod +x) before the bundle is measured",
                 b.display()
             )
         );
@@ -298,14 +300,21 @@ mod tests {
         );
         assert_eq!(
             err("startup"),
-            format!(
-                "{}\"{d}/startup\" is a directory, not a program; name the program file itself",
-                prefix("startup")
-            )
+            format!("workload.exec[0]: \"{d}/startup\" is a directory, not a program; name the program file itself")
         );
         assert_eq!(
             err("startup/config.json"),
-            format!("{}\"{d}/startup/config.json\" is not executable (mode 0644); make it executable in the bundle (chmod +x) before the bundle is measured", prefix("startup/config.json"))
+            format!("workload.exec[0]: \"{d}/startup/config.json\" is not executable (mode 0644); make it executable in the bundle (chmod +x) before the bundle is measured")
+        );
+        symlink("config.json", b.join("startup/config")).unwrap();
+        assert_eq!(
+            err("startup/config"),
+            format!("workload.exec[0]: \"{d}/startup/config\" (in the bundle \"{d}/startup/config.json\") is not executable (mode 0644); make it executable in the bundle (chmod +x) before the bundle is measured")
+        );
+        nix::unistd::mkfifo(&b.join("startup/fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(
+            err("startup/fifo"),
+            format!("workload.exec[0]: \"{d}/startup/fifo\" is not a regular file; put the program itself into the bundle")
         );
         assert_eq!(
             err("startup/start.sh/x"),
@@ -332,7 +341,7 @@ mod tests {
         );
         assert_eq!(
             check(b, &d).unwrap_err(),
-            format!("workload.exec[0]: \"{d}\": \"{d}\" is a directory, not a program; name the program file itself")
+            format!("workload.exec[0]: \"{d}\" is a directory, not a program; name the program file itself")
         );
         std::fs::remove_dir_all(b.join("lib")).unwrap();
         std::fs::write(b.join("lib"), "").unwrap();
