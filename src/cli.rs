@@ -277,8 +277,29 @@ fn load(policy_path: &Path, common: &CommonArgs) -> Result<LoadedPolicy, policy:
     policy::load(policy_path, common.operator.as_deref(), &users)
 }
 
+/// `exec[0]` against the bundle on this machine (`policy check`, `plan`): false (the error
+/// printed) when the program in the bundle is not an executable regular file.
+fn exec_in_bundle_ok(policy: &policy::Policy) -> bool {
+    match policy::check_exec(&policy.workload) {
+        Ok(policy::ExecCheck::BundleAbsent) => {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "note: workload.bundle {:?} is not on this machine, so exec[0] was not checked; run this where the bundle is to check it",
+                policy.workload.bundle.display().to_string()
+            );
+            true
+        }
+        Ok(policy::ExecCheck::InBundle(_) | policy::ExecCheck::OutsideBundle) => true,
+        Err(problem) => {
+            let _ = writeln!(std::io::stderr().lock(), "error: {problem}");
+            false
+        }
+    }
+}
+
 fn policy_check(file: &Path, common: &CommonArgs) -> i32 {
     match load(file, common) {
+        Ok(loaded) if !exec_in_bundle_ok(&loaded.policy) => 2,
         Ok(loaded) => print_json(&serde_json::json!({
             "policy_digest": loaded.policy_digest,
             "operator_digest": loaded.operator_digest,
@@ -325,6 +346,9 @@ fn plan(args: &PolicyArgs) -> i32 {
             return 2;
         }
     };
+    if !exec_in_bundle_ok(&loaded.policy) {
+        return 2;
+    }
     match BootPlan::new(
         &loaded.policy,
         &facts(&loaded, crate::lockdown::Shape::Pid1, false),

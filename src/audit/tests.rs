@@ -327,6 +327,7 @@ fn closing_events_are_the_documented_ones() {
 fn sinks_from_config_builds_file_syslog_console_in_order() {
     let cfg = AuditConfig {
         file: Some(PathBuf::from("/workspace/audit/a.jsonl")),
+        file_dir: None,
         file_required: true,
         syslog: Some(SyslogTarget::Udp("127.0.0.1:514".into())),
         console: true,
@@ -343,6 +344,7 @@ fn sinks_from_config_builds_file_syslog_console_in_order() {
     );
     let none = AuditConfig {
         file: None,
+        file_dir: None,
         file_required: false,
         syslog: Some(SyslogTarget::Local),
         console: false,

@@ -6,6 +6,7 @@
 //! merged policy is validated as a whole. The reference is the README's "Policy reference".
 
 mod diag;
+mod exec_check;
 mod operator;
 mod raw;
 mod types;
@@ -17,10 +18,12 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 
+pub use exec_check::{check_exec, ExecCheck};
 pub use types::*;
 pub use users::{MemoryUsers, PasswdFiles, UserDb, DEFAULT_GROUP, DEFAULT_PASSWD};
 pub use validate::{
-    DEFAULT_COPY_TO, DEFAULT_MAX_RESTARTS, DEFAULT_UMASK, DEFAULT_WORKDIR, MAX_RESTARTS_LIMIT,
+    AUDIT_DIR_FORBIDDEN, DEFAULT_COPY_TO, DEFAULT_MAX_RESTARTS, DEFAULT_UMASK, DEFAULT_WORKDIR,
+    MAX_RESTARTS_LIMIT, RUNTIME_DIR, VOLUME_FORBIDDEN,
 };
 
 use crate::digest::Digest;

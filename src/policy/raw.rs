@@ -139,6 +139,7 @@ pub(crate) struct RawLockdown {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAudit {
     pub file: Option<String>,
+    pub file_dir: Option<String>,
     pub file_required: Option<bool>,
     pub syslog: Option<String>,
     pub console: Option<bool>,

@@ -527,7 +527,7 @@ fn overridable_keys_must_exist_in_the_schema() {
         error_of(&format!(
             "overridable = [\"attestation.kbs\", \"attestation.url\", \"overridable\", \"attestation.kbs\"]\n{MINIMAL}"
         )),
-        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, audit, audit.file, audit.file_required, audit.syslog, audit.console, on_failure, or workload.env.<NAME>\n\
+        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, on_failure, or workload.env.<NAME>\n\
          overridable[2]: \"overridable\" cannot be overridable; the operator file must not widen what it may set, so remove it\n\
          overridable[3]: \"attestation.kbs\" is listed twice; remove one"
     );
@@ -636,6 +636,7 @@ fn minimal_policy_gets_the_defaults() {
             lockdown: None,
             audit: AuditConfig {
                 file: None,
+                file_dir: None,
                 file_required: false,
                 syslog: None,
                 console: true
@@ -812,6 +813,7 @@ fn full_policy_parses_with_every_value() {
         p.audit,
         AuditConfig {
             file: Some(PathBuf::from("/workspace/audit/cvm-warden.jsonl")),
+            file_dir: Some(PathBuf::from("/workspace/audit")),
             file_required: true,
             syslog: Some(SyslogTarget::Udp("fl-server.example:514".to_string())),
             console: true,
@@ -1219,4 +1221,377 @@ fn a_key_broker_needs_the_network_perimeter() {
         error_of(&policy),
         "network: missing; a key broker is configured, so the default-deny perimeter must be up before any key is asked for; add a [network] table (with no inbound or outbound entries only the broker is reachable during the boot, and nothing afterwards)"
     );
+}
+
+// ---- volume mount points ----
+
+/// A `[[volume]]` entry numbered `i` (own name and device) mounted at `mount`.
+fn volume_at(i: usize, mount: &str) -> String {
+    format!("\n[[volume]]\nname = \"v{i}\"\ndevice = \"/dev/vd{i}\"\nkey = \"kbs:///default/keys/v{i}\"\nmount = \"{mount}\"\n")
+}
+
+const BROKER_TAIL: &str = "\n[attestation]\ntee = \"sample\"\nkbs = \"http://127.0.0.1:8080\"\ninsecure_sample = true\ninsecure_http = true\n\n[network]\n";
+
+/// MINIMAL with a sample broker, `source` and the volumes mounted at `mounts`.
+fn with_volumes(source: &str, mounts: &[&str]) -> String {
+    let mut policy =
+        minimal_with("source = \"initramfs\"", source).replace("attestation = \"none\"\n", "");
+    policy.push_str(BROKER_TAIL);
+    for (i, mount) in mounts.iter().enumerate() {
+        policy.push_str(&volume_at(i, mount));
+    }
+    policy
+}
+
+#[test]
+fn volume_mounts_may_not_overlap_the_bundle_or_its_copy() {
+    let policy = with_volumes(
+        "source = \"copy\"\ncopy_to = \"/srv/copy\"",
+        &[
+            "/opt/flare",
+            "/opt",
+            "/opt/flare/data",
+            "/opt/./flare//data/x/",
+            "/srv/copy",
+            "/srv",
+            "/srv/copy/x",
+            "/opt/flare-data",
+        ],
+    );
+    assert_eq!(
+        error_of(&policy),
+        "volume[0].mount: \"/opt/flare\" is workload.bundle \"/opt/flare\": a volume there would hide or change the measured bundle the workload runs from; mount the volume on a directory of its own, e.g. \"/workspace\"\n\
+         volume[1].mount: \"/opt\" contains workload.bundle \"/opt/flare\": a volume there would hide or change the measured bundle the workload runs from; mount the volume on a directory of its own, e.g. \"/workspace\"\n\
+         volume[2].mount: \"/opt/flare/data\" is inside workload.bundle \"/opt/flare\": a volume there would hide or change the measured bundle the workload runs from; mount the volume on a directory of its own, e.g. \"/workspace\"\n\
+         volume[3].mount: \"/opt/./flare//data/x/\" is inside workload.bundle \"/opt/flare\": a volume there would hide or change the measured bundle the workload runs from; mount the volume on a directory of its own, e.g. \"/workspace\"\n\
+         volume[4].mount: \"/srv/copy\" is workload.copy_to \"/srv/copy\": a volume there would hide or change the measured bundle the workload runs from; mount the volume on a directory of its own, e.g. \"/workspace\"\n\
+         volume[5].mount: \"/srv\" contains workload.copy_to \"/srv/copy\": a volume there would hide or change the measured bundle the workload runs from; mount the volume on a directory of its own, e.g. \"/workspace\"\n\
+         volume[6].mount: \"/srv/copy/x\" is inside workload.copy_to \"/srv/copy\": a volume there would hide or change the measured bundle the workload runs from; mount the volume on a directory of its own, e.g. \"/workspace\""
+    );
+}
+
+#[test]
+fn volume_mounts_may_not_overlap_system_or_runtime_directories() {
+    let policy = with_volumes(
+        "source = \"initramfs\"",
+        &[
+            "/etc",
+            "/etc/ssl/",
+            "/proc",
+            "/sys/x",
+            "/dev",
+            "/usr/local",
+            "/bin",
+            "/sbin/x",
+            "/lib",
+            "/lib64",
+            "/libx32/a",
+            "/lib32",
+            "/boot/efi",
+            "/run",
+            "/run/cvm-warden",
+            "/run/cvm-warden/secrets",
+            "/run/cvm-warden/bundle/x",
+        ],
+    );
+    let system = |i: usize, m: &str, how: &str, dir: &str| {
+        format!("volume[{i}].mount: \"{m}\" {how} the image's system directory \"{dir}\": a volume there would hide or replace files the boot and the workload rely on; mount the volume on a directory of its own, e.g. \"/workspace\"")
+    };
+    let runtime = |i: usize, m: &str, how: &str| {
+        format!("volume[{i}].mount: \"{m}\" {how} cvm-warden's runtime directory (bundle copy, secrets) \"/run/cvm-warden\": a volume there would hide or replace files the boot and the workload rely on; mount the volume on a directory of its own, e.g. \"/workspace\"")
+    };
+    let expected = [
+        system(0, "/etc", "is", "/etc"),
+        system(1, "/etc/ssl/", "is inside", "/etc"),
+        system(2, "/proc", "is", "/proc"),
+        system(3, "/sys/x", "is inside", "/sys"),
+        system(4, "/dev", "is", "/dev"),
+        system(5, "/usr/local", "is inside", "/usr"),
+        system(6, "/bin", "is", "/bin"),
+        system(7, "/sbin/x", "is inside", "/sbin"),
+        system(8, "/lib", "is", "/lib"),
+        system(9, "/lib64", "is", "/lib64"),
+        system(10, "/libx32/a", "is inside", "/libx32"),
+        system(11, "/lib32", "is", "/lib32"),
+        system(12, "/boot/efi", "is inside", "/boot"),
+        runtime(13, "/run", "contains"),
+        runtime(14, "/run/cvm-warden", "is"),
+        runtime(15, "/run/cvm-warden/secrets", "is inside"),
+        runtime(16, "/run/cvm-warden/bundle/x", "is inside"),
+    ];
+    assert_eq!(error_of(&policy), expected.join("\n"));
+}
+
+#[test]
+fn volume_mounts_elsewhere_are_accepted_and_normalised() {
+    let loaded = parse(
+        &with_volumes(
+            "source = \"copy\"",
+            &[
+                "/workspace/",
+                "/srv/./data",
+                "/opt/flare-data",
+                "/var/lib/x",
+                "/runner",
+                "/etcetera",
+            ],
+        ),
+        None,
+        &users(),
+    )
+    .unwrap();
+    let mounts: Vec<PathBuf> = loaded
+        .policy
+        .volumes
+        .iter()
+        .map(|v| v.mount.clone())
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            "/workspace",
+            "/srv/data",
+            "/opt/flare-data",
+            "/var/lib/x",
+            "/runner",
+            "/etcetera"
+        ]
+        .map(PathBuf::from)
+    );
+}
+
+#[test]
+fn volume_mount_with_parent_components_is_refused() {
+    assert_eq!(
+        error_of(&with_volumes("source = \"initramfs\"", &["/data/../etc"])),
+        "volume[0].mount: \"/data/../etc\" contains \"..\"; write the path without \"..\", e.g. \"/workspace\""
+    );
+}
+
+// ---- overridable environment ----
+
+#[test]
+fn the_whole_environment_and_code_loading_variables_are_never_overridable() {
+    let policy = format!(
+        "overridable = [\"workload.env\", \"workload.env.LD_PRELOAD\", \"workload.env.SSL_CERT_DIR\", \"workload.env.PYTHONPATH\", \"workload.env.NODE_OPTIONS\", \"workload.env.FL_SERVER\", \"workload.env.LD\"]\n{MINIMAL}"
+    );
+    let never = "LD_*, SSL_CERT_*, PATH, BASH_ENV, ENV, GCONV_PATH, LOCPATH, PYTHONPATH, PYTHONHOME, PYTHONSTARTUP, PYTHONUSERBASE, PERL5LIB, PERLLIB, PERL5OPT, RUBYLIB, RUBYOPT, NODE_OPTIONS, NODE_PATH, NODE_EXTRA_CA_CERTS, JAVA_TOOL_OPTIONS, JDK_JAVA_OPTIONS, _JAVA_OPTIONS, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, GRPC_DEFAULT_SSL_ROOTS_FILE_PATH";
+    let refused = |i: usize, name: &str| {
+        format!("overridable[{i}]: \"workload.env.{name}\": {name} makes programs load code or trust anchors from where it points, so only the image builder may set it; set it in [workload.env] and remove it from overridable (never overridable: {never})")
+    };
+    assert_eq!(
+        error_of(&policy),
+        [
+            "overridable[0]: \"workload.env\" would let the operator file replace the workload's whole environment; list each variable it may set as \"workload.env.<NAME>\" instead".to_string(),
+            refused(1, "LD_PRELOAD"),
+            refused(2, "SSL_CERT_DIR"),
+            refused(3, "PYTHONPATH"),
+            refused(4, "NODE_OPTIONS"),
+        ]
+        .join("\n")
+    );
+    for name in [
+        "BASH_ENV",
+        "ENV",
+        "PERL5LIB",
+        "PERL5OPT",
+        "RUBYOPT",
+        "GCONV_PATH",
+        "LD_LIBRARY_PATH",
+        "PYTHONSTARTUP",
+        "PYTHONHOME",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "PATH",
+    ] {
+        let policy = format!("overridable = [\"workload.env.{name}\"]\n{MINIMAL}");
+        assert_eq!(error_of(&policy), refused(0, name));
+    }
+    // The image builder may still set them.
+    let policy = format!("{MINIMAL}\n[workload.env]\nPYTHONPATH = \"/opt/flare/lib\"\nLD_LIBRARY_PATH = \"/opt/flare/lib\"\n");
+    assert_eq!(
+        parse(&policy, None, &users())
+            .unwrap()
+            .policy
+            .workload
+            .env
+            .len(),
+        2
+    );
+}
+
+// ---- audit.file_dir ----
+
+fn audit_policy(overridable: &str, audit: &str) -> String {
+    format!("overridable = [{overridable}]\n{MINIMAL}\n[audit]\n{audit}")
+}
+
+#[test]
+fn an_overridable_audit_file_needs_a_file_dir() {
+    for key in ["\"audit.file\"", "\"audit\""] {
+        assert_eq!(
+            error_of(&audit_policy(key, "file = \"/workspace/audit/a.jsonl\"\n")),
+            "audit.file_dir: missing; audit.file is overridable, so name the directory the operator's audit file must lie in, e.g. file_dir = \"/workspace/audit\""
+        );
+    }
+    // Without an [audit] table too.
+    assert_eq!(
+        error_of(&format!("overridable = [\"audit.file\"]\n{MINIMAL}")),
+        "audit.file_dir: missing; audit.file is overridable, so name the directory the operator's audit file must lie in, e.g. file_dir = \"/workspace/audit\""
+    );
+}
+
+#[test]
+fn audit_file_dir_is_never_a_system_directory_nor_overridable() {
+    let refused = |value: &str, how: &str, dir: &str| {
+        format!("audit.file_dir: \"{value}\" {how} the image's system directory \"{dir}\", where an audit file could overwrite what the system reads; name a directory for audit logs only, e.g. \"/workspace/audit\"")
+    };
+    for (value, how, dir) in [
+        ("/etc", "is", "/etc"),
+        ("/etc/cvm-warden/", "is inside", "/etc"),
+        ("/proc/self", "is inside", "/proc"),
+        ("/sys", "is", "/sys"),
+        ("/dev/shm", "is inside", "/dev"),
+        ("/usr/./share", "is inside", "/usr"),
+        ("/", "contains", "/etc"),
+    ] {
+        assert_eq!(
+            error_of(&audit_policy(
+                "\"audit.file\"",
+                &format!("file_dir = \"{value}\"\n")
+            )),
+            refused(value, how, dir)
+        );
+    }
+    assert_eq!(
+        error_of(&audit_policy("\"audit.file\"", "file_dir = \"/var/log/../../etc\"\n")),
+        "audit.file_dir: \"/var/log/../../etc\" contains \"..\"; write the path without \"..\", e.g. \"/workspace/audit\""
+    );
+    assert_eq!(
+        error_of(&audit_policy("\"audit.file_dir\"", "file_dir = \"/var/log/cvm\"\n")),
+        "overridable[0]: \"audit.file_dir\" is the directory that confines an overridable audit.file, so only the image builder may set it; remove it"
+    );
+}
+
+#[test]
+fn the_audit_file_must_lie_in_file_dir() {
+    let policy = audit_policy(
+        "\"audit.file\"",
+        "file = \"/workspace/audit/a.jsonl\"\nfile_dir = \"/workspace/audit/\"\n",
+    );
+    let loaded = parse(&policy, None, &users()).unwrap();
+    assert_eq!(
+        loaded.policy.audit.file_dir,
+        Some(PathBuf::from("/workspace/audit"))
+    );
+
+    // The operator's value inside the directory is taken.
+    let loaded = parse(
+        &policy,
+        Some("[audit]\nfile = \"/workspace/audit/./site/b.jsonl\"\n"),
+        &users(),
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.policy.audit.file,
+        Some(PathBuf::from("/workspace/audit/site/b.jsonl"))
+    );
+
+    for (value, shown) in [
+        ("/etc/cron.d/x", "/etc/cron.d/x"),
+        ("/workspace/audit", "/workspace/audit"),
+        ("/workspace/audit-x/a", "/workspace/audit-x/a"),
+        ("/workspace/a.jsonl", "/workspace/a.jsonl"),
+    ] {
+        assert_eq!(
+            error_with_operator(&policy, &format!("[audit]\nfile = \"{value}\"\n")),
+            format!("audit.file (set by operator): \"{shown}\" is outside audit.file_dir \"/workspace/audit\"; write a path inside \"/workspace/audit\"")
+        );
+    }
+    assert_eq!(
+        error_with_operator(&policy, "[audit]\nfile = \"/workspace/audit/../../etc/passwd\"\n"),
+        "audit.file (set by operator): \"/workspace/audit/../../etc/passwd\" contains \"..\"; write the path without \"..\", e.g. \"/workspace/audit/cvm-warden.jsonl\""
+    );
+    // The policy's own file is held to its directory too.
+    assert_eq!(
+        error_of(&audit_policy("", "file = \"/var/log/a.jsonl\"\nfile_dir = \"/workspace/audit\"\n")),
+        "audit.file: \"/var/log/a.jsonl\" is outside audit.file_dir \"/workspace/audit\"; write a path inside \"/workspace/audit\""
+    );
+}
+
+#[test]
+fn an_audit_table_replaced_whole_keeps_the_policys_file_dir() {
+    let policy = audit_policy(
+        "\"audit\"",
+        "file = \"/workspace/audit/a.jsonl\"\nfile_dir = \"/workspace/audit\"\n",
+    );
+    assert_eq!(
+        error_with_operator(&policy, "[audit]\nfile = \"/etc/x\"\nfile_dir = \"/etc\"\n"),
+        "operator: `audit.file_dir` at line 3, column 1 cannot be set by the operator file: it confines audit.file, so only the policy sets it; remove it from the operator file"
+    );
+    assert_eq!(
+        error_with_operator(&policy, "[audit]\nfile = \"/etc/x\"\n"),
+        "audit.file (set by operator): \"/etc/x\" is outside audit.file_dir \"/workspace/audit\"; write a path inside \"/workspace/audit\""
+    );
+    let loaded = parse(
+        &policy,
+        Some("[audit]\nfile = \"/workspace/audit/b\"\nconsole = false\n"),
+        &users(),
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.policy.audit.file_dir,
+        Some(PathBuf::from("/workspace/audit"))
+    );
+    assert_eq!(
+        loaded.policy.audit.file,
+        Some(PathBuf::from("/workspace/audit/b"))
+    );
+    assert!(!loaded.policy.audit.console);
+}
+
+// ---- large operator files ----
+
+/// 20,000 keys: every error is found (this took 20 s when the look-ups were quadratic).
+#[test]
+fn an_operator_file_with_20000_keys_gets_every_error() {
+    const N: usize = 20_000;
+    let mut operator = String::from("[workload.env]\n");
+    for i in 0..N {
+        operator.push_str(&format!("K{i} = \"v\"\n"));
+    }
+    let error = error_with_operator(WITH_BROKER, &operator);
+    let lines: Vec<&str> = error.lines().collect();
+    assert_eq!(lines.len(), N);
+    // Keys come in the table's (sorted) order; each names its own line.
+    let mut expected: Vec<(String, usize)> = (0..N).map(|i| (format!("K{i}"), i + 2)).collect();
+    expected.sort();
+    for (line, (key, at)) in lines.iter().zip(&expected) {
+        assert_eq!(
+            *line,
+            format!("operator: `workload.env.{key}` at line {at}, column 1 is not overridable: the policy does not declare it in `overridable`; remove it from the operator file")
+        );
+    }
+
+    // The same number of overridable keys, each with a bad value.
+    let mut policy = String::from("overridable = [");
+    for i in 0..N {
+        policy.push_str(&format!("\"workload.env.K{i}\", "));
+    }
+    policy.push_str("]\n");
+    policy.push_str(MINIMAL);
+    let mut operator = String::from("[workload.env]\n");
+    for i in 0..N {
+        operator.push_str(&format!("K{i} = \"v\\u0000\"\n"));
+    }
+    let error = error_with_operator(&policy, &operator);
+    let lines: Vec<&str> = error.lines().collect();
+    assert_eq!(lines.len(), N);
+    for (line, (key, _)) in lines.iter().zip(&expected) {
+        assert_eq!(
+            *line,
+            format!("workload.env.{key} (set by operator): \"v\\0\" contains a NUL character; remove it")
+        );
+    }
 }

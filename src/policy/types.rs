@@ -266,6 +266,8 @@ pub struct Lockdown {
 pub struct AuditConfig {
     /// JSON-lines file sink.
     pub file: Option<PathBuf>,
+    /// The directory `file` must lie in (required when `audit.file` is overridable).
+    pub file_dir: Option<PathBuf>,
     /// When true, a failing file sink stops the boot (fail closed).
     pub file_required: bool,
     /// Syslog destination.

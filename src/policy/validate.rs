@@ -1,11 +1,11 @@
 //! Raw → validated. Pure: every problem is collected (not only the first), one line each,
 //! `key: the bad value, why; what to do`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Component, Path, PathBuf};
 
-use super::operator::check_overridable;
+use super::operator::{check_overridable, covers_audit_file};
 use super::raw::{
     Int, RawAttestation, RawAudit, RawBroker, RawId, RawInbound, RawLimit, RawLockdown, RawNetwork,
     RawOutbound, RawPolicy, RawRlimit, RawSecret, RawUmask, RawVolume, RawWorkload,
@@ -28,6 +28,85 @@ pub const MAX_RESTARTS_LIMIT: i64 = 100;
 const ROOT_HINT: &str =
     "the workload must not run as root; create an unprivileged user in the image";
 const RLIMIT_NAMES: &str = "nofile, nproc, core, as, fsize, stack, memlock";
+
+/// cvm-warden's own runtime directory: the default bundle copy and [`SECRETS_DIR`] are in it.
+pub const RUNTIME_DIR: &str = "/run/cvm-warden";
+
+/// Directories of the image a `[[volume]]` may not be mounted on, in, or above (a last
+/// component ending in `*` matches by prefix: `/lib*` is `/lib`, `/lib64`, `/libx32`, …).
+pub const VOLUME_FORBIDDEN: &[&str] = &[
+    RUNTIME_DIR,
+    "/etc",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib*",
+    "/boot",
+];
+
+/// Directories `audit.file_dir` may not be, be in, or contain.
+pub const AUDIT_DIR_FORBIDDEN: &[&str] = &["/etc", "/proc", "/sys", "/dev", "/usr"];
+
+/// How a path relates to another, component by component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overlap {
+    /// The same path.
+    Is,
+    /// Strictly below the other.
+    Inside,
+    /// Strictly above the other.
+    Contains,
+}
+
+impl Overlap {
+    fn words(self) -> &'static str {
+        match self {
+            Overlap::Is => "is",
+            Overlap::Inside => "is inside",
+            Overlap::Contains => "contains",
+        }
+    }
+}
+
+/// How the normalised absolute `path` relates to `pattern` (absolute; its components may end
+/// in `*` to match by prefix), and the part of `path` that matched when it is the same or
+/// inside. `None`: neither is inside the other.
+fn overlap(path: &Path, pattern: &str) -> Option<(Overlap, PathBuf)> {
+    let ours: Vec<Component<'_>> = path.components().collect();
+    let theirs: Vec<Component<'_>> = Path::new(pattern).components().collect();
+    for (a, b) in ours.iter().zip(&theirs) {
+        let matches = match (a, b) {
+            (Component::Normal(a), Component::Normal(b)) => {
+                match b.to_str().and_then(|b| b.strip_suffix('*')) {
+                    Some(prefix) => a.to_str().is_some_and(|a| a.starts_with(prefix)),
+                    None => a == b,
+                }
+            }
+            (a, b) => a == b,
+        };
+        if !matches {
+            return None;
+        }
+    }
+    let matched: PathBuf = ours.iter().take(theirs.len()).collect();
+    Some(match ours.len().cmp(&theirs.len()) {
+        std::cmp::Ordering::Equal => (Overlap::Is, matched),
+        std::cmp::Ordering::Greater => (Overlap::Inside, matched),
+        std::cmp::Ordering::Less => (Overlap::Contains, PathBuf::from(pattern)),
+    })
+}
+
+/// A path as `abs_path` would normalise it, or `None` where `abs_path` reports a problem.
+fn lexical(value: &str) -> Option<PathBuf> {
+    let path = Path::new(value);
+    (path.is_absolute()
+        && !value.contains('\0')
+        && !path.components().any(|c| c == Component::ParentDir))
+    .then(|| path.components().collect())
+}
 
 /// Whether `name` is a portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
 pub(crate) fn is_env_name(name: &str) -> bool {
@@ -154,18 +233,17 @@ fn canonical_cidr(text: &str) -> Result<String, String> {
 struct Check<'a> {
     problems: Vec<String>,
     /// Keys set by the operator file, and its name, to say where a bad value came from.
-    overridden: &'a [String],
+    overridden: HashSet<&'a str>,
     operator_label: &'a str,
 }
 
 impl Check<'_> {
     fn error(&mut self, key: &str, message: impl std::fmt::Display) {
-        let from_operator = self.overridden.iter().any(|o| {
-            key == o
-                || key
-                    .strip_prefix(o.as_str())
-                    .is_some_and(|rest| rest.starts_with(['.', '[']))
-        });
+        // The key itself or a table or array above it (constant time per key).
+        let from_operator = self.overridden.contains(key)
+            || key.char_indices().any(|(i, ch)| {
+                matches!(ch, '.' | '[') && key.get(..i).is_some_and(|k| self.overridden.contains(k))
+            });
         if from_operator {
             self.problems
                 .push(format!("{key} (set by {}): {message}", self.operator_label));
@@ -270,12 +348,16 @@ pub(crate) fn validate(
 ) -> Result<Policy, Vec<String>> {
     let mut c = Check {
         problems: Vec::new(),
-        overridden,
+        overridden: overridden.iter().map(String::as_str).collect(),
         operator_label,
     };
     let workload = workload(&mut c, raw.workload.as_ref(), users);
     let attestation = attestation(&mut c, raw.attestation.as_ref());
-    let volumes = volumes(&mut c, raw.volume.as_deref().unwrap_or_default());
+    let volumes = volumes(
+        &mut c,
+        raw.volume.as_deref().unwrap_or_default(),
+        raw.workload.as_ref(),
+    );
     let secrets = secrets(&mut c, raw.secret.as_deref().unwrap_or_default());
     if matches!(attestation, Some(Attestation::None)) {
         if !volumes.is_empty() {
@@ -312,7 +394,12 @@ pub(crate) fn validate(
     }
     let network = raw.network.as_ref().and_then(|n| network(&mut c, n));
     let lockdown = raw.lockdown.as_ref().and_then(|l| lockdown(&mut c, l));
-    let audit = audit(&mut c, raw.audit.as_ref());
+    let file_overridable = raw
+        .overridable
+        .iter()
+        .flatten()
+        .any(|key| covers_audit_file(key));
+    let audit = audit(&mut c, raw.audit.as_ref(), file_overridable);
     let on_failure = match raw.on_failure.as_deref() {
         None | Some("poweroff") => Some(FailureAction::Poweroff),
         Some("halt") => Some(FailureAction::Halt),
@@ -1061,7 +1148,54 @@ fn secrets(c: &mut Check<'_>, raw: &[RawSecret]) -> Vec<Secret> {
     out
 }
 
-fn volumes(c: &mut Check<'_>, raw: &[RawVolume]) -> Vec<Volume> {
+/// The directories a volume may not overlap that the workload decides: the bundle and, with
+/// `source = "copy"`, its copy (each with its key), as far as they are valid paths.
+fn workload_dirs(workload: Option<&RawWorkload>) -> Vec<(&'static str, PathBuf)> {
+    let Some(w) = workload else {
+        return Vec::new();
+    };
+    let mut dirs = Vec::new();
+    if let Some(bundle) = w.bundle.as_deref().and_then(lexical) {
+        dirs.push(("workload.bundle", bundle));
+    }
+    if w.source.as_deref() == Some("copy") {
+        if let Some(copy) = lexical(w.copy_to.as_deref().unwrap_or(DEFAULT_COPY_TO)) {
+            dirs.push(("workload.copy_to", copy));
+        }
+    }
+    dirs
+}
+
+/// Why a volume may not be mounted at `mount` (normalised), or `None`.
+fn mount_conflict(mount: &Path, workload_dirs: &[(&str, PathBuf)]) -> Option<String> {
+    for (key, dir) in workload_dirs {
+        let pattern = dir.to_string_lossy();
+        if let Some((how, _)) = overlap(mount, &pattern) {
+            return Some(format!(
+                "{} {key} {pattern:?}: a volume there would hide or change the measured bundle the workload runs from",
+                how.words()
+            ));
+        }
+    }
+    for pattern in VOLUME_FORBIDDEN {
+        if let Some((how, matched)) = overlap(mount, pattern) {
+            let what = if *pattern == RUNTIME_DIR {
+                "cvm-warden's runtime directory (bundle copy, secrets)"
+            } else {
+                "the image's system directory"
+            };
+            return Some(format!(
+                "{} {what} {:?}: a volume there would hide or replace files the boot and the workload rely on",
+                how.words(),
+                matched.to_string_lossy()
+            ));
+        }
+    }
+    None
+}
+
+fn volumes(c: &mut Check<'_>, raw: &[RawVolume], workload: Option<&RawWorkload>) -> Vec<Volume> {
+    let workload_dirs = workload_dirs(workload);
     let mut out = Vec::new();
     let mut names = BTreeSet::new();
     let mut devices = BTreeSet::new();
@@ -1141,6 +1275,12 @@ fn volumes(c: &mut Check<'_>, raw: &[RawVolume]) -> Vec<Volume> {
             Some(m) => c.abs_path(&key("mount"), m, "/workspace").and_then(|p| {
                 if p == Path::new("/") {
                     c.error(&key("mount"), "\"/\" cannot be a volume's mount point; mount the volume on a directory, e.g. \"/workspace\"");
+                    None
+                } else if let Some(why) = mount_conflict(&p, &workload_dirs) {
+                    c.error(
+                        &key("mount"),
+                        format!("{m:?} {why}; mount the volume on a directory of its own, e.g. \"/workspace\""),
+                    );
                     None
                 } else if mounts.insert(p.clone()) {
                     Some(p)
@@ -1372,22 +1512,62 @@ fn syslog_target(c: &mut Check<'_>, text: &str) -> Option<SyslogTarget> {
     }
 }
 
-fn audit(c: &mut Check<'_>, raw: Option<&RawAudit>) -> Option<AuditConfig> {
-    let Some(raw) = raw else {
-        return Some(AuditConfig {
-            file: None,
-            file_required: false,
-            syslog: None,
-            console: true,
-        });
+/// `audit.file_dir`: normalised, and not one of [`AUDIT_DIR_FORBIDDEN`] (nor in or above one).
+fn audit_file_dir(c: &mut Check<'_>, raw: &RawAudit, file_overridable: bool) -> Option<PathBuf> {
+    let Some(value) = raw.file_dir.as_deref() else {
+        if file_overridable {
+            c.missing(
+                "audit.file_dir",
+                "audit.file is overridable, so name the directory the operator's audit file must lie in, e.g. file_dir = \"/workspace/audit\"",
+            );
+        }
+        return None;
     };
+    let dir = c.abs_path("audit.file_dir", value, "/workspace/audit")?;
+    for pattern in AUDIT_DIR_FORBIDDEN {
+        if let Some((how, matched)) = overlap(&dir, pattern) {
+            c.error(
+                "audit.file_dir",
+                format!(
+                    "{value:?} {} the image's system directory {:?}, where an audit file could overwrite what the system reads; name a directory for audit logs only, e.g. \"/workspace/audit\"",
+                    how.words(),
+                    matched.to_string_lossy()
+                ),
+            );
+            return None;
+        }
+    }
+    Some(dir)
+}
+
+fn audit(c: &mut Check<'_>, raw: Option<&RawAudit>, file_overridable: bool) -> Option<AuditConfig> {
+    let default = RawAudit::default();
+    let raw = raw.unwrap_or(&default);
+    let file_dir_ok = raw.file_dir.is_none() && !file_overridable;
+    let file_dir = audit_file_dir(c, raw, file_overridable);
+    let file_dir_ok = file_dir_ok || file_dir.is_some();
     let file_ok = raw.file.is_none();
     let file = c.opt_path(
         "audit.file",
         raw.file.as_ref(),
         "/workspace/audit/cvm-warden.jsonl",
     );
-    let file_ok = file_ok || file.is_some();
+    let mut file_ok = file_ok || file.is_some();
+    if let (Some(file), Some(dir)) = (&file, &file_dir) {
+        // Lexical: both are normalised and free of "..".
+        if !file.starts_with(dir) || file == dir {
+            c.error(
+                "audit.file",
+                format!(
+                    "{:?} is outside audit.file_dir {:?}; write a path inside {:?}",
+                    file.to_string_lossy(),
+                    dir.to_string_lossy(),
+                    dir.to_string_lossy()
+                ),
+            );
+            file_ok = false;
+        }
+    }
     let file_required = raw.file_required.unwrap_or(false);
     if file_required && raw.file.is_none() {
         c.error(
@@ -1400,7 +1580,7 @@ fn audit(c: &mut Check<'_>, raw: Option<&RawAudit>) -> Option<AuditConfig> {
     let syslog = raw.syslog.as_deref().and_then(|s| syslog_target(c, s));
     let syslog_ok = syslog_ok || syslog.is_some();
     let console = raw.console.unwrap_or(true);
-    if !file_ok || !syslog_ok {
+    if !file_ok || !syslog_ok || !file_dir_ok {
         return None;
     }
     if !console && file.is_none() && syslog.is_none() {
@@ -1412,6 +1592,7 @@ fn audit(c: &mut Check<'_>, raw: Option<&RawAudit>) -> Option<AuditConfig> {
     }
     Some(AuditConfig {
         file,
+        file_dir,
         file_required,
         syslog,
         console,
@@ -1462,6 +1643,43 @@ mod tests {
         assert!(canonical_cidr("10.0.0.0").is_err());
         assert!(canonical_cidr("10.0.0/8").is_err());
         assert!(canonical_cidr("10.0.0.0/+8").is_err());
+    }
+
+    #[test]
+    fn overlap_compares_whole_components() {
+        let o = |path: &str, pattern: &str| {
+            overlap(&lexical(path).unwrap(), pattern).map(|(how, p)| (how, p.display().to_string()))
+        };
+        assert_eq!(o("/etc", "/etc"), Some((Overlap::Is, "/etc".into())));
+        assert_eq!(
+            o("/etc//ssl/./", "/etc"),
+            Some((Overlap::Inside, "/etc".into()))
+        );
+        assert_eq!(
+            o("/run", "/run/cvm-warden"),
+            Some((Overlap::Contains, "/run/cvm-warden".into()))
+        );
+        assert_eq!(o("/", "/etc"), Some((Overlap::Contains, "/etc".into())));
+        assert_eq!(o("/etcetera", "/etc"), None);
+        assert_eq!(o("/run/cvm-wardens", "/run/cvm-warden"), None);
+        assert_eq!(
+            o("/lib64/x", "/lib*"),
+            Some((Overlap::Inside, "/lib64".into()))
+        );
+        assert_eq!(o("/lib", "/lib*"), Some((Overlap::Is, "/lib".into())));
+        assert_eq!(o("/usr/lib", "/lib*"), None);
+        assert_eq!(lexical("/a/../b"), None);
+        assert_eq!(lexical("a/b"), None);
+    }
+
+    #[test]
+    fn the_runtime_dir_holds_the_secrets_and_the_default_copy() {
+        for inside in [SECRETS_DIR, DEFAULT_COPY_TO] {
+            assert_eq!(
+                overlap(Path::new(inside), RUNTIME_DIR).map(|(how, _)| how),
+                Some(Overlap::Inside)
+            );
+        }
     }
 
     #[test]
