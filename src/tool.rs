@@ -766,3 +766,303 @@ fn start_helpers(
     )?;
     Ok(())
 }
+
+/// Fake tools for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
+
+    /// Writes an executable `#!/bin/sh` script `name` with `body` into `dir`. The file is
+    /// written by `install(1)`, in another process: a file this (multi-threaded) test process
+    /// had open for writing could be inherited by a concurrent fork and make the exec fail
+    /// with ETXTBSY.
+    pub(crate) fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let draft = dir.join(format!("{name}.draft"));
+        std::fs::write(&draft, format!("#!/bin/sh\n{body}\n")).unwrap();
+        let path = dir.join(name);
+        let status = std::process::Command::new("/usr/bin/install")
+            .args(["-m", "0755"])
+            .arg(&draft)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "install {}", path.display());
+        path
+    }
+
+    /// A fake that records its pid and its child's pid in `dir/pids`, then waits forever.
+    pub(crate) fn hanging(dir: &Path, name: &str) -> PathBuf {
+        let pids = dir.join("pids");
+        script(
+            dir,
+            name,
+            &format!(
+                "echo $$ > '{p}'\nsleep 100000 &\necho $! >> '{p}'\nwait",
+                p = pids.display()
+            ),
+        )
+    }
+
+    /// The pids [`hanging`] wrote (waits for both).
+    pub(crate) fn hanging_pids(dir: &Path) -> Vec<i32> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids: Vec<i32> = std::fs::read_to_string(dir.join("pids"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
+            if pids.len() == 2 || Instant::now() > deadline {
+                return pids;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether `pid` is a live process (a zombie is not).
+    pub(crate) fn alive(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => false,
+            Ok(stat) => {
+                let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+                !matches!(state, Some("Z") | Some("X"))
+            }
+        }
+    }
+
+    /// Waits (up to 5 s) until none of `pids` is alive; the ones still alive.
+    pub(crate) fn left_alive(pids: &[i32]) -> Vec<i32> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{hanging, hanging_pids, left_alive, script};
+    use super::*;
+    use crate::audit::MemorySink;
+
+    fn lines(out: &ToolOutput) -> Vec<String> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn every_tool_has_absolute_candidates_a_package_and_a_timeout() {
+        for tool in Tool::ALL {
+            assert_eq!(Tool::from_name(tool.name()), Some(tool));
+            assert!(!tool.candidates().is_empty(), "{tool}");
+            for path in tool.candidates() {
+                assert!(Path::new(path).is_absolute(), "{tool}: {path}");
+                assert!(path.ends_with(&format!("/{}", tool.name())), "{tool}: {path}");
+            }
+            assert!(!tool.package().is_empty());
+            assert!(tool.default_timeout() >= Duration::from_secs(30), "{tool}");
+        }
+        assert_eq!(Tool::Nft.candidates()[0], "/usr/sbin/nft");
+        assert_eq!(Tool::MkfsExt4.default_timeout(), Duration::from_secs(600));
+        assert_eq!(Tool::from_name("sh"), None);
+    }
+
+    #[test]
+    fn a_tool_that_hangs_is_killed_with_its_process_group_within_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = hanging(dir.path(), "nft");
+        let tools = Tools::system()
+            .with_candidates(Tool::Nft, [&fake])
+            .with_timeout(Tool::Nft, Duration::from_millis(300));
+        let started = Instant::now();
+        let err = tools
+            .run(Tool::Nft, &["-j", "-f", "-"], Some(b"{}".as_slice()))
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert!(
+            matches!(err, ToolError::Timeout { tool: Tool::Nft, reaped: true, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let text = err.to_string();
+        for part in [
+            "`nft -j -f -`",
+            &fake.display().to_string(),
+            "did not finish within 300 ms",
+            "killed with its process group",
+            "fails closed",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        // The script and the sleep it started are both gone (the script reaped by us).
+        let pids = hanging_pids(dir.path());
+        assert_eq!(pids.len(), 2, "{pids:?}");
+        assert_eq!(left_alive(&pids), Vec::<i32>::new());
+        assert!(!Path::new(&format!("/proc/{}", pids[0])).exists(), "not reaped");
+    }
+
+    #[test]
+    fn a_missing_tool_names_every_path_tried_and_its_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        let missing = dir.path().join("missing");
+        let tools = Tools::system().with_candidates(
+            Tool::Nft,
+            [
+                missing.clone(),
+                plain.clone(),
+                dir.path().to_path_buf(),
+                PathBuf::from("nft"),
+            ],
+        );
+        let err = tools.run(Tool::Nft, &["--version"], None).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "nft is not installed: tried {} (not found), {} (not executable), {} (not a \
+                 regular file), nft (not an absolute path) (cvm-warden never searches PATH); \
+                 install the Debian package nftables in the image",
+                missing.display(),
+                plain.display(),
+                dir.path().display()
+            )
+        );
+    }
+
+    #[test]
+    fn the_environment_is_replaced_and_stdin_goes_through_a_pipe() {
+        // `env` prints exactly the environment it got.
+        let tools = Tools::system().with_candidates(Tool::Loginctl, ["/usr/bin/env"]);
+        let out = tools.run::<&str>(Tool::Loginctl, &[], None).unwrap();
+        assert!(out.success());
+        let mut env = lines(&out);
+        env.sort();
+        assert_eq!(env, ["LC_ALL=C", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]);
+        assert!(std::env::vars().count() > 2, "the test's own environment is bigger");
+
+        // Standard input: 1 MiB through the pipe and back (more than a pipe buffer, so the
+        // writer and the readers must run side by side).
+        let dir = tempfile::tempdir().unwrap();
+        let cat = script(dir.path(), "nft", "exec /bin/cat");
+        let tools = Tools::system().with_candidates(Tool::Nft, [&cat]);
+        let input: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let out = tools.run(Tool::Nft, &["-f", "-"], Some(&input)).unwrap();
+        assert_eq!(out.stdout, input);
+        assert_eq!(out.path, cat);
+        // No stdin given: /dev/null, so a reader ends at once.
+        let out = tools.run::<&str>(Tool::Nft, &[], None).unwrap();
+        assert!(out.stdout.is_empty());
+    }
+
+    #[test]
+    fn output_is_bounded_and_exit_status_and_stderr_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let loud = script(
+            dir.path(),
+            "mkfs.ext4",
+            "head -c \"$1\" /dev/zero\nhead -c 5000 /dev/zero | tr '\\0' e >&2\nexit 3",
+        );
+        let tools = Tools::system()
+            .with_candidates(Tool::MkfsExt4, [&loud])
+            .with_output_limits(1000, 100);
+        let out = tools.run(Tool::MkfsExt4, &["1000"], None).unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        assert!(!out.success());
+        assert_eq!(out.stdout.len(), 1000);
+        assert_eq!(out.stderr.len(), 100);
+        assert!(out.stderr_cut);
+        assert_eq!(
+            out.stderr_text(),
+            format!("{} … (cut at 100 bytes)", "e".repeat(100))
+        );
+
+        let err = tools.run(Tool::MkfsExt4, &["1001"], None).unwrap_err();
+        assert!(
+            matches!(err, ToolError::OutputTooLarge { limit: 1000, .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("printed more than 1000 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn what_a_tool_leaves_running_in_its_group_is_killed_when_it_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        // The background sleep keeps standard output open: without the group kill the
+        // output would never end.
+        let leaver = script(dir.path(), "systemctl", "sleep 100000 &\necho $!\nexit 0");
+        let tools = Tools::system().with_candidates(Tool::Systemctl, [&leaver]);
+        let started = Instant::now();
+        let out = tools.run(Tool::Systemctl, &["stop"], None).unwrap();
+        assert!(started.elapsed() < OUTPUT_GRACE, "{:?}", started.elapsed());
+        assert!(out.success());
+        let pid: i32 = lines(&out)[0].parse().unwrap();
+        assert_eq!(left_alive(&[pid]), Vec::<i32>::new());
+    }
+
+    #[test]
+    fn the_first_resolution_of_each_tool_is_audited_and_its_path_kept() {
+        let (sink, records) = MemorySink::new();
+        let audit = Audit::new(vec![Box::new(sink)], true);
+        let dir = tempfile::tempdir().unwrap();
+        let first = script(dir.path(), "nft", "echo one");
+        let tools = Tools::system()
+            .with_candidates(Tool::Nft, [&first])
+            .with_timeout(Tool::Nft, Duration::from_millis(1500))
+            .audited(&audit);
+        let clone = tools.clone();
+        assert_eq!(lines(&tools.run::<&str>(Tool::Nft, &[], None).unwrap()), ["one"]);
+        assert_eq!(lines(&clone.run::<&str>(Tool::Nft, &[], None).unwrap()), ["one"]);
+        let records: Vec<serde_json::Value> = records
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0]["stage"], "tool");
+        assert_eq!(records[0]["event"], "resolved");
+        assert_eq!(
+            records[0]["details"],
+            json!({
+                "tool": { "name": "nft", "path": first },
+                "package": "nftables",
+                "timeout_ms": 1500,
+            })
+        );
+    }
+
+    #[test]
+    fn a_tool_whose_path_cannot_be_audited_is_not_run() {
+        let sink = MemorySink::new().0.required(true);
+        let control = sink.control();
+        let audit = Audit::new(vec![Box::new(sink)], true);
+        control.fail_always(io::ErrorKind::PermissionDenied);
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let fake = script(
+            dir.path(),
+            "nft",
+            &format!("touch '{}'", marker.display()),
+        );
+        let tools = Tools::system()
+            .with_candidates(Tool::Nft, [&fake])
+            .audited(&audit);
+        let err = tools.run::<&str>(Tool::Nft, &[], None).unwrap_err();
+        assert!(matches!(err, ToolError::Audit { tool: Tool::Nft, .. }), "{err:?}");
+        assert!(!marker.exists());
+    }
+}
