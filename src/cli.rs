@@ -702,9 +702,8 @@ fn prepare(
         if !sandbox && !lockdown.modules.is_empty() {
             let plan =
                 crate::stage::perimeter::only_load_modules(crate::lockdown::plan(lockdown, shape));
-            let report =
-                crate::lockdown::apply(&plan, &lockdown_sys, &lockdown_paths)
-                    .map_err(boot::BootError::Modules)?;
+            let report = crate::lockdown::apply(&plan, &lockdown_sys, &lockdown_paths)
+                .map_err(boot::BootError::Modules)?;
             let _ = audit.record("boot", "modules_loaded", serde_json::json!(report));
         }
     }

@@ -39,7 +39,8 @@ use serde_json::json;
 use crate::audit::{Audit, AuditError};
 
 /// The whole environment a tool gets: nothing is inherited.
-pub const TOOL_ENV: [(&str, &str); 2] = [("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), ("LC_ALL", "C")];
+pub const TOOL_ENV: [(&str, &str); 2] =
+    [("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), ("LC_ALL", "C")];
 
 /// Default bound on what a tool may print on standard output (more is an error).
 pub const STDOUT_LIMIT: usize = 16 * 1024 * 1024;
@@ -477,7 +478,10 @@ impl Tools {
     ) -> Result<ToolOutput, ToolError> {
         let path = self.resolve(tool)?;
         let command = std::iter::once(tool.name().to_string())
-            .chain(args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()))
+            .chain(
+                args.iter()
+                    .map(|a| a.as_ref().to_string_lossy().into_owned()),
+            )
             .collect::<Vec<_>>()
             .join(" ");
         let timeout = self.timeout(tool);
@@ -825,7 +829,9 @@ pub(crate) mod testing {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => false,
             Ok(stat) => {
-                let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+                let state = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next());
                 !matches!(state, Some("Z") | Some("X"))
             }
         }
@@ -864,7 +870,10 @@ mod tests {
             assert!(!tool.candidates().is_empty(), "{tool}");
             for path in tool.candidates() {
                 assert!(Path::new(path).is_absolute(), "{tool}: {path}");
-                assert!(path.ends_with(&format!("/{}", tool.name())), "{tool}: {path}");
+                assert!(
+                    path.ends_with(&format!("/{}", tool.name())),
+                    "{tool}: {path}"
+                );
             }
             assert!(!tool.package().is_empty());
             assert!(tool.default_timeout() >= Duration::from_secs(30), "{tool}");
@@ -889,7 +898,14 @@ mod tests {
         assert!(took >= Duration::from_millis(300), "{took:?}");
         assert!(took < Duration::from_secs(5), "{took:?}");
         assert!(
-            matches!(err, ToolError::Timeout { tool: Tool::Nft, reaped: true, .. }),
+            matches!(
+                err,
+                ToolError::Timeout {
+                    tool: Tool::Nft,
+                    reaped: true,
+                    ..
+                }
+            ),
             "{err:?}"
         );
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
@@ -907,7 +923,10 @@ mod tests {
         let pids = hanging_pids(dir.path());
         assert_eq!(pids.len(), 2, "{pids:?}");
         assert_eq!(left_alive(&pids), Vec::<i32>::new());
-        assert!(!Path::new(&format!("/proc/{}", pids[0])).exists(), "not reaped");
+        assert!(
+            !Path::new(&format!("/proc/{}", pids[0])).exists(),
+            "not reaped"
+        );
     }
 
     #[test]
@@ -949,7 +968,10 @@ mod tests {
         let mut env = lines(&out);
         env.sort();
         assert_eq!(env, ["LC_ALL=C", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]);
-        assert!(std::env::vars().count() > 2, "the test's own environment is bigger");
+        assert!(
+            std::env::vars().count() > 2,
+            "the test's own environment is bigger"
+        );
 
         // Standard input: 1 MiB through the pipe and back (more than a pipe buffer, so the
         // writer and the readers must run side by side).
@@ -1024,8 +1046,14 @@ mod tests {
             .with_timeout(Tool::Nft, Duration::from_millis(1500))
             .audited(&audit);
         let clone = tools.clone();
-        assert_eq!(lines(&tools.run::<&str>(Tool::Nft, &[], None).unwrap()), ["one"]);
-        assert_eq!(lines(&clone.run::<&str>(Tool::Nft, &[], None).unwrap()), ["one"]);
+        assert_eq!(
+            lines(&tools.run::<&str>(Tool::Nft, &[], None).unwrap()),
+            ["one"]
+        );
+        assert_eq!(
+            lines(&clone.run::<&str>(Tool::Nft, &[], None).unwrap()),
+            ["one"]
+        );
         let records: Vec<serde_json::Value> = records
             .lock()
             .unwrap()
@@ -1053,16 +1081,21 @@ mod tests {
         control.fail_always(io::ErrorKind::PermissionDenied);
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("ran");
-        let fake = script(
-            dir.path(),
-            "nft",
-            &format!("touch '{}'", marker.display()),
-        );
+        let fake = script(dir.path(), "nft", &format!("touch '{}'", marker.display()));
         let tools = Tools::system()
             .with_candidates(Tool::Nft, [&fake])
             .audited(&audit);
         let err = tools.run::<&str>(Tool::Nft, &[], None).unwrap_err();
-        assert!(matches!(err, ToolError::Audit { tool: Tool::Nft, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ToolError::Audit {
+                    tool: Tool::Nft,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert!(!marker.exists());
     }
 }

@@ -55,7 +55,7 @@ impl NftFirewall {
             })?;
         if !output.success() {
             return Err(FirewallError::Nft {
-                command: format!("{command} ({})", output.path.display()),
+                command,
                 status: output.status.to_string(),
                 stderr: output.stderr_text(),
             });
