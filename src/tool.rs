@@ -773,6 +773,7 @@ fn start_helpers(
 
 /// Fake tools for tests.
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub(crate) mod testing {
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
@@ -851,6 +852,7 @@ pub(crate) mod testing {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::testing::{hanging, hanging_pids, left_alive, script};
     use super::*;
