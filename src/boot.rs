@@ -1483,6 +1483,86 @@ mod tests {
     }
 
     #[test]
+    fn a_hanging_nft_fails_the_perimeter_closed_within_its_timeout() {
+        use crate::firewall::{FakeResolver, NftFirewall};
+        use crate::tool::testing::{hanging, hanging_pids, left_alive};
+        use crate::tool::{Tool, Tools};
+        use std::time::Duration;
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let loaded = load(&fixture.policy(
+            "\n[network]\ninbound = [{ port = 8002 }]\noutbound = [{ host = \"fl-server.example\", port = 8002 }]\n",
+        ));
+        let fake = hanging(fixture.dir.path(), "nft");
+        // The boot's wiring (cli::prepare): one audited runner; here its nft is the fake.
+        let tools = Tools::system()
+            .with_candidates(Tool::Nft, [&fake])
+            .with_timeout(Tool::Nft, Duration::from_millis(400))
+            .audited(&audit);
+        let resolver = FakeResolver::new()
+            .host("fl-server.example", &["192.0.2.10".parse().unwrap()])
+            .nameservers(&["192.0.2.53".parse().unwrap()]);
+        let mut register = NoRegister;
+        let env = Env {
+            sys: &sys,
+            measurer: &RealMeasurer,
+            register: &mut register,
+            audit: &audit,
+            broker: None,
+            volumes: &crate::volume::FakeVolumes::new(),
+            firewall: &mut NftFirewall::with_tools(tools),
+            resolver: &resolver,
+            lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
+            lockdown_paths: &crate::lockdown::Paths::under(Path::new(
+                "/nonexistent/cvm-warden-test",
+            )),
+        };
+        let started = std::time::Instant::now();
+        let error = prepare(&loaded, &fixture.facts(&loaded), env).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(
+                error,
+                BootError::Stage {
+                    stage: "perimeter",
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(
+            chain(&error).contains("did not finish within 400 ms"),
+            "{}",
+            chain(&error)
+        );
+        // Nothing after the perimeter ran; the tool's path is in the log before its failure.
+        let records = records(&lines);
+        assert_eq!(
+            events(&records),
+            pairs(&[
+                ("boot", "start"),
+                ("boot", "planned"),
+                ("perimeter", "begin"),
+                ("tool", "resolved"),
+                ("perimeter", "failed"),
+            ])
+        );
+        assert_eq!(
+            records[3]["details"]["tool"],
+            json!({ "name": "nft", "path": fake })
+        );
+        assert_eq!(
+            left_alive(&hanging_pids(fixture.dir.path())),
+            Vec::<i32>::new()
+        );
+    }
+
+    #[test]
     fn module_loading_is_disabled_last_by_the_allowlist_stage() {
         let fixture = Fixture::new();
         let loaded = load(&network_policy(&fixture));

@@ -606,15 +606,18 @@ fn prepare(
 ) -> Result<boot::Ready, boot::BootError> {
     use crate::keybroker::{client_config, open_provider, RealBroker};
     let lockdown_paths = crate::lockdown::Paths::default();
+    // Every external tool (nft, mkfs.ext4, systemctl, loginctl) runs through this one runner:
+    // fixed absolute paths, a timeout, each path recorded in the audit log before first use.
+    let tools = crate::tool::Tools::system().audited(audit);
+    let lockdown_sys = crate::lockdown::RealLockdownSys::with_tools(tools.clone());
     // The policy's modules first (the TEE's driver, e.g. sev-guest or tpm_crb, may be one of
     // them and there is no udev in the initramfs); the perimeter stage finds them loaded.
     if let Some(lockdown) = loaded.policy.lockdown.as_ref() {
         if !sandbox && !lockdown.modules.is_empty() {
             let plan =
                 crate::stage::perimeter::only_load_modules(crate::lockdown::plan(lockdown, shape));
-            let report =
-                crate::lockdown::apply(&plan, &crate::lockdown::RealLockdownSys, &lockdown_paths)
-                    .map_err(boot::BootError::Modules)?;
+            let report = crate::lockdown::apply(&plan, &lockdown_sys, &lockdown_paths)
+                .map_err(boot::BootError::Modules)?;
             let _ = audit.record("boot", "modules_loaded", serde_json::json!(report));
         }
     }
@@ -643,10 +646,10 @@ fn prepare(
         broker: broker
             .as_mut()
             .map(|b| b as &mut dyn crate::stage::KeyBroker),
-        volumes: &crate::volume::RealVolumes::new(),
-        firewall: &mut crate::firewall::NftFirewall::new(),
+        volumes: &crate::volume::RealVolumes::with_tools(tools.clone()),
+        firewall: &mut crate::firewall::NftFirewall::with_tools(tools),
         resolver: &crate::firewall::SystemResolver::default(),
-        lockdown: &crate::lockdown::RealLockdownSys,
+        lockdown: &lockdown_sys,
         lockdown_paths: &lockdown_paths,
     };
     boot::prepare(loaded, &facts(loaded, shape, sandbox), env)

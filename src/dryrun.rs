@@ -90,7 +90,7 @@ fn measure(
         firewall: &mut nft,
         resolver: &SystemResolver::default(),
         resolution: None,
-        lockdown: &crate::lockdown::RealLockdownSys,
+        lockdown: &crate::lockdown::RealLockdownSys::new(),
         lockdown_paths: &lockdown_paths,
     };
     let details = stage::measure::apply_in_place(&plan, &mut fx)?;

@@ -29,4 +29,5 @@ pub mod stage;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tee;
+pub mod tool;
 pub mod volume;

@@ -372,4 +372,25 @@ fn lockdown_in_a_sandbox_needs_the_flag_and_skips_host_settings() {
         .find(|r| event_of(r) == ("boot", "start"))
         .unwrap();
     assert_eq!(start["details"]["sandbox"], true);
+    // nft ran from its fixed path, recorded once, inside the perimeter stage, before its
+    // first run (the boot's runner is audited).
+    let events: Vec<(&str, &str)> = records.iter().map(event_of).collect();
+    let resolved: Vec<usize> = (0..events.len())
+        .filter(|i| events[*i] == ("tool", "resolved"))
+        .collect();
+    assert_eq!(resolved.len(), 1, "{events:?}");
+    let begin = events.iter().position(|e| *e == ("perimeter", "begin"));
+    let ok = events.iter().position(|e| *e == ("perimeter", "ok"));
+    assert!(
+        begin < Some(resolved[0]) && Some(resolved[0]) < ok,
+        "{events:?}"
+    );
+    let tool = &records[resolved[0]]["details"]["tool"];
+    assert_eq!(tool["name"], "nft");
+    assert!(
+        cvm_warden::tool::Tool::Nft
+            .candidates()
+            .contains(&tool["path"].as_str().unwrap()),
+        "{tool}"
+    );
 }

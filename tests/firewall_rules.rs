@@ -9,16 +9,20 @@
 //!   hand between apply and read-back detected, a failing transaction changing nothing, and
 //!   each file loaded with `nft -f` reading back as the rendered JSON ruleset.
 //!
-//! A missing `nft` or a non-root run fails with a message; nothing is skipped.
+//! A missing `nft` or a non-root run fails with a message; nothing is skipped. A fake `nft`
+//! that hangs fails the apply within its (test-injected) timeout and leaves no process.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use cvm_warden::firewall::{
     apply, build, verify, FakeResolver, Firewall, FirewallError, NftFirewall, Phase, Ruleset,
 };
 use cvm_warden::policy::{load, MemoryUsers, Policy};
+use cvm_warden::report::error_chain;
+use cvm_warden::tool::{Tool, ToolError, Tools};
 
 fn rules_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("rules")
@@ -378,11 +382,100 @@ fn each_rules_file_loaded_with_nft_reads_back_as_the_rendered_json_ruleset() {
 }
 
 #[test]
-fn a_missing_nft_is_named() {
-    let mut fw = NftFirewall::with_command(["/nonexistent/nft"]);
-    let err = fw.list_table().unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "cannot run `/nonexistent/nft -j list table inet cvm_warden`; install nftables (nft 1.0 or later) in the image and check PATH"
+fn a_missing_nft_is_named_with_the_paths_tried() {
+    let mut fw = NftFirewall::with_tools(
+        Tools::system().with_candidates(Tool::Nft, ["/nonexistent/nft", "/nonexistent/sbin/nft"]),
     );
+    let err = fw.list_table().unwrap_err();
+    assert!(matches!(err, FirewallError::NftSpawn { .. }), "{err:?}");
+    assert_eq!(
+        error_chain(&err),
+        "cannot run `nft -j list table inet cvm_warden` (nftables, nft 1.0 or later): nft is not \
+         installed: tried /nonexistent/nft (not found), /nonexistent/sbin/nft (not found) \
+         (cvm-warden never searches PATH); install the Debian package nftables in the image"
+    );
+}
+
+/// An executable script `name` in `dir`, written by install(1) rather than by this
+/// multi-threaded process (a concurrent fork could inherit the open file: ETXTBSY).
+fn fake_tool(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let draft = dir.join(format!("{name}.draft"));
+    std::fs::write(&draft, format!("#!/bin/sh\n{body}\n")).unwrap();
+    let path = dir.join(name);
+    let status = Command::new("/usr/bin/install")
+        .args(["-m", "0755"])
+        .arg(&draft)
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    path
+}
+
+/// Whether `pid` is a live process (a zombie is not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next()),
+            Some("Z" | "X")
+        )
+    })
+}
+
+#[test]
+fn an_nft_that_hangs_fails_the_apply_within_its_timeout_and_leaves_nothing_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    let fake = fake_tool(
+        dir.path(),
+        "nft",
+        &format!(
+            "echo $$ > '{p}'\nsleep 100000 &\necho $! >> '{p}'\nwait",
+            p = pids.display()
+        ),
+    );
+    let mut fw = NftFirewall::with_tools(
+        Tools::system()
+            .with_candidates(Tool::Nft, [&fake])
+            .with_timeout(Tool::Nft, Duration::from_millis(400)),
+    );
+    let started = Instant::now();
+    let err = apply(
+        &rendered("flare-client.policy.toml", Phase::Perimeter),
+        &mut fw,
+    )
+    .unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    match &err {
+        FirewallError::NftSpawn { command, source } => {
+            assert_eq!(command, "nft -j -f -");
+            assert!(matches!(source, ToolError::Timeout { .. }), "{source:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = error_chain(&err);
+    assert!(
+        text.contains(&format!(
+            "`nft -j -f -` ({}) did not finish within 400 ms: it was killed with its process group",
+            fake.display()
+        )),
+        "{text}"
+    );
+    // The script and the sleep it started are gone.
+    let pids: Vec<i32> = std::fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!pids.iter().any(|p| alive(*p)), "{pids:?} still running");
 }

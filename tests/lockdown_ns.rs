@@ -73,19 +73,19 @@ mod inside {
                 "mount outside the test tree: {}",
                 target.display()
             );
-            RealLockdownSys.mount(source, target, fstype, flags, data)
+            RealLockdownSys::new().mount(source, target, fstype, flags, data)
         }
         fn disable_ctrl_alt_del(&self) -> io::Result<()> {
             std::fs::write(self.paths.proc_sys.join("kernel/ctrl-alt-del"), "0\n")
         }
         fn stdin_to_null(&self, dev_null: &Path) -> io::Result<()> {
-            RealLockdownSys.stdin_to_null(dev_null)
+            RealLockdownSys::new().stdin_to_null(dev_null)
         }
         fn console_receiver_off(&self, console: &Path) -> io::Result<bool> {
-            RealLockdownSys.console_receiver_off(console)
+            RealLockdownSys::new().console_receiver_off(console)
         }
         fn console_receives(&self, console: &Path) -> io::Result<Option<bool>> {
-            RealLockdownSys.console_receives(console)
+            RealLockdownSys::new().console_receives(console)
         }
         fn run(&self, program: &str, _: &[&str]) -> io::Result<CommandOutput> {
             Err(io::Error::other(format!(
@@ -357,25 +357,32 @@ fn console_receiver_off_on_a_pty_is_read_back_or_refused_loudly() {
     let pty = nix::pty::openpty(None, None).unwrap();
     let console = nix::unistd::ttyname(&pty.slave).unwrap();
     assert_eq!(
-        RealLockdownSys.console_receives(&console).unwrap(),
+        RealLockdownSys::new().console_receives(&console).unwrap(),
         Some(true)
     );
-    match RealLockdownSys.console_receiver_off(&console) {
+    match RealLockdownSys::new().console_receiver_off(&console) {
         Ok(true) => assert_eq!(
-            RealLockdownSys.console_receives(&console).unwrap(),
+            RealLockdownSys::new().console_receives(&console).unwrap(),
             Some(false)
         ),
         Ok(false) => panic!("a pty is a terminal"),
         Err(e) => {
             assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
             assert_eq!(
-                RealLockdownSys.console_receives(&console).unwrap(),
+                RealLockdownSys::new().console_receives(&console).unwrap(),
                 Some(true)
             );
         }
     }
     // A regular file is no terminal: nothing to turn off.
     let file = tempfile::NamedTempFile::new().unwrap();
-    assert!(!RealLockdownSys.console_receiver_off(file.path()).unwrap());
-    assert_eq!(RealLockdownSys.console_receives(file.path()).unwrap(), None);
+    assert!(!RealLockdownSys::new()
+        .console_receiver_off(file.path())
+        .unwrap());
+    assert_eq!(
+        RealLockdownSys::new()
+            .console_receives(file.path())
+            .unwrap(),
+        None
+    );
 }

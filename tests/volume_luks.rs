@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use cvm_warden::policy::ResourceUri;
+use cvm_warden::report::error_chain;
+use cvm_warden::tool::{Tool, ToolError, Tools};
 use cvm_warden::volume::{
     check_token, decide, token_json, unlock, Action, DeviceState, FormatProblem, Integrity,
     MountOptions, RealVolumes, TokenProblem, VolumeError, VolumeKey, VolumeSpec, Volumes,
@@ -431,7 +433,7 @@ fn integrity_format_needs_device_mapper_and_writes_nothing_without_it() {
     let image = blank_image(dir.path(), "integrity.img");
     let no_dm = dir.path().join("no-mapper");
     std::fs::create_dir(&no_dm).unwrap();
-    let vols = RealVolumes::with_paths("/usr/sbin/mkfs.ext4".into(), no_dm.clone());
+    let vols = RealVolumes::with_paths(Tools::system(), no_dm.clone());
     let before = digest(&image);
     let err = vols
         .format(
@@ -507,16 +509,61 @@ fn mkfs_failure_names_the_tool_and_device() {
     require_root();
     let dir = tempdir();
     let missing = dir.path().join("no-such-mkfs");
-    let vols = RealVolumes::with_paths(missing.clone(), "/dev/mapper".into());
+    let vols = RealVolumes::with_paths(
+        Tools::system().with_candidates(Tool::MkfsExt4, [missing.clone()]),
+        "/dev/mapper".into(),
+    );
     let image = blank_image(dir.path(), "nomkfs.img");
     let err = vols.mkfs_ext4(&image).unwrap_err();
     assert!(matches!(err, VolumeError::MkfsSpawn { .. }), "{err:?}");
-    assert!(err.to_string().contains(&missing.display().to_string()));
+    let text = error_chain(&err);
+    assert!(text.contains(&image.display().to_string()), "{text}");
+    assert!(
+        text.contains(&format!("tried {} (not found)", missing.display())),
+        "{text}"
+    );
+    assert!(text.contains("e2fsprogs"), "{text}");
 
     // A device mkfs.ext4 cannot use (a directory): its stderr is reported.
     let vols = RealVolumes::new();
     let err = vols.mkfs_ext4(dir.path()).unwrap_err();
     assert!(matches!(err, VolumeError::Mkfs { .. }), "{err:?}");
+}
+
+#[test]
+fn a_hanging_mkfs_fails_within_its_timeout() {
+    let dir = tempdir();
+    // Written by install(1), not by this multi-threaded process (ETXTBSY).
+    let draft = dir.path().join("draft");
+    std::fs::write(&draft, "#!/bin/sh\nexec sleep 100000\n").unwrap();
+    let fake = dir.path().join("mkfs.ext4");
+    assert!(Command::new("/usr/bin/install")
+        .args(["-m", "0755"])
+        .arg(&draft)
+        .arg(&fake)
+        .status()
+        .unwrap()
+        .success());
+    let vols = RealVolumes::with_paths(
+        Tools::system()
+            .with_candidates(Tool::MkfsExt4, [&fake])
+            .with_timeout(Tool::MkfsExt4, std::time::Duration::from_millis(300)),
+        "/dev/mapper".into(),
+    );
+    let started = std::time::Instant::now();
+    let err = vols.mkfs_ext4(&dir.path().join("image")).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    match &err {
+        VolumeError::MkfsSpawn { source, .. } => {
+            assert!(matches!(source, ToolError::Timeout { .. }), "{source:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        error_chain(&err).contains("did not finish within 300 ms"),
+        "{}",
+        error_chain(&err)
+    );
 }
 
 fn import_token(dir: &Path, image: &Path, name: &str, json: &str) {

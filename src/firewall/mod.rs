@@ -178,16 +178,15 @@ pub enum FirewallError {
         /// Why.
         why: String,
     },
-    /// `nft` could not be started.
-    #[error(
-        "cannot run `{command}`; install nftables (nft 1.0 or later) in the image and check PATH"
-    )]
+    /// `nft` could not be run to completion (not installed, hung, …); the cause says what
+    /// to do.
+    #[error("cannot run `{command}` (nftables, nft 1.0 or later)")]
     NftSpawn {
         /// The command line.
         command: String,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: crate::tool::ToolError,
     },
     /// `nft` failed; nothing of the transaction took effect.
     #[error("`{command}` failed ({status}): {stderr}; the table was left as it was (nft transactions are atomic); run as root with CAP_NET_ADMIN and a kernel with nf_tables")]

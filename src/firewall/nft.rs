@@ -1,11 +1,8 @@
-//! Applying a ruleset: the [`Firewall`] seam (the real [`NftFirewall`] runs `nft`; the
-//! [`RecordingFirewall`] simulates the table), [`apply`] (one transaction, then read back and
-//! compared) and [`verify`] (the comparison).
+//! Applying a ruleset: the [`Firewall`] seam (the real [`NftFirewall`] runs `nft` through
+//! [`crate::tool`]; the [`RecordingFirewall`] simulates the table), [`apply`] (one
+//! transaction, then read back and compared) and [`verify`] (the comparison).
 
-use std::ffi::OsString;
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -14,6 +11,7 @@ use super::model::{Ruleset, TABLE};
 use super::plan::Pin;
 use super::{FirewallError, Phase};
 use crate::digest::Digest;
+use crate::tool::{Tool, Tools};
 
 /// Runs nft transactions and lists the table, in one network namespace.
 pub trait Firewall {
@@ -25,84 +23,41 @@ pub trait Firewall {
     fn list_table(&mut self) -> Result<String, FirewallError>;
 }
 
-/// The real firewall: runs `nft` (or a command that ends in `nft`, e.g.
-/// `ip netns exec NAME nft`) in the namespace it is started in.
-#[derive(Debug, Clone)]
+/// The real firewall: runs `nft` through the tool runner ([`crate::tool`]: its fixed
+/// absolute path, a timeout, a clean environment) in the network namespace it is started in.
+#[derive(Debug, Clone, Default)]
 pub struct NftFirewall {
-    argv: Vec<OsString>,
-}
-
-impl Default for NftFirewall {
-    fn default() -> Self {
-        Self::new()
-    }
+    tools: Tools,
 }
 
 impl NftFirewall {
-    /// `nft` from `PATH`, in the current network namespace.
+    /// `nft` from its fixed paths ([`Tools::system`]), no audit.
     pub fn new() -> Self {
-        Self {
-            argv: vec![OsString::from("nft")],
-        }
+        Self::default()
     }
 
-    /// A command line that ends in nft, to which the nft arguments are appended, e.g.
-    /// `["/usr/sbin/nft"]` or `["ip", "netns", "exec", "ns1", "nft"]`. An empty list means
-    /// `nft`.
-    pub fn with_command<I, S>(argv: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<OsString>,
-    {
-        let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
-        if argv.is_empty() {
-            Self::new()
-        } else {
-            Self { argv }
-        }
-    }
-
-    fn describe(&self, args: &[&str]) -> String {
-        self.argv
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .chain(args.iter().map(|a| (*a).to_string()))
-            .collect::<Vec<_>>()
-            .join(" ")
+    /// `nft` as `tools` finds and runs it (the boot passes its audited runner).
+    pub fn with_tools(tools: Tools) -> Self {
+        Self { tools }
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
-        let command = self.describe(args);
-        let spawn_error = |source| FirewallError::NftSpawn {
-            command: command.clone(),
-            source,
-        };
-        let (program, leading) = match self.argv.split_first() {
-            Some(split) => split,
-            None => return Err(FirewallError::Internal("empty nft command".to_string())),
-        };
-        let mut child = Command::new(program)
-            .args(leading)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_error)?;
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // An early exit of nft shows in its status and stderr; the write error adds nothing.
-            let _ = pipe.write_all(text.as_bytes());
-        }
-        let output = child.wait_with_output().map_err(spawn_error)?;
-        if !output.status.success() {
+        let command = std::iter::once(Tool::Nft.name())
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let output = self
+            .tools
+            .run(Tool::Nft, args, stdin.map(str::as_bytes))
+            .map_err(|source| FirewallError::NftSpawn {
+                command: command.clone(),
+                source,
+            })?;
+        if !output.success() {
             return Err(FirewallError::Nft {
                 command,
                 status: output.status.to_string(),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                stderr: output.stderr_text(),
             });
         }
         String::from_utf8(output.stdout).map_err(|_| FirewallError::ReadBack {

@@ -392,7 +392,7 @@ fn not_applicable(mut c: Check, why: &str) -> Check {
 /// [`status_with`] on the real system ([`super::RealLockdownSys`]), for
 /// `cvm-warden lockdown status`.
 pub fn status(paths: &Paths) -> serde_json::Value {
-    status_with(paths, &super::RealLockdownSys)
+    status_with(paths, &super::RealLockdownSys::new())
 }
 
 /// The state of every lockdown setting on this machine, without a plan: the checks of the

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use nix::mount::MsFlags;
 
+use crate::tool::{Tool, Tools};
+
 /// What a command printed and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CommandOutput {
@@ -57,15 +59,31 @@ pub trait LockdownSys {
     fn console_receiver_off(&self, console: &Path) -> io::Result<bool>;
     /// Whether the terminal at `console` receives (`CREAD`); `Ok(None)` when not a terminal.
     fn console_receives(&self, console: &Path) -> io::Result<Option<bool>>;
-    /// Runs `program args…` with no stdin and waits for it.
+    /// Runs `program args…` with no stdin and waits for it. The real one runs only the
+    /// tools of [`crate::tool::Tool`] (by name), through the tool runner: a tool that is not
+    /// installed is `ErrorKind::NotFound`, one that hung `ErrorKind::TimedOut`.
     fn run(&self, program: &str, args: &[&str]) -> io::Result<CommandOutput>;
     /// Waits (between read-backs of asynchronous effects).
     fn pause(&self, duration: Duration);
 }
 
-/// The real system.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RealLockdownSys;
+/// The real system. Commands go through the tool runner ([`crate::tool`]).
+#[derive(Debug, Clone, Default)]
+pub struct RealLockdownSys {
+    tools: Tools,
+}
+
+impl RealLockdownSys {
+    /// The real system; tools from their fixed paths ([`Tools::system`]), no audit.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The real system, running tools with `tools` (the boot passes its audited runner).
+    pub fn with_tools(tools: Tools) -> Self {
+        Self { tools }
+    }
+}
 
 /// `MODULE_INIT_COMPRESSED_FILE` from `include/uapi/linux/module.h` (Linux 5.17); `nix` and
 /// `libc` do not name it.
@@ -142,14 +160,20 @@ impl LockdownSys for RealLockdownSys {
     }
 
     fn run(&self, program: &str, args: &[&str]) -> io::Result<CommandOutput> {
-        let output = std::process::Command::new(program)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()?;
+        let tool = Tool::from_name(program).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{program} is not one of the tools cvm-warden runs ({})",
+                    Tool::ALL.map(Tool::name).join(", ")
+                ),
+            )
+        })?;
+        let output = self.tools.run(tool, args, None)?;
         Ok(CommandOutput {
             code: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            stderr: output.stderr_text(),
         })
     }
 

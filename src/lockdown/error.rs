@@ -265,8 +265,9 @@ pub enum LockdownError {
         #[source]
         source: std::io::Error,
     },
-    /// A command could not be run.
-    #[error("run `{command}`; hint: the systemd shape needs systemctl and loginctl in PATH")]
+    /// A command could not be run to completion (not installed, hung, …); the cause says
+    /// what to do.
+    #[error("cannot run `{command}` (the systemd shape needs systemctl and loginctl)")]
     CommandSpawn {
         /// The command line.
         command: String,

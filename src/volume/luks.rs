@@ -5,7 +5,6 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::OnceLock;
 
@@ -28,9 +27,8 @@ use super::{
     SECTOR_SIZE,
 };
 use crate::policy::ResourceUri;
+use crate::tool::{Tool, Tools};
 
-/// Default `mkfs.ext4`.
-pub const MKFS_EXT4: &str = "/usr/sbin/mkfs.ext4";
 /// Default device-mapper directory.
 pub const DEV_MAPPER: &str = "/dev/mapper";
 /// LUKS2 has at most 32 tokens.
@@ -38,34 +36,40 @@ const MAX_TOKENS: u32 = 32;
 /// Block size of the integrity wipe (as cryptsetup's default).
 const WIPE_BLOCK: usize = 1024 * 1024;
 
-/// The real volume effects. Paths of the tools and of `/dev/mapper` are injectable.
+/// The real volume effects. `mkfs.ext4` runs through the tool runner ([`crate::tool`]);
+/// the runner and `/dev/mapper` are injectable.
 #[derive(Debug, Clone)]
 pub struct RealVolumes {
-    mkfs_ext4: PathBuf,
+    tools: Tools,
     dev_mapper: PathBuf,
 }
 
 impl Default for RealVolumes {
     fn default() -> Self {
         Self {
-            mkfs_ext4: PathBuf::from(MKFS_EXT4),
+            tools: Tools::system(),
             dev_mapper: PathBuf::from(DEV_MAPPER),
         }
     }
 }
 
 impl RealVolumes {
-    /// The real effects with the default paths.
+    /// The real effects with the default paths (tools from their fixed paths, no audit).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// The real effects with another `mkfs.ext4` and device-mapper directory.
-    pub fn with_paths(mkfs_ext4: PathBuf, dev_mapper: PathBuf) -> Self {
+    /// The real effects running tools with `tools` (the boot passes its audited runner).
+    pub fn with_tools(tools: Tools) -> Self {
         Self {
-            mkfs_ext4,
-            dev_mapper,
+            tools,
+            ..Self::default()
         }
+    }
+
+    /// The real effects with another tool runner and device-mapper directory.
+    pub fn with_paths(tools: Tools, dev_mapper: PathBuf) -> Self {
+        Self { tools, dev_mapper }
     }
 
     fn mapped(&self, name: &str) -> PathBuf {
@@ -554,24 +558,28 @@ impl Volumes for RealVolumes {
     }
 
     fn mkfs_ext4(&self, mapped: &Path) -> Result<(), VolumeError> {
-        let output = Command::new(&self.mkfs_ext4)
-            .args(["-F", "-q", "-E", "nodiscard"])
-            .arg(mapped)
-            .stdin(Stdio::null())
-            .output()
+        let args = [
+            "-F".as_ref(),
+            "-q".as_ref(),
+            "-E".as_ref(),
+            "nodiscard".as_ref(),
+            mapped.as_os_str(),
+        ];
+        let output = self
+            .tools
+            .run(Tool::MkfsExt4, &args, None)
             .map_err(|source| VolumeError::MkfsSpawn {
-                tool: self.mkfs_ext4.clone(),
                 device: mapped.to_path_buf(),
                 source,
             })?;
-        if output.status.success() {
+        if output.success() {
             return Ok(());
         }
         Err(VolumeError::Mkfs {
-            tool: self.mkfs_ext4.clone(),
+            tool: output.path.clone(),
             device: mapped.to_path_buf(),
             status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            stderr: output.stderr_text(),
         })
     }
 

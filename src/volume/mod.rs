@@ -430,16 +430,15 @@ pub enum VolumeError {
         #[source]
         source: libcryptsetup_rs::LibcryptErr,
     },
-    /// mkfs.ext4 could not be started.
-    #[error("cannot run {} to make a file system on {}", tool.display(), device.display())]
+    /// mkfs.ext4 could not be run to completion (not installed, hung, …); the cause says
+    /// what to do.
+    #[error("cannot run mkfs.ext4 to make a file system on {}", device.display())]
     MkfsSpawn {
-        /// The tool.
-        tool: PathBuf,
         /// The device.
         device: PathBuf,
         /// Cause.
         #[source]
-        source: std::io::Error,
+        source: crate::tool::ToolError,
     },
     /// mkfs.ext4 failed.
     #[error("{} {} failed ({status}): {stderr}", tool.display(), device.display())]
