@@ -24,13 +24,13 @@ use serde_json::{json, Value};
 use crate::digest::Digest;
 
 pub use cvm_warden_verify::chain::{
-    run_verify_command, verify, verify_file, verify_with, Problem, RecordCheck, RunSummary,
-    VerifyError, VerifyReport,
+    verify, verify_file, verify_with, Problem, RecordCheck, RunSummary, VerifyError, VerifyReport,
 };
 pub use cvm_warden_verify::record::{
     encode, format_time, is_closing, normalize_details, EncodedLine, Fields, LineError, Record,
     CLOSING_EVENTS,
 };
+pub use cvm_warden_verify::verdict::{run_verify_command, verify_log, Outcome, Verdict};
 pub use sinks::{
     sinks_from_config, ConsoleSink, FileSink, MemorySink, MemorySinkControl, Sink, SyslogSink,
     SYSLOG_APP_NAME,

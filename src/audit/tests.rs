@@ -730,15 +730,21 @@ fn a_log_cut_at_a_line_boundary_verifies_but_is_incomplete() {
     let path = dir.path().join("a.jsonl");
     std::fs::write(&path, joined(&sample()[..4])).unwrap();
     let mut out = Vec::new();
-    let report = run_verify_command(&path, &mut out).unwrap();
-    assert!(!report.complete);
+    let code = run_verify_command(&path, Default::default(), false, &mut out).unwrap();
+    assert_eq!(code, 3, "intact but not attested");
     let head = parse(&sample()[3]).hash;
-    assert_eq!(
-        String::from_utf8(out).unwrap(),
-        format!(
-            "ok: 4 records, seq 0..3, head {head}, incomplete\n\
-             WARNING: log does not end with a closing record; it may have been cut after seq 3\n"
-        )
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.starts_with(&format!(
+            "run 1: unattested (no broker exchange: no TEE evidence ties this run to hardware) \
+             (4 records from line 1, seq 0..3, head {head}, incomplete: no closing record, it \
+             may have been cut)\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("verdict: 0 of 1 run(s) attested; exit 3\n"),
+        "{text}"
     );
 }
 
@@ -751,16 +757,19 @@ fn verify_command_reports_insecure_and_complete_logs() {
     audit.record("launch", "exec", json!({})).unwrap();
     std::fs::write(&path, joined(&audit.lines())).unwrap();
     let mut out = Vec::new();
-    run_verify_command(&path, &mut out).unwrap();
+    let code = run_verify_command(&path, Default::default(), false, &mut out).unwrap();
+    assert_eq!(code, 3);
     assert_eq!(
         String::from_utf8(out).unwrap(),
         format!(
-            "ok: 2 records, seq 0..1, head {}, complete\nWARNING: insecure (attestation = \"none\")\n",
+            "run 1: unattested (attestation = \"none\": the boot asked no TEE for evidence) (2 \
+             records from line 1, seq 0..1, head {}, complete)\nverdict: 0 of 1 run(s) attested; \
+             exit 3\n",
             audit.head()
         )
     );
     let missing = dir.path().join("missing.jsonl");
-    let err = run_verify_command(&missing, &mut Vec::new()).unwrap_err();
+    let err = run_verify_command(&missing, Default::default(), false, &mut Vec::new()).unwrap_err();
     assert!(matches!(err, VerifyError::Read { .. }));
 }
 
@@ -768,10 +777,40 @@ fn verify_command_reports_insecure_and_complete_logs() {
 fn empty_and_malformed_logs_are_rejected() {
     assert!(matches!(verify(b""), Err(VerifyError::Empty)));
     let mut lines = sample();
-    lines.insert(2, "hello".into());
+    lines.insert(2, "{\"seq\":2,\"hello\"}".into());
     let (line, seq, last_good, problem, _) = broken(&joined(&lines));
     assert_eq!((line, seq, last_good), (3, None, Some(1)));
     assert!(matches!(problem, Problem::Malformed(_)));
+}
+
+/// A serial console capture: CRLF line ends, the workload's prefixed output and kernel
+/// messages between the records. The records verify; the other lines are counted, and
+/// none of them can stand in for a record.
+#[test]
+fn a_console_capture_verifies_and_its_other_lines_are_skipped() {
+    let lines = sample();
+    let mut capture = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        capture.push_str(line);
+        capture.push_str("\r\n");
+        if i == 2 {
+            capture.push_str("workload: {\"seq\":3,\"stage\":\"forged\"}\r\n");
+            capture.push_str("[   12.345678] random: crng init done\r\n\r\n");
+        }
+    }
+    let report = verify(capture.as_bytes()).unwrap();
+    assert_eq!(report.skipped_lines, 2);
+    assert_eq!(report.records, lines.len() as u64);
+    assert!(report.complete);
+    // Removing a record from the capture is still found.
+    let cut: String = capture
+        .split_inclusive('\n')
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, l)| l)
+        .collect();
+    let (_, _, _, problem, _) = broken(cut.as_bytes());
+    assert!(matches!(problem, Problem::Removed { .. }), "{problem:?}");
 }
 
 #[test]

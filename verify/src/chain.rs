@@ -1,19 +1,24 @@
-//! Offline verification of an audit log (`cvm-warden audit verify FILE`).
+//! The hash chain of an audit log, read as a stream.
 //!
 //! Each line's hash is checked over its exact bytes, then the chain: seq counts up from 0
 //! and `prev` is the hash of the record before. A file may hold several *runs* one after
 //! another (a file sink on a persistent volume is appended to at every boot): a run starts
-//! with seq 0 and `prev` = `sha256:000…`. Further checks plug in through [`RecordCheck`];
-//! [`run_verify_command`] adds the [`EvidenceCheck`] (the broker exchange's binding and
-//! evidence, and the checkpoint that binds the log to the TEE).
+//! with seq 0 and `prev` = `sha256:000…`. Further checks plug in through [`RecordCheck`]
+//! (the evidence and checkpoint checks of [`crate::check`]); what the whole proves is
+//! decided in [`crate::verdict`].
+//!
+//! The log is read line by line (memory bounded by the longest line, not the file). Lines
+//! that are not records — anything not starting with `{"seq":`, such as the prefixed
+//! workload output and kernel messages of a serial console capture — are skipped and
+//! counted; a trailing `\r` (a console's CRLF) is removed. Skipping them cannot make a log
+//! verify better: every record still has to chain to the one before.
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, BufRead};
 use std::path::{Path, PathBuf};
 
-use crate::check::{EvidenceCheck, EvidenceFinding};
 use crate::digest::Digest;
-use crate::record::{is_closing, LineError, Record};
+use crate::record::{is_closing, leading_seq, LineError, Record};
 
 /// One more check on each record, after its hash and its chain link were verified (a
 /// checkpoint verifier: its evidence must bind `record.prev`, the head it was taken at).
@@ -171,6 +176,8 @@ fn last_good_part(last_good: Option<u64>) -> String {
 /// One run of the log (one boot, or one start of the unit).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunSummary {
+    /// Its number in the file, from 1.
+    pub index: usize,
     /// The line of its seq 0 record.
     pub first_line: usize,
     /// How many records it holds.
@@ -179,13 +186,19 @@ pub struct RunSummary {
     pub last_seq: u64,
     /// The hash of its last record.
     pub head: Digest,
-    /// Its last record is one of [`CLOSING_EVENTS`](crate::record::CLOSING_EVENTS).
+    /// The seq of its closing record (one of [`CLOSING_EVENTS`](crate::record::CLOSING_EVENTS)),
+    /// when nothing but checkpoint records (`audit/checkpoint`, `audit/checkpoint_failed`)
+    /// follows it.
+    pub closing_seq: Option<u64>,
+    /// It has a closing record followed by nothing but checkpoint records.
     pub complete: bool,
     /// Its last line was torn (a crash while writing) and the next run began after it.
     pub torn: bool,
+    /// Its records say `"insecure": true` (`attestation = "none"`).
+    pub insecure: bool,
 }
 
-/// A log that verified. The main fields describe the last run (the newest boot).
+/// A log whose chain verified. The main fields describe the last run (the newest boot).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
     /// Records in the last run.
@@ -196,42 +209,70 @@ pub struct VerifyReport {
     pub head: Digest,
     /// Any record in the file is marked insecure (`attestation = "none"`).
     pub insecure: bool,
-    /// The last run ends with a closing record.
+    /// The last run ends with a closing record (and its closing checkpoint).
     pub complete: bool,
     /// Earlier runs in the same file, oldest first.
     pub earlier_runs: Vec<RunSummary>,
+    /// Every run, oldest first (the last one is the one the main fields describe).
+    pub runs: Vec<RunSummary>,
+    /// Lines that are not records (console capture) and were skipped.
+    pub skipped_lines: u64,
+}
+
+/// True for the records allowed after a run's closing record: its closing checkpoint.
+pub fn is_checkpoint_record(stage: &str, event: &str) -> bool {
+    stage == "audit" && (event == "checkpoint" || event == "checkpoint_failed")
 }
 
 /// The run being read.
 struct Run {
+    index: usize,
     first_line: usize,
     records: u64,
     last_seq: u64,
     head: Digest,
     insecure: bool,
-    complete: bool,
+    closing_seq: Option<u64>,
 }
 
 impl Run {
-    fn start(line: usize, record: &Record) -> Run {
-        Run {
+    fn start(index: usize, line: usize, record: &Record) -> Run {
+        let mut run = Run {
+            index,
             first_line: line,
-            records: 1,
+            records: 0,
             last_seq: record.seq,
             head: record.hash,
             insecure: record.insecure,
-            complete: is_closing(&record.stage, &record.event),
+            closing_seq: None,
+        };
+        run.push(record);
+        run
+    }
+
+    fn push(&mut self, record: &Record) {
+        self.records += 1;
+        self.last_seq = record.seq;
+        self.head = record.hash;
+        if is_closing(&record.stage, &record.event) {
+            self.closing_seq = Some(record.seq);
+        } else if !is_checkpoint_record(&record.stage, &record.event) {
+            self.closing_seq = None;
         }
     }
 
     fn summary(&self, torn: bool) -> RunSummary {
+        let closing_seq = if torn { None } else { self.closing_seq };
         RunSummary {
+            index: self.index,
             first_line: self.first_line,
             records: self.records,
             last_seq: self.last_seq,
             head: self.head,
-            complete: self.complete && !torn,
+            closing_seq,
+            complete: closing_seq.is_some(),
             torn,
+            insecure: self.insecure,
         }
     }
 }
@@ -240,66 +281,133 @@ fn is_run_start(record: &Record) -> bool {
     record.seq == 0 && record.prev == Digest::ZERO
 }
 
-/// Verifies a whole log.
+/// One line of the file: its number, its bytes without `\n` (and without a console's
+/// `\r`), and whether it ended with `\n`.
+struct Line {
+    number: usize,
+    bytes: Vec<u8>,
+    ended: bool,
+}
+
+impl Line {
+    fn is_record_line(&self) -> bool {
+        self.bytes.starts_with(b"{\"seq\":")
+    }
+}
+
+/// Reads lines one at a time; memory is bounded by the longest line.
+struct Lines<R> {
+    reader: R,
+    number: usize,
+}
+
+impl<R: BufRead> Lines<R> {
+    fn next_line(&mut self) -> io::Result<Option<Line>> {
+        let mut bytes = Vec::new();
+        if self.reader.read_until(b'\n', &mut bytes)? == 0 {
+            return Ok(None);
+        }
+        self.number += 1;
+        let ended = bytes.last() == Some(&b'\n');
+        if ended {
+            bytes.pop();
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+        }
+        Ok(Some(Line {
+            number: self.number,
+            bytes,
+            ended,
+        }))
+    }
+
+    /// The next line that may be a record (lines that are not are counted in `skipped`).
+    fn next_record_line(&mut self, skipped: &mut u64) -> io::Result<Option<Line>> {
+        while let Some(line) = self.next_line()? {
+            if line.is_record_line() {
+                return Ok(Some(line));
+            }
+            if !line.bytes.iter().all(u8::is_ascii_whitespace) {
+                *skipped += 1;
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Verifies a whole log held in memory.
 pub fn verify(bytes: &[u8]) -> Result<VerifyReport, VerifyError> {
     verify_with(bytes, &mut [])
 }
 
-/// Reads and verifies a log file.
+/// Reads and verifies a log file, streaming.
 pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
-    let bytes = std::fs::read(path).map_err(|source| VerifyError::Read {
+    let file = std::fs::File::open(path).map_err(|source| VerifyError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    verify(&bytes)
+    verify_reader(io::BufReader::new(file), path, &mut [])
 }
 
-/// Verifies a log and runs `checks` on every record whose hash and link verified.
+/// Verifies a log held in memory and runs `checks` on every record whose hash and link
+/// verified.
 pub fn verify_with(
     bytes: &[u8],
     checks: &mut [&mut dyn RecordCheck],
 ) -> Result<VerifyReport, VerifyError> {
-    if bytes.is_empty() {
-        return Err(VerifyError::Empty);
-    }
-    let ends_with_newline = bytes.last() == Some(&b'\n');
-    let body = if ends_with_newline {
-        &bytes[..bytes.len() - 1]
-    } else {
-        bytes
-    };
-    let lines: Vec<&[u8]> = body.split(|b| *b == b'\n').collect();
-    let parsed: Vec<Result<Record, LineError>> =
-        lines.iter().map(|l| Record::parse_line(l)).collect();
+    verify_reader(bytes, Path::new("<memory>"), checks)
+}
 
-    let mut earlier: Vec<RunSummary> = Vec::new();
+/// Verifies a log read from `reader` (named `path` in errors), one line at a time, and runs
+/// `checks` on every record whose hash and link verified.
+pub fn verify_reader<R: BufRead>(
+    reader: R,
+    path: &Path,
+    checks: &mut [&mut dyn RecordCheck],
+) -> Result<VerifyReport, VerifyError> {
+    let read_error = |source: io::Error| VerifyError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut lines = Lines { reader, number: 0 };
+    let mut skipped = 0u64;
+    let mut runs: Vec<RunSummary> = Vec::new();
     let mut run: Option<Run> = None;
     let mut insecure = false;
     // A torn line that may end the run before it: only if a new run follows at once.
     let mut torn_at: Option<usize> = None;
+    let mut last_ended = true;
+    let mut any_line = false;
 
-    for (idx, result) in parsed.iter().enumerate() {
-        let line = idx + 1;
-        let is_last = idx + 1 == parsed.len();
+    let mut current = lines.next_record_line(&mut skipped).map_err(read_error)?;
+    while let Some(line) = current {
+        any_line = true;
+        let next = lines.next_record_line(&mut skipped).map_err(read_error)?;
+        let number = line.number;
         let last_good = run.as_ref().map(|r| r.last_seq);
         let broken =
             |seq: Option<u64>, last_good: Option<u64>, problem: Problem| VerifyError::Broken {
-                line,
+                line: number,
                 seq,
                 last_good,
                 problem,
             };
-        let record = match result {
+        last_ended = line.ended;
+        let record = match Record::parse_line(&line.bytes) {
             Ok(record) => record,
-            Err(LineError::NoHashMember) if is_last => {
+            Err(LineError::NoHashMember) if next.is_none() => {
                 return Err(broken(None, last_good, Problem::Truncated))
             }
             Err(LineError::NoHashMember)
                 if torn_at.is_none()
-                    && lines[idx].starts_with(b"{\"seq\":")
-                    && matches!(parsed.get(idx + 1), Some(Ok(next)) if is_run_start(next)) =>
+                    && matches!(
+                        next.as_ref().map(|n| Record::parse_line(&n.bytes)),
+                        Some(Ok(ref r)) if is_run_start(r)
+                    ) =>
             {
-                torn_at = Some(line);
+                torn_at = Some(number);
+                current = next;
                 continue;
             }
             Err(LineError::NoHashMember) => {
@@ -312,12 +420,18 @@ pub fn verify_with(
                 ))
             }
             Err(LineError::HashMismatch { .. }) => {
-                let seq = crate::record::leading_seq(lines[idx]);
-                return Err(broken(seq, last_good, Problem::Changed));
+                return Err(broken(
+                    leading_seq(&line.bytes),
+                    last_good,
+                    Problem::Changed,
+                ));
             }
             Err(LineError::Json(why)) => {
-                let seq = crate::record::leading_seq(lines[idx]);
-                return Err(broken(seq, last_good, Problem::Malformed(why.clone())));
+                return Err(broken(
+                    leading_seq(&line.bytes),
+                    last_good,
+                    Problem::Malformed(why),
+                ));
             }
         };
         let seq = Some(record.seq);
@@ -330,31 +444,24 @@ pub fn verify_with(
                     return Err(broken(seq, None, Problem::FirstPrevNotZero));
                 }
                 if let Some(torn_line) = torn_at.take() {
-                    earlier.push(torn_only_run(torn_line));
+                    runs.push(torn_only_run(runs.len() + 1, torn_line));
                 }
-                run = Some(Run::start(line, record));
+                run = Some(Run::start(runs.len() + 1, number, &record));
             }
-            Some(current) if is_run_start(record) => {
-                earlier.push(current.summary(torn_at.take().is_some()));
-                *current = Run::start(line, record);
+            Some(current_run) if is_run_start(&record) => {
+                runs.push(current_run.summary(torn_at.take().is_some()));
+                *current_run = Run::start(runs.len() + 1, number, &record);
             }
-            Some(current) => {
-                let after = current.last_seq;
+            Some(current_run) => {
+                let after = current_run.last_seq;
                 let problem = if record.seq == after + 1 {
-                    (record.prev != current.head).then_some(Problem::PrevMismatch { after })
+                    (record.prev != current_run.head).then_some(Problem::PrevMismatch { after })
                 } else if record.seq == after {
                     Some(Problem::Inserted { seq: after })
                 } else if record.seq > after + 1 {
                     let missing = after + 1..record.seq;
-                    let appears_later = parsed[idx + 1..]
-                        .iter()
-                        .map_while(|later| match later {
-                            Ok(r) if is_run_start(r) => None,
-                            Ok(r) => Some(Some(r.seq)),
-                            Err(_) => Some(None),
-                        })
-                        .flatten()
-                        .any(|s| missing.contains(&s));
+                    let appears_later =
+                        appears_later(&mut lines, next.as_ref(), &missing).map_err(read_error)?;
                     Some(if appears_later {
                         Problem::Reordered {
                             after,
@@ -384,17 +491,14 @@ pub fn verify_with(
                     };
                     return Err(broken(seq, last_good, problem));
                 }
-                if record.insecure != current.insecure {
+                if record.insecure != current_run.insecure {
                     return Err(broken(seq, Some(after), Problem::InsecureFlagChanged));
                 }
-                current.records += 1;
-                current.last_seq = record.seq;
-                current.head = record.hash;
-                current.complete = is_closing(&record.stage, &record.event);
+                current_run.push(&record);
             }
         }
         for check in checks.iter_mut() {
-            if let Err(reason) = check.check(record) {
+            if let Err(reason) = check.check(&record) {
                 let last_good = record.seq.checked_sub(1);
                 return Err(broken(
                     seq,
@@ -407,16 +511,20 @@ pub fn verify_with(
             }
         }
         insecure |= record.insecure;
+        current = next;
     }
 
-    let tail_line = parsed.len();
+    if !any_line {
+        return Err(VerifyError::Empty);
+    }
+    let tail_line = lines.number;
     let run = run.ok_or(VerifyError::Broken {
         line: tail_line,
         seq: None,
         last_good: None,
         problem: Problem::Truncated,
     })?;
-    if !ends_with_newline {
+    if !last_ended {
         return Err(VerifyError::Broken {
             line: tail_line,
             seq: Some(run.last_seq),
@@ -424,127 +532,65 @@ pub fn verify_with(
             problem: Problem::Truncated,
         });
     }
+    let last = run.summary(false);
+    let earlier = runs.clone();
+    runs.push(last.clone());
     Ok(VerifyReport {
-        records: run.records,
-        last_seq: run.last_seq,
-        head: run.head,
+        records: last.records,
+        last_seq: last.last_seq,
+        head: last.head,
         insecure,
-        complete: run.complete,
+        complete: last.complete,
         earlier_runs: earlier,
+        runs,
+        skipped_lines: skipped,
     })
 }
 
+/// Whether any seq of `missing` appears in the rest of the run (the line after the gap and
+/// what follows it, up to the next run): tells reordered records from removed ones. Reads
+/// on from `lines`, one line at a time.
+fn appears_later<R: BufRead>(
+    lines: &mut Lines<R>,
+    next: Option<&Line>,
+    missing: &std::ops::Range<u64>,
+) -> io::Result<bool> {
+    let mut skipped = 0;
+    let seq_of = |line: &Line| -> Option<Option<u64>> {
+        match Record::parse_line(&line.bytes) {
+            Ok(r) if is_run_start(&r) => None,
+            Ok(r) => Some(Some(r.seq)),
+            Err(_) => Some(None),
+        }
+    };
+    if let Some(line) = next {
+        match seq_of(line) {
+            None => return Ok(false),
+            Some(Some(s)) if missing.contains(&s) => return Ok(true),
+            Some(_) => {}
+        }
+    }
+    while let Some(line) = lines.next_record_line(&mut skipped)? {
+        match seq_of(&line) {
+            None => return Ok(false),
+            Some(Some(s)) if missing.contains(&s) => return Ok(true),
+            Some(_) => {}
+        }
+    }
+    Ok(false)
+}
+
 /// A run of which only a torn first line is left.
-fn torn_only_run(line: usize) -> RunSummary {
+fn torn_only_run(index: usize, line: usize) -> RunSummary {
     RunSummary {
+        index,
         first_line: line,
         records: 0,
         last_seq: 0,
         head: Digest::ZERO,
+        closing_seq: None,
         complete: false,
         torn: true,
+        insecure: false,
     }
-}
-
-/// `cvm-warden audit verify FILE`: verifies the chain and the attestation evidence
-/// ([`EvidenceCheck`]) and prints the result to `out`.
-///
-/// On success it prints `ok: N records, seq 0..M, head sha256:…, complete` (or
-/// `incomplete`), one line per earlier run, the warnings, and, when the log holds attest
-/// records, an `evidence:` section (per record: the TEE, what was verified, warnings); on
-/// failure it prints nothing and returns the error for the CLI to print (exit code 1).
-pub fn run_verify_command(path: &Path, out: &mut dyn Write) -> Result<VerifyReport, VerifyError> {
-    let bytes = std::fs::read(path).map_err(|source| VerifyError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut evidence = EvidenceCheck::new();
-    let report = verify_with(&bytes, &mut [&mut evidence])?;
-    let findings = evidence.finish();
-    print_report(&report, out).map_err(VerifyError::Output)?;
-    print_evidence(&findings, out).map_err(VerifyError::Output)?;
-    Ok(report)
-}
-
-/// The `evidence:` section: nothing when the log holds no attest record.
-fn print_evidence(findings: &[EvidenceFinding], out: &mut dyn Write) -> io::Result<()> {
-    if findings.is_empty() {
-        return Ok(());
-    }
-    let several_runs = findings.iter().any(|f| f.run != findings[0].run);
-    writeln!(out, "evidence:")?;
-    for finding in findings {
-        let run = if several_runs {
-            format!("run {} ", finding.run)
-        } else {
-            String::new()
-        };
-        writeln!(
-            out,
-            "  {run}seq {} {}, tee {}:",
-            finding.seq, finding.what, finding.tee
-        )?;
-        for item in &finding.verified {
-            writeln!(out, "    verified: {item}")?;
-        }
-        for item in &finding.warnings {
-            writeln!(out, "    WARNING: {item}")?;
-        }
-    }
-    Ok(())
-}
-
-fn print_report(report: &VerifyReport, out: &mut dyn Write) -> io::Result<()> {
-    writeln!(
-        out,
-        "ok: {} records, seq 0..{}, head {}, {}",
-        report.records,
-        report.last_seq,
-        report.head,
-        if report.complete {
-            "complete"
-        } else {
-            "incomplete"
-        }
-    )?;
-    for (i, run) in report.earlier_runs.iter().enumerate() {
-        writeln!(
-            out,
-            "earlier run {} at line {}: {} records, seq 0..{}, head {}, {}",
-            i + 1,
-            run.first_line,
-            run.records,
-            run.last_seq,
-            run.head,
-            if run.complete {
-                "complete"
-            } else if run.torn {
-                "incomplete (its last line was torn)"
-            } else {
-                "incomplete"
-            }
-        )?;
-    }
-    if report.insecure {
-        writeln!(out, "WARNING: insecure (attestation = \"none\")")?;
-    }
-    if !report.complete {
-        writeln!(
-            out,
-            "WARNING: log does not end with a closing record; it may have been cut after seq {}",
-            report.last_seq
-        )?;
-    }
-    for (i, run) in report.earlier_runs.iter().enumerate() {
-        if !run.complete {
-            writeln!(
-                out,
-                "WARNING: earlier run {} does not end with a closing record; it may have been \
-                 cut after seq {}",
-                i + 1,
-                run.last_seq
-            )?;
-        }
-    }
-    Ok(())
 }

@@ -47,6 +47,7 @@ use crate::evidence::tpm::{
     verify_quote, PcrSelection, APP_PCR, PCR_COUNT, PCR_LEN, TPM_ALG_SHA256,
 };
 use crate::record::Record;
+use crate::tee::Tee;
 
 /// The name of this check in verification errors (`evidence check failed: …`).
 pub const CHECK_NAME: &str = "evidence";
@@ -77,7 +78,7 @@ const TD_MEASUREMENT_LEN: usize = 48;
 const TD_RTMR_COUNT: usize = 4;
 
 /// The outcome of the evidence checks of one record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct EvidenceFinding {
     /// The run of the file the record belongs to (1 for the first).
     pub run: usize,
@@ -115,21 +116,83 @@ pub struct Exchange {
     pub checkpointed: bool,
 }
 
+/// What an auditor pins: a log whose evidence or records say otherwise is broken.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pins {
+    /// `--expect-policy`: the policy digest of every run (`boot/start` `policy_digest`).
+    pub policy: Option<Digest>,
+    /// `--expect-bundle`: the bundle digest of every run (`measure/ok` `bundle_digest`).
+    pub bundle: Option<Digest>,
+    /// `--trusted-ak`: the TPM attestation key the broker trusts (SubjectPublicKeyInfo DER).
+    /// Without it a `tpm` quote proves nothing: anyone can make a key and sign a quote.
+    pub trusted_ak: Option<Vec<u8>>,
+    /// `--snp-measurement`: the SEV-SNP launch measurement (48 bytes).
+    pub snp_measurement: Option<Vec<u8>>,
+    /// `--tdx-mrtd`: the TD's MRTD (48 bytes).
+    pub tdx_mrtd: Option<Vec<u8>>,
+}
+
+/// How many of a run's unattested records are kept to be named (the newest ones).
+pub const TAIL_KEPT: usize = 200;
+
+/// A record no verified checkpoint covers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TailRecord {
+    /// Its seq.
+    pub seq: u64,
+    /// Its stage.
+    pub stage: String,
+    /// Its event.
+    pub event: String,
+}
+
+/// What the evidence of one run proves: which of its records a verified checkpoint of the
+/// TEE that answered the broker covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunEvidence {
+    /// The run (1 for the first in the file).
+    pub run: usize,
+    /// The TEE of the run's broker exchange, if it had one.
+    pub tee: Option<String>,
+    /// The exchange's evidence is proven (see [`EvidenceResult::proven`]; `tpm`: the AK is
+    /// pinned and equal).
+    pub proven: bool,
+    /// Why the run's evidence proves nothing, when it does not.
+    pub unproven: Option<String>,
+    /// The highest seq a verified, proven checkpoint of the same TEE instance and boot
+    /// covers (every record up to it is attested).
+    pub covered_through: Option<u64>,
+    /// The newest records (at most [`TAIL_KEPT`]) past `covered_through`, other than
+    /// verified checkpoint records.
+    pub tail: std::collections::VecDeque<TailRecord>,
+    /// How many records past `covered_through` there are in all (`tail` keeps the newest).
+    pub tail_count: u64,
+}
+
 /// Checks the attestation evidence of every `attest` record; see the module doc.
 #[derive(Debug, Default)]
 pub struct EvidenceCheck {
     run: usize,
-    /// Hashes of the current run's records, by seq.
-    hashes: BTreeMap<u64, Digest>,
     /// The current run's broker exchanges, by seq.
     exchanges: BTreeMap<u64, Exchange>,
     findings: Vec<EvidenceFinding>,
+    pins: Pins,
+    current: RunEvidence,
+    runs: Vec<RunEvidence>,
 }
 
 impl EvidenceCheck {
     /// A check that has seen no record yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A check that also holds the log to what the auditor pins.
+    pub fn with_pins(pins: Pins) -> Self {
+        Self {
+            pins,
+            ..Self::default()
+        }
     }
 
     /// Every finding so far, in file order ([`EvidenceCheck::finish`] adds the warnings
@@ -150,7 +213,133 @@ impl EvidenceCheck {
             }
         }
         self.exchanges.clear();
-        self.hashes.clear();
+        if self.run > 0 {
+            let mut done = std::mem::take(&mut self.current);
+            if done.unproven.is_none() && done.covered_through.is_none() {
+                done.unproven = Some(if done.tee.is_none() {
+                    "no broker exchange: no TEE evidence ties this run to hardware".to_string()
+                } else {
+                    "no verified checkpoint of the TEE that answered the broker".to_string()
+                });
+            }
+            self.runs.push(done);
+        }
+    }
+
+    /// Marks every record up to `seq` attested. A checkpoint covers the record just before
+    /// it, so every record seen so far (the tail) is covered.
+    fn cover(&mut self, seq: u64) {
+        let run = &mut self.current;
+        if run.covered_through.is_some_and(|c| c >= seq) {
+            return;
+        }
+        run.covered_through = Some(seq);
+        run.tail.retain(|r| r.seq > seq);
+        run.tail_count = run.tail.len() as u64;
+    }
+
+    fn push_tail(&mut self, record: &Record) {
+        let run = &mut self.current;
+        run.tail_count += 1;
+        run.tail.push_back(TailRecord {
+            seq: record.seq,
+            stage: record.stage.clone(),
+            event: record.event.clone(),
+        });
+        if run.tail.len() > TAIL_KEPT {
+            run.tail.pop_front();
+        }
+    }
+
+    /// Whether checkpoint evidence of the run's exchange TEE counts as proof, and why not.
+    fn judge(&mut self, result: &EvidenceResult) -> Result<bool, String> {
+        if let (Some(trusted), Some(tpm)) = (&self.pins.trusted_ak, &result.tpm) {
+            if &tpm.ak_public != trusted {
+                return Err(format!(
+                    "the quote is signed by ak {} ({}), not the trusted ak {} given with \
+                     --trusted-ak",
+                    Digest::of(&tpm.ak_public),
+                    STANDARD.encode(&tpm.ak_public),
+                    Digest::of(trusted)
+                ));
+            }
+            return Ok(true);
+        }
+        Ok(result.proven)
+    }
+
+    /// The auditor's pins on the exchange evidence.
+    fn check_evidence_pins(&self, result: &EvidenceResult) -> Result<(), String> {
+        if let Some(want) = &self.pins.snp_measurement {
+            let Some(snp) = &result.snp else {
+                return Err(
+                    "--snp-measurement is pinned, but the broker exchange carries no \
+                            SEV-SNP report"
+                        .to_string(),
+                );
+            };
+            if snp.measurement != hex::encode(want) {
+                return Err(format!(
+                    "the SEV-SNP measurement is {}, not {} given with --snp-measurement",
+                    snp.measurement,
+                    hex::encode(want)
+                ));
+            }
+        }
+        if let Some(want) = &self.pins.tdx_mrtd {
+            let Some(tdx) = &result.tdx else {
+                return Err(
+                    "--tdx-mrtd is pinned, but the broker exchange carries no TD quote".to_string(),
+                );
+            };
+            if tdx.mrtd.as_slice() != want.as_slice() {
+                return Err(format!(
+                    "the TD quote's MRTD is {}, not {} given with --tdx-mrtd",
+                    hex::encode(tdx.mrtd),
+                    hex::encode(want)
+                ));
+            }
+        }
+        if self.pins.trusted_ak.is_some() && result.tpm.is_none() && result.snp.is_none() {
+            return Err(
+                "--trusted-ak is pinned, but the broker exchange carries no TPM quote".to_string(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The auditor's pins on the records (policy and bundle digests).
+    fn check_record_pins(&self, record: &Record) -> Result<(), String> {
+        let pinned = match (record.stage.as_str(), record.event.as_str()) {
+            ("boot", "start") => self
+                .pins
+                .policy
+                .map(|d| (d, "policy_digest", "--expect-policy")),
+            ("measure", "ok") => self
+                .pins
+                .bundle
+                .map(|d| (d, "bundle_digest", "--expect-bundle")),
+            _ => None,
+        };
+        let Some((want, field, flag)) = pinned else {
+            return Ok(());
+        };
+        let found = record.details.get(field).and_then(Value::as_str);
+        if found != Some(want.to_string().as_str()) {
+            return Err(format!(
+                "{}/{} says {field} {}, not {want} given with {flag}",
+                record.stage,
+                record.event,
+                found.unwrap_or("(none)")
+            ));
+        }
+        Ok(())
+    }
+
+    /// What each run's evidence proves; call after the whole log verified (after
+    /// [`EvidenceCheck::finish_runs`]).
+    pub fn runs(&self) -> &[RunEvidence] {
+        &self.runs
     }
 
     fn exchange(&mut self, record: &Record) -> Result<(), String> {
@@ -191,6 +380,11 @@ impl EvidenceCheck {
         };
         let mut result = check_evidence(tee, evidence, &computed)
             .map_err(|e| format!("broker exchange evidence ({tee}): {e}"))?;
+        self.check_evidence_pins(&result)?;
+        let proven = self.judge(&result)?;
+        self.current.tee = Some(tee.to_string());
+        self.current.proven = proven;
+        self.current.unproven = (!proven).then(|| unproven_reason(tee, &result));
         result.verified.insert(
             0,
             "exchange.report_data = SHA-384 of the JCS binding of nonce, tee_pubkey and \
@@ -236,13 +430,13 @@ impl EvidenceCheck {
         let head_text = string(checkpoint.get("head"), "checkpoint.head")?;
         let head = Digest::from_str(head_text)
             .map_err(|_| format!("checkpoint.head {head_text:?} is not a sha256:<hex> digest"))?;
-        let Some(actual) = self.hashes.get(&head_seq) else {
+        let Some(actual) = self.exchanges.get(&head_seq).map(|e| e.hash) else {
             return Err(format!(
-                "checkpoint.head_seq is {head_seq}, but no record with that seq precedes it in \
-                 this run"
+                "checkpoint.head_seq {head_seq} is not an attest/attested record of this run; \
+                 a checkpoint binds the broker exchange record"
             ));
         };
-        if *actual != head {
+        if actual != head {
             return Err(format!(
                 "checkpoint.head is {head}, but record seq {head_seq} hashes to {actual}: the \
                  checkpoint does not bind this log"
@@ -285,6 +479,9 @@ impl EvidenceCheck {
         if let Some(e) = self.exchanges.get_mut(&head_seq) {
             e.checkpointed = true;
         }
+        if self.judge(&result)? && self.current.proven {
+            self.cover(head_seq);
+        }
         self.findings.push(EvidenceFinding {
             run: self.run,
             seq: record.seq,
@@ -307,13 +504,20 @@ impl RecordCheck for EvidenceCheck {
             self.close_run();
             self.run += 1;
         }
-        let result = match (record.stage.as_str(), record.event.as_str()) {
-            ("attest", "attested") => self.exchange(record),
-            ("attest", "ok") => self.checkpoint(record),
-            _ => Ok(()),
-        };
-        self.hashes.insert(record.seq, record.hash);
-        result
+        if record.seq == 0 && record.prev == Digest::ZERO {
+            self.current.run = self.run;
+        }
+        self.check_record_pins(record)?;
+        let verified_checkpoint = match (record.stage.as_str(), record.event.as_str()) {
+            ("attest", "attested") => self.exchange(record).map(|()| false),
+            ("attest", "ok") => self.checkpoint(record).map(|()| false),
+            ("audit", "checkpoint") => self.audit_checkpoint(record).map(|()| true),
+            _ => Ok(false),
+        }?;
+        if !verified_checkpoint {
+            self.push_tail(record);
+        }
+        Ok(())
     }
 }
 
@@ -323,6 +527,109 @@ impl EvidenceCheck {
     pub fn finish(mut self) -> Vec<EvidenceFinding> {
         self.close_run();
         std::mem::take(&mut self.findings)
+    }
+
+    /// Ends the last run and returns every finding and what each run's evidence proves.
+    pub fn finish_runs(mut self) -> (Vec<EvidenceFinding>, Vec<RunEvidence>) {
+        self.close_run();
+        (
+            std::mem::take(&mut self.findings),
+            std::mem::take(&mut self.runs),
+        )
+    }
+
+    /// An `audit/checkpoint` record (launch, periodic, closing): fresh evidence over the
+    /// record just before it, from the TEE instance and boot of the run's broker exchange.
+    fn audit_checkpoint(&mut self, record: &Record) -> Result<(), String> {
+        let details = &record.details;
+        let kind = string(details.get("kind"), "details.kind")?;
+        if !matches!(kind, "launch" | "periodic" | "closing") {
+            return Err(format!(
+                "details.kind is {kind:?}, not launch, periodic or closing"
+            ));
+        }
+        let head_seq = details
+            .get("head_seq")
+            .and_then(Value::as_u64)
+            .ok_or("details.head_seq is missing or not a number")?;
+        let head_text = string(details.get("head"), "details.head")?;
+        let head = Digest::from_str(head_text)
+            .map_err(|_| format!("details.head {head_text:?} is not a sha256:<hex> digest"))?;
+        if record.seq == 0 || head_seq != record.seq - 1 || head != record.prev {
+            return Err(format!(
+                "a checkpoint covers the record just before it (seq {}, hash {}), but it names \
+                 seq {head_seq} with hash {head}",
+                record.seq.saturating_sub(1),
+                record.prev
+            ));
+        }
+        let binding = checkpoint_binding(&head);
+        let stated = hex_bytes(details.get("report_data"), "details.report_data")?;
+        if stated.as_slice() != binding.as_slice() {
+            return Err(format!(
+                "details.report_data is {}, but checkpoint_binding(head) is {}",
+                hex::encode(&stated),
+                hex::encode(binding)
+            ));
+        }
+        let wrapped = object(details.get("evidence"), "details.evidence")?;
+        let tee = string(wrapped.get("tee"), "details.evidence.tee")?;
+        let evidence = wrapped
+            .get("evidence")
+            .ok_or("details.evidence.evidence is missing")?;
+        let mut result = check_evidence(tee, evidence, &binding)
+            .map_err(|e| format!("{kind} checkpoint evidence ({tee}): {e}"))?;
+        result.verified.insert(
+            0,
+            format!("head = hash of seq {head_seq}; report_data = checkpoint_binding(head)"),
+        );
+        let what = format!("{kind} checkpoint of seq {head_seq}");
+        let Some(exchange) = self.exchanges.values().next_back().cloned() else {
+            result.warnings.push(
+                "no broker exchange precedes it in this run: nothing ties this evidence to \
+                 the TEE that attested the run, so it covers nothing"
+                    .to_string(),
+            );
+            self.push_finding(record.seq, what, tee, result);
+            return Ok(());
+        };
+        if tee != exchange.tee {
+            return Err(format!(
+                "{kind} checkpoint evidence is from tee {tee}, but the run's broker exchange \
+                 used {}",
+                exchange.tee
+            ));
+        }
+        // The event log up to the checkpoint extends the exchange's (PCR 15 replay).
+        let events = event_digests(details.get("event_log"));
+        let mut at_checkpoint = exchange.clone();
+        if let (Ok(first), Ok(now)) = (&exchange.event_digests, &events) {
+            if !now.starts_with(first) {
+                return Err(format!(
+                    "the event log of the {kind} checkpoint does not start with the {} event(s) \
+                     of the broker exchange: measurements were rewritten",
+                    first.len()
+                ));
+            }
+            at_checkpoint.event_digests = Ok(now.clone());
+        }
+        same_origin(&at_checkpoint, head_seq, &mut result)?;
+        if self.judge(&result)? && self.current.proven {
+            self.cover(head_seq);
+        }
+        self.push_finding(record.seq, what, tee, result);
+        Ok(())
+    }
+
+    fn push_finding(&mut self, seq: u64, what: String, tee: &str, result: EvidenceResult) {
+        self.findings.push(EvidenceFinding {
+            run: self.run,
+            seq,
+            what,
+            tee: tee.to_string(),
+            verified: result.verified,
+            warnings: result.warnings,
+        });
     }
 }
 
@@ -340,6 +647,11 @@ pub struct EvidenceResult {
     pub snp: Option<VerifiedReport>,
     /// For `tdx`: the quote's MRTD and RTMRs and the evidence's CC event log.
     pub tdx: Option<TdxFacts>,
+    /// The evidence's signature chains to a hardware root this verifier trusts by itself
+    /// (SEV-SNP and az-snp-vtpm: AMD's ARK). A `tpm` quote is proven only when its AK is the
+    /// one the auditor pins (`--trusted-ak`), which [`EvidenceCheck`] decides; `tdx` quote
+    /// signatures and `sample` evidence are never proven offline.
+    pub proven: bool,
 }
 
 /// The parts of `tdx` evidence a checkpoint check needs. The quote's signature is not
@@ -382,19 +694,15 @@ pub fn check_evidence(
     evidence: &Value,
     binding: &[u8],
 ) -> Result<EvidenceResult, String> {
+    let tee = Tee::from_str(tee).map_err(|e| {
+        format!("{e}: cvm-warden writes no evidence of that kind, the record was forged")
+    })?;
     match tee {
-        "tpm" => check_tpm(evidence, binding),
-        "sample" => check_sample(evidence, binding),
-        "snp" => check_snp(evidence, binding),
-        "tdx" => check_tdx(evidence, binding),
-        "az-snp-vtpm" => check_az_snp_vtpm(evidence, binding),
-        other => Ok(EvidenceResult {
-            warnings: vec![format!(
-                "evidence of tee {other} is not checked offline by this build (neither its \
-                 signature nor its report data); only the bindings around it were"
-            )],
-            ..EvidenceResult::default()
-        }),
+        Tee::Tpm => check_tpm(evidence, binding),
+        Tee::Sample => check_sample(evidence, binding),
+        Tee::Snp => check_snp(evidence, binding),
+        Tee::Tdx => check_tdx(evidence, binding),
+        Tee::AzSnpVtpm => check_az_snp_vtpm(evidence, binding),
     }
 }
 
@@ -588,6 +896,7 @@ fn check_snp(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
                     "report signed by the VCEK of cert_chain, which chains to the {name}"
                 ));
                 result.snp = Some(verified);
+                result.proven = true;
                 return Ok(result);
             }
             Err(e) => failures.push(format!("{name}: {}", error_chain(&e))),
@@ -948,6 +1257,7 @@ fn check_az_snp_vtpm(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult,
         ],
         tpm: Some(facts),
         snp: Some(report),
+        proven: true,
         ..EvidenceResult::default()
     })
 }
@@ -1118,4 +1428,26 @@ fn base64_field(value: Option<&Value>, name: &str) -> Result<Vec<u8>, String> {
     STANDARD
         .decode(text)
         .map_err(|e| format!("{name} is not standard base64: {e}"))
+}
+
+/// Why evidence that verified proves nothing by itself.
+fn unproven_reason(tee: &str, result: &EvidenceResult) -> String {
+    match Tee::from_str(tee) {
+        Ok(Tee::Sample) => "sample evidence: software wrote it, no TEE vouches for it".to_string(),
+        Ok(Tee::Tdx) => "TD quote signatures (Intel's PCK chain) are not verified offline by \
+                         this build"
+            .to_string(),
+        Ok(Tee::Tpm) => format!(
+            "the quotes are signed by ak {}, which is not pinned: anyone can make a key and \
+             sign a quote; pass the ak the broker trusts with --trusted-ak",
+            result.tpm.as_ref().map_or_else(
+                || "(none)".to_string(),
+                |t| Digest::of(&t.ak_public).to_string()
+            )
+        ),
+        Ok(Tee::Snp) => {
+            "the report's signature was not checked (its evidence carries no VCEK)".to_string()
+        }
+        Ok(Tee::AzSnpVtpm) | Err(_) => "the evidence's signature was not verified".to_string(),
+    }
 }

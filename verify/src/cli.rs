@@ -9,23 +9,145 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::chain::run_verify_command;
+use crate::check::Pins;
+use crate::digest::Digest;
+use crate::verdict::{run_verify_command, EXIT_BROKEN, EXIT_USAGE};
 
 /// `audit verify FILE`.
 #[derive(Debug, Args)]
 pub struct AuditVerifyArgs {
     /// The JSON-lines audit log (a file sink's copy, or a console capture).
     pub file: PathBuf,
+    /// Print the verdicts as JSON (for machines).
+    #[arg(long)]
+    pub json: bool,
+    /// The policy digest every run must have booted with (`sha256:<hex>`, as `cvm-warden
+    /// policy check` prints it).
+    #[arg(long, value_name = "DIGEST")]
+    pub expect_policy: Option<Digest>,
+    /// The bundle digest every run must have measured (`sha256:<hex>`, as `cvm-warden
+    /// measure` prints it).
+    #[arg(long, value_name = "DIGEST")]
+    pub expect_bundle: Option<Digest>,
+    /// The TPM attestation key the broker trusts: SubjectPublicKeyInfo as PEM, DER, or
+    /// base64 of the DER (the form of Trustee's `trusted_aks`). Without it a `tpm` quote
+    /// proves nothing.
+    #[arg(long, value_name = "FILE")]
+    pub trusted_ak: Option<PathBuf>,
+    /// The SEV-SNP launch measurement (96 hex digits).
+    #[arg(long, value_name = "HEX")]
+    pub snp_measurement: Option<String>,
+    /// The TD's MRTD (96 hex digits).
+    #[arg(long, value_name = "HEX")]
+    pub tdx_mrtd: Option<String>,
 }
 
-/// `audit verify`: prints the report to stdout; returns the exit status.
+/// A pin that cannot be read (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// The AK file cannot be read.
+    #[error("cannot read --trusted-ak {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The AK file holds no public key.
+    #[error(
+        "--trusted-ak {path} is not a SubjectPublicKeyInfo (PEM \"PUBLIC KEY\", DER, or base64 \
+         of the DER as in Trustee's trusted_aks): {why}"
+    )]
+    Ak {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// A measurement is not 48 bytes of hex.
+    #[error("{flag} {value:?} is not 48 bytes in hex (96 hex digits)")]
+    Measurement {
+        /// The option.
+        flag: &'static str,
+        /// What was given.
+        value: String,
+    },
+}
+
+impl AuditVerifyArgs {
+    /// The pins the options ask for.
+    pub fn pins(&self) -> Result<Pins, PinError> {
+        let measurement = |flag: &'static str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(|text| {
+                    hex::decode(text.trim())
+                        .ok()
+                        .filter(|b| b.len() == 48)
+                        .ok_or_else(|| PinError::Measurement {
+                            flag,
+                            value: text.to_string(),
+                        })
+                })
+                .transpose()
+        };
+        Ok(Pins {
+            policy: self.expect_policy,
+            bundle: self.expect_bundle,
+            trusted_ak: self.trusted_ak.as_deref().map(read_ak).transpose()?,
+            snp_measurement: measurement("--snp-measurement", &self.snp_measurement)?,
+            tdx_mrtd: measurement("--tdx-mrtd", &self.tdx_mrtd)?,
+        })
+    }
+}
+
+/// Reads an AK public key: PEM `PUBLIC KEY`, DER, or base64 (standard) of the DER.
+pub fn read_ak(path: &Path) -> Result<Vec<u8>, PinError> {
+    use base64::Engine;
+    use rsa::pkcs8::DecodePublicKey;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::SubjectPublicKeyInfoDer;
+    let bytes = std::fs::read(path).map_err(|source| PinError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let der = if let Ok(spki) = SubjectPublicKeyInfoDer::from_pem_slice(&bytes) {
+        spki.as_ref().to_vec()
+    } else if rsa::RsaPublicKey::from_public_key_der(&bytes).is_ok() {
+        bytes
+    } else {
+        let text = String::from_utf8_lossy(&bytes);
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|e| PinError::Ak {
+                path: path.to_path_buf(),
+                why: format!("neither PEM nor DER, and not base64: {e}"),
+            })?
+    };
+    rsa::RsaPublicKey::from_public_key_der(&der).map_err(|e| PinError::Ak {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    Ok(der)
+}
+
+/// `audit verify`: prints the verdicts to stdout; returns the exit status (0 every run
+/// attested, 3 intact but not fully attested, 1 broken or unreadable, 2 usage).
 pub fn audit_verify(args: &AuditVerifyArgs) -> i32 {
-    let mut stdout = std::io::stdout().lock();
-    match run_verify_command(&args.file, &mut stdout) {
-        Ok(_) => 0,
+    let pins = match args.pins() {
+        Ok(pins) => pins,
         Err(error) => {
             print_error(&error);
-            1
+            return EXIT_USAGE;
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    match run_verify_command(&args.file, pins, args.json, &mut stdout) {
+        Ok(code) => code,
+        Err(error) => {
+            print_error(&error);
+            EXIT_BROKEN
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`check`]: the attestation evidence a log carries (broker exchanges, checkpoints);
 //! - [`binding`]: the KBS report-data binding and the checkpoint binding;
 //! - [`evidence`]: offline verifiers per TEE (`snp`, `tpm`, `tdx`, `az-snp-vtpm`, `sample`);
+//! - [`verdict`]: what a log proves, run by run (coverage by verified checkpoints);
 //! - [`tee`]: the one [`Tee`] enum;
 //! - [`digest`]: the one digest type, `sha256:<hex>`.
 
@@ -22,6 +23,7 @@ pub mod evidence;
 pub mod pcr;
 pub mod record;
 pub mod tee;
+pub mod verdict;
 
 pub use digest::Digest;
 pub use evidence::EvidenceError;

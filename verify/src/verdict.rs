@@ -1,0 +1,327 @@
+//! What an audit log proves: one verdict per run (`cvm-warden audit verify`).
+//!
+//! The hash chain has no key, so anyone can write a consistent one: only TEE evidence says
+//! where a log came from. A record is *attested* when a verified checkpoint of the TEE
+//! instance and boot that answered the broker covers it (the checkpoint's evidence binds the
+//! hash of that record, and so of every record before it). Per run:
+//!
+//! - `attested`: every record up to and including the closing record is covered;
+//! - `attested up to seq N`: the chain holds, but the records past N are covered by no
+//!   checkpoint (they are named, marked *not attested*);
+//! - `unattested`: no evidence that proves anything (`attestation = "none"`, `sample`, a TPM
+//!   whose AK is not pinned, TDX quotes, no checkpoint);
+//! - `broken`: the chain, a binding, the evidence or an auditor's pin fails; the whole file
+//!   is broken (exit 1), with the last good seq.
+//!
+//! Exit status: 0 only when every run in the file is `attested`; 3 when the file is intact
+//! but some run is not; 1 broken or unreadable; 2 usage.
+
+use std::io::{self, Write};
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::chain::{verify_reader, RunSummary, VerifyError};
+use crate::check::{EvidenceCheck, EvidenceFinding, Pins, RunEvidence, TailRecord};
+use crate::digest::Digest;
+
+/// Exit status: every run attested.
+pub const EXIT_ATTESTED: i32 = 0;
+/// Exit status: broken or unreadable.
+pub const EXIT_BROKEN: i32 = 1;
+/// Exit status: usage.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status: intact, but some run is not fully attested.
+pub const EXIT_NOT_ATTESTED: i32 = 3;
+
+/// What one run's evidence proves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "verdict", rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Every record up to and including the closing record is covered.
+    Attested,
+    /// Records up to `seq` are covered; the rest is chained but not attested.
+    AttestedUpTo {
+        /// The last covered seq.
+        seq: u64,
+    },
+    /// Nothing in the run is attested.
+    Unattested {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Attested => write!(f, "attested"),
+            Verdict::AttestedUpTo { seq } => write!(f, "attested up to seq {seq}"),
+            Verdict::Unattested { reason } => write!(f, "unattested ({reason})"),
+        }
+    }
+}
+
+/// One run and its verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunVerdict {
+    /// The run's number in the file, from 1.
+    pub run: usize,
+    /// The line of its first record.
+    pub first_line: usize,
+    /// How many records it holds.
+    pub records: u64,
+    /// Its last seq.
+    pub last_seq: u64,
+    /// The hash of its last record.
+    pub head: Digest,
+    /// It ends with a closing record (and only its checkpoint after it).
+    pub complete: bool,
+    /// Its records say `"insecure": true`.
+    pub insecure: bool,
+    /// The TEE of its broker exchange.
+    pub tee: Option<String>,
+    /// What it proves.
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// How many records no checkpoint covers.
+    pub not_attested_count: u64,
+    /// The newest of them (see [`crate::check::TAIL_KEPT`]).
+    pub not_attested: Vec<TailRecord>,
+}
+
+/// The outcome of a log that is not broken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Outcome {
+    /// Every run, oldest first.
+    pub runs: Vec<RunVerdict>,
+    /// What the evidence checks verified and warned about, per record.
+    pub evidence: Vec<EvidenceFinding>,
+    /// Lines skipped as not records (a console capture's other output).
+    pub skipped_lines: u64,
+}
+
+impl Outcome {
+    /// 0 when every run is attested, else 3.
+    pub fn exit_code(&self) -> i32 {
+        if self.runs.iter().all(|r| r.verdict == Verdict::Attested) {
+            EXIT_ATTESTED
+        } else {
+            EXIT_NOT_ATTESTED
+        }
+    }
+}
+
+/// Verifies a log file (streaming) with the auditor's pins and judges every run.
+pub fn verify_log(path: &Path, pins: Pins) -> Result<Outcome, VerifyError> {
+    let file = std::fs::File::open(path).map_err(|source| VerifyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    verify_log_from(io::BufReader::new(file), path, pins)
+}
+
+/// [`verify_log`] over any reader (`path` names it in errors).
+pub fn verify_log_from<R: io::BufRead>(
+    reader: R,
+    path: &Path,
+    pins: Pins,
+) -> Result<Outcome, VerifyError> {
+    let mut evidence = EvidenceCheck::with_pins(pins);
+    let report = verify_reader(reader, path, &mut [&mut evidence])?;
+    let (findings, run_evidence) = evidence.finish_runs();
+    let mut proofs = run_evidence.into_iter();
+    let runs = report
+        .runs
+        .iter()
+        .map(|summary| {
+            let proof = (summary.records > 0).then(|| proofs.next()).flatten();
+            judge(summary, proof)
+        })
+        .collect();
+    Ok(Outcome {
+        runs,
+        evidence: findings,
+        skipped_lines: report.skipped_lines,
+    })
+}
+
+fn judge(summary: &RunSummary, proof: Option<RunEvidence>) -> RunVerdict {
+    let proof = proof.unwrap_or_default();
+    let verdict = if summary.records == 0 {
+        Verdict::Unattested {
+            reason: "only a torn line is left of this run".to_string(),
+        }
+    } else if summary.insecure {
+        Verdict::Unattested {
+            reason: "attestation = \"none\": the boot asked no TEE for evidence".to_string(),
+        }
+    } else {
+        match proof.covered_through {
+            None => Verdict::Unattested {
+                reason: proof
+                    .unproven
+                    .clone()
+                    .unwrap_or_else(|| "no verified checkpoint".to_string()),
+            },
+            Some(covered) => {
+                let closed = summary.closing_seq.is_some_and(|c| covered >= c);
+                if closed && proof.tail_count == 0 {
+                    Verdict::Attested
+                } else {
+                    Verdict::AttestedUpTo { seq: covered }
+                }
+            }
+        }
+    };
+    let (not_attested_count, not_attested) = if verdict == Verdict::Attested {
+        (0, Vec::new())
+    } else if proof.covered_through.is_none() {
+        (summary.records, Vec::new())
+    } else {
+        (proof.tail_count, proof.tail.iter().cloned().collect())
+    };
+    RunVerdict {
+        run: summary.index,
+        first_line: summary.first_line,
+        records: summary.records,
+        last_seq: summary.last_seq,
+        head: summary.head,
+        complete: summary.complete,
+        insecure: summary.insecure,
+        tee: proof.tee,
+        verdict,
+        not_attested_count,
+        not_attested,
+    }
+}
+
+/// `audit verify`: verifies `path`, prints the verdicts (text, or JSON with `json`) to
+/// `out`, and returns the exit status. A broken log is printed as such (JSON) or returned
+/// as the error for the caller to print (text).
+pub fn run_verify_command(
+    path: &Path,
+    pins: Pins,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<i32, VerifyError> {
+    match verify_log(path, pins) {
+        Ok(outcome) => {
+            let printed = if json {
+                print_json(&outcome, out)
+            } else {
+                print_text(&outcome, out)
+            };
+            printed.map_err(VerifyError::Output)?;
+            Ok(outcome.exit_code())
+        }
+        Err(error) if json => {
+            let value = broken_json(&error);
+            writeln!(out, "{value}").map_err(VerifyError::Output)?;
+            Err(error)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+fn broken_json(error: &VerifyError) -> serde_json::Value {
+    let mut value = serde_json::json!({
+        "verdict": "broken",
+        "error": crate::error_chain(error),
+    });
+    if let VerifyError::Broken {
+        line,
+        seq,
+        last_good,
+        ..
+    } = error
+    {
+        value["line"] = serde_json::json!(line);
+        value["seq"] = serde_json::json!(seq);
+        value["last_good_seq"] = serde_json::json!(last_good);
+    }
+    value
+}
+
+fn print_json(outcome: &Outcome, out: &mut dyn Write) -> io::Result<()> {
+    let mut value = serde_json::to_value(outcome).map_err(io::Error::other)?;
+    value["exit_code"] = serde_json::json!(outcome.exit_code());
+    let text = serde_json::to_string_pretty(&value).map_err(io::Error::other)?;
+    writeln!(out, "{text}")
+}
+
+fn print_text(outcome: &Outcome, out: &mut dyn Write) -> io::Result<()> {
+    for run in &outcome.runs {
+        writeln!(
+            out,
+            "run {}: {} ({} records from line {}, seq 0..{}, head {}, {}{})",
+            run.run,
+            run.verdict,
+            run.records,
+            run.first_line,
+            run.last_seq,
+            run.head,
+            if run.complete {
+                "complete"
+            } else {
+                "incomplete: no closing record, it may have been cut"
+            },
+            run.tee
+                .as_deref()
+                .map(|t| format!(", tee {t}"))
+                .unwrap_or_default()
+        )?;
+        if !run.not_attested.is_empty() {
+            let shown = run.not_attested.len() as u64;
+            if run.not_attested_count > shown {
+                writeln!(
+                    out,
+                    "  not attested: {} earlier record(s), then:",
+                    run.not_attested_count - shown
+                )?;
+            }
+            for record in &run.not_attested {
+                writeln!(
+                    out,
+                    "  not attested: seq {} {}/{}",
+                    record.seq, record.stage, record.event
+                )?;
+            }
+        }
+    }
+    if outcome.skipped_lines > 0 {
+        writeln!(
+            out,
+            "note: {} line(s) that are not records were skipped (a console capture's other \
+             output)",
+            outcome.skipped_lines
+        )?;
+    }
+    if !outcome.evidence.is_empty() {
+        writeln!(out, "evidence:")?;
+        for finding in &outcome.evidence {
+            writeln!(
+                out,
+                "  run {} seq {} {}, tee {}:",
+                finding.run, finding.seq, finding.what, finding.tee
+            )?;
+            for item in &finding.verified {
+                writeln!(out, "    verified: {item}")?;
+            }
+            for item in &finding.warnings {
+                writeln!(out, "    WARNING: {item}")?;
+            }
+        }
+    }
+    let attested = outcome
+        .runs
+        .iter()
+        .filter(|r| r.verdict == Verdict::Attested)
+        .count();
+    writeln!(
+        out,
+        "verdict: {attested} of {} run(s) attested; exit {}",
+        outcome.runs.len(),
+        outcome.exit_code()
+    )
+}
