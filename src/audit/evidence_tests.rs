@@ -1627,3 +1627,6 @@ fn az_snp_vtpm_checkpoint_rules_apply_to_the_verified_parts() {
     let err = same_origin(&no_tpm, 7, &mut later.clone()).unwrap_err();
     assert!(err.contains("has no tpm quote"), "{err}");
 }
+
+#[path = "verdict_tests.rs"]
+mod verdict;

@@ -1,0 +1,441 @@
+//! Coverage verdicts on whole runs written through the daemon's own audit log, and the
+//! red-team logs of issue 8: a forger who can write the whole file must never get exit 0.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use cvm_warden_verify::check::Pins;
+use cvm_warden_verify::verdict::{verify_log_from, Outcome, Verdict};
+
+use super::*;
+use crate::audit::{encode, run_verify_command, Fields, Record};
+
+const POLICY: &str = "policy";
+const BUNDLE: &str = "bundle";
+
+/// How far a simulated boot gets its checkpoints written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checkpoints {
+    /// Exchange, launch and closing checkpoints.
+    All,
+    /// Exchange and launch checkpoints, no closing one (the TEE stopped answering).
+    NoClosing,
+}
+
+/// A TPM boot as the daemon writes it: measure, broker exchange + checkpoint, launch
+/// checkpoint, the workload's end, power-off and the closing checkpoint. Quotes by
+/// `ak(0)`; PCR 15 = replay of the event log.
+struct Boot {
+    audit: Audit,
+    pcr: SimulatedPcr,
+    log: EventLog,
+    clock: u64,
+}
+
+impl Boot {
+    fn new() -> Boot {
+        let (sink, _) = MemorySink::new();
+        let audit = Audit::with_clock(vec![Box::new(sink)], false, ticking_clock());
+        Boot {
+            audit,
+            pcr: SimulatedPcr::default(),
+            log: EventLog::new(),
+            clock: EXCHANGE_QUOTE.clock,
+        }
+    }
+
+    fn quote(&mut self, extra: &[u8]) -> Value {
+        self.clock += 1000;
+        let spec = QuoteSpec {
+            clock: self.clock,
+            ..EXCHANGE_QUOTE
+        };
+        tpm_quote_with(ak(0), extra, pcr_values(self.pcr.value.0), spec)
+    }
+
+    fn checkpoint(&mut self, kind: &str) {
+        let head = self.audit.head();
+        let binding = checkpoint_binding(&head);
+        let evidence = self.quote(&binding[..32]);
+        self.audit
+            .record(
+                "audit",
+                "checkpoint",
+                json!({
+                    "kind": kind,
+                    "head_seq": self.audit.seq() - 1,
+                    "head": head,
+                    "report_data": hex::encode(binding),
+                    "tee": {"tee": "tpm"},
+                    "evidence": {"tee": "tpm", "evidence": evidence},
+                    "event_log": self.log.events(),
+                    "register_initial": Value::Null,
+                }),
+            )
+            .unwrap();
+    }
+
+    fn run(mut self, checkpoints: Checkpoints, code: i32) -> Vec<String> {
+        let a = self.audit.clone();
+        a.record(
+            "boot",
+            "start",
+            json!({"policy_digest": Digest::of(POLICY.as_bytes())}),
+        )
+        .unwrap();
+        self.log
+            .measure(
+                &mut self.pcr,
+                EventKind::Policy,
+                Digest::of(POLICY.as_bytes()),
+                "policy",
+            )
+            .unwrap();
+        self.log
+            .measure(
+                &mut self.pcr,
+                EventKind::Bundle,
+                Digest::of(BUNDLE.as_bytes()),
+                "bundle",
+            )
+            .unwrap();
+        a.record(
+            "measure",
+            "ok",
+            json!({"bundle_digest": Digest::of(BUNDLE.as_bytes())}),
+        )
+        .unwrap();
+        let nonce = "bm9uY2U=".to_string();
+        let tee_pubkey = json!({"kty": "EC", "crv": "P-256", "x": "AA", "y": "BB"});
+        let report_data = kbs::report_data(&nonce, &tee_pubkey, "").unwrap();
+        let evidence = self.quote(&report_data[..32]);
+        let head = a
+            .record(
+                "attest",
+                "attested",
+                json!({
+                    "tee": {"tee": "tpm"},
+                    "exchange": {
+                        "tee": "tpm", "nonce": nonce, "tee_pubkey": tee_pubkey,
+                        "additional_evidence": "", "report_data": hex::encode(report_data),
+                        "evidence": evidence,
+                    },
+                    "event_log": self.log.events(),
+                    "register_initial": Value::Null,
+                }),
+            )
+            .unwrap();
+        let binding = checkpoint_binding(&head);
+        let evidence = self.quote(&binding[..32]);
+        a.record(
+            "attest",
+            "ok",
+            json!({"attested": true, "checkpoint": {
+                "head_seq": a.seq() - 1, "head": head, "report_data": hex::encode(binding),
+                "evidence": {"tee": "tpm", "evidence": evidence},
+            }}),
+        )
+        .unwrap();
+        a.record("unlock", "ok", json!({})).unwrap();
+        a.record("launch", "started", json!({"pid": 42})).unwrap();
+        self.checkpoint("launch");
+        a.record("launch", "workload_done", json!({"code": code}))
+            .unwrap();
+        a.record("shutdown", "poweroff", json!({})).unwrap();
+        if checkpoints == Checkpoints::All {
+            self.checkpoint("closing");
+        }
+        a.lines()
+    }
+}
+
+fn text(lines: &[String]) -> Vec<u8> {
+    lines
+        .iter()
+        .flat_map(|l| format!("{l}\n").into_bytes())
+        .collect()
+}
+
+fn trusted() -> Pins {
+    Pins {
+        trusted_ak: Some(ak(0).spki.clone()),
+        ..Pins::default()
+    }
+}
+
+fn outcome(bytes: &[u8], pins: Pins) -> Result<Outcome, VerifyError> {
+    verify_log_from(Cursor::new(bytes), Path::new("test.jsonl"), pins)
+}
+
+/// Re-chains `lines` from index `from` on, as a forger who rewrites the tail would: every
+/// record keeps its fields, `prev` and `hash` are recomputed.
+fn rechain(lines: &mut [String], from: usize, edit: impl Fn(&mut Record)) {
+    for i in from..lines.len() {
+        let mut record = parse(&lines[i]);
+        if i == from {
+            edit(&mut record);
+        }
+        let prev = if i == 0 {
+            Digest::ZERO
+        } else {
+            parse(&lines[i - 1]).hash
+        };
+        let details = Value::Object(record.details.clone());
+        lines[i] = encode(&Fields {
+            seq: record.seq,
+            time: UNIX_EPOCH,
+            stage: &record.stage,
+            event: &record.event,
+            details: &details,
+            insecure: record.insecure,
+            prev,
+        })
+        .unwrap()
+        .line;
+    }
+}
+
+/// A record's fields as written, whether or not its hash still holds.
+fn parse(line: &str) -> Record {
+    serde_json::from_str(line).unwrap()
+}
+
+#[test]
+fn a_fully_checkpointed_tpm_boot_with_the_trusted_ak_is_attested() {
+    let lines = Boot::new().run(Checkpoints::All, 0);
+    let result = outcome(&text(&lines), trusted()).unwrap();
+    assert_eq!(result.runs.len(), 1);
+    assert_eq!(result.runs[0].verdict, Verdict::Attested, "{result:#?}");
+    assert_eq!(result.exit_code(), 0);
+    assert!(result
+        .evidence
+        .iter()
+        .any(|f| f.run == 1 && f.what.starts_with("closing checkpoint of seq")));
+}
+
+#[test]
+fn without_the_trusted_ak_a_tpm_boot_proves_nothing() {
+    let lines = Boot::new().run(Checkpoints::All, 0);
+    let result = outcome(&text(&lines), Pins::default()).unwrap();
+    match &result.runs[0].verdict {
+        Verdict::Unattested { reason } => {
+            assert!(reason.contains("--trusted-ak"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(result.exit_code(), 3);
+}
+
+#[test]
+fn another_trusted_ak_breaks_the_log() {
+    let lines = Boot::new().run(Checkpoints::All, 0);
+    let pins = Pins {
+        trusted_ak: Some(ak(1).spki.clone()),
+        ..Pins::default()
+    };
+    let err = outcome(&text(&lines), pins).unwrap_err();
+    assert!(err.to_string().contains("not the trusted ak"), "{err}");
+}
+
+#[test]
+fn records_after_the_last_checkpoint_are_named_not_attested() {
+    let lines = Boot::new().run(Checkpoints::NoClosing, 0);
+    let result = outcome(&text(&lines), trusted()).unwrap();
+    let run = &result.runs[0];
+    // ..., launch/started, audit/checkpoint (launch), workload_done, poweroff.
+    let launch_checkpoint_head = run.last_seq - 3;
+    assert_eq!(
+        run.verdict,
+        Verdict::AttestedUpTo {
+            seq: launch_checkpoint_head
+        }
+    );
+    let named: Vec<(u64, &str)> = run
+        .not_attested
+        .iter()
+        .map(|r| (r.seq, r.event.as_str()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            (run.last_seq - 1, "workload_done"),
+            (run.last_seq, "poweroff")
+        ]
+    );
+    assert_eq!(result.exit_code(), 3);
+}
+
+/// Red team 1: a real log with a second, re-chained run appended whose attest records are
+/// renamed and whose workload "succeeded". The forged run is unattested; the first run's
+/// evidence is named with its own run.
+#[test]
+fn an_appended_forged_run_is_unattested_and_evidence_names_its_run() {
+    let real = Boot::new().run(Checkpoints::All, 1);
+    let mut forged = real.clone();
+    for line in forged.iter_mut() {
+        *line = line
+            .replace("\"stage\":\"attest\"", "\"stage\":\"attest_\"")
+            .replace(
+                "\"stage\":\"audit\",\"event\":\"checkpoint\"",
+                "\"stage\":\"audit\",\"event\":\"note\"",
+            )
+            .replace("\"code\":1", "\"code\":0");
+    }
+    rechain(&mut forged, 0, |_| {});
+    let mut all = real.clone();
+    all.extend(forged);
+    let result = outcome(&text(&all), trusted()).unwrap();
+    assert_eq!(result.runs.len(), 2);
+    assert_eq!(result.runs[0].verdict, Verdict::Attested);
+    assert!(
+        matches!(result.runs[1].verdict, Verdict::Unattested { .. }),
+        "{:?}",
+        result.runs[1].verdict
+    );
+    assert_eq!(result.exit_code(), 3);
+    assert!(result.evidence.iter().all(|f| f.run == 1), "{result:#?}");
+    let mut out = Vec::new();
+    print_outcome(&text(&all), &mut out);
+    let printed = String::from_utf8(out).unwrap();
+    for line in printed
+        .lines()
+        .filter(|l| l.contains(" seq ") && l.ends_with(':'))
+    {
+        assert!(line.trim_start().starts_with("run 1 seq "), "{line}");
+    }
+}
+
+fn print_outcome(bytes: &[u8], out: &mut Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.jsonl");
+    std::fs::write(&path, bytes).unwrap();
+    let code = run_verify_command(&path, trusted(), false, out).unwrap();
+    assert_eq!(code, 3);
+}
+
+/// Red team 2: a hand-written five-record log without any evidence.
+#[test]
+fn a_hand_written_log_without_evidence_is_unattested() {
+    let (sink, _) = MemorySink::new();
+    let audit = Audit::with_clock(vec![Box::new(sink)], false, ticking_clock());
+    audit.record("boot", "start", json!({})).unwrap();
+    audit.record("measure", "ok", json!({})).unwrap();
+    audit.record("attest", "ok", json!({})).unwrap();
+    audit
+        .record("launch", "workload_done", json!({"code": 0}))
+        .unwrap();
+    audit.record("shutdown", "poweroff", json!({})).unwrap();
+    for pins in [Pins::default(), trusted()] {
+        let result = outcome(&text(&audit.lines()), pins).unwrap();
+        assert!(
+            matches!(result.runs[0].verdict, Verdict::Unattested { .. }),
+            "{result:?}"
+        );
+        assert!(result.runs[0].complete);
+        assert_eq!(result.exit_code(), 3);
+    }
+}
+
+/// Red team 3: a real log spliced with forged records. Re-chaining from the splice on
+/// cannot move the checkpoints' heads: broken. Dropping the checkpoints after the splice
+/// leaves the spliced records not attested.
+#[test]
+fn a_spliced_real_log_is_broken_or_not_attested_never_attested() {
+    let real = Boot::new().run(Checkpoints::All, 1);
+    let done = real
+        .iter()
+        .position(|l| l.contains("\"event\":\"workload_done\""))
+        .unwrap();
+
+    // The workload's exit code changed and everything after re-chained.
+    let mut spliced = real.clone();
+    rechain(&mut spliced, done, |r| {
+        r.details.insert("code".into(), json!(0));
+    });
+    let err = outcome(&text(&spliced), trusted()).unwrap_err();
+    assert!(err.to_string().contains("evidence check failed"), "{err}");
+
+    // Spliced without re-chaining: the chain itself breaks.
+    let mut cut = real.clone();
+    cut[done] = cut[done].replace("\"code\":1", "\"code\":0");
+    assert!(outcome(&text(&cut), trusted()).is_err());
+
+    // The closing checkpoint dropped and the spliced records re-chained.
+    let mut dropped = real[..real.len() - 1].to_vec();
+    rechain(&mut dropped, done, |r| {
+        r.details.insert("code".into(), json!(0));
+    });
+    let result = outcome(&text(&dropped), trusted()).unwrap();
+    assert!(
+        matches!(result.runs[0].verdict, Verdict::AttestedUpTo { .. }),
+        "{:?}",
+        result.runs[0].verdict
+    );
+    assert!(result.runs[0]
+        .not_attested
+        .iter()
+        .any(|r| r.event == "workload_done"));
+    assert_eq!(result.exit_code(), 3);
+}
+
+#[test]
+fn pinned_policy_and_bundle_digests_must_match() {
+    let lines = Boot::new().run(Checkpoints::All, 0);
+    let mut pins = trusted();
+    pins.policy = Some(Digest::of(POLICY.as_bytes()));
+    pins.bundle = Some(Digest::of(BUNDLE.as_bytes()));
+    assert_eq!(outcome(&text(&lines), pins.clone()).unwrap().exit_code(), 0);
+
+    let mut wrong = pins.clone();
+    wrong.policy = Some(Digest::of(b"another policy"));
+    let err = outcome(&text(&lines), wrong).unwrap_err();
+    assert!(err.to_string().contains("--expect-policy"), "{err}");
+
+    let mut wrong = pins;
+    wrong.bundle = Some(Digest::of(b"another bundle"));
+    let err = outcome(&text(&lines), wrong).unwrap_err();
+    assert!(err.to_string().contains("--expect-bundle"), "{err}");
+}
+
+#[test]
+fn a_pinned_snp_measurement_needs_snp_evidence() {
+    let lines = Boot::new().run(Checkpoints::All, 0);
+    let mut pins = trusted();
+    pins.snp_measurement = Some(vec![0; 48]);
+    let err = outcome(&text(&lines), pins).unwrap_err();
+    assert!(err.to_string().contains("--snp-measurement"), "{err}");
+}
+
+#[test]
+fn a_checkpoint_must_cover_the_record_just_before_it() {
+    let mut lines = Boot::new().run(Checkpoints::All, 0);
+    let last = lines.len() - 1;
+    rechain(&mut lines, last, |r| {
+        let seq = r.details["head_seq"].as_u64().unwrap();
+        r.details.insert("head_seq".into(), json!(seq - 1));
+    });
+    let err = outcome(&text(&lines), trusted()).unwrap_err();
+    assert!(
+        err.to_string().contains("covers the record just before it"),
+        "{err}"
+    );
+}
+
+#[test]
+fn json_output_carries_the_verdicts_and_exit_code() {
+    let lines = Boot::new().run(Checkpoints::NoClosing, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.jsonl");
+    std::fs::write(&path, text(&lines)).unwrap();
+    let mut out = Vec::new();
+    let code = run_verify_command(&path, trusted(), true, &mut out).unwrap();
+    assert_eq!(code, 3);
+    let value: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(value["exit_code"], 3);
+    assert_eq!(value["runs"][0]["verdict"], "attested-up-to");
+    assert_eq!(
+        value["runs"][0]["not_attested"][0]["event"],
+        "workload_done"
+    );
+    assert_eq!(value["evidence"][0]["run"], 1);
+}
