@@ -90,16 +90,22 @@ const CLAIM_ORDER: [&str; 8] = [
 
 /// `executables=33 (unrecognized run-time: …), hardware=2 (genuine), …` for one
 /// submodule's `ear.trustworthiness-vector`, claims in [`CLAIM_ORDER`] then any others.
+/// Claims at 0 ("no claim") are left out, except `executables` and `instance-identity`,
+/// which tell the operator which check failed.
 fn vector_words(vector: &serde_json::Map<String, Value>) -> String {
+    let shown = |name: &str| {
+        matches!(name, "executables" | "instance-identity")
+            || vector.get(name).and_then(Value::as_i64) != Some(0)
+    };
     let mut names: Vec<&str> = CLAIM_ORDER
         .iter()
         .copied()
-        .filter(|n| vector.contains_key(*n))
+        .filter(|n| vector.contains_key(*n) && shown(n))
         .collect();
     let mut others: Vec<&str> = vector
         .keys()
         .map(String::as_str)
-        .filter(|k| !CLAIM_ORDER.contains(k))
+        .filter(|k| !CLAIM_ORDER.contains(k) && shown(k))
         .collect();
     others.sort_unstable();
     names.extend(others);
@@ -256,7 +262,7 @@ mod tests {
         );
         assert_eq!(
             wrong_pcr,
-            format!("; the broker's token (unverified token claims) says cpu0: ear.status = warning, trust vector executables=33 (unrecognized run-time: a reference value did not match), instance-identity=2 (recognized instance), hardware=2 (genuine), configuration=0 (no claim); the AK is recognized (instance-identity 2), so a PCR did not match its reference value (tpm_pcr11, or a PCR the deployment added such as tpm_pcr15); the AK that signed the quote is {fingerprint}, the token's pcr11 = {}, pcr15 = {}", "11".repeat(32), "ab".repeat(32))
+            format!("; the broker's token (unverified token claims) says cpu0: ear.status = warning, trust vector executables=33 (unrecognized run-time: a reference value did not match), instance-identity=2 (recognized instance), hardware=2 (genuine); the AK is recognized (instance-identity 2), so a PCR did not match its reference value (tpm_pcr11, or a PCR the deployment added such as tpm_pcr15); the AK that signed the quote is {fingerprint}, the token's pcr11 = {}, pcr15 = {}", "11".repeat(32), "ab".repeat(32))
         );
         let untrusted = refusal_words(
             &claims(json!({"executables": 33, "instance-identity": 0, "hardware": 2})),
