@@ -969,10 +969,7 @@ fn tpm_end_to_end_with_swtpm() {
         wrong_pcr.contains("so a PCR did not match its reference value"),
         "{wrong_pcr}"
     );
-    assert!(
-        wrong_pcr.contains(&format!("the token's pcr11 = ")),
-        "{wrong_pcr}"
-    );
+    assert!(wrong_pcr.contains("the token's pcr11 = "), "{wrong_pcr}");
     assert!(
         wrong_pcr.contains(&format!("pcr15 = {pcr15_hex}")),
         "{wrong_pcr}"
