@@ -517,7 +517,14 @@ impl Client {
         )?;
         self.expect_ok(Call::Auth, "/kbs/v0/auth", &response)?;
         let challenge: Challenge = serde_json::from_slice(&response.body).map_err(|e| {
-            self.protocol(Call::Auth, format!("a body that is not a challenge ({e})"))
+            // serde may quote the body's text: escape it.
+            self.protocol(
+                Call::Auth,
+                format!(
+                    "a body that is not a challenge ({})",
+                    sanitize(&e.to_string())
+                ),
+            )
         })?;
         check_nonce(&challenge.nonce).map_err(|what| self.protocol(Call::Auth, what))?;
         let Some(mut cookie) = response.session_cookie() else {
