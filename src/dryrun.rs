@@ -121,6 +121,22 @@ pub fn reference_values(
     }))
 }
 
+/// The attestation key a provider describes (`ak_public`, base64 of its SPKI DER: `tpm`
+/// and `az-snp-vtpm`), by both its names: `{"sha256": "sha256:<hex>", "spki_der_base64":
+/// "<the string to put in the broker's trusted_aks>"}`. `None` for a provider without an AK.
+pub fn ak_report(provider: &Value) -> Option<Value> {
+    use base64::Engine;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(provider.get("ak_public")?.as_str()?)
+        .ok()?;
+    let (fingerprint, spki) = crate::report::ak_names(&der);
+    Some(json!({
+        "sha256": fingerprint,
+        "spki_der_base64": spki,
+        "register": "add spki_der_base64 to the broker's trusted_aks reference value",
+    }))
+}
+
 /// The measure and attest stages against the policy's TEE and broker, then a fetch of each
 /// resource (the policy's volume keys and secrets, plus `extra`). Returns the report and
 /// whether everything was released.
@@ -151,6 +167,9 @@ pub fn attest(
         "bundle_digest": details["bundle_digest"],
         "event_log_accumulator": event_log.accumulator(),
     });
+    if let Some(ak) = ak_report(&report["provider"]["provider"]) {
+        report["ak"] = ak;
+    }
     let exchange = match exchange {
         Ok(exchange) => exchange,
         Err(error) => {
@@ -197,4 +216,24 @@ pub fn attest(
     report["resources"] = json!(results);
     report["tries"] = json!(tries);
     Ok((report, all))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ak_is_named_by_fingerprint_and_by_its_trusted_aks_string() {
+        use sha2::Digest;
+        let der = [0x30u8, 0x82, 0x01, 0x0a, 0x02, 0x82];
+        let ak = ak_report(&json!({"tcti": "swtpm", "ak_public": "MIIBCgKC"})).unwrap();
+        assert_eq!(
+            ak["sha256"],
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(der)))
+        );
+        assert_eq!(ak["spki_der_base64"], "MIIBCgKC");
+        assert!(ak_report(&json!({"tee": "sample"})).is_none());
+        assert!(ak_report(&json!({"ak_public": "not base64!"})).is_none());
+    }
 }

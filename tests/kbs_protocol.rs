@@ -17,7 +17,7 @@ use base64::Engine;
 use cvm_warden::digest::Digest;
 use cvm_warden::kbs::{
     Attempt, Backoff, Call, Client, KbsConfig, KbsError, KeyWrap, Outcome, RecordingObserver,
-    TeeKey, MAX_HANDSHAKES,
+    TeeKey, MAX_HANDSHAKES, MAX_NONCE, MAX_RESOURCE_REQUESTS,
 };
 use cvm_warden::keybroker::RealBroker;
 use cvm_warden::policy::ResourceUri;
@@ -297,7 +297,7 @@ fn policy_deny_names_the_resource_and_releases_nothing() {
         .resource(&uri(), &mut SampleProvider::new(), &mut observer)
         .unwrap_err();
     match &err {
-        KbsError::PolicyDeny { uri, detail } => {
+        KbsError::PolicyDeny { uri, detail, .. } => {
             assert_eq!(uri, "kbs:///default/secrets/x");
             assert_eq!(detail, "Access denied by policy");
         }
@@ -307,6 +307,11 @@ fn policy_deny_names_the_resource_and_releases_nothing() {
     assert!(message.contains("kbs:///default/secrets/x"), "{message}");
     assert!(message.contains("refused the evidence"), "{message}");
     assert!(message.contains("PolicyDeny"), "{message}");
+    // The token the client holds says why (sample evidence: no launch digest).
+    assert!(
+        message.contains("the broker's token (unverified token claims) says cpu0: ear.status = warning, trust vector executables=33 (unrecognized run-time: a reference value did not match), instance-identity=0 (no claim), hardware=2 (genuine), configuration=36 (configuration elements unavailable)"),
+        "{message}"
+    );
     // PolicyDeny is final: one handshake, one resource request, no retry.
     assert_eq!(
         tries(&observer),
@@ -450,12 +455,15 @@ fn expired_tokens_rehandshake_a_bounded_number_of_times() {
     match &err {
         KbsError::Unauthorized {
             uri,
+            requests,
             handshakes,
             status,
             variant,
             detail,
+            ..
         } => {
             assert_eq!(uri, "kbs:///default/secrets/x");
+            assert_eq!(*requests, MAX_RESOURCE_REQUESTS);
             assert_eq!(*handshakes, MAX_HANDSHAKES);
             assert_eq!(*status, 401);
             assert_eq!(variant, "TokenVerifierError");
@@ -495,6 +503,133 @@ fn expired_tokens_rehandshake_a_bounded_number_of_times() {
     .take(9)
     .collect();
     assert_eq!(tries(&observer), expected_tries);
+}
+
+/// A resource the broker does not hold is answered 401 (PluginInternalError, as Trustee
+/// does): the client asks for it exactly 3 times in all — also when the first request reuses
+/// the session of an earlier `attest` — and runs no handshake that no request uses.
+#[test]
+fn a_missing_resource_is_requested_exactly_three_times() {
+    let broker = sample_broker(sample_policy(), Faults::default());
+    let mut client = http_client(&broker);
+    let mut provider = SampleProvider::new();
+    let mut observer = RecordingObserver::default();
+    client.attest(&mut provider, &mut observer).unwrap();
+    let missing = ResourceUri::parse("kbs:///default/secrets/missing").unwrap();
+    let err = client
+        .resource(&missing, &mut provider, &mut observer)
+        .unwrap_err();
+    match &err {
+        KbsError::Unauthorized {
+            requests,
+            handshakes,
+            variant,
+            ..
+        } => {
+            assert_eq!((*requests, *handshakes), (3, 2));
+            assert_eq!(variant, "PluginInternalError");
+        }
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains("refused kbs:///default/secrets/missing 3 times in all"),
+        "{message}"
+    );
+    let gets: Vec<_> = broker
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET")
+        .collect();
+    assert_eq!(gets.len() as u32, MAX_RESOURCE_REQUESTS);
+    assert!(gets
+        .iter()
+        .all(|r| r.path == "/kbs/v0/resource/default/secrets/missing"
+            && r.error == Some(ErrorKind::PluginInternalError)));
+    assert_eq!(broker.requests().last().unwrap().method, "GET");
+}
+
+/// The broker's nonce is bounded (1 KiB) and must be free of control and bidi characters
+/// before it is bound into evidence: the client refuses it after /auth, before /attest.
+#[test]
+fn a_broker_nonce_over_bounds_or_with_bidi_is_refused_before_binding() {
+    for (nonce, what) in [
+        ("A".repeat(MAX_NONCE + 1), "a nonce of 1025 bytes"),
+        (
+            "Dn/RSy3S\u{202e}MzL+\u{1b}[2J".to_string(),
+            "a nonce with control or bidi/format characters (Dn/RSy3S\\u{202e}MzL+\\u{1b}[2J)",
+        ),
+    ] {
+        let broker = sample_broker(
+            sample_policy(),
+            Faults {
+                nonce: Some(nonce.clone()),
+                ..Faults::default()
+            },
+        );
+        let mut client = http_client(&broker);
+        let err = client
+            .attest(
+                &mut SampleProvider::new(),
+                &mut RecordingObserver::default(),
+            )
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains(what), "{message}");
+        assert!(
+            !message.contains('\u{202e}') && !message.contains('\u{1b}'),
+            "{message}"
+        );
+        assert_eq!(requests(&broker), [req("POST", AUTH, 200, None)]);
+    }
+    // At the bound it is accepted, echoed and recorded as sent.
+    let nonce = "A".repeat(MAX_NONCE);
+    let broker = sample_broker(
+        sample_policy(),
+        Faults {
+            nonce: Some(nonce.clone()),
+            ..Faults::default()
+        },
+    );
+    let mut client = http_client(&broker);
+    let attested = client
+        .attest(
+            &mut SampleProvider::new(),
+            &mut RecordingObserver::default(),
+        )
+        .unwrap();
+    assert_eq!(attested.nonce, nonce);
+}
+
+/// A broker's error detail reaches the operator with ANSI and bidi characters escaped.
+#[test]
+fn a_broker_error_detail_is_escaped() {
+    let broker = sample_broker(
+        ResourcePolicy::new(&["sample"], RequiredStatus::Affirming),
+        Faults {
+            deny_detail: Some("denied\u{1b}]0;owned\u{7}\u{202e}txt.exe\u{2066}".into()),
+            ..Faults::default()
+        },
+    );
+    let mut client = http_client(&broker);
+    let err = client
+        .resource(
+            &uri(),
+            &mut SampleProvider::new(),
+            &mut RecordingObserver::default(),
+        )
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("(PolicyDeny: denied\\u{1b}]0;owned\\u{7}\\u{202e}txt.exe\\u{2066})"),
+        "{message}"
+    );
+    assert!(
+        !message.chars().any(|c| c.is_control()
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+            || ('\u{202a}'..='\u{202e}').contains(&c)),
+        "{message}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -700,6 +835,23 @@ fn https_pinned_to_another_ca_fails_naming_the_ca() {
 mod swtpm;
 use swtpm::Swtpm;
 
+/// A broker as the last section of KBS-PROTOCOL.md sets a real Trustee up: `trusted_aks`,
+/// the `tpm_pcr15` reference value read by the attestation policy, and a resource policy
+/// that releases only to an `affirming` token.
+fn trustee_like_broker(trusted_aks: &[&str], pcr15_hex: &str) -> RunningBroker {
+    let config = BrokerConfig {
+        trusted_aks: trusted_aks.iter().map(|a| a.to_string()).collect(),
+        ..BrokerConfig::default()
+    }
+    .with_reference_value("tpm_pcr15", &[pcr15_hex])
+    .with_resource(
+        RESOURCE,
+        &SECRET,
+        ResourcePolicy::new(&["tpm"], RequiredStatus::Affirming),
+    );
+    Broker::start(config, "127.0.0.1:0").unwrap()
+}
+
 fn tpm_broker(ak_public: &str, pcr15_hex: &str) -> RunningBroker {
     let config = BrokerConfig {
         trusted_aks: vec![ak_public.to_string()],
@@ -772,7 +924,7 @@ fn tpm_end_to_end_with_swtpm() {
         .resource(&uri(), &mut provider, &mut observer)
         .unwrap_err();
     match &err {
-        KbsError::PolicyDeny { uri, detail } => {
+        KbsError::PolicyDeny { uri, detail, .. } => {
             assert_eq!(uri, "kbs:///default/secrets/x");
             assert_eq!(detail, "Access denied by policy");
         }
@@ -786,6 +938,56 @@ fn tpm_end_to_end_with_swtpm() {
     let log = wrong.requests();
     assert_eq!(log.len(), 3);
     assert_eq!(log[2].error, Some(ErrorKind::PolicyDeny));
+
+    // Against a broker set up like Trustee (reference values in the attestation policy), a
+    // wrong PCR 15 and an untrusted AK are both a bare PolicyDeny on the wire; the messages
+    // differ by what the token says (instance-identity 2: the AK is recognized).
+    let (fingerprint, _) = cvm_warden::report::ak_names(&STANDARD.decode(&ak_public).unwrap());
+    let refusal = |broker: &RunningBroker, provider: &mut TpmProvider| {
+        let mut client = http_client(broker);
+        let err = client
+            .resource(&uri(), provider, &mut RecordingObserver::default())
+            .unwrap_err();
+        assert!(matches!(err, KbsError::PolicyDeny { .. }), "{err:?}");
+        err.to_string()
+    };
+    let good = trustee_like_broker(&[&ak_public], &pcr15_hex);
+    let mut client = http_client(&good);
+    let released = client
+        .resource(&uri(), &mut provider, &mut RecordingObserver::default())
+        .unwrap();
+    assert_eq!(released.bytes(), SECRET);
+    let wrong_pcr = refusal(
+        &trustee_like_broker(&[&ak_public], &hex::encode(other)),
+        &mut provider,
+    );
+    assert!(
+        wrong_pcr.contains("ear.status = warning, trust vector executables=33 (unrecognized run-time: a reference value did not match), instance-identity=2 (recognized instance)"),
+        "{wrong_pcr}"
+    );
+    assert!(
+        wrong_pcr.contains("so a PCR did not match its reference value"),
+        "{wrong_pcr}"
+    );
+    assert!(wrong_pcr.contains("the token's pcr11 = "), "{wrong_pcr}");
+    assert!(
+        wrong_pcr.contains(&format!("pcr15 = {pcr15_hex}")),
+        "{wrong_pcr}"
+    );
+    let untrusted = refusal(&trustee_like_broker(&[], &pcr15_hex), &mut provider);
+    assert!(
+        untrusted.contains("ear.status = warning, trust vector executables=33 (unrecognized run-time: a reference value did not match), instance-identity=0 (no claim)"),
+        "{untrusted}"
+    );
+    assert!(
+        untrusted.contains("an AK that is not in trusted_aks"),
+        "{untrusted}"
+    );
+    assert!(
+        untrusted.contains(&format!("the AK that signed the quote is {fingerprint}")),
+        "{untrusted}"
+    );
+    assert_ne!(wrong_pcr, untrusted);
     assert_eq!(
         log[2].reason.as_deref(),
         Some(
@@ -912,8 +1114,14 @@ fn real_broker_records_re_handshakes_during_fetch() {
         .iter()
         .filter(|t| t["call"] == "re-attested")
         .collect::<Vec<_>>();
-    // The broker refused every token, so the client re-attested MAX_HANDSHAKES (3) times.
-    assert_eq!(re.len(), 3, "{tries:#?}");
+    // The broker refused every token: the session from attest() served the first request,
+    // and the client re-attested twice for the other two of its 3 requests in all.
+    assert_eq!(re.len(), 2, "{tries:#?}");
+    assert_eq!(
+        tries.iter().filter(|t| t["call"] == "resource").count(),
+        3,
+        "{tries:#?}"
+    );
     assert_eq!(re[0]["resource"], "kbs:///default/secrets/x");
     assert_eq!(re[0]["exchange"]["tee"], "sample");
     assert!(re[0]["exchange"]["nonce"]

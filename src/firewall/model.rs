@@ -324,9 +324,12 @@ fn quote(s: &str) -> String {
     format!("\"{}\"", sanitize(s))
 }
 
-/// Printable ASCII without `"` and `\`; anything else becomes `?`.
+/// Text for an nft comment: control and bidi/format characters escaped visibly by
+/// [`crate::report::sanitize`] (the one escaping function), then printable ASCII without `"`
+/// and `\`; anything else becomes `?`.
 pub(crate) fn sanitize(s: &str) -> String {
-    s.chars()
+    crate::report::sanitize(s, usize::MAX)
+        .chars()
         .map(|c| {
             if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
                 c

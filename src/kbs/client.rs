@@ -31,8 +31,32 @@ use crate::tee::Provider;
 /// Most tries of one call the configuration may ask for.
 pub const MAX_TRIES: u32 = 10;
 
-/// Most handshakes one [`Client::resource`] call runs (the reference client's limit).
-pub const MAX_HANDSHAKES: u32 = 3;
+/// Most handshakes one [`Client::resource`] call runs: one per resource request at most
+/// (see [`MAX_RESOURCE_REQUESTS`]).
+pub const MAX_HANDSHAKES: u32 = MAX_RESOURCE_REQUESTS;
+
+/// Most requests for one resource one [`Client::resource`] call sends, the first included
+/// (Trustee's own client asks at most 3 times in all). Transport retries of one request
+/// (connection failures, 5xx) are not counted: they are the same request.
+pub const MAX_RESOURCE_REQUESTS: u32 = 3;
+
+// Bounds on what the broker sends, checked before anything is bound, logged or audited.
+// Trustee sends a 44-character nonce, a 32-hex-digit cookie, tokens of a few KiB (tens of
+// KiB with large evidence claims) and one-line errors; these leave wide margins.
+
+/// Longest nonce accepted, in bytes.
+pub const MAX_NONCE: usize = 1024;
+/// Longest `kbs-session-id` cookie value accepted, in bytes (the RFC 6265 size a client must
+/// at least support).
+pub const MAX_COOKIE: usize = 4096;
+/// Longest attestation token accepted, in bytes.
+pub const MAX_TOKEN: usize = 1024 * 1024;
+/// Longest error `type` shown, in bytes (the URL prefix is 55 bytes); a longer one is
+/// reported as `unknown` with its length.
+pub const MAX_ERROR_TYPE: usize = 256;
+/// Longest error `detail` shown, in bytes; a longer one is replaced by its length (a
+/// shorter one is still cut to [`super::MAX_SHOWN`] characters for messages).
+pub const MAX_ERROR_DETAIL: usize = 4096;
 
 /// Capped exponential backoff: after try `n` fails, wait `min(initial · 2^(n-1), max)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -382,6 +406,7 @@ impl Client {
         };
         let path = format!("/kbs/v0/resource/{}", uri.path());
         let mut handshakes = 0;
+        let mut requests = 0;
         loop {
             let session = match self.session.take() {
                 Some(session) => session,
@@ -390,6 +415,7 @@ impl Client {
                     self.handshake(&op, provider, observer)?
                 }
             };
+            requests += 1;
             let response = self.exchange(
                 &op,
                 observer,
@@ -417,23 +443,32 @@ impl Client {
                 }
                 401 | 403 => {
                     let (variant, detail) = error_info(&response.body);
+                    // The refusal names no check; the token the client holds does.
+                    let verdict = super::verdict::refusal_words(
+                        &session.attested.claims,
+                        &session.attested.evidence,
+                    );
                     if variant == "PolicyDeny" {
                         self.session = Some(session);
                         return Err(KbsError::PolicyDeny {
                             uri: uri.to_string(),
                             detail,
+                            verdict,
                         });
                     }
                     // The session or token is no longer good: forget it (its key and token
-                    // are zeroized on drop) and attest again, within the limit.
+                    // are zeroized on drop) and attest again, within the limit. No handshake
+                    // is run that no request would use.
                     drop(session);
-                    if handshakes >= MAX_HANDSHAKES {
+                    if requests >= MAX_RESOURCE_REQUESTS {
                         return Err(KbsError::Unauthorized {
                             uri: uri.to_string(),
+                            requests,
                             handshakes,
                             status: response.status,
                             variant,
                             detail,
+                            verdict,
                         });
                     }
                 }
@@ -482,14 +517,20 @@ impl Client {
         )?;
         self.expect_ok(Call::Auth, "/kbs/v0/auth", &response)?;
         let challenge: Challenge = serde_json::from_slice(&response.body).map_err(|e| {
-            self.protocol(Call::Auth, format!("a body that is not a challenge ({e})"))
+            // serde may quote the body's text: escape it.
+            self.protocol(
+                Call::Auth,
+                format!(
+                    "a body that is not a challenge ({})",
+                    sanitize(&e.to_string())
+                ),
+            )
         })?;
-        if challenge.nonce.is_empty() {
-            return Err(self.protocol(Call::Auth, "an empty nonce".into()));
-        }
+        check_nonce(&challenge.nonce).map_err(|what| self.protocol(Call::Auth, what))?;
         let Some(mut cookie) = response.session_cookie() else {
             return Err(self.protocol(Call::Auth, format!("no {} cookie", super::SESSION_COOKIE)));
         };
+        check_cookie(&cookie).map_err(|what| self.protocol(Call::Auth, what))?;
 
         // 2. A fresh key, the binding, the evidence.
         let key = (self.keygen)(self.config.key_wrap)?;
@@ -547,6 +588,7 @@ impl Client {
             .and_then(Value::as_str)
             .map(str::to_string);
         if let Some(renewed) = response.session_cookie() {
+            check_cookie(&renewed).map_err(|what| self.protocol(Call::Attest, what))?;
             cookie = renewed;
         }
 
@@ -700,7 +742,24 @@ impl Client {
         struct TokenAnswer {
             token: String,
         }
+        if body.len() > MAX_TOKEN + 64 {
+            return Err(self.protocol(
+                Call::Attest,
+                format!(
+                    "an answer of {} bytes (a token may have at most {MAX_TOKEN} bytes)",
+                    body.len()
+                ),
+            ));
+        }
         match serde_json::from_slice::<TokenAnswer>(body) {
+            Ok(mut answer) if answer.token.len() > MAX_TOKEN => {
+                let len = answer.token.len();
+                zeroize::Zeroize::zeroize(&mut answer.token);
+                Err(self.protocol(
+                    Call::Attest,
+                    format!("a token of {len} bytes (at most {MAX_TOKEN} are accepted)"),
+                ))
+            }
             Ok(answer) if !answer.token.is_empty() => Ok(Zeroizing::new(answer.token)),
             Ok(mut answer) => {
                 zeroize::Zeroize::zeroize(&mut answer.token);
@@ -740,10 +799,83 @@ impl Client {
     }
 }
 
+/// The nonce is bound into the evidence and recorded in the audit log as received, so it is
+/// checked first: not empty, at most [`MAX_NONCE`] bytes, no control or bidi/format
+/// characters (a Trustee nonce is base64).
+fn check_nonce(nonce: &str) -> Result<(), String> {
+    if nonce.is_empty() {
+        return Err("an empty nonce".into());
+    }
+    if nonce.len() > MAX_NONCE {
+        return Err(format!(
+            "a nonce of {} bytes (at most {MAX_NONCE} are accepted; Trustee sends 44)",
+            nonce.len()
+        ));
+    }
+    if crate::report::has_unsafe_chars(nonce) {
+        return Err(format!(
+            "a nonce with control or bidi/format characters ({}); a Trustee nonce is base64",
+            sanitize(nonce)
+        ));
+    }
+    Ok(())
+}
+
+/// The session cookie is sent back in a header, never shown: at most [`MAX_COOKIE`] bytes,
+/// no control or bidi/format characters.
+fn check_cookie(cookie: &str) -> Result<(), String> {
+    if cookie.len() > MAX_COOKIE {
+        return Err(format!(
+            "a {} cookie of {} bytes (at most {MAX_COOKIE} are accepted)",
+            super::SESSION_COOKIE,
+            cookie.len()
+        ));
+    }
+    if crate::report::has_unsafe_chars(cookie) {
+        return Err(format!(
+            "a {} cookie with control or bidi/format characters",
+            super::SESSION_COOKIE
+        ));
+    }
+    Ok(())
+}
+
+/// Every string in the token's claims (keys too) that holds a control or bidi/format
+/// character passed through [`crate::report::sanitize`] (no cut: the token's size is bounded
+/// by [`MAX_TOKEN`]), so the claims can go to the audit log and messages.
+fn sanitize_claims(value: Value) -> Value {
+    let clean = |text: String| {
+        if crate::report::has_unsafe_chars(&text) {
+            crate::report::sanitize(&text, usize::MAX)
+        } else {
+            text
+        }
+    };
+    match value {
+        Value::String(text) => Value::String(clean(text)),
+        Value::Array(items) => Value::Array(items.into_iter().map(sanitize_claims).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (clean(k), sanitize_claims(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 /// The broker's error variant (last segment of `type`) and detail, sanitised; for a body
-/// that is not an error document, `("unknown", <start of the body>)`.
+/// that is not an error document, `("unknown", <start of the body>)`. A `type` longer than
+/// [`MAX_ERROR_TYPE`] or a `detail` longer than [`MAX_ERROR_DETAIL`] is not shown, only
+/// its length.
 fn error_info(body: &[u8]) -> (String, String) {
     match serde_json::from_slice::<ErrorInformation>(body) {
+        Ok(info) if info.error_type.len() > MAX_ERROR_TYPE => (
+            "unknown".into(),
+            format!(
+                "an error type of {} bytes (over {MAX_ERROR_TYPE}; not shown)",
+                info.error_type.len()
+            ),
+        ),
         Ok(info) => {
             let variant = info
                 .error_type
@@ -751,7 +883,15 @@ fn error_info(body: &[u8]) -> (String, String) {
                 .next()
                 .filter(|v| !v.is_empty())
                 .unwrap_or("unknown");
-            (sanitize(variant), sanitize(&info.detail))
+            let detail = if info.detail.len() > MAX_ERROR_DETAIL {
+                format!(
+                    "a detail of {} bytes (over {MAX_ERROR_DETAIL}; not shown)",
+                    info.detail.len()
+                )
+            } else {
+                sanitize(&info.detail)
+            };
+            (sanitize(variant), detail)
         }
         Err(_) if body.is_empty() => ("unknown".into(), "empty body".into()),
         Err(_) => ("unknown".into(), sanitize(&String::from_utf8_lossy(body))),
@@ -784,7 +924,7 @@ fn token_claims(token: &str) -> Result<Value, String> {
         .decode(payload)
         .map_err(|e| format!("a token whose claims are not base64url ({e})"))?;
     match serde_json::from_slice::<Value>(&bytes) {
-        Ok(claims @ Value::Object(_)) => Ok(claims),
+        Ok(claims @ Value::Object(_)) => Ok(sanitize_claims(claims)),
         Ok(_) => Err("a token whose claims are not a JSON object".into()),
         Err(e) => Err(format!("a token whose claims are not JSON ({e})")),
     }

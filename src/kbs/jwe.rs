@@ -93,6 +93,16 @@ pub enum JweError {
         /// The parameter.
         param: String,
     },
+    /// A member is longer than this client accepts (checked before it is decoded).
+    #[error("JWE member {member:?} is {found} characters; at most {max} are accepted")]
+    TooLong {
+        /// The member name.
+        member: &'static str,
+        /// Its length.
+        found: usize,
+        /// The bound.
+        max: usize,
+    },
     /// A member has the wrong length.
     #[error("JWE {what} is {found} bytes; expected {expected}")]
     Size {
@@ -296,13 +306,34 @@ fn epk(header: &Map<String, Value>) -> Result<p256::PublicKey, JweError> {
     })
 }
 
+/// Longest member accepted, in characters, before it is decoded: the protected header (an
+/// `epk` and four short names), the wrapped key (RSA-4096: 683), the IV and tag (16 and 22);
+/// the ciphertext is bounded by the answer size ([`super::transport::MAX_BODY`]).
+pub const MAX_MEMBER: [(&str, usize); 4] = [
+    ("protected", 8192),
+    ("encrypted_key", 1024),
+    ("iv", 64),
+    ("tag", 64),
+];
+
 fn member_str<'a>(
     members: &'a Map<String, Value>,
     name: &'static str,
 ) -> Result<&'a str, JweError> {
     match members.get(name) {
         None => Err(JweError::Missing { member: name }),
-        Some(Value::String(s)) => Ok(s),
+        Some(Value::String(s)) => {
+            if let Some((_, max)) = MAX_MEMBER.iter().find(|(member, _)| *member == name) {
+                if s.len() > *max {
+                    return Err(JweError::TooLong {
+                        member: name,
+                        found: s.len(),
+                        max: *max,
+                    });
+                }
+            }
+            Ok(s)
+        }
         Some(_) => Err(JweError::Malformed {
             detail: format!("{name:?} is not a string"),
         }),

@@ -28,6 +28,7 @@ pub mod fake;
 pub mod jwe;
 pub mod key;
 pub mod transport;
+pub mod verdict;
 
 #[cfg(test)]
 mod tests;
@@ -39,7 +40,8 @@ use serde::Serialize;
 
 pub use binding::{canonical_binding, report_data, BindingError};
 pub use client::{
-    Attested, Backoff, Client, KbsConfig, KeyGenerator, Released, MAX_HANDSHAKES, MAX_TRIES,
+    Attested, Backoff, Client, KbsConfig, KeyGenerator, Released, MAX_COOKIE, MAX_ERROR_DETAIL,
+    MAX_ERROR_TYPE, MAX_HANDSHAKES, MAX_NONCE, MAX_RESOURCE_REQUESTS, MAX_TOKEN, MAX_TRIES,
 };
 pub use jwe::JweError;
 pub use key::{KeyWrap, TeeKey};
@@ -226,12 +228,15 @@ pub enum KbsError {
         last: String,
     },
     /// The broker's resource policy refused to release the resource.
-    #[error("the key broker refused the evidence for {uri} (PolicyDeny: {detail}); check the broker's resource policy and reference values")]
+    #[error("the key broker refused the evidence for {uri} (PolicyDeny: {detail}){verdict}; check the broker's resource policy and reference values")]
     PolicyDeny {
         /// The resource.
         uri: String,
         /// The broker's detail.
         detail: String,
+        /// What the token the client holds says (`; the broker's token (unverified token
+        /// claims) says cpu0: ear.status = …, trust vector …`, see [`verdict`]), or empty.
+        verdict: String,
     },
     /// The broker rejected the attestation (`POST /attest` answered 401).
     #[error("the key broker at {url} rejected the {tee} evidence ({variant}: {detail}); check the broker's attestation policy and reference values, and that attestation.tee matches this VM")]
@@ -245,11 +250,14 @@ pub enum KbsError {
         /// The broker's detail.
         detail: String,
     },
-    /// The broker refused a resource request even after fresh handshakes.
-    #[error("the key broker refused {uri} after {handshakes} handshake(s) (HTTP {status}, {variant}: {detail}); check that the resource exists on the broker, its resource policy, and the token lifetime")]
+    /// The broker refused a resource request [`MAX_RESOURCE_REQUESTS`] times, with fresh
+    /// handshakes between.
+    #[error("the key broker refused {uri} {requests} times in all, with {handshakes} handshake(s) (HTTP {status}, {variant}: {detail}){verdict}; check that the resource exists on the broker (a missing resource is refused like this too), its resource policy, and the token lifetime")]
     Unauthorized {
         /// The resource.
         uri: String,
+        /// Resource requests made (at most [`MAX_RESOURCE_REQUESTS`]).
+        requests: u32,
         /// Handshakes run for this request.
         handshakes: u32,
         /// The last status (401 or 403).
@@ -258,6 +266,8 @@ pub enum KbsError {
         variant: String,
         /// The broker's detail.
         detail: String,
+        /// What the last token said, as for [`KbsError::PolicyDeny`], or empty.
+        verdict: String,
     },
     /// The broker answered 404: the path is not one it serves.
     #[error("the key broker at {url} has no {path} (HTTP 404{detail}); check the resource URI segments and that attestation.kbs points at a KBS {version} broker", version = PROTOCOL_VERSION)]
@@ -318,17 +328,13 @@ pub enum KbsError {
     },
 }
 
-/// Makes broker-provided text safe to put in one line of an error or audit record: control
-/// characters become spaces and it is cut to 300 characters.
+/// Most characters of one broker-supplied string (an error detail, a header value) shown in
+/// a message or audit record.
+pub const MAX_SHOWN: usize = 300;
+
+/// Makes broker-provided text safe to put in one line of an error or audit record:
+/// [`crate::report::sanitize`] (control and bidi/format characters escaped visibly), cut to
+/// [`MAX_SHOWN`] characters.
 pub(crate) fn sanitize(text: &str) -> String {
-    const MAX: usize = 300;
-    let mut out: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX)
-        .collect();
-    if text.chars().count() > MAX {
-        out.push('…');
-    }
-    out
+    crate::report::sanitize(text, MAX_SHOWN)
 }

@@ -475,6 +475,30 @@ fn algorithms_and_sizes_are_checked() {
     assert!(err(&padded, &ec).contains("\"iv\" is not unpadded base64url"));
     assert!(decrypt(b"[]", &ec).is_err());
     assert!(decrypt(b"not json", &ec).is_err());
+
+    // Over-long members are refused before they are decoded; names and header values are
+    // escaped in messages.
+    for (member, max) in super::jwe::MAX_MEMBER {
+        let mut long = jwe.clone();
+        long[member] = json!("A".repeat(max + 1));
+        assert_eq!(
+            err(&long, &ec),
+            format!(
+                "JWE member {member:?} is {} characters; at most {max} are accepted",
+                max + 1
+            )
+        );
+    }
+    let mut odd = jwe.clone();
+    odd.as_object_mut()
+        .unwrap()
+        .insert("x\u{1b}[2J\u{202e}".into(), json!(1));
+    let text = err(&odd, &ec);
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+        "{text}"
+    );
+    assert!(text.contains("u{1b}[2J"), "{text}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -537,6 +561,16 @@ struct Broker {
     auth_transport_errors: u32,
     auth_error_kind: Option<TransportErrorKind>,
     omit_cookie: bool,
+    /// Answer /auth with this nonce instead of a well-formed one.
+    nonce: Option<String>,
+    /// Set this `kbs-session-id` value instead of `session-N`.
+    cookie: Option<String>,
+    /// Answer /attest with this token instead of a well-formed one.
+    token: Option<String>,
+    /// Put this `ear.trustworthiness-vector` (and `ear.status`) into cpu0 of the token.
+    verdict: Option<(&'static str, Value)>,
+    /// Answer a denial with this error body instead of Trustee's PolicyDeny.
+    deny_body: Option<Vec<u8>>,
     /// Every problem the broker found with a request (must stay empty).
     complaints: Vec<String>,
 }
@@ -550,13 +584,16 @@ fn error_body(variant: &str, detail: &str) -> Vec<u8> {
 }
 
 fn fake_token(status: &str) -> String {
+    token_with(json!({"ear.status": status}))
+}
+
+/// A JWT with `cpu0` as its only submodule (unsigned: the client never verifies it).
+fn token_with(cpu0: Value) -> String {
     let part = |v: Value| URL_SAFE_NO_PAD.encode(v.to_string());
     format!(
         "{}.{}.{}",
         part(json!({"alg": "ES256", "typ": "JWT"})),
-        part(
-            json!({"submods": {"cpu0": {"ear.status": status}}, "eat_profile": "tag:github.com,2023:veraison/ear"})
-        ),
+        part(json!({"submods": {"cpu0": cpu0}, "eat_profile": "tag:github.com,2023:veraison/ear"})),
         URL_SAFE_NO_PAD.encode([7u8; 64])
     )
 }
@@ -600,12 +637,17 @@ impl Broker {
             return self.complain("auth with a cookie".into());
         }
         self.counter += 1;
-        let cookie = format!("session-{}", self.counter);
+        let cookie = self
+            .cookie
+            .clone()
+            .unwrap_or_else(|| format!("session-{}", self.counter));
         // Base64 with '/', '+' and '=': must be echoed exactly.
-        let nonce = format!(
-            "Dn/RSy3SMzL+nsKPkD5p6d9A91pHw5S8IiDW5WnB{:03}s=",
-            self.counter
-        );
+        let nonce = self.nonce.clone().unwrap_or_else(|| {
+            format!(
+                "Dn/RSy3SMzL+nsKPkD5p6d9A91pHw5S8IiDW5WnB{:03}s=",
+                self.counter
+            )
+        });
         self.sessions.insert(
             cookie.clone(),
             BrokerSession {
@@ -670,7 +712,13 @@ impl Broker {
             ));
         }
         let key: TeePubKey = serde_json::from_value(jwk).unwrap();
-        let token = format!("{}{}", fake_token("affirming"), "");
+        let token = match (&self.token, &self.verdict) {
+            (Some(token), _) => token.clone(),
+            (None, Some((status, vector))) => {
+                token_with(json!({"ear.status": status, "ear.trustworthiness-vector": vector}))
+            }
+            (None, None) => fake_token("affirming"),
+        };
         let session = self.sessions.get_mut(&cookie).unwrap();
         session.key = Some(key);
         session.token = Some(token.clone());
@@ -705,10 +753,11 @@ impl Broker {
             ));
         }
         if self.deny {
-            return Ok(HttpResponse::new(
-                401,
-                error_body("PolicyDeny", "Access denied by policy"),
-            ));
+            let body = self
+                .deny_body
+                .clone()
+                .unwrap_or_else(|| error_body("PolicyDeny", "Access denied by policy"));
+            return Ok(HttpResponse::new(401, body));
         }
         let key = session.key.clone().unwrap();
         let path = req.path.trim_start_matches("/kbs/v0/resource/");
@@ -966,6 +1015,43 @@ fn expired_session_runs_a_new_handshake() {
     assert_eq!(last.cookie.as_deref(), Some("session-2"));
 }
 
+/// A resource the broker does not have is answered 401 (Trustee: `PluginInternalError`
+/// after its policy allowed the token), like an expired token: the client asks at most
+/// [`MAX_RESOURCE_REQUESTS`] times in all, also when a session from `attest` is reused for
+/// the first request (it used to ask 4 times then).
+#[test]
+fn a_missing_resource_is_asked_for_three_times_in_all() {
+    let mut h = harness(broker_with_secret());
+    h.client.attest(&mut h.provider, &mut h.observer).unwrap();
+    let missing = ResourceUri::parse("kbs:///default/keys/missing").unwrap();
+    let err = h
+        .client
+        .resource(&missing, &mut h.provider, &mut h.observer)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            KbsError::Unauthorized {
+                requests: 3,
+                handshakes: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "the key broker refused kbs:///default/keys/missing 3 times in all, with 2 handshake(s) (HTTP 401, PluginInternalError: Plugin internal error: resource not found); the broker's token (unverified token claims) says cpu0: ear.status = affirming, no trust vector; check that the resource exists on the broker (a missing resource is refused like this too), its resource policy, and the token lifetime"
+    );
+    let requests = h.log.requests();
+    let gets = requests.iter().filter(|r| r.method == Method::Get).count();
+    let auths = requests.iter().filter(|r| r.path == "/kbs/v0/auth").count();
+    assert_eq!(MAX_RESOURCE_REQUESTS, 3);
+    assert_eq!((auths, gets), (3, 3));
+    // The last request is a GET: no handshake is run that no request uses.
+    assert_eq!(requests.last().unwrap().method, Method::Get);
+}
+
 #[test]
 fn at_most_three_handshakes_per_resource() {
     let mut broker = broker_with_secret();
@@ -981,7 +1067,7 @@ fn at_most_three_handshakes_per_resource() {
     );
     assert_eq!(
         err.to_string(),
-        "the key broker refused kbs:///default/keys/workspace after 3 handshake(s) (HTTP 401, TokenVerifierError: Token Verifier error: token expired); check that the resource exists on the broker, its resource policy, and the token lifetime"
+        "the key broker refused kbs:///default/keys/workspace 3 times in all, with 3 handshake(s) (HTTP 401, TokenVerifierError: Token Verifier error: token expired); the broker's token (unverified token claims) says cpu0: ear.status = affirming, no trust vector; check that the resource exists on the broker (a missing resource is refused like this too), its resource policy, and the token lifetime"
     );
     let auths = h
         .log
@@ -1013,10 +1099,177 @@ fn policy_deny_is_final_and_explained() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "the key broker refused the evidence for kbs:///a/b/c (PolicyDeny: Access denied by policy); check the broker's resource policy and reference values"
+        "the key broker refused the evidence for kbs:///a/b/c (PolicyDeny: Access denied by policy); the broker's token (unverified token claims) says cpu0: ear.status = affirming, no trust vector; check the broker's resource policy and reference values"
     );
     // One handshake, one request: a denial is not retried.
     assert_eq!(h.log.requests().len(), 3);
+}
+
+/// A bare PolicyDeny names no check; the message says what the token the client holds says:
+/// its status and trust vector, in words.
+#[test]
+fn policy_deny_shows_the_tokens_trust_vector() {
+    let mut broker = broker_with_secret();
+    broker.deny = true;
+    broker.verdict = Some((
+        "warning",
+        json!({"executables": 33, "hardware": 2, "configuration": 0}),
+    ));
+    let mut h = harness(broker);
+    let err = h
+        .client
+        .resource(&uri(), &mut h.provider, &mut h.observer)
+        .unwrap_err();
+    match &err {
+        KbsError::PolicyDeny { verdict, .. } => assert_eq!(
+            verdict,
+            "; the broker's token (unverified token claims) says cpu0: ear.status = warning, trust vector executables=33 (unrecognized run-time: a reference value did not match), hardware=2 (genuine)"
+        ),
+        other => panic!("expected PolicyDeny, got {other:?}"),
+    }
+    assert!(
+        err.to_string().contains("kbs:///default/keys/workspace"),
+        "{err}"
+    );
+}
+
+/// Broker-supplied text in an error is escaped (ANSI and bidi/format characters visibly),
+/// and an over-long type or detail is not shown at all.
+#[test]
+fn broker_error_text_is_escaped_and_bounded() {
+    let deny = |body: Vec<u8>| {
+        let mut broker = broker_with_secret();
+        broker.deny = true;
+        broker.deny_body = Some(body);
+        let mut h = harness(broker);
+        h.client
+            .resource(&uri(), &mut h.provider, &mut h.observer)
+            .unwrap_err()
+            .to_string()
+    };
+    let text = deny(error_body(
+        "TokenVerifierError",
+        "bad \u{1b}[2J\u{202e}gnp.exe token",
+    ));
+    assert!(
+        text.contains("TokenVerifierError: bad \\u{1b}[2J\\u{202e}gnp.exe token"),
+        "{text}"
+    );
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+        "{text}"
+    );
+    let raw = serde_json::to_vec(&json!({
+        "type": "https://github.com/confidential-containers/kbs/errors/TokenVerifierError",
+        "detail": "x\u{1b}[31my\u{2066}z",
+    }))
+    .unwrap();
+    let text = deny(raw);
+    assert!(text.contains("x\\u{1b}[31my\\u{2066}z"), "{text}");
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{2066}'),
+        "{text}"
+    );
+    let text = deny(error_body(
+        "TokenVerifierError",
+        &"d".repeat(MAX_ERROR_DETAIL + 1),
+    ));
+    assert!(
+        text.contains("TokenVerifierError: a detail of 4097 bytes (over 4096; not shown)"),
+        "{text}"
+    );
+    let text = deny(error_body(&"V".repeat(MAX_ERROR_TYPE), "detail"));
+    assert!(
+        text.contains("unknown: an error type of 310 bytes (over 256; not shown)"),
+        "{text}"
+    );
+}
+
+/// What the broker sends is bounded before anything is bound, sent back or recorded: a
+/// nonce over 1 KiB (or with control or bidi characters) is refused before any evidence is
+/// made, a cookie over 4 KiB before /attest, a token over 1 MiB before its claims are read.
+#[test]
+fn oversized_or_unsafe_broker_fields_are_refused() {
+    let refused = |broker: Broker| {
+        let mut h = harness(broker);
+        let err = h
+            .client
+            .attest(&mut h.provider, &mut h.observer)
+            .unwrap_err();
+        let paths: Vec<String> = h.log.requests().into_iter().map(|r| r.path).collect();
+        (err.to_string(), h.provider.seen.len(), paths)
+    };
+    let auth_only = vec!["/kbs/v0/auth".to_string()];
+
+    let mut broker = broker_with_secret();
+    broker.nonce = Some("n".repeat(MAX_NONCE));
+    let mut h = harness(broker);
+    h.client.attest(&mut h.provider, &mut h.observer).unwrap();
+    assert_eq!(h.client.attested().unwrap().nonce.len(), MAX_NONCE);
+
+    let mut broker = broker_with_secret();
+    broker.nonce = Some("n".repeat(MAX_NONCE + 1));
+    let (text, evidence, paths) = refused(broker);
+    assert!(
+        text.contains(
+            "answered the auth call with a nonce of 1025 bytes (at most 1024 are accepted"
+        ),
+        "{text}"
+    );
+    assert_eq!((evidence, &paths), (0, &auth_only));
+
+    for nonce in ["abc\u{202e}def", "abc\u{1b}[0mdef", "abc\u{2069}"] {
+        let mut broker = broker_with_secret();
+        broker.nonce = Some(nonce.to_string());
+        let (text, evidence, paths) = refused(broker);
+        assert!(
+            text.contains("a nonce with control or bidi/format characters (abc\\u{"),
+            "{text}"
+        );
+        assert!(!text.contains(nonce), "{text}");
+        assert_eq!((evidence, &paths), (0, &auth_only));
+    }
+
+    let mut broker = broker_with_secret();
+    broker.cookie = Some("c".repeat(MAX_COOKIE + 1));
+    let (text, evidence, paths) = refused(broker);
+    assert!(
+        text.contains("a kbs-session-id cookie of 4097 bytes (at most 4096 are accepted)"),
+        "{text}"
+    );
+    assert_eq!((evidence, &paths), (0, &auth_only));
+
+    let mut broker = broker_with_secret();
+    broker.token = Some(format!("{}.{}.x", "a".repeat(MAX_TOKEN), "b"));
+    let (text, _, _) = refused(broker);
+    assert!(
+        text.contains(&format!(
+            "a token of {} bytes (at most {MAX_TOKEN} are accepted)",
+            MAX_TOKEN + 4
+        )),
+        "{text}"
+    );
+}
+
+/// Token claims go to the audit log: control and bidi/format characters in them are
+/// escaped before they are kept.
+#[test]
+fn token_claims_are_escaped_before_they_are_recorded() {
+    let mut broker = broker_with_secret();
+    broker.token = Some(token_with(json!({
+        "ear.status": "affirming\u{202e}",
+        "x\u{1b}[1m": ["\u{2066}y"],
+    })));
+    let mut h = harness(broker);
+    let attested = h.client.attest(&mut h.provider, &mut h.observer).unwrap();
+    assert_eq!(attested.status.as_deref(), Some("affirming\\u{202e}"));
+    let cpu0 = &attested.claims["submods"]["cpu0"];
+    assert_eq!(cpu0["x\\u{1b}[1m"], json!(["\\u{2066}y"]));
+    let recorded = serde_json::to_string(&attested).unwrap();
+    assert!(
+        !recorded.contains('\u{202e}') && !recorded.contains('\u{2066}'),
+        "{recorded}"
+    );
 }
 
 #[test]

@@ -421,7 +421,8 @@ fn classify(url: &str, error: &ureq::Transport) -> TransportError {
         .and_then(|t| t.strip_prefix(": "))
         .map(str::to_string)
         .unwrap_or(text);
-    TransportError::new(kind, url, text)
+    // The chain may quote what the server sent (a malformed status line or header).
+    TransportError::new(kind, url, super::sanitize(&text))
 }
 
 fn io_error(url: &str, error: &std::io::Error) -> TransportError {

@@ -139,12 +139,25 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         report["status"] == "warning",
         "an untrusted AK must give status warning"
     );
-    let ak = report["provider"]["provider"]["ak_public"]
+    let ak = report["ak"]["spki_der_base64"]
         .as_str()
         .context("the dry run did not print the AK")?
         .to_string();
+    ensure!(
+        report["provider"]["provider"]["ak_public"] == ak.as_str(),
+        "the dry run's AK names disagree"
+    );
+    let refusal = report["resources"][0]["error"].as_str().unwrap_or_default();
+    ensure!(
+        refusal.contains("instance-identity=0 (no claim)")
+            && refusal.contains("an AK that is not in trusted_aks"),
+        "the refusal does not say what the broker's token says about the AK: {refusal}"
+    );
     broker.stop();
-    println!("\nthe operator registers this AK with the broker: {ak}");
+    println!(
+        "\nthe operator registers this AK ({}) with the broker's trusted_aks: {ak}",
+        report["ak"]["sha256"].as_str().unwrap_or_default()
+    );
 
     banner("act 1: reboot (fresh PCRs) and boot the intact bundle; the broker now trusts the AK and requires PCR 15");
     tpm.restart()?;
@@ -243,6 +256,10 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         failed.contains("kbs:///default/secrets/fl-client-key") && failed.contains("PolicyDeny"),
         "the failed record does not say the broker refused the secret: {failed}"
     );
+    ensure!(
+        failed.contains("executables=33") && failed.contains("instance-identity=2"),
+        "the failed record does not say which check failed (the token's trust vector): {failed}"
+    );
     banner("the broker's view");
     print!("{broker_log}");
     banner("the record that stopped the boot");
@@ -250,17 +267,19 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     sh(Command::new(&bins.warden)
         .args(["audit", "verify"])
         .arg(&log))?;
-    tpm.stop();
+    tpm.stop()?;
     banner("demo done: intact bundle attested, secret released, workload ran; tampered bundle refused by the broker, no secret, no workload");
     Ok(())
 }
 
-/// The broker's configuration: the secret, released to a `tpm` quote from a trusted AK whose
-/// PCR 15 is the reference value.
+/// The broker's configuration, as a Trustee deployment registers it (KBS-PROTOCOL.md,
+/// "Administering a real Trustee KBS"): the AK in `trusted_aks`, PCR 15 as the `tpm_pcr15`
+/// reference value the attestation policy compares, and the secret released only to an
+/// `affirming` token.
 fn broker_config(trusted_aks: &[&str], pcr15: &str) -> String {
     let aks: Vec<String> = trusted_aks.iter().map(|a| format!("{a:?}")).collect();
     format!(
-        "# written by cargo xtask demo\ntrusted_aks = [{}]\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = \"fl-client.key\"\npolicy = {{ tees = [\"tpm\"], pcrs = {{ \"15\" = \"{pcr15}\" }}, require = \"affirming\" }}\n",
+        "# written by cargo xtask demo\ntrusted_aks = [{}]\n\n[reference_values]\ntpm_pcr15 = [\"{pcr15}\"]\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = \"fl-client.key\"\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
         aks.join(", ")
     )
 }
@@ -359,7 +378,29 @@ impl<'a> Swtpm<'a> {
         })
     }
 
-    fn stop(&mut self) {
+    /// `TPM2_Shutdown(CLEAR)`, as a kernel sends it at power-off: swtpm counts a stop
+    /// without it as an unclean shutdown, and after three of them following AK use it enters
+    /// dictionary-attack lockout ("the TPM is in DA lockout mode", 1000 s to recover).
+    fn shutdown(&self) -> Result<()> {
+        let mut cmd = self.netns.command(Path::new("tpm2_shutdown"));
+        cmd.arg("-c").env(
+            "TPM2TOOLS_TCTI",
+            format!("swtpm:host=127.0.0.1,port={TPM_PORT}"),
+        );
+        sh(&mut cmd)
+    }
+
+    /// Shuts the TPM down cleanly, then stops swtpm.
+    fn stop(&mut self) -> Result<()> {
+        let clean = match self.child {
+            Some(_) => self.shutdown(),
+            None => Ok(()),
+        };
+        self.kill();
+        clean
+    }
+
+    fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -367,15 +408,19 @@ impl<'a> Swtpm<'a> {
     }
 
     fn restart(&mut self) -> Result<()> {
-        self.stop();
-        eprintln!("(reboot: swtpm restarts, PCRs reset)");
+        self.stop()?;
+        eprintln!("(reboot: TPM2_Shutdown, swtpm restarts, PCRs reset)");
         self.spawn()
     }
 }
 
 impl Drop for Swtpm<'_> {
     fn drop(&mut self) {
-        self.stop();
+        // An error path: still try to leave swtpm's state clean.
+        if self.child.is_some() && self.shutdown().is_err() {
+            eprintln!("(tpm2_shutdown failed; swtpm stops uncleanly)");
+        }
+        self.kill();
     }
 }
 

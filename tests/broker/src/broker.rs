@@ -227,7 +227,10 @@ impl State {
         }
         let mut nonce = [0u8; 32];
         OsRng.fill_bytes(&mut nonce);
-        let nonce = base64::engine::general_purpose::STANDARD.encode(nonce);
+        let nonce = match &self.cfg.faults.nonce {
+            Some(injected) => injected.clone(),
+            None => base64::engine::general_purpose::STANDARD.encode(nonce),
+        };
         let mut id = [0u8; 16];
         OsRng.fill_bytes(&mut id);
         let id = hex::encode(id);
@@ -308,7 +311,7 @@ impl State {
             None => None,
         };
         let primary = &body.tee_evidence.primary_evidence;
-        let (tee_claims, status) = match tee.as_str() {
+        let (tee_claims, vector) = match tee.as_str() {
             "sample" => {
                 if !self.cfg.allow_sample {
                     return Err(KbsError::attest(
@@ -317,17 +320,15 @@ impl State {
                 }
                 let claims = evidence::verify_sample_evidence(primary, &report_data)
                     .map_err(KbsError::attest)?;
-                (claims, "warning")
+                (claims, sample_trust_vector())
             }
             "tpm" => {
                 let verified =
                     tpm::verify_tpm_evidence(primary, &report_data, init_digest.as_ref())
                         .map_err(|e| KbsError::attest(e.to_string()))?;
                 let trusted = self.cfg.trusted_aks.contains(&verified.ak_public);
-                (
-                    verified.claims(trusted),
-                    if trusted { "affirming" } else { "warning" },
-                )
+                let vector = tpm_trust_vector(trusted, &verified.pcrs, &self.cfg.reference_pcrs);
+                (verified.claims(trusted), vector)
             }
             other => {
                 return Err(KbsError::attest(format!(
@@ -349,6 +350,7 @@ impl State {
         if let (Some(digest), Some(map)) = (init_digest, annotated.as_object_mut()) {
             map.insert("init_data".to_string(), Value::String(hex::encode(digest)));
         }
+        let status = ear_status(&vector);
         let claims = json!({
             "eat_profile": EAR_PROFILE,
             "iat": iat,
@@ -356,6 +358,7 @@ impl State {
             "ear.verifier-id": {"developer": "kbs-test-broker", "build": env!("CARGO_PKG_VERSION")},
             "submods": {"cpu0": {
                 "ear.status": status,
+                "ear.trustworthiness-vector": vector,
                 "ear.appraisal-policy-id": "default",
                 "ear.veraison.annotated-evidence": annotated,
             }},
@@ -403,12 +406,21 @@ impl State {
             .signer
             .verify(&token, unix_secs(SystemTime::now()))
             .map_err(KbsError::token_verifier)?;
+        // Trustee's resource policy reads the token, not the path; when it allows, the
+        // storage read fails for a resource it does not hold: PluginInternalError (401).
         let resource = self.cfg.resources.get(tail).ok_or_else(|| {
-            KbsError::policy_deny(format!(
-                "no resource {tail} is configured, so no policy allows it"
+            KbsError::plugin_internal(format!(
+                "no resource {tail} in the broker's storage (a missing resource is answered \
+                 like a failed read after the policy allowed the token, as Trustee does)"
             ))
         })?;
-        evaluate_policy(&resource.policy, &claims).map_err(KbsError::policy_deny)?;
+        evaluate_policy(&resource.policy, &claims).map_err(|why| {
+            let mut error = KbsError::policy_deny(why);
+            if let Some(detail) = &self.cfg.faults.deny_detail {
+                error.detail = detail.clone();
+            }
+            error
+        })?;
         let key_jwk = claims.pointer(TEE_PUBKEY_POINTER).ok_or_else(|| {
             KbsError::token_verifier(format!("token has no {TEE_PUBKEY_POINTER}"))
         })?;
@@ -419,6 +431,72 @@ impl State {
             .map_err(|e| KbsError::plugin_internal(format!("serialise JWE: {e}")))?;
         Ok(json_response(body))
     }
+}
+
+/// The AR4SI trust vector of `tpm` evidence, as Trustee's default CPU attestation policy
+/// sets it (`hardware` 2, `configuration` 0; `executables` 3 only when the AK is in
+/// `trusted_aks` and every registered `tpm_pcrNN` reference value matches, else the
+/// default 33) plus the one rule this broker adds, as a deployment may:
+/// `instance-identity` 2 ("recognized instance") when the AK is in `trusted_aks`, else 0 (no
+/// claim), so a wrong PCR (33 with 2) and an untrusted AK (33 with 0) can be told apart.
+pub(crate) fn tpm_trust_vector(
+    ak_trusted: bool,
+    pcrs: &[[u8; 32]],
+    reference_pcrs: &std::collections::BTreeMap<u8, Vec<[u8; 32]>>,
+) -> Value {
+    let pcrs_match = reference_pcrs.iter().all(|(index, accepted)| {
+        pcrs.get(usize::from(*index))
+            .is_some_and(|value| accepted.contains(value))
+    });
+    json!({
+        "instance-identity": if ak_trusted { 2 } else { 0 },
+        "configuration": 0,
+        "executables": if ak_trusted && pcrs_match { 3 } else { 33 },
+        "file-system": 0,
+        "hardware": 2,
+        "runtime-opaque": 0,
+        "storage-opaque": 0,
+        "sourced-data": 0,
+    })
+}
+
+/// The trust vector of `sample` evidence (which carries no launch digest): `executables` 33,
+/// `hardware` 2, `configuration` 36 (unavailable), so its status is `warning`.
+pub(crate) fn sample_trust_vector() -> Value {
+    json!({
+        "instance-identity": 0,
+        "configuration": 36,
+        "executables": 33,
+        "file-system": 0,
+        "hardware": 2,
+        "runtime-opaque": 0,
+        "storage-opaque": 0,
+        "sourced-data": 0,
+    })
+}
+
+/// `ear.status` from a trust vector as the EAR library does it: the worst AR4SI tier of its
+/// claims (−1..=1 none, 2..=31 affirming, 32..=95 warning, 96.. contraindicated; negative
+/// values mirror them).
+pub(crate) fn ear_status(vector: &Value) -> &'static str {
+    let rank = |value: i64| match value {
+        -1..=1 => 0,
+        -32..=31 => 1,
+        -96..=95 => 2,
+        _ => 3,
+    };
+    let worst = vector
+        .as_object()
+        .map(|claims| {
+            claims
+                .values()
+                .filter_map(Value::as_i64)
+                .map(rank)
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    ["none", "affirming", "warning", "contraindicated"][worst]
 }
 
 /// Apply a resource policy to verified token claims; `Err` says why it denies.
@@ -651,6 +729,48 @@ mod tests {
             pcrs,
             require,
         }
+    }
+
+    #[test]
+    fn trust_vectors_tell_a_wrong_pcr_from_an_untrusted_ak() {
+        let mut pcrs = vec![[0u8; 32]; 24];
+        pcrs[15] = [0x15; 32];
+        let mut reference = BTreeMap::new();
+        reference.insert(15u8, vec![[0x15u8; 32]]);
+        let good = tpm_trust_vector(true, &pcrs, &reference);
+        assert_eq!(
+            (
+                good["executables"].as_i64(),
+                good["instance-identity"].as_i64()
+            ),
+            (Some(3), Some(2))
+        );
+        assert_eq!(ear_status(&good), "affirming");
+        let untrusted = tpm_trust_vector(false, &pcrs, &reference);
+        assert_eq!(
+            (
+                untrusted["executables"].as_i64(),
+                untrusted["instance-identity"].as_i64()
+            ),
+            (Some(33), Some(0))
+        );
+        assert_eq!(ear_status(&untrusted), "warning");
+        reference.insert(15u8, vec![[0x16u8; 32]]);
+        let wrong_pcr = tpm_trust_vector(true, &pcrs, &reference);
+        assert_eq!(
+            (
+                wrong_pcr["executables"].as_i64(),
+                wrong_pcr["instance-identity"].as_i64()
+            ),
+            (Some(33), Some(2))
+        );
+        assert_eq!(ear_status(&wrong_pcr), "warning");
+        assert_eq!(ear_status(&sample_trust_vector()), "warning");
+        assert_eq!(
+            ear_status(&json!({"hardware": 97, "executables": 3})),
+            "contraindicated"
+        );
+        assert_eq!(ear_status(&json!({"configuration": 0})), "none");
     }
 
     #[test]

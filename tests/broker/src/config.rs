@@ -46,6 +46,12 @@ pub struct BrokerConfig {
     /// AKs whose quotes earn `affirming`: exact `ak_public` strings (base64 SPKI DER).
     #[serde(default)]
     pub trusted_aks: Vec<String>,
+    /// Reference values the attestation policy compares (Trustee's RVPS names): for `tpm`
+    /// evidence `tpm_pcrNN` (NN = 00..23, e.g. `tpm_pcr11`, `tpm_pcr15`) = a list of accepted
+    /// SHA-256 hex values. Every one listed must match for `executables` = 3; see the
+    /// README's "Attestation policy".
+    #[serde(default)]
+    pub reference_values: BTreeMap<String, Vec<String>>,
     /// Whether `sample` evidence is verified at all (never in a real deployment).
     #[serde(default)]
     pub allow_sample: bool,
@@ -77,6 +83,7 @@ impl Default for BrokerConfig {
             session_ttl_secs: default_session_ttl(),
             token_ttl_secs: default_token_ttl(),
             trusted_aks: Vec::new(),
+            reference_values: BTreeMap::new(),
             allow_sample: false,
             resources: BTreeMap::new(),
             tls: None,
@@ -178,6 +185,12 @@ pub struct Faults {
     pub fail_first_n: u32,
     /// Wait this long before answering each request (client timeout tests).
     pub delay_ms: u64,
+    /// Answer `/auth` with this nonce instead of a fresh random one (a client's bounds and
+    /// character checks; the session still expects it back).
+    pub nonce: Option<String>,
+    /// Answer a policy denial with this `detail` instead of Trustee's "Access denied by
+    /// policy" (a client's escaping of broker text).
+    pub deny_detail: Option<String>,
 }
 
 /// Bytes that are a secret: zeroized on drop, redacted in Debug, written as hex in TOML.
@@ -252,6 +265,16 @@ impl BrokerConfig {
         Ok(config)
     }
 
+    /// Register reference value `name` (e.g. `tpm_pcr15`) with the given accepted hex
+    /// values; convenient for tests.
+    pub fn with_reference_value(mut self, name: &str, values: &[&str]) -> Self {
+        self.reference_values.insert(
+            name.to_string(),
+            values.iter().map(|v| v.to_string()).collect(),
+        );
+        self
+    }
+
     /// Add (or replace) a resource; convenient for tests.
     pub fn with_resource(mut self, path: &str, value: &[u8], policy: ResourcePolicy) -> Self {
         self.resources
@@ -305,6 +328,39 @@ impl BrokerConfig {
                 ));
             }
         }
+        let mut reference_pcrs = BTreeMap::new();
+        for (name, values) in &self.reference_values {
+            let index = name
+                .strip_prefix("tpm_pcr")
+                .filter(|n| n.len() <= 2 && n.chars().all(|c| c.is_ascii_digit()))
+                .and_then(|n| n.parse::<u8>().ok())
+                .filter(|i| *i < 24);
+            let Some(index) = index else {
+                errors.push(format!(
+                    "reference value {name:?} is not one this broker's attestation policy reads                      (tpm_pcr0 .. tpm_pcr23)"
+                ));
+                continue;
+            };
+            let mut accepted = Vec::new();
+            for value in values {
+                match hex::decode(value) {
+                    Ok(bytes) if bytes.len() == 32 => {
+                        let mut digest = [0u8; 32];
+                        digest.copy_from_slice(&bytes);
+                        accepted.push(digest);
+                    }
+                    _ => errors.push(format!(
+                        "reference value {name} entry {value:?} is not 64 hex digits (a SHA-256 value)"
+                    )),
+                }
+            }
+            if values.is_empty() {
+                errors.push(format!(
+                    "reference value {name} lists no value (nothing could match)"
+                ));
+            }
+            reference_pcrs.insert(index, accepted);
+        }
         if self.session_ttl_secs == 0 {
             errors.push(
                 "session_ttl_secs must be > 0 (use faults.expire_sessions_immediately)".to_string(),
@@ -322,6 +378,7 @@ impl BrokerConfig {
             session_ttl: Duration::from_secs(self.session_ttl_secs),
             token_ttl_secs: self.token_ttl_secs,
             trusted_aks: self.trusted_aks.iter().cloned().collect(),
+            reference_pcrs,
             allow_sample: self.allow_sample,
             resources,
             faults: self.faults.clone(),
@@ -422,6 +479,8 @@ pub(crate) struct Compiled {
     pub(crate) session_ttl: Duration,
     pub(crate) token_ttl_secs: u64,
     pub(crate) trusted_aks: HashSet<String>,
+    /// `tpm_pcrNN` reference values by PCR index.
+    pub(crate) reference_pcrs: BTreeMap<u8, Vec<[u8; 32]>>,
     pub(crate) allow_sample: bool,
     pub(crate) resources: BTreeMap<String, CompiledResource>,
     pub(crate) faults: Faults,

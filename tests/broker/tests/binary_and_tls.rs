@@ -99,7 +99,7 @@ fn binary_serves_the_config_and_writes_the_ready_file() {
     assert_eq!(key.decrypt(&reply.json()).unwrap(), b"from a file");
     client
         .get("/kbs/v0/resource/default/key/other", Some(&cookie), None)
-        .assert_error(401, "PolicyDeny");
+        .assert_error(401, "PluginInternalError");
 
     child.0.kill().unwrap();
     let _ = child.0.wait();
@@ -113,7 +113,7 @@ fn binary_serves_the_config_and_writes_the_ready_file() {
         .unwrap();
     assert!(log.contains("POST /kbs/v0/auth -> 200"), "{log}");
     assert!(
-        log.contains("-> 401 PolicyDeny: no resource default/key/other"),
+        log.contains("-> 401 PluginInternalError: no resource default/key/other"),
         "{log}"
     );
     // the released value never reaches the log

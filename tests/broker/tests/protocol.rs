@@ -387,8 +387,13 @@ fn resource_policy_denials_are_401_policy_deny() {
     let (broker, client) = start(config);
     let key = TeeKey::ec();
     let (cookie, _) = attest_sample(&client, &key);
+    // A resource the broker does not hold: the policy (which reads the token, not the path)
+    // allowed, the read failed, as in Trustee.
+    let reply = client.get("/kbs/v0/resource/default/key/unknown", Some(&cookie), None);
+    reply.assert_error(401, "PluginInternalError");
+    assert_eq!(reply.json()["detail"], "Plugin internal error");
+    assert!(last_reason(&broker).contains("no resource default/key/unknown"));
     for (path, why) in [
-        ("default/key/unknown", "no resource"),
         ("default/key/tpm-only", "tee sample is not allowed"),
         ("default/key/affirming", "ear.status is warning"),
     ] {
@@ -438,10 +443,10 @@ fn bad_paths_are_404() {
         broker.requests().last().unwrap().error,
         Some(ErrorKind::PluginNotFound)
     );
-    // dots inside a segment are fine (and then the policy decides)
+    // dots inside a segment are fine (and then the storage has no such resource)
     client
         .get("/kbs/v0/resource/a.b/c./d..", Some(&cookie), None)
-        .assert_error(401, "PolicyDeny");
+        .assert_error(401, "PluginInternalError");
 }
 
 #[test]
@@ -608,6 +613,15 @@ fn tpm_evidence_end_to_end() {
     let cookie = reply.set_cookie.clone().unwrap();
     let claims = token_claims(&token);
     assert_eq!(claims["submods"]["cpu0"]["ear.status"], "affirming");
+    let vector = &claims["submods"]["cpu0"]["ear.trustworthiness-vector"];
+    assert_eq!(
+        (
+            &vector["executables"],
+            &vector["instance-identity"],
+            &vector["hardware"]
+        ),
+        (&json!(3), &json!(2), &json!(2))
+    );
     let tpm = &claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["tpm"];
     assert_eq!(tpm["pcr15"], pcr15);
     assert_eq!(tpm["pcr00"], hex::encode([1u8; 32]));
@@ -631,6 +645,12 @@ fn tpm_evidence_end_to_end() {
     assert_eq!(
         broker.requests().last().unwrap().ear_status.as_deref(),
         Some("warning")
+    );
+    let claims = token_claims(reply.json()["token"].as_str().unwrap());
+    let vector = &claims["submods"]["cpu0"]["ear.trustworthiness-vector"];
+    assert_eq!(
+        (&vector["executables"], &vector["instance-identity"]),
+        (&json!(33), &json!(0))
     );
     client
         .get("/kbs/v0/resource/default/key/tpm", Some(&cookie), None)
@@ -672,4 +692,78 @@ fn tpm_evidence_end_to_end() {
         )
         .assert_error(401, "AttestationError");
     assert!(last_reason(&broker).contains("does not verify"));
+}
+
+/// The attestation policy compares the registered `tpm_pcrNN` reference values: a PCR that
+/// does not match gives `executables` 33 (status `warning`) with `instance-identity` 2 (the
+/// AK is trusted), an untrusted AK gives 33 with 0; a resource that requires `affirming` is
+/// refused in both cases.
+#[test]
+fn tpm_reference_values_set_the_trust_vector() {
+    let trusted = test_rsa_key();
+    let untrusted = other_rsa_key();
+    let vector_of = |reply: &common::Reply| {
+        let claims = token_claims(reply.json()["token"].as_str().unwrap());
+        let cpu0 = &claims["submods"]["cpu0"];
+        (
+            cpu0["ear.status"].as_str().unwrap().to_string(),
+            cpu0["ear.trustworthiness-vector"]["executables"]
+                .as_i64()
+                .unwrap(),
+            cpu0["ear.trustworthiness-vector"]["instance-identity"]
+                .as_i64()
+                .unwrap(),
+        )
+    };
+    let config = |pcr15: &str| {
+        BrokerConfig {
+            trusted_aks: vec![ak_public(trusted)],
+            ..BrokerConfig::default()
+        }
+        .with_reference_value("tpm_pcr15", &["00".repeat(32).as_str(), pcr15])
+        .with_resource(
+            "default/key/tpm",
+            VALUE,
+            ResourcePolicy::new(&["tpm"], RequiredStatus::Affirming),
+        )
+    };
+    let key = TeeKey::ec();
+
+    let (broker, client) = start(config(&hex::encode([16u8; 32])));
+    let reply = attest_tpm(&client, &key, trusted, &pcrs(), 32, None);
+    assert_eq!(reply.status, 200, "{}", last_reason(&broker));
+    assert_eq!(vector_of(&reply), ("affirming".to_string(), 3, 2));
+    let cookie = reply.set_cookie.clone().unwrap();
+    assert_eq!(
+        client
+            .get("/kbs/v0/resource/default/key/tpm", Some(&cookie), None)
+            .status,
+        200
+    );
+    let reply = attest_tpm(&client, &key, untrusted, &pcrs(), 32, None);
+    assert_eq!(vector_of(&reply), ("warning".to_string(), 33, 0));
+    let cookie = reply.set_cookie.clone().unwrap();
+    client
+        .get("/kbs/v0/resource/default/key/tpm", Some(&cookie), None)
+        .assert_error(401, "PolicyDeny");
+
+    let (broker, client) = start(config(&hex::encode([17u8; 32])));
+    let reply = attest_tpm(&client, &key, trusted, &pcrs(), 32, None);
+    assert_eq!(reply.status, 200, "{}", last_reason(&broker));
+    assert_eq!(vector_of(&reply), ("warning".to_string(), 33, 2));
+    let cookie = reply.set_cookie.clone().unwrap();
+    client
+        .get("/kbs/v0/resource/default/key/tpm", Some(&cookie), None)
+        .assert_error(401, "PolicyDeny");
+    assert!(last_reason(&broker).contains("ear.status is warning"));
+
+    // Names and values are checked.
+    let bad = BrokerConfig::default()
+        .with_reference_value("tpm_pcr24", &[&"00".repeat(32)])
+        .with_reference_value("launch_digest", &[&"00".repeat(32)])
+        .with_reference_value("tpm_pcr11", &["abc"]);
+    let err = Broker::start(bad, "127.0.0.1:0").unwrap_err().to_string();
+    assert!(err.contains("\"tpm_pcr24\" is not one"), "{err}");
+    assert!(err.contains("\"launch_digest\" is not one"), "{err}");
+    assert!(err.contains("tpm_pcr11 entry \"abc\""), "{err}");
 }
