@@ -4,70 +4,14 @@
 
 pub use cvm_warden_verify::error_chain;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
-use sha2::{Digest, Sha256};
-
-/// Whether `c` must not reach a terminal or a log as itself: a control character (C0, DEL,
-/// C1: ANSI escape sequences start with one) or a Unicode bidirectional / format character
-/// that reorders or hides the text around it (U+200E/F marks, U+202A–U+202E embeddings and
-/// overrides, U+2066–U+2069 isolates, and the other invisible format characters: U+061C,
-/// U+200B–U+200D, U+2060–U+2064, U+FEFF).
-pub fn is_unsafe_char(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061c}'
-                | '\u{200b}'..='\u{200f}'
-                | '\u{202a}'..='\u{202e}'
-                | '\u{2060}'..='\u{2064}'
-                | '\u{2066}'..='\u{2069}'
-                | '\u{feff}'
-        )
-}
-
-/// Makes text from outside safe to put in one line of a message, log or audit record:
-/// every [`is_unsafe_char`] becomes a visible escape (`\u{1b}`, `\u{202e}`; a backslash is
-/// doubled, so an escape cannot be faked), and it is cut to `max_chars` characters of input,
-/// with `…` marking the cut.
-pub fn sanitize(text: &str, max_chars: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max_chars.saturating_mul(2)));
-    let mut chars = text.chars();
-    for c in chars.by_ref().take(max_chars) {
-        if is_unsafe_char(c) {
-            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
-        } else if c == '\\' {
-            out.push_str("\\\\");
-        } else {
-            out.push(c);
-        }
-    }
-    if chars.next().is_some() {
-        out.push('…');
-    }
-    out
-}
-
-/// Whether `text` holds an [`is_unsafe_char`].
-pub fn has_unsafe_chars(text: &str) -> bool {
-    text.chars().any(is_unsafe_char)
-}
-
-/// The two names of a TPM attestation key, from its SubjectPublicKeyInfo DER: its
-/// fingerprint `sha256:<hex of SHA-256(DER)>` (short, for messages and comparisons) and the
-/// standard base64 (with padding) of the DER — the exact string a Trustee broker's
-/// `trusted_aks` reference value holds and the `tpm` evidence's `ak_public` carries.
-pub fn ak_names(spki_der: &[u8]) -> (String, String) {
-    (
-        format!("sha256:{}", hex::encode(Sha256::digest(spki_der))),
-        STANDARD.encode(spki_der),
-    )
-}
+pub use cvm_warden_verify::evidence::tpm::ak_names;
+pub use cvm_warden_verify::text::{has_unsafe_chars, is_unsafe_char, sanitize};
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn sanitize_escapes_ansi_and_bidi_visibly() {

@@ -165,12 +165,19 @@ fn workload_status_becomes_the_exit_status_and_the_audit_log_verifies() {
         .arg(setup.audit_log())
         .output()
         .unwrap();
+    // Intact, but `attestation = "none"` attests nothing: exit 3, never 0.
     assert_eq!(
         verify.status.code(),
-        Some(0),
+        Some(3),
         "audit verify: {}\n{}",
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&verify.stdout)
+            .starts_with("run 1: unattested (attestation = \"none\""),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
     );
 
     let records = setup.records();

@@ -252,7 +252,7 @@ impl EvidenceCheck {
     }
 
     /// Whether checkpoint evidence of the run's exchange TEE counts as proof, and why not.
-    fn judge(&mut self, result: &EvidenceResult) -> Result<bool, String> {
+    fn judge(&self, result: &mut EvidenceResult) -> Result<bool, String> {
         if let (Some(trusted), Some(tpm)) = (&self.pins.trusted_ak, &result.tpm) {
             if &tpm.ak_public != trusted {
                 return Err(format!(
@@ -263,6 +263,11 @@ impl EvidenceCheck {
                     Digest::of(trusted)
                 ));
             }
+            result.warnings.retain(|w| !w.starts_with("whether ak "));
+            result.verified.push(format!(
+                "the ak is the trusted ak given with --trusted-ak ({})",
+                ak_label(trusted)
+            ));
             return Ok(true);
         }
         Ok(result.proven)
@@ -381,7 +386,7 @@ impl EvidenceCheck {
         let mut result = check_evidence(tee, evidence, &computed)
             .map_err(|e| format!("broker exchange evidence ({tee}): {e}"))?;
         self.check_evidence_pins(&result)?;
-        let proven = self.judge(&result)?;
+        let proven = self.judge(&mut result)?;
         self.current.tee = Some(tee.to_string());
         self.current.proven = proven;
         self.current.unproven = (!proven).then(|| unproven_reason(tee, &result));
@@ -479,7 +484,7 @@ impl EvidenceCheck {
         if let Some(e) = self.exchanges.get_mut(&head_seq) {
             e.checkpointed = true;
         }
-        if self.judge(&result)? && self.current.proven {
+        if self.judge(&mut result)? && self.current.proven {
             self.cover(head_seq);
         }
         self.findings.push(EvidenceFinding {
@@ -614,7 +619,7 @@ impl EvidenceCheck {
             at_checkpoint.event_digests = Ok(now.clone());
         }
         same_origin(&at_checkpoint, head_seq, &mut result)?;
-        if self.judge(&result)? && self.current.proven {
+        if self.judge(&mut result)? && self.current.proven {
             self.cover(head_seq);
         }
         self.push_finding(record.seq, what, tee, result);
@@ -734,15 +739,15 @@ fn check_tpm(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
         verified: vec![
             format!(
                 "quote signature by ak {} (RSASSA SHA-256)",
-                Digest::of(&ak_public)
+                ak_label(&ak_public)
             ),
             "the quote selects sha256:0-23 and pcrs 0-23 match its pcrDigest".to_string(),
             "quote extraData = first 32 bytes of the report data".to_string(),
         ],
         warnings: vec![format!(
-            "whether ak {} belongs to this machine's TPM is not checked offline; compare it \
-             with the ak the broker trusts",
-            Digest::of(&ak_public)
+            "whether ak {} belongs to this machine's TPM is not checked offline; pin the ak \
+             the broker trusts with --trusted-ak",
+            ak_label(&ak_public)
         )],
         tpm: Some(facts),
         ..EvidenceResult::default()
@@ -1450,4 +1455,11 @@ fn unproven_reason(tee: &str, result: &EvidenceResult) -> String {
         }
         Ok(Tee::AzSnpVtpm) | Err(_) => "the evidence's signature was not verified".to_string(),
     }
+}
+
+/// An AK named both ways: its fingerprint and the base64 SPKI DER a broker's `trusted_aks`
+/// holds.
+fn ak_label(spki_der: &[u8]) -> String {
+    let (fingerprint, base64) = crate::evidence::tpm::ak_names(spki_der);
+    format!("{fingerprint} (trusted_aks form: {base64})")
 }

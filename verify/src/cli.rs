@@ -11,6 +11,7 @@ use clap::Args;
 
 use crate::check::Pins;
 use crate::digest::Digest;
+use crate::text::sanitize;
 use crate::verdict::{run_verify_command, EXIT_BROKEN, EXIT_USAGE};
 
 /// `audit verify FILE`.
@@ -155,10 +156,10 @@ pub fn audit_verify(args: &AuditVerifyArgs) -> i32 {
 /// Prints an error and its causes to stderr, one `because:` line per cause.
 pub fn print_error(error: &dyn std::error::Error) {
     let mut stderr = std::io::stderr().lock();
-    let _ = writeln!(stderr, "error: {error}");
+    let _ = writeln!(stderr, "error: {}", sanitize(&error.to_string(), 4000));
     let mut source = error.source();
     while let Some(cause) = source {
-        let _ = writeln!(stderr, "  because: {cause}");
+        let _ = writeln!(stderr, "  because: {}", sanitize(&cause.to_string(), 4000));
         source = cause.source();
     }
 }

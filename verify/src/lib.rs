@@ -23,6 +23,7 @@ pub mod evidence;
 pub mod pcr;
 pub mod record;
 pub mod tee;
+pub mod text;
 pub mod verdict;
 
 pub use digest::Digest;

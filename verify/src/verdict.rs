@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::chain::{verify_reader, RunSummary, VerifyError};
 use crate::check::{EvidenceCheck, EvidenceFinding, Pins, RunEvidence, TailRecord};
 use crate::digest::Digest;
+use crate::text::sanitize;
 
 /// Exit status: every run attested.
 pub const EXIT_ATTESTED: i32 = 0;
@@ -57,7 +58,7 @@ impl std::fmt::Display for Verdict {
         match self {
             Verdict::Attested => write!(f, "attested"),
             Verdict::AttestedUpTo { seq } => write!(f, "attested up to seq {seq}"),
-            Verdict::Unattested { reason } => write!(f, "unattested ({reason})"),
+            Verdict::Unattested { reason } => write!(f, "unattested ({})", sanitize(reason, 2000)),
         }
     }
 }
@@ -268,7 +269,7 @@ fn print_text(outcome: &Outcome, out: &mut dyn Write) -> io::Result<()> {
             },
             run.tee
                 .as_deref()
-                .map(|t| format!(", tee {t}"))
+                .map(|t| format!(", tee {}", sanitize(t, 80)))
                 .unwrap_or_default()
         )?;
         if !run.not_attested.is_empty() {
@@ -284,7 +285,9 @@ fn print_text(outcome: &Outcome, out: &mut dyn Write) -> io::Result<()> {
                 writeln!(
                     out,
                     "  not attested: seq {} {}/{}",
-                    record.seq, record.stage, record.event
+                    record.seq,
+                    sanitize(&record.stage, 80),
+                    sanitize(&record.event, 80)
                 )?;
             }
         }
@@ -303,13 +306,16 @@ fn print_text(outcome: &Outcome, out: &mut dyn Write) -> io::Result<()> {
             writeln!(
                 out,
                 "  run {} seq {} {}, tee {}:",
-                finding.run, finding.seq, finding.what, finding.tee
+                finding.run,
+                finding.seq,
+                sanitize(&finding.what, 200),
+                sanitize(&finding.tee, 80)
             )?;
             for item in &finding.verified {
-                writeln!(out, "    verified: {item}")?;
+                writeln!(out, "    verified: {}", sanitize(item, 2000))?;
             }
             for item in &finding.warnings {
-                writeln!(out, "    WARNING: {item}")?;
+                writeln!(out, "    WARNING: {}", sanitize(item, 2000))?;
             }
         }
     }

@@ -25,6 +25,7 @@
 
 use std::collections::BTreeMap;
 
+use base64::Engine;
 use rsa::pkcs1::DecodeRsaPublicKey;
 use rsa::pkcs1v15::{Signature, VerifyingKey};
 use rsa::pkcs8::DecodePublicKey;
@@ -55,6 +56,17 @@ pub fn qualifying_data(report_data: &[u8; 48]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(&report_data[..32]);
     out
+}
+
+/// The two names of a TPM attestation key, from its SubjectPublicKeyInfo DER: its
+/// fingerprint `sha256:<hex of SHA-256(DER)>` (short, for messages and comparisons) and the
+/// standard base64 (with padding) of the DER — the exact string a Trustee broker's
+/// `trusted_aks` reference value holds and the `tpm` evidence's `ak_public` carries.
+pub fn ak_names(spki_der: &[u8]) -> (String, String) {
+    (
+        format!("sha256:{}", hex::encode(Sha256::digest(spki_der))),
+        base64::engine::general_purpose::STANDARD.encode(spki_der),
+    )
 }
 
 /// Why a TPM quote did not verify.
