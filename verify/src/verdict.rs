@@ -103,9 +103,11 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// 0 when every run is attested, else 3.
+    /// 0 when there is a run and every run is attested, else 3.
     pub fn exit_code(&self) -> i32 {
-        if self.runs.iter().all(|r| r.verdict == Verdict::Attested) {
+        // An outcome without runs attests nothing (a log without records is refused
+        // earlier; this keeps a vacuous "all" from ever meaning attested).
+        if !self.runs.is_empty() && self.runs.iter().all(|r| r.verdict == Verdict::Attested) {
             EXIT_ATTESTED
         } else {
             EXIT_NOT_ATTESTED
@@ -330,4 +332,80 @@ fn print_text(outcome: &Outcome, out: &mut dyn Write) -> io::Result<()> {
         outcome.runs.len(),
         outcome.exit_code()
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn run(verdict: Verdict, tail: Vec<TailRecord>) -> RunVerdict {
+        RunVerdict {
+            run: 1,
+            first_line: 1,
+            records: 9,
+            last_seq: 8,
+            head: Digest::ZERO,
+            complete: true,
+            insecure: false,
+            tee: Some("tpm".to_string()),
+            verdict,
+            not_attested_count: tail.len() as u64,
+            not_attested: tail,
+        }
+    }
+
+    #[test]
+    fn exit_code_is_0_only_when_every_run_is_attested() {
+        let mut outcome = Outcome {
+            runs: vec![run(Verdict::Attested, vec![])],
+            evidence: vec![],
+            skipped_lines: 0,
+        };
+        assert_eq!(outcome.exit_code(), 0);
+        outcome
+            .runs
+            .push(run(Verdict::AttestedUpTo { seq: 3 }, vec![]));
+        assert_eq!(outcome.exit_code(), 3);
+        outcome.runs = vec![];
+        assert_eq!(outcome.exit_code(), 3, "no run is not all runs attested");
+    }
+
+    #[test]
+    fn text_from_the_log_is_escaped_when_printed() {
+        let outcome = Outcome {
+            runs: vec![run(
+                Verdict::AttestedUpTo { seq: 6 },
+                vec![TailRecord {
+                    seq: 7,
+                    stage: "launch\u{1b}[2J".to_string(),
+                    event: "x\u{202e}gnp.exe".to_string(),
+                }],
+            )],
+            evidence: vec![EvidenceFinding {
+                run: 1,
+                seq: 3,
+                what: "broker exchange".to_string(),
+                tee: "tpm\u{2066}".to_string(),
+                verified: vec!["a\u{202d}b".to_string()],
+                warnings: vec!["c\u{200f}d".to_string()],
+            }],
+            skipped_lines: 0,
+        };
+        let mut out = Vec::new();
+        print_text(&outcome, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        for bad in ['\u{1b}', '\u{202e}', '\u{2066}', '\u{202d}', '\u{200f}'] {
+            assert!(!text.contains(bad), "{bad:?} in {text}");
+        }
+        assert!(
+            text.contains("not attested: seq 7 launch\\u{1b}[2J/x\\u{202e}gnp.exe"),
+            "{text}"
+        );
+        assert!(text.contains("run 1: attested up to seq 6"), "{text}");
+        assert!(
+            text.contains("  run 1 seq 3 broker exchange, tee tpm\\u{2066}:"),
+            "{text}"
+        );
+    }
 }
