@@ -9,38 +9,7 @@ use serde::Serialize;
 
 use crate::digest::Digest;
 
-/// What an event measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EventKind {
-    /// The policy file's bytes.
-    Policy,
-    /// The operator file's bytes.
-    Operator,
-    /// The kernel command line.
-    KernelCmdline,
-    /// The workload bundle digest (SHA-256 of the canonical manifest).
-    Bundle,
-    /// A firewall ruleset (later issue).
-    Ruleset,
-    /// The separator written just before the workload starts.
-    Separator,
-}
-
-/// One measurement.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Event {
-    /// Position in the log, from 0.
-    pub index: u32,
-    /// What was measured.
-    pub kind: EventKind,
-    /// The measurement.
-    pub digest: Digest,
-    /// Human description (a path, a name); never a secret.
-    pub description: String,
-    /// The accumulator after this event: `SHA-256(previous || kind-tag || digest)`.
-    pub accumulator: Digest,
-}
+pub use cvm_warden_verify::schema::{Event, EventKind};
 
 /// A runtime measurement register (vTPM PCR, TDX RTMR). Later issues provide real ones.
 pub trait RuntimeRegister {

@@ -177,42 +177,9 @@ impl fmt::Debug for KbsConfig {
     }
 }
 
-/// What an auditor needs to re-check one handshake: recompute
-/// [`report_data`]`(nonce, tee_pubkey, additional_evidence)`, compare
-/// it with `report_data` and with the value inside `evidence`, and verify `evidence`
-/// offline.
-///
-/// `claims` are the broker token's claims, decoded but **not verified**: the token is the
-/// broker's note to itself (it re-checks the signature on every resource request) and the
-/// policy carries no trust anchor for the broker's signing key. The guest's security rests
-/// on the broker releasing the resource over the pinned TLS channel only to the key bound
-/// into the evidence; `status` is recorded for the operator, never used for a decision.
-///
-/// The token itself (a bearer credential) is not here: the client keeps it zeroized.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Attested {
-    /// The broker base URL.
-    pub broker: String,
-    /// The KBS `tee` value.
-    pub tee: String,
-    /// Whether the evidence proves nothing (`sample`).
-    pub insecure: bool,
-    /// The broker's nonce, as received.
-    pub nonce: String,
-    /// The ephemeral public key (JWK) sent as `tee-pubkey`.
-    pub tee_pubkey: Value,
-    /// The `additional_evidence` string sent (`""`: no devices).
-    pub additional_evidence: String,
-    /// The 48-byte binding, hex.
-    pub report_data: String,
-    /// The `primary_evidence` sent.
-    pub evidence: Value,
-    /// The token's claims (decoded, unverified).
-    pub claims: Value,
-    /// `submods.cpu0["ear.status"]` of the token (`affirming`, `warning`,
-    /// `contraindicated`), when present.
-    pub status: Option<String>,
-}
+/// What an auditor needs to re-check one handshake (the verifier crate's typed record, so
+/// the writer and the reader share one shape).
+pub use cvm_warden_verify::schema::Exchange as Attested;
 
 /// A resource the broker released. The bytes are zeroized on drop; `Debug` shows only the
 /// length and the SHA-256 fingerprint.

@@ -120,6 +120,11 @@ impl From<cvm_warden_verify::EvidenceError> for TeeError {
             cvm_warden_verify::EvidenceError::Malformed { tee, what, detail } => {
                 TeeError::Malformed { tee, what, detail }
             }
+            cvm_warden_verify::EvidenceError::Schema { what, detail } => TeeError::Malformed {
+                tee: "evidence",
+                what,
+                detail,
+            },
         }
     }
 }

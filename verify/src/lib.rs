@@ -8,6 +8,7 @@
 //!   through [`record::encode`]);
 //! - [`chain`]: the hash chain of a log file, run by run;
 //! - [`check`]: the attestation evidence a log carries (broker exchanges, checkpoints);
+//! - [`schema`]: the typed details and evidence JSON the daemon writes and this crate reads;
 //! - [`binding`]: the KBS report-data binding and the checkpoint binding;
 //! - [`evidence`]: offline verifiers per TEE (`snp`, `tpm`, `tdx`, `az-snp-vtpm`, `sample`);
 //! - [`verdict`]: what a log proves, run by run (coverage by verified checkpoints);
@@ -22,6 +23,7 @@ pub mod digest;
 pub mod evidence;
 pub mod pcr;
 pub mod record;
+pub mod schema;
 pub mod tee;
 pub mod text;
 pub mod verdict;

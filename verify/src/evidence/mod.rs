@@ -31,4 +31,13 @@ pub enum EvidenceError {
         /// Why.
         detail: String,
     },
+    /// A record's details or evidence JSON does not have the shape cvm-warden writes
+    /// (a missing, unknown or mistyped field).
+    #[error("{what} does not have the shape cvm-warden writes: {detail}")]
+    Schema {
+        /// What was read (`tpm evidence`, `attest/attested details`, …).
+        what: &'static str,
+        /// The decoder's message.
+        detail: String,
+    },
 }
