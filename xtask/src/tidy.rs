@@ -181,6 +181,77 @@ fn lib_modules(lib: &str) -> BTreeSet<String> {
     modules
 }
 
+/// The layer list of `src/lib.rs`'s doc comment: `//! - LAYER: `a`, `b` (remarks)` items
+/// (continued on indented `//!` lines); the modules are the backticked names before the first
+/// `(`.
+fn lib_doc_layers(lib: &str) -> Vec<(String, Vec<String>)> {
+    let mut items: Vec<String> = Vec::new();
+    for line in lib.lines() {
+        let Some(text) = line.strip_prefix("//!") else {
+            continue;
+        };
+        let text = text.strip_prefix(' ').unwrap_or(text);
+        if let Some(item) = text.strip_prefix("- ") {
+            items.push(item.to_string());
+        } else if let (Some(last), true) = (items.last_mut(), text.starts_with("  ")) {
+            last.push(' ');
+            last.push_str(text.trim());
+        } else if !text.trim().is_empty() && !items.is_empty() {
+            break;
+        }
+    }
+    items
+        .iter()
+        .filter_map(|item| {
+            let (layer, rest) = item.split_once(':')?;
+            let head = rest.split('(').next().unwrap_or_default();
+            let modules = head
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect();
+            Some((layer.trim().to_string(), modules))
+        })
+        .collect()
+}
+
+/// Whether `src/lib.rs`'s doc comment lists the table's layers and modules (all but the
+/// entry, `src/main.rs`), in the same order of layers.
+fn lib_doc_problems(layers: &Layers, lib: &str) -> Vec<String> {
+    let render = |list: &[(String, Vec<String>)]| {
+        list.iter()
+            .map(|(layer, modules)| format!("{layer}: {}", modules.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let mut table: Vec<(String, Vec<String>)> = Vec::new();
+    for (index, name) in layers.names.iter().enumerate() {
+        let modules: Vec<String> = layers
+            .modules
+            .iter()
+            .filter(|(module, &layer)| layer == index && *module != "main")
+            .map(|(module, _)| module.clone())
+            .collect();
+        if !modules.is_empty() {
+            table.push((name.clone(), modules));
+        }
+    }
+    let mut doc = lib_doc_layers(lib);
+    for (_, modules) in &mut doc {
+        modules.sort();
+    }
+    if doc == table {
+        return Vec::new();
+    }
+    vec![format!(
+        "src/lib.rs: the doc comment's layer list (`//! - LAYER: `module`, …`) says\n  {}\n\
+         but ARCHITECTURE.md's code map says\n  {}\nmake them agree",
+        render(&doc),
+        render(&table)
+    )]
+}
+
 // ---------------------------------------------------------------------------------------
 // Scanning source files.
 
@@ -516,6 +587,7 @@ fn layer_problems(root: &Path) -> Result<Vec<String>> {
         });
     }
     let mut problems = check_layers(&layers, &declared, &files);
+    problems.extend(lib_doc_problems(&layers, &lib));
     for (line, path) in &layers.paths {
         if !root.join(path.trim_end_matches("*.rs")).exists() {
             problems.push(format!(
@@ -546,7 +618,7 @@ fn check_layers(layers: &Layers, declared: &BTreeSet<String>, files: &[SourceFil
             ));
         }
     }
-    // Module → module it imports → the first place it does.
+    // Module → module of the same layer it imports → the first place it does.
     let mut edges: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     for file in files {
         let own = &file.module_path[0];
@@ -566,6 +638,10 @@ fn check_layers(layers: &Layers, declared: &BTreeSet<String>, files: &[SourceFil
                     layers.describe(own),
                     layers.names[to]
                 ));
+            }
+            // Only same-layer edges can close a cycle that no upward import already shows.
+            if to != from {
+                continue;
             }
             edges
                 .entry(own.clone())
@@ -826,6 +902,39 @@ Layers, top to bottom.
             lib_modules(lib),
             ["audit", "digest", "sys"].map(String::from).into()
         );
+    }
+
+    #[test]
+    fn lib_doc_comment_must_list_the_table_layers() {
+        let lib =
+            "//! The crate.\n//!\n//! Layers:\n//!\n//! - top: `cli`, `boot` (runs `Stage`s)\n\
+                   //! - low: `policy`,\n//!   `digest` (from `verify/`)\n//!\n//! More.\n\
+                   //! - not: `a layer`\npub mod cli;\n";
+        assert_eq!(
+            lib_doc_layers(lib),
+            [
+                (
+                    "top".to_string(),
+                    vec!["cli".to_string(), "boot".to_string()]
+                ),
+                (
+                    "low".to_string(),
+                    vec!["policy".to_string(), "digest".to_string()]
+                )
+            ]
+        );
+        assert!(lib_doc_problems(&layers(), lib).is_empty());
+        let moved = lib
+            .replace("`policy`,", "`policy`, `boot`,")
+            .replace("`cli`, `boot`", "`cli`");
+        let problems = lib_doc_problems(&layers(), &moved);
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].contains("top: cli; low: boot, digest, policy\nbut"),
+            "{}",
+            problems[0]
+        );
+        assert_eq!(lib_doc_problems(&layers(), "//! No list.\n").len(), 1);
     }
 
     #[test]
