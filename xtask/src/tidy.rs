@@ -77,7 +77,7 @@ fn parse_code_map(markdown: &str) -> Result<Layers> {
     }
     let mut layers = Layers::default();
     let mut current: Option<String> = None;
-    // Layer name → whether it is still the one being continued.
+    // Layers left behind: a layer's rows stay together.
     let mut closed: BTreeSet<String> = BTreeSet::new();
     for &(index, row) in &rows[2..] {
         let cells: Vec<&str> = row.trim().trim_matches('|').split('|').collect();
@@ -163,14 +163,15 @@ fn lib_modules(lib: &str) -> BTreeSet<String> {
                 }
             }
             "use" if depth == 0 => {
-                // `use a::b::X;` re-exports X as a module-like item; only `crate-name::X`.
+                // `pub use other_crate::x;`: a module of another crate, re-exported.
                 let path: Vec<&str> = tokens[i + 1..]
                     .iter()
                     .take_while(|t| t.text != ";")
                     .map(|t| t.text.as_str())
                     .collect();
                 if let [krate, ":", ":", name] = path.as_slice() {
-                    if *krate != "crate" && *krate != "self" && *krate != "super" {
+                    let lowercase = name.starts_with(|c: char| c.is_ascii_lowercase());
+                    if lowercase && !["crate", "self", "super"].contains(krate) {
                         modules.insert((*name).to_string());
                     }
                 }
@@ -897,7 +898,7 @@ Layers, top to bottom.
     fn lib_modules_are_mods_and_crate_reexports() {
         let lib = "//! doc mentioning mod fake;\n#![deny(unsafe_code)]\npub mod audit;\n\
                    /// The digest.\npub use cvm_warden_verify::digest;\n#[allow(unsafe_code)]\n\
-                   pub mod sys;\nmod inner { mod nested; }\npub use crate::audit::Audit;\n";
+                   pub mod sys;\nmod inner { mod nested; }\npub use crate::audit::Audit;\npub use other::Type;\n";
         assert_eq!(
             lib_modules(lib),
             ["audit", "digest", "sys"].map(String::from).into()
