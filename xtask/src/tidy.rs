@@ -14,6 +14,8 @@
 //!    Test code (`#[cfg(test)]` modules, `tests.rs` files) is checked like the rest: it is
 //!    compiled into the same module graph, and a test of a low module that needs a higher
 //!    layer belongs to that layer or to `tests/`. Each `src/` path in the table must exist.
+//!    (A `super::` chain is resolved from the file's place in `src/`; a `#[path]` module is
+//!    read as if it lived there, which matters only for chains that reach the crate root.)
 //! 2. **The verifier stays portable.** `cargo tree -p cvm-warden-verify -e normal` (every
 //!    target) must contain no crate that needs libtss2, libcryptsetup, nix or other
 //!    Linux-only system APIs; the error names the crate and `cargo tree -i`'s path to it.
