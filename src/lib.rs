@@ -1,10 +1,18 @@
 //! cvm-warden: the init and lockdown daemon of a confidential VM that hosts a
 //! federated-learning workload. See ARCHITECTURE.md for the codemap and invariants.
 //!
-//! Layers, top to bottom (imports only point down):
-//! `cli` → `boot` (stage order, fail-closed handling) → `stage` (one module per stage,
-//! pure `plan` + effectful `apply`) → capabilities (`audit`, `launch`) → foundations
-//! (`policy`, `measure`, `digest`, `sys`).
+//! Layers, top to bottom, as in ARCHITECTURE.md's code map (the source of truth). A module
+//! imports from its own layer, without a cycle, or from the layers below it; `cargo xtask
+//! tidy` checks every import, this list and the modules below against the code map.
+//!
+//! - cli: `cli`, `dryrun` (the commands, the operator's dry runs)
+//! - runner: `boot` (the stage order, fail-closed handling)
+//! - adapters: `keybroker` (the real implementation of the stages' `KeyBroker` seam)
+//! - stages: `stage` (one module per stage, pure `plan` + effectful `apply`)
+//! - capabilities: `kbs`, `firewall`, `lockdown`, `volume`, `launch`
+//! - foundations: `audit`, `policy`, `measure`, `tee`, `tool`, `eventlog`, `report`, `sys`,
+//!   `digest`, `evidence` (the last two re-exported from the verifier crate, `verify/`, which
+//!   depends on no part of this crate)
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

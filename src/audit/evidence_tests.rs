@@ -23,7 +23,7 @@ use rsa::RsaPrivateKey;
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
-use cvm_warden_verify::binding::checkpoint_binding;
+use cvm_warden_verify::binding::{self, checkpoint_binding};
 use cvm_warden_verify::check::*;
 use cvm_warden_verify::digest::Digest;
 use cvm_warden_verify::evidence::tdx;
@@ -31,7 +31,6 @@ use cvm_warden_verify::evidence::tpm::APP_PCR;
 
 use crate::audit::{verify_with, Audit, Clock, MemorySink, Problem, VerifyError};
 use crate::eventlog::{EventKind, EventLog, RuntimeRegister, SimulatedPcr};
-use crate::kbs;
 use crate::tee::sample::SampleProvider;
 use crate::tee::snp::{CertTableEntry, CertType};
 use crate::tee::tpm::{tpm_evidence_json, QuoteParts};
@@ -251,7 +250,7 @@ fn build(tee: Tee, tamper: Tamper) -> Built {
         "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
         "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
     });
-    let report_data = kbs::report_data(&nonce, &tee_pubkey, "").unwrap();
+    let report_data = binding::report_data(&nonce, &tee_pubkey, "").unwrap();
     let (tee_name, mut evidence) = match tee {
         Tee::Sample => (
             "sample",

@@ -107,7 +107,7 @@ impl Boot {
         .unwrap();
         let nonce = "bm9uY2U=".to_string();
         let tee_pubkey = json!({"kty": "EC", "crv": "P-256", "x": "AA", "y": "BB"});
-        let report_data = kbs::report_data(&nonce, &tee_pubkey, "").unwrap();
+        let report_data = binding::report_data(&nonce, &tee_pubkey, "").unwrap();
         let evidence = self.quote(&report_data[..32]);
         let head = a
             .record(

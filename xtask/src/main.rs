@@ -1,6 +1,7 @@
 //! Project tasks, run as `cargo xtask <task>`:
 //!
 //! - `ci`: everything CI checks (installs what it needs with apt-get when root).
+//! - `tidy`: the layer rule of ARCHITECTURE.md's code map, and the verifier's portable deps.
 //! - `demo`: the sandbox demo: `cvm-warden init` as PID 1 of new namespaces.
 //! - `bench measure`: bundle measurement throughput against `fsverity digest` and `sha256sum`.
 //! - `bench unlock`: released key → verified LUKS2 keyslot against `cryptsetup open
@@ -15,6 +16,7 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod demo;
+mod tidy;
 
 fn main() {
     if let Err(error) = run() {
@@ -34,6 +36,7 @@ fn run() -> Result<()> {
     {
         ["ci"] => ci(&root),
         ["demo"] => demo::run(&root),
+        ["tidy"] => tidy::run(&root),
         ["bench", "measure"] => bench::measure(&root),
         ["bench", "unlock"] => {
             ensure_tools(TOOLS)?;
@@ -41,7 +44,7 @@ fn run() -> Result<()> {
                 .current_dir(&root)
                 .args(["bench", "--bench", "unlock"]))
         }
-        _ => bail!("usage: cargo xtask ci | demo | bench measure | bench unlock"),
+        _ => bail!("usage: cargo xtask ci | tidy | demo | bench measure | bench unlock"),
     }
 }
 
@@ -169,6 +172,7 @@ fn ci(root: &Path) -> Result<()> {
     if !is_root() {
         eprintln!("xtask: warning: not root: the namespace tests will fail (CI runs as root)");
     }
+    tidy::run(root)?;
     sh(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
     sh(cargo().current_dir(root).args([
         "clippy",
