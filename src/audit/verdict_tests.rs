@@ -114,14 +114,17 @@ impl Boot {
                 "attest",
                 "attested",
                 json!({
+                    "broker": "https://kbs.example",
                     "tee": {"tee": "tpm"},
                     "exchange": {
-                        "tee": "tpm", "nonce": nonce, "tee_pubkey": tee_pubkey,
+                        "broker": "https://kbs.example", "tee": "tpm", "insecure": false,
+                        "nonce": nonce, "tee_pubkey": tee_pubkey,
                         "additional_evidence": "", "report_data": hex::encode(report_data),
-                        "evidence": evidence,
+                        "evidence": evidence, "claims": {}, "status": "affirming",
                     },
                     "event_log": self.log.events(),
                     "register_initial": Value::Null,
+                    "event_log_accumulator": self.log.accumulator(),
                 }),
             )
             .unwrap();

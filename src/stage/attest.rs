@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use super::{Effects, StageError};
 use crate::policy::{Attestation, Policy, Tee};
+use cvm_warden_verify::schema::{AttestedDetails, Exchange, ExchangeCheckpoint, TeeEvidence};
 
 pub use cvm_warden_verify::binding::{checkpoint_binding, CHECKPOINT_LABEL};
 
@@ -101,19 +102,31 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             .into(),
         });
     }
+    // Written through the verifier's types: a shape the verifier would refuse is refused
+    // here, before it reaches the log.
+    let typed_exchange: Exchange =
+        cvm_warden_verify::schema::from_value(&exchange, "broker exchange").map_err(|e| {
+            StageError::Broker {
+                stage: "attest",
+                what: "recording the broker exchange in the audit log".to_string(),
+                source: Box::new(e),
+            }
+        })?;
+    let details = AttestedDetails {
+        broker: kbs.clone(),
+        tee: broker.describe(),
+        exchange: typed_exchange,
+        event_log: fx.event_log.events().to_vec(),
+        register_initial: fx.event_log.register_initial(),
+        event_log_accumulator: fx.event_log.accumulator(),
+    };
+    let recorded = serde_json::to_value(&details).map_err(|error| StageError::Broker {
+        stage: "attest",
+        what: "recording the broker exchange in the audit log".to_string(),
+        source: Box::new(error),
+    })?;
     let exchange_head = audit
-        .record(
-            "attest",
-            "attested",
-            json!({
-                "broker": kbs,
-                "tee": broker.describe(),
-                "exchange": exchange,
-                "event_log": fx.event_log.events(),
-                "register_initial": fx.event_log.register_initial(),
-                "event_log_accumulator": fx.event_log.accumulator(),
-            }),
-        )
+        .record("attest", "attested", recorded)
         .map_err(|error| StageError::Broker {
             stage: "attest",
             what: "recording the broker exchange in the audit log".to_string(),
@@ -128,15 +141,24 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             what: "checkpoint evidence over the audit log".to_string(),
             source,
         })?;
+    let evidence: TeeEvidence =
+        cvm_warden_verify::schema::from_value(&evidence, "checkpoint evidence").map_err(|e| {
+            StageError::Broker {
+                stage: "attest",
+                what: "checkpoint evidence over the audit log".to_string(),
+                source: Box::new(e),
+            }
+        })?;
+    let checkpoint = ExchangeCheckpoint {
+        head_seq: exchange_seq,
+        head: exchange_head,
+        report_data: hex::encode(binding),
+        evidence,
+    };
     Ok(json!({
         "attested": true,
         "status": exchange.get("status").cloned().unwrap_or(Value::Null),
-        "checkpoint": {
-            "head_seq": exchange_seq,
-            "head": exchange_head,
-            "report_data": hex::encode(binding),
-            "evidence": evidence,
-        },
+        "checkpoint": checkpoint,
     }))
 }
 

@@ -5,8 +5,6 @@
 //! machine: anyone can write it. [`Provider::insecure`] is true, every audit record says
 //! so, and the policy layer refuses `sample` unless `insecure_sample = true`.
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
 use serde_json::{json, Value};
 
 use super::{Provider, TeeError};
@@ -33,10 +31,15 @@ impl Provider for SampleProvider {
     }
 
     fn evidence(&mut self, report_data: &[u8; 48]) -> Result<Value, TeeError> {
-        Ok(json!({
-            "svn": SAMPLE_SVN,
-            "report_data": STANDARD.encode(report_data),
-        }))
+        let evidence = cvm_warden_verify::schema::SampleEvidence {
+            svn: SAMPLE_SVN.to_string(),
+            report_data: cvm_warden_verify::schema::Base64(report_data.to_vec()),
+        };
+        serde_json::to_value(evidence).map_err(|e| TeeError::Malformed {
+            tee: "sample",
+            what: "evidence",
+            detail: e.to_string(),
+        })
     }
 
     fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, TeeError> {
@@ -68,6 +71,8 @@ impl Provider for SampleProvider {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
 
     #[test]
     fn evidence_carries_the_48_bytes_in_standard_base64() {

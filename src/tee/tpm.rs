@@ -667,14 +667,17 @@ pub(crate) fn rsassa_sha256() -> SignatureScheme {
 /// The `tpm` evidence JSON: `ak_public` (SPKI DER) and the quote, base64 standard with
 /// padding, PCRs as lowercase hex in index order.
 pub(crate) fn tpm_evidence_json(ak_public: &[u8], quote: &QuoteParts) -> Value {
-    json!({
-        "ak_public": STANDARD.encode(ak_public),
-        "tpm_quote": {
-            "signature": STANDARD.encode(&quote.signature),
-            "message": STANDARD.encode(&quote.message),
-            "pcrs": quote.pcrs.iter().map(hex::encode).collect::<Vec<_>>(),
+    use cvm_warden_verify::schema::{Base64, Pcr, TpmEvidence, TpmQuote};
+    let evidence = TpmEvidence {
+        ak_public: Base64(ak_public.to_vec()),
+        tpm_quote: TpmQuote {
+            signature: Base64(quote.signature.clone()),
+            message: Base64(quote.message.clone()),
+            pcrs: quote.pcrs.iter().map(|p| Pcr(*p)).collect(),
         },
-    })
+    };
+    // Serializing plain strings and lists cannot fail.
+    serde_json::to_value(evidence).unwrap_or(Value::Null)
 }
 
 #[cfg(test)]

@@ -41,12 +41,16 @@ use crate::digest::Digest;
 use crate::error_chain;
 use crate::evidence::azure::{parse_hcl_report, AzEvidence, QUOTE_NONCE_LEN};
 use crate::evidence::snp::{parse_unverified, verify_report, ChainSource, Product, VerifiedReport};
-use crate::evidence::snp_json::{report_from_evidence, CertTableEntry, CertType};
+use crate::evidence::snp_json::{CertTableEntry, CertType};
 use crate::evidence::tdx;
 use crate::evidence::tpm::{
     verify_quote, PcrSelection, APP_PCR, PCR_COUNT, PCR_LEN, TPM_ALG_SHA256,
 };
 use crate::record::Record;
+use crate::schema::{
+    AttestedDetails, CheckpointDetails, ExchangeCheckpoint, SampleEvidence, SnpEvidence,
+    TpmEvidence,
+};
 use crate::tee::Tee;
 
 /// The name of this check in verification errors (`evidence check failed: …`).
@@ -348,19 +352,17 @@ impl EvidenceCheck {
     }
 
     fn exchange(&mut self, record: &Record) -> Result<(), String> {
-        let details = &record.details;
-        let exchange = object(details.get("exchange"), "details.exchange")?;
-        let nonce = string(exchange.get("nonce"), "exchange.nonce")?;
-        let tee_pubkey = exchange
-            .get("tee_pubkey")
-            .ok_or("exchange.tee_pubkey is missing")?;
-        let additional = string(
-            exchange.get("additional_evidence"),
-            "exchange.additional_evidence",
-        )?;
-        let stated = hex_bytes(exchange.get("report_data"), "exchange.report_data")?;
-        let computed = crate::binding::report_data(nonce, tee_pubkey, additional)
-            .map_err(|e| format!("cannot recompute the exchange binding: {e}"))?;
+        let details: AttestedDetails = typed(&record.details, "attest/attested details")?;
+        let exchange = &details.exchange;
+        let tee = exchange.tee.as_str();
+        let stated = hex::decode(&exchange.report_data)
+            .map_err(|e| format!("exchange.report_data is not hex: {e}"))?;
+        let computed = crate::binding::report_data(
+            &exchange.nonce,
+            &exchange.tee_pubkey,
+            &exchange.additional_evidence,
+        )
+        .map_err(|e| format!("cannot recompute the exchange binding: {e}"))?;
         if stated.as_slice() != computed.as_slice() {
             return Err(format!(
                 "exchange.report_data is {}, but SHA-384 of the JCS binding of exchange.nonce, \
@@ -370,20 +372,8 @@ impl EvidenceCheck {
                 hex::encode(computed)
             ));
         }
-        let tee = string(exchange.get("tee"), "exchange.tee")?;
-        let evidence = exchange
-            .get("evidence")
-            .ok_or("exchange.evidence is missing")?;
-        let register_initial = match details.get("register_initial") {
-            None | Some(Value::Null) => Digest::ZERO,
-            Some(value) => serde_json::from_value(value.clone()).map_err(|_| {
-                format!(
-                    "details.register_initial is {value}, not a sha256:<hex> digest or null: the \
-                     event log cannot be replayed"
-                )
-            })?,
-        };
-        let mut result = check_evidence(tee, evidence, &computed)
+        let register_initial = details.register_initial.unwrap_or(Digest::ZERO);
+        let mut result = check_evidence(tee, &exchange.evidence, &computed)
             .map_err(|e| format!("broker exchange evidence ({tee}): {e}"))?;
         self.check_evidence_pins(&result)?;
         let proven = self.judge(&mut result)?;
@@ -412,7 +402,7 @@ impl EvidenceCheck {
                 tpm: result.tpm,
                 snp: result.snp,
                 tdx: result.tdx,
-                event_digests: event_digests(details.get("event_log")),
+                event_digests: Ok(details.event_log.iter().map(|e| e.digest).collect()),
                 register_initial,
                 finding: self.findings.len() - 1,
                 checkpointed: false,
@@ -426,15 +416,18 @@ impl EvidenceCheck {
         if details.get("attested") != Some(&Value::Bool(true)) {
             return Ok(());
         }
-        let checkpoint = object(details.get("checkpoint"), "details.checkpoint")
-            .map_err(|e| format!("the attest outcome says attested but {e}"))?;
-        let head_seq = checkpoint
-            .get("head_seq")
-            .and_then(Value::as_u64)
-            .ok_or("checkpoint.head_seq is missing or not a number")?;
-        let head_text = string(checkpoint.get("head"), "checkpoint.head")?;
-        let head = Digest::from_str(head_text)
-            .map_err(|_| format!("checkpoint.head {head_text:?} is not a sha256:<hex> digest"))?;
+        let checkpoint: ExchangeCheckpoint = match details.get("checkpoint") {
+            Some(value) => crate::schema::from_value(value, "attest/ok checkpoint")
+                .map_err(|e| e.to_string())?,
+            None => {
+                return Err(
+                    "the attest outcome says attested but details.checkpoint is missing"
+                        .to_string(),
+                )
+            }
+        };
+        let head_seq = checkpoint.head_seq;
+        let head = checkpoint.head;
         let Some(actual) = self.exchanges.get(&head_seq).map(|e| e.hash) else {
             return Err(format!(
                 "checkpoint.head_seq {head_seq} is not an attest/attested record of this run; \
@@ -454,7 +447,8 @@ impl EvidenceCheck {
             ));
         };
         let binding = checkpoint_binding(&exchange.hash);
-        let stated = hex_bytes(checkpoint.get("report_data"), "checkpoint.report_data")?;
+        let stated = hex::decode(&checkpoint.report_data)
+            .map_err(|e| format!("checkpoint.report_data is not hex: {e}"))?;
         if stated.as_slice() != binding.as_slice() {
             return Err(format!(
                 "checkpoint.report_data is {}, but checkpoint_binding(head) is {}",
@@ -462,8 +456,7 @@ impl EvidenceCheck {
                 hex::encode(binding)
             ));
         }
-        let wrapped = object(checkpoint.get("evidence"), "checkpoint.evidence")?;
-        let tee = string(wrapped.get("tee"), "checkpoint.evidence.tee")?;
+        let tee = checkpoint.evidence.tee.as_str();
         if tee != exchange.tee {
             return Err(format!(
                 "checkpoint evidence is from tee {tee}, but the exchange at seq {head_seq} used \
@@ -471,10 +464,7 @@ impl EvidenceCheck {
                 exchange.tee
             ));
         }
-        let evidence = wrapped
-            .get("evidence")
-            .ok_or("checkpoint.evidence.evidence is missing")?;
-        let mut result = check_evidence(tee, evidence, &binding)
+        let mut result = check_evidence(tee, &checkpoint.evidence.evidence, &binding)
             .map_err(|e| format!("checkpoint evidence ({tee}): {e}"))?;
         result.verified.insert(
             0,
@@ -546,20 +536,10 @@ impl EvidenceCheck {
     /// An `audit/checkpoint` record (launch, periodic, closing): fresh evidence over the
     /// record just before it, from the TEE instance and boot of the run's broker exchange.
     fn audit_checkpoint(&mut self, record: &Record) -> Result<(), String> {
-        let details = &record.details;
-        let kind = string(details.get("kind"), "details.kind")?;
-        if !matches!(kind, "launch" | "periodic" | "closing") {
-            return Err(format!(
-                "details.kind is {kind:?}, not launch, periodic or closing"
-            ));
-        }
-        let head_seq = details
-            .get("head_seq")
-            .and_then(Value::as_u64)
-            .ok_or("details.head_seq is missing or not a number")?;
-        let head_text = string(details.get("head"), "details.head")?;
-        let head = Digest::from_str(head_text)
-            .map_err(|_| format!("details.head {head_text:?} is not a sha256:<hex> digest"))?;
+        let details: CheckpointDetails = typed(&record.details, "audit/checkpoint details")?;
+        let kind = details.kind;
+        let head_seq = details.head_seq;
+        let head = details.head;
         if record.seq == 0 || head_seq != record.seq - 1 || head != record.prev {
             return Err(format!(
                 "a checkpoint covers the record just before it (seq {}, hash {}), but it names \
@@ -569,7 +549,8 @@ impl EvidenceCheck {
             ));
         }
         let binding = checkpoint_binding(&head);
-        let stated = hex_bytes(details.get("report_data"), "details.report_data")?;
+        let stated = hex::decode(&details.report_data)
+            .map_err(|e| format!("details.report_data is not hex: {e}"))?;
         if stated.as_slice() != binding.as_slice() {
             return Err(format!(
                 "details.report_data is {}, but checkpoint_binding(head) is {}",
@@ -577,11 +558,8 @@ impl EvidenceCheck {
                 hex::encode(binding)
             ));
         }
-        let wrapped = object(details.get("evidence"), "details.evidence")?;
-        let tee = string(wrapped.get("tee"), "details.evidence.tee")?;
-        let evidence = wrapped
-            .get("evidence")
-            .ok_or("details.evidence.evidence is missing")?;
+        let tee = details.evidence.tee.as_str();
+        let evidence = &details.evidence.evidence;
         let mut result = check_evidence(tee, evidence, &binding)
             .map_err(|e| format!("{kind} checkpoint evidence ({tee}): {e}"))?;
         result.verified.insert(
@@ -606,9 +584,9 @@ impl EvidenceCheck {
             ));
         }
         // The event log up to the checkpoint extends the exchange's (PCR 15 replay).
-        let events = event_digests(details.get("event_log"));
+        let now: Vec<Digest> = details.event_log.iter().map(|e| e.digest).collect();
         let mut at_checkpoint = exchange.clone();
-        if let (Ok(first), Ok(now)) = (&exchange.event_digests, &events) {
+        if let Ok(first) = &exchange.event_digests {
             if !now.starts_with(first) {
                 return Err(format!(
                     "the event log of the {kind} checkpoint does not start with the {} event(s) \
@@ -616,7 +594,7 @@ impl EvidenceCheck {
                     first.len()
                 ));
             }
-            at_checkpoint.event_digests = Ok(now.clone());
+            at_checkpoint.event_digests = Ok(now);
         }
         same_origin(&at_checkpoint, head_seq, &mut result)?;
         if self.judge(&mut result)? && self.current.proven {
@@ -712,28 +690,18 @@ pub fn check_evidence(
 }
 
 fn check_tpm(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String> {
-    let ak_public = base64_field(evidence.get("ak_public"), "ak_public")?;
-    let quote = object(evidence.get("tpm_quote"), "tpm_quote")?;
-    let message = base64_field(quote.get("message"), "tpm_quote.message")?;
-    let signature = base64_field(quote.get("signature"), "tpm_quote.signature")?;
-    let pcr_texts = quote
-        .get("pcrs")
-        .and_then(Value::as_array)
-        .ok_or("tpm_quote.pcrs is missing or not an array")?;
-    if pcr_texts.len() != PCR_COUNT {
+    let evidence: TpmEvidence =
+        crate::schema::from_value(evidence, "tpm evidence").map_err(|e| e.to_string())?;
+    let ak_public = evidence.ak_public.0;
+    let message = evidence.tpm_quote.message.0;
+    let signature = evidence.tpm_quote.signature.0;
+    if evidence.tpm_quote.pcrs.len() != PCR_COUNT {
         return Err(format!(
             "tpm_quote.pcrs holds {} values, expected {PCR_COUNT} (sha256:0-23)",
-            pcr_texts.len()
+            evidence.tpm_quote.pcrs.len()
         ));
     }
-    let mut pcrs = Vec::with_capacity(PCR_COUNT);
-    for (i, text) in pcr_texts.iter().enumerate() {
-        let mut value = [0u8; PCR_LEN];
-        text.as_str()
-            .and_then(|t| hex::decode_to_slice(t, &mut value).ok())
-            .ok_or_else(|| format!("tpm_quote.pcrs[{i}] is not 32 bytes of hex"))?;
-        pcrs.push(value);
-    }
+    let pcrs: Vec<[u8; PCR_LEN]> = evidence.tpm_quote.pcrs.iter().map(|p| p.0).collect();
     let facts = verify_pcr_quote(&message, &signature, &ak_public, pcrs, binding, 32)?;
     Ok(EvidenceResult {
         verified: vec![
@@ -805,7 +773,9 @@ pub fn verify_pcr_quote(
 }
 
 fn check_sample(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String> {
-    let carried = base64_field(evidence.get("report_data"), "report_data")?;
+    let evidence: SampleEvidence =
+        crate::schema::from_value(evidence, "sample evidence").map_err(|e| e.to_string())?;
+    let carried = evidence.report_data.0;
     let expected = binding.get(..48).ok_or("binding shorter than 48 bytes")?;
     if carried.as_slice() != expected {
         return Err(format!(
@@ -827,7 +797,12 @@ fn check_snp(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
     let mut expected = [0u8; 64];
     let n = binding.len().min(64);
     expected[..n].copy_from_slice(&binding[..n]);
-    let report = report_from_evidence(evidence).map_err(|e| error_chain(&e))?;
+    let evidence: SnpEvidence =
+        crate::schema::from_value(evidence, "snp evidence").map_err(|e| e.to_string())?;
+    let report = evidence
+        .attestation_report
+        .to_report()
+        .map_err(|e| error_chain(&e))?;
     let carried = report
         .get(SNP_REPORT_DATA_OFFSET..SNP_REPORT_DATA_OFFSET + 64)
         .ok_or("attestation report too short for REPORT_DATA")?;
@@ -866,11 +841,7 @@ fn check_snp(evidence: &Value, binding: &[u8]) -> Result<EvidenceResult, String>
         ],
         ..EvidenceResult::default()
     };
-    let chain: Vec<CertTableEntry> = match evidence.get("cert_chain") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(value) => serde_json::from_value(value.clone())
-            .map_err(|e| format!("cert_chain is not a certificate table: {e}"))?,
-    };
+    let chain: Vec<CertTableEntry> = evidence.cert_chain.unwrap_or_default();
     let find = |kind: &CertType| chain.iter().find(|c| &c.cert_type == kind);
     let Some(vcek) = find(&CertType::Vcek) else {
         result.warnings.push(
@@ -1394,47 +1365,6 @@ fn pem(der: &[u8]) -> String {
     out
 }
 
-fn event_digests(log: Option<&Value>) -> Result<Vec<Digest>, String> {
-    let events = log
-        .and_then(Value::as_array)
-        .ok_or("details.event_log is missing or not an array")?;
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, event)| {
-            event
-                .get("digest")
-                .and_then(Value::as_str)
-                .and_then(|d| Digest::from_str(d).ok())
-                .ok_or_else(|| format!("event_log[{i}].digest is not a sha256:<hex> digest"))
-        })
-        .collect()
-}
-
-fn object<'a>(value: Option<&'a Value>, name: &str) -> Result<&'a Map<String, Value>, String> {
-    value
-        .and_then(Value::as_object)
-        .ok_or_else(|| format!("{name} is missing or not an object"))
-}
-
-fn string<'a>(value: Option<&'a Value>, name: &str) -> Result<&'a str, String> {
-    value
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("{name} is missing or not a string"))
-}
-
-fn hex_bytes(value: Option<&Value>, name: &str) -> Result<Vec<u8>, String> {
-    let text = string(value, name)?;
-    hex::decode(text).map_err(|e| format!("{name} is not hex: {e}"))
-}
-
-fn base64_field(value: Option<&Value>, name: &str) -> Result<Vec<u8>, String> {
-    let text = string(value, name)?;
-    STANDARD
-        .decode(text)
-        .map_err(|e| format!("{name} is not standard base64: {e}"))
-}
-
 /// Why evidence that verified proves nothing by itself.
 fn unproven_reason(tee: &str, result: &EvidenceResult) -> String {
     match Tee::from_str(tee) {
@@ -1462,4 +1392,18 @@ fn unproven_reason(tee: &str, result: &EvidenceResult) -> String {
 fn ak_label(spki_der: &[u8]) -> String {
     let (fingerprint, base64) = crate::evidence::tpm::ak_names(spki_der);
     format!("{fingerprint} (trusted_aks form: {base64})")
+}
+
+/// A record's details read as the typed shape the daemon writes.
+fn typed<T: serde::de::DeserializeOwned>(
+    details: &Map<String, Value>,
+    what: &'static str,
+) -> Result<T, String> {
+    T::deserialize(details).map_err(|e| {
+        crate::EvidenceError::Schema {
+            what,
+            detail: e.to_string(),
+        }
+        .to_string()
+    })
 }

@@ -5,7 +5,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sev::certs::snp::ecdsa::Signature;
 use sev::firmware::guest::{AttestationReport, GuestPolicy, KeyInfo, PlatformInfo, Version};
 use sev::firmware::host::TcbVersion;
@@ -477,16 +477,17 @@ impl ReportJson {
     }
 }
 
-/// The evidence JSON for a raw report and an optional certificate chain.
+/// The evidence JSON ([`crate::schema::SnpEvidence`]) for a raw report and an optional
+/// certificate chain.
 pub fn evidence_json(
     report: &[u8],
     cert_chain: Option<&[CertTableEntry]>,
 ) -> Result<Value, EvidenceError> {
-    let report = ReportJson::from_report(report)?;
-    Ok(json!({
-        "attestation_report": report,
-        "cert_chain": cert_chain,
-    }))
+    let evidence = crate::schema::SnpEvidence {
+        attestation_report: ReportJson::from_report(report)?,
+        cert_chain: cert_chain.map(<[CertTableEntry]>::to_vec),
+    };
+    serde_json::to_value(evidence).map_err(|e| malformed("evidence", format!("cannot encode: {e}")))
 }
 
 /// The raw report inside an evidence JSON (the inverse of [`evidence_json`], for auditors
