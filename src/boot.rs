@@ -2265,4 +2265,60 @@ mod tests {
             .unwrap()
             .contains("holds the audit file"));
     }
+
+    /// The checkpoints the runner writes are what the verifier reads: a sample provider's
+    /// evidence over each head passes its evidence check.
+    #[test]
+    fn the_verifier_checks_the_runners_checkpoints() {
+        struct Sample(crate::tee::sample::SampleProvider);
+        impl Checkpointer for Sample {
+            fn describe(&self) -> Value {
+                json!({ "tee": "sample", "provider": crate::tee::Provider::describe(&self.0) })
+            }
+            fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+                Ok(json!({
+                    "tee": "sample",
+                    "evidence": crate::tee::Provider::checkpoint(&mut self.0, binding)?,
+                }))
+            }
+        }
+        let (audit, lines) = memory_audit();
+        let mut sample = Sample(crate::tee::sample::SampleProvider::new());
+        audit.record("boot", "start", json!({})).unwrap();
+        for kind in [CheckpointKind::Launch, CheckpointKind::Periodic] {
+            assert!(checkpoint(&audit, &mut sample, kind, &EventLog::new()));
+            audit.record("launch", "tick", json!({})).unwrap();
+        }
+        audit
+            .record("shutdown", "exit", json!({ "code": 0 }))
+            .unwrap();
+        assert!(checkpoint(
+            &audit,
+            &mut sample,
+            CheckpointKind::Closing,
+            &EventLog::new()
+        ));
+        let joined: String = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let outcome = cvm_warden_verify::verdict::verify_log_from(
+            joined.as_bytes(),
+            Path::new("memory"),
+            cvm_warden_verify::check::Pins::default(),
+        )
+        .unwrap();
+        let checked: Vec<&str> = outcome.evidence.iter().map(|f| f.what.as_str()).collect();
+        assert_eq!(
+            checked,
+            [
+                "launch checkpoint of seq 0",
+                "periodic checkpoint of seq 2",
+                "closing checkpoint of seq 5"
+            ]
+        );
+        assert!(outcome.runs[0].complete);
+    }
 }

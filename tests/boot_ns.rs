@@ -478,7 +478,12 @@ exit 0"#,
         .arg(setup.audit_log())
         .output()
         .unwrap();
-    assert!(verify.status.success(), "{verify:?}");
+    // Intact and complete; exit 3 because attestation = "none" attests nothing.
+    assert_eq!(verify.status.code(), Some(3), "{verify:?}");
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("complete"),
+        "{verify:?}"
+    );
 }
 
 #[test]
