@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::audit::{Audit, AuditError};
 use crate::digest::Digest;
 use crate::eventlog::{EventKind, EventLog, RuntimeRegister};
-use crate::launch::{LaunchError, LaunchPlan, WorkloadExit};
+use crate::launch::{LaunchError, LaunchPlan, Periodic, WorkloadExit};
 use crate::policy::{FailureAction, LoadedPolicy};
 use crate::stage::{self, BootPlan, Effects, Facts, Measurer, StageError, StageName};
 use crate::sys::Sys;
@@ -55,6 +55,7 @@ pub trait Launcher {
         plan: &LaunchPlan,
         sys: &dyn Sys,
         events: &mut dyn FnMut(&str, Value),
+        periodic: Option<Periodic<'_>>,
     ) -> Result<WorkloadExit, LaunchError>;
     /// Unit shape: replace this process with the workload; returns only on failure.
     fn exec(&self, plan: &LaunchPlan) -> LaunchError;
@@ -70,8 +71,17 @@ impl Launcher for RealLauncher {
         plan: &LaunchPlan,
         sys: &dyn Sys,
         events: &mut dyn FnMut(&str, Value),
+        periodic: Option<Periodic<'_>>,
     ) -> Result<WorkloadExit, LaunchError> {
-        crate::launch::supervise(plan, sys, events)
+        // The workload's output goes to the console line by line behind a prefix, so it
+        // cannot pass for an audit record there.
+        crate::launch::supervise(
+            plan,
+            sys,
+            events,
+            periodic,
+            Some(Box::new(std::io::stdout())),
+        )
     }
 
     fn exec(&self, plan: &LaunchPlan) -> LaunchError {
@@ -130,6 +140,19 @@ fn record(audit: &Audit, stage: &str, event: &str, details: Value) -> Result<Dig
 
 /// Plans and applies every stage up to (not including) starting the workload.
 pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Ready, BootError> {
+    let mut event_log = EventLog::new();
+    prepare_logged(loaded, facts, env, &mut event_log)
+}
+
+/// [`prepare`] that measures into `event_log`, which keeps the events measured before a
+/// failure (the closing checkpoint of a failed boot carries them). On success the events move
+/// into the [`Ready`].
+pub fn prepare_logged(
+    loaded: &LoadedPolicy,
+    facts: &Facts,
+    env: Env<'_>,
+    event_log: &mut EventLog,
+) -> Result<Ready, BootError> {
     let audit = env.audit;
     record(
         audit,
@@ -159,7 +182,7 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
     };
     record(audit, "boot", "planned", json!({ "plan": plan }))?;
 
-    let mut event_log = EventLog::new();
+    *event_log = EventLog::new();
     // The register's value before the first extend (a TPM PCR may already carry the
     // firmware's or systemd's events): verifiers replay the log from it.
     match env.register.read() {
@@ -180,7 +203,7 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
         sys: env.sys,
         measurer: env.measurer,
         register: env.register,
-        event_log: &mut event_log,
+        event_log,
         audit,
         broker: match env.broker {
             Some(broker) => Some(broker),
@@ -209,7 +232,10 @@ pub fn prepare(loaded: &LoadedPolicy, facts: &Facts, env: Env<'_>) -> Result<Rea
         );
     }
     result?;
-    Ok(Ready { plan, event_log })
+    Ok(Ready {
+        plan,
+        event_log: std::mem::take(event_log),
+    })
 }
 
 /// The stage loop of [`prepare`], then the audit sinks' check.
@@ -296,38 +322,269 @@ pub fn closing_event(sys: &dyn Sys, action: FailureAction) -> &'static str {
     }
 }
 
-/// Records a failed boot and the closing record; returns the shutdown to perform.
-/// Audit errors here are ignored: the machine goes down either way (fail closed).
-pub fn fail(audit: &Audit, sys: &dyn Sys, action: FailureAction, error: &BootError) -> Shutdown {
-    record_failure(audit, closing_event(sys, action), error);
+/// When a checkpoint is taken (the `kind` of an `audit/checkpoint` record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointKind {
+    /// Right after the workload started.
+    Launch,
+    /// Every `audit.checkpoint_interval` while it runs.
+    Periodic,
+    /// Right after the closing record (power-off, halt, exit or exec), on every path.
+    Closing,
+}
+
+impl CheckpointKind {
+    /// The name in the record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointKind::Launch => "launch",
+            CheckpointKind::Periodic => "periodic",
+            CheckpointKind::Closing => "closing",
+        }
+    }
+}
+
+/// Fresh TEE evidence over the audit log's head: all the runner needs of the broker after
+/// the stages (it never fetches anything once the workload runs).
+pub trait Checkpointer {
+    /// Public facts about the evidence provider, as `attest/attested`'s `details.tee`.
+    fn describe(&self) -> Value;
+    /// Evidence whose report data is `binding`, as `attest/ok`'s `details.checkpoint.evidence`.
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError>;
+}
+
+impl<T: stage::KeyBroker + ?Sized> Checkpointer for T {
+    fn describe(&self) -> Value {
+        stage::KeyBroker::describe(self)
+    }
+
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+        stage::KeyBroker::checkpoint(self, binding)
+    }
+}
+
+/// How often the evidence is taken again when the log moved on while it was being taken
+/// (a sink changed state): then the checkpoint is recorded as failed.
+const CHECKPOINT_TRIES: u32 = 3;
+
+/// Writes one checkpoint: evidence over the hash of the last record, then `audit/checkpoint`
+/// right after that record; `audit/checkpoint_failed` (and on) when the TEE does not answer.
+/// Returns whether a checkpoint was written.
+pub fn checkpoint(
+    audit: &Audit,
+    checkpointer: &mut dyn Checkpointer,
+    kind: CheckpointKind,
+    event_log: &EventLog,
+) -> bool {
+    let mut head_seq = 0;
+    for _ in 0..CHECKPOINT_TRIES {
+        let (seq, head) = audit.last();
+        head_seq = seq;
+        let binding = stage::attest::checkpoint_binding(&head);
+        let evidence = match checkpointer.checkpoint(&binding) {
+            Ok(evidence) => evidence,
+            Err(error) => {
+                let error = chain(error.as_ref());
+                log::warn!("{} checkpoint over seq {seq}: {error}", kind.as_str());
+                let _ = audit.record(
+                    crate::audit::AUDIT_STAGE,
+                    "checkpoint_failed",
+                    json!({ "kind": kind.as_str(), "head_seq": seq, "error": error }),
+                );
+                return false;
+            }
+        };
+        let details = json!({
+            "kind": kind.as_str(),
+            "head_seq": seq,
+            "head": head,
+            "report_data": hex::encode(binding),
+            "tee": checkpointer.describe(),
+            "evidence": evidence,
+            "event_log": event_log.events(),
+            "register_initial": event_log.register_initial(),
+        });
+        match audit.record_after(head, crate::audit::AUDIT_STAGE, "checkpoint", details) {
+            Ok(Some(_)) => return true,
+            Ok(None) => continue,
+            // A required sink failed: the record went to the others; the caller's next record
+            // or flush reports the sink.
+            Err(_) => return true,
+        }
+    }
+    let _ = audit.record(
+        crate::audit::AUDIT_STAGE,
+        "checkpoint_failed",
+        json!({
+            "kind": kind.as_str(),
+            "head_seq": head_seq,
+            "error": format!("the audit log moved on while the evidence was taken, {CHECKPOINT_TRIES} times"),
+        }),
+    );
+    false
+}
+
+/// What the runner uses after the stages: the audit log, checkpoints, and what a failed
+/// launch must clean up.
+pub struct Lifecycle<'a> {
+    /// System calls (unmounting the secrets tmpfs and volumes).
+    pub sys: &'a dyn Sys,
+    /// The audit log.
+    pub audit: &'a Audit,
+    /// LUKS2 volumes (closed after a failed launch).
+    pub volumes: &'a dyn crate::volume::Volumes,
+    /// The evidence provider for checkpoints (`None` with `attestation = "none"`: none).
+    pub checkpointer: Option<&'a mut dyn Checkpointer>,
+    /// Between periodic checkpoints while the workload runs (`None`: none).
+    pub checkpoint_interval: Option<std::time::Duration>,
+    /// The audit file, whose volume stays mounted after a failed launch.
+    pub audit_file: Option<&'a std::path::Path>,
+}
+
+impl std::fmt::Debug for Lifecycle<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("checkpoints", &self.checkpointer.is_some())
+            .field("checkpoint_interval", &self.checkpoint_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lifecycle<'_> {
+    fn checkpoint(&mut self, kind: CheckpointKind, event_log: &EventLog) {
+        if let Some(checkpointer) = self.checkpointer.as_deref_mut() {
+            checkpoint(self.audit, checkpointer, kind, event_log);
+        }
+    }
+
+    /// The closing record, the closing checkpoint right after it, then a flush.
+    fn close(&mut self, stage: &str, event: &str, details: Value, event_log: &EventLog) {
+        let _ = self.audit.record(stage, event, details);
+        self.checkpoint(CheckpointKind::Closing, event_log);
+        let _ = self.audit.flush();
+    }
+
+    /// After a failed launch the workload will never read its secrets, and no one will use
+    /// its volumes: the secrets tmpfs is unmounted, every volume unmounted and closed (except
+    /// the one that holds the audit file), and that is recorded (`launch/cleanup`).
+    fn clean_up_after_failed_launch(&self, plan: &BootPlan) {
+        let mut removed = Vec::new();
+        let secrets = &plan.unlock.secrets_dir;
+        if self.sys.is_mountpoint(secrets) {
+            let result = self.sys.umount(secrets);
+            removed.push(json!({
+                "what": "secrets",
+                "path": secrets,
+                "removed": result.is_ok(),
+                "error": result.err().map(|e| chain(&e)),
+            }));
+        }
+        for volume in &plan.unlock.volumes {
+            if !self.sys.is_mountpoint(&volume.mount) {
+                continue;
+            }
+            if self
+                .audit_file
+                .is_some_and(|file| file.starts_with(&volume.mount))
+            {
+                removed.push(json!({
+                    "what": "volume",
+                    "name": volume.name,
+                    "path": volume.mount,
+                    "removed": false,
+                    "error": "kept mounted: it holds the audit file, whose last records are still to be written",
+                }));
+                continue;
+            }
+            let result = self
+                .sys
+                .umount(&volume.mount)
+                .map_err(|e| chain(&e))
+                .and_then(|()| self.volumes.close(&volume.name).map_err(|e| chain(&e)));
+            removed.push(json!({
+                "what": "volume",
+                "name": volume.name,
+                "path": volume.mount,
+                "removed": result.is_ok(),
+                "error": result.err(),
+            }));
+        }
+        if !removed.is_empty() {
+            let _ = self
+                .audit
+                .record("launch", "cleanup", json!({ "removed": removed }));
+        }
+    }
+}
+
+/// Records a failed boot and the closing record with code 1 (and the closing checkpoint when
+/// there is a provider); returns the shutdown to perform. Audit errors here are ignored: the
+/// machine goes down either way (fail closed). `event_log` holds the events measured before
+/// the failure.
+pub fn fail(
+    life: &mut Lifecycle<'_>,
+    action: FailureAction,
+    error: &BootError,
+    event_log: &EventLog,
+) -> Shutdown {
+    let closing = closing_event(life.sys, action);
+    record_failure(life, closing, error, event_log);
     Shutdown { action, code: 1 }
 }
 
 /// Records a failed boot (`boot/failed`) and the closing `shutdown/<closing>` record with code
-/// 1, then flushes. Audit errors are ignored: the boot has already failed closed.
-pub fn record_failure(audit: &Audit, closing: &str, error: &BootError) {
-    let _ = audit.record(
+/// 1, the closing checkpoint, then flushes. Audit errors are ignored: the boot has already
+/// failed closed.
+pub fn record_failure(
+    life: &mut Lifecycle<'_>,
+    closing: &str,
+    error: &BootError,
+    event_log: &EventLog,
+) {
+    let _ = life.audit.record(
         "boot",
         "failed",
         json!({ "error": chain(error), "workload_started": false }),
     );
-    let _ = audit.record("shutdown", closing, json!({ "code": 1 }));
-    let _ = audit.flush();
+    life.close("shutdown", closing, json!({ "code": 1 }), event_log);
 }
 
-/// PID 1 shape: supervise the workload, then record the shutdown.
+/// PID 1 shape: supervise the workload (a `launch` checkpoint after each start, `periodic`
+/// ones while it runs), then record the shutdown and the closing checkpoint.
 pub fn run_init(
     ready: &Ready,
     launcher: &dyn Launcher,
-    sys: &dyn Sys,
-    audit: &Audit,
+    life: &mut Lifecycle<'_>,
     action: FailureAction,
 ) -> Shutdown {
+    let audit = life.audit;
+    let sys = life.sys;
+    let event_log = &ready.event_log;
+    let interval = life.checkpoint_interval;
+    let checkpointer = std::cell::RefCell::new(life.checkpointer.as_deref_mut());
     let mut events = |event: &str, details: Value| {
         log::info!("workload: {event} {details}");
         let _ = audit.record("launch", event, details);
+        if event == "started" {
+            if let Some(cp) = checkpointer.borrow_mut().as_deref_mut() {
+                checkpoint(audit, cp, CheckpointKind::Launch, event_log);
+            }
+        }
     };
-    let code = match launcher.supervise(&ready.plan.launch, sys, &mut events) {
+    let mut periodic_run = || {
+        if let Some(cp) = checkpointer.borrow_mut().as_deref_mut() {
+            checkpoint(audit, cp, CheckpointKind::Periodic, event_log);
+        }
+    };
+    let periodic = match (interval, checkpointer.borrow().is_some()) {
+        (Some(every), true) => Some(crate::launch::Periodic {
+            every,
+            run: &mut periodic_run,
+        }),
+        _ => None,
+    };
+    let result = launcher.supervise(&ready.plan.launch, sys, &mut events, periodic);
+    let code = match result {
         Ok(exit) => {
             let _ = audit.record(
                 "launch",
@@ -339,35 +596,43 @@ pub fn run_init(
         Err(error) => {
             log::error!("{}", chain(&error));
             let _ = audit.record("launch", "failed", json!({ "error": chain(&error) }));
+            life.clean_up_after_failed_launch(&ready.plan);
             1
         }
     };
-    let _ = audit.record(
+    life.close(
         "shutdown",
         closing_event(sys, action),
         json!({ "code": code }),
+        event_log,
     );
-    let _ = audit.flush();
     Shutdown { action, code }
 }
 
-/// Unit shape: record the closing `exec` event, flush, and `execve` the workload. Returns the
-/// exit code only when exec failed.
-pub fn run_unit(ready: &Ready, launcher: &dyn Launcher, audit: &Audit) -> i32 {
+/// Unit shape: record the closing `exec` event, the closing checkpoint, flush, and `execve`
+/// the workload. Returns the exit code only when exec failed, after removing the secrets and
+/// closing the volumes.
+pub fn run_unit(ready: &Ready, launcher: &dyn Launcher, life: &mut Lifecycle<'_>) -> i32 {
+    let audit = life.audit;
     let plan = &ready.plan.launch;
     if let Err(error) = audit.record("launch", "exec", json!({ "argv": plan.argv })) {
         log::error!("{}", chain(&error));
+        life.clean_up_after_failed_launch(&ready.plan);
+        life.close("shutdown", "exit", json!({ "code": 1 }), &ready.event_log);
         return 1;
     }
+    life.checkpoint(CheckpointKind::Closing, &ready.event_log);
     if let Err(error) = audit.flush() {
         log::error!("{}", chain(&error));
+        life.clean_up_after_failed_launch(&ready.plan);
+        life.close("shutdown", "exit", json!({ "code": 1 }), &ready.event_log);
         return 1;
     }
     let error = launcher.exec(plan);
     log::error!("{}", chain(&error));
     let _ = audit.record("launch", "exec_failed", json!({ "error": chain(&error) }));
-    let _ = audit.record("shutdown", "exit", json!({ "code": 1 }));
-    let _ = audit.flush();
+    life.clean_up_after_failed_launch(&ready.plan);
+    life.close("shutdown", "exit", json!({ "code": 1 }), &ready.event_log);
     1
 }
 
@@ -547,12 +812,30 @@ mod tests {
         run_prepare(fixture, &fixture.policy(""), sys, measurer, audit)
     }
 
+    /// A [`Lifecycle`] without a checkpointer or volumes.
+    fn life<'a>(sys: &'a dyn Sys, audit: &'a Audit) -> Lifecycle<'a> {
+        Lifecycle {
+            sys,
+            audit,
+            volumes: Box::leak(Box::new(crate::volume::FakeVolumes::new())),
+            checkpointer: None,
+            checkpoint_interval: None,
+            audit_file: None,
+        }
+    }
+
     /// Records what the runner asked of it; never starts anything.
     struct FakeLauncher {
         supervised: Cell<u32>,
         execed: Cell<u32>,
         plans: RefCell<Vec<LaunchPlan>>,
         code: i32,
+        /// How often it runs the periodic work while "the workload runs".
+        periodic_runs: u32,
+        /// The interval it was given.
+        interval: Cell<Option<std::time::Duration>>,
+        /// Fails the launch instead of running the workload.
+        fail: bool,
     }
 
     impl FakeLauncher {
@@ -562,6 +845,9 @@ mod tests {
                 execed: Cell::new(0),
                 plans: RefCell::new(Vec::new()),
                 code,
+                periodic_runs: 0,
+                interval: Cell::new(None),
+                fail: false,
             }
         }
 
@@ -576,10 +862,23 @@ mod tests {
             plan: &LaunchPlan,
             _sys: &dyn Sys,
             events: &mut dyn FnMut(&str, Value),
+            periodic: Option<Periodic<'_>>,
         ) -> Result<WorkloadExit, LaunchError> {
             self.supervised.set(self.supervised.get() + 1);
             self.plans.borrow_mut().push(plan.clone());
+            if self.fail {
+                return Err(LaunchError::Exec {
+                    path: plan.argv[0].clone().into(),
+                    source: nix::errno::Errno::ENOENT,
+                });
+            }
             events("started", json!({ "pid": 2 }));
+            if let Some(periodic) = periodic {
+                self.interval.set(Some(periodic.every));
+                for _ in 0..self.periodic_runs {
+                    (periodic.run)();
+                }
+            }
             events("exited", json!({ "pid": 2, "code": self.code }));
             Ok(WorkloadExit {
                 code: self.code,
@@ -652,7 +951,12 @@ mod tests {
         );
 
         let launcher = FakeLauncher::new(7);
-        let shutdown = run_init(&ready, &launcher, &sys, &audit, FailureAction::Poweroff);
+        let shutdown = run_init(
+            &ready,
+            &launcher,
+            &mut life(&sys, &audit),
+            FailureAction::Poweroff,
+        );
         assert_eq!(
             shutdown,
             Shutdown {
@@ -697,7 +1001,7 @@ mod tests {
             let (audit, lines) = memory_audit();
             let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
             let launcher = FakeLauncher::new(0);
-            let shutdown = run_init(&ready, &launcher, &sys, &audit, action);
+            let shutdown = run_init(&ready, &launcher, &mut life(&sys, &audit), action);
             assert_eq!(shutdown, Shutdown { action, code: 0 });
             let last = events(&records(&lines)).pop().unwrap();
             assert_eq!(last, ("shutdown".to_string(), closing.to_string()));
@@ -766,7 +1070,12 @@ mod tests {
         // The launcher is never reached (there is no Ready); the failure path closes the log.
         let launcher = FakeLauncher::new(0);
         assert!(!launcher.called());
-        let shutdown = fail(&audit, &sys, FailureAction::Halt, &error);
+        let shutdown = fail(
+            &mut life(&sys, &audit),
+            FailureAction::Halt,
+            &error,
+            &EventLog::new(),
+        );
         assert_eq!(
             shutdown,
             Shutdown {
@@ -785,7 +1094,12 @@ mod tests {
 
         // In a real boot the closing record is the failure action.
         let (audit, lines) = memory_audit();
-        fail(&audit, &FakeSys::new(), FailureAction::Halt, &error);
+        fail(
+            &mut life(&FakeSys::new(), &audit),
+            FailureAction::Halt,
+            &error,
+            &EventLog::new(),
+        );
         assert_eq!(
             events(&records(&lines)),
             pairs(&[("boot", "failed"), ("shutdown", "halt")])
@@ -858,7 +1172,12 @@ mod tests {
             "#!/bin/sh\nexit 0\n"
         );
         let launcher = FakeLauncher::new(0);
-        run_init(&ready, &launcher, &sys, &audit, FailureAction::Poweroff);
+        run_init(
+            &ready,
+            &launcher,
+            &mut life(&sys, &audit),
+            FailureAction::Poweroff,
+        );
         assert_eq!(launcher.plans.borrow()[0].argv[0], program);
     }
 
@@ -993,7 +1312,7 @@ mod tests {
         let (audit, lines) = memory_audit();
         let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
         let launcher = FakeLauncher::new(0);
-        assert_eq!(run_unit(&ready, &launcher, &audit), 1);
+        assert_eq!(run_unit(&ready, &launcher, &mut life(&sys, &audit)), 1);
         assert_eq!((launcher.supervised.get(), launcher.execed.get()), (0, 1));
         let recs = records(&lines);
         let tail: Vec<_> = events(&recs).split_off(successful_boot().len());
@@ -1618,5 +1937,388 @@ mod tests {
             .find(|r| r["event"] == "secrets_removed")
             .unwrap();
         assert_eq!(removed["details"]["removed"], true);
+    }
+
+    // ---- checkpoints written by the runner ----
+
+    /// A recording [`Checkpointer`]: the bindings it was asked for; evidence echoes them.
+    struct RecordingCheckpointer {
+        bindings: Vec<[u8; 64]>,
+        /// Answer with an error from this call on (0-based).
+        fail_from: Option<usize>,
+    }
+
+    impl RecordingCheckpointer {
+        fn new() -> RecordingCheckpointer {
+            RecordingCheckpointer {
+                bindings: Vec::new(),
+                fail_from: None,
+            }
+        }
+    }
+
+    impl Checkpointer for RecordingCheckpointer {
+        fn describe(&self) -> Value {
+            json!({ "tee": "sample", "broker": "fake" })
+        }
+
+        fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+            let n = self.bindings.len();
+            self.bindings.push(*binding);
+            if self.fail_from.is_some_and(|from| n >= from) {
+                return Err("sample: the TEE device is gone".into());
+            }
+            Ok(json!({ "tee": "sample", "evidence": { "report_data": hex::encode(binding) } }))
+        }
+    }
+
+    /// Checks that `checkpoint` (at index `i`) binds the record just before it.
+    fn assert_binds_previous(recs: &[Value], i: usize, kind: &str) {
+        let cp = &recs[i];
+        assert_eq!(
+            (cp["stage"].as_str(), cp["event"].as_str()),
+            (Some("audit"), Some("checkpoint"))
+        );
+        let details = &cp["details"];
+        assert_eq!(details["kind"], kind);
+        assert_eq!(details["head_seq"], recs[i - 1]["seq"]);
+        assert_eq!(details["head"], recs[i - 1]["hash"]);
+        assert_eq!(cp["prev"], recs[i - 1]["hash"]);
+        let head: Digest = serde_json::from_value(details["head"].clone()).unwrap();
+        assert_eq!(
+            details["report_data"],
+            hex::encode(stage::attest::checkpoint_binding(&head))
+        );
+        assert_eq!(
+            details["evidence"]["evidence"]["report_data"],
+            details["report_data"]
+        );
+        assert_eq!(details["tee"], json!({ "tee": "sample", "broker": "fake" }));
+    }
+
+    #[test]
+    fn pid1_writes_launch_periodic_and_closing_checkpoints_last_after_the_closing_record() {
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+        let mut checkpointer = RecordingCheckpointer::new();
+        let mut launcher = FakeLauncher::new(0);
+        launcher.periodic_runs = 2;
+        let mut life = life(&sys, &audit);
+        life.checkpointer = Some(&mut checkpointer);
+        life.checkpoint_interval = Some(std::time::Duration::from_secs(600));
+        run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+        assert_eq!(
+            launcher.interval.get(),
+            Some(std::time::Duration::from_secs(600))
+        );
+        let recs = records(&lines);
+        let tail: Vec<_> = events(&recs).split_off(successful_boot().len());
+        assert_eq!(
+            tail,
+            pairs(&[
+                ("launch", "started"),
+                ("audit", "checkpoint"),
+                ("audit", "checkpoint"),
+                ("audit", "checkpoint"),
+                ("launch", "exited"),
+                ("launch", "workload_done"),
+                ("shutdown", "poweroff"),
+                ("audit", "checkpoint"),
+            ])
+        );
+        let n = successful_boot().len();
+        assert_binds_previous(&recs, n + 1, "launch");
+        assert_binds_previous(&recs, n + 2, "periodic");
+        assert_binds_previous(&recs, n + 3, "periodic");
+        assert_binds_previous(&recs, recs.len() - 1, "closing");
+        assert_eq!(checkpointer.bindings.len(), 4);
+        // The event log and the register's start value, as attest/attested carries them.
+        let closing = &recs.last().unwrap()["details"];
+        assert_eq!(
+            closing["event_log"],
+            serde_json::to_value(ready.event_log.events()).unwrap()
+        );
+        assert_eq!(closing["register_initial"], Value::Null);
+        // A log that ends with its closing checkpoint is complete.
+        let joined: String = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let report = crate::audit::verify(joined.as_bytes()).unwrap();
+        assert!(report.complete);
+    }
+
+    #[test]
+    fn a_tee_that_stops_answering_is_recorded_and_the_boot_goes_on() {
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+        let mut checkpointer = RecordingCheckpointer::new();
+        checkpointer.fail_from = Some(1);
+        let mut launcher = FakeLauncher::new(3);
+        launcher.periodic_runs = 1;
+        let mut life = life(&sys, &audit);
+        life.checkpointer = Some(&mut checkpointer);
+        life.checkpoint_interval = Some(std::time::Duration::from_secs(60));
+        let shutdown = run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+        assert_eq!(shutdown.code, 3);
+        let recs = records(&lines);
+        let tail: Vec<_> = events(&recs).split_off(successful_boot().len());
+        assert_eq!(
+            tail,
+            pairs(&[
+                ("launch", "started"),
+                ("audit", "checkpoint"),
+                ("audit", "checkpoint_failed"),
+                ("launch", "exited"),
+                ("launch", "workload_done"),
+                ("shutdown", "poweroff"),
+                ("audit", "checkpoint_failed"),
+            ])
+        );
+        let failed = &recs[successful_boot().len() + 2];
+        assert_eq!(
+            failed["details"],
+            json!({
+                "kind": "periodic",
+                "head_seq": recs[successful_boot().len() + 1]["seq"],
+                "error": "sample: the TEE device is gone",
+            })
+        );
+        let last = recs.last().unwrap();
+        assert_eq!(last["details"]["kind"], "closing");
+        assert_eq!(last["details"]["head_seq"], recs[recs.len() - 2]["seq"]);
+    }
+
+    #[test]
+    fn without_an_evidence_provider_no_checkpoint_is_written() {
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+        let mut launcher = FakeLauncher::new(0);
+        launcher.periodic_runs = 3;
+        let mut life = life(&sys, &audit);
+        life.checkpoint_interval = Some(std::time::Duration::from_secs(60));
+        run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+        // No provider: the supervisor is not even asked to wake for one.
+        assert_eq!(launcher.interval.get(), None);
+        assert!(!records(&lines).iter().any(
+            |r| r["stage"] == "audit" && r["event"].as_str().unwrap().starts_with("checkpoint")
+        ));
+    }
+
+    #[test]
+    fn a_failed_boot_and_the_unit_shape_end_with_the_closing_checkpoint() {
+        // A failed boot: boot/failed, shutdown/halt, then the checkpoint over it, with the
+        // events measured before the failure.
+        let (audit, lines) = memory_audit();
+        let mut checkpointer = RecordingCheckpointer::new();
+        let sys = FakeSys::new();
+        let mut measured = EventLog::new();
+        measured.set_register_initial(Some(Digest::ZERO));
+        let mut failed = life(&sys, &audit);
+        failed.checkpointer = Some(&mut checkpointer);
+        let error = BootError::Plan(StageError::Broker {
+            stage: "attest",
+            what: "test".into(),
+            source: "refused".into(),
+        });
+        fail(&mut failed, FailureAction::Halt, &error, &measured);
+        let recs = records(&lines);
+        assert_eq!(
+            events(&recs),
+            pairs(&[
+                ("boot", "failed"),
+                ("shutdown", "halt"),
+                ("audit", "checkpoint")
+            ])
+        );
+        assert_binds_previous(&recs, 2, "closing");
+        assert_eq!(
+            recs[2]["details"]["register_initial"],
+            serde_json::to_value(Digest::ZERO).unwrap()
+        );
+
+        // The unit shape: launch/exec, its checkpoint, then execve.
+        let fixture = Fixture::new();
+        let (audit, lines) = memory_audit();
+        let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+        let mut checkpointer = RecordingCheckpointer::new();
+        let mut unit = life(&sys, &audit);
+        unit.checkpointer = Some(&mut checkpointer);
+        let launcher = FakeLauncher::new(0);
+        run_unit(&ready, &launcher, &mut unit);
+        let recs = records(&lines);
+        let n = successful_boot().len();
+        assert_eq!(
+            events(&recs)[n..n + 2],
+            pairs(&[("launch", "exec"), ("audit", "checkpoint")])
+        );
+        assert_binds_previous(&recs, n + 1, "closing");
+        // exec failed (the fake): the shutdown record gets its own closing checkpoint.
+        assert_eq!(
+            events(&recs)[recs.len() - 2..],
+            pairs(&[("shutdown", "exit"), ("audit", "checkpoint")])
+        );
+    }
+
+    // ---- a failed launch removes the secrets and closes the volumes ----
+
+    /// A boot with a secret and a volume, then `launch` with a launcher that fails; returns the
+    /// records, the sys and the volumes.
+    fn failed_launch(
+        unit: bool,
+        audit_file: Option<&Path>,
+    ) -> (Vec<Value>, FakeSys, crate::volume::FakeVolumes) {
+        use crate::volume::{DeviceState, FakeVolumes};
+        let fixture = Fixture::new();
+        // The volume's mount point is a mount point (as RealVolumes leaves it).
+        let sys = FakeSys::new().with_mounted(["/workspace"]);
+        let (audit, lines) = memory_audit();
+        let mut broker = FakeBroker::new();
+        let volumes = FakeVolumes::new().with_device("/dev/vdb", DeviceState::Blank);
+        let ready = prepare_with(
+            &volume_policy(&fixture),
+            &fixture,
+            &sys,
+            &mut broker,
+            &volumes,
+            &audit,
+        )
+        .unwrap();
+        assert!(sys
+            .mounted()
+            .contains(&PathBuf::from("/run/cvm-warden/secrets")));
+        assert_eq!(volumes.mappings(), ["workspace"]);
+        let mut launcher = FakeLauncher::new(0);
+        launcher.fail = true;
+        let mut life = Lifecycle {
+            sys: &sys,
+            audit: &audit,
+            volumes: &volumes,
+            checkpointer: None,
+            checkpoint_interval: None,
+            audit_file,
+        };
+        if unit {
+            assert_eq!(run_unit(&ready, &launcher, &mut life), 1);
+        } else {
+            let shutdown = run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+            assert_eq!(shutdown.code, 1);
+        }
+        (records(&lines), sys, volumes)
+    }
+
+    #[test]
+    fn a_failed_execve_removes_the_secrets_and_closes_the_volumes() {
+        let (recs, sys, volumes) = failed_launch(true, None);
+        assert!(!sys
+            .mounted()
+            .contains(&PathBuf::from("/run/cvm-warden/secrets")));
+        assert!(!sys.mounted().contains(&PathBuf::from("/workspace")));
+        assert!(volumes.mappings().is_empty());
+        let tail: Vec<_> = events(&recs).split_off(recs.len() - 4);
+        assert_eq!(
+            tail,
+            pairs(&[
+                ("launch", "exec"),
+                ("launch", "exec_failed"),
+                ("launch", "cleanup"),
+                ("shutdown", "exit"),
+            ])
+        );
+        let cleanup = &recs[recs.len() - 2]["details"]["removed"];
+        assert_eq!(cleanup[0]["what"], "secrets");
+        assert_eq!(cleanup[0]["removed"], true);
+        assert_eq!(cleanup[1]["name"], "workspace");
+        assert_eq!(cleanup[1]["removed"], true);
+    }
+
+    #[test]
+    fn a_failed_pid1_launch_removes_the_secrets_but_keeps_the_audit_files_volume() {
+        let (recs, sys, volumes) =
+            failed_launch(false, Some(Path::new("/workspace/audit/cvm-warden.jsonl")));
+        assert!(!sys
+            .mounted()
+            .contains(&PathBuf::from("/run/cvm-warden/secrets")));
+        assert!(sys.mounted().contains(&PathBuf::from("/workspace")));
+        assert_eq!(volumes.mappings(), ["workspace"]);
+        let tail: Vec<_> = events(&recs).split_off(recs.len() - 3);
+        assert_eq!(
+            tail,
+            pairs(&[
+                ("launch", "failed"),
+                ("launch", "cleanup"),
+                ("shutdown", "poweroff"),
+            ])
+        );
+        let cleanup = &recs[recs.len() - 2]["details"]["removed"];
+        assert_eq!(cleanup[1]["removed"], false);
+        assert!(cleanup[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("holds the audit file"));
+    }
+
+    /// The checkpoints the runner writes are what the verifier reads: a sample provider's
+    /// evidence over each head passes its evidence check.
+    #[test]
+    fn the_verifier_checks_the_runners_checkpoints() {
+        struct Sample(crate::tee::sample::SampleProvider);
+        impl Checkpointer for Sample {
+            fn describe(&self) -> Value {
+                json!({ "tee": "sample", "provider": crate::tee::Provider::describe(&self.0) })
+            }
+            fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+                Ok(json!({
+                    "tee": "sample",
+                    "evidence": crate::tee::Provider::checkpoint(&mut self.0, binding)?,
+                }))
+            }
+        }
+        let (audit, lines) = memory_audit();
+        let mut sample = Sample(crate::tee::sample::SampleProvider::new());
+        audit.record("boot", "start", json!({})).unwrap();
+        for kind in [CheckpointKind::Launch, CheckpointKind::Periodic] {
+            assert!(checkpoint(&audit, &mut sample, kind, &EventLog::new()));
+            audit.record("launch", "tick", json!({})).unwrap();
+        }
+        audit
+            .record("shutdown", "exit", json!({ "code": 0 }))
+            .unwrap();
+        assert!(checkpoint(
+            &audit,
+            &mut sample,
+            CheckpointKind::Closing,
+            &EventLog::new()
+        ));
+        let joined: String = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let outcome = cvm_warden_verify::verdict::verify_log_from(
+            joined.as_bytes(),
+            Path::new("memory"),
+            cvm_warden_verify::check::Pins::default(),
+        )
+        .unwrap();
+        let checked: Vec<&str> = outcome.evidence.iter().map(|f| f.what.as_str()).collect();
+        assert_eq!(
+            checked,
+            [
+                "launch checkpoint of seq 0",
+                "periodic checkpoint of seq 2",
+                "closing checkpoint of seq 5"
+            ]
+        );
+        assert!(outcome.runs[0].complete);
     }
 }

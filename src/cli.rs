@@ -551,17 +551,31 @@ fn init(init_args: &InitArgs) -> i32 {
     let audit = open_audit(&loaded);
     install_hook(&audit, pid1);
     let action = loaded.policy.on_failure;
-    let shutdown = match prepare(
+    let mut setup = Setup::new(&audit);
+    let prepared = prepare(
         &loaded,
         &sys,
         &audit,
         crate::lockdown::Shape::Pid1,
         init_args.sandbox,
-    ) {
-        Ok(ready) => boot::run_init(&ready, &RealLauncher, &sys, &audit, action),
+        &mut setup,
+    );
+    let mut life = boot::Lifecycle {
+        sys: &sys,
+        audit: &audit,
+        volumes: &setup.volumes,
+        checkpointer: setup
+            .broker
+            .as_mut()
+            .map(|b| b as &mut dyn boot::Checkpointer),
+        checkpoint_interval: checkpoint_interval(&loaded),
+        audit_file: loaded.policy.audit.file.as_deref(),
+    };
+    let shutdown = match prepared {
+        Ok(ready) => boot::run_init(&ready, &RealLauncher, &mut life, action),
         Err(error) => {
             print_error(&error);
-            boot::fail(&audit, &sys, action, &error)
+            boot::fail(&mut life, action, &error, &setup.event_log)
         }
     };
     crate::launch::shutdown(&sys, shutdown.action, shutdown.code)
@@ -578,37 +592,82 @@ fn run(args: &PolicyArgs) -> i32 {
     };
     let audit = open_audit(&loaded);
     install_hook(&audit, false);
-    match prepare(
+    let mut setup = Setup::new(&audit);
+    let prepared = prepare(
         &loaded,
         &sys,
         &audit,
         crate::lockdown::Shape::Systemd,
         false,
-    ) {
-        Ok(ready) => boot::run_unit(&ready, &RealLauncher, &audit),
+        &mut setup,
+    );
+    let mut life = boot::Lifecycle {
+        sys: &sys,
+        audit: &audit,
+        volumes: &setup.volumes,
+        checkpointer: setup
+            .broker
+            .as_mut()
+            .map(|b| b as &mut dyn boot::Checkpointer),
+        checkpoint_interval: checkpoint_interval(&loaded),
+        audit_file: loaded.policy.audit.file.as_deref(),
+    };
+    match prepared {
+        Ok(ready) => boot::run_unit(&ready, &RealLauncher, &mut life),
         Err(error) => {
             print_error(&error);
-            boot::record_failure(&audit, "exit", &error);
+            boot::record_failure(&mut life, "exit", &error, &setup.event_log);
             1
         }
     }
 }
 
+/// What [`prepare`] sets up and the runner keeps using: the key broker (for checkpoints), the
+/// volumes (closed after a failed launch) and the events measured so far.
+struct Setup {
+    broker: Option<crate::keybroker::RealBroker>,
+    /// Every external tool (nft, mkfs.ext4, systemctl, loginctl) runs through this one
+    /// runner: fixed absolute paths, a timeout, each path recorded in the audit log before
+    /// first use.
+    tools: crate::tool::Tools,
+    volumes: crate::volume::RealVolumes,
+    event_log: crate::eventlog::EventLog,
+}
+
+impl Setup {
+    fn new(audit: &Audit) -> Setup {
+        let tools = crate::tool::Tools::system().audited(audit);
+        Setup {
+            broker: None,
+            volumes: crate::volume::RealVolumes::with_tools(tools.clone()),
+            tools,
+            event_log: crate::eventlog::EventLog::new(),
+        }
+    }
+}
+
+/// `audit.checkpoint_interval`, `None` when 0.
+fn checkpoint_interval(loaded: &LoadedPolicy) -> Option<std::time::Duration> {
+    match loaded.policy.audit.checkpoint_interval_secs {
+        0 => None,
+        secs => Some(std::time::Duration::from_secs(secs)),
+    }
+}
+
 /// Runs every stage before launch with the real effects: the policy's evidence provider and
 /// key broker client are set up first, so the provider's runtime register receives every
-/// measurement.
+/// measurement. The broker and the event log stay in `setup`, also after a failure.
 fn prepare(
     loaded: &LoadedPolicy,
     sys: &RealSys,
     audit: &Audit,
     shape: crate::lockdown::Shape,
     sandbox: bool,
+    setup: &mut Setup,
 ) -> Result<boot::Ready, boot::BootError> {
     use crate::keybroker::{client_config, open_provider, RealBroker};
     let lockdown_paths = crate::lockdown::Paths::default();
-    // Every external tool (nft, mkfs.ext4, systemctl, loginctl) runs through this one runner:
-    // fixed absolute paths, a timeout, each path recorded in the audit log before first use.
-    let tools = crate::tool::Tools::system().audited(audit);
+    let tools = setup.tools.clone();
     let lockdown_sys = crate::lockdown::RealLockdownSys::with_tools(tools.clone());
     // The policy's modules first (the TEE's driver, e.g. sev-guest or tpm_crb, may be one of
     // them and there is no udev in the initramfs); the perimeter stage finds them loaded.
@@ -622,7 +681,7 @@ fn prepare(
         }
     }
     let attestation = &loaded.policy.attestation;
-    let mut broker = match (
+    setup.broker = match (
         open_provider(attestation).map_err(boot::BootError::Setup)?,
         client_config(attestation).map_err(boot::BootError::Setup)?,
     ) {
@@ -631,7 +690,7 @@ fn prepare(
         }
         _ => None,
     };
-    let mut register: Box<dyn RuntimeRegister> = match broker.as_mut() {
+    let mut register: Box<dyn RuntimeRegister> = match setup.broker.as_mut() {
         Some(broker) => broker
             .runtime_register()
             .map_err(boot::BootError::Setup)?
@@ -643,16 +702,22 @@ fn prepare(
         measurer: &RealMeasurer,
         register: register.as_mut(),
         audit,
-        broker: broker
+        broker: setup
+            .broker
             .as_mut()
             .map(|b| b as &mut dyn crate::stage::KeyBroker),
-        volumes: &crate::volume::RealVolumes::with_tools(tools.clone()),
+        volumes: &setup.volumes,
         firewall: &mut crate::firewall::NftFirewall::with_tools(tools),
         resolver: &crate::firewall::SystemResolver::default(),
         lockdown: &lockdown_sys,
         lockdown_paths: &lockdown_paths,
     };
-    boot::prepare(loaded, &facts(loaded, shape, sandbox), env)
+    boot::prepare_logged(
+        loaded,
+        &facts(loaded, shape, sandbox),
+        env,
+        &mut setup.event_log,
+    )
 }
 
 fn install_hook(audit: &Audit, pid1: bool) {

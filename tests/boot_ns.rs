@@ -142,7 +142,10 @@ fn has_event(records: &[Value], stage: &str, event: &str) -> bool {
 
 impl Outcome {
     fn ran(&self) -> bool {
-        self.lines.iter().any(|l| l == MARKER)
+        // PID 1 relays the workload's stdout behind a prefix.
+        self.lines
+            .iter()
+            .any(|l| *l == format!("workload: {MARKER}"))
     }
 }
 
@@ -214,8 +217,15 @@ fn workload_runs_as_nobody_without_capabilities_and_with_no_new_privs() {
 exit 0"#,
     );
     setup.write_default_policy("");
-    let outcome = setup.start().finish();
+    let mut outcome = setup.start().finish();
     assert_eq!(outcome.code, Some(0), "{outcome:#?}");
+    // What the workload printed, relayed by PID 1 behind its prefix.
+    outcome.lines = outcome
+        .lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("workload: "))
+        .map(str::to_owned)
+        .collect();
     assert_eq!(outcome.status_field("Uid"), "65534\t65534\t65534\t65534");
     assert_eq!(outcome.status_field("Gid"), "65534\t65534\t65534\t65534");
     assert_eq!(outcome.status_field("Groups"), "");
@@ -296,10 +306,9 @@ while :; do sleep 0.1; done"#,
     );
     setup.write_default_policy("");
     let mut run = setup.start();
-    run.wait_until("READY", |run| run.has_line("READY"));
-    run.wait_until("orphan_reaped", |_| {
-        has_event(&setup.records(), "launch", "orphan_reaped")
-    });
+    run.wait_until("READY", |run| run.has_line("workload: READY"));
+    // The orphan ends after 0.2 s; it is counted, and reported before `exited`.
+    std::thread::sleep(Duration::from_millis(600));
     nix::sys::signal::kill(run.pid1(), nix::sys::signal::Signal::SIGTERM).unwrap();
     let outcome = run.finish();
     assert_eq!(outcome.code, Some(42), "{outcome:#?}");
@@ -307,9 +316,14 @@ while :; do sleep 0.1; done"#,
     let records = setup.records();
     let reaped = records
         .iter()
-        .find(|r| event_of(r) == ("launch", "orphan_reaped"))
+        .position(|r| event_of(r) == ("launch", "orphans_reaped"))
         .unwrap();
-    assert_eq!(reaped["details"]["code"], 3, "{records:#?}");
+    assert_eq!(records[reaped]["details"]["count"], 1, "{records:#?}");
+    assert_eq!(
+        records[reaped]["details"]["exited_nonzero"], 1,
+        "{records:#?}"
+    );
+    assert_eq!(event_of(&records[reaped + 1]), ("launch", "exited"));
     assert!(
         records
             .iter()
@@ -400,4 +414,114 @@ fn lockdown_in_a_sandbox_needs_the_flag_and_skips_host_settings() {
             .contains(&tool["path"].as_str().unwrap()),
         "{tool}"
     );
+}
+
+/// VmRSS of a process in KiB.
+fn rss_kib(pid: nix::unistd::Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+#[test]
+fn ten_thousand_orphans_make_a_bounded_log_and_pid1_memory_stays_flat() {
+    // Each `( true & )` leaves an orphan that PID 1 reaps: 1,000 first, then 9,000 more.
+    let setup = Setup::new(
+        r#"orphans() { i=0; while [ $i -lt $1 ]; do ( true & ); i=$((i+1)); done; }
+orphans 1000
+sleep 0.5
+echo PHASE1
+sleep 1
+orphans 9000
+sleep 0.5
+echo PHASE2
+sleep 1
+exit 0"#,
+    );
+    setup.write_default_policy("");
+    let mut run = setup.start();
+    run.wait_until("PHASE1", |run| run.has_line("workload: PHASE1"));
+    let pid1 = run.pid1();
+    let before = rss_kib(pid1);
+    run.wait_until("PHASE2", |run| run.has_line("workload: PHASE2"));
+    let after = rss_kib(pid1);
+    let outcome = run.finish();
+    assert_eq!(outcome.code, Some(0), "{outcome:#?}");
+    let records = setup.records();
+    let reports: Vec<&Value> = records
+        .iter()
+        .filter(|r| event_of(r) == ("launch", "orphans_reaped"))
+        .collect();
+    let counted: u64 = reports
+        .iter()
+        .map(|r| r["details"]["count"].as_u64().unwrap())
+        .sum();
+    assert!(counted >= 10_000, "{counted} orphans counted");
+    eprintln!("PID 1 RSS {before} KiB after 1,000 orphans, {after} KiB after 10,000");
+    // One record per minute at most, and the one before `exited`: no record per orphan.
+    assert!(
+        reports.len() <= 3,
+        "{} orphans_reaped records",
+        reports.len()
+    );
+    assert!(records.len() < 40, "{} records", records.len());
+    // PID 1 keeps no line per orphan: its memory does not grow with them.
+    assert!(
+        after <= before + 1536,
+        "PID 1's RSS grew from {before} KiB to {after} KiB over 9,000 orphans"
+    );
+    let verify = Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(setup.audit_log())
+        .output()
+        .unwrap();
+    // Intact and complete; exit 3 because attestation = "none" attests nothing.
+    assert_eq!(verify.status.code(), Some(3), "{verify:?}");
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("complete"),
+        "{verify:?}"
+    );
+}
+
+#[test]
+fn workload_output_is_relayed_behind_a_prefix_and_cannot_pass_for_an_audit_record() {
+    let setup = Setup::new(
+        r#"echo '{"seq":999,"stage":"shutdown","event":"exit","details":{"code":0}}'
+printf 'to stderr\033[2J\n' >&2
+printf 'no newline at the end'
+exit 0"#,
+    );
+    setup.write_default_policy("");
+    let outcome = setup.start().finish();
+    assert_eq!(outcome.code, Some(0), "{outcome:#?}");
+    assert!(outcome.ran(), "{outcome:#?}");
+    let all: Vec<&str> = outcome
+        .lines
+        .iter()
+        .map(String::as_str)
+        .chain(outcome.stderr.lines())
+        .collect();
+    // Nothing on the console starts like a record unless it is one of cvm-warden's.
+    for line in &all {
+        assert!(!line.starts_with(r#"{"seq":999"#), "{outcome:#?}");
+    }
+    assert!(outcome
+        .lines
+        .iter()
+        .any(|l| l
+            == r#"workload: {"seq":999,"stage":"shutdown","event":"exit","details":{"code":0}}"#));
+    assert!(outcome
+        .lines
+        .iter()
+        .any(|l| l == "workload!: to stderr\\x1b[2J"));
+    assert!(outcome
+        .lines
+        .iter()
+        .any(|l| l == "workload: no newline at the end"));
+    // And nothing of it reached the audit log.
+    let log = std::fs::read_to_string(setup.audit_log()).unwrap();
+    assert!(!log.contains("\"seq\":999") && !log.contains("to stderr"));
 }

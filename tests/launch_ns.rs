@@ -132,9 +132,13 @@ mod inside {
     /// Supervises `plan`, prints events and the result, exits with the workload's status.
     fn supervise(plan: &LaunchPlan) -> ! {
         let sys = RealSys::default();
-        let result = launch::supervise(plan, &sys, &mut |name: &str, details: Value| {
-            event(name, details)
-        });
+        let result = launch::supervise(
+            plan,
+            &sys,
+            &mut |name: &str, details: Value| event(name, details),
+            None,
+            None,
+        );
         say(&format!("REMAINING {}", json!(remaining())));
         match result {
             Ok(exit) => {
@@ -205,7 +209,7 @@ mod inside {
                 let mut bad_program = plan(&["/nonexistent/cvm-warden-program"], Restart::Never);
                 bad_program.restart = Restart::OnFailure { max: 3 };
                 for plan in [bad_dir, bad_program] {
-                    match launch::supervise(&plan, &sys, &mut event) {
+                    match launch::supervise(&plan, &sys, &mut event, None, None) {
                         Ok(exit) => fail(&format!("started anyway: {exit:?}")),
                         Err(error) => say(&format!("ERROR {}", chain(&error))),
                     }
@@ -433,20 +437,26 @@ fn pid1_reaps_orphans_and_terminates_leftovers() {
     let outcome = run_scenario("orphans", dir.path());
     assert_eq!(outcome.code, Some(0), "{outcome:#?}");
     let events = outcome.events();
-    // The grandchild that exited by itself was re-parented to us and reaped.
-    assert!(
-        events
-            .iter()
-            .any(|(name, d)| name == "orphan_reaped" && d["code"] == 3),
+    let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "started",
+            "orphans_reaped",
+            "exited",
+            "terminating",
+            "orphans_reaped"
+        ],
         "{outcome:#?}"
     );
+    // The grandchild that exited by itself was re-parented to us, reaped and counted before
+    // the workload's end.
+    assert_eq!(events[1].1["count"], 1, "{outcome:#?}");
+    assert_eq!(events[1].1["exited_nonzero"], 1, "{outcome:#?}");
     // The one still running when the workload ended got SIGTERM and was reaped too.
-    assert!(events
-        .iter()
-        .any(|(name, d)| name == "terminating" && d["signal"] == "SIGTERM"));
-    assert!(events
-        .iter()
-        .any(|(name, d)| name == "orphan_reaped" && d["signal"] == "SIGTERM"));
+    assert_eq!(events[3].1["signal"], "SIGTERM");
+    assert_eq!(events[4].1["count"], 1, "{outcome:#?}");
+    assert_eq!(events[4].1["signaled"], 1, "{outcome:#?}");
     assert!(!events.iter().any(|(name, _)| name == "children_left"));
     // No zombie and no straggler is left in the namespace.
     assert_eq!(outcome.value("REMAINING"), "[]");

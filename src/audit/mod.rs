@@ -14,6 +14,7 @@ mod sinks;
 /// The evidence checks of `audit verify` (in the verifier crate).
 pub use cvm_warden_verify::check as evidence_check;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, ErrorKind};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
@@ -45,6 +46,17 @@ pub const EVENT_SINK_FAILED: &str = "sink_failed";
 pub const EVENT_SINK_WAITING: &str = "sink_waiting";
 /// A failing or waiting sink took the whole backlog: `{"sink", "caught_up"}`.
 pub const EVENT_SINK_RECOVERED: &str = "sink_recovered";
+/// The backlog held for a failing or waiting sink reached its bound, and its oldest lines were
+/// dropped for that sink: `{"sink", "dropped", "first_seq", "last_seq", "bound_lines",
+/// "bound_bytes"}`. That sink's copy has a gap there; the other sinks have every line.
+pub const EVENT_SINK_DROPPED: &str = "sink_dropped";
+
+/// The most lines held for sinks that have not received them yet (a waiting or failing
+/// sink). Lines every sink has are dropped at once, so the log's memory does not grow with
+/// its length.
+pub const BACKLOG_MAX_LINES: usize = 20_000;
+/// The most bytes held for such sinks.
+pub const BACKLOG_MAX_BYTES: usize = 8 << 20;
 
 /// Why a record could not be written as the policy requires.
 #[derive(Debug, thiserror::Error)]
@@ -154,11 +166,11 @@ struct Attempt {
 }
 
 impl Slot {
-    /// Writes every line it lacks, then flushes.
-    fn catch_up(&mut self, lines: &[String]) -> Attempt {
+    /// Writes every line it lacks (`lines` starts at line number `first`), then flushes.
+    fn catch_up(&mut self, lines: &VecDeque<String>, first: usize) -> Attempt {
         let start = self.delivered;
         let mut result = Ok(());
-        while let Some(line) = lines.get(self.delivered) {
+        while let Some(line) = lines.get(self.delivered.saturating_sub(first)) {
             match self.sink.write_line(line) {
                 Ok(()) => {
                     self.delivered += 1;
@@ -207,7 +219,15 @@ impl Slot {
 }
 
 struct Inner {
-    lines: Vec<String>,
+    /// The lines some sink has not received yet, from line number `first` on.
+    lines: VecDeque<String>,
+    /// The line number (counting every line of this log) of `lines[0]`.
+    first: usize,
+    /// The bytes in `lines`.
+    backlog_bytes: usize,
+    /// Every line (tests only: [`Audit::lines`]).
+    #[cfg(test)]
+    history: Vec<String>,
     head: Digest,
     next_seq: u64,
     insecure: bool,
@@ -233,7 +253,10 @@ impl Inner {
             event: event.to_string(),
             source,
         })?;
-        self.lines.push(encoded.line);
+        #[cfg(test)]
+        self.history.push(encoded.line.clone());
+        self.backlog_bytes += encoded.line.len();
+        self.lines.push_back(encoded.line);
         self.head = encoded.hash;
         self.next_seq += 1;
         Ok(encoded.hash)
@@ -246,7 +269,7 @@ impl Inner {
         loop {
             let mut changes = Vec::new();
             for (i, slot) in self.sinks.iter_mut().enumerate() {
-                let attempt = slot.catch_up(&self.lines);
+                let attempt = slot.catch_up(&self.lines, self.first);
                 if attempt.state != slot.reported && !reported_now[i] {
                     reported_now[i] = true;
                     slot.reported = attempt.state;
@@ -269,6 +292,7 @@ impl Inner {
                     changes.push((event, details));
                 }
             }
+            changes.extend(self.prune());
             if changes.is_empty() {
                 return;
             }
@@ -279,6 +303,75 @@ impl Inner {
                     return;
                 }
             }
+        }
+    }
+
+    /// The number the next line gets.
+    fn end(&self) -> usize {
+        self.first + self.lines.len()
+    }
+
+    /// Drops the lines every sink has; when what is left for lagging sinks is over the bound,
+    /// drops its older half for them and returns one `sink_dropped` record per sink that lost
+    /// lines (so at most one such record per half a bound of lines: bounded).
+    fn prune(&mut self) -> Vec<(&'static str, Value)> {
+        let everyone = self
+            .sinks
+            .iter()
+            .map(|s| s.delivered)
+            .min()
+            .unwrap_or(self.end());
+        self.drop_front(everyone.min(self.end()));
+        if self.lines.len() <= BACKLOG_MAX_LINES && self.backlog_bytes <= BACKLOG_MAX_BYTES {
+            return Vec::new();
+        }
+        // Keep the newest half of the bound.
+        let mut keep = 0;
+        let mut bytes = 0;
+        for line in self.lines.iter().rev() {
+            if keep >= BACKLOG_MAX_LINES / 2 || bytes + line.len() > BACKLOG_MAX_BYTES / 2 {
+                break;
+            }
+            keep += 1;
+            bytes += line.len();
+        }
+        let cut = self.end() - keep;
+        // seq = line number + the seq of line 0.
+        let seq_base = self.next_seq.saturating_sub(self.end() as u64);
+        let seq_of = |line: usize| seq_base + line as u64;
+        let mut dropped = Vec::new();
+        for slot in &mut self.sinks {
+            if slot.delivered < cut {
+                let n = cut - slot.delivered;
+                dropped.push(json!({
+                    "sink": slot.name,
+                    "dropped": n,
+                    "first_seq": seq_of(slot.delivered),
+                    "last_seq": seq_of(cut - 1),
+                    "bound_lines": BACKLOG_MAX_LINES,
+                    "bound_bytes": BACKLOG_MAX_BYTES,
+                }));
+                slot.delivered = cut;
+            }
+        }
+        self.drop_front(cut);
+        dropped
+            .into_iter()
+            .map(|details| (EVENT_SINK_DROPPED, details))
+            .collect()
+    }
+
+    /// Forgets the lines before line number `upto`.
+    fn drop_front(&mut self, upto: usize) {
+        while self.first < upto {
+            match self.lines.pop_front() {
+                Some(line) => self.backlog_bytes -= line.len(),
+                None => break,
+            }
+            self.first += 1;
+        }
+        if self.lines.is_empty() {
+            self.lines.shrink_to(64);
         }
     }
 
@@ -323,7 +416,11 @@ impl Audit {
             .collect();
         Audit {
             inner: Arc::new(Mutex::new(Inner {
-                lines: Vec::new(),
+                lines: VecDeque::new(),
+                first: 0,
+                backlog_bytes: 0,
+                #[cfg(test)]
+                history: Vec::new(),
                 head: Digest::ZERO,
                 next_seq: 0,
                 insecure,
@@ -382,6 +479,30 @@ impl Audit {
         self.lock().head
     }
 
+    /// The seq and hash of the last record, read together (`(0, ZERO)` before the first):
+    /// what a checkpoint covers.
+    pub fn last(&self) -> (u64, Digest) {
+        let inner = self.lock();
+        (inner.next_seq.saturating_sub(1), inner.head)
+    }
+
+    /// [`Audit::record`], but only while the last record is still `prev`: `Ok(None)` (and
+    /// nothing written) when another record came in between. For checkpoints, whose details
+    /// bind the record they follow.
+    pub fn record_after(
+        &self,
+        prev: Digest,
+        stage: &str,
+        event: &str,
+        details: Value,
+    ) -> Result<Option<Digest>, AuditError> {
+        let mut inner = self.lock();
+        if inner.head != prev {
+            return Ok(None);
+        }
+        inner.record(stage, event, details).map(Some)
+    }
+
     /// The seq the next record will get.
     pub fn seq(&self) -> u64 {
         self.lock().next_seq
@@ -392,9 +513,17 @@ impl Audit {
         self.lock().insecure
     }
 
-    /// Every line written so far, in order, without newlines.
+    /// Every line written so far, in order, without newlines (tests only: the log keeps
+    /// only the lines a sink still lacks).
+    #[cfg(test)]
     pub fn lines(&self) -> Vec<String> {
-        self.lock().lines.clone()
+        self.lock().history.clone()
+    }
+
+    /// How many lines are held for sinks that have not received them, and their bytes.
+    pub fn backlog(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.lines.len(), inner.backlog_bytes)
     }
 
     /// Offers every sink its backlog again and flushes them (every delivery already ends
@@ -423,7 +552,7 @@ impl Audit {
         let mut inner = self.lock();
         inner.deliver();
         inner.fatal_error()?;
-        let total = inner.lines.len();
+        let total = inner.end();
         match inner
             .sinks
             .iter()

@@ -331,6 +331,7 @@ fn sinks_from_config_builds_file_syslog_console_in_order() {
         file_required: true,
         syslog: Some(SyslogTarget::Udp("127.0.0.1:514".into())),
         console: true,
+        checkpoint_interval_secs: 600,
     };
     let sinks = sinks_from_config(&cfg, Box::new(std::io::sink()));
     let names: Vec<_> = sinks.iter().map(|s| (s.name(), s.required())).collect();
@@ -348,6 +349,7 @@ fn sinks_from_config_builds_file_syslog_console_in_order() {
         file_required: false,
         syslog: Some(SyslogTarget::Local),
         console: false,
+        checkpoint_interval_secs: 600,
     };
     let sinks = sinks_from_config(&none, Box::new(std::io::sink()));
     assert_eq!(sinks.len(), 1);
@@ -935,4 +937,64 @@ fn a_gap_is_a_removal_even_when_a_later_run_has_that_seq() {
     assert_eq!(report.earlier_runs.len(), 1);
     assert_eq!(report.earlier_runs[0].first_line, 1);
     assert_eq!(report.records, 6);
+}
+
+// ---- memory: the log keeps only what a sink still lacks, bounded ----
+
+#[test]
+fn lines_every_sink_has_are_not_kept() {
+    let (audit, seen) = memory_audit(false);
+    for i in 0..1000 {
+        audit.record("launch", "tick", json!({ "i": i })).unwrap();
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1000);
+    assert_eq!(audit.backlog(), (0, 0));
+}
+
+#[test]
+fn a_lagging_sinks_backlog_is_bounded_and_the_drop_is_recorded() {
+    let (good, good_lines) = MemorySink::new();
+    let (waiting, waiting_lines) = MemorySink::new();
+    let waiting = waiting.named("late");
+    let control = waiting.control();
+    control.fail_always(ErrorKind::NotFound);
+    let audit = Audit::with_clock(
+        vec![Box::new(good), Box::new(waiting)],
+        false,
+        ticking_clock(),
+    );
+    let total = BACKLOG_MAX_LINES * 2 + 10;
+    for i in 0..total {
+        audit.record("launch", "tick", json!({ "i": i })).unwrap();
+        let (lines, bytes) = audit.backlog();
+        assert!(lines <= BACKLOG_MAX_LINES + 2, "{lines} lines held");
+        assert!(bytes <= BACKLOG_MAX_BYTES, "{bytes} bytes held");
+    }
+    // The good sink has every line, in one unbroken chain.
+    let all = good_lines.lock().unwrap().clone();
+    let report = verify(&joined(&all)).unwrap();
+    assert_eq!(report.records as usize, all.len());
+    let dropped: Vec<Record> = all
+        .iter()
+        .map(|l| parse(l))
+        .filter(|r| r.stage == AUDIT_STAGE && r.event == EVENT_SINK_DROPPED)
+        .collect();
+    // Never silent, and bounded: one record per half a bound of lines.
+    assert!(!dropped.is_empty());
+    assert!(dropped.len() <= 5, "{}", dropped.len());
+    assert_eq!(dropped[0].details["sink"], "late");
+    assert_eq!(dropped[0].details["first_seq"], 0);
+    let lost: u64 = dropped
+        .iter()
+        .map(|r| r.details["dropped"].as_u64().unwrap())
+        .sum();
+    // Once it works, the late sink gets what was kept: everything but the dropped lines.
+    control.clear();
+    audit
+        .record("launch", "tick", json!({ "i": "last" }))
+        .unwrap();
+    let late = waiting_lines.lock().unwrap().len() as u64;
+    let everything = good_lines.lock().unwrap().len() as u64;
+    assert_eq!(late + lost, everything);
+    assert_eq!(audit.backlog(), (0, 0));
 }

@@ -12,6 +12,7 @@
 //! [`crate::sys::process::drop_privileges_and_exec`], the one program the forked child runs.
 
 mod mounts;
+pub mod relay;
 mod shutdown;
 mod supervise;
 
@@ -29,7 +30,7 @@ pub use mounts::{early_mount_table, early_mounts, MountSpec};
 pub use shutdown::{
     install_panic_hook, panic_message, prepare_shutdown, shutdown, shutdown_plan, ShutdownAction,
 };
-pub use supervise::{exit_code_from_wait_status, supervise, WorkloadExit};
+pub use supervise::{exit_code_from_wait_status, supervise, Periodic, WorkloadExit};
 
 /// Why the workload could not be planned, started or supervised.
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +327,7 @@ fn describe_step(plan: &LaunchPlan, step: Step) -> String {
         Step::CloseFds => "mark inherited fds close-on-exec (close_range)".to_owned(),
         Step::UnblockSignals => "unblock signals".to_owned(),
         Step::Execve => format!("execve {}", program(plan).display()),
+        Step::Stdio(fd) => format!("connect the workload's fd {fd} to the relay pipe (dup2)"),
     }
 }
 

@@ -5,19 +5,24 @@
 //! escalation from SIGTERM to SIGKILL) are unit-tested with a scripted fake; the real
 //! implementation is tested as PID 1 of a PID namespace in `tests/launch_ns.rs`.
 
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::relay::{Relay, Stream};
 use super::{exec_spec, failure_error, LaunchError, LaunchPlan};
 use crate::policy::Restart;
-use crate::sys::process::{spawn, ExecSpec, SignalPipe, SpawnError};
+use crate::sys::process::{spawn_with_stdio, ExecSpec, SignalPipe, SpawnError};
 use crate::sys::{Sys, SysError};
 
 /// How the workload ended, once the supervisor is done.
@@ -83,6 +88,8 @@ struct Timing {
     restart_delay: Duration,
     /// Longest single wait, a safety net against a lost wake-up.
     tick: Duration,
+    /// At most one `orphans_reaped` record per this interval while the workload runs.
+    orphan_report: Duration,
 }
 
 impl Default for Timing {
@@ -92,6 +99,7 @@ impl Default for Timing {
             kill_wait: Duration::from_secs(5),
             restart_delay: Duration::from_secs(1),
             tick: Duration::from_secs(1),
+            orphan_report: Duration::from_secs(60),
         }
     }
 }
@@ -130,41 +138,164 @@ trait Processes {
 
 type Events<'e> = dyn FnMut(&str, Value) + 'e;
 
+/// Orphans reaped since the last `orphans_reaped` record.
+#[derive(Debug, Default, Clone, Copy)]
+struct Orphans {
+    count: u64,
+    nonzero: u64,
+    signaled: u64,
+    first_pid: i32,
+    last_pid: i32,
+}
+
+/// Where the supervisor's events go, with the orphans counted rather than recorded one by
+/// one: a workload that double-forks thousands of short-lived children must not write (or
+/// keep) a record for each.
+struct Out<'a, 'e> {
+    events: &'a mut Events<'e>,
+    orphans: Orphans,
+    /// The interval of `orphans_reaped` records.
+    every: Duration,
+    /// When the last one was written (or the supervisor started).
+    last: Instant,
+}
+
+impl Out<'_, '_> {
+    fn event(&mut self, name: &str, details: Value) {
+        (self.events)(name, details);
+    }
+
+    /// Counts one reaped orphan.
+    fn orphan(&mut self, status: WaitStatus, code: i32) {
+        let pid = status.pid().map_or(0, Pid::as_raw);
+        let o = &mut self.orphans;
+        if o.count == 0 {
+            o.first_pid = pid;
+        }
+        o.count += 1;
+        o.last_pid = pid;
+        match status {
+            WaitStatus::Signaled(..) => o.signaled += 1,
+            _ if code != 0 => o.nonzero += 1,
+            _ => {}
+        }
+    }
+
+    /// Writes the `orphans_reaped` record once an interval has passed since the last one.
+    fn report_orphans_if_due(&mut self, now: Instant) {
+        if self.orphans.count > 0 && now.saturating_duration_since(self.last) >= self.every {
+            self.flush_orphans(now);
+        }
+    }
+
+    /// Writes the `orphans_reaped` record now if any orphan was reaped since the last one:
+    /// `{count, exited_nonzero, signaled, first_pid, last_pid, interval_ms}`.
+    fn flush_orphans(&mut self, now: Instant) {
+        let o = std::mem::take(&mut self.orphans);
+        if o.count > 0 {
+            self.event(
+                "orphans_reaped",
+                json!({
+                    "count": o.count,
+                    "exited_nonzero": o.nonzero,
+                    "signaled": o.signaled,
+                    "first_pid": o.first_pid,
+                    "last_pid": o.last_pid,
+                    "interval_ms": now.saturating_duration_since(self.last).as_millis(),
+                }),
+            );
+        }
+        self.last = now;
+    }
+}
+
+/// Work the supervisor does every `every` while the workload runs: the periodic audit
+/// checkpoint. The wait for signals and children ends in time for it (no busy loop: the
+/// wait's timeout is the time left until it is due).
+pub struct Periodic<'p> {
+    /// The interval.
+    pub every: Duration,
+    /// What to do.
+    pub run: &'p mut dyn FnMut(),
+}
+
+impl std::fmt::Debug for Periodic<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Periodic")
+            .field("every", &self.every)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`Periodic`] with its next due time.
+struct Due<'p> {
+    periodic: Periodic<'p>,
+    next: Instant,
+}
+
+impl Due<'_> {
+    /// How long the next wait may last, at most `tick`.
+    fn timeout(&self, now: Instant, tick: Duration) -> Duration {
+        tick.min(self.next.saturating_duration_since(now))
+    }
+
+    /// Runs the work when it is due; the next one is due an interval after it ran.
+    fn run_if_due(&mut self, procs: &dyn Processes) {
+        if procs.now() >= self.next {
+            (self.periodic.run)();
+            self.next = procs.now() + self.periodic.every;
+        }
+    }
+}
+
 /// Supervises the workload until it is done for good. See [`supervise`].
 fn run(
     plan: &LaunchPlan,
     procs: &mut dyn Processes,
     events: &mut Events<'_>,
     timing: Timing,
+    periodic: Option<Periodic<'_>>,
 ) -> Result<WorkloadExit, LaunchError> {
+    let out = &mut Out {
+        events,
+        orphans: Orphans::default(),
+        every: timing.orphan_report,
+        last: procs.now(),
+    };
+    let mut due = periodic.map(|periodic| Due {
+        next: procs.now() + periodic.every,
+        periodic,
+    });
     let mut restarts = 0u32;
     let mut stop = false;
     loop {
         let pid = match procs.spawn() {
             Ok(pid) => pid,
             Err(error) => {
-                terminate_remaining(procs, events, timing, &mut stop);
+                terminate_remaining(procs, out, timing, &mut stop);
                 return Err(error);
             }
         };
-        events(
+        out.event(
             "started",
             json!({ "pid": pid.as_raw(), "attempt": restarts + 1, "argv": plan.argv }),
         );
-        let (status, code) = match wait_for(pid, procs, events, timing, &mut stop) {
+        let (status, code) = match wait_for(pid, procs, out, timing, &mut stop, due.as_mut()) {
             Ok(ended) => ended,
             Err(error) => {
                 procs.kill(pid, Signal::SIGKILL);
-                terminate_remaining(procs, events, timing, &mut stop);
+                terminate_remaining(procs, out, timing, &mut stop);
                 return Err(error);
             }
         };
-        events("exited", status_details(status));
-        terminate_remaining(procs, events, timing, &mut stop);
+        // Orphans reaped during the run are accounted for before its end.
+        out.flush_orphans(procs.now());
+        out.event("exited", status_details(status));
+        terminate_remaining(procs, out, timing, &mut stop);
         if stop || !should_restart(plan.restart, code, restarts) {
             return Ok(WorkloadExit { code, restarts });
         }
-        pause(procs, events, timing, &mut stop);
+        pause(procs, out, timing, &mut stop);
         if stop {
             return Ok(WorkloadExit { code, restarts });
         }
@@ -173,7 +304,7 @@ fn run(
             Restart::OnFailure { max } => max,
             Restart::Never => 0,
         };
-        events(
+        out.event(
             "restart",
             json!({ "attempt": restarts, "max": max, "previous_code": code }),
         );
@@ -184,14 +315,14 @@ fn run(
 fn reaped(
     observed: &[Observed],
     workload: Option<Pid>,
-    events: &mut Events<'_>,
+    out: &mut Out<'_, '_>,
 ) -> Option<(WaitStatus, i32)> {
     let mut ended = None;
     for item in observed {
         if let Observed::Reaped(status) = *item {
             match exit_code_from_wait_status(status) {
                 Some(code) if status.pid() == workload => ended = Some((status, code)),
-                Some(_) => events("orphan_reaped", status_details(status)),
+                Some(code) => out.orphan(status, code),
                 None => {}
             }
         }
@@ -202,19 +333,27 @@ fn reaped(
 fn wait_for(
     pid: Pid,
     procs: &mut dyn Processes,
-    events: &mut Events<'_>,
+    out: &mut Out<'_, '_>,
     timing: Timing,
     stop: &mut bool,
+    mut due: Option<&mut Due<'_>>,
 ) -> Result<(WaitStatus, i32), LaunchError> {
     loop {
-        let observed = procs.wait(timing.tick)?;
+        let timeout = match due.as_deref() {
+            Some(due) => due.timeout(procs.now(), timing.tick),
+            None => timing.tick,
+        };
+        let observed = procs.wait(timeout)?;
         // Reaps first: a signal that arrives together with the workload's end must not be
         // sent to its (now free, possibly reused) pid.
-        let ended = reaped(&observed, Some(pid), events);
+        let ended = reaped(&observed, Some(pid), out);
+        if ended.is_none() {
+            out.report_orphans_if_due(procs.now());
+        }
         for item in &observed {
             if let Observed::Signal(signal) = *item {
                 if procs.ignored(signal) {
-                    events(
+                    out.event(
                         "signal_ignored",
                         json!({ "signal": signal.as_str(), "reason": "Ctrl-Alt-Del is disabled: the kernel reports it to PID 1 as SIGINT" }),
                     );
@@ -226,7 +365,7 @@ fn wait_for(
                 *stop |= is_stop_request(signal);
                 if ended.is_none() {
                     procs.kill(pid, signal);
-                    events(
+                    out.event(
                         "signal_forwarded",
                         json!({ "signal": signal.as_str(), "pid": pid.as_raw() }),
                     );
@@ -236,6 +375,9 @@ fn wait_for(
         if let Some(ended) = ended {
             return Ok(ended);
         }
+        if let Some(due) = due.as_deref_mut() {
+            due.run_if_due(procs);
+        }
     }
 }
 
@@ -244,7 +386,7 @@ fn wait_for(
 fn drain_until(
     deadline: Instant,
     procs: &mut dyn Processes,
-    events: &mut Events<'_>,
+    out: &mut Out<'_, '_>,
     timing: Timing,
     stop: &mut bool,
     until_no_children: bool,
@@ -260,7 +402,8 @@ fn drain_until(
         let Ok(observed) = procs.wait(timing.tick.min(deadline - now)) else {
             return;
         };
-        reaped(&observed, None, events);
+        reaped(&observed, None, out);
+        out.report_orphans_if_due(procs.now());
         for item in &observed {
             if let Observed::Signal(signal) = *item {
                 *stop |= !procs.ignored(signal) && is_stop_request(signal);
@@ -273,7 +416,7 @@ fn drain_until(
 /// child is reaped.
 fn terminate_remaining(
     procs: &mut dyn Processes,
-    events: &mut Events<'_>,
+    out: &mut Out<'_, '_>,
     timing: Timing,
     stop: &mut bool,
 ) {
@@ -281,25 +424,27 @@ fn terminate_remaining(
         return;
     }
     procs.kill_remaining(Signal::SIGTERM);
-    events(
+    out.event(
         "terminating",
         json!({ "signal": "SIGTERM", "grace_ms": timing.grace.as_millis() }),
     );
     let deadline = procs.now() + timing.grace;
-    drain_until(deadline, procs, events, timing, stop, true);
+    drain_until(deadline, procs, out, timing, stop, true);
     if !procs.has_children() {
+        out.flush_orphans(procs.now());
         return;
     }
-    events("terminating", json!({ "signal": "SIGKILL" }));
+    out.event("terminating", json!({ "signal": "SIGKILL" }));
     let deadline = procs.now() + timing.kill_wait;
     while procs.has_children() && procs.now() < deadline {
         // Again each round: orphans of the killed processes are re-parented to us.
         procs.kill_remaining(Signal::SIGKILL);
         let round = procs.now() + timing.tick.min(Duration::from_millis(100));
-        drain_until(round.min(deadline), procs, events, timing, stop, true);
+        drain_until(round.min(deadline), procs, out, timing, stop, true);
     }
+    out.flush_orphans(procs.now());
     if procs.has_children() {
-        events(
+        out.event(
             "children_left",
             json!({ "after_ms": timing.kill_wait.as_millis() }),
         );
@@ -307,14 +452,14 @@ fn terminate_remaining(
 }
 
 /// The pause before a restart, reaping and listening for a stop request meanwhile.
-fn pause(procs: &mut dyn Processes, events: &mut Events<'_>, timing: Timing, stop: &mut bool) {
+fn pause(procs: &mut dyn Processes, out: &mut Out<'_, '_>, timing: Timing, stop: &mut bool) {
     let deadline = procs.now() + timing.restart_delay;
     loop {
         let now = procs.now();
         if *stop || now >= deadline {
             return;
         }
-        drain_until(deadline, procs, events, timing, stop, false);
+        drain_until(deadline, procs, out, timing, stop, false);
     }
 }
 
@@ -323,11 +468,15 @@ fn pause(procs: &mut dyn Processes, events: &mut Events<'_>, timing: Timing, sto
 /// Becomes child subreaper, installs the signal handlers (SIGTERM, SIGINT, SIGHUP, SIGCHLD;
 /// see [`SignalPipe`] for why a self-pipe rather than `signalfd`), then forks the workload
 /// (privileges dropped in the child; a failure before `execve` comes back as the error).
-/// Meanwhile it reaps every child — orphans re-parented to us are reported as
-/// `orphan_reaped` — and forwards SIGTERM/SIGINT/SIGHUP to the workload
-/// (`signal_forwarded`). Events: `started` {pid, attempt, argv}, `exited` {pid, code,
-/// status | signal}, `restart` {attempt, max, previous_code}, `terminating` {signal},
-/// `children_left`.
+/// Meanwhile it reaps every child — orphans re-parented to us are counted, and reported in
+/// at most one `orphans_reaped` {count, exited_nonzero, signaled, first_pid, last_pid,
+/// interval_ms} a minute (and before `exited`) — forwards SIGTERM/SIGINT/SIGHUP to the
+/// workload (`signal_forwarded`), and runs `periodic` on time. Events: `started` {pid,
+/// attempt, argv}, `exited` {pid, code, status | signal}, `restart` {attempt, max,
+/// previous_code}, `terminating` {signal}, `children_left`.
+///
+/// With `relay`, the workload's stdout and stderr are pipes read here and written line by
+/// line to `relay` behind a prefix ([`super::relay`]); otherwise it inherits ours.
 ///
 /// When the workload ends, whatever it left behind gets SIGTERM, 5 s, then SIGKILL, and is
 /// reaped; then the restart policy decides: `on-failure` restarts after a non-zero end, at
@@ -336,6 +485,8 @@ pub fn supervise(
     plan: &LaunchPlan,
     sys: &dyn Sys,
     events: &mut dyn FnMut(&str, Value),
+    periodic: Option<Periodic<'_>>,
+    relay: Option<Box<dyn Write + Send>>,
 ) -> Result<WorkloadExit, LaunchError> {
     sys.set_child_subreaper().map_err(LaunchError::Supervise)?;
     let spec = exec_spec(plan)?;
@@ -355,8 +506,12 @@ pub fn supervise(
         // In a sandbox PID namespace SIGINT comes from a person (Ctrl-C), not the kernel.
         ignore_sigint: pid1 && sys.in_initial_pid_namespace(),
         proc_root: PathBuf::from("/proc"),
+        relay: relay.map(Relay::new),
+        pipes: Vec::new(),
     };
-    run(plan, &mut procs, events, Timing::default())
+    let result = run(plan, &mut procs, events, Timing::default(), periodic);
+    procs.drain_output();
+    result
 }
 
 struct RealProcesses<'p> {
@@ -366,6 +521,107 @@ struct RealProcesses<'p> {
     pid1: bool,
     ignore_sigint: bool,
     proc_root: PathBuf,
+    relay: Option<Relay<Box<dyn Write + Send>>>,
+    /// The read ends of the relay pipes still open (of this and earlier runs).
+    pipes: Vec<(Stream, OwnedFd)>,
+}
+
+/// Most bytes read from one relay pipe per wake-up, so a flooding workload cannot keep the
+/// supervisor from reaping and forwarding signals.
+const RELAY_READ_MAX: usize = 256 * 1024;
+
+impl RealProcesses<'_> {
+    /// Pipes for the workload's stdout and stderr: read ends kept (non-blocking), write ends
+    /// returned for the child.
+    fn relay_pipes(&mut self) -> Result<Option<(OwnedFd, OwnedFd)>, LaunchError> {
+        if self.relay.is_none() {
+            return Ok(None);
+        }
+        let pipe = || {
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|errno| {
+                LaunchError::Supervise(SysError::Process {
+                    op: "pipe2 for the workload's output".to_owned(),
+                    errno,
+                })
+            })
+        };
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        for fd in [&out_r, &err_r] {
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+                .map(OFlag::from_bits_truncate)
+                .and_then(|flags| {
+                    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))
+                });
+            if let Err(errno) = flags {
+                return Err(LaunchError::Supervise(SysError::Process {
+                    op: "make the workload's output pipe non-blocking".to_owned(),
+                    errno,
+                }));
+            }
+        }
+        self.pipes.push((Stream::Stdout, out_r));
+        self.pipes.push((Stream::Stderr, err_r));
+        Ok(Some((out_w, err_w)))
+    }
+
+    /// Reads what pipe `i` holds (at most [`RELAY_READ_MAX`]) into the relay; whether it
+    /// ended (end of file or an error).
+    fn read_pipe(&mut self, i: usize) -> bool {
+        let Some(relay) = self.relay.as_mut() else {
+            return true;
+        };
+        let Some((stream, fd)) = self.pipes.get(i) else {
+            return true;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        let mut total = 0;
+        loop {
+            match nix::unistd::read(fd, &mut buf) {
+                Ok(0) => {
+                    relay.close(*stream, Instant::now());
+                    return true;
+                }
+                Ok(n) => {
+                    relay.feed(*stream, &buf[..n], Instant::now());
+                    total += n;
+                    if total >= RELAY_READ_MAX {
+                        return false;
+                    }
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return false,
+                Err(_) => {
+                    relay.close(*stream, Instant::now());
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Reads the pipes that are ready (`ready[i]` for `pipes[i]`); closes those that ended.
+    fn relay_ready(&mut self, ready: &[bool]) {
+        let mut ended = Vec::new();
+        for (i, is_ready) in ready.iter().enumerate() {
+            if *is_ready && self.read_pipe(i) {
+                ended.push(i);
+            }
+        }
+        for i in ended.into_iter().rev() {
+            self.pipes.remove(i);
+        }
+    }
+
+    /// After the supervision: what is left in the pipes (every writer is gone or killed).
+    fn drain_output(&mut self) {
+        for _ in 0..64 {
+            if self.pipes.is_empty() {
+                return;
+            }
+            let ready = vec![true; self.pipes.len()];
+            self.relay_ready(&ready);
+        }
+    }
 }
 
 impl Processes for RealProcesses<'_> {
@@ -374,16 +630,52 @@ impl Processes for RealProcesses<'_> {
     }
 
     fn spawn(&mut self) -> Result<Pid, LaunchError> {
-        spawn(&self.spec).map_err(|error| match error {
+        let stdio = self.relay_pipes()?;
+        let spawned = spawn_with_stdio(
+            &self.spec,
+            stdio.as_ref().map(|(out, err)| (out.as_fd(), err.as_fd())),
+        );
+        // The child has its copies (or failed): ours go, so the pipes end with the workload.
+        drop(stdio);
+        spawned.map_err(|error| match error {
             SpawnError::Sys(error) => LaunchError::Supervise(error),
             SpawnError::Child(failure) => failure_error(self.plan, failure),
         })
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<Vec<Observed>, LaunchError> {
+        let signal_timeout = if self.pipes.is_empty() {
+            timeout
+        } else {
+            // One poll for the signal pipe and the output pipes; the signals are then
+            // collected without waiting.
+            let ready = {
+                let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(self.pipes.len() + 1);
+                fds.push(PollFd::new(self.signals.fd(), PollFlags::POLLIN));
+                for (_, fd) in &self.pipes {
+                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                }
+                let poll_timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+                match nix::poll::poll(&mut fds, poll_timeout) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(errno) => {
+                        return Err(LaunchError::Supervise(SysError::Process {
+                            op: "poll the signal and output pipes".to_owned(),
+                            errno,
+                        }))
+                    }
+                }
+                fds[1..]
+                    .iter()
+                    .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+                    .collect::<Vec<bool>>()
+            };
+            self.relay_ready(&ready);
+            Duration::ZERO
+        };
         let signals = self
             .signals
-            .wait(Some(timeout))
+            .wait(Some(signal_timeout))
             .map_err(LaunchError::Supervise)?;
         let mut observed: Vec<Observed> = signals
             .into_iter()
@@ -556,6 +848,10 @@ mod tests {
         start: Instant,
         /// PID 1 of a real boot: SIGINT is Ctrl-Alt-Del and ignored.
         ignore_sigint: bool,
+        /// No scripted batch is delivered before this much fake time has passed.
+        hold_until: Duration,
+        /// The timeout of every wait.
+        timeouts: Vec<Duration>,
     }
 
     impl Fake {
@@ -572,6 +868,8 @@ mod tests {
                 clock: now,
                 start: now,
                 ignore_sigint: false,
+                hold_until: Duration::ZERO,
+                timeouts: vec![],
             }
         }
 
@@ -610,18 +908,23 @@ mod tests {
         }
 
         fn wait(&mut self, timeout: Duration) -> Result<Vec<Observed>, LaunchError> {
+            self.timeouts.push(timeout);
             if let Some(signal) = self.doomed.take() {
                 let batch: Vec<_> = self.live.iter().map(|p| killed(*p, signal)).collect();
                 self.live.clear();
                 return Ok(batch);
             }
             // A batch that reaps a process is delivered only once that process exists.
-            let ready = self.script.front().is_some_and(|batch| {
-                batch.iter().all(|item| match item {
-                    Observed::Reaped(status) => self.live.contains(&status.pid().unwrap().as_raw()),
-                    Observed::Signal(_) => true,
-                })
-            });
+            let held = self.elapsed() < self.hold_until;
+            let ready = !held
+                && self.script.front().is_some_and(|batch| {
+                    batch.iter().all(|item| match item {
+                        Observed::Reaped(status) => {
+                            self.live.contains(&status.pid().unwrap().as_raw())
+                        }
+                        Observed::Signal(_) => true,
+                    })
+                });
             if let Some(batch) = ready.then(|| self.script.pop_front()).flatten() {
                 for item in &batch {
                     if let Observed::Reaped(status) = item {
@@ -668,6 +971,7 @@ mod tests {
             fake,
             &mut |event: &str, details: Value| log.push((event.to_owned(), details)),
             Timing::default(),
+            None,
         );
         (result, log)
     }
@@ -841,16 +1145,78 @@ mod tests {
     }
 
     #[test]
-    fn orphans_are_reaped_and_reported() {
+    fn orphans_are_reaped_and_counted() {
         let mut fake = Fake::new(&[10])
             .with_orphans(&[77])
             .then(vec![exited(77, 3)])
             .then(vec![exited(10, 0)]);
         let (result, log) = run_fake(Restart::Never, &mut fake);
         assert_eq!(result.unwrap().code, 0);
-        assert_eq!(names(&log), ["started", "orphan_reaped", "exited"]);
-        assert_eq!(log[1].1, json!({ "pid": 77, "code": 3, "status": 3 }));
+        assert_eq!(names(&log), ["started", "orphans_reaped", "exited"]);
+        assert_eq!(
+            log[1].1,
+            json!({ "count": 1, "exited_nonzero": 1, "signaled": 0, "first_pid": 77, "last_pid": 77, "interval_ms": 0 })
+        );
         assert!(fake.kill_remaining.is_empty());
+    }
+
+    #[test]
+    fn thousands_of_orphans_make_one_record_per_interval() {
+        // 10,000 orphans end over 200 s of fake time, 50 per second.
+        let pids: Vec<i32> = (1000..11_000).collect();
+        let mut fake = Fake::new(&[10]).with_orphans(&pids);
+        for chunk in pids.chunks(50) {
+            fake = fake.then(chunk.iter().map(|p| exited(*p, 0)).collect());
+            fake = fake.then(vec![]);
+        }
+        let fake = fake.then(vec![exited(10, 0)]);
+        // An empty batch is a one-second pause of the fake clock.
+        struct Paced(Fake);
+        impl Processes for Paced {
+            fn spawn(&mut self) -> Result<Pid, LaunchError> {
+                self.0.spawn()
+            }
+            fn wait(&mut self, timeout: Duration) -> Result<Vec<Observed>, LaunchError> {
+                if self.0.script.front().is_some_and(Vec::is_empty) {
+                    self.0.script.pop_front();
+                    self.0.clock += Duration::from_secs(1);
+                    return Ok(vec![]);
+                }
+                self.0.wait(timeout)
+            }
+            fn kill(&mut self, pid: Pid, signal: Signal) {
+                self.0.kill(pid, signal);
+            }
+            fn kill_remaining(&mut self, signal: Signal) {
+                self.0.kill_remaining(signal);
+            }
+            fn has_children(&mut self) -> bool {
+                self.0.has_children()
+            }
+            fn now(&self) -> Instant {
+                self.0.now()
+            }
+        }
+        let mut paced = Paced(fake);
+        let mut log = Vec::new();
+        let result = run(
+            &plan(Restart::Never),
+            &mut paced,
+            &mut |event: &str, details: Value| log.push((event.to_owned(), details)),
+            Timing::default(),
+            None,
+        );
+        assert_eq!(result.unwrap().code, 0);
+        let reports: Vec<&Value> = log
+            .iter()
+            .filter(|(name, _)| name == "orphans_reaped")
+            .map(|(_, details)| details)
+            .collect();
+        // 200 s at one record per 60 s, plus the one before `exited`.
+        assert!(reports.len() <= 5, "{}", reports.len());
+        let counted: u64 = reports.iter().map(|d| d["count"].as_u64().unwrap()).sum();
+        assert_eq!(counted, 10_000);
+        assert_eq!(log.len(), reports.len() + 2);
     }
 
     #[test]
@@ -869,11 +1235,12 @@ mod tests {
                 "exited",
                 "terminating",
                 "terminating",
-                "orphan_reaped",
-                "orphan_reaped"
+                "orphans_reaped"
             ]
         );
-        assert_eq!(log[4].1["signal"], "SIGKILL");
+        assert_eq!(log[3].1["signal"], "SIGKILL");
+        assert_eq!(log[4].1["count"], 2);
+        assert_eq!(log[4].1["signaled"], 2);
         assert_eq!(fake.elapsed(), Duration::from_secs(5));
     }
 
@@ -886,7 +1253,7 @@ mod tests {
         assert_eq!(fake.kill_remaining, [Signal::SIGTERM]);
         assert_eq!(
             names(&log),
-            ["started", "exited", "terminating", "orphan_reaped"]
+            ["started", "exited", "terminating", "orphans_reaped"]
         );
         assert_eq!(fake.elapsed(), Duration::ZERO);
     }
@@ -926,6 +1293,7 @@ mod tests {
             &mut stuck,
             &mut |event: &str, details: Value| log.push((event.to_owned(), details)),
             Timing::default(),
+            None,
         );
         assert_eq!(result.unwrap().code, 0);
         assert_eq!(log.last().unwrap().0, "children_left");
@@ -941,5 +1309,72 @@ mod tests {
         let (result, log) = run_fake(Restart::OnFailure { max: 3 }, &mut fake);
         assert!(matches!(result, Err(LaunchError::ChildLost { .. })));
         assert!(log.is_empty());
+    }
+
+    #[test]
+    fn periodic_work_runs_on_time_while_the_workload_runs_without_busy_waiting() {
+        let mut fake = Fake::new(&[10]).then(vec![exited(10, 0)]);
+        fake.hold_until = Duration::from_millis(95_500);
+        let mut runs = Vec::new();
+        let start = fake.clock;
+        let clock = std::cell::Cell::new(start);
+        let mut log = Vec::new();
+        {
+            let mut run_periodic = || runs.push(clock.get() - start);
+            struct Clocked<'f, 'c>(&'f mut Fake, &'c std::cell::Cell<Instant>);
+            impl Processes for Clocked<'_, '_> {
+                fn spawn(&mut self) -> Result<Pid, LaunchError> {
+                    self.0.spawn()
+                }
+                fn wait(&mut self, timeout: Duration) -> Result<Vec<Observed>, LaunchError> {
+                    let result = self.0.wait(timeout);
+                    self.1.set(self.0.clock);
+                    result
+                }
+                fn kill(&mut self, pid: Pid, signal: Signal) {
+                    self.0.kill(pid, signal);
+                }
+                fn kill_remaining(&mut self, signal: Signal) {
+                    self.0.kill_remaining(signal);
+                }
+                fn has_children(&mut self) -> bool {
+                    self.0.has_children()
+                }
+                fn now(&self) -> Instant {
+                    self.0.now()
+                }
+            }
+            let result = run(
+                &plan(Restart::Never),
+                &mut Clocked(&mut fake, &clock),
+                &mut |event: &str, details: Value| log.push((event.to_owned(), details)),
+                Timing {
+                    tick: Duration::from_secs(7),
+                    ..Timing::default()
+                },
+                Some(Periodic {
+                    every: Duration::from_secs(30),
+                    run: &mut run_periodic,
+                }),
+            );
+            assert_eq!(result.unwrap().code, 0);
+        }
+        // Exactly on time: the wait before each run ends when it is due.
+        assert_eq!(
+            runs,
+            [
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+                Duration::from_secs(90)
+            ]
+        );
+        // No busy loop: every wait lasts the tick or until the next run, never zero.
+        assert!(
+            fake.timeouts.iter().all(|t| !t.is_zero()),
+            "{:?}",
+            fake.timeouts
+        );
+        assert!(fake.timeouts.len() <= 20, "{}", fake.timeouts.len());
+        assert_eq!(names(&log), ["started", "exited"]);
     }
 }

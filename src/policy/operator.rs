@@ -52,6 +52,7 @@ pub(crate) const SCHEMA_KEYS: &[&str] = &[
     "audit.file_required",
     "audit.syslog",
     "audit.console",
+    "audit.checkpoint_interval",
     "on_failure",
 ];
 

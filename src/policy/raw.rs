@@ -143,6 +143,7 @@ pub(crate) struct RawAudit {
     pub file_required: Option<bool>,
     pub syslog: Option<String>,
     pub console: Option<bool>,
+    pub checkpoint_interval: Option<String>,
 }
 
 /// A TOML integer (its own type so that type errors say "an integer").

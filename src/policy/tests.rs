@@ -527,7 +527,7 @@ fn overridable_keys_must_exist_in_the_schema() {
         error_of(&format!(
             "overridable = [\"attestation.kbs\", \"attestation.url\", \"overridable\", \"attestation.kbs\"]\n{MINIMAL}"
         )),
-        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, on_failure, or workload.env.<NAME>\n\
+        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, or workload.env.<NAME>\n\
          overridable[2]: \"overridable\" cannot be overridable; the operator file must not widen what it may set, so remove it\n\
          overridable[3]: \"attestation.kbs\" is listed twice; remove one"
     );
@@ -639,7 +639,8 @@ fn minimal_policy_gets_the_defaults() {
                 file_dir: None,
                 file_required: false,
                 syslog: None,
-                console: true
+                console: true,
+                checkpoint_interval_secs: 600,
             },
             on_failure: FailureAction::Poweroff,
             overridable: Vec::new(),
@@ -817,6 +818,7 @@ fn full_policy_parses_with_every_value() {
             file_required: true,
             syslog: Some(SyslogTarget::Udp("fl-server.example:514".to_string())),
             console: true,
+            checkpoint_interval_secs: 600,
         }
     );
     assert_eq!(p.on_failure, FailureAction::Halt);
@@ -1592,6 +1594,26 @@ fn an_operator_file_with_20000_keys_gets_every_error() {
         assert_eq!(
             *line,
             format!("workload.env.{key} (set by operator): \"v\\0\" contains a NUL character; remove it")
+        );
+    }
+}
+
+#[test]
+fn audit_checkpoint_interval_defaults_to_ten_minutes_and_zero_turns_it_off() {
+    let interval = |value: &str| {
+        let policy = format!("{MINIMAL}\n[audit]\ncheckpoint_interval = {value:?}\n");
+        parse(&policy, None, &users()).map(|l| l.policy.audit.checkpoint_interval_secs)
+    };
+    let default = parse(MINIMAL, None, &users()).unwrap();
+    assert_eq!(default.policy.audit.checkpoint_interval_secs, 600);
+    assert_eq!(interval("0").unwrap(), 0);
+    assert_eq!(interval("90s").unwrap(), 90);
+    assert_eq!(interval("1h").unwrap(), 3600);
+    for bad in ["5s", "25h", "soon"] {
+        let policy = format!("{MINIMAL}\n[audit]\ncheckpoint_interval = {bad:?}\n");
+        assert_eq!(
+            error_of(&policy),
+            format!("audit.checkpoint_interval: {bad:?} is not a duration from 10s to 24h; write e.g. \"10m\", or \"0\" for no periodic checkpoints")
         );
     }
 }

@@ -274,6 +274,8 @@ pub struct AuditConfig {
     pub syslog: Option<SyslogTarget>,
     /// Console sink (serial console in PID 1 mode, stderr otherwise).
     pub console: bool,
+    /// Seconds between checkpoints while the workload runs (`checkpoint_interval`); 0: none.
+    pub checkpoint_interval_secs: u64,
 }
 
 /// Where syslog records go (RFC 5424).

@@ -1580,9 +1580,25 @@ fn audit(c: &mut Check<'_>, raw: Option<&RawAudit>, file_overridable: bool) -> O
     let syslog = raw.syslog.as_deref().and_then(|s| syslog_target(c, s));
     let syslog_ok = syslog_ok || syslog.is_some();
     let console = raw.console.unwrap_or(true);
-    if !file_ok || !syslog_ok || !file_dir_ok {
+    let checkpoint_interval_secs = match raw.checkpoint_interval.as_deref() {
+        None => Some(DEFAULT_CHECKPOINT_INTERVAL_SECS),
+        Some("0") => Some(0),
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if (10..=86_400).contains(&d.as_secs()) => Some(d.as_secs()),
+            _ => {
+                c.error(
+                    "audit.checkpoint_interval",
+                    format!("{text:?} is not a duration from 10s to 24h; write e.g. \"10m\", or \"0\" for no periodic checkpoints"),
+                );
+                None
+            }
+        },
+    };
+    let (true, true, true, Some(checkpoint_interval_secs)) =
+        (file_ok, syslog_ok, file_dir_ok, checkpoint_interval_secs)
+    else {
         return None;
-    }
+    };
     if !console && file.is_none() && syslog.is_none() {
         c.error(
             "audit",
@@ -1596,8 +1612,12 @@ fn audit(c: &mut Check<'_>, raw: Option<&RawAudit>, file_overridable: bool) -> O
         file_required,
         syslog,
         console,
+        checkpoint_interval_secs,
     })
 }
+
+/// `audit.checkpoint_interval` when absent: 10 minutes.
+const DEFAULT_CHECKPOINT_INTERVAL_SECS: u64 = 600;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -10,7 +10,7 @@
 //! locks. `launch` builds the spec from the policy and turns an [`ExecFailure`] into an error.
 
 use std::ffi::{CString, OsString};
-use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::raw::{c_char, c_int, c_ulong};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -174,6 +174,8 @@ pub enum Step {
     UnblockSignals,
     /// `execve`.
     Execve,
+    /// `dup2` of the relay pipe onto this fd (1 or 2), before anything else.
+    Stdio(u32),
 }
 
 /// A capability set, as the kernel keeps it per thread.
@@ -236,6 +238,7 @@ impl Step {
             Step::CloseFds => (15, 0),
             Step::UnblockSignals => (16, 0),
             Step::Execve => (17, 0),
+            Step::Stdio(fd) => (19, fd),
         }
     }
 
@@ -259,6 +262,7 @@ impl Step {
             15 => Step::CloseFds,
             16 => Step::UnblockSignals,
             17 => Step::Execve,
+            19 => Step::Stdio(arg),
             _ => return None,
         })
     }
@@ -631,6 +635,17 @@ pub enum SpawnError {
 /// succeeded, or the child's [`ExecFailure`], written by the child into a close-on-exec pipe
 /// (after which the child `_exit(127)`s and is reaped here).
 pub fn spawn(spec: &ExecSpec) -> Result<Pid, SpawnError> {
+    spawn_with_stdio(spec, None)
+}
+
+/// [`spawn`] with the child's stdout and stderr connected to `stdio` (the write ends of the
+/// relay pipes, `(stdout, stderr)`): the child `dup2`s them onto fds 1 and 2 first (a plain
+/// system call on numbers prepared before the fork; the originals are close-on-exec).
+pub fn spawn_with_stdio(
+    spec: &ExecSpec,
+    stdio: Option<(BorrowedFd<'_>, BorrowedFd<'_>)>,
+) -> Result<Pid, SpawnError> {
+    let stdio = stdio.map(|(out, err)| (out.as_raw_fd(), err.as_raw_fd()));
     let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|errno| {
         SpawnError::Sys(SysError::Process {
             op: "pipe2 for the workload's error report".to_owned(),
@@ -658,7 +673,7 @@ pub fn spawn(spec: &ExecSpec) -> Result<Pid, SpawnError> {
         })),
         Ok(nix::unistd::ForkResult::Child) => {
             drop(read_end);
-            child_main(spec, write_end)
+            child_main(spec, stdio, write_end)
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(write_end);
@@ -674,12 +689,27 @@ pub fn spawn(spec: &ExecSpec) -> Result<Pid, SpawnError> {
     }
 }
 
-fn child_main(spec: &ExecSpec, report: OwnedFd) -> ! {
-    let failure = drop_privileges_and_exec(spec);
+fn child_main(spec: &ExecSpec, stdio: Option<(RawFd, RawFd)>, report: OwnedFd) -> ! {
+    let failure = match stdio.map(|(out, err)| connect_stdio(out, err)) {
+        Some(Err(failure)) => failure,
+        _ => drop_privileges_and_exec(spec),
+    };
     let _ = nix::unistd::write(&report, &failure.encode());
     // SAFETY: _exit(2) ends the process at once without running atexit handlers or
     // destructors, which must not run in a forked child.
     unsafe { libc::_exit(127) }
+}
+
+/// In the forked child: `dup2(out, 1)`, `dup2(err, 2)`. Async-signal-safe (two system calls).
+fn connect_stdio(out: RawFd, err: RawFd) -> Result<(), ExecFailure> {
+    for (from, to) in [(out, 1), (err, 2)] {
+        // SAFETY: dup2(2) on plain numbers touches no memory of ours; `from` is an open pipe
+        // end prepared before the fork, `to` a standard fd.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            return Err(ExecFailure::sys(Step::Stdio(to as u32), Errno::last()));
+        }
+    }
+    Ok(())
 }
 
 /// Reads the child's report until end of file (closed by a successful execve or by the

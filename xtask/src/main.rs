@@ -6,6 +6,8 @@
 //! - `bench measure`: bundle measurement throughput against `fsverity digest` and `sha256sum`.
 //! - `bench unlock`: released key → verified LUKS2 keyslot against `cryptsetup open
 //!   --test-passphrase` with the default PBKDF (`benches/unlock.rs`; root).
+//! - `bench checkpoint`: one audit-log checkpoint with a swtpm quote and with SNP on the fake
+//!   configfs-tsm (`benches/checkpoint.rs`).
 //!
 //! `anyhow` is allowed here and nowhere else.
 
@@ -44,7 +46,14 @@ fn run() -> Result<()> {
                 .current_dir(&root)
                 .args(["bench", "--bench", "unlock"]))
         }
-        _ => bail!("usage: cargo xtask ci | tidy | demo | bench measure | bench unlock"),
+        ["bench", "checkpoint"] => {
+            sh(cargo()
+                .current_dir(&root)
+                .args(["bench", "--bench", "checkpoint"]))
+        }
+        _ => bail!(
+            "usage: cargo xtask ci | tidy | demo | bench measure | bench unlock | bench checkpoint"
+        ),
     }
 }
 
