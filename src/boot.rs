@@ -16,6 +16,7 @@ use crate::launch::{LaunchError, LaunchPlan, Periodic, WorkloadExit};
 use crate::policy::{FailureAction, LoadedPolicy};
 use crate::stage::{self, BootPlan, Effects, Facts, Measurer, StageError, StageName};
 use crate::sys::Sys;
+use cvm_warden_verify::schema::CheckpointDetails;
 
 /// Why the boot stopped.
 #[derive(Debug, thiserror::Error)]
@@ -322,27 +323,9 @@ pub fn closing_event(sys: &dyn Sys, action: FailureAction) -> &'static str {
     }
 }
 
-/// When a checkpoint is taken (the `kind` of an `audit/checkpoint` record).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckpointKind {
-    /// Right after the workload started.
-    Launch,
-    /// Every `audit.checkpoint_interval` while it runs.
-    Periodic,
-    /// Right after the closing record (power-off, halt, exit or exec), on every path.
-    Closing,
-}
-
-impl CheckpointKind {
-    /// The name in the record.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CheckpointKind::Launch => "launch",
-            CheckpointKind::Periodic => "periodic",
-            CheckpointKind::Closing => "closing",
-        }
-    }
-}
+/// When a checkpoint is taken (the `kind` of an `audit/checkpoint` record; the verifier's
+/// type, so writer and reader share it).
+pub use cvm_warden_verify::schema::CheckpointKind;
 
 /// Fresh TEE evidence over the audit log's head: all the runner needs of the broker after
 /// the stages (it never fetches anything once the workload runs).
@@ -394,16 +377,32 @@ pub fn checkpoint(
                 return false;
             }
         };
-        let details = json!({
-            "kind": kind.as_str(),
-            "head_seq": seq,
-            "head": head,
-            "report_data": hex::encode(binding),
-            "tee": checkpointer.describe(),
-            "evidence": evidence,
-            "event_log": event_log.events(),
-            "register_initial": event_log.register_initial(),
-        });
+        // Written through the verifier's type: evidence of a shape it would refuse is a
+        // failed checkpoint here, not a record that breaks the log later.
+        let typed = cvm_warden_verify::schema::from_value(&evidence, "checkpoint evidence")
+            .map(|evidence| CheckpointDetails {
+                kind,
+                head_seq: seq,
+                head,
+                report_data: hex::encode(binding),
+                tee: checkpointer.describe(),
+                evidence,
+                event_log: event_log.events().to_vec(),
+                register_initial: event_log.register_initial(),
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|d| serde_json::to_value(d).map_err(|e| e.to_string()));
+        let details = match typed {
+            Ok(details) => details,
+            Err(error) => {
+                let _ = audit.record(
+                    crate::audit::AUDIT_STAGE,
+                    "checkpoint_failed",
+                    json!({ "kind": kind.as_str(), "head_seq": seq, "error": error }),
+                );
+                return false;
+            }
+        };
         match audit.record_after(head, crate::audit::AUDIT_STAGE, "checkpoint", details) {
             Ok(Some(_)) => return true,
             Ok(None) => continue,
@@ -1387,7 +1386,11 @@ mod tests {
             attempt(json!({ "call": "auth", "try": 1, "outcome": 200 }));
             if self.attest_ok {
                 attempt(json!({ "call": "attest", "try": 1, "outcome": 200 }));
-                Ok(json!({ "tee": "sample", "nonce": "bm9uY2U=", "status": self.status }))
+                Ok(json!({
+                    "broker": "https://kbs.example", "tee": "sample", "insecure": true,
+                    "nonce": "bm9uY2U=", "tee_pubkey": {"kty": "EC"}, "additional_evidence": "",
+                    "report_data": "00", "evidence": {}, "claims": {}, "status": self.status,
+                }))
             } else {
                 attempt(json!({ "call": "attest", "try": 1, "outcome": 401 }));
                 Err("the key broker refused the evidence (AttestationFailed: bad quote)".into())
@@ -1412,7 +1415,9 @@ mod tests {
         fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
             self.calls.push("checkpoint".to_string());
             self.bindings.push(*binding);
-            Ok(json!({ "svn": "1", "report_data": hex::encode(binding) }))
+            Ok(
+                json!({ "tee": "sample", "evidence": { "svn": "1", "report_data": hex::encode(binding) } }),
+            )
         }
     }
 

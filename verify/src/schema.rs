@@ -188,13 +188,20 @@ pub enum CheckpointKind {
     Closing,
 }
 
-impl fmt::Display for CheckpointKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl CheckpointKind {
+    /// The name in the record.
+    pub fn as_str(self) -> &'static str {
+        match self {
             CheckpointKind::Launch => "launch",
             CheckpointKind::Periodic => "periodic",
             CheckpointKind::Closing => "closing",
-        })
+        }
+    }
+}
+
+impl fmt::Display for CheckpointKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -217,10 +217,10 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
             "the audit log has no {stage} record with {what}"
         );
     }
-    banner("the audit log, verified offline with its evidence");
-    sh(Command::new(&bins.warden)
-        .args(["audit", "verify"])
-        .arg(&log))?;
+    banner("the audit log, verified offline with its evidence (the auditor pins the AK the broker trusts)");
+    let trusted_ak = demo.join("trusted-ak.b64");
+    fs::write(&trusted_ak, format!("{ak}\n")).context("writing the trusted AK for the auditor")?;
+    audit_verify_attested(&bins.warden, &log, &trusted_ak)?;
 
     banner("act 2: a file of the bundle changes; reboot and boot again");
     fs::remove_file(&log).context("removing the first audit log")?;
@@ -264,11 +264,31 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     print!("{broker_log}");
     banner("the record that stopped the boot");
     println!("{failed}");
-    sh(Command::new(&bins.warden)
-        .args(["audit", "verify"])
-        .arg(&log))?;
+    audit_verify_attested(&bins.warden, &log, &trusted_ak)?;
     tpm.stop()?;
     banner("demo done: intact bundle attested, secret released, workload ran; tampered bundle refused by the broker, no secret, no workload");
+    Ok(())
+}
+
+/// `cvm-warden audit verify --trusted-ak AK LOG` must exit 0 (every run attested: covered up
+/// to its closing record by checkpoints of the TPM the broker trusts), and without the pin
+/// the same log must not (exit 3: an unpinned AK proves nothing).
+fn audit_verify_attested(warden: &Path, log: &Path, trusted_ak: &Path) -> Result<()> {
+    sh(Command::new(warden)
+        .args(["audit", "verify", "--trusted-ak"])
+        .arg(trusted_ak)
+        .arg(log))?;
+    let unpinned = Command::new(warden)
+        .args(["audit", "verify"])
+        .arg(log)
+        .output()
+        .context("running audit verify without --trusted-ak")?;
+    ensure!(
+        unpinned.status.code() == Some(3),
+        "audit verify without --trusted-ak exited {:?}, expected 3 (unattested):\n{}",
+        unpinned.status.code(),
+        String::from_utf8_lossy(&unpinned.stdout)
+    );
     Ok(())
 }
 
