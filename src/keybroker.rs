@@ -41,13 +41,7 @@ pub enum SetupError {
 
 /// The name of a TEE as the KBS protocol writes it.
 pub fn tee_name(tee: Tee) -> &'static str {
-    match tee {
-        Tee::Snp => "snp",
-        Tee::Tdx => "tdx",
-        Tee::Tpm => "tpm",
-        Tee::AzSnpVtpm => "az-snp-vtpm",
-        Tee::Sample => "sample",
-    }
+    tee.as_str()
 }
 
 /// Opens the evidence provider the policy names. `None` for `attestation = "none"`.

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use kbs_types::{
-    Attestation, Challenge, CompositeEvidence, ErrorInformation, Request, RuntimeData, Tee,
+    Attestation, Challenge, CompositeEvidence, ErrorInformation, Request, RuntimeData,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -461,9 +461,12 @@ impl Client {
         observer: &mut dyn Observer,
     ) -> Result<Session, KbsError> {
         let tee_name = provider.tee();
-        let tee = Tee::from_str(tee_name).map_err(|_| KbsError::UnknownTee {
-            tee: tee_name.to_string(),
-        })?;
+        // The one Tee enum, mapped to the protocol's exhaustively.
+        let tee = cvm_warden_verify::Tee::from_str(tee_name)
+            .map(cvm_warden_verify::Tee::kbs)
+            .map_err(|_| KbsError::UnknownTee {
+                tee: tee_name.to_string(),
+            })?;
 
         // 1. Request → Challenge, and the session cookie.
         let request = Request {
