@@ -32,9 +32,6 @@ pub const REPORT_LEN: usize = 1184;
 /// Signature algorithm encoding for ECDSA P-384 with SHA-384 (the only one defined).
 const SIG_ALGO_ECDSA_P384_SHA384: u32 = 1;
 
-const PEM_BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-const PEM_END: &str = "-----END CERTIFICATE-----";
-
 /// An AMD EPYC product line with its own ARK/ASK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -501,36 +498,87 @@ fn is_pem(bytes: &[u8]) -> bool {
     bytes.trim_ascii_start().starts_with(b"-----BEGIN")
 }
 
-/// Split a PEM file into its CERTIFICATE blocks (each with its BEGIN/END lines).
-fn pem_certificates(pem: &[u8]) -> std::io::Result<Vec<&[u8]>> {
-    let text = std::str::from_utf8(pem).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("pem is not utf-8: {e}"),
-        )
-    })?;
-    let mut blocks = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(PEM_BEGIN) {
-        let after = &rest[start..];
-        let Some(end) = after.find(PEM_END) else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "pem certificate block has no end line",
-            ));
-        };
-        let block_len = end + PEM_END.len();
-        blocks.push(&after.as_bytes()[..block_len]);
-        rest = &after[block_len..];
+/// Why a PEM text gives no certificates. Each message completes "the file …" (the caller
+/// names the file and says what to do).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PemError {
+    /// The bytes are not UTF-8 text (DER, say).
+    #[error("is not PEM text ({0})")]
+    NotText(std::str::Utf8Error),
+    /// Not one `CERTIFICATE` section.
+    #[error("holds no PEM certificate (no \"-----BEGIN CERTIFICATE-----\" section)")]
+    NoCertificate,
+    /// A section has no matching END line.
+    #[error("has a {label} section without an END line")]
+    NoEnd {
+        /// The section's label, e.g. `CERTIFICATE`.
+        label: String,
+    },
+    /// A `-----BEGIN …` line that does not end in five dashes.
+    #[error("has a malformed BEGIN line {line:?}")]
+    BadBegin {
+        /// The line, lossily decoded.
+        line: String,
+    },
+    /// A section's body is not base64.
+    #[error("has a PEM section whose body is not base64 ({detail})")]
+    Base64 {
+        /// The PEM reader's description (the first illegal character, a misplaced `=`).
+        detail: String,
+    },
+    /// Any other failure of the PEM reader (a section over 256 MiB).
+    #[error("cannot be read as PEM ({0})")]
+    Other(String),
+}
+
+impl From<rustls_pki_types::pem::Error> for PemError {
+    fn from(e: rustls_pki_types::pem::Error) -> Self {
+        use rustls_pki_types::pem::Error as E;
+        match e {
+            E::MissingSectionEnd { end_marker } => PemError::NoEnd {
+                label: String::from_utf8_lossy(&end_marker).into_owned(),
+            },
+            E::IllegalSectionStart { line } => PemError::BadBegin {
+                line: String::from_utf8_lossy(&line).trim_end().to_string(),
+            },
+            E::Base64Decode(detail) => PemError::Base64 { detail },
+            E::NoItemsFound => PemError::NoCertificate,
+            other => PemError::Other(other.to_string()),
+        }
     }
-    Ok(blocks)
+}
+
+/// The DER certificates of a PEM text, in order, read by `rustls-pki-types`' PEM reader.
+///
+/// Sections of other kinds (a key, a CRL, an unknown label) are skipped, as is text outside
+/// the sections; a section without an END line, a malformed BEGIN line or a body that is not
+/// base64 is an error, and so is a text without a certificate.
+pub fn pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, PemError> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::CertificateDer;
+    std::str::from_utf8(pem).map_err(PemError::NotText)?;
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .map(|cert| cert.map(|c| c.as_ref().to_vec()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if certs.is_empty() {
+        return Err(PemError::NoCertificate);
+    }
+    Ok(certs)
+}
+
+fn pem_io_error(e: PemError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
 }
 
 fn parse_vcek(vcek: &[u8]) -> Result<Certificate, SnpError> {
     if is_pem(vcek) {
-        let blocks = pem_certificates(vcek).map_err(SnpError::VcekParse)?;
-        match blocks.as_slice() {
-            [one] => Certificate::from_pem(one).map_err(SnpError::VcekParse),
+        let ders = match pem_certificates(vcek) {
+            Ok(ders) => ders,
+            Err(PemError::NoCertificate) => Vec::new(),
+            Err(e) => return Err(SnpError::VcekParse(pem_io_error(e))),
+        };
+        match ders.as_slice() {
+            [one] => Certificate::from_der(one).map_err(SnpError::VcekParse),
             other => Err(SnpError::VcekCount { count: other.len() }),
         }
     } else {
@@ -564,10 +612,14 @@ fn load_chain(chain: ChainSource) -> Result<(Certificate, Certificate, String), 
             Ok((ark, ask, name))
         }
         ChainSource::Pem(pem) => {
-            let blocks = pem_certificates(&pem).map_err(SnpError::ChainParse)?;
-            let certs = blocks
+            let ders = match pem_certificates(&pem) {
+                Ok(ders) => ders,
+                Err(PemError::NoCertificate) => Vec::new(),
+                Err(e) => return Err(SnpError::ChainParse(pem_io_error(e))),
+            };
+            let certs = ders
                 .iter()
-                .map(|b| Certificate::from_pem(b))
+                .map(|der| Certificate::from_der(der))
                 .collect::<std::io::Result<Vec<_>>>()
                 .map_err(SnpError::ChainParse)?;
             let [a, b]: [Certificate; 2] = certs
@@ -806,11 +858,9 @@ mod tests {
     #[test]
     fn pem_chain_order_does_not_matter() {
         let pem = vector!("go-sev-guest/milan.testcer");
-        let blocks = pem_certificates(&pem).unwrap();
-        assert_eq!(blocks.len(), 2);
-        let mut swapped = blocks[1].to_vec();
-        swapped.push(b'\n');
-        swapped.extend_from_slice(blocks[0]);
+        let ders = pem_certificates(&pem).unwrap();
+        assert_eq!(ders.len(), 2);
+        let swapped = forge::pem(&[&ders[1], &ders[0]]);
         let report = vector!("go-sev-guest/attestation.bin");
         let vcek = vector!("go-sev-guest/vcek.testcer");
         verify_report(&report, &vcek, ChainSource::Pem(swapped)).unwrap();
@@ -1035,15 +1085,14 @@ mod tests {
         let report = vector!("go-sev-guest/attestation.bin");
         let vcek = vector!("go-sev-guest/vcek.testcer");
         let pem = vector!("go-sev-guest/milan.testcer");
-        let blocks = pem_certificates(&pem).unwrap();
+        let ders = pem_certificates(&pem).unwrap();
 
         // Only the ASK.
-        let err = verify_report(&report, &vcek, ChainSource::Pem(blocks[0].to_vec())).unwrap_err();
+        let err = verify_report(&report, &vcek, ChainSource::Pem(forge::pem(&[&ders[0]])))
+            .unwrap_err();
         assert!(matches!(err, SnpError::ChainCount { count: 1 }), "{err:?}");
         // ASK twice: no ARK.
-        let mut twice = blocks[0].to_vec();
-        twice.push(b'\n');
-        twice.extend_from_slice(blocks[0]);
+        let twice = forge::pem(&[&ders[0], &ders[0]]);
         let err = verify_report(&report, &vcek, ChainSource::Pem(twice)).unwrap_err();
         assert!(matches!(err, SnpError::ChainNoArk), "{err:?}");
         // Not PEM at all.
@@ -1055,6 +1104,92 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    /// A private key section between the two certificates (the old hand-written parser
+    /// skipped it too): skipped, the chain verifies.
+    #[test]
+    fn pem_sections_other_than_certificates_are_skipped() {
+        let pem = vector!("go-sev-guest/milan.testcer");
+        let ders = pem_certificates(&pem).unwrap();
+        let ask = String::from_utf8(forge::pem(&[&ders[0]])).unwrap();
+        let ark = String::from_utf8(forge::pem(&[&ders[1]])).unwrap();
+        let mixed = format!(
+            "subject=ASK\n{ask}-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n\
+             -----END PRIVATE KEY-----\n-----BEGIN X-UNKNOWN-----\nnot base64 at all!\n\
+             -----END X-UNKNOWN-----\n{ark}"
+        );
+        assert_eq!(pem_certificates(mixed.as_bytes()).unwrap(), ders);
+        let report = vector!("go-sev-guest/attestation.bin");
+        let vcek = vector!("go-sev-guest/vcek.testcer");
+        verify_report(&report, &vcek, ChainSource::Pem(mixed.into_bytes())).unwrap();
+    }
+
+    #[test]
+    fn broken_pem_is_refused_with_the_reason() {
+        let pem = String::from_utf8(vector!("go-sev-guest/milan.testcer")).unwrap();
+        let report = vector!("go-sev-guest/attestation.bin");
+        let vcek = vector!("go-sev-guest/vcek.testcer");
+        let chain_error = |pem: &str| {
+            let err = verify_report(&report, &vcek, ChainSource::Pem(pem.as_bytes().to_vec()))
+                .unwrap_err();
+            assert!(matches!(err, SnpError::ChainParse(_)), "{err:?}");
+            crate::error_chain(&err)
+        };
+
+        // Invalid base64 inside a CERTIFICATE section.
+        let first_body_line = pem.lines().nth(1).unwrap();
+        let bad = pem.replacen(first_body_line, &first_body_line.replace('A', "*"), 1);
+        assert_ne!(bad, pem);
+        assert!(matches!(
+            pem_certificates(bad.as_bytes()),
+            Err(PemError::Base64 { .. })
+        ));
+        let err = chain_error(&bad);
+        assert!(err.contains("not base64"), "{err}");
+        assert!(err.contains("cert_chain file"), "{err}");
+
+        // No END line.
+        let end = "-----END CERTIFICATE-----";
+        let cut = &pem[..pem.rfind(end).unwrap()];
+        assert_eq!(
+            pem_certificates(cut.as_bytes()),
+            Err(PemError::NoEnd {
+                label: "CERTIFICATE".to_string()
+            })
+        );
+        assert!(chain_error(cut).contains("without an END line"));
+
+        // Not text.
+        assert!(matches!(
+            pem_certificates(&[0x30, 0x82, 0xff, 0xfe]),
+            Err(PemError::NotText(_))
+        ));
+    }
+
+    #[test]
+    fn pem_without_a_certificate_is_refused() {
+        let key_only = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n";
+        for text in [key_only, "", "just words\n"] {
+            assert_eq!(
+                pem_certificates(text.as_bytes()),
+                Err(PemError::NoCertificate),
+                "{text:?}"
+            );
+        }
+        assert!(PemError::NoCertificate
+            .to_string()
+            .contains("holds no PEM certificate"));
+        let report = vector!("go-sev-guest/attestation.bin");
+        let vcek = vector!("go-sev-guest/vcek.testcer");
+        assert!(matches!(
+            verify_report(&report, key_only.as_bytes(), ChainSource::Builtin(Product::Milan)),
+            Err(SnpError::VcekCount { count: 0 })
+        ));
+        assert!(matches!(
+            verify_report(&report, &vcek, ChainSource::Pem(key_only.as_bytes().to_vec())),
+            Err(SnpError::ChainCount { count: 0 })
+        ));
     }
 
     #[test]
