@@ -127,24 +127,15 @@ impl Default for AzureOptions {
     }
 }
 
-/// The first certificate of a PEM text, DER.
+/// The first certificate of a PEM text, DER (the verifier's PEM reader, on
+/// `rustls-pki-types`: sections other than certificates are skipped, a broken section is
+/// an error).
 fn pem_first_certificate(text: &str) -> Result<Vec<u8>, String> {
-    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-    const END: &str = "-----END CERTIFICATE-----";
-    let start = text
-        .find(BEGIN)
-        .ok_or("no \"-----BEGIN CERTIFICATE-----\"")?
-        + BEGIN.len();
-    let len = text[start..]
-        .find(END)
-        .ok_or("no \"-----END CERTIFICATE-----\"")?;
-    let body: String = text[start..start + len]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    STANDARD
-        .decode(body)
-        .map_err(|e| format!("the certificate is not base64: {e}"))
+    cvm_warden_verify::evidence::snp::pem_certificates(text.as_bytes())
+        .map_err(|e| format!("the PEM text {e}"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| "the PEM text holds no certificate".to_string())
 }
 
 /// A VCEK certificate given as DER or PEM, as DER; checks that it parses.
@@ -853,6 +844,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(missing.contains("absent"), "{missing}");
+    }
+
+    /// The VCEK file read by the PEM reader: a key section before the certificate is
+    /// skipped (as the hand-written parser did); broken base64 and a PEM without a
+    /// certificate are refused, naming the file.
+    #[test]
+    fn vcek_pem_sections_base64_and_emptiness() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = String::from_utf8(vector("trustee/az-snp-vtpm/vcek-genoa.pem")).unwrap();
+        let der = pem_first_certificate(&pem).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let key = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
+        let mixed = write("mixed.pem", &format!("{key}{pem}"));
+        assert_eq!(load_vcek(&VcekSource::File(mixed)).unwrap(), der);
+
+        let body_line = pem.lines().nth(1).unwrap();
+        let bad = pem.replacen(body_line, &body_line.replace('A', "!"), 1);
+        assert_ne!(bad, pem);
+        let bad = write("bad.pem", &bad);
+        let err = load_vcek(&VcekSource::File(bad.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&bad.display().to_string()), "{err}");
+        assert!(err.contains("not base64"), "{err}");
+
+        let empty = write("key-only.pem", key);
+        let err = load_vcek(&VcekSource::File(empty.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&empty.display().to_string()), "{err}");
+        assert!(err.contains("holds no PEM certificate"), "{err}");
     }
 
     /// IMDS over real HTTP: a one-shot local server answers like Azure's THIM endpoint and

@@ -51,8 +51,6 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -112,36 +110,16 @@ fn from_sev_entry(e: &sev::firmware::host::CertTableEntry) -> CertTableEntry {
 // Certificate cache
 // ---------------------------------------------------------------------------------------
 
-/// The DER certificates of a PEM text, in order.
+/// The DER certificates of a PEM file, in order (the verifier's PEM reader, on
+/// `rustls-pki-types`; sections other than certificates are skipped).
 fn pem_certificates(path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, TeeError> {
-    let bad = |detail: String| TeeError::Config {
+    cvm_warden_verify::evidence::snp::pem_certificates(pem).map_err(|e| TeeError::Config {
         tee: TEE,
         detail: format!(
-            "certificate cache file {} {detail}; put the PEM files from the AMD KDS there",
+            "certificate cache file {} {e}; put the PEM files from the AMD KDS there",
             path.display()
         ),
-    };
-    let text = std::str::from_utf8(pem).map_err(|e| bad(format!("is not PEM text: {e}")))?;
-    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-    const END: &str = "-----END CERTIFICATE-----";
-    let mut certs = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(BEGIN) {
-        let after = &rest[start + BEGIN.len()..];
-        let Some(end) = after.find(END) else {
-            return Err(bad("has a certificate without an END line".to_string()));
-        };
-        let body: String = after[..end].split_whitespace().collect();
-        let der = STANDARD
-            .decode(body)
-            .map_err(|e| bad(format!("has a certificate that is not base64: {e}")))?;
-        certs.push(der);
-        rest = &after[end + END.len()..];
-    }
-    if certs.is_empty() {
-        return Err(bad("holds no PEM certificate".to_string()));
-    }
-    Ok(certs)
+    })
 }
 
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, TeeError> {
@@ -592,6 +570,8 @@ impl Provider for SnpProvider {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
     use crate::tee::tsm::{FakeTsmFs, PROVIDER_TDX};
     use std::sync::{Arc, Mutex};
 
@@ -999,6 +979,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load_cert_cache(dir.path()).unwrap(), None);
         assert_eq!(load_cert_cache(&dir.path().join("absent")).unwrap(), None);
+    }
+
+    /// `cert_chain.pem` read by the PEM reader: another section among the certificates is
+    /// skipped (as the hand-written parser did), broken base64 in a certificate and a file
+    /// without a certificate are refused with the file's name.
+    #[test]
+    fn cert_chain_pem_sections_base64_and_emptiness() {
+        let vcek = vector("trustee/snp/test-vcek.der");
+        let chain = String::from_utf8(vector("go-sev-guest/milan.testcer")).unwrap();
+        let end = "-----END CERTIFICATE-----\n";
+        let split = chain.find(end).unwrap() + end.len();
+        let (ask, ark) = chain.split_at(split);
+        let load = |text: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("vcek.der"), &vcek).unwrap();
+            let path = dir.path().join("cert_chain.pem");
+            std::fs::write(&path, text).unwrap();
+            (load_cert_cache(dir.path()), path)
+        };
+
+        let key = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
+        let (plain, _) = load(&chain);
+        let (mixed, _) = load(&format!("{ask}{key}{ark}"));
+        let mixed = mixed.unwrap().unwrap();
+        assert_eq!(mixed.len(), 3);
+        assert_eq!(mixed, plain.unwrap().unwrap());
+
+        let body_line = chain.lines().nth(1).unwrap();
+        let bad = chain.replacen(body_line, &body_line.replace('A', "!"), 1);
+        assert_ne!(bad, chain);
+        let (result, path) = load(&bad);
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("not base64"), "{err}");
+        assert!(err.contains("AMD KDS"), "{err}");
+
+        for empty in [key, "no pem here\n"] {
+            let (result, path) = load(empty);
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            assert!(err.contains("holds no PEM certificate"), "{err}");
+        }
     }
 
     #[test]
