@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::model::{Chain, Direction, Hook, Match, Net, Rule, Ruleset, CT_MARK, MAX_COMMENT};
 use super::resolve::Resolver;
 use super::{FirewallError, Phase};
-use crate::policy::{Attestation, Policy, Proto, SyslogTarget};
+use crate::policy::{Attestation, BrokerUrl, Policy, Proto, SyslogTarget};
 
 /// A destination a phase allows: where it comes from in the policy, and where it goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -164,41 +164,16 @@ fn split_host_port(key: &str, text: &str) -> Result<(String, u16), FirewallError
     Ok((host, port))
 }
 
-/// Host and port of a broker URL (`https://host[:port][/path]`; 443 or 80 by default).
+/// Host and port of a broker URL (`https://host[:port][/path]`; 443 or 80 by default), as
+/// the policy's [`BrokerUrl`] reads it (the `url` crate; an IPv6 host without brackets).
 fn url_host_port(key: &str, url: &str) -> Result<(String, u16), FirewallError> {
-    let (rest, default_port) = if let Some(rest) = url.strip_prefix("https://") {
-        (rest, 443)
-    } else if let Some(rest) = url.strip_prefix("http://") {
-        (rest, 80)
-    } else {
-        return Err(FirewallError::Endpoint {
+    BrokerUrl::parse(url)
+        .map(|u| (u.host, u.port))
+        .map_err(|why| FirewallError::Endpoint {
             key: key.to_string(),
-            value: url.to_string(),
-            why: "the scheme must be https:// or http://".to_string(),
-        });
-    };
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let has_port = if authority.starts_with('[') {
-        authority.contains("]:")
-    } else {
-        authority.contains(':')
-    };
-    if has_port {
-        split_host_port(key, authority)
-    } else {
-        let host = authority
-            .strip_prefix('[')
-            .and_then(|a| a.strip_suffix(']'))
-            .unwrap_or(authority);
-        if host.is_empty() {
-            return Err(FirewallError::Endpoint {
-                key: key.to_string(),
-                value: url.to_string(),
-                why: "the host is empty".to_string(),
-            });
-        }
-        Ok((host.to_string(), default_port))
-    }
+            value: BrokerUrl::redacted(url),
+            why: why.to_string(),
+        })
 }
 
 /// The remote destinations `phase` allows, in rule order.

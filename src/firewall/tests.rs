@@ -118,6 +118,20 @@ fn perimeter_ignores_the_allowlist_and_default_ports_come_from_the_scheme() {
     );
 }
 
+/// An IPv6 literal with a port (read by the `url` crate through `policy::BrokerUrl`).
+#[test]
+fn a_broker_ipv6_literal_with_a_port() {
+    let p = policy(&broker("https://[2001:db8::7]:8080"), "");
+    let ruleset = build(&p, Phase::Perimeter, &NoLookups).unwrap();
+    assert_eq!(
+        lines(&ruleset),
+        expect(
+            &[],
+            &["output: ip6 daddr 2001:db8::7 tcp dport 8080 ct direction original ct mark set 0x63766d77 accept comment \"key broker tcp [2001:db8::7]:8080 (attestation.kbs)\""]
+        )
+    );
+}
+
 #[test]
 fn a_broker_name_is_pinned_v4_and_v6_and_opens_dns_to_the_name_servers_only() {
     let p = policy(&broker("https://kbs.example:8999"), "");

@@ -1589,6 +1589,41 @@ fn http_is_refused_without_insecure_http() {
 }
 
 #[test]
+fn broker_urls_are_read_by_the_url_crate() {
+    assert_eq!(
+        transport::check_url("https://[::1]:8080/", false).unwrap(),
+        "https://[::1]:8080"
+    );
+    assert_eq!(
+        transport::check_url("https://kbs.test:8999/kbs/", false).unwrap(),
+        "https://kbs.test:8999/kbs"
+    );
+    let err = |url: &str| transport::check_url(url, false).unwrap_err().to_string();
+    // Credentials are refused and never echoed.
+    let e = err("https://admin:hunter2@kbs.test");
+    assert!(e.contains("credentials"), "{e}");
+    assert!(!e.contains("hunter2") && !e.contains("admin"), "{e}");
+    // What the URL standard forgives is refused: no slashes, a third slash, uppercase.
+    assert!(err("https:kbs.test").contains("must start with https://"));
+    assert!(err("HTTPS://kbs.test").contains("must start with https://"));
+    assert!(err("https:///kbs.test").contains("has no host"));
+    assert!(err("https://kbs.test\n").contains("must not contain spaces"));
+    for bad in [
+        "https://kbs.test:0",
+        "https://kbs.test:65536",
+        "https://[::1",
+        "https://10.1",
+        "https://kbs.test\\x",
+    ] {
+        assert!(
+            err(bad).contains("is not a broker URL"),
+            "{bad}: {}",
+            err(bad)
+        );
+    }
+}
+
+#[test]
 fn configuration_is_checked() {
     let err = |config: KbsConfig| Client::new(config).unwrap_err().to_string();
     assert!(err(KbsConfig::new("https://kbs.test")).contains("no CA is configured"));

@@ -20,6 +20,7 @@ use rustls_pki_types::CertificateDer;
 use zeroize::Zeroizing;
 
 use super::{KbsError, SESSION_COOKIE};
+use crate::policy::{BrokerUrl, BrokerUrlError};
 
 /// The largest answer body the client reads (a resource JWE, a token, a challenge).
 pub const MAX_BODY: u64 = 4 * 1024 * 1024;
@@ -175,36 +176,32 @@ impl Clock for SystemClock {
 }
 
 /// Checks a broker base URL: `https://host[:port][/prefix]`, or `http://` when
-/// `insecure_http` is set. Returns it without a trailing `/`.
+/// `insecure_http` is set (read by the policy's [`BrokerUrl`], the `url` crate).
+/// Returns it without a trailing `/`.
 pub fn check_url(url: &str, insecure_http: bool) -> Result<String, KbsError> {
     let bad = |why: &str| KbsError::Config {
-        detail: format!("attestation.kbs = {url:?} {why}"),
+        detail: format!("attestation.kbs = {:?} {why}", BrokerUrl::redacted(url)),
     };
-    let rest = if let Some(rest) = url.strip_prefix("https://") {
-        rest
-    } else if let Some(rest) = url.strip_prefix("http://") {
-        if !insecure_http {
-            return Err(bad(
-                "uses plain http://, which exposes the evidence and the session to the network; use https:// with attestation.kbs_ca (http:// is allowed only with insecure_http = true, for development)",
-            ));
+    match BrokerUrl::parse(url) {
+        Ok(parsed) if !parsed.https && !insecure_http => Err(bad(
+            "uses plain http://, which exposes the evidence and the session to the network; use https:// with attestation.kbs_ca (http:// is allowed only with insecure_http = true, for development)",
+        )),
+        Ok(_) => Ok(url.trim_end_matches('/').to_string()),
+        Err(BrokerUrlError::Scheme) => Err(bad("must start with https://")),
+        Err(BrokerUrlError::NoHost) => {
+            Err(bad("has no host; write e.g. https://kbs.example:8080"))
         }
-        rest
-    } else {
-        return Err(bad("must start with https://"));
-    };
-    let host = rest.split('/').next().unwrap_or_default();
-    if host.is_empty() {
-        return Err(bad("has no host; write e.g. https://kbs.example:8080"));
-    }
-    if url
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '@'))
-    {
-        return Err(bad(
+        Err(
+            BrokerUrlError::Characters
+            | BrokerUrlError::QueryOrFragment
+            | BrokerUrlError::UserInfo,
+        ) => Err(bad(
             "must not contain spaces, a query, a fragment or credentials; write e.g. https://kbs.example:8080",
-        ));
+        )),
+        Err(why) => Err(bad(&format!(
+            "is not a broker URL ({why}); write e.g. https://kbs.example:8080"
+        ))),
     }
-    Ok(url.trim_end_matches('/').to_string())
 }
 
 /// A `rustls` client configuration whose only trust anchors are the certificates in

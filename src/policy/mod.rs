@@ -22,8 +22,8 @@ pub use exec_check::{check_exec, ExecCheck};
 pub use types::*;
 pub use users::{MemoryUsers, PasswdFiles, UserDb, DEFAULT_GROUP, DEFAULT_PASSWD};
 pub use validate::{
-    AUDIT_DIR_FORBIDDEN, DEFAULT_COPY_TO, DEFAULT_MAX_RESTARTS, DEFAULT_UMASK, DEFAULT_WORKDIR,
-    MAX_RESTARTS_LIMIT, RUNTIME_DIR, VOLUME_FORBIDDEN,
+    BrokerUrl, BrokerUrlError, AUDIT_DIR_FORBIDDEN, DEFAULT_COPY_TO, DEFAULT_MAX_RESTARTS,
+    DEFAULT_UMASK, DEFAULT_WORKDIR, MAX_RESTARTS_LIMIT, RUNTIME_DIR, VOLUME_FORBIDDEN,
 };
 
 use crate::digest::Digest;

@@ -181,6 +181,84 @@ fn kbs_url_with_a_bad_port_is_refused() {
 }
 
 #[test]
+fn kbs_url_with_user_information_is_refused_without_echoing_it() {
+    let err = error_of(&minimal_with(
+        "attestation = \"none\"",
+        "attestation = { tee = \"snp\", kbs = \"https://admin:hunter2@kbs.example:8999/kbs\" }",
+    ));
+    assert_eq!(
+        err,
+        "attestation.kbs: \"https://kbs.example:8999/kbs\" is not a key broker URL (user information (user:password@) is not allowed and is not shown here: credentials never belong in a policy); write scheme://host[:port][/path], e.g. \"https://kbs.example:8999\""
+    );
+    assert!(!err.contains("hunter2") && !err.contains("admin"), "{err}");
+}
+
+#[test]
+fn kbs_url_with_an_ipv6_literal_is_accepted() {
+    let text = WITH_BROKER.replace("https://kbs.placeholder:8999", "https://[::1]:8080");
+    let policy = parse(&text, None, &users()).unwrap().policy;
+    let Attestation::Broker { kbs, .. } = &policy.attestation else {
+        panic!("{:?}", policy.attestation);
+    };
+    assert_eq!(kbs, "https://[::1]:8080");
+    let url = BrokerUrl::parse(kbs).unwrap();
+    assert_eq!(
+        (url.https, url.host.as_str(), url.port, url.path.as_str()),
+        (true, "::1", 8080, "/")
+    );
+    assert_eq!(url.authority(), "[::1]:8080");
+}
+
+#[test]
+fn kbs_url_is_read_as_written() {
+    for (url, why) in [
+        (
+            "https://10.1",
+            "the URL parser reads the host as 10.0.0.1, not as written; write 10.0.0.1",
+        ),
+        (
+            "https://010.0.0.1",
+            "the URL parser reads the host as 8.0.0.1, not as written; write 8.0.0.1",
+        ),
+        (
+            "https:kbs.example",
+            "the scheme must be https:// or http://",
+        ),
+        (
+            "HTTPS://kbs.example",
+            "the scheme must be https:// or http://",
+        ),
+        ("https:///kbs.example", "the host is empty"),
+        (
+            "https://kbs.example\\\\kbs",
+            "it contains a backslash; separate path segments with /",
+        ),
+        (
+            "https://kbs.example/a b",
+            "it contains spaces or control characters",
+        ),
+        (
+            "https://kbs_1.example",
+            "\"kbs_1.example\" is not a host name or address",
+        ),
+        (
+            "https://kbs.example:0",
+            "port \"0\" is not a number from 1 to 65535",
+        ),
+        (
+            "https://kbs.example#x",
+            "a query or fragment is not allowed",
+        ),
+    ] {
+        let err = error_of(&minimal_with(
+            "attestation = \"none\"",
+            &format!("attestation = {{ tee = \"snp\", kbs = \"{url}\" }}"),
+        ));
+        assert!(err.contains(&format!("({why})")), "{url}: {err}");
+    }
+}
+
+#[test]
 fn unknown_tee_is_refused() {
     assert_eq!(
         error_of(&minimal_with(

@@ -175,27 +175,185 @@ fn split_host_port(authority: &str) -> Result<(String, Option<u16>), String> {
     Ok((host, port))
 }
 
-/// Checks a broker URL: `http(s)://host[:port][/path]`.
-fn check_url(url: &str) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| "the scheme must be https:// or http://".to_string())?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    if authority.contains('@') {
-        return Err("user information is not allowed".to_string());
+/// A key broker URL (`attestation.kbs`): `https://host[:port][/path]` or `http://…`, read
+/// by the `url` crate (the parser `ureq` uses) and held to the policy's rules. The policy
+/// checks it; the KBS client and the firewall read the broker's address through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// `https://` (else `http://`).
+    pub https: bool,
+    /// A host name (lowercase), a dotted IPv4 address, or an IPv6 address (no brackets).
+    pub host: String,
+    /// The port written, else 443 (`https`) or 80 (`http`).
+    pub port: u16,
+    /// The path, `/` when none is written.
+    pub path: String,
+}
+
+/// Why a text is not a [`BrokerUrl`]. The display is the reason only: the caller names the
+/// key, shows the value through [`BrokerUrl::redacted`] and says what to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerUrlError {
+    /// Not `https://` or `http://` (as written, lowercase).
+    Scheme,
+    /// Whitespace or control characters anywhere.
+    Characters,
+    /// A backslash (the URL standard reads it as `/`).
+    Backslash,
+    /// No host after `://`.
+    NoHost,
+    /// The port is not from 1 to 65535 (the port as written, when it can be shown).
+    Port(Option<String>),
+    /// A host that is not a DNS name or an IP address.
+    Host(String),
+    /// The URL parser reads the host differently than it is written (`10.1` is `10.0.0.1`,
+    /// `010.0.0.1` is `8.0.0.1`, percent escapes, international names).
+    NotAsWritten {
+        /// The host as the parser reads it.
+        host: String,
+    },
+    /// `user[:password]@` before the host.
+    UserInfo,
+    /// `?query` or `#fragment`.
+    QueryOrFragment,
+    /// Any other refusal of the URL parser (a malformed IPv4 or IPv6 address, …).
+    Parse(url::ParseError),
+}
+
+impl std::fmt::Display for BrokerUrlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Scheme => write!(f, "the scheme must be https:// or http://"),
+            Self::Characters => write!(f, "it contains spaces or control characters"),
+            Self::Backslash => write!(f, "it contains a backslash; separate path segments with /"),
+            Self::NoHost => write!(f, "the host is empty"),
+            Self::Port(Some(port)) => write!(f, "port {port:?} is not a number from 1 to 65535"),
+            Self::Port(None) => write!(f, "the port is not a number from 1 to 65535"),
+            Self::Host(host) => write!(f, "{host:?} is not a host name or address"),
+            Self::NotAsWritten { host } => write!(
+                f,
+                "the URL parser reads the host as {host}, not as written; write {host}"
+            ),
+            Self::UserInfo => write!(
+                f,
+                "user information (user:password@) is not allowed and is not shown here: \
+                 credentials never belong in a policy"
+            ),
+            Self::QueryOrFragment => write!(f, "a query or fragment is not allowed"),
+            Self::Parse(e) => write!(f, "the host is not a host name or address: {e}"),
+        }
     }
-    split_host_port(authority)?;
-    if path.contains(['?', '#']) {
-        return Err("a query or fragment is not allowed".to_string());
+}
+
+impl std::error::Error for BrokerUrlError {}
+
+impl BrokerUrl {
+    /// Parses and checks `text`; https:// is not required here (the policy and the KBS
+    /// client each refuse http:// without `insecure_http`).
+    pub fn parse(text: &str) -> Result<Self, BrokerUrlError> {
+        use url::ParseError as P;
+        if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(BrokerUrlError::Characters);
+        }
+        if text.contains('\\') {
+            return Err(BrokerUrlError::Backslash);
+        }
+        let url = url::Url::parse(text).map_err(|e| match e {
+            P::RelativeUrlWithoutBase => BrokerUrlError::Scheme,
+            P::EmptyHost => BrokerUrlError::NoHost,
+            P::InvalidPort => BrokerUrlError::Port(written_port(text)),
+            e => BrokerUrlError::Parse(e),
+        })?;
+        let https = match url.scheme() {
+            "https" => true,
+            "http" => false,
+            _ => return Err(BrokerUrlError::Scheme),
+        };
+        // The parser forgives `https:host`, `https:///host` and `HTTPS://`; a policy is
+        // written as it is read.
+        let after = text
+            .strip_prefix(url.scheme())
+            .and_then(|rest| rest.strip_prefix("://"))
+            .ok_or(BrokerUrlError::Scheme)?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(BrokerUrlError::UserInfo);
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(BrokerUrlError::QueryOrFragment);
+        }
+        let (Some(host), Some(as_read)) = (url.host(), url.host_str()) else {
+            return Err(BrokerUrlError::NoHost);
+        };
+        if after.is_empty() || after.starts_with('/') {
+            return Err(BrokerUrlError::NoHost);
+        }
+        let written = after
+            .get(..as_read.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(as_read))
+            && matches!(
+                after.get(as_read.len()..).and_then(|r| r.chars().next()),
+                None | Some(':' | '/')
+            );
+        if !written {
+            return Err(BrokerUrlError::NotAsWritten {
+                host: as_read.to_string(),
+            });
+        }
+        let host = match host {
+            url::Host::Domain(name) if !is_host_name(name) => {
+                return Err(BrokerUrlError::Host(name.to_string()))
+            }
+            url::Host::Domain(name) => name.to_string(),
+            url::Host::Ipv4(address) => address.to_string(),
+            url::Host::Ipv6(address) => address.to_string(),
+        };
+        let port = match url.port() {
+            Some(0) => return Err(BrokerUrlError::Port(Some("0".to_string()))),
+            Some(port) => port,
+            None if https => 443,
+            None => 80,
+        };
+        Ok(Self {
+            https,
+            host,
+            port,
+            path: url.path().to_string(),
+        })
     }
-    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("the path contains spaces or control characters".to_string());
+
+    /// `text` as it may be shown in a message: without its user information, if it has any
+    /// (credentials never go into an error, a log or the audit trail).
+    pub fn redacted(text: &str) -> String {
+        match url::Url::parse(text) {
+            Ok(url) if url.username().is_empty() && url.password().is_none() => text.to_string(),
+            Ok(mut url) => {
+                if url.set_username("").is_ok() && url.set_password(None).is_ok() {
+                    url.to_string()
+                } else {
+                    "(a URL with user information, not shown)".to_string()
+                }
+            }
+            Err(_) if text.contains('@') => "(a URL with an @, not shown)".to_string(),
+            Err(_) => text.to_string(),
+        }
     }
-    Ok(())
+
+    /// `host:port`, the host in brackets when it is an IPv6 address.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The port as written in a URL whose port the parser refused, for the message only.
+fn written_port(text: &str) -> Option<String> {
+    let after = text.split_once("://")?.1;
+    let authority = after.split(['/', '?', '#']).next()?;
+    let (_, port) = authority.rsplit_once(':')?;
+    (!port.contains(']')).then(|| port.to_string())
 }
 
 /// A CIDR in canonical form (`10.0.0.0/8`, `fd00::/8`), or why not.
@@ -943,13 +1101,14 @@ fn broker_attestation(c: &mut Check<'_>, raw: &RawBroker) -> Option<Attestation>
             );
             None
         }
-        Some(url) => match check_url(url) {
-            Ok(()) => Some(url.to_string()),
+        Some(url) => match BrokerUrl::parse(url) {
+            Ok(_) => Some(url.to_string()),
             Err(why) => {
                 c.error(
                     "attestation.kbs",
                     format!(
-                        "{url:?} is not a key broker URL ({why}); write scheme://host[:port][/path], e.g. \"https://kbs.example:8999\""
+                        "{:?} is not a key broker URL ({why}); write scheme://host[:port][/path], e.g. \"https://kbs.example:8999\"",
+                        BrokerUrl::redacted(url)
                     ),
                 );
                 None
@@ -1632,7 +1791,7 @@ mod tests {
             "https://[fd00::1]:443/kbs/v0",
             "https://kbs.example/",
         ] {
-            assert_eq!(check_url(good), Ok(()), "{good}");
+            assert!(BrokerUrl::parse(good).is_ok(), "{good}");
         }
         for bad in [
             "ftp://kbs.example",
@@ -1645,7 +1804,7 @@ mod tests {
             "https://[fd00::1",
             "https://999.1.1.1",
         ] {
-            assert!(check_url(bad).is_err(), "{bad}");
+            assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
         }
     }
 

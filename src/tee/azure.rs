@@ -859,7 +859,8 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             path
         };
-        let key = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
+        let key =
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
         let mixed = write("mixed.pem", &format!("{key}{pem}"));
         assert_eq!(load_vcek(&VcekSource::File(mixed)).unwrap(), der);
 

@@ -570,9 +570,9 @@ impl Provider for SnpProvider {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::tee::tsm::{FakeTsmFs, PROVIDER_TDX};
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
-    use crate::tee::tsm::{FakeTsmFs, PROVIDER_TDX};
     use std::sync::{Arc, Mutex};
 
     /// Offset of REPORT_DATA in the report.
@@ -999,7 +999,8 @@ mod tests {
             (load_cert_cache(dir.path()), path)
         };
 
-        let key = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
+        let key =
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
         let (plain, _) = load(&chain);
         let (mixed, _) = load(&format!("{ask}{key}{ark}"));
         let mixed = mixed.unwrap().unwrap();

@@ -1088,8 +1088,8 @@ mod tests {
         let ders = pem_certificates(&pem).unwrap();
 
         // Only the ASK.
-        let err = verify_report(&report, &vcek, ChainSource::Pem(forge::pem(&[&ders[0]])))
-            .unwrap_err();
+        let err =
+            verify_report(&report, &vcek, ChainSource::Pem(forge::pem(&[&ders[0]]))).unwrap_err();
         assert!(matches!(err, SnpError::ChainCount { count: 1 }), "{err:?}");
         // ASK twice: no ARK.
         let twice = forge::pem(&[&ders[0], &ders[0]]);
@@ -1183,11 +1183,19 @@ mod tests {
         let report = vector!("go-sev-guest/attestation.bin");
         let vcek = vector!("go-sev-guest/vcek.testcer");
         assert!(matches!(
-            verify_report(&report, key_only.as_bytes(), ChainSource::Builtin(Product::Milan)),
+            verify_report(
+                &report,
+                key_only.as_bytes(),
+                ChainSource::Builtin(Product::Milan)
+            ),
             Err(SnpError::VcekCount { count: 0 })
         ));
         assert!(matches!(
-            verify_report(&report, &vcek, ChainSource::Pem(key_only.as_bytes().to_vec())),
+            verify_report(
+                &report,
+                &vcek,
+                ChainSource::Pem(key_only.as_bytes().to_vec())
+            ),
             Err(SnpError::ChainCount { count: 0 })
         ));
     }
