@@ -8,6 +8,8 @@
 //!   --test-passphrase` with the default PBKDF (`benches/unlock.rs`; root).
 //! - `bench checkpoint`: one audit-log checkpoint with a swtpm quote and with SNP on the fake
 //!   configfs-tsm (`benches/checkpoint.rs`).
+//! - `fuzz --smoke [--seconds N]` / `fuzz TARGET [--seconds N]`: the cargo-fuzz targets
+//!   (`fuzz/`, nightly; see `fuzz.rs`).
 //!
 //! `anyhow` is allowed here and nowhere else.
 
@@ -18,6 +20,7 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod demo;
+mod fuzz;
 mod tidy;
 
 fn main() {
@@ -40,6 +43,7 @@ fn run() -> Result<()> {
         ["demo"] => demo::run(&root),
         ["tidy"] => tidy::run(&root),
         ["bench", "measure"] => bench::measure(&root),
+        ["fuzz", rest @ ..] => fuzz::run(&root, rest),
         ["bench", "unlock"] => {
             ensure_tools(TOOLS)?;
             sh(cargo()
@@ -52,7 +56,8 @@ fn run() -> Result<()> {
                 .args(["bench", "--bench", "checkpoint"]))
         }
         _ => bail!(
-            "usage: cargo xtask ci | tidy | demo | bench measure | bench unlock | bench checkpoint"
+            "usage: cargo xtask ci | tidy | demo | bench measure | bench unlock | bench checkpoint \
+             | fuzz (--smoke | TARGET) [--seconds N]"
         ),
     }
 }
@@ -195,6 +200,8 @@ fn ci(root: &Path) -> Result<()> {
     let counts = cargo_test(root)?;
     // The demo is the end-to-end check: PID 1 in namespaces, tamper detection, log verify.
     demo::run(root)?;
+    // Every fuzz target for a short while from its seed corpus (nightly, cargo-fuzz).
+    fuzz::run(root, &["--smoke"])?;
     // One closing line for whoever reads the log: the totals over every test binary.
     println!(
         "ci: {} passed, {} failed, {} skipped",

@@ -427,6 +427,13 @@ fn parse_attest(msg: &[u8]) -> Result<(VerifiedQuote, &[u8]), TpmError> {
     ))
 }
 
+/// Parses `TPMS_ATTEST` quote bytes strictly without checking any signature: the fields
+/// are what the bytes say and `verified` is `false` (the fuzzer's and auditors' entry to the
+/// parser [`verify_quote`] runs after the signature check).
+pub fn parse_unverified(msg: &[u8]) -> Result<VerifiedQuote, TpmError> {
+    parse_attest(msg).map(|(quote, _)| quote)
+}
+
 /// Verifies a TPM 2.0 quote offline and returns its fields.
 ///
 /// - `msg`: the `TPMS_ATTEST` bytes the TPM signed;
@@ -643,6 +650,28 @@ mod tests {
         let (msg, sig, ak) = made_quote([0xff; 3], &pcrs);
         let q = verify_quote(&msg, &sig, &ak, Some(&all)).unwrap();
         assert_eq!(q.pcrs.unwrap().len(), 24);
+    }
+
+    #[test]
+    fn parse_unverified_reads_the_fields_without_a_signature() {
+        for set in sets() {
+            let verified = verify_quote(set.msg, set.sig, set.ak, None).unwrap();
+            let parsed = parse_unverified(set.msg).unwrap_or_else(|e| panic!("{}: {e}", set.name));
+            assert!(!parsed.verified, "{}", set.name);
+            assert_eq!(parsed.extra_data, verified.extra_data, "{}", set.name);
+            assert_eq!(parsed.pcr_selection, verified.pcr_selection, "{}", set.name);
+            assert_eq!(parsed.pcr_digest, verified.pcr_digest, "{}", set.name);
+            let mut trailing = set.msg.to_vec();
+            trailing.push(0);
+            assert!(matches!(
+                parse_unverified(&trailing),
+                Err(TpmError::TrailingBytes { count: 1 })
+            ));
+            assert!(matches!(
+                parse_unverified(&set.msg[..set.msg.len() - 1]),
+                Err(TpmError::Truncated { .. })
+            ));
+        }
     }
 
     #[test]
