@@ -38,6 +38,8 @@ pub(crate) const SMOKE_SECONDS: u64 = 20;
 pub(crate) const MAX_SMOKE_SECONDS: u64 = 60;
 /// Seconds of a single-target run.
 pub(crate) const LONG_SECONDS: u64 = 600;
+/// The most bytes the committed seed corpora may hold together.
+pub(crate) const MAX_CORPUS_BYTES: u64 = 2 * 1024 * 1024;
 /// A single input that runs longer than this (seconds) is reported as a hang.
 const UNIT_TIMEOUT_SECONDS: u64 = 10;
 
@@ -164,6 +166,12 @@ pub(crate) fn run(root: &Path, args: &[&str]) -> Result<()> {
             corpus.display()
         );
     }
+    let size = corpus_size(root)?;
+    ensure!(
+        size < MAX_CORPUS_BYTES,
+        "the committed seed corpora under fuzz/corpus hold {size} bytes, more than \
+         {MAX_CORPUS_BYTES}: keep a few small seeds per target"
+    );
     // Build every target once (the runs then start at once).
     sh(fuzz_cargo(root).args(["build", "--fuzz-dir", "fuzz"]))?;
     let logs = fuzz_dir.join("logs");
@@ -431,6 +439,6 @@ mod tests {
             assert!(seeds > 0, "{target} has no seeds");
         }
         let size = corpus_size(root).unwrap();
-        assert!(size < 2 * 1024 * 1024, "the seed corpora hold {size} bytes");
+        assert!(size < MAX_CORPUS_BYTES, "the seed corpora hold {size} bytes");
     }
 }
