@@ -439,6 +439,9 @@ mod tests {
             assert!(seeds > 0, "{target} has no seeds");
         }
         let size = corpus_size(root).unwrap();
-        assert!(size < MAX_CORPUS_BYTES, "the seed corpora hold {size} bytes");
+        assert!(
+            size < MAX_CORPUS_BYTES,
+            "the seed corpora hold {size} bytes"
+        );
     }
 }
