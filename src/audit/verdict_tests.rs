@@ -442,3 +442,87 @@ fn json_output_carries_the_verdicts_and_exit_code() {
     );
     assert_eq!(value["evidence"][0]["run"], 1);
 }
+
+/// Review finding: a run with a second broker exchange (from another TEE boot the forger
+/// controls) is broken, never covered by the second exchange's checkpoints.
+#[test]
+fn a_second_broker_exchange_in_a_run_is_refused() {
+    let real = Boot::new().run(Checkpoints::All, 0);
+    let exchange = real
+        .iter()
+        .position(|l| l.contains("\"event\":\"attested\""))
+        .unwrap();
+    let done = real
+        .iter()
+        .position(|l| l.contains("\"event\":\"workload_done\""))
+        .unwrap();
+    // The exchange record inserted again before the workload's end, the rest re-chained.
+    let mut rebuilt = real[..done].to_vec();
+    for (offset, line) in std::iter::once(&real[exchange])
+        .chain(real[done..].iter())
+        .enumerate()
+    {
+        let record = parse(line);
+        let prev = parse(rebuilt.last().unwrap()).hash;
+        let details = Value::Object(record.details.clone());
+        rebuilt.push(
+            encode(&Fields {
+                seq: (done + offset) as u64,
+                time: UNIX_EPOCH,
+                stage: &record.stage,
+                event: &record.event,
+                details: &details,
+                insecure: false,
+                prev,
+            })
+            .unwrap()
+            .line,
+        );
+    }
+    let err = outcome(&text(&rebuilt), trusted()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("a second broker exchange in this run"),
+        "{err}"
+    );
+}
+
+/// Review finding: a good run copied (to stand for a bad one) is found: two runs cannot
+/// come from the same TEE boot.
+#[test]
+fn a_copied_run_is_refused() {
+    let real = Boot::new().run(Checkpoints::All, 0);
+    let mut twice = real.clone();
+    twice.extend(real);
+    let err = outcome(&text(&twice), trusted()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("comes from the same TEE boot as run 1"),
+        "{err}"
+    );
+}
+
+/// Review finding: a line that other tools would read as JSON is judged as a record, not
+/// skipped like console output.
+#[test]
+fn a_json_looking_line_is_not_skipped() {
+    let mut lines = Boot::new().run(Checkpoints::All, 0);
+    lines.insert(3, "{ \"seq\": 3, \"stage\": \"launch\" }".to_string());
+    assert!(outcome(&text(&lines), trusted()).is_err());
+}
+
+/// A checkpoint whose event log rewrites the exchange's events (descriptions, kinds) or its
+/// register start is refused, although only the digests are replayed.
+#[test]
+fn a_checkpoint_may_not_rewrite_the_exchange_events() {
+    let mut lines = Boot::new().run(Checkpoints::All, 0);
+    let last = lines.len() - 1;
+    rechain(&mut lines, last, |r| {
+        r.details["event_log"][0]["description"] = json!("something else");
+    });
+    let err = outcome(&text(&lines), trusted()).unwrap_err();
+    assert!(
+        err.to_string().contains("measurements were rewritten"),
+        "{err}"
+    );
+}

@@ -290,10 +290,16 @@ struct Line {
 }
 
 impl Line {
+    /// A record line, or a line that looks like JSON (which another tool could read as a
+    /// record, so it is judged as one and cannot be skipped).
     fn is_record_line(&self) -> bool {
-        self.bytes.starts_with(b"{\"seq\":")
+        self.bytes.trim_ascii_start().starts_with(b"{")
     }
 }
+
+/// The longest line read (a record with all its evidence is far smaller); a longer one is
+/// an error rather than unbounded memory.
+pub const MAX_LINE: usize = 16 << 20;
 
 /// Reads lines one at a time; memory is bounded by the longest line.
 struct Lines<R> {
@@ -304,8 +310,18 @@ struct Lines<R> {
 impl<R: BufRead> Lines<R> {
     fn next_line(&mut self) -> io::Result<Option<Line>> {
         let mut bytes = Vec::new();
-        if self.reader.read_until(b'\n', &mut bytes)? == 0 {
+        let limit = u64::try_from(MAX_LINE + 2).unwrap_or(u64::MAX);
+        if io::Read::take(&mut self.reader, limit).read_until(b'\n', &mut bytes)? == 0 {
             return Ok(None);
+        }
+        if bytes.len() > MAX_LINE && bytes.last() != Some(&b'\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "line {} is longer than {MAX_LINE} bytes: not an audit log",
+                    self.number + 1
+                ),
+            ));
         }
         self.number += 1;
         let ended = bytes.last() == Some(&b'\n');

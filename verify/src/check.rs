@@ -183,6 +183,13 @@ pub struct EvidenceCheck {
     pins: Pins,
     current: RunEvidence,
     runs: Vec<RunEvidence>,
+    /// The TEE boot of each run's exchange (TPM: AK, resetCount, restartCount; SEV-SNP:
+    /// report_id), so a copied run is found.
+    identities: BTreeMap<String, usize>,
+    /// The exchange's event log and register start, which every later checkpoint's must
+    /// extend.
+    exchange_events: Vec<crate::schema::Event>,
+    exchange_register_initial: Option<Digest>,
 }
 
 impl EvidenceCheck {
@@ -217,6 +224,8 @@ impl EvidenceCheck {
             }
         }
         self.exchanges.clear();
+        self.exchange_events.clear();
+        self.exchange_register_initial = None;
         if self.run > 0 {
             let mut done = std::mem::take(&mut self.current);
             if done.unproven.is_none() && done.covered_through.is_none() {
@@ -271,9 +280,19 @@ impl EvidenceCheck {
             result
                 .verified
                 .push("the ak is the trusted ak given with --trusted-ak".to_string());
-            return Ok(true);
+            // A pinned AK identifies the TPM (for az-snp-vtpm: the VM's own vTPM AK, which
+            // its VCEK-signed report carries).
+            return Ok(result.tpm.is_some() && (result.snp.is_none() || result.proven));
         }
-        Ok(result.proven)
+        // Hardware that signed is not yet the software that ran: any SEV-SNP guest can sign
+        // any report data, so a report proves this boot only with its measurement pinned; an
+        // az-snp-vtpm report carries Azure's common paravisor measurement, so it needs the
+        // VM's vTPM AK pinned (above).
+        match (&result.snp, &result.tpm) {
+            (Some(_), None) => Ok(result.proven && self.pins.snp_measurement.is_some()),
+            (Some(_), Some(_)) => Ok(false),
+            _ => Ok(result.proven),
+        }
     }
 
     /// The auditor's pins on the exchange evidence.
@@ -308,7 +327,7 @@ impl EvidenceCheck {
                 ));
             }
         }
-        if self.pins.trusted_ak.is_some() && result.tpm.is_none() && result.snp.is_none() {
+        if self.pins.trusted_ak.is_some() && result.tpm.is_none() {
             return Err(
                 "--trusted-ak is pinned, but the broker exchange carries no TPM quote".to_string(),
             );
@@ -351,6 +370,12 @@ impl EvidenceCheck {
     }
 
     fn exchange(&mut self, record: &Record) -> Result<(), String> {
+        if let Some(first) = self.exchanges.keys().next() {
+            return Err(format!(
+                "a second broker exchange in this run (the first is seq {first}): the daemon \
+                 records one per boot, so one of them was added"
+            ));
+        }
         let details: AttestedDetails = typed(&record.details, "attest/attested details")?;
         let exchange = &details.exchange;
         let tee = exchange.tee.as_str();
@@ -372,9 +397,20 @@ impl EvidenceCheck {
             ));
         }
         let register_initial = details.register_initial.unwrap_or(Digest::ZERO);
+        self.exchange_events = details.event_log.clone();
+        self.exchange_register_initial = details.register_initial;
         let mut result = check_evidence(tee, &exchange.evidence, &computed)
             .map_err(|e| format!("broker exchange evidence ({tee}): {e}"))?;
         self.check_evidence_pins(&result)?;
+        if let Some(identity) = boot_identity(&result) {
+            if let Some(run) = self.identities.get(&identity) {
+                return Err(format!(
+                    "this run's broker exchange comes from the same TEE boot as run {run} \
+                     ({identity}): a run was copied or replayed"
+                ));
+            }
+            self.identities.insert(identity, self.run);
+        }
         let proven = self.judge(&mut result)?;
         self.current.tee = Some(tee.to_string());
         self.current.proven = proven;
@@ -427,6 +463,14 @@ impl EvidenceCheck {
         };
         let head_seq = checkpoint.head_seq;
         let head = checkpoint.head;
+        if record.seq == 0 || head_seq != record.seq - 1 || head != record.prev {
+            return Err(format!(
+                "checkpoint.head_seq {head_seq} is not an attest/attested record of this run just \
+                 before it; a checkpoint binds the broker exchange record (seq {}, hash {})",
+                record.seq.saturating_sub(1),
+                record.prev
+            ));
+        }
         let Some(actual) = self.exchanges.get(&head_seq).map(|e| e.hash) else {
             return Err(format!(
                 "checkpoint.head_seq {head_seq} is not an attest/attested record of this run; \
@@ -505,7 +549,7 @@ impl RecordCheck for EvidenceCheck {
         let verified_checkpoint = match (record.stage.as_str(), record.event.as_str()) {
             ("attest", "attested") => self.exchange(record).map(|()| false),
             ("attest", "ok") => self.checkpoint(record).map(|()| false),
-            ("audit", "checkpoint") => self.audit_checkpoint(record).map(|()| true),
+            ("audit", "checkpoint") => self.audit_checkpoint(record),
             _ => Ok(false),
         }?;
         if !verified_checkpoint {
@@ -534,7 +578,9 @@ impl EvidenceCheck {
 
     /// An `audit/checkpoint` record (launch, periodic, closing): fresh evidence over the
     /// record just before it, from the TEE instance and boot of the run's broker exchange.
-    fn audit_checkpoint(&mut self, record: &Record) -> Result<(), String> {
+    /// Returns whether the checkpoint covered the records before it (only then is the
+    /// checkpoint record itself not counted as unattested).
+    fn audit_checkpoint(&mut self, record: &Record) -> Result<bool, String> {
         let details: CheckpointDetails = typed(&record.details, "audit/checkpoint details")?;
         let kind = details.kind;
         let head_seq = details.head_seq;
@@ -573,7 +619,7 @@ impl EvidenceCheck {
                     .to_string(),
             );
             self.push_finding(record.seq, what, tee, result);
-            return Ok(());
+            return Ok(false);
         };
         if tee != exchange.tee {
             return Err(format!(
@@ -583,6 +629,17 @@ impl EvidenceCheck {
             ));
         }
         // The event log up to the checkpoint extends the exchange's (PCR 15 replay).
+        if details.event_log.len() < self.exchange_events.len()
+            || details.event_log[..self.exchange_events.len()] != self.exchange_events[..]
+            || details.register_initial != self.exchange_register_initial
+        {
+            return Err(format!(
+                "the event log of the {kind} checkpoint does not start with the {} event(s) \
+                 of the broker exchange from the same register start: measurements were \
+                 rewritten",
+                self.exchange_events.len()
+            ));
+        }
         let now: Vec<Digest> = details.event_log.iter().map(|e| e.digest).collect();
         let mut at_checkpoint = exchange.clone();
         if let Ok(first) = &exchange.event_digests {
@@ -596,11 +653,16 @@ impl EvidenceCheck {
             at_checkpoint.event_digests = Ok(now);
         }
         same_origin(&at_checkpoint, head_seq, &mut result)?;
-        if self.judge(&mut result)? && self.current.proven {
+        let covered = self.judge(&mut result)? && self.current.proven;
+        if covered {
             self.cover(head_seq);
+        } else {
+            result
+                .warnings
+                .push("this checkpoint proves nothing by itself: it covers no record".to_string());
         }
         self.push_finding(record.seq, what, tee, result);
-        Ok(())
+        Ok(covered)
     }
 
     fn push_finding(&mut self, seq: u64, what: String, tee: &str, result: EvidenceResult) {
@@ -1379,10 +1441,16 @@ fn unproven_reason(tee: &str, result: &EvidenceResult) -> String {
                 |t| Digest::of(&t.ak_public).to_string()
             )
         ),
+        Ok(Tee::Snp) if result.proven => "any SEV-SNP guest can sign any report data: pin the \
+                                          launch measurement with --snp-measurement"
+            .to_string(),
         Ok(Tee::Snp) => {
             "the report's signature was not checked (its evidence carries no VCEK)".to_string()
         }
-        Ok(Tee::AzSnpVtpm) | Err(_) => "the evidence's signature was not verified".to_string(),
+        Ok(Tee::AzSnpVtpm) => "every Azure CVM's paravisor has the same measurement: pin this \
+                               VM's vTPM AK (HCLAkPub) with --trusted-ak"
+            .to_string(),
+        Err(_) => "the evidence's signature was not verified".to_string(),
     }
 }
 
@@ -1405,4 +1473,21 @@ fn typed<T: serde::de::DeserializeOwned>(
         }
         .to_string()
     })
+}
+
+/// The TEE boot that made exchange evidence, when the evidence names one: a TPM's AK and
+/// reset/restart counts, an SEV-SNP guest's report_id.
+fn boot_identity(result: &EvidenceResult) -> Option<String> {
+    if let Some(tpm) = &result.tpm {
+        return Some(format!(
+            "tpm ak {} resetCount {} restartCount {}",
+            Digest::of(&tpm.ak_public),
+            tpm.reset_count,
+            tpm.restart_count
+        ));
+    }
+    result
+        .snp
+        .as_ref()
+        .map(|snp| format!("sev-snp report_id {}", snp.report_id))
 }

@@ -220,7 +220,8 @@ pub fn run_verify_command(
         }
         Err(error) if json => {
             let value = broken_json(&error);
-            writeln!(out, "{value}").map_err(VerifyError::Output)?;
+            writeln!(out, "{}", json_escape_unsafe(&value.to_string()))
+                .map_err(VerifyError::Output)?;
             Err(error)
         }
         Err(error) => Err(error),
@@ -250,7 +251,23 @@ fn print_json(outcome: &Outcome, out: &mut dyn Write) -> io::Result<()> {
     let mut value = serde_json::to_value(outcome).map_err(io::Error::other)?;
     value["exit_code"] = serde_json::json!(outcome.exit_code());
     let text = serde_json::to_string_pretty(&value).map_err(io::Error::other)?;
-    writeln!(out, "{text}")
+    writeln!(out, "{}", json_escape_unsafe(&text))
+}
+
+/// serde_json leaves DEL, C1 controls and bidi/format characters as they are; text from the
+/// log reaches the JSON output, so those become `\uXXXX` escapes (valid JSON, inside
+/// strings: the only raw control characters serde writes outside strings are the pretty
+/// printer's newlines, which are kept).
+fn json_escape_unsafe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c != '\n' && crate::text::is_unsafe_char(c) {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn print_text(outcome: &Outcome, out: &mut dyn Write) -> io::Result<()> {
@@ -369,6 +386,17 @@ mod tests {
         assert_eq!(outcome.exit_code(), 3);
         outcome.runs = vec![];
         assert_eq!(outcome.exit_code(), 3, "no run is not all runs attested");
+    }
+
+    #[test]
+    fn json_output_escapes_c1_del_and_bidi() {
+        let text = serde_json::json!({"a": "x\u{9b}y\u{7f}\u{202e}z\n"}).to_string();
+        let escaped = json_escape_unsafe(&text);
+        for bad in ['\u{9b}', '\u{7f}', '\u{202e}'] {
+            assert!(!escaped.contains(bad), "{escaped}");
+        }
+        let back: serde_json::Value = serde_json::from_str(&escaped).unwrap();
+        assert_eq!(back["a"], "x\u{9b}y\u{7f}\u{202e}z\n");
     }
 
     #[test]
