@@ -560,22 +560,12 @@ fn init(init_args: &InitArgs) -> i32 {
         init_args.sandbox,
         &mut setup,
     );
-    let mut life = boot::Lifecycle {
-        sys: &sys,
-        audit: &audit,
-        volumes: &setup.volumes,
-        checkpointer: setup
-            .broker
-            .as_mut()
-            .map(|b| b as &mut dyn boot::Checkpointer),
-        checkpoint_interval: checkpoint_interval(&loaded),
-        audit_file: loaded.policy.audit.file.as_deref(),
-    };
+    let (mut life, event_log) = setup.lifecycle(&sys, &audit, &loaded);
     let shutdown = match prepared {
         Ok(ready) => boot::run_init(&ready, &RealLauncher, &mut life, action),
         Err(error) => {
             print_error(&error);
-            boot::fail(&mut life, action, &error, &setup.event_log)
+            boot::fail(&mut life, action, &error, event_log)
         }
     };
     crate::launch::shutdown(&sys, shutdown.action, shutdown.code)
@@ -601,22 +591,12 @@ fn run(args: &PolicyArgs) -> i32 {
         false,
         &mut setup,
     );
-    let mut life = boot::Lifecycle {
-        sys: &sys,
-        audit: &audit,
-        volumes: &setup.volumes,
-        checkpointer: setup
-            .broker
-            .as_mut()
-            .map(|b| b as &mut dyn boot::Checkpointer),
-        checkpoint_interval: checkpoint_interval(&loaded),
-        audit_file: loaded.policy.audit.file.as_deref(),
-    };
+    let (mut life, event_log) = setup.lifecycle(&sys, &audit, &loaded);
     match prepared {
         Ok(ready) => boot::run_unit(&ready, &RealLauncher, &mut life),
         Err(error) => {
             print_error(&error);
-            boot::record_failure(&mut life, "exit", &error, &setup.event_log);
+            boot::record_failure(&mut life, "exit", &error, event_log);
             1
         }
     }
@@ -643,6 +623,30 @@ impl Setup {
             tools,
             event_log: crate::eventlog::EventLog::new(),
         }
+    }
+
+    /// What the runner uses after the stages (both shapes), and the events measured so far.
+    fn lifecycle<'a>(
+        &'a mut self,
+        sys: &'a dyn crate::sys::Sys,
+        audit: &'a Audit,
+        loaded: &'a LoadedPolicy,
+    ) -> (boot::Lifecycle<'a>, &'a crate::eventlog::EventLog) {
+        let Setup {
+            broker,
+            volumes,
+            event_log,
+            ..
+        } = self;
+        let life = boot::Lifecycle {
+            sys,
+            audit,
+            volumes,
+            checkpointer: broker.as_mut().map(|b| b as &mut dyn boot::Checkpointer),
+            checkpoint_interval: checkpoint_interval(loaded),
+            audit_file: loaded.policy.audit.file.as_deref(),
+        };
+        (life, event_log)
     }
 }
 
