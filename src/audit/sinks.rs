@@ -44,10 +44,99 @@ pub fn sinks_from_config(cfg: &AuditConfig, console: Box<dyn Write + Send>) -> V
     if let Some(target) = &cfg.syslog {
         sinks.push(Box::new(SyslogSink::new(target)));
     }
+    if let Some(name) = &cfg.export_port {
+        sinks.push(Box::new(VirtioPortSink::new(name)));
+    }
     if cfg.console {
         sinks.push(Box::new(ConsoleSink::new(console)));
     }
     sinks
+}
+
+/// Where [`VirtioPortSink`] looks for its port: sysfs's `virtio-ports` class and `/dev`.
+pub const VIRTIO_PORTS_SYSFS: &str = "/sys/class/virtio-ports";
+
+/// Writes each line to a named virtio-serial port (`audit.export = "virtio-port:NAME"`):
+/// the host end (QEMU's `virtserialport,name=NAME`) receives the log of a VM that has no
+/// network for syslog. There is no udev in the initramfs, so the port is found by its name
+/// in sysfs (`/sys/class/virtio-ports/vportNpM/name`) and opened as `/dev/vportNpM`, which
+/// devtmpfs creates. Opened on the first write and again after any error; until the port
+/// exists (its driver, `virtio_console`, may load later) writes fail and the log offers the
+/// lines again with the next record, so nothing before that is lost.
+#[derive(Debug)]
+pub struct VirtioPortSink {
+    name: String,
+    sysfs: PathBuf,
+    dev: PathBuf,
+    port: Option<File>,
+}
+
+impl VirtioPortSink {
+    /// The port called `name`, looked up in the real sysfs and `/dev`.
+    pub fn new(name: &str) -> VirtioPortSink {
+        VirtioPortSink::at(name, VIRTIO_PORTS_SYSFS, "/dev")
+    }
+
+    /// The port called `name`, looked up under `sysfs` and opened under `dev` (tests).
+    pub fn at(name: &str, sysfs: impl Into<PathBuf>, dev: impl Into<PathBuf>) -> VirtioPortSink {
+        VirtioPortSink {
+            name: name.to_string(),
+            sysfs: sysfs.into(),
+            dev: dev.into(),
+            port: None,
+        }
+    }
+
+    fn open(&self) -> io::Result<File> {
+        for entry in std::fs::read_dir(&self.sysfs)? {
+            let entry = entry?;
+            let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+            if name.trim_end_matches('\n') == self.name {
+                return OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+                    .open(self.dev.join(entry.file_name()));
+            }
+        }
+        Err(io::Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no virtio-serial port named {:?} under {} (is the host's virtserialport,name= the same, and virtio_console loaded?)",
+                self.name,
+                self.sysfs.display()
+            ),
+        ))
+    }
+}
+
+impl Sink for VirtioPortSink {
+    fn name(&self) -> String {
+        format!("virtio-port:{}", self.name)
+    }
+
+    fn required(&self) -> bool {
+        false
+    }
+
+    fn write_line(&mut self, line: &str) -> io::Result<()> {
+        let mut port = match self.port.take() {
+            Some(p) => p,
+            None => self.open()?,
+        };
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        port.write_all(&buf)?;
+        self.port = Some(port);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.port {
+            Some(port) => port.flush().inspect_err(|_| self.port = None),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Appends lines to a file (`O_APPEND | O_CREAT | O_NOFOLLOW`, mode 0600) and fsyncs on

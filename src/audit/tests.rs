@@ -332,6 +332,7 @@ fn sinks_from_config_builds_file_syslog_console_in_order() {
         syslog: Some(SyslogTarget::Udp("127.0.0.1:514".into())),
         console: true,
         checkpoint_interval_secs: 600,
+        export_port: None,
     };
     let sinks = sinks_from_config(&cfg, Box::new(std::io::sink()));
     let names: Vec<_> = sinks.iter().map(|s| (s.name(), s.required())).collect();
@@ -350,10 +351,40 @@ fn sinks_from_config_builds_file_syslog_console_in_order() {
         syslog: Some(SyslogTarget::Local),
         console: false,
         checkpoint_interval_secs: 600,
+        export_port: None,
     };
     let sinks = sinks_from_config(&none, Box::new(std::io::sink()));
     assert_eq!(sinks.len(), 1);
     assert_eq!(sinks[0].name(), "syslog:local");
+}
+
+#[test]
+fn virtio_port_sink_finds_its_port_by_name_in_sysfs_and_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let sysfs = dir.path().join("virtio-ports");
+    let dev = dir.path().join("dev");
+    std::fs::create_dir_all(sysfs.join("vport0p1")).unwrap();
+    std::fs::create_dir_all(sysfs.join("vport1p1")).unwrap();
+    std::fs::create_dir_all(&dev).unwrap();
+    std::fs::write(sysfs.join("vport0p1/name"), "org.qemu.guest_agent.0\n").unwrap();
+    // The port's driver has not named it yet: lines wait in the log's backlog.
+    let sink = VirtioPortSink::at("cvm-warden.audit", &sysfs, &dev);
+    let audit = Audit::with_clock(vec![Box::new(sink)], false, ticking_clock());
+    audit.record("boot", "start", json!({})).unwrap();
+    std::fs::write(sysfs.join("vport1p1/name"), "cvm-warden.audit\n").unwrap();
+    std::fs::write(dev.join("vport1p1"), "").unwrap();
+    audit.record("boot", "modules_loaded", json!({})).unwrap();
+    audit.record("shutdown", "poweroff", json!({})).unwrap();
+    audit.flush().unwrap();
+    let written = std::fs::read_to_string(dev.join("vport1p1")).unwrap();
+    assert!(std::fs::read_to_string(dev.join("vport0p1")).is_err());
+    let lines: Vec<&str> = written.lines().collect();
+    assert!(lines[0].starts_with("{\"seq\":0,"), "{written}");
+    assert!(verify(written.as_bytes()).unwrap().complete, "{written}");
+    assert_eq!(
+        VirtioPortSink::new("cvm-warden.audit").name(),
+        "virtio-port:cvm-warden.audit"
+    );
 }
 
 #[test]

@@ -144,6 +144,7 @@ pub(crate) struct RawAudit {
     pub syslog: Option<String>,
     pub console: Option<bool>,
     pub checkpoint_interval: Option<String>,
+    pub export: Option<String>,
 }
 
 /// A TOML integer (its own type so that type errors say "an integer").

@@ -587,8 +587,27 @@ fn required_audit_file_must_be_set() {
 fn audit_without_any_sink_is_refused() {
     assert_eq!(
         error_of(&format!("{MINIMAL}\n[audit]\nconsole = false\n")),
-        "audit: every sink is off (console = false, no file, no syslog); enable at least one so the boot leaves a record"
+        "audit: every sink is off (console = false, no file, no syslog, no export); enable at least one so the boot leaves a record"
     );
+}
+
+#[test]
+fn audit_export_names_a_virtio_port() {
+    let export = |value: &str| {
+        let policy = format!("{MINIMAL}\n[audit]\nconsole = false\nexport = {value:?}\n");
+        parse(&policy, None, &users()).map(|l| l.policy.audit.export_port)
+    };
+    assert_eq!(
+        export("virtio-port:cvm-warden.audit").unwrap(),
+        Some("cvm-warden.audit".to_string())
+    );
+    for bad in ["virtio-port:", "virtio-port:a/b", "file:/x", "virtio-port:a b"] {
+        let policy = format!("{MINIMAL}\n[audit]\nexport = {bad:?}\n");
+        assert_eq!(
+            error_of(&policy),
+            format!("audit.export: {bad:?} is not an export target; write \"virtio-port:NAME\" with the virtio-serial port's name (letters, digits, '.', '-', '_', at most 64), e.g. \"virtio-port:cvm-warden.audit\"")
+        );
+    }
 }
 
 #[test]
@@ -719,6 +738,7 @@ fn minimal_policy_gets_the_defaults() {
                 syslog: None,
                 console: true,
                 checkpoint_interval_secs: 600,
+                export_port: None,
             },
             on_failure: FailureAction::Poweroff,
             overridable: Vec::new(),
@@ -897,6 +917,7 @@ fn full_policy_parses_with_every_value() {
             syslog: Some(SyslogTarget::Udp("fl-server.example:514".to_string())),
             console: true,
             checkpoint_interval_secs: 600,
+            export_port: None,
         }
     );
     assert_eq!(p.on_failure, FailureAction::Halt);

@@ -276,6 +276,9 @@ pub struct AuditConfig {
     pub console: bool,
     /// Seconds between checkpoints while the workload runs (`checkpoint_interval`); 0: none.
     pub checkpoint_interval_secs: u64,
+    /// `export = "virtio-port:NAME"`: every line also goes out on this virtio-serial port
+    /// (the host collects the log of a VM that has no network for syslog, e.g. the harness).
+    pub export_port: Option<String>,
 }
 
 /// Where syslog records go (RFC 5424).

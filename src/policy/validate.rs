@@ -1753,15 +1753,32 @@ fn audit(c: &mut Check<'_>, raw: Option<&RawAudit>, file_overridable: bool) -> O
             }
         },
     };
-    let (true, true, true, Some(checkpoint_interval_secs)) =
-        (file_ok, syslog_ok, file_dir_ok, checkpoint_interval_secs)
-    else {
+    let export_port = match raw.export.as_deref() {
+        None => Some(None),
+        Some(text) => match text.strip_prefix("virtio-port:") {
+            Some(name) if valid_port_name(name) => Some(Some(name.to_string())),
+            _ => {
+                c.error(
+                    "audit.export",
+                    format!("{:?} is not an export target; write \"virtio-port:NAME\" with the virtio-serial port's name (letters, digits, '.', '-', '_', at most 64), e.g. \"virtio-port:cvm-warden.audit\"", text),
+                );
+                None
+            }
+        },
+    };
+    let (true, true, true, Some(checkpoint_interval_secs), Some(export_port)) = (
+        file_ok,
+        syslog_ok,
+        file_dir_ok,
+        checkpoint_interval_secs,
+        export_port,
+    ) else {
         return None;
     };
-    if !console && file.is_none() && syslog.is_none() {
+    if !console && file.is_none() && syslog.is_none() && export_port.is_none() {
         c.error(
             "audit",
-            "every sink is off (console = false, no file, no syslog); enable at least one so the boot leaves a record",
+            "every sink is off (console = false, no file, no syslog, no export); enable at least one so the boot leaves a record",
         );
         return None;
     }
@@ -1772,7 +1789,17 @@ fn audit(c: &mut Check<'_>, raw: Option<&RawAudit>, file_overridable: bool) -> O
         syslog,
         console,
         checkpoint_interval_secs,
+        export_port,
     })
+}
+
+/// A virtio-serial port name as QEMU's `virtserialport,name=` gives it and sysfs shows it.
+fn valid_port_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '-' | '_'))
 }
 
 /// `audit.checkpoint_interval` when absent: 10 minutes.

@@ -1,0 +1,209 @@
+//! The probe workload: started by cvm-warden inside the guest, it reports what a workload
+//! sees, one `PROBE <ok|FAIL> <check> <detail>` line each on standard output (relayed to the
+//! serial console as `workload: …`), then serves the allowed port until the host says `done`.
+//!
+//! `vm-probe [--uid N] [--gid N] [--volume DIR] [--secret FILE] [--exit CODE] [--listen PORT]…`
+//! `--exit CODE` ends at once with that code (the crashing-workload scenario).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+/// The hardening sysctls `[lockdown]` sets, with their values.
+const SYSCTLS: &[(&str, &str)] = &[
+    ("kernel/kexec_load_disabled", "1"),
+    ("kernel/dmesg_restrict", "1"),
+    ("kernel/kptr_restrict", "2"),
+    ("kernel/yama/ptrace_scope", "3"),
+    ("kernel/unprivileged_bpf_disabled", "1"),
+    ("kernel/sysrq", "0"),
+    ("kernel/perf_event_paranoid", "3"),
+    ("kernel/modules_disabled", "1"),
+];
+
+/// Outbound destinations the allowlist must block (the broker after launch, the sink).
+const BLOCKED_OUT: &[&str] = &["10.0.2.101:7777", "10.0.2.100:5555"];
+
+fn report(ok: bool, check: &str, detail: &str) {
+    let verdict = if ok { "ok" } else { "FAIL" };
+    println!("PROBE {verdict} {check} {detail}");
+    let _ = std::io::stdout().flush();
+}
+
+fn status_field(name: &str) -> String {
+    fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str| -> Option<String> {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    if let Some(code) = value("--exit") {
+        println!("PROBE exiting with {code} as asked");
+        std::process::exit(code.parse().unwrap_or(1));
+    }
+
+    let uid = status_field("Uid");
+    let gid = status_field("Gid");
+    if let Some(want) = value("--uid") {
+        report(
+            uid.split_whitespace().all(|u| u == want),
+            "uid",
+            &format!("Uid: {uid}"),
+        );
+    }
+    if let Some(want) = value("--gid") {
+        report(
+            gid.split_whitespace().all(|g| g == want),
+            "gid",
+            &format!("Gid: {gid}"),
+        );
+    }
+    let cap_eff = status_field("CapEff");
+    report(
+        cap_eff.chars().all(|c| c == '0'),
+        "capeff",
+        &format!("CapEff: {cap_eff}"),
+    );
+    let nnp = status_field("NoNewPrivs");
+    report(nnp == "1", "nonewprivs", &format!("NoNewPrivs: {nnp}"));
+
+    for (key, want) in SYSCTLS {
+        let got = fs::read_to_string(format!("/proc/sys/{key}")).unwrap_or_default();
+        report(
+            got.trim() == *want,
+            "sysctl",
+            &format!("{}={}", key.replace('/', "."), got.trim()),
+        );
+    }
+    let lockdown = fs::read_to_string("/sys/kernel/security/lockdown")
+        .map(|t| t.trim().to_string())
+        .unwrap_or_else(|e| format!("unreadable ({e})"));
+    report(
+        lockdown.contains("[confidentiality]"),
+        "lockdown",
+        &lockdown,
+    );
+
+    let mut others = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            let comm = comm.trim();
+            if ["getty", "agetty", "sshd", "login", "sh", "bash", "busybox"].contains(&comm) {
+                others.push(comm.to_string());
+            }
+        }
+    }
+    report(
+        others.is_empty(),
+        "no-login",
+        &format!("login/shell processes: {others:?}"),
+    );
+    for dev in ["/dev/fd", "/dev/stdin", "/dev/stdout", "/dev/stderr"] {
+        report(
+            fs::symlink_metadata(dev).is_ok(),
+            "dev-link",
+            dev,
+        );
+    }
+
+    let pcr15 = fs::read_to_string("/sys/class/tpm/tpm0/pcr-sha256/15")
+        .map(|t| t.trim().to_lowercase())
+        .unwrap_or_else(|e| format!("unreadable ({e})"));
+    println!("PROBE pcr15 {pcr15}");
+
+    if let Some(secret) = value("--secret") {
+        match fs::metadata(&secret) {
+            Ok(meta) => {
+                let mode = meta.permissions().mode() & 0o7777;
+                report(
+                    mode == 0o400 && meta.uid().to_string() == uid.split_whitespace().next().unwrap_or_default(),
+                    "secret",
+                    &format!("{secret} mode {mode:o} owner {} size {}", meta.uid(), meta.len()),
+                );
+            }
+            Err(e) => report(false, "secret", &format!("{secret}: {e}")),
+        }
+    }
+
+    if let Some(dir) = value("--volume") {
+        let marker = format!("{dir}/probe-marker");
+        let previous = fs::read_to_string(&marker).unwrap_or_else(|_| "none".to_string());
+        println!("PROBE volume-previous {}", previous.trim());
+        let boot = value("--boot").unwrap_or_else(|| "1".to_string());
+        match fs::write(&marker, format!("written-in-boot-{boot}\n")) {
+            Ok(()) => report(true, "volume-write", &marker),
+            Err(e) => report(false, "volume-write", &format!("{marker}: {e}")),
+        }
+    }
+
+    for dest in BLOCKED_OUT {
+        let addr: SocketAddr = match dest.parse() {
+            Ok(a) => a,
+            Err(_) => continue,
+        };
+        let outcome = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut line = String::new();
+                BufReader::new(&mut s).read_line(&mut line)?;
+                Ok(line)
+            });
+        match outcome {
+            Ok(line) if !line.is_empty() => {
+                report(false, "outbound-blocked", &format!("{dest} answered {line:?}"))
+            }
+            Ok(_) => report(true, "outbound-blocked", &format!("{dest}: no answer")),
+            Err(e) => report(true, "outbound-blocked", &format!("{dest}: {e}")),
+        }
+    }
+
+    let ports: Vec<u16> = args
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| *a == "--listen")
+        .filter_map(|(i, _)| args.get(i + 1).and_then(|p| p.parse().ok()))
+        .collect();
+    let mut listeners = Vec::new();
+    for port in &ports {
+        match TcpListener::bind(("0.0.0.0", *port)) {
+            Ok(l) => listeners.push((*port, l)),
+            Err(e) => report(false, "listen", &format!("{port}: {e}")),
+        }
+    }
+    println!("PROBE-READY");
+    let _ = std::io::stdout().flush();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    for (port, listener) in listeners {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut stream = stream;
+                let _ = writeln!(stream, "VM-PROBE-BANNER port {port}");
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut line = String::new();
+                let _ = BufReader::new(&stream).read_line(&mut line);
+                if line.trim() == "done" {
+                    let _ = writeln!(stream, "bye");
+                    let _ = tx.send(());
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    if !ports.is_empty() {
+        let _ = rx.recv_timeout(Duration::from_secs(120));
+    }
+    println!("PROBE-DONE");
+}

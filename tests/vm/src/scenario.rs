@@ -1,0 +1,631 @@
+//! The scenarios: good boots, the second boot, and the fault matrix. Each builds its image,
+//! plays the host side (TPM, broker, disk), boots, and asserts on what left the guest: the
+//! closing audit record, the exported audit log judged by `cvm-warden-verify audit verify`,
+//! the serial log (`Kernel panic`, the probe's lines) and the disk image (key bytes). Never on
+//! QEMU's exit status.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::assets::Assets;
+use crate::host::{self, Broker};
+use crate::image::{self, ImageSpec};
+use crate::vm::{Outcome, Vm, VmConfig, AUDIT_PORT, BROKER_GUEST_ADDR};
+use crate::Bins;
+
+/// Where the bundle lives in the guest.
+pub const BUNDLE_AT: &str = "/opt/fl/bundle";
+/// The workload user.
+pub const WORKLOAD_UID: u32 = 1000;
+/// The volume's mount point.
+pub const VOLUME_AT: &str = "/mnt/data";
+/// The secret's guest path.
+pub const SECRET_AT: &str = "/run/cvm-warden/secrets/fl.key";
+/// The port the allowlist opens; the probe listens here and on [`BLOCKED_PORT`].
+pub const ALLOWED_PORT: u16 = 8002;
+/// A port the probe listens on but the allowlist does not open.
+pub const BLOCKED_PORT: u16 = 9000;
+/// The broker resources.
+const VOLUME_RESOURCE: &str = "default/keys/data";
+const SECRET_RESOURCE: &str = "default/secrets/fl-key";
+/// Modules the harness's virtual hardware needs (listed in `[kernel] modules`).
+pub const VIRTIO_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "virtio_rng",
+];
+
+/// What the harness shares between scenarios.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// QEMU, kernel, modules.
+    pub assets: Assets,
+    /// The binaries.
+    pub bins: Bins,
+    /// The folder under which each scenario gets its own.
+    pub work: PathBuf,
+}
+
+/// What a boot's guest looks like (one policy and bundle).
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// `tee = "tpm"` + the broker; otherwise `attestation = "none"`.
+    pub attest: bool,
+    /// A `[[volume]]` on `/dev/vda` (needs `attest`).
+    pub volume: bool,
+    /// A `[[secret]]` (needs `attest`).
+    pub secret: bool,
+    /// `[network]` with the interface and the allowlist.
+    pub network: bool,
+    /// `[lockdown]`.
+    pub lockdown: bool,
+    /// `workload.restart`.
+    pub restart: &'static str,
+    /// Extra probe arguments (e.g. `--exit 3`).
+    pub probe_args: Vec<String>,
+    /// Extra words of the kernel command line.
+    pub cmdline_extra: String,
+    /// TOML appended to the policy.
+    pub policy_extra: String,
+    /// Replacements applied to the policy text (from, to).
+    pub policy_edits: Vec<(String, String)>,
+    /// Which boot this is (the probe writes it to the volume).
+    pub boot: u32,
+}
+
+impl Default for Guest {
+    fn default() -> Guest {
+        Guest {
+            attest: true,
+            volume: true,
+            secret: true,
+            network: true,
+            lockdown: true,
+            restart: "never",
+            probe_args: Vec::new(),
+            cmdline_extra: String::new(),
+            policy_extra: String::new(),
+            policy_edits: Vec::new(),
+            boot: 1,
+        }
+    }
+}
+
+impl Guest {
+    /// The guest policy.
+    pub fn policy(&self) -> String {
+        let mut p = String::new();
+        let _ = writeln!(p, "on_failure = \"poweroff\"");
+        if !self.attest {
+            let _ = writeln!(p, "attestation = \"none\"");
+        }
+        let mut exec = vec![
+            format!("{BUNDLE_AT}/vm-probe"),
+            "--uid".into(),
+            WORKLOAD_UID.to_string(),
+            "--gid".into(),
+            WORKLOAD_UID.to_string(),
+            "--boot".into(),
+            self.boot.to_string(),
+        ];
+        if self.volume {
+            exec.extend(["--volume".into(), VOLUME_AT.into()]);
+        }
+        if self.secret {
+            exec.extend(["--secret".into(), SECRET_AT.into()]);
+        }
+        if self.network {
+            exec.extend([
+                "--listen".into(),
+                ALLOWED_PORT.to_string(),
+                "--listen".into(),
+                BLOCKED_PORT.to_string(),
+            ]);
+        }
+        exec.extend(self.probe_args.iter().cloned());
+        let exec: Vec<String> = exec.iter().map(|a| format!("{a:?}")).collect();
+        let modules: Vec<String> = VIRTIO_MODULES.iter().map(|m| format!("{m:?}")).collect();
+        let _ = write!(
+            p,
+            "\n[kernel]\nmodules = [{}]\n\n[workload]\nbundle = \"{BUNDLE_AT}\"\nsource = \"initramfs\"\nexec = [{}]\nuser = \"fl\"\nworkdir = \"/\"\nrestart = \"{}\"\n",
+            modules.join(", "),
+            exec.join(", "),
+            self.restart
+        );
+        if self.attest {
+            let _ = write!(
+                p,
+                "\n[attestation]\ntee = \"tpm\"\nkbs = \"http://{BROKER_GUEST_ADDR}\"\ninsecure_http = true\ntpm = \"device:/dev/tpmrm0\"\ntpm_ak_handle = \"{}\"\ntries = 3\ntimeout = \"20s\"\n",
+                host::AK_HANDLE
+            );
+        }
+        if self.volume {
+            let _ = write!(
+                p,
+                "\n[[volume]]\nname = \"data\"\ndevice = \"/dev/vda\"\nkey = \"kbs:///{VOLUME_RESOURCE}\"\nmount = \"{VOLUME_AT}\"\nformat_if_blank = true\nowner = \"fl\"\ngroup = \"fl\"\nmode = \"0700\"\n"
+            );
+        }
+        if self.secret {
+            let _ = write!(
+                p,
+                "\n[[secret]]\nname = \"fl.key\"\nresource = \"kbs:///{SECRET_RESOURCE}\"\n"
+            );
+        }
+        if self.network {
+            let _ = write!(
+                p,
+                "\n[network]\ninbound = [{{ port = {ALLOWED_PORT} }}]\noutbound = []\n\n[[network.interface]]\nname = \"eth0\"\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n"
+            );
+        }
+        if self.lockdown {
+            let _ = write!(
+                p,
+                "\n[lockdown]\nconsoles = \"off\"\nkernel_lockdown = \"confidentiality\"\n"
+            );
+        }
+        let _ = write!(
+            p,
+            "\n[audit]\nconsole = true\nexport = \"virtio-port:{AUDIT_PORT}\"\n"
+        );
+        p.push_str(&self.policy_extra);
+        for (from, to) in &self.policy_edits {
+            p = p.replace(from.as_str(), to);
+        }
+        p
+    }
+
+    /// The kernel command line.
+    pub fn cmdline(&self) -> String {
+        let mut line = String::from("console=ttyS0 panic=-1 loglevel=4");
+        if !self.cmdline_extra.is_empty() {
+            line.push(' ');
+            line.push_str(&self.cmdline_extra);
+        }
+        line
+    }
+}
+
+/// A site: the persistent state of one machine across boots (TPM, disk, keys, broker).
+#[derive(Debug)]
+pub struct Site {
+    /// Its folder.
+    pub dir: PathBuf,
+    /// swtpm's state (the AK persists, PCRs reset every boot).
+    pub tpm_state: PathBuf,
+    /// The AK, base64 SPKI DER.
+    pub ak: String,
+    /// The volume's disk image.
+    pub disk: PathBuf,
+    /// The volume key the broker releases (hex text: searchable as bytes).
+    pub volume_key: Vec<u8>,
+    /// The secret the broker releases.
+    pub secret: Vec<u8>,
+    /// The bundle as the image builder made it (host copy).
+    pub bundle: PathBuf,
+}
+
+fn random_hex(bytes: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; bytes];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .context("reading /dev/urandom")?;
+    Ok(hex(&buf).into_bytes())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Site {
+    /// A fresh site in `dir`: a provisioned TPM, a blank disk, fresh keys, the probe bundle.
+    pub fn new(ctx: &Ctx, dir: &Path) -> Result<Site> {
+        if dir.exists() {
+            fs::remove_dir_all(dir)?;
+        }
+        fs::create_dir_all(dir)?;
+        let tpm_state = dir.join("tpm");
+        let ak = host::provision_tpm(&tpm_state, &dir.join("ak"))?;
+        let disk = dir.join("disk.img");
+        host::blank_disk(&disk, 64)?;
+        let bundle = dir.join("bundle");
+        fs::create_dir_all(&bundle)?;
+        fs::copy(&ctx.bins.probe, bundle.join("vm-probe"))?;
+        fs::write(
+            bundle.join("README.txt"),
+            "The probe workload of the cvm-warden VM harness.\n",
+        )?;
+        fs::create_dir_all(bundle.join("model"))?;
+        fs::write(bundle.join("model/weights.txt"), "0.1 0.2 0.3\n")?;
+        Ok(Site {
+            dir: dir.to_path_buf(),
+            tpm_state,
+            ak,
+            disk,
+            volume_key: random_hex(32)?,
+            secret: random_hex(24)?,
+            bundle,
+        })
+    }
+
+    fn etc(&self) -> Result<PathBuf> {
+        let etc = self.dir.join("etc");
+        fs::create_dir_all(&etc)?;
+        fs::write(
+            etc.join("passwd"),
+            format!("root:x:0:0:root:/:/nonexistent\nfl:x:{WORKLOAD_UID}:{WORKLOAD_UID}:fl:/nonexistent:/nonexistent\nnobody:x:65534:65534:nobody:/nonexistent:/nonexistent\n"),
+        )?;
+        fs::write(
+            etc.join("group"),
+            format!("root:x:0:\nfl:x:{WORKLOAD_UID}:\nnogroup:x:65534:\n"),
+        )?;
+        Ok(etc)
+    }
+
+    /// Builds the image for `guest` (the site's bundle, `/etc/passwd` and `/etc/group`).
+    pub fn image(&self, ctx: &Ctx, guest: &Guest, name: &str) -> Result<image::Image> {
+        let etc = self.etc()?;
+        let spec = ImageSpec {
+            warden: ctx.bins.warden.clone(),
+            binaries: Vec::new(),
+            policy: guest.policy(),
+            trees: vec![(self.bundle.clone(), BUNDLE_AT.to_string())],
+            files: vec![
+                ("/etc/passwd".into(), fs::read(etc.join("passwd"))?, 0o644),
+                ("/etc/group".into(), fs::read(etc.join("group"))?, 0o644),
+            ],
+            modules: modules_for(ctx, guest, &self.dir)?,
+        };
+        image::build(&ctx.assets, &spec, &self.dir.join(format!("{name}.cpio.gz")))
+    }
+
+    /// The reference PCR 15 for `guest` (computed on the host from the intact bundle).
+    pub fn pcr15(&self, ctx: &Ctx, guest: &Guest, bundle: &Path) -> Result<String> {
+        let etc = self.etc()?;
+        let policy = self.dir.join("reference-policy.toml");
+        fs::write(&policy, guest.policy())?;
+        let cmdline = self.dir.join("cmdline");
+        fs::write(&cmdline, format!("{}\n", guest.cmdline()))?;
+        host::reference_pcr15(&ctx.bins, &policy, bundle, BUNDLE_AT, &cmdline, &etc)
+    }
+
+    /// The broker's configuration: this site's AK trusted, `pcr15` required, both resources
+    /// released only to an affirming token.
+    pub fn broker_config(&self, pcr15: &str, volume_key: &[u8]) -> Result<String> {
+        fs::write(self.dir.join("volume.key"), volume_key)?;
+        fs::write(self.dir.join("secret.bin"), &self.secret)?;
+        Ok(format!(
+            "trusted_aks = [{:?}]\n\n[reference_values]\ntpm_pcr15 = [{pcr15:?}]\n\n[resources.\"{VOLUME_RESOURCE}\"]\nvalue_file = \"volume.key\"\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = \"secret.bin\"\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
+            self.ak
+        ))
+    }
+}
+
+/// The modules the image carries: what `cvm-warden plan` derives from the policy, plus the
+/// harness's virtio drivers (also in the policy's `[kernel] modules`).
+fn modules_for(ctx: &Ctx, guest: &Guest, dir: &Path) -> Result<Vec<String>> {
+    let policy = dir.join("plan-policy.toml");
+    fs::write(&policy, guest.policy())?;
+    let etc = dir.join("etc");
+    let out = Command::new(&ctx.bins.warden)
+        .args(["plan", "--json", "--policy"])
+        .arg(&policy)
+        .arg("--passwd")
+        .arg(etc.join("passwd"))
+        .arg("--group")
+        .arg(etc.join("group"))
+        .output()
+        .context("running cvm-warden plan")?;
+    let mut modules: Vec<String> = VIRTIO_MODULES.iter().map(|m| m.to_string()).collect();
+    if let Ok(plan) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+        if let Some(list) = plan["modules"]["load"].as_array() {
+            for m in list {
+                if let Some(name) = m["name"].as_str().or(m.as_str()) {
+                    modules.push(name.to_string());
+                }
+            }
+        }
+    }
+    modules.sort();
+    modules.dedup();
+    Ok(modules)
+}
+
+/// One boot of a site with a guest: image, broker, VM; returns what left the guest.
+#[derive(Debug)]
+pub struct Boot<'a> {
+    /// The site.
+    pub site: &'a Site,
+    /// The guest.
+    pub guest: Guest,
+    /// The broker: `None` = no broker at all (the relay finds nothing listening).
+    pub broker: Option<String>,
+    /// A slow broker.
+    pub broker_delay: Option<Duration>,
+    /// Boot without a TPM device.
+    pub no_tpm: bool,
+    /// Host-side probing while the workload runs (allowed/blocked ports, then `done`).
+    pub probe_ports: bool,
+    /// Send QMP `system_powerdown` once the workload is ready.
+    pub power_button: bool,
+    /// Watchdog.
+    pub timeout: Duration,
+}
+
+/// The result of one boot.
+#[derive(Debug)]
+pub struct Booted {
+    /// What left the guest.
+    pub outcome: Outcome,
+    /// What the host saw on the allowed and blocked ports.
+    pub ports: Vec<String>,
+    /// The image summary.
+    pub image: String,
+}
+
+impl Boot<'_> {
+    /// A boot with the defaults: the broker is the caller's.
+    pub fn new(site: &Site, guest: Guest, broker: Option<String>) -> Boot<'_> {
+        Boot {
+            site,
+            guest,
+            broker,
+            broker_delay: None,
+            no_tpm: false,
+            probe_ports: false,
+            power_button: false,
+            timeout: Duration::from_secs(150),
+        }
+    }
+
+    /// Builds, boots, probes, waits.
+    pub fn run(&self, ctx: &Ctx, name: &str) -> Result<Booted> {
+        let image = self.site.image(ctx, &self.guest, name)?;
+        let broker = match &self.broker {
+            Some(addr) => addr.clone(),
+            // Nothing listens there: the relay's connect fails, the guest sees a closed
+            // connection.
+            None => format!("127.0.0.1:{}", closed_port()?),
+        };
+        let config = VmConfig {
+            name: name.to_string(),
+            dir: self.site.dir.join(name),
+            image: image.path.clone(),
+            append: self.guest.cmdline(),
+            disk: self.guest.volume.then(|| self.site.disk.clone()),
+            tpm_state: (!self.no_tpm && self.guest.attest).then(|| self.site.tpm_state.clone()),
+            broker: Some(broker),
+            broker_delay: self.broker_delay,
+            hostfwd: vec![ALLOWED_PORT, BLOCKED_PORT],
+            memory_mib: 512,
+            timeout: self.timeout,
+            relay: ctx.bins.harness.clone(),
+        };
+        let mut vm = Vm::start(&ctx.assets, config)?;
+        let mut ports = Vec::new();
+        if self.probe_ports || self.power_button {
+            if vm
+                .wait_serial("PROBE-READY", self.timeout)
+                .is_ok()
+            {
+                if self.power_button {
+                    vm.qmp("system_powerdown")?;
+                } else {
+                    for port in [BLOCKED_PORT, ALLOWED_PORT] {
+                        let host = vm.ports.get(&port).copied().unwrap_or_default();
+                        ports.push(format!("{port}: {}", banner(host, port == ALLOWED_PORT)));
+                    }
+                }
+            }
+        }
+        let outcome = vm.wait()?;
+        Ok(Booted {
+            outcome,
+            ports,
+            image: image.summary(),
+        })
+    }
+}
+
+fn closed_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Connects to a forwarded port: the first line the guest sends within 5 s (slirp accepts
+/// every host connection at once, so a blocked port shows as no banner), then `done` when
+/// `finish`.
+fn banner(host_port: u16, finish: bool) -> String {
+    let attempt = || -> std::io::Result<String> {
+        let stream = TcpStream::connect(("127.0.0.1", host_port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if finish && !line.is_empty() {
+            let mut writer = stream;
+            writeln!(writer, "done")?;
+            let mut bye = String::new();
+            let _ = reader.read_line(&mut bye);
+        }
+        Ok(line.trim().to_string())
+    };
+    match attempt() {
+        Ok(line) if line.is_empty() => "no banner (closed)".to_string(),
+        Ok(line) => line,
+        Err(e) => format!("no banner ({e})"),
+    }
+}
+
+/// What a scenario expects.
+#[derive(Debug, Clone)]
+pub struct Expect {
+    /// The workload must have started (its probe printed `PROBE-READY` or its exit line).
+    pub workload: bool,
+    /// The closing audit record's event (`poweroff` / `halt`).
+    pub closing: &'static str,
+    /// Substrings the exported audit log must contain (the reason).
+    pub reasons: Vec<&'static str>,
+    /// `cvm-warden-verify audit verify --trusted-ak` exit code.
+    pub verify: i32,
+}
+
+/// Judges one boot against `expect`, and that no key byte left the guest.
+pub fn judge(ctx: &Ctx, site: &Site, booted: &Booted, expect: &Expect, dir: &Path) -> Result<()> {
+    let o = &booted.outcome;
+    ensure!(!o.panicked(), "the guest kernel panicked:\n{}", tail(&o.serial, 30));
+    ensure!(
+        !o.timed_out,
+        "the VM neither powered off nor halted within the watchdog:\n{}",
+        tail(&o.serial, 30)
+    );
+    let closing = o.closing().with_context(|| {
+        format!(
+            "the exported audit log has no closing record; serial tail:\n{}",
+            tail(&o.serial, 30)
+        )
+    })?;
+    ensure!(
+        closing["event"] == expect.closing,
+        "closing record {closing}, expected event {:?}",
+        expect.closing
+    );
+    let ran = o.serial.contains("PROBE-READY") || o.serial.contains("PROBE exiting with");
+    ensure!(
+        ran == expect.workload,
+        "the workload {} although it {}; serial tail:\n{}",
+        if ran { "ran" } else { "did not run" },
+        if expect.workload { "must" } else { "must not" },
+        tail(&o.serial, 30)
+    );
+    if ran {
+        let failed: Vec<&str> = o
+            .serial
+            .lines()
+            .filter(|l| l.contains("PROBE FAIL"))
+            .collect();
+        ensure!(failed.is_empty(), "the probe found problems:\n{}", failed.join("\n"));
+    }
+    for reason in &expect.reasons {
+        ensure!(
+            o.audit.contains(reason),
+            "the exported audit log does not say {reason:?}; its failures:\n{}",
+            o.audit
+                .lines()
+                .filter(|l| l.contains("failed") || l.contains("error"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    ensure!(o.sink_hits == 0, "the guest reached the outbound sink {} times", o.sink_hits);
+    // The exported log, judged by the auditor's tool.
+    let log = dir.join("exported-audit.jsonl");
+    fs::write(&log, &o.audit)?;
+    let ak = dir.join("trusted-ak.b64");
+    fs::write(&ak, format!("{}\n", site.ak))?;
+    let verify = Command::new(&ctx.bins.verify)
+        .args(["audit", "verify", "--trusted-ak"])
+        .arg(&ak)
+        .arg(&log)
+        .output()
+        .context("running cvm-warden-verify")?;
+    let code = verify.status.code().unwrap_or(-1);
+    ensure!(
+        code == expect.verify,
+        "audit verify exited {code}, expected {}:\n{}{}",
+        expect.verify,
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // No key byte anywhere outside the guest's memory.
+    for (what, key) in [("volume key", &site.volume_key), ("secret", &site.secret)] {
+        let needle = key.as_slice();
+        ensure!(
+            !o.serial.as_bytes().windows(needle.len()).any(|w| w == needle),
+            "the {what} appears in the serial log"
+        );
+        ensure!(
+            !o.audit.as_bytes().windows(needle.len()).any(|w| w == needle),
+            "the {what} appears in the exported audit log"
+        );
+        if site.disk.exists() {
+            ensure!(
+                !host::file_contains(&site.disk, needle)?,
+                "the {what} appears in the disk image"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A named scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Its name (`cargo xtask vm-test NAME`).
+    pub name: &'static str,
+    /// What it shows.
+    pub what: &'static str,
+    /// The test.
+    pub run: fn(&Ctx, &Path) -> Result<String>,
+}
+
+/// Every scenario, in the order they run.
+pub fn all() -> Vec<Scenario> {
+    crate::scenarios::ALL.to_vec()
+}
+
+/// Runs `scenarios` with at most `parallel` VMs at once; prints one line each; returns the
+/// number that failed.
+pub fn run_all(ctx: &Ctx, scenarios: &[Scenario], parallel: usize) -> usize {
+    let queue = std::sync::Mutex::new(scenarios.to_vec().into_iter());
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..parallel.max(1) {
+            scope.spawn(|| loop {
+                let next = queue.lock().ok().and_then(|mut q| q.next());
+                let Some(scenario) = next else { break };
+                let dir = ctx.work.join(scenario.name);
+                let start = Instant::now();
+                let result = (scenario.run)(ctx, &dir);
+                let secs = start.elapsed().as_secs_f64();
+                match result {
+                    Ok(summary) => println!(
+                        "vm-test: ok     {:<28} {secs:5.1} s  {summary}",
+                        scenario.name
+                    ),
+                    Err(error) => {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        println!(
+                            "vm-test: FAILED {:<28} {secs:5.1} s  ({}): {error:#}\n  (files: {})",
+                            scenario.name,
+                            scenario.what,
+                            dir.display()
+                        );
+                    }
+                }
+            });
+        }
+    });
+    failed.into_inner()
+}
+
+/// Fails unless `text` shows `what`.
+pub fn require(text: &str, what: &str, context: &str) -> Result<()> {
+    if !text.contains(what) {
+        bail!("{context}: expected {what:?}");
+    }
+    Ok(())
+}
