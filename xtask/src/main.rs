@@ -2,7 +2,11 @@
 //!
 //! - `ci`: everything CI checks (installs what it needs with apt-get when root).
 //! - `tidy`: the layer rule of ARCHITECTURE.md's code map, and the verifier's portable deps.
-//! - `demo`: the sandbox demo: `cvm-warden init` as PID 1 of new namespaces.
+//! - `demo`: the demo CVM: cvm-warden as PID 1 of a Linux guest under QEMU (`vm.rs`);
+//!   `demo --sandbox`: the namespace demo (`cvm-warden init` as PID 1 of new namespaces).
+//! - `image`: a test initramfs (cvm-warden as `/init`), by default the demo CVM's.
+//! - `vm-test [--list] [SCENARIO…]`: the VM harness's scenarios (`tests/vm/`).
+//! - `bench vm`: `/init` → workload against a trivial `/init`, PID 1's memory.
 //! - `bench measure`: bundle measurement throughput against `fsverity digest` and `sha256sum`.
 //! - `bench unlock`: released key → verified LUKS2 keyslot against `cryptsetup open
 //!   --test-passphrase` with the default PBKDF (`benches/unlock.rs`; root).
@@ -22,6 +26,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod tidy;
+mod vm;
 
 fn main() {
     if let Err(error) = run() {
@@ -40,7 +45,11 @@ fn run() -> Result<()> {
         .as_slice()
     {
         ["ci"] => ci(&root),
-        ["demo"] => demo::run(&root),
+        ["demo"] => vm::demo(&root),
+        ["demo", "--sandbox"] => demo::run(&root),
+        ["image", rest @ ..] => vm::image(&root, rest),
+        ["vm-test", rest @ ..] => vm::test(&root, rest),
+        ["bench", "vm", rest @ ..] => vm::bench(&root, rest),
         ["tidy"] => tidy::run(&root),
         ["bench", "measure"] => bench::measure(&root),
         ["fuzz", rest @ ..] => fuzz::run(&root, rest),
@@ -56,7 +65,7 @@ fn run() -> Result<()> {
                 .args(["bench", "--bench", "checkpoint"]))
         }
         _ => bail!(
-            "usage: cargo xtask ci | tidy | demo | bench measure | bench unlock | bench checkpoint \
+            "usage: cargo xtask ci | tidy | demo [--sandbox] | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint \
              | fuzz (--smoke | TARGET) [--seconds N]"
         ),
     }
@@ -198,8 +207,10 @@ fn ci(root: &Path) -> Result<()> {
     ]))?;
     // Unit tests (no root) and integration tests (namespace tests need root), all of them.
     let counts = cargo_test(root)?;
-    // The demo is the end-to-end check: PID 1 in namespaces, tamper detection, log verify.
+    // The namespace demo: PID 1 in namespaces, tamper detection, log verify.
     demo::run(root)?;
+    // The real shape: cvm-warden as PID 1 of a Linux guest, every VM scenario (two at once).
+    vm::test(root, &[])?;
     // Every fuzz target for a short while from its seed corpus (nightly, cargo-fuzz).
     fuzz::run(root, &["--smoke"])?;
     // One closing line for whoever reads the log: the totals over every test binary.

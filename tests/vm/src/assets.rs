@@ -74,6 +74,7 @@ impl Assets {
     /// Finds the cached assets under `cache`, fetching what is missing (root: apt-get).
     pub fn ensure(cache: &Path) -> Result<Assets> {
         fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+        let cache = &fs::canonicalize(cache)?;
         install_packages()?;
         let qemu_root = ensure_qemu(cache)?;
         let (kver, kernel_root) = ensure_kernel(cache)?;

@@ -17,6 +17,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 pub mod assets;
+pub mod bench;
+pub mod demo;
 pub mod host;
 pub mod image;
 pub mod scenario;

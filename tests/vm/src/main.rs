@@ -131,9 +131,19 @@ fn run() -> Result<()> {
         }
         "image" => {
             let flags = Flags::parse(rest);
+            let out = flags.path("out")?;
+            let Some(policy) = flags.get("policy") else {
+                // The demo CVM's image (its policy, the probe bundle, passwd and group).
+                let ctx = flags.ctx()?;
+                let site = scenario::Site::new(&ctx, &ctx.work.join("image"))?;
+                let built = site.image(&ctx, &scenario::Guest::default(), "image")?;
+                std::fs::copy(&built.path, &out)?;
+                println!("{}", image::Image { path: out, ..built }.summary());
+                return Ok(());
+            };
             let assets = Assets::ensure(&flags.path("cache")?)?;
             let bins = Bins::in_dir(&flags.path("bins")?)?;
-            let policy = std::fs::read_to_string(flags.path("policy")?)?;
+            let policy = std::fs::read_to_string(policy)?;
             let mut spec = image::ImageSpec {
                 warden: bins.warden.clone(),
                 policy,
@@ -144,9 +154,18 @@ fn run() -> Result<()> {
                 let at = flags.get("at").context("--bundle needs --at GUEST_PATH")?;
                 spec.trees.push((PathBuf::from(bundle), at.to_string()));
             }
-            let built = image::build(&assets, &spec, &flags.path("out")?)?;
+            let built = image::build(&assets, &spec, &out)?;
             println!("{}", built.summary());
             Ok(())
+        }
+        "demo" => {
+            let flags = Flags::parse(rest);
+            cvm_warden_vm::demo::run(&flags.ctx()?)
+        }
+        "bench" => {
+            let flags = Flags::parse(rest);
+            let boots = flags.get("boots").and_then(|b| b.parse().ok()).unwrap_or(3);
+            cvm_warden_vm::bench::run(&flags.ctx()?, boots)
         }
         other => bail!("unknown command {other:?}"),
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::assets::Assets;
-use crate::host::{self, Broker};
+use crate::host;
 use crate::image::{self, ImageSpec};
 use crate::vm::{Outcome, Vm, VmConfig, AUDIT_PORT, BROKER_GUEST_ADDR};
 use crate::Bins;
@@ -80,6 +80,10 @@ pub struct Guest {
     pub policy_edits: Vec<(String, String)>,
     /// Which boot this is (the probe writes it to the volume).
     pub boot: u32,
+    /// Extra image files (guest path, content, mode), written last: they may replace a tool.
+    pub files: Vec<(String, Vec<u8>, u32)>,
+    /// Put a static busybox at `/usr/bin/busybox` (for the scripts of `files`).
+    pub busybox: bool,
 }
 
 impl Default for Guest {
@@ -96,6 +100,8 @@ impl Default for Guest {
             policy_extra: String::new(),
             policy_edits: Vec::new(),
             boot: 1,
+            files: Vec::new(),
+            busybox: false,
         }
     }
 }
@@ -273,15 +279,22 @@ impl Site {
     /// Builds the image for `guest` (the site's bundle, `/etc/passwd` and `/etc/group`).
     pub fn image(&self, ctx: &Ctx, guest: &Guest, name: &str) -> Result<image::Image> {
         let etc = self.etc()?;
+        let mut files = vec![
+            ("/etc/passwd".into(), fs::read(etc.join("passwd"))?, 0o644),
+            ("/etc/group".into(), fs::read(etc.join("group"))?, 0o644),
+        ];
+        files.extend(guest.files.iter().cloned());
+        let binaries = if guest.busybox {
+            vec![(PathBuf::from("/bin/busybox"), "/usr/bin/busybox".to_string())]
+        } else {
+            Vec::new()
+        };
         let spec = ImageSpec {
             warden: ctx.bins.warden.clone(),
-            binaries: Vec::new(),
+            binaries,
             policy: guest.policy(),
             trees: vec![(self.bundle.clone(), BUNDLE_AT.to_string())],
-            files: vec![
-                ("/etc/passwd".into(), fs::read(etc.join("passwd"))?, 0o644),
-                ("/etc/group".into(), fs::read(etc.join("group"))?, 0o644),
-            ],
+            files,
             modules: modules_for(ctx, guest, &self.dir)?,
         };
         image::build(&ctx.assets, &spec, &self.dir.join(format!("{name}.cpio.gz")))
@@ -358,6 +371,8 @@ pub struct Boot<'a> {
     pub power_button: bool,
     /// Watchdog.
     pub timeout: Duration,
+    /// Print the serial console as it happens (the demo).
+    pub live: bool,
 }
 
 /// The result of one boot.
@@ -383,12 +398,22 @@ impl Boot<'_> {
             probe_ports: false,
             power_button: false,
             timeout: Duration::from_secs(150),
+            live: false,
         }
     }
 
     /// Builds, boots, probes, waits.
     pub fn run(&self, ctx: &Ctx, name: &str) -> Result<Booted> {
         let image = self.site.image(ctx, &self.guest, name)?;
+        self.boot(ctx, name, &image.path, image.summary())
+    }
+
+    /// Boots a prebuilt image (the bench's trivial `/init`).
+    pub fn run_image(&self, ctx: &Ctx, name: &str, image: &Path) -> Result<Booted> {
+        self.boot(ctx, name, image, format!("image {}", image.display()))
+    }
+
+    fn boot(&self, ctx: &Ctx, name: &str, image: &Path, summary: String) -> Result<Booted> {
         let broker = match &self.broker {
             Some(addr) => addr.clone(),
             // Nothing listens there: the relay's connect fails, the guest sees a closed
@@ -398,7 +423,7 @@ impl Boot<'_> {
         let config = VmConfig {
             name: name.to_string(),
             dir: self.site.dir.join(name),
-            image: image.path.clone(),
+            image: image.to_path_buf(),
             append: self.guest.cmdline(),
             disk: self.guest.volume.then(|| self.site.disk.clone()),
             tpm_state: (!self.no_tpm && self.guest.attest).then(|| self.site.tpm_state.clone()),
@@ -409,7 +434,13 @@ impl Boot<'_> {
             timeout: self.timeout,
             relay: ctx.bins.harness.clone(),
         };
+        let serial_log = config.dir.join("serial.log");
         let mut vm = Vm::start(&ctx.assets, config)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let follower = self.live.then(|| {
+            let stop = stop.clone();
+            std::thread::spawn(move || follow(&serial_log, &stop))
+        });
         let mut ports = Vec::new();
         if self.probe_ports || self.power_button {
             if vm
@@ -427,11 +458,65 @@ impl Boot<'_> {
             }
         }
         let outcome = vm.wait()?;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(follower) = follower {
+            let _ = follower.join();
+        }
         Ok(Booted {
             outcome,
             ports,
-            image: image.summary(),
+            image: summary,
         })
+    }
+}
+
+/// Prints the serial log as it grows until `stop` (then the rest): audit records as one
+/// short line each, everything else as it is.
+fn follow(path: &Path, stop: &std::sync::atomic::AtomicBool) {
+    let mut done = 0usize;
+    let mut pending = String::new();
+    loop {
+        let last = stop.load(std::sync::atomic::Ordering::SeqCst);
+        let text = fs::read(path).unwrap_or_default();
+        if text.len() > done {
+            pending.push_str(&String::from_utf8_lossy(&text[done..]).replace('\r', ""));
+            done = text.len();
+            while let Some(end) = pending.find('\n') {
+                let line: String = pending.drain(..=end).collect();
+                show_console_line(line.trim_end());
+            }
+        }
+        if last {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One console line for people: a record as `  #seq stage/event key details`.
+pub fn show_console_line(line: &str) {
+    if line.starts_with('{') {
+        if let Ok(record) = serde_json::from_str::<serde_json::Value>(line) {
+            let mut details = record["details"].to_string();
+            if details.len() > 140 {
+                let mut cut = 140;
+                while !details.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                details.truncate(cut);
+                details.push('…');
+            }
+            println!(
+                "  audit #{:<3} {}/{} {details}",
+                record["seq"],
+                record["stage"].as_str().unwrap_or("?"),
+                record["event"].as_str().unwrap_or("?")
+            );
+            return;
+        }
+    }
+    if !line.is_empty() {
+        println!("  {line}");
     }
 }
 

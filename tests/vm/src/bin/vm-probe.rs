@@ -52,6 +52,17 @@ fn main() {
         std::process::exit(code.parse().unwrap_or(1));
     }
 
+    let uptime = fs::read_to_string("/proc/uptime").unwrap_or_default();
+    println!(
+        "PROBE start uptime {}",
+        uptime.split_whitespace().next().unwrap_or("?")
+    );
+    let pid1 = fs::read_to_string("/proc/1/status").unwrap_or_default();
+    for field in ["VmRSS", "VmHWM"] {
+        if let Some(line) = pid1.lines().find(|l| l.starts_with(field)) {
+            println!("PROBE pid1 {}", line.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
     let uid = status_field("Uid");
     let gid = status_field("Gid");
     if let Some(want) = value("--uid") {
@@ -145,6 +156,23 @@ fn main() {
             Ok(()) => report(true, "volume-write", &marker),
             Err(e) => report(false, "volume-write", &format!("{marker}: {e}")),
         }
+    }
+
+    if let (Some(dir), true) = (value("--volume"), args.iter().any(|a| a == "--fill")) {
+        // The audit-disk-full scenario: fill the volume, then wait to be stopped.
+        let path = format!("{dir}/fill");
+        let mut written = 0u64;
+        if let Ok(mut file) = fs::File::create(&path) {
+            let block = vec![0x5au8; 1 << 20];
+            while file.write_all(&block).is_ok() {
+                written += 1;
+            }
+            let _ = file.sync_all();
+        }
+        println!("PROBE filled {dir} with {written} MiB; waiting");
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_secs(300));
+        return;
     }
 
     for dest in BLOCKED_OUT {
