@@ -9,9 +9,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::sync::Mutex;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
 
 use cvm_warden::policy::ResourceUri;
 use cvm_warden::report::error_chain;
@@ -515,7 +515,13 @@ fn mkfs_ext4_then_mount_sets_nosuid_nodev_and_noexec_and_the_root_owner_and_mode
         lo.mounted = Some(target.clone());
         if noexec {
             // mkfs.ext4 -E root_owner gave the root its owner; its mode is mke2fs's 0755.
-            assert_eq!(root, RootAttrs { mode: 0o755, ..ROOT });
+            assert_eq!(
+                root,
+                RootAttrs {
+                    mode: 0o755,
+                    ..ROOT
+                }
+            );
             assert_eq!(vols.set_root_mode(&target, ROOT.mode).unwrap(), ROOT);
         } else {
             // The mode set (and synced) on the first mount is still there.
@@ -1308,7 +1314,10 @@ fn an_interrupted_first_boot_is_resumed_and_a_ready_volume_is_only_mounted() {
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     header_after["tokens"] = serde_json::Value::Null;
-    assert_eq!(header_after, header_before, "the LUKS2 header was rewritten");
+    assert_eq!(
+        header_after, header_before,
+        "the LUKS2 header was rewritten"
+    );
     // The workload writes its data.
     std::fs::write(spec.mountpoint.join("data"), b"boot 2").unwrap();
     shut_down(&vols, &spec);
@@ -1376,7 +1385,10 @@ fn an_interrupted_first_boot_is_resumed_and_a_ready_volume_is_only_mounted() {
     );
     // Unmounted and closed again; the root as it was found.
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mountinfo.contains(path_str(&spec.mountpoint)), "{mountinfo}");
+    assert!(
+        !mountinfo.contains(path_str(&spec.mountpoint)),
+        "{mountinfo}"
+    );
     assert!(vols.state.lock().unwrap().0.is_none());
     drop(vols);
 

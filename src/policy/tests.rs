@@ -1351,7 +1351,10 @@ fn volume_owner_group_and_mode_resolve_names_numbers_and_defaults() {
         root("owner = 0\ngroup = 0\nmode = \"755\"\n"),
         (0, 0, 0o755)
     );
-    assert_eq!(root("owner = 4242\nmode = \"2770\"\n"), (4242, 1000, 0o2770));
+    assert_eq!(
+        root("owner = 4242\nmode = \"2770\"\n"),
+        (4242, 1000, 0o2770)
+    );
 }
 
 #[test]

@@ -1571,7 +1571,9 @@ fn volume_mode(c: &mut Check<'_>, key: &str, raw: Option<&RawUmask>) -> Option<u
         Some(RawUmask::Number(n)) => {
             c.error(
                 key,
-                format!("{n} is an integer; write the mode as a string of octal digits, e.g. \"0700\""),
+                format!(
+                    "{n} is an integer; write the mode as a string of octal digits, e.g. \"0700\""
+                ),
             );
             None
         }

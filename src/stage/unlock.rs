@@ -224,3 +224,51 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
     }
     Ok(json!({ "volumes": opened, "secrets": delivered }))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::volume::{MountOptions, RootAttrs};
+
+    fn spec() -> VolumeSpec {
+        VolumeSpec {
+            name: "workspace".to_string(),
+            device: PathBuf::from("/dev/vdb"),
+            resource: ResourceUri::parse("kbs:///default/keys/workspace").unwrap(),
+            mountpoint: PathBuf::from("/workspace"),
+            format_if_blank: true,
+            integrity: None,
+            mount: MountOptions { noexec: true },
+            root: RootAttrs {
+                uid: 1000,
+                gid: 1000,
+                mode: 0o700,
+            },
+        }
+    }
+
+    #[test]
+    fn each_volume_notice_has_its_own_audit_event_naming_the_volume() {
+        let spec = spec();
+        let events: Vec<(&str, Value)> = [Notice::Format, Notice::Resume, Notice::Ready]
+            .into_iter()
+            .map(|n| notice_record(&spec, n))
+            .collect();
+        let names: Vec<&str> = events.iter().map(|(e, _)| *e).collect();
+        assert_eq!(names, ["volume_format", "volume_resume", "volume_ready"]);
+        for (_, details) in &events {
+            assert_eq!(details["name"], "workspace");
+            assert_eq!(details["device"], "/dev/vdb");
+            assert_eq!(details["resource"], "kbs:///default/keys/workspace");
+            assert_eq!(
+                details["root"],
+                json!({"owner": 1000, "group": 1000, "mode": "0700"})
+            );
+        }
+        assert!(events[1].1["what"]
+            .as_str()
+            .unwrap()
+            .contains("the LUKS2 token says initialising"));
+    }
+}

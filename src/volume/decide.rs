@@ -470,10 +470,7 @@ pub fn not_mounted_text(
 ) -> String {
     use nix::errno::Errno;
     let mapped_text = mapped.display();
-    let no_fs = matches!(
-        errno,
-        Some(Errno::EINVAL | Errno::EUCLEAN | Errno::EBADMSG)
-    );
+    let no_fs = matches!(errno, Some(Errno::EINVAL | Errno::EUCLEAN | Errno::EBADMSG));
     let cause = match errno {
         Some(Errno::ENODEV) => "the kernel has no ext4 file system type: load the ext4 module \
                                (and crc32c_generic, which it needs) before the unlock stage"
@@ -1048,7 +1045,10 @@ mod tests {
     #[test]
     fn a_token_with_an_unknown_or_malformed_state_fails_closed() {
         for (state, want) in [
-            (json!("formatting"), r#"its "state" is "formatting", neither"#),
+            (
+                json!("formatting"),
+                r#"its "state" is "formatting", neither"#,
+            ),
             (json!("Ready"), r#"its "state" is "Ready", neither"#),
             (json!(""), r#"its "state" is "", neither"#),
             (json!(1), r#"its "state" is 1, not a string"#),
@@ -1133,11 +1133,7 @@ mod tests {
         ];
         for (states, expected) in cases {
             let tokens: Vec<KbsToken> = states.iter().map(|s| tok("kbs:///a/b/c", *s)).collect();
-            assert_eq!(
-                check_token(dev, &tokens, &want),
-                Ok(expected),
-                "{states:?}"
-            );
+            assert_eq!(check_token(dev, &tokens, &want), Ok(expected), "{states:?}");
         }
     }
 
@@ -1167,7 +1163,10 @@ mod tests {
             mode: 0o700,
         };
         let mnt = Path::new("/workspace");
-        assert_eq!(check_root("workspace", Path::new(DEV), mnt, want, want), Ok(()));
+        assert_eq!(
+            check_root("workspace", Path::new(DEV), mnt, want, want),
+            Ok(())
+        );
         for found in [
             RootAttrs { uid: 0, ..want },
             RootAttrs { gid: 0, ..want },

@@ -543,7 +543,11 @@ impl Volumes for FakeVolumes {
             path: mountpoint.to_path_buf(),
             source: std::io::Error::from_raw_os_error(libc::ENOENT),
         };
-        let mapped = inner.mounts.get(mountpoint).cloned().ok_or_else(not_mounted)?;
+        let mapped = inner
+            .mounts
+            .get(mountpoint)
+            .cloned()
+            .ok_or_else(not_mounted)?;
         let dev = mapped_device(&mut inner, &mapped)?;
         let root = dev.fs.as_mut().ok_or_else(not_mounted)?;
         root.mode = mode & 0o7777;
@@ -563,7 +567,10 @@ impl Volumes for FakeVolumes {
 }
 
 /// The device behind an open mapping `/dev/mapper/<name>`.
-fn mapped_device<'a>(inner: &'a mut Inner, mapped: &Path) -> Result<&'a mut FakeDevice, VolumeError> {
+fn mapped_device<'a>(
+    inner: &'a mut Inner,
+    mapped: &Path,
+) -> Result<&'a mut FakeDevice, VolumeError> {
     let device = mapped
         .file_name()
         .and_then(|name| name.to_str())

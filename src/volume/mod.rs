@@ -5,10 +5,11 @@
 //!
 //! - [`decide`](mod@decide) (pure): [`classify`] reads a device's first MiB into a [`DeviceState`];
 //!   [`decide()`] turns it into an [`Action`] or a [`Refusal`]; [`check_token`] compares the
-//!   LUKS2 token with the policy; [`check_format`] compares the header's format with what
-//!   cvm-warden formats.
-//! - [`Volumes`]: the effect seam (inspect, format, check format, token, verify, open, close,
-//!   mkfs, mount).
+//!   LUKS2 token with the policy and returns the volume's [`TokenState`]; [`fs_step`] turns
+//!   that into what happens to the file system; [`check_root`] compares the mounted root with
+//!   the policy; [`check_format`] compares the header's format with what cvm-warden formats.
+//! - [`Volumes`]: the effect seam (inspect, format, check format, tokens and their state,
+//!   verify, open, close, mkfs, mount, root mode, unmount).
 //!   [`RealVolumes`] does it with libcryptsetup, `mkfs.ext4` and mount(2); [`FakeVolumes`]
 //!   records the calls for unit tests.
 //! - [`unlock`]: the whole flow for one volume, through a `&dyn Volumes`.
@@ -26,6 +27,38 @@
 //!
 //! [`RealVolumes::format`] inspects the device again itself and formats only a blank one, so
 //! no caller can format a device that holds data.
+//!
+//! # Volume states (never reformat a ready volume)
+//!
+//! The `cvm-warden-kbs` token carries `"state"`: `initialising` is written with the token at
+//! luksFormat, before any file system exists; `ready` only after `mkfs.ext4 -E
+//! root_owner=UID:GID`, the mount, the root's mode set, the root checked and the file system
+//! synced (`syncfs`), so `ready` never describes blocks still in the page cache. The workload
+//! starts only after every volume is ready, so no data can be on a volume that says
+//! `initialising`:
+//!
+//! | token state | device decision | [`FsStep`] |
+//! |---|---|---|
+//! | `initialising` | formatted this boot | `Make`: mkfs, mount, chmod, check, sync, `ready` |
+//! | `initialising` | LUKS2 found (an earlier first boot stopped) | `Resume`: the same, audited first |
+//! | `ready`, or no state (older release, bound by hand) | any | `Use`: mount, check the root; never mkfs |
+//! | anything else | any | refused ([`VolumeError::BadToken`]) |
+//!
+//! A `ready` volume that does not mount is refused with [`VolumeError::NotMounted`]: it names
+//! the volume, says it is ready and nothing was formatted, and the likely cause from
+//! mount(2)'s errno. A `ready` volume whose root differs from the policy's owner, group and
+//! mode is unmounted, closed and refused ([`RootMismatch`]): its data may belong to someone
+//! else, so cvm-warden does not chown it. A failure between luksFormat and `ready` leaves the
+//! token `initialising`, and the next boot resumes.
+//!
+//! The state is metadata the host could rewrite like the rest of the header (unkeyed
+//! checksum): turning `ready` into `initialising` gets the file system made again through the
+//! same key, which destroys data (the host can always do that) but discloses nothing.
+//!
+//! One window remains: luksFormat writes the header, the keyslot and the token in three
+//! header updates, milliseconds apart. A boot that stops between them leaves a LUKS2 header
+//! without a token (refused: [`TokenProblem::Missing`] says how to bind one) or without a
+//! keyslot (the key opens nothing); zeroing the first 16 MiB makes it blank again.
 //!
 //! # Keys: a keyslot with PBKDF2-SHA256 at 1000 iterations, no benchmark
 //!
@@ -82,8 +115,9 @@
 //! are added with `cryptsetup luksAddKey` (defaults) still passes.
 //!
 //! The LUKS2 header carries a token `{"type":"cvm-warden-kbs","keyslots":["0"],
-//! "resource":"kbs:///…"}` naming the broker resource (visible in `cryptsetup luksDump`). On
-//! unlock the token's resource must equal the policy's; a mismatch fails closed naming both.
+//! "resource":"kbs:///…","state":"ready"}` naming the broker resource (visible in `cryptsetup
+//! luksDump --dump-json-metadata`). On unlock the token's resource must equal the policy's; a
+//! mismatch fails closed naming both.
 //!
 //! # Threads
 //!
@@ -706,10 +740,7 @@ pub fn unlock_notified(
     let step = fs_step(action, token_state);
     let keyslot = vols.verify_key(&spec.device, key)?;
     if step == FsStep::Resume {
-        notice(
-            Notice::Resume,
-            "the resume of an interrupted first boot",
-        )?;
+        notice(Notice::Resume, "the resume of an interrupted first boot")?;
         log::warn!(
             "volume {:?} ({}): its LUKS2 token says initialising, so an earlier first boot \
              stopped before the volume was ready; making its file system again (no workload \
@@ -742,13 +773,7 @@ pub fn unlock_notified(
             })?;
         mounted = true;
         if !step.makes_file_system() {
-            check_root(
-                &spec.name,
-                &spec.device,
-                &spec.mountpoint,
-                spec.root,
-                root,
-            )?;
+            check_root(&spec.name, &spec.device, &spec.mountpoint, spec.root, root)?;
             return Ok(root);
         }
         let root = vols.set_root_mode(&spec.mountpoint, spec.root.mode)?;

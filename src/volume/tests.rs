@@ -374,7 +374,10 @@ fn a_first_boot_that_stopped_after_mkfs_is_made_again_and_gets_the_policy_root()
     // mkfs finished (root 0755) but the mode and `ready` were never written.
     let fake = ready_volume(
         Some(TokenState::Initialising),
-        Some(RootAttrs { mode: 0o755, ..ROOT }),
+        Some(RootAttrs {
+            mode: 0o755,
+            ..ROOT
+        }),
     );
     let got = unlock(&fake, &spec(true), &key(7)).unwrap();
     assert_eq!((got.step, got.root), (FsStep::Resume, ROOT));
@@ -476,11 +479,17 @@ fn a_ready_volume_whose_root_differs_is_refused_unmounted_and_left_as_it_is() {
     for found in [
         RootAttrs { uid: 1001, ..ROOT },
         RootAttrs { gid: 1001, ..ROOT },
-        RootAttrs { mode: 0o770, ..ROOT },
+        RootAttrs {
+            mode: 0o770,
+            ..ROOT
+        },
     ] {
         let fake = ready_volume(Some(TokenState::Ready), Some(found));
         let err = unlock(&fake, &spec(true), &key(7)).unwrap_err();
-        assert!(matches!(err, VolumeError::RootMismatch(_)), "{found}: {err}");
+        assert!(
+            matches!(err, VolumeError::RootMismatch(_)),
+            "{found}: {err}"
+        );
     }
 }
 
