@@ -1409,7 +1409,7 @@ fn an_interrupted_first_boot_is_resumed_and_a_ready_volume_is_only_mounted() {
         panic!("{err:?}");
     };
     assert_eq!(*step, FsStep::Use);
-    assert_eq!(*errno, Some(nix::errno::Errno::EINVAL));
+    assert_eq!(*errno, nix::errno::Errno::EINVAL);
     let text = err.to_string();
     assert!(
         text.starts_with(

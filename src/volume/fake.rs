@@ -157,6 +157,8 @@ struct Inner {
     fail: BTreeSet<VolumeOp>,
     mappings: BTreeMap<String, PathBuf>,
     mounts: BTreeMap<PathBuf, PathBuf>,
+    /// `mkfs_ext4` leaves the root `0:0`, as an `mkfs.ext4` without `-E root_owner` does.
+    ignore_root_owner: bool,
 }
 
 /// The recording fake of [`Volumes`].
@@ -266,6 +268,13 @@ impl FakeVolumes {
     /// Makes every call of kind `op` fail.
     pub fn fail(self, op: VolumeOp) -> Self {
         self.lock().fail.insert(op);
+        self
+    }
+
+    /// Makes `mkfs_ext4` leave the root owned by `0:0` whatever it is asked (an `mkfs.ext4`
+    /// that ignores `-E root_owner`).
+    pub fn ignoring_root_owner(self) -> Self {
+        self.lock().ignore_root_owner = true;
         self
     }
 
@@ -495,6 +504,11 @@ impl Volumes for FakeVolumes {
             gid,
         };
         let mut inner = self.record(call, mapped)?;
+        let (uid, gid) = if inner.ignore_root_owner {
+            (0, 0)
+        } else {
+            (uid, gid)
+        };
         let dev = mapped_device(&mut inner, mapped)?;
         // As mke2fs: the root directory is 0755 (0777 less its umask 022).
         dev.fs = Some(RootAttrs {

@@ -546,7 +546,7 @@ pub enum VolumeError {
     },
     /// A volume's file system did not mount; says whether it is `ready` (then nothing was
     /// formatted) or was just made, and the likely cause.
-    #[error("{}", not_mounted_text(volume, device, mapped, *step, *errno))]
+    #[error("{}", not_mounted_text(volume, device, mapped, *step, Some(*errno)))]
     NotMounted {
         /// The policy's volume name.
         volume: String,
@@ -556,8 +556,8 @@ pub enum VolumeError {
         mapped: PathBuf,
         /// Whether the file system was made this boot or is a ready one.
         step: FsStep,
-        /// mount(2)'s errno, when the cause is a mount(2) error.
-        errno: Option<nix::errno::Errno>,
+        /// mount(2)'s errno.
+        errno: nix::errno::Errno,
         /// The mount error.
         #[source]
         source: Box<VolumeError>,
@@ -755,22 +755,20 @@ pub fn unlock_notified(
         if step.makes_file_system() {
             vols.mkfs_ext4(&mapped, spec.root.uid, spec.root.gid)?;
         }
-        let root = vols
-            .mount(&mapped, &spec.mountpoint, spec.mount)
-            .map_err(|source| {
-                let errno = match &source {
-                    VolumeError::Mount { source, .. } => Some(*source),
-                    _ => None,
-                };
-                VolumeError::NotMounted {
-                    volume: spec.name.clone(),
-                    device: spec.device.clone(),
-                    mapped: mapped.clone(),
-                    step,
-                    errno,
-                    source: Box::new(source),
-                }
-            })?;
+        let root =
+            vols.mount(&mapped, &spec.mountpoint, spec.mount)
+                .map_err(|source| match source {
+                    // mount(2) itself failed: say what it likely means for this volume.
+                    VolumeError::Mount { source: errno, .. } => VolumeError::NotMounted {
+                        volume: spec.name.clone(),
+                        device: spec.device.clone(),
+                        mapped: mapped.clone(),
+                        step,
+                        errno,
+                        source: Box::new(source),
+                    },
+                    other => other,
+                })?;
         mounted = true;
         if !step.makes_file_system() {
             check_root(&spec.name, &spec.device, &spec.mountpoint, spec.root, root)?;

@@ -275,7 +275,7 @@ fn mount_failure_closes_the_mapping() {
     let VolumeError::NotMounted { step, errno, .. } = &err else {
         panic!("{err}");
     };
-    assert_eq!((*step, *errno), (FsStep::Use, Some(nix::errno::Errno::EIO)));
+    assert_eq!((*step, *errno), (FsStep::Use, nix::errno::Errno::EIO));
     assert_eq!(fake.ops().last(), Some(&VolumeOp::Close));
     assert!(!fake.ops().contains(&VolumeOp::Unmount));
     assert!(fake.mappings().is_empty());
@@ -491,6 +491,37 @@ fn a_ready_volume_whose_root_differs_is_refused_unmounted_and_left_as_it_is() {
             "{found}: {err}"
         );
     }
+}
+
+#[test]
+fn a_new_file_system_whose_root_is_not_the_policys_is_not_marked_ready() {
+    let fake = FakeVolumes::new()
+        .with_device(DEV, DeviceState::Blank)
+        .ignoring_root_owner();
+    let (result, notices) = unlock_recording(&fake, &spec(true));
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, VolumeError::NewRootWrong { found, .. } if found == RootAttrs { uid: 0, gid: 0, mode: 0o700 }),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "volume \"workspace\": the root of the file system just made (mounted on /data) has \
+         owner 0 group 0 mode 0700 after mkfs.ext4 -E root_owner and chmod, not the policy's \
+         owner 1000 group 1000 mode 0700; its LUKS2 token still says initialising, so the next \
+         boot makes the file system again; check that the image's mkfs.ext4 (e2fsprogs 1.42 or \
+         later) honours -E root_owner"
+    );
+    assert_eq!(notices, [Notice::Format]);
+    assert!(!fake.ops().contains(&VolumeOp::SetTokenState));
+    assert_eq!(
+        fake.ops()[fake.ops().len() - 2..],
+        [VolumeOp::Unmount, VolumeOp::Close]
+    );
+    assert_eq!(
+        fake.tokens(Path::new(DEV)),
+        vec![KbsToken::new(RES, Some(TokenState::Initialising))]
+    );
 }
 
 #[test]
