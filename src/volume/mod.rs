@@ -604,8 +604,9 @@ pub enum VolumeError {
         #[source]
         source: nix::errno::Errno,
     },
-    /// The caller could not record a [`Notice`] (the audit log); nothing more was done.
-    #[error("volume {volume:?}: cannot record {what} in the audit log, so it is not done")]
+    /// The caller could not record a [`Notice`] (the audit log); the flow stopped there (a
+    /// format or resume not recorded is not done) and the volume is not used.
+    #[error("volume {volume:?}: cannot record {what} in the audit log, so the volume is not used")]
     Notice {
         /// The policy's volume name.
         volume: String,

@@ -557,7 +557,7 @@ fn a_notice_that_cannot_be_recorded_stops_before_the_change() {
     assert_eq!(
         err.to_string(),
         "volume \"workspace\": cannot record the format of a blank device in the audit log, so \
-         it is not done"
+         the volume is not used"
     );
     assert_eq!(fake.ops(), [VolumeOp::Inspect]);
     assert_eq!(fake.state(Path::new(DEV)), Some(DeviceState::Blank));
