@@ -8,16 +8,18 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
 
 use cvm_warden::policy::ResourceUri;
 use cvm_warden::report::error_chain;
 use cvm_warden::tool::{Tool, ToolError, Tools};
 use cvm_warden::volume::{
-    check_token, decide, token_json, unlock, Action, DeviceState, FormatProblem, Integrity,
-    MountOptions, RealVolumes, TokenProblem, VolumeError, VolumeKey, VolumeSpec, Volumes,
+    check_token, decide, fs_step, token_json, unlock, unlock_notified, Action, DeviceState,
+    FormatProblem, FsStep, Integrity, KbsToken, MountOptions, Notice, RealVolumes, RootAttrs,
+    TokenProblem, TokenState, VolumeError, VolumeKey, VolumeSpec, Volumes,
 };
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
@@ -25,6 +27,17 @@ use zeroize::Zeroizing;
 
 const RES: &str = "kbs:///default/keys/workspace";
 const IMAGE_SIZE: u64 = 64 * 1024 * 1024;
+/// The root the tests' policies ask for (ids no real account has, a mode mkfs never writes).
+const ROOT: RootAttrs = RootAttrs {
+    uid: 4321,
+    gid: 8765,
+    mode: 0o750,
+};
+
+/// The one token a freshly formatted image holds, in `state`.
+fn our_token(state: TokenState) -> Vec<KbsToken> {
+    vec![KbsToken::new(RES, Some(state))]
+}
 
 fn require_root() {
     if !nix::unistd::geteuid().is_root() {
@@ -140,7 +153,10 @@ fn format_if_blank_formats_and_the_key_verifies() {
         (problem.field.as_str(), problem.found.as_str()),
         ("integrity", "none")
     );
-    assert_eq!(vols.token_resources(&image).unwrap(), vec![RES.to_string()]);
+    assert_eq!(
+        vols.token_resources(&image).unwrap(),
+        our_token(TokenState::Initialising)
+    );
     assert_eq!(
         vols.verify_key(&image, &volume_key(&bytes, RES)).unwrap(),
         0
@@ -219,7 +235,8 @@ fn luks_dump_shows_the_token_the_resource_and_the_format() {
     let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         metadata["tokens"]["0"],
-        serde_json::json!({"type":"cvm-warden-kbs","keyslots":["0"],"resource":RES})
+        serde_json::json!({"type":"cvm-warden-kbs","keyslots":["0"],"resource":RES,
+            "state":"initialising"})
     );
 
     // The token JSON itself, as `cryptsetup token export` prints it.
@@ -231,7 +248,8 @@ fn luks_dump_shows_the_token_the_resource_and_the_format() {
     let token: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         token,
-        serde_json::json!({"type":"cvm-warden-kbs","keyslots":["0"],"resource":RES})
+        serde_json::json!({"type":"cvm-warden-kbs","keyslots":["0"],"resource":RES,
+            "state":"initialising"})
     );
 }
 
@@ -306,6 +324,7 @@ fn one_nonzero_byte_without_header_is_refused_and_the_image_is_unchanged() {
         format_if_blank: true,
         integrity: None,
         mount: MountOptions { noexec: true },
+        root: ROOT,
     };
     let key = volume_key(&random_key(32), RES);
     assert_eq!(unlock(&vols, &spec, &key).unwrap_err().to_string(), want);
@@ -333,6 +352,7 @@ fn blank_image_without_format_if_blank_is_refused_and_unchanged() {
         format_if_blank: false,
         integrity: None,
         mount: MountOptions { noexec: true },
+        root: ROOT,
     };
     let err = unlock(&vols, &spec, &volume_key(&random_key(32), RES)).unwrap_err();
     assert_eq!(
@@ -412,6 +432,7 @@ fn token_mismatch_is_refused_naming_both_resources() {
         format_if_blank: true,
         integrity: None,
         mount: MountOptions { noexec: true },
+        root: ROOT,
     };
     let err = unlock(&vols, &spec, &volume_key(&bytes, RES)).unwrap_err();
     assert_eq!(
@@ -467,12 +488,12 @@ impl Drop for Loop {
 }
 
 #[test]
-fn mkfs_ext4_then_mount_sets_nosuid_nodev_and_noexec() {
+fn mkfs_ext4_then_mount_sets_nosuid_nodev_and_noexec_and_the_root_owner_and_mode() {
     require_root();
     let dir = tempdir();
     let image = blank_image(dir.path(), "fs.img");
     let vols = RealVolumes::new();
-    vols.mkfs_ext4(&image).unwrap();
+    vols.mkfs_ext4(&image, ROOT.uid, ROOT.gid).unwrap();
     let out = run("dumpe2fs", &["-h", path_str(&image)]);
     assert!(
         text(&out).contains("Filesystem magic number:  0xEF53"),
@@ -488,9 +509,29 @@ fn mkfs_ext4_then_mount_sets_nosuid_nodev_and_noexec() {
             mounted: None,
         };
         let target = dir.path().join(format!("mnt-{noexec}"));
-        vols.mount(Path::new(&lo.device), &target, MountOptions { noexec })
+        let root = vols
+            .mount(Path::new(&lo.device), &target, MountOptions { noexec })
             .unwrap();
         lo.mounted = Some(target.clone());
+        if noexec {
+            // mkfs.ext4 -E root_owner gave the root its owner; its mode is mke2fs's 0755.
+            assert_eq!(
+                root,
+                RootAttrs {
+                    mode: 0o755,
+                    ..ROOT
+                }
+            );
+            assert_eq!(vols.set_root_mode(&target, ROOT.mode).unwrap(), ROOT);
+        } else {
+            // The mode set (and synced) on the first mount is still there.
+            assert_eq!(root, ROOT);
+        }
+        let meta = std::fs::metadata(&target).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (ROOT.uid, ROOT.gid, ROOT.mode)
+        );
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let line = mountinfo
             .lines()
@@ -501,6 +542,11 @@ fn mkfs_ext4_then_mount_sets_nosuid_nodev_and_noexec() {
         assert!(options.contains(&"nodev"), "{line}");
         assert_eq!(options.contains(&"noexec"), noexec, "{line}");
         assert!(line.contains(" - ext4 "), "{line}");
+        vols.unmount(&target).unwrap();
+        lo.mounted = None;
+        assert!(!std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(path_str(&target)));
     }
 }
 
@@ -514,7 +560,7 @@ fn mkfs_failure_names_the_tool_and_device() {
         "/dev/mapper".into(),
     );
     let image = blank_image(dir.path(), "nomkfs.img");
-    let err = vols.mkfs_ext4(&image).unwrap_err();
+    let err = vols.mkfs_ext4(&image, 0, 0).unwrap_err();
     assert!(matches!(err, VolumeError::MkfsSpawn { .. }), "{err:?}");
     let text = error_chain(&err);
     assert!(text.contains(&image.display().to_string()), "{text}");
@@ -526,7 +572,7 @@ fn mkfs_failure_names_the_tool_and_device() {
 
     // A device mkfs.ext4 cannot use (a directory): its stderr is reported.
     let vols = RealVolumes::new();
-    let err = vols.mkfs_ext4(dir.path()).unwrap_err();
+    let err = vols.mkfs_ext4(dir.path(), 0, 0).unwrap_err();
     assert!(matches!(err, VolumeError::Mkfs { .. }), "{err:?}");
 }
 
@@ -551,7 +597,7 @@ fn a_hanging_mkfs_fails_within_its_timeout() {
         "/dev/mapper".into(),
     );
     let started = std::time::Instant::now();
-    let err = vols.mkfs_ext4(&dir.path().join("image")).unwrap_err();
+    let err = vols.mkfs_ext4(&dir.path().join("image"), 0, 0).unwrap_err();
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     match &err {
         VolumeError::MkfsSpawn { source, .. } => {
@@ -597,7 +643,10 @@ fn foreign_tokens_are_ignored_and_malformed_or_ambiguous_ones_fail_closed() {
         "foreign.json",
         r#"{"type":"some-other-tool","keyslots":[],"resource":"kbs:///default/keys/other"}"#,
     );
-    assert_eq!(vols.token_resources(&image).unwrap(), vec![RES.to_string()]);
+    assert_eq!(
+        vols.token_resources(&image).unwrap(),
+        our_token(TokenState::Initialising)
+    );
 
     // A second cvm-warden-kbs token naming another resource: ambiguous.
     import_token(
@@ -649,6 +698,7 @@ fn spec_for(image: &Path, dir: &Path, integrity: Option<Integrity>) -> VolumeSpe
         format_if_blank: true,
         integrity,
         mount: MountOptions { noexec: true },
+        root: ROOT,
     }
 }
 
@@ -677,7 +727,7 @@ fn foreign_luks2(dir: &Path, image: &Path, keyfile: &Path, cipher_args: &[&str])
         dir,
         image,
         "token.json",
-        &token_json(&uri(RES), 0).to_string(),
+        &token_json(&uri(RES), 0, TokenState::Ready).to_string(),
     );
 }
 
@@ -729,7 +779,10 @@ fn another_cipher_is_refused_naming_the_cipher() {
     );
     let vols = RealVolumes::new();
     // The key opens it and the token matches: only the format check stands in the way.
-    assert_eq!(vols.token_resources(&image).unwrap(), vec![RES.to_string()]);
+    assert_eq!(
+        vols.token_resources(&image).unwrap(),
+        our_token(TokenState::Ready)
+    );
     assert_eq!(
         vols.verify_key(&image, &volume_key(&bytes, RES)).unwrap(),
         0
@@ -854,7 +907,10 @@ fn a_header_rewritten_to_cipher_null_is_refused_though_the_key_still_opens_it() 
     // opens with the broker key and the token still matches.
     let out = run("cryptsetup", &["luksDump", path_str(&image)]);
     assert!(text(&out).contains("cipher_null-ecb"), "{}", text(&out));
-    assert_eq!(vols.token_resources(&image).unwrap(), vec![RES.to_string()]);
+    assert_eq!(
+        vols.token_resources(&image).unwrap(),
+        our_token(TokenState::Initialising)
+    );
     assert_eq!(
         vols.verify_key(&image, &volume_key(&bytes, RES)).unwrap(),
         0
@@ -934,4 +990,479 @@ fn integrity_dropped_from_the_policy_or_the_header_is_refused() {
             "hmac(sha256) for the policy's integrity = \"hmac-sha256\""
         )
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Volume states: `initialising` at luksFormat, `ready` once the file system and its root are
+// made; an interrupted first boot is resumed, a ready volume never gets a new file system.
+
+/// Exports token `id` of `image` as `cryptsetup token export` prints it.
+fn export_token(image: &Path, id: u32) -> serde_json::Value {
+    let out = run(
+        "cryptsetup",
+        &[
+            "token",
+            "export",
+            "--token-id",
+            &id.to_string(),
+            path_str(image),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_token_says_initialising_after_format_and_ready_once_set() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "state.img");
+    let vols = RealVolumes::new();
+    let bytes = formatted_image(&vols, &image, RES);
+    // Another tool's token next to ours is left alone.
+    import_token(
+        dir.path(),
+        &image,
+        "foreign.json",
+        r#"{"type":"some-other-tool","keyslots":[],"state":"whatever"}"#,
+    );
+    assert_eq!(
+        vols.token_resources(&image).unwrap(),
+        our_token(TokenState::Initialising)
+    );
+
+    // The interrupted first boot: the header and the `initialising` token are on disk, the
+    // file system is not. The decision on the next boot: unlock, then make the file system.
+    let state = vols.inspect(&image).unwrap();
+    let action = decide(&image, &state, true).unwrap();
+    assert_eq!(action, Action::Unlock);
+    let tokens = vols.token_resources(&image).unwrap();
+    let token_state = check_token(&image, &tokens, &uri(RES)).unwrap();
+    assert_eq!(token_state, TokenState::Initialising);
+    assert_eq!(fs_step(action, token_state), FsStep::Resume);
+
+    vols.set_token_state(&image, TokenState::Ready).unwrap();
+    assert_eq!(
+        vols.token_resources(&image).unwrap(),
+        our_token(TokenState::Ready)
+    );
+    // Only the state changed; the key, the header format and the other token are as before.
+    assert_eq!(
+        export_token(&image, 0),
+        serde_json::json!({"type":"cvm-warden-kbs","keyslots":["0"],"resource":RES,
+            "state":"ready"})
+    );
+    assert_eq!(
+        export_token(&image, 1),
+        serde_json::json!({"type":"some-other-tool","keyslots":[],"state":"whatever"})
+    );
+    vols.check_format(&image, None).unwrap();
+    assert_eq!(
+        vols.verify_key(&image, &volume_key(&bytes, RES)).unwrap(),
+        0
+    );
+    let tokens = vols.token_resources(&image).unwrap();
+    let token_state = check_token(&image, &tokens, &uri(RES)).unwrap();
+    assert_eq!(fs_step(Action::Unlock, token_state), FsStep::Use);
+}
+
+#[test]
+fn a_token_written_before_volume_states_reads_as_ready() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "legacy.img");
+    let vols = RealVolumes::new();
+    let _bytes = formatted_image(&vols, &image, RES);
+    let out = run(
+        "cryptsetup",
+        &["token", "remove", "--token-id", "0", path_str(&image)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    import_token(
+        dir.path(),
+        &image,
+        "legacy.json",
+        &format!(r#"{{"type":"cvm-warden-kbs","keyslots":["0"],"resource":"{RES}"}}"#),
+    );
+    let tokens = vols.token_resources(&image).unwrap();
+    assert_eq!(tokens, vec![KbsToken::new(RES, None)]);
+    let token_state = check_token(&image, &tokens, &uri(RES)).unwrap();
+    assert_eq!(token_state, TokenState::Ready);
+    assert_eq!(fs_step(Action::Unlock, token_state), FsStep::Use);
+
+    // A state this build does not know fails closed.
+    let out = run(
+        "cryptsetup",
+        &["token", "remove", "--token-id", "0", path_str(&image)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    import_token(
+        dir.path(),
+        &image,
+        "future.json",
+        &format!(
+            r#"{{"type":"cvm-warden-kbs","keyslots":["0"],"resource":"{RES}","state":"resizing"}}"#
+        ),
+    );
+    let err = vols.token_resources(&image).unwrap_err();
+    assert!(matches!(err, VolumeError::BadToken { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(r#"its "state" is "resizing", neither "initialising" nor "ready""#),
+        "{err}"
+    );
+    let err = vols.set_token_state(&image, TokenState::Ready).unwrap_err();
+    assert!(matches!(err, VolumeError::BadToken { .. }), "{err:?}");
+}
+
+/// [`RealVolumes`] for everything but the dm-crypt mapping, which this host cannot create (no
+/// device-mapper): `open` checks the header format and the key as the real one does, then
+/// stands a loop device over a plain image in for the mapped (decrypted) device; `close`
+/// detaches it. The LUKS2 header, its token states, mkfs.ext4, mount(2), the root's owner and
+/// mode, syncfs and umount(2) are all real.
+struct LoopMapped {
+    real: RealVolumes,
+    plain: PathBuf,
+    state: Mutex<(Option<String>, Option<PathBuf>)>,
+}
+
+impl LoopMapped {
+    fn new(real: RealVolumes, plain: &Path) -> Self {
+        Self {
+            real,
+            plain: plain.to_path_buf(),
+            state: Mutex::new((None, None)),
+        }
+    }
+}
+
+impl Drop for LoopMapped {
+    fn drop(&mut self) {
+        let (lo, mounted) = &*self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(target) = mounted {
+            let _ = nix::mount::umount(target.as_path());
+        }
+        if let Some(lo) = lo {
+            let _ = run("losetup", &["-d", lo]);
+        }
+    }
+}
+
+impl Volumes for LoopMapped {
+    fn inspect(&self, device: &Path) -> Result<DeviceState, VolumeError> {
+        self.real.inspect(device)
+    }
+    fn format(
+        &self,
+        device: &Path,
+        key: &VolumeKey,
+        integrity: Option<Integrity>,
+    ) -> Result<u32, VolumeError> {
+        self.real.format(device, key, integrity)
+    }
+    fn check_format(&self, device: &Path, integrity: Option<Integrity>) -> Result<(), VolumeError> {
+        self.real.check_format(device, integrity)
+    }
+    fn token_resources(&self, device: &Path) -> Result<Vec<KbsToken>, VolumeError> {
+        self.real.token_resources(device)
+    }
+    fn set_token_state(&self, device: &Path, state: TokenState) -> Result<(), VolumeError> {
+        self.real.set_token_state(device, state)
+    }
+    fn verify_key(&self, device: &Path, key: &VolumeKey) -> Result<u32, VolumeError> {
+        self.real.verify_key(device, key)
+    }
+    fn open(
+        &self,
+        device: &Path,
+        _name: &str,
+        key: &VolumeKey,
+        integrity: Option<Integrity>,
+    ) -> Result<PathBuf, VolumeError> {
+        self.real.check_format(device, integrity)?;
+        self.real.verify_key(device, key)?;
+        let out = run("losetup", &["--find", "--show", path_str(&self.plain)]);
+        assert!(out.status.success(), "{}", text(&out));
+        let lo = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        self.state.lock().unwrap().0 = Some(lo.clone());
+        Ok(PathBuf::from(lo))
+    }
+    fn close(&self, _name: &str) -> Result<(), VolumeError> {
+        if let Some(lo) = self.state.lock().unwrap().0.take() {
+            let out = run("losetup", &["-d", &lo]);
+            assert!(out.status.success(), "{}", text(&out));
+        }
+        Ok(())
+    }
+    fn mkfs_ext4(&self, mapped: &Path, uid: u32, gid: u32) -> Result<(), VolumeError> {
+        self.real.mkfs_ext4(mapped, uid, gid)
+    }
+    fn mount(
+        &self,
+        mapped: &Path,
+        mountpoint: &Path,
+        options: MountOptions,
+    ) -> Result<RootAttrs, VolumeError> {
+        let root = self.real.mount(mapped, mountpoint, options)?;
+        self.state.lock().unwrap().1 = Some(mountpoint.to_path_buf());
+        Ok(root)
+    }
+    fn set_root_mode(&self, mountpoint: &Path, mode: u32) -> Result<RootAttrs, VolumeError> {
+        self.real.set_root_mode(mountpoint, mode)
+    }
+    fn unmount(&self, mountpoint: &Path) -> Result<(), VolumeError> {
+        self.real.unmount(mountpoint)?;
+        self.state.lock().unwrap().1 = None;
+        Ok(())
+    }
+}
+
+/// A runner whose mkfs.ext4 does not exist: a boot that stops (fails) right before mkfs, or
+/// proof that a later boot never runs it.
+fn no_mkfs(dir: &Path) -> RealVolumes {
+    RealVolumes::with_paths(
+        Tools::system().with_candidates(Tool::MkfsExt4, [dir.join("no-such-mkfs")]),
+        "/dev/mapper".into(),
+    )
+}
+
+/// Runs the whole flow, recording the notices; unmounts and closes after a success.
+fn boot(
+    vols: &LoopMapped,
+    spec: &VolumeSpec,
+    key: &[u8],
+) -> (
+    Result<cvm_warden::volume::Unlocked, VolumeError>,
+    Vec<Notice>,
+) {
+    let mut notices = Vec::new();
+    let result = unlock_notified(vols, spec, &volume_key(key, RES), &mut |n| {
+        notices.push(n);
+        Ok(())
+    });
+    (result, notices)
+}
+
+fn shut_down(vols: &LoopMapped, spec: &VolumeSpec) {
+    vols.unmount(&spec.mountpoint).unwrap();
+    vols.close(&spec.name).unwrap();
+}
+
+#[test]
+fn an_interrupted_first_boot_is_resumed_and_a_ready_volume_is_only_mounted() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "luks.img");
+    // What the mapping would show: all zeros until mkfs.ext4 writes to it.
+    let plain = blank_image(dir.path(), "plain.img");
+    let bytes = random_key(32);
+    let spec = VolumeSpec {
+        name: "workspace".to_string(),
+        device: image.clone(),
+        resource: uri(RES),
+        mountpoint: dir.path().join("mnt"),
+        format_if_blank: true,
+        integrity: None,
+        mount: MountOptions { noexec: true },
+        root: ROOT,
+    };
+
+    // Boot 1: luksFormat, then the boot stops where mkfs.ext4 should run.
+    let vols = LoopMapped::new(no_mkfs(dir.path()), &plain);
+    let (result, notices) = boot(&vols, &spec, &bytes);
+    let err = result.unwrap_err();
+    assert!(matches!(err, VolumeError::MkfsSpawn { .. }), "{err:?}");
+    assert_eq!(notices, [Notice::Format]);
+    assert_eq!(
+        vols.token_resources(&image).unwrap(),
+        our_token(TokenState::Initialising)
+    );
+    drop(vols);
+
+    // Boot 2: the token says initialising: the file system is made now, not the LUKS2 header.
+    let header_before = {
+        let out = run(
+            "cryptsetup",
+            &["luksDump", "--dump-json-metadata", path_str(&image)],
+        );
+        let mut meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        meta["tokens"] = serde_json::Value::Null;
+        meta
+    };
+    let vols = LoopMapped::new(RealVolumes::new(), &plain);
+    let (result, notices) = boot(&vols, &spec, &bytes);
+    let got = result.unwrap();
+    assert_eq!(
+        (got.formatted, got.step, got.root),
+        (false, FsStep::Resume, ROOT)
+    );
+    assert_eq!(notices, [Notice::Resume, Notice::Ready]);
+    let meta = std::fs::metadata(&spec.mountpoint).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (ROOT.uid, ROOT.gid, ROOT.mode)
+    );
+    assert_eq!(
+        vols.token_resources(&image).unwrap(),
+        our_token(TokenState::Ready)
+    );
+    let mut header_after = {
+        let out = run(
+            "cryptsetup",
+            &["luksDump", "--dump-json-metadata", path_str(&image)],
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    header_after["tokens"] = serde_json::Value::Null;
+    assert_eq!(
+        header_after, header_before,
+        "the LUKS2 header was rewritten"
+    );
+    // The workload writes its data.
+    std::fs::write(spec.mountpoint.join("data"), b"boot 2").unwrap();
+    shut_down(&vols, &spec);
+    drop(vols);
+
+    // Boot 3: ready: mounted, checked, never made again (this runner has no mkfs.ext4).
+    let vols = LoopMapped::new(no_mkfs(dir.path()), &plain);
+    let (result, notices) = boot(&vols, &spec, &bytes);
+    let got = result.unwrap();
+    assert_eq!((got.step, got.root), (FsStep::Use, ROOT));
+    assert!(notices.is_empty());
+    assert_eq!(
+        std::fs::read(spec.mountpoint.join("data")).unwrap(),
+        b"boot 2"
+    );
+    shut_down(&vols, &spec);
+    drop(vols);
+
+    // Boot 4: the root changed outside (another owner and mode): refused, left as it is.
+    {
+        let out = run("losetup", &["--find", "--show", path_str(&plain)]);
+        let mut lo = Loop {
+            device: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            mounted: None,
+        };
+        let target = dir.path().join("outside");
+        std::fs::create_dir(&target).unwrap();
+        nix::mount::mount(
+            Some(lo.device.as_str()),
+            &target,
+            Some("ext4"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        lo.mounted = Some(target.clone());
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::chown(&target, Some(0), Some(0)).unwrap();
+    }
+    let vols = LoopMapped::new(RealVolumes::new(), &plain);
+    let (result, _) = boot(&vols, &spec, &bytes);
+    let err = result.unwrap_err();
+    let VolumeError::RootMismatch(problem) = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(
+        (problem.expected, problem.found),
+        (
+            ROOT,
+            RootAttrs {
+                uid: 0,
+                gid: 0,
+                mode: 0o777
+            }
+        )
+    );
+    assert!(
+        err.to_string().starts_with(&format!(
+            "volume \"workspace\": the root of its file system (mounted on {}) has owner 0 group \
+             0 mode 0777, but the policy says owner 4321 group 8765 mode 0750; cvm-warden does \
+             not change the owner or mode of a ready volume",
+            spec.mountpoint.display()
+        )),
+        "{err}"
+    );
+    // Unmounted and closed again; the root as it was found.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(path_str(&spec.mountpoint)),
+        "{mountinfo}"
+    );
+    assert!(vols.state.lock().unwrap().0.is_none());
+    drop(vols);
+
+    // Boot 5: the file system is gone (its superblock zeroed): the ready volume is refused
+    // with what it likely means, and nothing is formatted (a working mkfs.ext4 is at hand).
+    {
+        let mut file = OpenOptions::new().write(true).open(&plain).unwrap();
+        file.write_all(&vec![0u8; 1 << 20]).unwrap();
+        file.sync_all().unwrap();
+    }
+    let before = digest(&plain);
+    let header = digest(&image);
+    let vols = LoopMapped::new(RealVolumes::new(), &plain);
+    let (result, notices) = boot(&vols, &spec, &bytes);
+    let err = result.unwrap_err();
+    assert!(notices.is_empty());
+    let VolumeError::NotMounted { step, errno, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*step, FsStep::Use);
+    assert_eq!(*errno, nix::errno::Errno::EINVAL);
+    let text = err.to_string();
+    assert!(
+        text.starts_with(
+            "volume \"workspace\" is ready (its LUKS2 token says its file system was made), but \
+             its file system did not mount: /dev/loop"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("holds no valid ext4 file system"), "{text}");
+    assert!(
+        text.contains("nothing was formatted: cvm-warden never formats a ready volume"),
+        "{text}"
+    );
+    assert!(!text.contains("load the ext4 module"), "{text}");
+    drop(vols);
+    assert_eq!(digest(&plain), before, "the file system image changed");
+    assert_eq!(digest(&image), header, "the LUKS2 image changed");
+}
+
+#[test]
+fn a_first_boot_through_the_real_effects_makes_the_root_the_policy_says() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "first.img");
+    let plain = blank_image(dir.path(), "first-plain.img");
+    let bytes = random_key(32);
+    let spec = VolumeSpec {
+        name: "first".to_string(),
+        device: image.clone(),
+        resource: uri(RES),
+        mountpoint: dir.path().join("mnt"),
+        format_if_blank: true,
+        integrity: None,
+        mount: MountOptions { noexec: false },
+        root: RootAttrs {
+            uid: 0,
+            gid: 8765,
+            mode: 0o2770,
+        },
+    };
+    let vols = LoopMapped::new(RealVolumes::new(), &plain);
+    let (result, notices) = boot(&vols, &spec, &bytes);
+    let got = result.unwrap();
+    assert_eq!((got.formatted, got.step), (true, FsStep::Make));
+    assert_eq!(notices, [Notice::Format, Notice::Ready]);
+    let meta = std::fs::metadata(&spec.mountpoint).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (0, 8765, 0o2770)
+    );
+    assert_eq!(
+        vols.token_resources(&image).unwrap(),
+        our_token(TokenState::Ready)
+    );
+    shut_down(&vols, &spec);
 }

@@ -97,6 +97,10 @@ pub(crate) struct RawVolume {
     pub format_if_blank: Option<bool>,
     pub integrity: Option<String>,
     pub allow_exec: Option<bool>,
+    pub owner: Option<RawId>,
+    pub group: Option<RawId>,
+    /// Octal digits, like `workload.umask`.
+    pub mode: Option<RawUmask>,
 }
 
 /// `[network]`.

@@ -71,7 +71,7 @@ fn unknown_key_in_an_array_of_tables_names_its_index() {
     );
     assert_eq!(
         error_of(&policy),
-        "policy: unknown key `volume[1].nmae` at line 16, column 1; expected one of name, device, key, mount, format_if_blank, integrity, allow_exec"
+        "policy: unknown key `volume[1].nmae` at line 16, column 1; expected one of name, device, key, mount, format_if_blank, integrity, allow_exec, owner, group, mode"
     );
 }
 
@@ -857,6 +857,10 @@ fn full_policy_parses_with_every_value() {
             format_if_blank: true,
             integrity: Some("hmac-sha256".to_string()),
             allow_exec: false,
+            // The defaults: the workload's uid and gid, mode 0700.
+            owner: 1000,
+            group: 1000,
+            mode: 0o700,
         }]
     );
     assert_eq!(
@@ -1310,6 +1314,87 @@ fn only_the_integrity_mode_the_volume_code_formats_is_accepted() {
         error_of(&policy),
         "volume[0].integrity: \"hmac-sha512\" is not an integrity mode; write \"hmac-sha256\" (dm-integrity with HMAC-SHA-256), or remove it"
     );
+}
+
+/// A policy with one volume whose table ends with `extra` lines.
+fn volume_policy(extra: &str) -> String {
+    format!(
+        "{}\n[[volume]]\nname = \"w\"\ndevice = \"/dev/vdb\"\nkey = \"kbs:///a/b/c\"\nmount = \"/w\"\n{extra}\n[network]\n",
+        minimal_with(
+            "attestation = \"none\"",
+            "attestation = { tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\" }"
+        )
+    )
+}
+
+#[test]
+fn volume_owner_group_and_mode_resolve_names_numbers_and_defaults() {
+    let root = |extra: &str| {
+        let v = &parse(&volume_policy(extra), None, &users())
+            .unwrap_or_else(|e| panic!("{extra}: {e}"))
+            .policy
+            .volumes[0];
+        (v.owner, v.group, v.mode)
+    };
+    // Defaults: the workload's uid and gid ("flare": 1000, 1000), mode 0700.
+    assert_eq!(root(""), (1000, 1000, 0o700));
+    // Names resolve through the image's passwd and group files, as the workload user does.
+    assert_eq!(
+        root("owner = \"sync\"\ngroup = \"workers\"\nmode = \"0750\"\n"),
+        (4, 2000, 0o750)
+    );
+    // The group does not follow the owner: each defaults to the workload's.
+    assert_eq!(root("owner = \"sync\"\n"), (4, 1000, 0o700));
+    assert_eq!(root("group = \"workers\"\n"), (1000, 2000, 0o700));
+    // Numbers need no passwd entry; root may own a volume (the workload then only reads it).
+    assert_eq!(
+        root("owner = 0\ngroup = 0\nmode = \"755\"\n"),
+        (0, 0, 0o755)
+    );
+    assert_eq!(
+        root("owner = 4242\nmode = \"2770\"\n"),
+        (4242, 1000, 0o2770)
+    );
+}
+
+#[test]
+fn bad_volume_owner_group_or_mode_is_refused_naming_the_key() {
+    for (extra, want) in [
+        (
+            "owner = \"nobody\"\n",
+            "volume[0].owner: no user \"nobody\" in the image's passwd file; create the user in the image or write a numeric uid",
+        ),
+        (
+            "group = \"staff\"\n",
+            "volume[0].group: no group \"staff\" in the image's group file; create the group in the image or write a numeric gid",
+        ),
+        (
+            "owner = -1\n",
+            "volume[0].owner: -1 is not a valid uid; write a number from 0 to 4294967294",
+        ),
+        (
+            "group = 4294967295\n",
+            "volume[0].group: 4294967295 is not a valid gid; write a number from 0 to 4294967294",
+        ),
+        (
+            "mode = 0o700\n",
+            "volume[0].mode: 448 is an integer; write the mode as a string of octal digits, e.g. \"0700\"",
+        ),
+        (
+            "mode = \"0800\"\n",
+            "volume[0].mode: \"0800\" is not an octal mode; write 3 or 4 octal digits, e.g. \"0700\"",
+        ),
+        (
+            "mode = \"10700\"\n",
+            "volume[0].mode: \"10700\" is not an octal mode; write 3 or 4 octal digits, e.g. \"0700\"",
+        ),
+        (
+            "mode = \"rwx\"\n",
+            "volume[0].mode: \"rwx\" is not an octal mode; write 3 or 4 octal digits, e.g. \"0700\"",
+        ),
+    ] {
+        assert_eq!(error_of(&volume_policy(extra)), want, "{extra}");
+    }
 }
 
 #[test]

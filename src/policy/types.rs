@@ -193,7 +193,16 @@ pub struct Volume {
     pub integrity: Option<String>,
     /// `allow_exec = true`: mounted without `noexec` (always `nosuid,nodev`).
     pub allow_exec: bool,
+    /// uid that owns the file system's root (`owner`; default: the workload's uid).
+    pub owner: u32,
+    /// gid of the file system's root (`group`; default: the workload's gid).
+    pub group: u32,
+    /// Permission bits of the file system's root (`mode`; default [`DEFAULT_VOLUME_MODE`]).
+    pub mode: u32,
 }
+
+/// Default `[[volume]] mode`: the root of a volume is the workload's alone.
+pub const DEFAULT_VOLUME_MODE: u32 = 0o700;
 
 /// Directory (a tmpfs cvm-warden mounts) that holds the `[[secret]]` files.
 pub const SECRETS_DIR: &str = "/run/cvm-warden/secrets";

@@ -515,6 +515,8 @@ pub(crate) fn validate(
         &mut c,
         raw.volume.as_deref().unwrap_or_default(),
         raw.workload.as_ref(),
+        workload.as_ref().map(|w| &w.user),
+        users,
     );
     let secrets = secrets(&mut c, raw.secret.as_deref().unwrap_or_default());
     if matches!(attestation, Some(Attestation::None)) {
@@ -1353,7 +1355,13 @@ fn mount_conflict(mount: &Path, workload_dirs: &[(&str, PathBuf)]) -> Option<Str
     None
 }
 
-fn volumes(c: &mut Check<'_>, raw: &[RawVolume], workload: Option<&RawWorkload>) -> Vec<Volume> {
+fn volumes(
+    c: &mut Check<'_>,
+    raw: &[RawVolume],
+    workload: Option<&RawWorkload>,
+    user: Option<&Identity>,
+    users: &dyn UserDb,
+) -> Vec<Volume> {
     let workload_dirs = workload_dirs(workload);
     let mut out = Vec::new();
     let mut names = BTreeSet::new();
@@ -1460,8 +1468,19 @@ fn volumes(c: &mut Check<'_>, raw: &[RawVolume], workload: Option<&RawWorkload>)
                 None
             }
         };
-        if let (Some(name), Some(device), Some(key), Some(mount), Some(integrity)) =
-            (name, device, key_uri, mount, integrity)
+        let owner = volume_owner(c, &key("owner"), v.owner.as_ref(), user, users);
+        let group = volume_group(c, &key("group"), v.group.as_ref(), user, users);
+        let mode = volume_mode(c, &key("mode"), v.mode.as_ref());
+        if let (
+            Some(name),
+            Some(device),
+            Some(key),
+            Some(mount),
+            Some(integrity),
+            Some(owner),
+            Some(group),
+            Some(mode),
+        ) = (name, device, key_uri, mount, integrity, owner, group, mode)
         {
             out.push(Volume {
                 name,
@@ -1471,10 +1490,108 @@ fn volumes(c: &mut Check<'_>, raw: &[RawVolume], workload: Option<&RawWorkload>)
                 format_if_blank: v.format_if_blank.unwrap_or(false),
                 integrity,
                 allow_exec: v.allow_exec.unwrap_or(false),
+                owner,
+                group,
+                mode,
             });
         }
     }
     out
+}
+
+/// A numeric owner or group of a volume's root: 0 (root) is allowed, as is any id but -1.
+fn volume_id(c: &mut Check<'_>, key: &str, n: i64, what: &str) -> Option<u32> {
+    match u32::try_from(n) {
+        Ok(id) if id != u32::MAX => Some(id),
+        _ => {
+            c.error(
+                key,
+                format!("{n} is not a valid {what}; write a number from 0 to 4294967294"),
+            );
+            None
+        }
+    }
+}
+
+/// `[[volume]] owner`: a user name from the image's passwd file or a numeric uid; default the
+/// workload's uid (`None` without a valid workload: its problem is reported already).
+fn volume_owner(
+    c: &mut Check<'_>,
+    key: &str,
+    raw: Option<&RawId>,
+    user: Option<&Identity>,
+    users: &dyn UserDb,
+) -> Option<u32> {
+    match raw {
+        None => user.map(|u| u.uid),
+        Some(RawId::Number(n)) => volume_id(c, key, *n, "uid"),
+        Some(RawId::Name(name)) => match users.user_by_name(name) {
+            Some((uid, _)) => Some(uid),
+            None => {
+                c.error(
+                    key,
+                    format!("no user {name:?} in the image's passwd file; create the user in the image or write a numeric uid"),
+                );
+                None
+            }
+        },
+    }
+}
+
+/// `[[volume]] group`: a group name from the image's group file or a numeric gid; default the
+/// workload's gid.
+fn volume_group(
+    c: &mut Check<'_>,
+    key: &str,
+    raw: Option<&RawId>,
+    user: Option<&Identity>,
+    users: &dyn UserDb,
+) -> Option<u32> {
+    match raw {
+        None => user.map(|u| u.gid),
+        Some(RawId::Number(n)) => volume_id(c, key, *n, "gid"),
+        Some(RawId::Name(name)) => match users.group_by_name(name) {
+            Some(gid) => Some(gid),
+            None => {
+                c.error(
+                    key,
+                    format!("no group {name:?} in the image's group file; create the group in the image or write a numeric gid"),
+                );
+                None
+            }
+        },
+    }
+}
+
+/// `[[volume]] mode`: 3 or 4 octal digits as a string, at most 07777; default
+/// [`DEFAULT_VOLUME_MODE`].
+fn volume_mode(c: &mut Check<'_>, key: &str, raw: Option<&RawUmask>) -> Option<u32> {
+    match raw {
+        None => Some(DEFAULT_VOLUME_MODE),
+        Some(RawUmask::Number(n)) => {
+            c.error(
+                key,
+                format!(
+                    "{n} is an integer; write the mode as a string of octal digits, e.g. \"0700\""
+                ),
+            );
+            None
+        }
+        Some(RawUmask::Text(text)) => {
+            let valid =
+                (3..=4).contains(&text.len()) && text.chars().all(|ch| ('0'..='7').contains(&ch));
+            match u32::from_str_radix(text, 8) {
+                Ok(mode) if valid => Some(mode),
+                _ => {
+                    c.error(
+                        key,
+                        format!("{text:?} is not an octal mode; write 3 or 4 octal digits, e.g. \"0700\""),
+                    );
+                    None
+                }
+            }
+        }
+    }
 }
 
 fn inbound(c: &mut Check<'_>, i: usize, raw: &RawInbound) -> Option<InboundRule> {

@@ -5,10 +5,15 @@
 //!   workload user. The bytes live only in memory (tmpfs) and in a zeroized buffer while
 //!   being written; the audit log records the name, resource and length, never the bytes.
 //!
-//! - `[[volume]]` entries: the key is fetched, then [`crate::volume::unlock`] opens the LUKS2
-//!   volume (formatting it only when blank and `format_if_blank = true`), checks its token
-//!   names the same resource, creates ext4 on first boot and mounts it `nosuid,nodev` (and
-//!   `noexec` unless `allow_exec = true`). The key is a zeroized buffer dropped right after.
+//! - `[[volume]]` entries: the key is fetched, then [`crate::volume::unlock_notified`] opens
+//!   the LUKS2 volume (formatting it only when blank and `format_if_blank = true`), checks its
+//!   token names the same resource, creates ext4 (root owned by the volume's `owner:group`,
+//!   then its `mode`) while the token says `initialising`, marks it `ready`, and mounts it
+//!   `nosuid,nodev` (and `noexec` unless `allow_exec = true`); a `ready` volume's root must
+//!   have the policy's owner, group and mode. The key is a zeroized buffer dropped right
+//!   after. State changes are audited before they happen: `unlock/volume_format` (a blank
+//!   device is formatted), `unlock/volume_resume` (the token says `initialising`: a first boot
+//!   stopped early, the file system is made again) and, after, `unlock/volume_ready`.
 
 use std::path::PathBuf;
 
@@ -18,7 +23,7 @@ use serde_json::{json, Value};
 
 use super::{Effects, StageError};
 use crate::policy::{Policy, ResourceUri, Volume, SECRETS_DIR};
-use crate::volume::{self, VolumeKey, VolumeSpec};
+use crate::volume::{self, Notice, VolumeKey, VolumeSpec};
 
 /// Size limit of the secrets tmpfs.
 pub const SECRETS_TMPFS_SIZE: &str = "4m";
@@ -106,6 +111,43 @@ fn fetch(
     )
 }
 
+/// `{"owner": uid, "group": gid, "mode": "0700"}`.
+fn root_json(root: volume::RootAttrs) -> Value {
+    json!({
+        "owner": root.uid,
+        "group": root.gid,
+        "mode": format!("{:04o}", root.mode),
+    })
+}
+
+/// The audit event and details of a volume [`Notice`].
+pub fn notice_record(spec: &VolumeSpec, notice: Notice) -> (&'static str, Value) {
+    let mut details = json!({
+        "name": spec.name,
+        "device": spec.device,
+        "resource": spec.resource,
+        "root": root_json(spec.root),
+    });
+    let (event, what) = match notice {
+        Notice::Format => (
+            "volume_format",
+            "the device is blank (no LUKS2 header, first MiB all zeros) and format_if_blank = \
+             true: formatting LUKS2, token state initialising",
+        ),
+        Notice::Resume => (
+            "volume_resume",
+            "the LUKS2 token says initialising: an earlier first boot stopped before the volume \
+             was ready, so no workload ran on it; making its file system again",
+        ),
+        Notice::Ready => (
+            "volume_ready",
+            "file system made, root owner and mode set and synced; token state ready",
+        ),
+    };
+    details["what"] = what.into();
+    (event, details)
+}
+
 /// tmpfs options of the secrets directory.
 pub fn secrets_mount_data(uid: u32, gid: u32) -> String {
     format!("mode=0500,uid={uid},gid={gid},size={SECRETS_TMPFS_SIZE},nr_inodes=256")
@@ -122,8 +164,14 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             format!("key of volume {:?} from {}", volume.name, volume.key),
         )?;
         let key = VolumeKey::new(bytes, volume.key.clone()).map_err(|e| volume_error(volume, e))?;
-        let unlocked =
-            volume::unlock(fx.volumes, &spec, &key).map_err(|e| volume_error(volume, e))?;
+        let audit = fx.audit;
+        let mut notify = |notice: Notice| -> Result<(), volume::NoticeError> {
+            let (event, details) = notice_record(&spec, notice);
+            audit.record("unlock", event, details)?;
+            Ok(())
+        };
+        let unlocked = volume::unlock_notified(fx.volumes, &spec, &key, &mut notify)
+            .map_err(|e| volume_error(volume, e))?;
         drop(key);
         opened.push(json!({
             "name": volume.name,
@@ -132,6 +180,8 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             "mapped": unlocked.mapped,
             "keyslot": unlocked.keyslot,
             "formatted": unlocked.formatted,
+            "filesystem": unlocked.step,
+            "root": root_json(unlocked.root),
             "mount": volume.mount,
             "noexec": !volume.allow_exec,
         }));
@@ -173,4 +223,52 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
         }
     }
     Ok(json!({ "volumes": opened, "secrets": delivered }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::volume::{MountOptions, RootAttrs};
+
+    fn spec() -> VolumeSpec {
+        VolumeSpec {
+            name: "workspace".to_string(),
+            device: PathBuf::from("/dev/vdb"),
+            resource: ResourceUri::parse("kbs:///default/keys/workspace").unwrap(),
+            mountpoint: PathBuf::from("/workspace"),
+            format_if_blank: true,
+            integrity: None,
+            mount: MountOptions { noexec: true },
+            root: RootAttrs {
+                uid: 1000,
+                gid: 1000,
+                mode: 0o700,
+            },
+        }
+    }
+
+    #[test]
+    fn each_volume_notice_has_its_own_audit_event_naming_the_volume() {
+        let spec = spec();
+        let events: Vec<(&str, Value)> = [Notice::Format, Notice::Resume, Notice::Ready]
+            .into_iter()
+            .map(|n| notice_record(&spec, n))
+            .collect();
+        let names: Vec<&str> = events.iter().map(|(e, _)| *e).collect();
+        assert_eq!(names, ["volume_format", "volume_resume", "volume_ready"]);
+        for (_, details) in &events {
+            assert_eq!(details["name"], "workspace");
+            assert_eq!(details["device"], "/dev/vdb");
+            assert_eq!(details["resource"], "kbs:///default/keys/workspace");
+            assert_eq!(
+                details["root"],
+                json!({"owner": 1000, "group": 1000, "mode": "0700"})
+            );
+        }
+        assert!(events[1].1["what"]
+            .as_str()
+            .unwrap()
+            .contains("the LUKS2 token says initialising"));
+    }
 }

@@ -163,27 +163,111 @@ pub fn decide(
     }
 }
 
+/// What the `state` member of a `cvm-warden-kbs` token says about the volume.
+///
+/// `initialising` is written with the token at luksFormat, before the file system exists;
+/// `ready` only after `mkfs.ext4`, the root's owner and mode set and synced. The workload
+/// starts only after every volume is `ready`, so a volume still `initialising` on a later
+/// boot can hold nothing the workload wrote: its file system is made again. A `ready` volume
+/// is never formatted nor given a new file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenState {
+    /// LUKS2 formatted, file system not (yet) finished.
+    Initialising,
+    /// File system made, root owner and mode set: the volume holds (or may hold) data.
+    Ready,
+}
+
+impl TokenState {
+    /// The token's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Initialising => "initialising",
+            Self::Ready => "ready",
+        }
+    }
+
+    /// Parses the token's spelling.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "initialising" => Some(Self::Initialising),
+            "ready" => Some(Self::Ready),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TokenState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One `cvm-warden-kbs` token as read from a LUKS2 header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KbsToken {
+    /// The broker resource it names.
+    pub resource: String,
+    /// Its `state`; `None` for a token written before volume states existed (read as
+    /// [`TokenState::Ready`]: such a volume went through a whole first boot or was bound by
+    /// hand, and may hold data).
+    pub state: Option<TokenState>,
+}
+
+impl KbsToken {
+    /// A token naming `resource` in `state`.
+    pub fn new(resource: impl Into<String>, state: Option<TokenState>) -> Self {
+        Self {
+            resource: resource.into(),
+            state,
+        }
+    }
+
+    /// The state the unlock flow acts on: a token without one is `ready`.
+    pub fn effective_state(&self) -> TokenState {
+        self.state.unwrap_or(TokenState::Ready)
+    }
+}
+
 /// The LUKS2 token JSON cvm-warden writes: `type` and `keyslots` (both required by LUKS2;
-/// keyslot numbers are strings) and the broker resource the key comes from.
-pub fn token_json(resource: &ResourceUri, keyslot: u32) -> Value {
+/// keyslot numbers are strings), the broker resource the key comes from, and the volume's
+/// [`TokenState`].
+pub fn token_json(resource: &ResourceUri, keyslot: u32, state: TokenState) -> Value {
     json!({
         "type": TOKEN_TYPE,
         "keyslots": [keyslot.to_string()],
         "resource": resource.to_string(),
+        "state": state.as_str(),
     })
 }
 
 /// The resource named by a token of type [`TOKEN_TYPE`]; `Ok(None)` for a token of another
 /// type, an error text for one of ours without a string `resource`.
 pub fn token_resource(token: &Value) -> Result<Option<String>, String> {
+    Ok(parse_token(token)?.map(|t| t.resource))
+}
+
+/// A token of type [`TOKEN_TYPE`] read: `Ok(None)` for a token of another type, an error text
+/// for one of ours without a string `resource`, or with a `state` other than `"initialising"`
+/// or `"ready"` (fail closed: this build does not know what such a volume holds).
+pub fn parse_token(token: &Value) -> Result<Option<KbsToken>, String> {
     if token.get("type").and_then(Value::as_str) != Some(TOKEN_TYPE) {
         return Ok(None);
     }
-    match token.get("resource") {
-        Some(Value::String(resource)) => Ok(Some(resource.clone())),
-        Some(other) => Err(format!("its \"resource\" is {other}, not a string")),
-        None => Err("it has no \"resource\" member".to_string()),
-    }
+    let resource = match token.get("resource") {
+        Some(Value::String(resource)) => resource.clone(),
+        Some(other) => return Err(format!("its \"resource\" is {other}, not a string")),
+        None => return Err("it has no \"resource\" member".to_string()),
+    };
+    let state = match token.get("state") {
+        None => None,
+        Some(Value::String(text)) => Some(TokenState::parse(text).ok_or_else(|| {
+            format!("its \"state\" is {text:?}, neither \"initialising\" nor \"ready\"")
+        })?),
+        Some(other) => return Err(format!("its \"state\" is {other}, not a string")),
+    };
+    Ok(Some(KbsToken { resource, state }))
 }
 
 /// Why the token check failed closed.
@@ -195,7 +279,7 @@ pub enum TokenProblem {
          tell which key it belongs to; if {expected} is its key, bind it with `cryptsetup token \
          import {0} --json-file <file>` where the file holds {json}",
         device.display(),
-        json = token_json(expected, 0)
+        json = token_json(expected, 0, TokenState::Ready)
     )]
     Missing {
         /// The device.
@@ -233,14 +317,16 @@ pub enum TokenProblem {
     },
 }
 
-/// Compares the resources named by the device's tokens with the policy's resource. Exactly one
-/// distinct resource, equal to `expected`, passes; anything else fails closed.
+/// Compares the device's tokens with the policy's resource. Exactly one distinct resource,
+/// equal to `expected`, passes; anything else fails closed. Returns the volume's state: `ready`
+/// when any token says `ready` or says nothing (a volume that may hold data is never treated
+/// as unfinished), `initialising` only when every token says so.
 pub fn check_token(
     device: &Path,
-    found: &[String],
+    found: &[KbsToken],
     expected: &ResourceUri,
-) -> Result<(), TokenProblem> {
-    let mut distinct: Vec<String> = found.to_vec();
+) -> Result<TokenState, TokenProblem> {
+    let mut distinct: Vec<String> = found.iter().map(|t| t.resource.clone()).collect();
     distinct.sort();
     distinct.dedup();
     match distinct.as_slice() {
@@ -248,7 +334,16 @@ pub fn check_token(
             device: device.to_path_buf(),
             expected: expected.clone(),
         }),
-        [only] if *only == expected.to_string() => Ok(()),
+        [only] if *only == expected.to_string() => {
+            if found
+                .iter()
+                .all(|t| t.effective_state() == TokenState::Initialising)
+            {
+                Ok(TokenState::Initialising)
+            } else {
+                Ok(TokenState::Ready)
+            }
+        }
         [only] => Err(TokenProblem::Mismatch {
             device: device.to_path_buf(),
             found: only.clone(),
@@ -258,6 +353,175 @@ pub fn check_token(
             device: device.to_path_buf(),
             found: distinct,
         }),
+    }
+}
+
+/// What happens to the file system once the mapping is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsStep {
+    /// First boot, the device was formatted just now: `mkfs.ext4` (root owner from the
+    /// policy), mount, root mode, check, sync, mark the token `ready`.
+    Make,
+    /// The token says `initialising`: an earlier first boot stopped after luksFormat and
+    /// before the volume was ready, so no workload ever ran on it. The same steps as
+    /// [`FsStep::Make`], audited as a resume.
+    Resume,
+    /// The token says `ready` (or nothing): mount and check the root's owner, group and mode.
+    /// Never `mkfs.ext4`, whatever happens.
+    Use,
+}
+
+impl FsStep {
+    /// Whether this step makes a file system.
+    pub fn makes_file_system(self) -> bool {
+        matches!(self, Self::Make | Self::Resume)
+    }
+}
+
+/// The file system decision. Only a token that says `initialising` gets a new file system;
+/// a `ready` one (or one written before volume states) is only mounted, whatever [`decide`]
+/// said. Pure.
+pub fn fs_step(action: Action, state: TokenState) -> FsStep {
+    match (action, state) {
+        (_, TokenState::Ready) => FsStep::Use,
+        (Action::FormatThenUnlock, TokenState::Initialising) => FsStep::Make,
+        (Action::Unlock, TokenState::Initialising) => FsStep::Resume,
+    }
+}
+
+/// Owner, group and permission bits of a file system's root directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RootAttrs {
+    /// Owner uid.
+    pub uid: u32,
+    /// Group gid.
+    pub gid: u32,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+}
+
+impl std::fmt::Display for RootAttrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "owner {} group {} mode {:04o}",
+            self.uid, self.gid, self.mode
+        )
+    }
+}
+
+/// The root of a `ready` volume's file system is not what the policy says. The volume was
+/// unmounted and closed; nothing was changed on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "volume {volume:?}: the root of its file system (mounted on {}) has {found}, but the policy \
+     says {expected}; cvm-warden does not change the owner or mode of a ready volume, which may \
+     hold someone else's data, so it is not used: if this is the right volume, set the \
+     volume's owner, group and mode in the policy to what it holds, or change its root from a \
+     recovery boot (`cryptsetup open {}`, mount it, `chown {}:{}` and `chmod {:04o}` its root)",
+    mountpoint.display(),
+    device.display(),
+    expected.uid,
+    expected.gid,
+    expected.mode
+)]
+pub struct RootMismatch {
+    /// The policy's volume name.
+    pub volume: String,
+    /// The LUKS2 device.
+    pub device: PathBuf,
+    /// Where it was mounted.
+    pub mountpoint: PathBuf,
+    /// The policy's owner, group and mode.
+    pub expected: RootAttrs,
+    /// What the root holds.
+    pub found: RootAttrs,
+}
+
+/// Compares the root of a mounted volume with the policy. Pure.
+pub fn check_root(
+    volume: &str,
+    device: &Path,
+    mountpoint: &Path,
+    expected: RootAttrs,
+    found: RootAttrs,
+) -> Result<(), RootMismatch> {
+    if found == expected {
+        return Ok(());
+    }
+    Err(RootMismatch {
+        volume: volume.to_string(),
+        device: device.to_path_buf(),
+        mountpoint: mountpoint.to_path_buf(),
+        expected,
+        found,
+    })
+}
+
+/// Why a volume's file system did not mount, for the operator: the volume, its state, the
+/// likely cause from mount(2)'s errno, and what was (not) done. Pure.
+pub fn not_mounted_text(
+    volume: &str,
+    device: &Path,
+    mapped: &Path,
+    step: FsStep,
+    errno: Option<nix::errno::Errno>,
+) -> String {
+    use nix::errno::Errno;
+    let mapped_text = mapped.display();
+    let no_fs = matches!(errno, Some(Errno::EINVAL | Errno::EUCLEAN | Errno::EBADMSG));
+    let cause = match errno {
+        Some(Errno::ENODEV) => "the kernel has no ext4 file system type: load the ext4 module \
+                               (and crc32c_generic, which it needs) before the unlock stage"
+            .to_string(),
+        Some(Errno::ENOENT) => "ext4 could not get its crc32c checksum (or the mapped device \
+                               is missing): load crc32c_generic before the unlock stage"
+            .to_string(),
+        Some(Errno::EIO) => format!(
+            "reading {mapped_text} failed with an I/O error (with integrity: blocks changed \
+             outside the VM)"
+        ),
+        _ if no_fs && step.makes_file_system() => format!(
+            "the kernel does not accept the ext4 file system mkfs.ext4 just made on \
+             {mapped_text} (a file system feature this kernel lacks? see the kernel log)"
+        ),
+        _ if no_fs => format!(
+            "{mapped_text} holds no valid ext4 file system: a corrupted file system (check it \
+             from a recovery boot with `e2fsck -n {mapped_text}`), or a first boot that stopped \
+             before mkfs.ext4 under a cvm-warden release that recorded no volume state"
+        ),
+        Some(other) => format!(
+            "mount(2) said {other}; check the kernel log for a missing module (ext4, \
+             crc32c_generic) or a damaged file system (`e2fsck -n {mapped_text}` from a \
+             recovery boot)"
+        ),
+        None => format!(
+            "check the kernel log for a missing module (ext4, crc32c_generic) or a damaged file \
+             system (`e2fsck -n {mapped_text}` from a recovery boot)"
+        ),
+    };
+    match step {
+        FsStep::Use => {
+            let mut text = format!(
+                "volume {volume:?} is ready (its LUKS2 token says its file system was made), but \
+                 its file system did not mount: {cause}; nothing was formatted: cvm-warden never \
+                 formats a ready volume"
+            );
+            if no_fs {
+                let device = device.display();
+                text.push_str(&format!(
+                    "; if it holds nothing of value, zero its first 16 MiB (`dd if=/dev/zero \
+                     of={device} bs=1M count=16 conv=fsync`) and the next boot formats it anew"
+                ));
+            }
+            text
+        }
+        FsStep::Make | FsStep::Resume => format!(
+            "volume {volume:?}: the file system just made on it did not mount: {cause}; its \
+             LUKS2 token still says initialising (no workload ran on it), so the next boot makes \
+             its file system again"
+        ),
     }
 }
 
@@ -727,16 +991,39 @@ mod tests {
     }
 
     #[test]
-    fn token_json_has_the_required_luks2_members() {
-        let token = token_json(&uri("kbs:///default/keys/workspace"), 0);
+    fn token_json_has_the_required_luks2_members_and_the_state() {
+        let token = token_json(
+            &uri("kbs:///default/keys/workspace"),
+            0,
+            TokenState::Initialising,
+        );
         assert_eq!(
             token,
-            json!({"type":"cvm-warden-kbs","keyslots":["0"],"resource":"kbs:///default/keys/workspace"})
+            json!({"type":"cvm-warden-kbs","keyslots":["0"],
+                "resource":"kbs:///default/keys/workspace","state":"initialising"})
         );
         assert_eq!(
-            token_resource(&token).unwrap().as_deref(),
+            parse_token(&token).unwrap(),
+            Some(KbsToken::new(
+                "kbs:///default/keys/workspace",
+                Some(TokenState::Initialising)
+            ))
+        );
+        let ready = token_json(&uri("kbs:///default/keys/workspace"), 2, TokenState::Ready);
+        assert_eq!(ready["state"], "ready");
+        assert_eq!(ready["keyslots"], json!(["2"]));
+        assert_eq!(
+            token_resource(&ready).unwrap().as_deref(),
             Some("kbs:///default/keys/workspace")
         );
+    }
+
+    #[test]
+    fn a_token_without_a_state_is_read_as_ready() {
+        let old = json!({"type":TOKEN_TYPE,"keyslots":["0"],"resource":"kbs:///a/b/c"});
+        let token = parse_token(&old).unwrap().unwrap();
+        assert_eq!(token, KbsToken::new("kbs:///a/b/c", None));
+        assert_eq!(token.effective_state(), TokenState::Ready);
     }
 
     #[test]
@@ -756,15 +1043,46 @@ mod tests {
     }
 
     #[test]
+    fn a_token_with_an_unknown_or_malformed_state_fails_closed() {
+        for (state, want) in [
+            (
+                json!("formatting"),
+                r#"its "state" is "formatting", neither"#,
+            ),
+            (json!("Ready"), r#"its "state" is "Ready", neither"#),
+            (json!(""), r#"its "state" is "", neither"#),
+            (json!(1), r#"its "state" is 1, not a string"#),
+            (json!(null), r#"its "state" is null, not a string"#),
+        ] {
+            let token = json!({"type":TOKEN_TYPE,"keyslots":["0"],"resource":"kbs:///a/b/c",
+                "state":state});
+            let err = parse_token(&token).unwrap_err();
+            assert!(err.starts_with(want), "{state}: {err}");
+        }
+        // Another tool's token is not ours to judge.
+        assert_eq!(
+            parse_token(&json!({"type":"other","state":"weird"})).unwrap(),
+            None
+        );
+    }
+
+    fn tok(resource: &str, state: Option<TokenState>) -> KbsToken {
+        KbsToken::new(resource, state)
+    }
+
+    #[test]
     fn check_token_accepts_only_one_matching_resource() {
         let dev = Path::new(DEV);
         let want = uri("kbs:///default/keys/workspace");
-        let same = "kbs:///default/keys/workspace".to_string();
-        assert_eq!(check_token(dev, std::slice::from_ref(&same), &want), Ok(()));
+        let same = tok("kbs:///default/keys/workspace", Some(TokenState::Ready));
+        assert_eq!(
+            check_token(dev, std::slice::from_ref(&same), &want),
+            Ok(TokenState::Ready)
+        );
         // The same resource twice is still one resource.
         assert_eq!(
             check_token(dev, &[same.clone(), same.clone()], &want),
-            Ok(())
+            Ok(TokenState::Ready)
         );
 
         let missing = check_token(dev, &[], &want).unwrap_err().to_string();
@@ -776,12 +1094,13 @@ mod tests {
             missing.contains("cryptsetup token import /dev/vdb"),
             "{missing}"
         );
+        // A token bound by hand to a volume that holds data says ready.
         assert!(
-            missing.contains(r#""resource":"kbs:///default/keys/workspace""#),
+            missing.contains(r#""resource":"kbs:///default/keys/workspace","state":"ready""#),
             "{missing}"
         );
 
-        let other = "kbs:///default/keys/other".to_string();
+        let other = tok("kbs:///default/keys/other", Some(TokenState::Initialising));
         let mismatch = check_token(dev, std::slice::from_ref(&other), &want)
             .unwrap_err()
             .to_string();
@@ -795,6 +1114,152 @@ mod tests {
         let ambiguous = check_token(dev, &[same, other], &want).unwrap_err();
         assert!(matches!(ambiguous, TokenProblem::Ambiguous { ref found, .. } if found.len() == 2));
         assert!(ambiguous.to_string().contains("keep exactly one"));
+    }
+
+    /// Initialising only when every token of ours says so: ready or no state anywhere wins.
+    #[test]
+    fn check_token_state_is_initialising_only_when_every_token_says_so() {
+        use TokenState::{Initialising, Ready};
+        let dev = Path::new(DEV);
+        let want = uri("kbs:///a/b/c");
+        let cases: [(&[Option<TokenState>], TokenState); 7] = [
+            (&[Some(Initialising)], Initialising),
+            (&[Some(Initialising), Some(Initialising)], Initialising),
+            (&[Some(Ready)], Ready),
+            (&[None], Ready),
+            (&[Some(Initialising), Some(Ready)], Ready),
+            (&[Some(Initialising), None], Ready),
+            (&[None, Some(Initialising)], Ready),
+        ];
+        for (states, expected) in cases {
+            let tokens: Vec<KbsToken> = states.iter().map(|s| tok("kbs:///a/b/c", *s)).collect();
+            assert_eq!(check_token(dev, &tokens, &want), Ok(expected), "{states:?}");
+        }
+    }
+
+    /// Every action × state: only `initialising` makes a file system; `ready` never does,
+    /// whatever the device decision said.
+    #[test]
+    fn fs_step_makes_a_file_system_only_for_initialising_tokens() {
+        use TokenState::{Initialising, Ready};
+        assert_eq!(
+            fs_step(Action::FormatThenUnlock, Initialising),
+            FsStep::Make
+        );
+        assert_eq!(fs_step(Action::Unlock, Initialising), FsStep::Resume);
+        assert_eq!(fs_step(Action::Unlock, Ready), FsStep::Use);
+        assert_eq!(fs_step(Action::FormatThenUnlock, Ready), FsStep::Use);
+        for action in [Action::Unlock, Action::FormatThenUnlock] {
+            assert!(!fs_step(action, Ready).makes_file_system());
+            assert!(fs_step(action, Initialising).makes_file_system());
+        }
+    }
+
+    #[test]
+    fn check_root_names_volume_expected_found_and_what_to_do() {
+        let want = RootAttrs {
+            uid: 1000,
+            gid: 1000,
+            mode: 0o700,
+        };
+        let mnt = Path::new("/workspace");
+        assert_eq!(
+            check_root("workspace", Path::new(DEV), mnt, want, want),
+            Ok(())
+        );
+        for found in [
+            RootAttrs { uid: 0, ..want },
+            RootAttrs { gid: 0, ..want },
+            RootAttrs {
+                mode: 0o755,
+                ..want
+            },
+            RootAttrs {
+                mode: 0o2700,
+                ..want
+            },
+        ] {
+            let err = check_root("workspace", Path::new(DEV), mnt, want, found).unwrap_err();
+            assert_eq!((err.expected, err.found), (want, found));
+        }
+        let err = check_root(
+            "workspace",
+            Path::new(DEV),
+            mnt,
+            want,
+            RootAttrs {
+                uid: 0,
+                gid: 0,
+                mode: 0o755,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "volume \"workspace\": the root of its file system (mounted on /workspace) has owner \
+             0 group 0 mode 0755, but the policy says owner 1000 group 1000 mode 0700; \
+             cvm-warden does not change the owner or mode of a ready volume, which may hold \
+             someone else's data, so it is not used: if this is the right volume, set the \
+             volume's owner, group and mode in the policy to what it holds, or change its root \
+             from a recovery boot (`cryptsetup open /dev/vdb`, mount it, `chown 1000:1000` and \
+             `chmod 0700` its root)"
+        );
+    }
+
+    #[test]
+    fn not_mounted_text_says_ready_nothing_formatted_and_the_likely_cause() {
+        use nix::errno::Errno;
+        let dev = Path::new(DEV);
+        let mapped = Path::new("/dev/mapper/workspace");
+        let ready = |errno| not_mounted_text("workspace", dev, mapped, FsStep::Use, errno);
+        let prefix = "volume \"workspace\" is ready (its LUKS2 token says its file system was \
+                      made), but its file system did not mount: ";
+        let never = "nothing was formatted: cvm-warden never formats a ready volume";
+
+        let text = ready(Some(Errno::EINVAL));
+        assert_eq!(
+            text,
+            format!(
+                "{prefix}/dev/mapper/workspace holds no valid ext4 file system: a corrupted file \
+                 system (check it from a recovery boot with `e2fsck -n /dev/mapper/workspace`), \
+                 or a first boot that stopped before mkfs.ext4 under a cvm-warden release that \
+                 recorded no volume state; {never}; if it holds nothing of value, zero its first \
+                 16 MiB (`dd if=/dev/zero of=/dev/vdb bs=1M count=16 conv=fsync`) and the next \
+                 boot formats it anew"
+            )
+        );
+        // The module hints only where mount(2) says a module is missing.
+        let enodev = ready(Some(Errno::ENODEV));
+        assert!(enodev.starts_with(prefix), "{enodev}");
+        assert!(
+            enodev.contains("the kernel has no ext4 file system type: load the ext4 module"),
+            "{enodev}"
+        );
+        assert!(enodev.ends_with(never), "{enodev}");
+        let enoent = ready(Some(Errno::ENOENT));
+        assert!(enoent.contains("load crc32c_generic"), "{enoent}");
+        for errno in [Errno::EINVAL, Errno::EUCLEAN, Errno::EBADMSG, Errno::EIO] {
+            let text = ready(Some(errno));
+            assert!(!text.contains("load the ext4 module"), "{errno}: {text}");
+            assert!(text.contains(never), "{errno}: {text}");
+        }
+        assert!(ready(Some(Errno::EIO)).contains("I/O error"));
+        let other = ready(Some(Errno::EPERM));
+        assert!(other.contains("mount(2) said EPERM"), "{other}");
+        assert!(!other.contains("dd if=/dev/zero"), "{other}");
+
+        // A file system made this boot: the token stays initialising.
+        for step in [FsStep::Make, FsStep::Resume] {
+            let text = not_mounted_text("workspace", dev, mapped, step, Some(Errno::EINVAL));
+            assert_eq!(
+                text,
+                "volume \"workspace\": the file system just made on it did not mount: the kernel \
+                 does not accept the ext4 file system mkfs.ext4 just made on \
+                 /dev/mapper/workspace (a file system feature this kernel lacks? see the kernel \
+                 log); its LUKS2 token still says initialising (no workload ran on it), so the \
+                 next boot makes its file system again"
+            );
+        }
     }
 
     /// LUKS2 JSON metadata as `cryptsetup luksDump --dump-json-metadata` prints it (keyslot 0

@@ -1,8 +1,10 @@
 //! [`FakeVolumes`]: the recording fake of [`Volumes`]. It keeps a table of devices (their
-//! [`DeviceState`], the SHA-256 of the key a LUKS2 one was formatted with, its token
-//! resources and its [`HeaderFormat`]), records every call, mirrors the real implementation's
-//! refusals (format only a blank device; the header format must be cvm-warden's, also on
-//! open; the key must match), and fails the operations it is told to fail.
+//! [`DeviceState`], the SHA-256 of the key a LUKS2 one was formatted with, its tokens with
+//! their states, its [`HeaderFormat`] and the root of the file system inside, if any), records
+//! every call, mirrors the real implementation's refusals (format only a blank device; the
+//! header format must be cvm-warden's, also on open; the key must match; a mapping without a
+//! file system does not mount, with `EINVAL` as mount(2) says), and fails the operations it is
+//! told to fail.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use libcryptsetup_rs::LibcryptErr;
 use sha2::{Digest as _, Sha256};
 
-use super::decide::{self, DeviceState, HeaderFormat};
+use super::decide::{self, DeviceState, HeaderFormat, KbsToken, RootAttrs, TokenState};
 use super::{Integrity, MountOptions, VolumeError, VolumeKey, Volumes};
 
 /// One recorded call (no key material: the key is recorded by its resource).
@@ -37,6 +39,13 @@ pub enum VolumeCall {
     },
     /// [`Volumes::token_resources`].
     TokenResources(PathBuf),
+    /// [`Volumes::set_token_state`].
+    SetTokenState {
+        /// Device.
+        device: PathBuf,
+        /// The state written.
+        state: TokenState,
+    },
     /// [`Volumes::verify_key`].
     VerifyKey {
         /// Device.
@@ -54,7 +63,14 @@ pub enum VolumeCall {
     /// [`Volumes::close`].
     Close(String),
     /// [`Volumes::mkfs_ext4`].
-    MkfsExt4(PathBuf),
+    MkfsExt4 {
+        /// Mapped device.
+        mapped: PathBuf,
+        /// Owner of the root.
+        uid: u32,
+        /// Group of the root.
+        gid: u32,
+    },
     /// [`Volumes::mount`].
     Mount {
         /// Mapped device.
@@ -64,6 +80,15 @@ pub enum VolumeCall {
         /// Options.
         options: MountOptions,
     },
+    /// [`Volumes::set_root_mode`].
+    SetRootMode {
+        /// Mount point.
+        mountpoint: PathBuf,
+        /// Mode.
+        mode: u32,
+    },
+    /// [`Volumes::unmount`].
+    Unmount(PathBuf),
 }
 
 impl VolumeCall {
@@ -74,11 +99,14 @@ impl VolumeCall {
             VolumeCall::Format { .. } => VolumeOp::Format,
             VolumeCall::CheckFormat { .. } => VolumeOp::CheckFormat,
             VolumeCall::TokenResources(_) => VolumeOp::TokenResources,
+            VolumeCall::SetTokenState { .. } => VolumeOp::SetTokenState,
             VolumeCall::VerifyKey { .. } => VolumeOp::VerifyKey,
             VolumeCall::Open { .. } => VolumeOp::Open,
             VolumeCall::Close(_) => VolumeOp::Close,
-            VolumeCall::MkfsExt4(_) => VolumeOp::MkfsExt4,
+            VolumeCall::MkfsExt4 { .. } => VolumeOp::MkfsExt4,
             VolumeCall::Mount { .. } => VolumeOp::Mount,
+            VolumeCall::SetRootMode { .. } => VolumeOp::SetRootMode,
+            VolumeCall::Unmount(_) => VolumeOp::Unmount,
         }
     }
 }
@@ -104,14 +132,22 @@ pub enum VolumeOp {
     MkfsExt4,
     /// [`Volumes::mount`].
     Mount,
+    /// [`Volumes::set_token_state`].
+    SetTokenState,
+    /// [`Volumes::set_root_mode`].
+    SetRootMode,
+    /// [`Volumes::unmount`].
+    Unmount,
 }
 
 #[derive(Debug, Clone)]
 struct FakeDevice {
     state: DeviceState,
     key_sha256: Option<[u8; 32]>,
-    tokens: Vec<String>,
+    tokens: Vec<KbsToken>,
     header: HeaderFormat,
+    /// The root of the ext4 file system inside; `None`: no file system.
+    fs: Option<RootAttrs>,
 }
 
 #[derive(Debug, Default)]
@@ -121,6 +157,8 @@ struct Inner {
     fail: BTreeSet<VolumeOp>,
     mappings: BTreeMap<String, PathBuf>,
     mounts: BTreeMap<PathBuf, PathBuf>,
+    /// `mkfs_ext4` leaves the root `0:0`, as an `mkfs.ext4` without `-E root_owner` does.
+    ignore_root_owner: bool,
 }
 
 /// The recording fake of [`Volumes`].
@@ -140,6 +178,12 @@ fn injected(op: VolumeOp, device: &Path) -> VolumeError {
             target: PathBuf::new(),
             options: "nosuid,nodev".to_string(),
             source: nix::errno::Errno::EIO,
+        };
+    }
+    if op == VolumeOp::Unmount {
+        return VolumeError::Unmount {
+            path: device.to_path_buf(),
+            source: nix::errno::Errno::EBUSY,
         };
     }
     VolumeError::Crypt {
@@ -169,23 +213,46 @@ impl FakeVolumes {
                 key_sha256: None,
                 tokens: Vec::new(),
                 header: HeaderFormat::cvm_warden(None),
+                fs: None,
             },
         );
         self
     }
 
-    /// Adds a LUKS2 device that `key` opens and whose tokens name `tokens`, with the header
-    /// format cvm-warden writes without integrity (see [`Self::with_header`]).
+    /// Adds a LUKS2 device that `key` opens and whose tokens name `tokens` (without a state,
+    /// as written before volume states; see [`Self::with_token_state`]), with the header
+    /// format cvm-warden writes without integrity (see [`Self::with_header`]) and no file
+    /// system inside (see [`Self::with_fs`]).
     pub fn with_luks2(self, device: impl Into<PathBuf>, key: &[u8], tokens: &[&str]) -> Self {
         self.lock().devices.insert(
             device.into(),
             FakeDevice {
                 state: DeviceState::Luks2,
                 key_sha256: Some(sha256(key)),
-                tokens: tokens.iter().map(|t| t.to_string()).collect(),
+                tokens: tokens.iter().map(|t| KbsToken::new(*t, None)).collect(),
                 header: HeaderFormat::cvm_warden(None),
+                fs: None,
             },
         );
+        self
+    }
+
+    /// Sets the state of every token of a device added before.
+    pub fn with_token_state(self, device: impl AsRef<Path>, state: Option<TokenState>) -> Self {
+        if let Some(dev) = self.lock().devices.get_mut(device.as_ref()) {
+            for token in &mut dev.tokens {
+                token.state = state;
+            }
+        }
+        self
+    }
+
+    /// Puts an ext4 file system whose root is `root` inside a device added before (`None`:
+    /// none).
+    pub fn with_fs(self, device: impl AsRef<Path>, root: Option<RootAttrs>) -> Self {
+        if let Some(dev) = self.lock().devices.get_mut(device.as_ref()) {
+            dev.fs = root;
+        }
         self
     }
 
@@ -204,6 +271,18 @@ impl FakeVolumes {
         self
     }
 
+    /// Makes `mkfs_ext4` leave the root owned by `0:0` whatever it is asked (an `mkfs.ext4`
+    /// that ignores `-E root_owner`).
+    pub fn ignoring_root_owner(self) -> Self {
+        self.lock().ignore_root_owner = true;
+        self
+    }
+
+    /// Makes the calls told to fail with [`Self::fail`] succeed again (a later boot).
+    pub fn heal(&self) {
+        self.lock().fail.clear();
+    }
+
     /// Every call so far, in order.
     pub fn calls(&self) -> Vec<VolumeCall> {
         self.lock().calls.clone()
@@ -217,6 +296,20 @@ impl FakeVolumes {
     /// The current state of a device.
     pub fn state(&self, device: &Path) -> Option<DeviceState> {
         self.lock().devices.get(device).map(|d| d.state.clone())
+    }
+
+    /// The tokens of a device.
+    pub fn tokens(&self, device: &Path) -> Vec<KbsToken> {
+        self.lock()
+            .devices
+            .get(device)
+            .map(|d| d.tokens.clone())
+            .unwrap_or_default()
+    }
+
+    /// The root of the file system inside a device (`None`: none).
+    pub fn fs(&self, device: &Path) -> Option<RootAttrs> {
+        self.lock().devices.get(device).and_then(|d| d.fs)
     }
 
     /// Names of the open mappings.
@@ -313,8 +406,12 @@ impl Volumes for FakeVolumes {
         *dev = FakeDevice {
             state: DeviceState::Luks2,
             key_sha256: Some(sha256(key.expose())),
-            tokens: vec![key.resource().to_string()],
+            tokens: vec![KbsToken::new(
+                key.resource().to_string(),
+                Some(TokenState::Initialising),
+            )],
             header: HeaderFormat::cvm_warden(integrity),
+            fs: None,
         };
         Ok(0)
     }
@@ -329,9 +426,22 @@ impl Volumes for FakeVolumes {
         Ok(decide::check_format(device, &dev.header, integrity)?)
     }
 
-    fn token_resources(&self, device: &Path) -> Result<Vec<String>, VolumeError> {
+    fn token_resources(&self, device: &Path) -> Result<Vec<KbsToken>, VolumeError> {
         let mut inner = self.record(VolumeCall::TokenResources(device.to_path_buf()), device)?;
         Ok(luks2(&mut inner, device)?.tokens.clone())
+    }
+
+    fn set_token_state(&self, device: &Path, state: TokenState) -> Result<(), VolumeError> {
+        let call = VolumeCall::SetTokenState {
+            device: device.to_path_buf(),
+            state,
+        };
+        let mut inner = self.record(call, device)?;
+        let dev = luks2(&mut inner, device)?;
+        for token in &mut dev.tokens {
+            token.state = Some(state);
+        }
+        Ok(())
     }
 
     fn verify_key(&self, device: &Path, key: &VolumeKey) -> Result<u32, VolumeError> {
@@ -387,8 +497,25 @@ impl Volumes for FakeVolumes {
         }
     }
 
-    fn mkfs_ext4(&self, mapped: &Path) -> Result<(), VolumeError> {
-        let _recorded = self.record(VolumeCall::MkfsExt4(mapped.to_path_buf()), mapped)?;
+    fn mkfs_ext4(&self, mapped: &Path, uid: u32, gid: u32) -> Result<(), VolumeError> {
+        let call = VolumeCall::MkfsExt4 {
+            mapped: mapped.to_path_buf(),
+            uid,
+            gid,
+        };
+        let mut inner = self.record(call, mapped)?;
+        let (uid, gid) = if inner.ignore_root_owner {
+            (0, 0)
+        } else {
+            (uid, gid)
+        };
+        let dev = mapped_device(&mut inner, mapped)?;
+        // As mke2fs: the root directory is 0755 (0777 less its umask 022).
+        dev.fs = Some(RootAttrs {
+            uid,
+            gid,
+            mode: 0o755,
+        });
         Ok(())
     }
 
@@ -397,16 +524,75 @@ impl Volumes for FakeVolumes {
         mapped: &Path,
         mountpoint: &Path,
         options: MountOptions,
-    ) -> Result<(), VolumeError> {
+    ) -> Result<RootAttrs, VolumeError> {
         let call = VolumeCall::Mount {
             mapped: mapped.to_path_buf(),
             mountpoint: mountpoint.to_path_buf(),
             options,
         };
         let mut inner = self.record(call, mapped)?;
+        let Some(root) = mapped_device(&mut inner, mapped)?.fs else {
+            // As mount(2) on a device without an ext4 superblock.
+            return Err(VolumeError::Mount {
+                device: mapped.to_path_buf(),
+                target: mountpoint.to_path_buf(),
+                options: super::luks::option_text(super::luks::mount_flags(options)),
+                source: nix::errno::Errno::EINVAL,
+            });
+        };
         inner
             .mounts
             .insert(mountpoint.to_path_buf(), mapped.to_path_buf());
-        Ok(())
+        Ok(root)
     }
+
+    fn set_root_mode(&self, mountpoint: &Path, mode: u32) -> Result<RootAttrs, VolumeError> {
+        let call = VolumeCall::SetRootMode {
+            mountpoint: mountpoint.to_path_buf(),
+            mode,
+        };
+        let mut inner = self.record(call, mountpoint)?;
+        let not_mounted = || VolumeError::Root {
+            what: "set the mode of",
+            path: mountpoint.to_path_buf(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let mapped = inner
+            .mounts
+            .get(mountpoint)
+            .cloned()
+            .ok_or_else(not_mounted)?;
+        let dev = mapped_device(&mut inner, &mapped)?;
+        let root = dev.fs.as_mut().ok_or_else(not_mounted)?;
+        root.mode = mode & 0o7777;
+        Ok(*root)
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> Result<(), VolumeError> {
+        let mut inner = self.record(VolumeCall::Unmount(mountpoint.to_path_buf()), mountpoint)?;
+        match inner.mounts.remove(mountpoint) {
+            Some(_) => Ok(()),
+            None => Err(VolumeError::Unmount {
+                path: mountpoint.to_path_buf(),
+                source: nix::errno::Errno::EINVAL,
+            }),
+        }
+    }
+}
+
+/// The device behind an open mapping `/dev/mapper/<name>`.
+fn mapped_device<'a>(
+    inner: &'a mut Inner,
+    mapped: &Path,
+) -> Result<&'a mut FakeDevice, VolumeError> {
+    let device = mapped
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| inner.mappings.get(name))
+        .cloned()
+        .ok_or_else(|| missing(mapped))?;
+    inner
+        .devices
+        .get_mut(&device)
+        .ok_or_else(|| missing(&device))
 }

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -20,7 +21,8 @@ use nix::mount::MsFlags;
 use zeroize::Zeroizing;
 
 use super::decide::{
-    self, DeviceState, FormatProblem, HeaderFormat, PROBE_LEN, SECONDARY_OFFSETS_PAST_PROBE,
+    self, DeviceState, FormatProblem, HeaderFormat, KbsToken, RootAttrs, TokenState, PROBE_LEN,
+    SECONDARY_OFFSETS_PAST_PROBE,
 };
 use super::{
     Integrity, MountOptions, VolumeError, VolumeKey, Volumes, CIPHER, PBKDF2_ITERATIONS,
@@ -236,7 +238,11 @@ fn format_on_worker(
         .add_by_key(None, None, key, CryptVolumeKey::empty())
         .map_err(step("adding the keyslot"))?;
     dev.token_handle()
-        .json_set(TokenInput::AddToken(&decide::token_json(resource, keyslot)))
+        .json_set(TokenInput::AddToken(&decide::token_json(
+            resource,
+            keyslot,
+            TokenState::Initialising,
+        )))
         .map_err(step("writing the cvm-warden-kbs token"))?;
     if integrity.is_some() {
         // As `cryptsetup luksFormat --integrity` does (`_wipe_data_device`): write every sector
@@ -358,9 +364,12 @@ fn rejected_or(
     }
 }
 
-fn tokens_on_worker(device: &Path) -> Result<Vec<String>, VolumeError> {
-    let mut dev = load_luks2(device)?;
-    let mut found = Vec::new();
+/// Calls `each` with the id and JSON of every `cvm-warden-kbs` token of `dev`.
+fn each_kbs_token(
+    dev: &mut CryptDevice,
+    device: &Path,
+    mut each: impl FnMut(&mut CryptDevice, u32, serde_json::Value) -> Result<(), VolumeError>,
+) -> Result<(), VolumeError> {
     for id in 0..MAX_TOKENS {
         let mut tokens = dev.token_handle();
         let info = tokens
@@ -379,19 +388,58 @@ fn tokens_on_worker(device: &Path) -> Result<Vec<String>, VolumeError> {
         let json = tokens
             .json_get(id)
             .map_err(crypt_err("read a cvm-warden-kbs token of", device))?;
-        match decide::token_resource(&json) {
-            Ok(Some(resource)) => found.push(resource),
-            Ok(None) => {}
-            Err(reason) => {
-                return Err(VolumeError::BadToken {
-                    device: device.to_path_buf(),
-                    id,
-                    reason,
-                })
-            }
-        }
+        each(dev, id, json)?;
     }
+    Ok(())
+}
+
+fn bad_token(device: &Path, id: u32) -> impl FnOnce(String) -> VolumeError + '_ {
+    move |reason| VolumeError::BadToken {
+        device: device.to_path_buf(),
+        id,
+        reason,
+    }
+}
+
+fn tokens_on_worker(device: &Path) -> Result<Vec<KbsToken>, VolumeError> {
+    let mut dev = load_luks2(device)?;
+    let mut found = Vec::new();
+    each_kbs_token(&mut dev, device, |_, id, json| {
+        if let Some(token) = decide::parse_token(&json).map_err(bad_token(device, id))? {
+            found.push(token);
+        }
+        Ok(())
+    })?;
     Ok(found)
+}
+
+fn set_state_on_worker(device: &Path, state: TokenState) -> Result<(), VolumeError> {
+    let mut dev = load_luks2(device)?;
+    let mut written = 0usize;
+    each_kbs_token(&mut dev, device, |dev, id, mut json| {
+        // Only a token this build can read is rewritten.
+        decide::parse_token(&json).map_err(bad_token(device, id))?;
+        if let Some(members) = json.as_object_mut() {
+            members.insert("state".to_string(), state.as_str().into());
+        }
+        dev.token_handle()
+            .json_set(TokenInput::ReplaceToken(id, &json))
+            .map_err(crypt_err(
+                "write the volume state into the cvm-warden-kbs token of",
+                device,
+            ))?;
+        written += 1;
+        Ok(())
+    })?;
+    if written == 0 {
+        return Err(VolumeError::BadToken {
+            device: device.to_path_buf(),
+            id: 0,
+            reason: "it is gone: no cvm-warden-kbs token is left to record the volume state in"
+                .to_string(),
+        });
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,7 +478,7 @@ fn inspect_device(device: &Path) -> std::io::Result<DeviceState> {
 }
 
 /// mount(8)-style option text for errors.
-fn option_text(flags: MsFlags) -> String {
+pub(super) fn option_text(flags: MsFlags) -> String {
     let mut parts = Vec::new();
     for (flag, name) in [
         (MsFlags::MS_NOSUID, "nosuid"),
@@ -503,9 +551,14 @@ impl Volumes for RealVolumes {
         on_worker(move || check_format_loaded(&mut load_luks2(&device)?, &device, integrity))?
     }
 
-    fn token_resources(&self, device: &Path) -> Result<Vec<String>, VolumeError> {
+    fn token_resources(&self, device: &Path) -> Result<Vec<KbsToken>, VolumeError> {
         let device = device.to_path_buf();
         on_worker(move || tokens_on_worker(&device))?
+    }
+
+    fn set_token_state(&self, device: &Path, state: TokenState) -> Result<(), VolumeError> {
+        let device = device.to_path_buf();
+        on_worker(move || set_state_on_worker(&device, state))?
     }
 
     fn verify_key(&self, device: &Path, key: &VolumeKey) -> Result<u32, VolumeError> {
@@ -557,12 +610,13 @@ impl Volumes for RealVolumes {
         })?
     }
 
-    fn mkfs_ext4(&self, mapped: &Path) -> Result<(), VolumeError> {
+    fn mkfs_ext4(&self, mapped: &Path, uid: u32, gid: u32) -> Result<(), VolumeError> {
+        let extended = format!("nodiscard,root_owner={uid}:{gid}");
         let args = [
             "-F".as_ref(),
             "-q".as_ref(),
             "-E".as_ref(),
-            "nodiscard".as_ref(),
+            extended.as_ref(),
             mapped.as_os_str(),
         ];
         let output = self
@@ -588,7 +642,7 @@ impl Volumes for RealVolumes {
         mapped: &Path,
         mountpoint: &Path,
         options: MountOptions,
-    ) -> Result<(), VolumeError> {
+    ) -> Result<RootAttrs, VolumeError> {
         std::fs::create_dir_all(mountpoint).map_err(|source| VolumeError::Mountpoint {
             path: mountpoint.to_path_buf(),
             source,
@@ -601,6 +655,53 @@ impl Volumes for RealVolumes {
                 options: option_text(flags),
                 source,
             },
-        )
+        )?;
+        match root_attrs(mountpoint) {
+            Ok(root) => Ok(root),
+            Err(err) => {
+                if let Err(unmount_err) = self.unmount(mountpoint) {
+                    log::warn!("{unmount_err}");
+                }
+                Err(err)
+            }
+        }
     }
+
+    fn set_root_mode(&self, mountpoint: &Path, mode: u32) -> Result<RootAttrs, VolumeError> {
+        let root_err = |what: &'static str| {
+            move |source| VolumeError::Root {
+                what,
+                path: mountpoint.to_path_buf(),
+                source,
+            }
+        };
+        std::fs::set_permissions(mountpoint, std::fs::Permissions::from_mode(mode))
+            .map_err(root_err("set the mode of"))?;
+        // The file system's blocks reach the disk before the token says `ready`.
+        let dir = File::open(mountpoint).map_err(root_err("open"))?;
+        nix::unistd::syncfs(&dir)
+            .map_err(|errno| root_err("sync the file system of")(std::io::Error::from(errno)))?;
+        root_attrs(mountpoint)
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> Result<(), VolumeError> {
+        nix::mount::umount(mountpoint).map_err(|source| VolumeError::Unmount {
+            path: mountpoint.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Owner, group and permission bits of the directory at `path`.
+fn root_attrs(path: &Path) -> Result<RootAttrs, VolumeError> {
+    let meta = std::fs::metadata(path).map_err(|source| VolumeError::Root {
+        what: "read the owner and mode of",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(RootAttrs {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode: meta.mode() & 0o7777,
+    })
 }

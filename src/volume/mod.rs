@@ -5,10 +5,11 @@
 //!
 //! - [`decide`](mod@decide) (pure): [`classify`] reads a device's first MiB into a [`DeviceState`];
 //!   [`decide()`] turns it into an [`Action`] or a [`Refusal`]; [`check_token`] compares the
-//!   LUKS2 token with the policy; [`check_format`] compares the header's format with what
-//!   cvm-warden formats.
-//! - [`Volumes`]: the effect seam (inspect, format, check format, token, verify, open, close,
-//!   mkfs, mount).
+//!   LUKS2 token with the policy and returns the volume's [`TokenState`]; [`fs_step`] turns
+//!   that into what happens to the file system; [`check_root`] compares the mounted root with
+//!   the policy; [`check_format`] compares the header's format with what cvm-warden formats.
+//! - [`Volumes`]: the effect seam (inspect, format, check format, tokens and their state,
+//!   verify, open, close, mkfs, mount, root mode, unmount).
 //!   [`RealVolumes`] does it with libcryptsetup, `mkfs.ext4` and mount(2); [`FakeVolumes`]
 //!   records the calls for unit tests.
 //! - [`unlock`]: the whole flow for one volume, through a `&dyn Volumes`.
@@ -26,6 +27,38 @@
 //!
 //! [`RealVolumes::format`] inspects the device again itself and formats only a blank one, so
 //! no caller can format a device that holds data.
+//!
+//! # Volume states (never reformat a ready volume)
+//!
+//! The `cvm-warden-kbs` token carries `"state"`: `initialising` is written with the token at
+//! luksFormat, before any file system exists; `ready` only after `mkfs.ext4 -E
+//! root_owner=UID:GID`, the mount, the root's mode set, the root checked and the file system
+//! synced (`syncfs`), so `ready` never describes blocks still in the page cache. The workload
+//! starts only after every volume is ready, so no data can be on a volume that says
+//! `initialising`:
+//!
+//! | token state | device decision | [`FsStep`] |
+//! |---|---|---|
+//! | `initialising` | formatted this boot | `Make`: mkfs, mount, chmod, check, sync, `ready` |
+//! | `initialising` | LUKS2 found (an earlier first boot stopped) | `Resume`: the same, audited first |
+//! | `ready`, or no state (older release, bound by hand) | any | `Use`: mount, check the root; never mkfs |
+//! | anything else | any | refused ([`VolumeError::BadToken`]) |
+//!
+//! A `ready` volume that does not mount is refused with [`VolumeError::NotMounted`]: it names
+//! the volume, says it is ready and nothing was formatted, and the likely cause from
+//! mount(2)'s errno. A `ready` volume whose root differs from the policy's owner, group and
+//! mode is unmounted, closed and refused ([`RootMismatch`]): its data may belong to someone
+//! else, so cvm-warden does not chown it. A failure between luksFormat and `ready` leaves the
+//! token `initialising`, and the next boot resumes.
+//!
+//! The state is metadata the host could rewrite like the rest of the header (unkeyed
+//! checksum): turning `ready` into `initialising` gets the file system made again through the
+//! same key, which destroys data (the host can always do that) but discloses nothing.
+//!
+//! One window remains: luksFormat writes the header, the keyslot and the token in three
+//! header updates, milliseconds apart. A boot that stops between them leaves a LUKS2 header
+//! without a token (refused: [`TokenProblem::Missing`] says how to bind one) or without a
+//! keyslot (the key opens nothing); zeroing the first 16 MiB makes it blank again.
 //!
 //! # Keys: a keyslot with PBKDF2-SHA256 at 1000 iterations, no benchmark
 //!
@@ -82,8 +115,9 @@
 //! are added with `cryptsetup luksAddKey` (defaults) still passes.
 //!
 //! The LUKS2 header carries a token `{"type":"cvm-warden-kbs","keyslots":["0"],
-//! "resource":"kbs:///…"}` naming the broker resource (visible in `cryptsetup luksDump`). On
-//! unlock the token's resource must equal the policy's; a mismatch fails closed naming both.
+//! "resource":"kbs:///…","state":"ready"}` naming the broker resource (visible in `cryptsetup
+//! luksDump --dump-json-metadata`). On unlock the token's resource must equal the policy's; a
+//! mismatch fails closed naming both.
 //!
 //! # Threads
 //!
@@ -103,8 +137,10 @@ mod fake;
 mod luks;
 
 pub use decide::{
-    check_format, check_token, classify, decide, token_json, volume_key_bytes, Action, DeviceState,
-    FormatProblem, HeaderFormat, KeyslotFormat, Refusal, SegmentFormat, TokenProblem, TOKEN_TYPE,
+    check_format, check_root, check_token, classify, decide, fs_step, not_mounted_text,
+    parse_token, token_json, volume_key_bytes, Action, DeviceState, FormatProblem, FsStep,
+    HeaderFormat, KbsToken, KeyslotFormat, Refusal, RootAttrs, RootMismatch, SegmentFormat,
+    TokenProblem, TokenState, TOKEN_TYPE,
 };
 pub use fake::{FakeVolumes, VolumeCall, VolumeOp};
 pub use luks::RealVolumes;
@@ -235,6 +271,9 @@ pub struct VolumeSpec {
     pub integrity: Option<Integrity>,
     /// Mount options.
     pub mount: MountOptions,
+    /// Owner, group and mode of the file system's root: set on a new file system, checked at
+    /// every mount.
+    pub root: RootAttrs,
 }
 
 impl VolumeSpec {
@@ -268,6 +307,11 @@ impl VolumeSpec {
             mount: MountOptions {
                 noexec: !volume.allow_exec,
             },
+            root: RootAttrs {
+                uid: volume.owner,
+                gid: volume.group,
+                mode: volume.mode,
+            },
         })
     }
 }
@@ -293,7 +337,29 @@ pub struct Unlocked {
     pub keyslot: u32,
     /// Whether this boot formatted the device (first boot).
     pub formatted: bool,
+    /// What was done to the file system: made (first boot), made again (an interrupted
+    /// first boot resumed) or used.
+    pub step: FsStep,
+    /// Owner, group and mode of the mounted root (the policy's: checked).
+    pub root: RootAttrs,
 }
+
+/// What [`unlock_notified`] is about to do, or did, to a volume's persistent state, so the
+/// caller can audit it: before luksFormat, before a resumed first boot's `mkfs.ext4`, and
+/// after the token says `ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// A blank device is about to be formatted (LUKS2, token `initialising`).
+    Format,
+    /// The token says `initialising`: the file system is about to be made again.
+    Resume,
+    /// The file system is made, its root has the policy's owner and mode, and the token now
+    /// says `ready`.
+    Ready,
+}
+
+/// An error of the [`unlock_notified`] callback (an audit record that could not be written).
+pub type NoticeError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Errors of the volume capability. Messages name the device, the resource and what the
 /// operator should do; they never contain key material.
@@ -461,9 +527,10 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
-    /// mount(2) failed.
+    /// mount(2) failed (the unlock flow wraps it in [`VolumeError::NotMounted`], which says
+    /// what it likely means).
     #[error(
-        "cannot mount {} on {} (ext4, {options}); check that the ext4 module is available",
+        "cannot mount {} on {} (ext4, {options})",
         device.display(), target.display()
     )]
     Mount {
@@ -476,6 +543,78 @@ pub enum VolumeError {
         /// Cause.
         #[source]
         source: nix::errno::Errno,
+    },
+    /// A volume's file system did not mount; says whether it is `ready` (then nothing was
+    /// formatted) or was just made, and the likely cause.
+    #[error("{}", not_mounted_text(volume, device, mapped, *step, Some(*errno)))]
+    NotMounted {
+        /// The policy's volume name.
+        volume: String,
+        /// The LUKS2 device.
+        device: PathBuf,
+        /// The mapped device.
+        mapped: PathBuf,
+        /// Whether the file system was made this boot or is a ready one.
+        step: FsStep,
+        /// mount(2)'s errno.
+        errno: nix::errno::Errno,
+        /// The mount error.
+        #[source]
+        source: Box<VolumeError>,
+    },
+    /// The root of a ready volume is not what the policy says (nothing was changed).
+    #[error(transparent)]
+    RootMismatch(#[from] RootMismatch),
+    /// The root of a file system made this boot is not what the policy says after
+    /// `mkfs.ext4 -E root_owner` and chmod.
+    #[error(
+        "volume {volume:?}: the root of the file system just made (mounted on {}) has {found} \
+         after mkfs.ext4 -E root_owner and chmod, not the policy's {expected}; its LUKS2 token \
+         still says initialising, so the next boot makes the file system again; check that the \
+         image's mkfs.ext4 (e2fsprogs 1.42 or later) honours -E root_owner",
+        mountpoint.display()
+    )]
+    NewRootWrong {
+        /// The policy's volume name.
+        volume: String,
+        /// Where it is mounted.
+        mountpoint: PathBuf,
+        /// The policy's owner, group and mode.
+        expected: RootAttrs,
+        /// What the root holds.
+        found: RootAttrs,
+    },
+    /// Reading or setting the root's owner and mode, or syncing the file system, failed.
+    #[error("cannot {what} {} (the root of a volume's file system)", path.display())]
+    Root {
+        /// What was being done.
+        what: &'static str,
+        /// The mount point.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// umount(2) failed.
+    #[error("cannot unmount {}", path.display())]
+    Unmount {
+        /// The mount point.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// The caller could not record a [`Notice`] (the audit log); the flow stopped there (a
+    /// format or resume not recorded is not done) and the volume is not used.
+    #[error("volume {volume:?}: cannot record {what} in the audit log, so the volume is not used")]
+    Notice {
+        /// The policy's volume name.
+        volume: String,
+        /// What was to be recorded.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: NoticeError,
     },
     /// The libcryptsetup worker thread is gone.
     #[error("the libcryptsetup worker thread is gone ({0}); the boot cannot continue")]
@@ -500,8 +639,12 @@ pub trait Volumes {
     /// [`VolumeError::HeaderFormat`] naming the field, what the header says and what was
     /// expected.
     fn check_format(&self, device: &Path, integrity: Option<Integrity>) -> Result<(), VolumeError>;
-    /// The resources named by the device's `cvm-warden-kbs` tokens.
-    fn token_resources(&self, device: &Path) -> Result<Vec<String>, VolumeError>;
+    /// The device's `cvm-warden-kbs` tokens (resource and state). Fails closed on a token of
+    /// ours that is malformed ([`VolumeError::BadToken`]).
+    fn token_resources(&self, device: &Path) -> Result<Vec<KbsToken>, VolumeError>;
+    /// Writes `state` into every `cvm-warden-kbs` token of the device (its other members are
+    /// kept).
+    fn set_token_state(&self, device: &Path, state: TokenState) -> Result<(), VolumeError>;
     /// Checks that `key` opens a keyslot (no mapping is created); returns the keyslot. It does
     /// not check the header format: call [`Volumes::check_format`] first.
     fn verify_key(&self, device: &Path, key: &VolumeKey) -> Result<u32, VolumeError>;
@@ -517,26 +660,53 @@ pub trait Volumes {
     ) -> Result<PathBuf, VolumeError>;
     /// Removes the mapping `name`.
     fn close(&self, name: &str) -> Result<(), VolumeError>;
-    /// Makes an ext4 file system on the mapped device, without prompts.
-    fn mkfs_ext4(&self, mapped: &Path) -> Result<(), VolumeError>;
-    /// Mounts the mapped device (ext4, `nosuid,nodev`, plus `noexec` when asked).
+    /// Makes an ext4 file system on the mapped device, without prompts, its root owned by
+    /// `uid:gid` (`mkfs.ext4 -E root_owner=UID:GID`).
+    fn mkfs_ext4(&self, mapped: &Path, uid: u32, gid: u32) -> Result<(), VolumeError>;
+    /// Mounts the mapped device (ext4, `nosuid,nodev`, plus `noexec` when asked); returns the
+    /// owner, group and mode of the mounted root.
     fn mount(
         &self,
         mapped: &Path,
         mountpoint: &Path,
         options: MountOptions,
-    ) -> Result<(), VolumeError>;
+    ) -> Result<RootAttrs, VolumeError>;
+    /// Sets the mode of the mounted root, syncs the file system (so the state written next
+    /// describes what is on disk), and returns the root's owner, group and mode.
+    fn set_root_mode(&self, mountpoint: &Path, mode: u32) -> Result<RootAttrs, VolumeError>;
+    /// Unmounts `mountpoint`.
+    fn unmount(&self, mountpoint: &Path) -> Result<(), VolumeError>;
 }
 
-/// Unlocks one volume: inspect → decide → (format) → header format check → token check →
-/// verify key → open → (mkfs on first boot) → mount. A failure after `open` closes the mapping
-/// again (the first error is the one returned). Nothing is formatted unless [`decide()`] said
-/// so; nothing is opened unless the header says what cvm-warden formats with the policy's
-/// integrity ([`check_format`]).
+/// Unlocks one volume without auditing its state changes: [`unlock_notified`] with a callback
+/// that records nothing.
 pub fn unlock(
     vols: &dyn Volumes,
     spec: &VolumeSpec,
     key: &VolumeKey,
+) -> Result<Unlocked, VolumeError> {
+    unlock_notified(vols, spec, key, &mut |_| Ok(()))
+}
+
+/// Unlocks one volume: inspect → decide → (format, token `initialising`) → header format
+/// check → token check (resource and state) → verify key → open → then, by [`fs_step`]:
+///
+/// - `initialising` (first boot, or a first boot that stopped before the volume was ready):
+///   `mkfs.ext4 -E root_owner` → mount → root mode → check → sync → token `ready`;
+/// - `ready` (or a token without state): mount → check the root's owner, group and mode;
+///   never `mkfs.ext4`.
+///
+/// `notify` is called before luksFormat ([`Notice::Format`]), before a resumed first boot's
+/// `mkfs.ext4` ([`Notice::Resume`]) and after the token says `ready` ([`Notice::Ready`]); an
+/// error from it stops the flow. A failure after `open` unmounts and closes again (the first
+/// error is the one returned). Nothing is formatted unless [`decide()`] said so; nothing is
+/// opened unless the header says what cvm-warden formats with the policy's integrity
+/// ([`check_format`]).
+pub fn unlock_notified(
+    vols: &dyn Volumes,
+    spec: &VolumeSpec,
+    key: &VolumeKey,
+    notify: &mut dyn FnMut(Notice) -> Result<(), NoticeError>,
 ) -> Result<Unlocked, VolumeError> {
     if key.resource() != &spec.resource {
         return Err(VolumeError::WrongResource {
@@ -545,10 +715,18 @@ pub fn unlock(
             got: key.resource().to_string(),
         });
     }
+    let mut notice = |what: Notice, text: &'static str| {
+        notify(what).map_err(|source| VolumeError::Notice {
+            volume: spec.name.clone(),
+            what: text,
+            source,
+        })
+    };
     let state = vols.inspect(&spec.device)?;
     let action = decide(&spec.device, &state, spec.format_if_blank)?;
     let formatted = action == Action::FormatThenUnlock;
     if formatted {
+        notice(Notice::Format, "the format of a blank device")?;
         log::info!(
             "formatting blank device {} as LUKS2 for volume {:?} (key {})",
             spec.device.display(),
@@ -558,30 +736,86 @@ pub fn unlock(
         vols.format(&spec.device, key, spec.integrity)?;
     }
     vols.check_format(&spec.device, spec.integrity)?;
-    let found = vols.token_resources(&spec.device)?;
-    check_token(&spec.device, &found, &spec.resource)?;
+    let tokens = vols.token_resources(&spec.device)?;
+    let token_state = check_token(&spec.device, &tokens, &spec.resource)?;
+    let step = fs_step(action, token_state);
     let keyslot = vols.verify_key(&spec.device, key)?;
-    let mapped = vols.open(&spec.device, &spec.name, key, spec.integrity)?;
-    let after_open = || -> Result<(), VolumeError> {
-        if formatted {
-            vols.mkfs_ext4(&mapped)?;
-        }
-        vols.mount(&mapped, &spec.mountpoint, spec.mount)
-    };
-    if let Err(err) = after_open() {
-        if let Err(close_err) = vols.close(&spec.name) {
-            log::warn!(
-                "closing {:?} after a failure failed too: {close_err}",
-                spec.name
-            );
-        }
-        return Err(err);
+    if step == FsStep::Resume {
+        notice(Notice::Resume, "the resume of an interrupted first boot")?;
+        log::warn!(
+            "volume {:?} ({}): its LUKS2 token says initialising, so an earlier first boot \
+             stopped before the volume was ready; making its file system again (no workload \
+             ran on it)",
+            spec.name,
+            spec.device.display()
+        );
     }
+    let mapped = vols.open(&spec.device, &spec.name, key, spec.integrity)?;
+    let mut mounted = false;
+    let mut after_open = || -> Result<RootAttrs, VolumeError> {
+        if step.makes_file_system() {
+            vols.mkfs_ext4(&mapped, spec.root.uid, spec.root.gid)?;
+        }
+        let root =
+            vols.mount(&mapped, &spec.mountpoint, spec.mount)
+                .map_err(|source| match source {
+                    // mount(2) itself failed: say what it likely means for this volume.
+                    VolumeError::Mount { source: errno, .. } => VolumeError::NotMounted {
+                        volume: spec.name.clone(),
+                        device: spec.device.clone(),
+                        mapped: mapped.clone(),
+                        step,
+                        errno,
+                        source: Box::new(source),
+                    },
+                    other => other,
+                })?;
+        mounted = true;
+        if !step.makes_file_system() {
+            check_root(&spec.name, &spec.device, &spec.mountpoint, spec.root, root)?;
+            return Ok(root);
+        }
+        let root = vols.set_root_mode(&spec.mountpoint, spec.root.mode)?;
+        if root != spec.root {
+            return Err(VolumeError::NewRootWrong {
+                volume: spec.name.clone(),
+                mountpoint: spec.mountpoint.clone(),
+                expected: spec.root,
+                found: root,
+            });
+        }
+        vols.set_token_state(&spec.device, TokenState::Ready)?;
+        notice(Notice::Ready, "that the volume is ready")?;
+        Ok(root)
+    };
+    let result = after_open();
+    let root = match result {
+        Ok(root) => root,
+        Err(err) => {
+            if mounted {
+                if let Err(unmount_err) = vols.unmount(&spec.mountpoint) {
+                    log::warn!(
+                        "unmounting {} after a failure failed too: {unmount_err}",
+                        spec.mountpoint.display()
+                    );
+                }
+            }
+            if let Err(close_err) = vols.close(&spec.name) {
+                log::warn!(
+                    "closing {:?} after a failure failed too: {close_err}",
+                    spec.name
+                );
+            }
+            return Err(err);
+        }
+    };
     Ok(Unlocked {
         name: spec.name.clone(),
         mapped,
         keyslot,
         formatted,
+        step,
+        root,
     })
 }
 

@@ -11,6 +11,12 @@ use super::*;
 
 const DEV: &str = "/dev/vdb";
 const RES: &str = "kbs:///default/keys/workspace";
+/// The policy's root in these tests: the workload's uid and gid, mode 0700.
+const ROOT: RootAttrs = RootAttrs {
+    uid: 1000,
+    gid: 1000,
+    mode: 0o700,
+};
 
 fn uri(text: &str) -> ResourceUri {
     ResourceUri::parse(text).unwrap()
@@ -33,6 +39,7 @@ fn spec(format_if_blank: bool) -> VolumeSpec {
         format_if_blank,
         integrity: None,
         mount: MountOptions { noexec: true },
+        root: ROOT,
     }
 }
 
@@ -46,6 +53,9 @@ fn policy_volume(name: &str, allow_exec: bool, integrity: Option<&str>) -> Volum
         format_if_blank: true,
         integrity: integrity.map(str::to_string),
         allow_exec,
+        owner: 1000,
+        group: 1000,
+        mode: 0o700,
     }
 }
 
@@ -64,6 +74,8 @@ fn first_boot_formats_then_opens_makes_ext4_and_mounts_in_that_order() {
             mapped: mapped(),
             keyslot: 0,
             formatted: true,
+            step: FsStep::Make,
+            root: ROOT,
         }
     );
     let dev = PathBuf::from(DEV);
@@ -89,16 +101,33 @@ fn first_boot_formats_then_opens_makes_ext4_and_mounts_in_that_order() {
                 device: dev,
                 name: "workspace".to_string()
             },
-            VolumeCall::MkfsExt4(mapped()),
+            VolumeCall::MkfsExt4 {
+                mapped: mapped(),
+                uid: 1000,
+                gid: 1000
+            },
             VolumeCall::Mount {
                 mapped: mapped(),
                 mountpoint: PathBuf::from("/data"),
                 options: MountOptions { noexec: true }
             },
+            VolumeCall::SetRootMode {
+                mountpoint: PathBuf::from("/data"),
+                mode: 0o700
+            },
+            VolumeCall::SetTokenState {
+                device: PathBuf::from(DEV),
+                state: TokenState::Ready
+            },
         ]
     );
     assert_eq!(fake.state(Path::new(DEV)), Some(DeviceState::Luks2));
     assert_eq!(fake.mappings(), vec!["workspace".to_string()]);
+    assert_eq!(fake.fs(Path::new(DEV)), Some(ROOT));
+    assert_eq!(
+        fake.tokens(Path::new(DEV)),
+        vec![KbsToken::new(RES, Some(TokenState::Ready))]
+    );
 }
 
 #[test]
@@ -116,9 +145,10 @@ fn integrity_mode_reaches_format() {
 
 #[test]
 fn existing_volume_is_opened_and_mounted_without_format_or_mkfs() {
-    let fake = FakeVolumes::new().with_luks2(DEV, &key_bytes(7), &[RES]);
+    let fake = ready_volume(Some(TokenState::Ready), Some(ROOT));
     let got = unlock(&fake, &spec(true), &key(7)).unwrap();
     assert!(!got.formatted);
+    assert_eq!((got.step, got.root), (FsStep::Use, ROOT));
     assert_eq!(
         fake.ops(),
         vec![
@@ -231,18 +261,316 @@ fn mkfs_failure_closes_the_mapping_and_returns_the_mkfs_error() {
     assert_eq!(fake.ops().last(), Some(&VolumeOp::Close));
     assert!(!fake.ops().contains(&VolumeOp::Mount));
     assert!(fake.mappings().is_empty());
+    // The token still says initialising: the next boot makes the file system again.
+    assert_eq!(
+        fake.tokens(Path::new(DEV)),
+        vec![KbsToken::new(RES, Some(TokenState::Initialising))]
+    );
 }
 
 #[test]
 fn mount_failure_closes_the_mapping() {
-    let fake = FakeVolumes::new()
-        .with_luks2(DEV, &key_bytes(7), &[RES])
-        .fail(VolumeOp::Mount);
+    let fake = ready_volume(Some(TokenState::Ready), Some(ROOT)).fail(VolumeOp::Mount);
     let err = unlock(&fake, &spec(true), &key(7)).unwrap_err();
-    assert!(matches!(err, VolumeError::Mount { .. }), "{err}");
+    let VolumeError::NotMounted { step, errno, .. } = &err else {
+        panic!("{err}");
+    };
+    assert_eq!((*step, *errno), (FsStep::Use, nix::errno::Errno::EIO));
     assert_eq!(fake.ops().last(), Some(&VolumeOp::Close));
+    assert!(!fake.ops().contains(&VolumeOp::Unmount));
     assert!(fake.mappings().is_empty());
     assert!(fake.mounts().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Volume states (`initialising` → `ready`) and the root's owner, group and mode.
+
+/// A LUKS2 volume opened by `key(7)` whose token names RES in `state`, with a file system whose
+/// root is `fs` (`None`: no file system).
+fn ready_volume(state: Option<TokenState>, fs: Option<RootAttrs>) -> FakeVolumes {
+    FakeVolumes::new()
+        .with_luks2(DEV, &key_bytes(7), &[RES])
+        .with_token_state(DEV, state)
+        .with_fs(DEV, fs)
+}
+
+/// Runs the flow recording the notices.
+fn unlock_recording(
+    fake: &FakeVolumes,
+    spec: &VolumeSpec,
+) -> (Result<Unlocked, VolumeError>, Vec<Notice>) {
+    let mut notices = Vec::new();
+    let result = unlock_notified(fake, spec, &key(7), &mut |n| {
+        notices.push(n);
+        Ok(())
+    });
+    (result, notices)
+}
+
+#[test]
+fn first_boot_notices_the_format_before_and_ready_after() {
+    let fake = FakeVolumes::new().with_device(DEV, DeviceState::Blank);
+    let (result, notices) = unlock_recording(&fake, &spec(true));
+    assert_eq!(result.unwrap().step, FsStep::Make);
+    assert_eq!(notices, [Notice::Format, Notice::Ready]);
+}
+
+#[test]
+fn a_first_boot_that_stopped_before_mkfs_is_resumed_on_the_next_boot() {
+    // Boot 1: luksFormat wrote the token (initialising), then mkfs did not finish.
+    let fake = FakeVolumes::new()
+        .with_device(DEV, DeviceState::Blank)
+        .fail(VolumeOp::MkfsExt4);
+    unlock(&fake, &spec(true), &key(7)).unwrap_err();
+    assert_eq!(fake.fs(Path::new(DEV)), None);
+    assert_eq!(
+        fake.tokens(Path::new(DEV)),
+        vec![KbsToken::new(RES, Some(TokenState::Initialising))]
+    );
+
+    // Boot 2: the device is LUKS2 now, its token says initialising: mkfs again, not luksFormat.
+    fake.heal();
+    let before = fake.calls().len();
+    let (result, notices) = unlock_recording(&fake, &spec(true));
+    let got = result.unwrap();
+    assert_eq!(
+        (got.formatted, got.step, got.root),
+        (false, FsStep::Resume, ROOT)
+    );
+    assert_eq!(notices, [Notice::Resume, Notice::Ready]);
+    assert_eq!(
+        fake.ops()[before..],
+        [
+            VolumeOp::Inspect,
+            VolumeOp::CheckFormat,
+            VolumeOp::TokenResources,
+            VolumeOp::VerifyKey,
+            VolumeOp::Open,
+            VolumeOp::MkfsExt4,
+            VolumeOp::Mount,
+            VolumeOp::SetRootMode,
+            VolumeOp::SetTokenState,
+        ]
+    );
+    assert_eq!(
+        fake.tokens(Path::new(DEV)),
+        vec![KbsToken::new(RES, Some(TokenState::Ready))]
+    );
+
+    // Boot 3: ready, mounted as it is.
+    fake.close("workspace").unwrap();
+    fake.unmount(Path::new("/data")).unwrap();
+    let before = fake.calls().len();
+    let (result, notices) = unlock_recording(&fake, &spec(true));
+    assert_eq!(result.unwrap().step, FsStep::Use);
+    assert!(notices.is_empty());
+    assert!(!fake.ops()[before..].contains(&VolumeOp::MkfsExt4));
+    assert!(!fake.ops()[before..].contains(&VolumeOp::SetRootMode));
+    assert!(!fake.ops()[before..].contains(&VolumeOp::SetTokenState));
+}
+
+#[test]
+fn a_first_boot_that_stopped_after_mkfs_is_made_again_and_gets_the_policy_root() {
+    // mkfs finished (root 0755) but the mode and `ready` were never written.
+    let fake = ready_volume(
+        Some(TokenState::Initialising),
+        Some(RootAttrs {
+            mode: 0o755,
+            ..ROOT
+        }),
+    );
+    let got = unlock(&fake, &spec(true), &key(7)).unwrap();
+    assert_eq!((got.step, got.root), (FsStep::Resume, ROOT));
+    assert!(fake.ops().contains(&VolumeOp::MkfsExt4));
+    assert_eq!(fake.fs(Path::new(DEV)), Some(ROOT));
+}
+
+#[test]
+fn a_failure_before_ready_leaves_the_token_initialising_and_unmounts() {
+    let fake = FakeVolumes::new()
+        .with_device(DEV, DeviceState::Blank)
+        .fail(VolumeOp::SetTokenState);
+    let (result, notices) = unlock_recording(&fake, &spec(true));
+    result.unwrap_err();
+    assert_eq!(notices, [Notice::Format]);
+    assert_eq!(
+        fake.ops()[fake.ops().len() - 3..],
+        [VolumeOp::SetTokenState, VolumeOp::Unmount, VolumeOp::Close]
+    );
+    assert!(fake.mounts().is_empty() && fake.mappings().is_empty());
+    assert_eq!(
+        fake.tokens(Path::new(DEV)),
+        vec![KbsToken::new(RES, Some(TokenState::Initialising))]
+    );
+}
+
+/// A ready volume (or one whose token predates states) whose file system does not mount is
+/// never given a new one; the error says it is ready, why it likely failed and that nothing
+/// was formatted.
+#[test]
+fn a_ready_volume_that_does_not_mount_is_never_formatted() {
+    for state in [Some(TokenState::Ready), None] {
+        let fake = ready_volume(state, None);
+        let (result, notices) = unlock_recording(&fake, &spec(true));
+        let err = result.unwrap_err();
+        assert!(notices.is_empty(), "{state:?}");
+        assert_eq!(
+            fake.ops(),
+            [
+                VolumeOp::Inspect,
+                VolumeOp::CheckFormat,
+                VolumeOp::TokenResources,
+                VolumeOp::VerifyKey,
+                VolumeOp::Open,
+                VolumeOp::Mount,
+                VolumeOp::Close,
+            ],
+            "{state:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "volume \"workspace\" is ready (its LUKS2 token says its file system was made), \
+                 but its file system did not mount: /dev/mapper/workspace holds no valid ext4 \
+                 file system"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("nothing was formatted: cvm-warden never formats a ready volume"),
+            "{text}"
+        );
+        assert!(!text.contains("load the ext4 module"), "{text}");
+        assert_eq!(fake.fs(Path::new(DEV)), None);
+        assert_eq!(fake.tokens(Path::new(DEV))[0].state, state);
+    }
+}
+
+#[test]
+fn a_ready_volume_whose_root_differs_is_refused_unmounted_and_left_as_it_is() {
+    let old = RootAttrs {
+        uid: 0,
+        gid: 0,
+        mode: 0o755,
+    };
+    for state in [Some(TokenState::Ready), None] {
+        let fake = ready_volume(state, Some(old));
+        let err = unlock(&fake, &spec(true), &key(7)).unwrap_err();
+        let VolumeError::RootMismatch(problem) = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(
+            (problem.volume.as_str(), problem.expected, problem.found),
+            ("workspace", ROOT, old)
+        );
+        assert!(
+            err.to_string()
+                .contains("has owner 0 group 0 mode 0755, but the policy says owner 1000 group 1000 mode 0700"),
+            "{err}"
+        );
+        assert_eq!(
+            fake.ops()[fake.ops().len() - 3..],
+            [VolumeOp::Mount, VolumeOp::Unmount, VolumeOp::Close]
+        );
+        assert_eq!(fake.fs(Path::new(DEV)), Some(old));
+        assert!(fake.mounts().is_empty() && fake.mappings().is_empty());
+    }
+    // Each of owner, group and mode is checked.
+    for found in [
+        RootAttrs { uid: 1001, ..ROOT },
+        RootAttrs { gid: 1001, ..ROOT },
+        RootAttrs {
+            mode: 0o770,
+            ..ROOT
+        },
+    ] {
+        let fake = ready_volume(Some(TokenState::Ready), Some(found));
+        let err = unlock(&fake, &spec(true), &key(7)).unwrap_err();
+        assert!(
+            matches!(err, VolumeError::RootMismatch(_)),
+            "{found}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_new_file_system_whose_root_is_not_the_policys_is_not_marked_ready() {
+    let fake = FakeVolumes::new()
+        .with_device(DEV, DeviceState::Blank)
+        .ignoring_root_owner();
+    let (result, notices) = unlock_recording(&fake, &spec(true));
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, VolumeError::NewRootWrong { found, .. } if found == RootAttrs { uid: 0, gid: 0, mode: 0o700 }),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "volume \"workspace\": the root of the file system just made (mounted on /data) has \
+         owner 0 group 0 mode 0700 after mkfs.ext4 -E root_owner and chmod, not the policy's \
+         owner 1000 group 1000 mode 0700; its LUKS2 token still says initialising, so the next \
+         boot makes the file system again; check that the image's mkfs.ext4 (e2fsprogs 1.42 or \
+         later) honours -E root_owner"
+    );
+    assert_eq!(notices, [Notice::Format]);
+    assert!(!fake.ops().contains(&VolumeOp::SetTokenState));
+    assert_eq!(
+        fake.ops()[fake.ops().len() - 2..],
+        [VolumeOp::Unmount, VolumeOp::Close]
+    );
+    assert_eq!(
+        fake.tokens(Path::new(DEV)),
+        vec![KbsToken::new(RES, Some(TokenState::Initialising))]
+    );
+}
+
+#[test]
+fn the_policy_root_reaches_mkfs_and_chmod() {
+    let fake = FakeVolumes::new().with_device(DEV, DeviceState::Blank);
+    let mut s = spec(true);
+    s.root = RootAttrs {
+        uid: 0,
+        gid: 2000,
+        mode: 0o2750,
+    };
+    let got = unlock(&fake, &s, &key(7)).unwrap();
+    assert_eq!(got.root, s.root);
+    let calls = fake.calls();
+    assert!(calls.contains(&VolumeCall::MkfsExt4 {
+        mapped: mapped(),
+        uid: 0,
+        gid: 2000
+    }));
+    assert!(calls.contains(&VolumeCall::SetRootMode {
+        mountpoint: PathBuf::from("/data"),
+        mode: 0o2750
+    }));
+}
+
+#[test]
+fn a_notice_that_cannot_be_recorded_stops_before_the_change() {
+    let fake = FakeVolumes::new().with_device(DEV, DeviceState::Blank);
+    let err = unlock_notified(&fake, &spec(true), &key(7), &mut |_| {
+        Err("audit disk full".into())
+    })
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "volume \"workspace\": cannot record the format of a blank device in the audit log, so \
+         the volume is not used"
+    );
+    assert_eq!(fake.ops(), [VolumeOp::Inspect]);
+    assert_eq!(fake.state(Path::new(DEV)), Some(DeviceState::Blank));
+
+    let fake = ready_volume(Some(TokenState::Initialising), None);
+    let err = unlock_notified(&fake, &spec(true), &key(7), &mut |n| match n {
+        Notice::Resume => Err("audit disk full".into()),
+        _ => Ok(()),
+    })
+    .unwrap_err();
+    assert!(matches!(err, VolumeError::Notice { .. }), "{err}");
+    assert!(!fake.ops().contains(&VolumeOp::Open));
+    assert!(!fake.ops().contains(&VolumeOp::MkfsExt4));
 }
 
 #[test]
@@ -320,6 +648,17 @@ fn spec_from_policy_checks_name_and_integrity_and_maps_allow_exec() {
     let spec =
         VolumeSpec::from_policy(&policy_volume("workspace", false, Some("hmac-sha256"))).unwrap();
     assert_eq!(spec.resource, uri(RES));
+    assert_eq!(spec.root, ROOT);
+    let mut other = policy_volume("workspace", false, None);
+    (other.owner, other.group, other.mode) = (4, 2000, 0o750);
+    assert_eq!(
+        VolumeSpec::from_policy(&other).unwrap().root,
+        RootAttrs {
+            uid: 4,
+            gid: 2000,
+            mode: 0o750
+        }
+    );
     assert_eq!(spec.integrity, Some(Integrity::HmacSha256));
     assert_eq!(spec.mount, MountOptions { noexec: true });
     let spec = VolumeSpec::from_policy(&policy_volume("workspace", true, None)).unwrap();
@@ -596,7 +935,8 @@ fn integrity_must_match_the_policy_both_ways() {
     // The format cvm-warden writes with integrity unlocks under that policy.
     let fake = FakeVolumes::new()
         .with_luks2(DEV, &key_bytes(7), &[RES])
-        .with_header(DEV, HeaderFormat::cvm_warden(Some(Integrity::HmacSha256)));
+        .with_header(DEV, HeaderFormat::cvm_warden(Some(Integrity::HmacSha256)))
+        .with_fs(DEV, Some(ROOT));
     unlock(&fake, &s, &key(7)).unwrap();
     assert!(fake.calls().contains(&VolumeCall::CheckFormat {
         device: PathBuf::from(DEV),
@@ -614,7 +954,8 @@ fn a_key_added_with_luksaddkey_defaults_still_passes() {
     header.keyslots.push(added);
     let fake = FakeVolumes::new()
         .with_luks2(DEV, &key_bytes(7), &[RES])
-        .with_header(DEV, header);
+        .with_header(DEV, header)
+        .with_fs(DEV, Some(ROOT));
     unlock(&fake, &spec(true), &key(7)).unwrap();
 }
 
