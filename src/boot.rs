@@ -1516,10 +1516,20 @@ mod tests {
                 VolumeOp::VerifyKey,
                 VolumeOp::Open,
                 VolumeOp::MkfsExt4,
-                VolumeOp::Mount
+                VolumeOp::Mount,
+                VolumeOp::SetRootMode,
+                VolumeOp::SetTokenState
             ]
         );
         assert_eq!(volumes.mappings(), ["workspace"]);
+        for event in ["volume_format", "volume_ready"] {
+            assert!(
+                records(&lines)
+                    .iter()
+                    .any(|r| r["stage"] == "unlock" && r["event"] == event),
+                "no unlock/{event} record"
+            );
+        }
         let ok = records(&lines)
             .into_iter()
             .find(|r| r["stage"] == "unlock" && r["event"] == "ok")

@@ -601,7 +601,12 @@ fn audit_export_names_a_virtio_port() {
         export("virtio-port:cvm-warden.audit").unwrap(),
         Some("cvm-warden.audit".to_string())
     );
-    for bad in ["virtio-port:", "virtio-port:a/b", "file:/x", "virtio-port:a b"] {
+    for bad in [
+        "virtio-port:",
+        "virtio-port:a/b",
+        "file:/x",
+        "virtio-port:a b",
+    ] {
         let policy = format!("{MINIMAL}\n[audit]\nexport = {bad:?}\n");
         assert_eq!(
             error_of(&policy),

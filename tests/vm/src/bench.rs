@@ -81,8 +81,11 @@ pub fn run(ctx: &Ctx, boots: usize) -> Result<()> {
     let mut rss = Vec::new();
     let mut stages = String::new();
     for i in 0..boots {
-        let booted = Boot::new(&site, trivial_guest.clone(), None)
-            .run_image(ctx, &format!("trivial{i}"), &trivial)?;
+        let booted = Boot::new(&site, trivial_guest.clone(), None).run_image(
+            ctx,
+            &format!("trivial{i}"),
+            &trivial,
+        )?;
         t_trivial.push(init_to_workload(&booted)?);
         let booted = Boot::new(&site, bare_guest.clone(), None).run(ctx, &format!("bare{i}"))?;
         t_bare.push(init_to_workload(&booted)?);

@@ -22,9 +22,14 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let dir = ctx.work.join("demo");
     let guest = Guest::default();
 
-    banner("image builder: the VM's TPM gets a persistent AK; the initramfs has cvm-warden as /init");
+    banner(
+        "image builder: the VM's TPM gets a persistent AK; the initramfs has cvm-warden as /init",
+    );
     let site = Site::new(ctx, &dir)?;
-    println!("AK (base64 SPKI DER): {}…", &site.ak[..site.ak.len().min(48)]);
+    println!(
+        "AK (base64 SPKI DER): {}…",
+        &site.ak[..site.ak.len().min(48)]
+    );
     println!("policy:\n{}", guest.policy());
 
     banner("model owner: PCR 15 after the measure stage (cvm-warden reference-values), registered with the broker with the AK; the volume key and the FL key are released only to it");
@@ -49,7 +54,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         println!("port {port}");
     }
     for line in booted.outcome.serial.lines() {
-        if line.contains("PROBE ok volume") || line.contains("PROBE ok secret") || line.contains("PROBE ok capeff") {
+        if line.contains("PROBE ok volume")
+            || line.contains("PROBE ok secret")
+            || line.contains("PROBE ok capeff")
+        {
             println!("{line}");
         }
     }
@@ -66,14 +74,20 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         &dir,
     )?;
     ensure!(
-        booted.ports.iter().any(|p| p.starts_with("8002: VM-PROBE-BANNER"))
-            && booted.ports.iter().any(|p| p.starts_with("9000: no banner")),
+        booted
+            .ports
+            .iter()
+            .any(|p| p.starts_with("8002: VM-PROBE-BANNER"))
+            && booted
+                .ports
+                .iter()
+                .any(|p| p.starts_with("9000: no banner")),
         "the allowed port must answer and the blocked one must not: {:?}",
         booted.ports
     );
     banner("the auditor: cvm-warden-verify audit verify --trusted-ak AK, on the log exported over virtio-serial");
     let out = Command::new(&ctx.bins.verify)
-        .args(["audit", "verify", "--trusted-ak"])
+        .args(["audit", "--trusted-ak"])
         .arg(dir.join("trusted-ak.b64"))
         .arg(dir.join("exported-audit.jsonl"))
         .output()?;

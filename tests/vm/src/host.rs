@@ -19,8 +19,9 @@ pub const AK_HANDLE: &str = "0x81010002";
 pub fn provision_tpm(state: &Path, work: &Path) -> Result<String> {
     fs::create_dir_all(state)?;
     fs::create_dir_all(work)?;
+    // The swtpm TCTI talks to the control channel on port + 1.
     let port = free_port()?;
-    let ctrl = free_port()?;
+    let ctrl = port + 1;
     let mut swtpm = Command::new("swtpm")
         .args(["socket", "--tpm2", "--tpmstate"])
         .arg(format!("dir={}", state.display()))
@@ -106,7 +107,15 @@ pub fn reference_pcr15(
     );
     let text = output_of(
         Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c", &script, "sh"])
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+                "sh",
+            ])
             .arg(&bins.warden)
             .args(["reference-values", "--policy"])
             .arg(policy)

@@ -260,7 +260,11 @@ fn copy_modules(assets: &Assets, names: &[String], stage: &Path) -> Result<Vec<S
     let src = assets.modules_dir();
     let dst = stage.join("usr/lib/modules").join(&assets.kver);
     mkdirs(&dst)?;
-    for index in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
+    for index in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
         if src.join(index).is_file() {
             fs::copy(src.join(index), dst.join(index))?;
         }

@@ -109,7 +109,9 @@ fn run() -> Result<()> {
                 for name in &flags.words {
                     match all.iter().find(|s| s.name == name) {
                         Some(s) => chosen.push(*s),
-                        None => bail!("no scenario {name:?}; `cargo xtask vm-test --list` lists them"),
+                        None => {
+                            bail!("no scenario {name:?}; `cargo xtask vm-test --list` lists them")
+                        }
                     }
                 }
                 chosen
@@ -120,10 +122,7 @@ fn run() -> Result<()> {
                 ctx.assets.kver
             );
             let failed = scenario::run_all(&ctx, &chosen, parallel);
-            println!(
-                "vm-test: {} passed, {failed} failed",
-                chosen.len() - failed
-            );
+            println!("vm-test: {} passed, {failed} failed", chosen.len() - failed);
             if failed > 0 {
                 bail!("{failed} VM scenario(s) failed");
             }

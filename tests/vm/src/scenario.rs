@@ -123,6 +123,9 @@ impl Guest {
             "--boot".into(),
             self.boot.to_string(),
         ];
+        if self.lockdown {
+            exec.push("--lockdown".into());
+        }
         if self.volume {
             exec.extend(["--volume".into(), VOLUME_AT.into()]);
         }
@@ -285,7 +288,10 @@ impl Site {
         ];
         files.extend(guest.files.iter().cloned());
         let binaries = if guest.busybox {
-            vec![(PathBuf::from("/bin/busybox"), "/usr/bin/busybox".to_string())]
+            vec![(
+                PathBuf::from("/bin/busybox"),
+                "/usr/bin/busybox".to_string(),
+            )]
         } else {
             Vec::new()
         };
@@ -297,7 +303,11 @@ impl Site {
             files,
             modules: modules_for(ctx, guest, &self.dir)?,
         };
-        image::build(&ctx.assets, &spec, &self.dir.join(format!("{name}.cpio.gz")))
+        image::build(
+            &ctx.assets,
+            &spec,
+            &self.dir.join(format!("{name}.cpio.gz")),
+        )
     }
 
     /// The reference PCR 15 for `guest` (computed on the host from the intact bundle).
@@ -442,18 +452,14 @@ impl Boot<'_> {
             std::thread::spawn(move || follow(&serial_log, &stop))
         });
         let mut ports = Vec::new();
-        if self.probe_ports || self.power_button {
-            if vm
-                .wait_serial("PROBE-READY", self.timeout)
-                .is_ok()
-            {
-                if self.power_button {
-                    vm.qmp("system_powerdown")?;
-                } else {
-                    for port in [BLOCKED_PORT, ALLOWED_PORT] {
-                        let host = vm.ports.get(&port).copied().unwrap_or_default();
-                        ports.push(format!("{port}: {}", banner(host, port == ALLOWED_PORT)));
-                    }
+        let probing = self.probe_ports || self.power_button;
+        if probing && vm.wait_serial("PROBE-READY", self.timeout).is_ok() {
+            if self.power_button {
+                vm.qmp("system_powerdown")?;
+            } else {
+                for port in [BLOCKED_PORT, ALLOWED_PORT] {
+                    let host = vm.ports.get(&port).copied().unwrap_or_default();
+                    ports.push(format!("{port}: {}", banner(host, port == ALLOWED_PORT)));
                 }
             }
         }
@@ -566,7 +572,11 @@ pub struct Expect {
 /// Judges one boot against `expect`, and that no key byte left the guest.
 pub fn judge(ctx: &Ctx, site: &Site, booted: &Booted, expect: &Expect, dir: &Path) -> Result<()> {
     let o = &booted.outcome;
-    ensure!(!o.panicked(), "the guest kernel panicked:\n{}", tail(&o.serial, 30));
+    ensure!(
+        !o.panicked(),
+        "the guest kernel panicked:\n{}",
+        tail(&o.serial, 30)
+    );
     ensure!(
         !o.timed_out,
         "the VM neither powered off nor halted within the watchdog:\n{}",
@@ -597,7 +607,11 @@ pub fn judge(ctx: &Ctx, site: &Site, booted: &Booted, expect: &Expect, dir: &Pat
             .lines()
             .filter(|l| l.contains("PROBE FAIL"))
             .collect();
-        ensure!(failed.is_empty(), "the probe found problems:\n{}", failed.join("\n"));
+        ensure!(
+            failed.is_empty(),
+            "the probe found problems:\n{}",
+            failed.join("\n")
+        );
     }
     for reason in &expect.reasons {
         ensure!(
@@ -610,14 +624,18 @@ pub fn judge(ctx: &Ctx, site: &Site, booted: &Booted, expect: &Expect, dir: &Pat
                 .join("\n")
         );
     }
-    ensure!(o.sink_hits == 0, "the guest reached the outbound sink {} times", o.sink_hits);
+    ensure!(
+        o.sink_hits == 0,
+        "the guest reached the outbound sink {} times",
+        o.sink_hits
+    );
     // The exported log, judged by the auditor's tool.
     let log = dir.join("exported-audit.jsonl");
     fs::write(&log, &o.audit)?;
     let ak = dir.join("trusted-ak.b64");
     fs::write(&ak, format!("{}\n", site.ak))?;
     let verify = Command::new(&ctx.bins.verify)
-        .args(["audit", "verify", "--trusted-ak"])
+        .args(["audit", "--trusted-ak"])
         .arg(&ak)
         .arg(&log)
         .output()
@@ -634,11 +652,17 @@ pub fn judge(ctx: &Ctx, site: &Site, booted: &Booted, expect: &Expect, dir: &Pat
     for (what, key) in [("volume key", &site.volume_key), ("secret", &site.secret)] {
         let needle = key.as_slice();
         ensure!(
-            !o.serial.as_bytes().windows(needle.len()).any(|w| w == needle),
+            !o.serial
+                .as_bytes()
+                .windows(needle.len())
+                .any(|w| w == needle),
             "the {what} appears in the serial log"
         );
         ensure!(
-            !o.audit.as_bytes().windows(needle.len()).any(|w| w == needle),
+            !o.audit
+                .as_bytes()
+                .windows(needle.len())
+                .any(|w| w == needle),
             "the {what} appears in the exported audit log"
         );
         if site.disk.exists() {
@@ -675,7 +699,7 @@ pub fn all() -> Vec<Scenario> {
 /// Runs `scenarios` with at most `parallel` VMs at once; prints one line each; returns the
 /// number that failed.
 pub fn run_all(ctx: &Ctx, scenarios: &[Scenario], parallel: usize) -> usize {
-    let queue = std::sync::Mutex::new(scenarios.to_vec().into_iter());
+    let queue = std::sync::Mutex::new(scenarios.iter().copied());
     let failed = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
         for _ in 0..parallel.max(1) {

@@ -100,7 +100,10 @@ fn good_boot(ctx: &Ctx, dir: &Path) -> Result<String> {
             .ports
             .iter()
             .any(|p| p.starts_with("8002: VM-PROBE-BANNER"))
-            && booted.ports.iter().any(|p| p.starts_with("9000: no banner")),
+            && booted
+                .ports
+                .iter()
+                .any(|p| p.starts_with("9000: no banner")),
         "the allowed port must answer and the blocked one must not: {:?}",
         booted.ports
     );
@@ -320,7 +323,11 @@ fn formatted_site(ctx: &Ctx, dir: &Path) -> Result<(Site, String)> {
 
 fn disk_digest(path: &Path) -> Result<String> {
     let out = crate::output_of(Command::new("sha256sum").arg(path))?;
-    Ok(out.split_whitespace().next().unwrap_or_default().to_string())
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
 }
 
 fn wrong_key(ctx: &Ctx, dir: &Path) -> Result<String> {
@@ -333,7 +340,13 @@ fn wrong_key(ctx: &Ctx, dir: &Path) -> Result<String> {
     )?;
     let before = disk_digest(&site.disk)?;
     let booted = Boot::new(&site, Guest::default(), Some(broker.addr.clone())).run(ctx, "boot2")?;
-    judge(ctx, &site, &booted, &refused(vec!["data"], 0), &dir.join("boot2"))?;
+    judge(
+        ctx,
+        &site,
+        &booted,
+        &refused(vec!["data"], 0),
+        &dir.join("boot2"),
+    )?;
     ensure!(disk_digest(&site.disk)? == before, "the disk was written");
     // The right key still opens the keyslot: nothing was lost.
     let key = dir.join("right.key");
@@ -344,7 +357,10 @@ fn wrong_key(ctx: &Ctx, dir: &Path) -> Result<String> {
         .arg(&site.disk)
         .status()?;
     fs::remove_file(&key)?;
-    ensure!(test.success(), "the original key no longer opens the volume");
+    ensure!(
+        test.success(),
+        "the original key no longer opens the volume"
+    );
     Ok(took(&booted))
 }
 
@@ -369,7 +385,13 @@ fn corrupt_header(ctx: &Ctx, dir: &Path) -> Result<String> {
     )?;
     let before = disk_digest(&site.disk)?;
     let booted = Boot::new(&site, Guest::default(), Some(broker.addr.clone())).run(ctx, "boot2")?;
-    judge(ctx, &site, &booted, &refused(vec!["data"], 0), &dir.join("boot2"))?;
+    judge(
+        ctx,
+        &site,
+        &booted,
+        &refused(vec!["data"], 0),
+        &dir.join("boot2"),
+    )?;
     ensure!(disk_digest(&site.disk)? == before, "the disk was written");
     Ok(took(&booted))
 }
@@ -398,7 +420,10 @@ fn cipher_null_header(ctx: &Ctx, dir: &Path) -> Result<String> {
         .arg(&site.disk)
         .status()?;
     fs::remove_file(&key)?;
-    ensure!(formatted.success(), "cryptsetup refused to write the cipher_null header");
+    ensure!(
+        formatted.success(),
+        "cryptsetup refused to write the cipher_null header"
+    );
     let before = disk_digest(&site.disk)?;
     let booted = Boot::new(&site, guest, Some(broker.addr.clone())).run(ctx, "boot")?;
     judge(ctx, &site, &booted, &refused(vec!["cipher"], 0), dir)?;
@@ -458,7 +483,12 @@ fn bundle_symlink(ctx: &Ctx, dir: &Path) -> Result<String> {
     tampered_bundle(
         ctx,
         dir,
-        |b| Ok(std::os::unix::fs::symlink("/etc/passwd", b.join("model/escape"))?),
+        |b| {
+            Ok(std::os::unix::fs::symlink(
+                "/etc/passwd",
+                b.join("model/escape"),
+            )?)
+        },
         refused(vec!["symlink"], 3),
     )
 }
@@ -496,7 +526,13 @@ fn missing_module(ctx: &Ctx, dir: &Path) -> Result<String> {
         outcome.audit = outcome.serial.clone();
     }
     let booted = Booted { outcome, ..booted };
-    judge(ctx, &site, &booted, &refused(vec!["cvm_warden_absent"], 3), dir)?;
+    judge(
+        ctx,
+        &site,
+        &booted,
+        &refused(vec!["cvm_warden_absent"], 3),
+        dir,
+    )?;
     Ok(took(&booted))
 }
 
@@ -524,8 +560,15 @@ fn workload_crash(ctx: &Ctx, dir: &Path) -> Result<String> {
     };
     let booted = Boot::new(&site, guest, None).run(ctx, "boot")?;
     judge(ctx, &site, &booted, &ran(3), dir)?;
-    let starts = booted.outcome.serial.matches("PROBE exiting with 3").count();
-    ensure!(starts == 3, "the workload started {starts} times, expected 3 (1 + 2 restarts)");
+    let starts = booted
+        .outcome
+        .serial
+        .matches("PROBE exiting with 3")
+        .count();
+    ensure!(
+        starts == 3,
+        "the workload started {starts} times, expected 3 (1 + 2 restarts)"
+    );
     Ok(took(&booted))
 }
 
@@ -596,6 +639,12 @@ fn invalid_policy(ctx: &Ctx, dir: &Path) -> Result<String> {
         outcome.audit = outcome.serial.clone();
     }
     let booted = Booted { outcome, ..booted };
-    judge(ctx, &site, &booted, &refused(vec!["policy_invalid", "surprise"], 3), dir)?;
+    judge(
+        ctx,
+        &site,
+        &booted,
+        &refused(vec!["policy_invalid", "surprise"], 3),
+        dir,
+    )?;
     Ok(took(&booted))
 }

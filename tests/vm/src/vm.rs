@@ -132,7 +132,13 @@ impl Vm {
     pub fn start(assets: &Assets, config: VmConfig) -> Result<Vm> {
         fs::create_dir_all(&config.dir)?;
         let dir = &config.dir;
-        for stale in ["serial.log", "audit.jsonl", "audit.sock", "qmp.sock", "tpm.sock"] {
+        for stale in [
+            "serial.log",
+            "audit.jsonl",
+            "audit.sock",
+            "qmp.sock",
+            "tpm.sock",
+        ] {
             let _ = fs::remove_file(dir.join(stale));
         }
         let mut vm = Vm {
@@ -171,8 +177,10 @@ impl Vm {
         qemu.args(["-append", &config.append]);
         qemu.arg("-serial")
             .arg(format!("file:{}", dir.join("serial.log").display()));
-        qemu.arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()));
+        qemu.arg("-qmp").arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("qmp.sock").display()
+        ));
         qemu.args(["-device", "virtio-rng-pci"]);
 
         // The audit port: the harness listens, QEMU connects (a file chardev would drop the
@@ -277,11 +285,17 @@ impl Vm {
             }
             if let Some(qemu) = self.qemu.as_mut() {
                 if qemu.try_wait()?.is_some() {
-                    bail!("{}: the VM ended before printing {marker:?}", self.config.name);
+                    bail!(
+                        "{}: the VM ended before printing {marker:?}",
+                        self.config.name
+                    );
                 }
             }
             if start.elapsed() > limit {
-                bail!("{}: no {marker:?} on the serial console within {limit:?}", self.config.name);
+                bail!(
+                    "{}: no {marker:?} on the serial console within {limit:?}",
+                    self.config.name
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -289,8 +303,8 @@ impl Vm {
 
     /// Sends one QMP command and returns its `return` value.
     pub fn qmp(&self, execute: &str) -> Result<serde_json::Value> {
-        let stream = UnixStream::connect(self.config.dir.join("qmp.sock"))
-            .context("connecting to QMP")?;
+        let stream =
+            UnixStream::connect(self.config.dir.join("qmp.sock")).context("connecting to QMP")?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut writer = stream;
@@ -323,8 +337,7 @@ impl Vm {
         let deadline = self.started + self.config.timeout;
         let mut timed_out = false;
         let mut halted = false;
-        loop {
-            let Some(qemu) = self.qemu.as_mut() else { break };
+        while let Some(qemu) = self.qemu.as_mut() {
             if qemu.try_wait()?.is_some() {
                 break;
             }

@@ -2,7 +2,8 @@
 //! sees, one `PROBE <ok|FAIL> <check> <detail>` line each on standard output (relayed to the
 //! serial console as `workload: …`), then serves the allowed port until the host says `done`.
 //!
-//! `vm-probe [--uid N] [--gid N] [--volume DIR] [--secret FILE] [--exit CODE] [--listen PORT]…`
+//! `vm-probe [--uid N] [--gid N] [--lockdown] [--volume DIR [--fill]] [--secret FILE] [--exit CODE] [--listen PORT]…`
+//! `--lockdown`: check the hardening sysctls and the lockdown LSM.
 //! `--exit CODE` ends at once with that code (the crashing-workload scenario).
 
 use std::fs;
@@ -36,7 +37,10 @@ fn status_field(name: &str) -> String {
     fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name}:"))
+                .map(|v| v.trim().to_string())
+        })
         .unwrap_or_default()
 }
 
@@ -60,7 +64,10 @@ fn main() {
     let pid1 = fs::read_to_string("/proc/1/status").unwrap_or_default();
     for field in ["VmRSS", "VmHWM"] {
         if let Some(line) = pid1.lines().find(|l| l.starts_with(field)) {
-            println!("PROBE pid1 {}", line.split_whitespace().collect::<Vec<_>>().join(" "));
+            println!(
+                "PROBE pid1 {}",
+                line.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
         }
     }
     let uid = status_field("Uid");
@@ -88,7 +95,8 @@ fn main() {
     let nnp = status_field("NoNewPrivs");
     report(nnp == "1", "nonewprivs", &format!("NoNewPrivs: {nnp}"));
 
-    for (key, want) in SYSCTLS {
+    let lockdown_expected = args.iter().any(|a| a == "--lockdown");
+    for (key, want) in SYSCTLS.iter().filter(|_| lockdown_expected) {
         let got = fs::read_to_string(format!("/proc/sys/{key}")).unwrap_or_default();
         report(
             got.trim() == *want,
@@ -96,14 +104,16 @@ fn main() {
             &format!("{}={}", key.replace('/', "."), got.trim()),
         );
     }
-    let lockdown = fs::read_to_string("/sys/kernel/security/lockdown")
-        .map(|t| t.trim().to_string())
-        .unwrap_or_else(|e| format!("unreadable ({e})"));
-    report(
-        lockdown.contains("[confidentiality]"),
-        "lockdown",
-        &lockdown,
-    );
+    if lockdown_expected {
+        let lockdown = fs::read_to_string("/sys/kernel/security/lockdown")
+            .map(|t| t.trim().to_string())
+            .unwrap_or_else(|e| format!("unreadable ({e})"));
+        report(
+            lockdown.contains("[confidentiality]"),
+            "lockdown",
+            &lockdown,
+        );
+    }
 
     let mut others = Vec::new();
     if let Ok(entries) = fs::read_dir("/proc") {
@@ -121,11 +131,7 @@ fn main() {
         &format!("login/shell processes: {others:?}"),
     );
     for dev in ["/dev/fd", "/dev/stdin", "/dev/stdout", "/dev/stderr"] {
-        report(
-            fs::symlink_metadata(dev).is_ok(),
-            "dev-link",
-            dev,
-        );
+        report(fs::symlink_metadata(dev).is_ok(), "dev-link", dev);
     }
 
     let pcr15 = fs::read_to_string("/sys/class/tpm/tpm0/pcr-sha256/15")
@@ -138,9 +144,15 @@ fn main() {
             Ok(meta) => {
                 let mode = meta.permissions().mode() & 0o7777;
                 report(
-                    mode == 0o400 && meta.uid().to_string() == uid.split_whitespace().next().unwrap_or_default(),
+                    mode == 0o400
+                        && meta.uid().to_string()
+                            == uid.split_whitespace().next().unwrap_or_default(),
                     "secret",
-                    &format!("{secret} mode {mode:o} owner {} size {}", meta.uid(), meta.len()),
+                    &format!(
+                        "{secret} mode {mode:o} owner {} size {}",
+                        meta.uid(),
+                        meta.len()
+                    ),
                 );
             }
             Err(e) => report(false, "secret", &format!("{secret}: {e}")),
@@ -180,17 +192,19 @@ fn main() {
             Ok(a) => a,
             Err(_) => continue,
         };
-        let outcome = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-            .and_then(|mut s| {
+        let outcome =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(3)).and_then(|mut s| {
                 s.set_read_timeout(Some(Duration::from_secs(3)))?;
                 let mut line = String::new();
                 BufReader::new(&mut s).read_line(&mut line)?;
                 Ok(line)
             });
         match outcome {
-            Ok(line) if !line.is_empty() => {
-                report(false, "outbound-blocked", &format!("{dest} answered {line:?}"))
-            }
+            Ok(line) if !line.is_empty() => report(
+                false,
+                "outbound-blocked",
+                &format!("{dest} answered {line:?}"),
+            ),
             Ok(_) => report(true, "outbound-blocked", &format!("{dest}: no answer")),
             Err(e) => report(true, "outbound-blocked", &format!("{dest}: {e}")),
         }
