@@ -12,6 +12,7 @@
 //! [`crate::sys::process::drop_privileges_and_exec`], the one program the forked child runs.
 
 mod mounts;
+pub mod power;
 pub mod relay;
 mod shutdown;
 mod supervise;

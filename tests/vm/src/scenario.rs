@@ -35,8 +35,11 @@ pub const BLOCKED_PORT: u16 = 9000;
 /// The broker resources.
 const VOLUME_RESOURCE: &str = "default/keys/data";
 const SECRET_RESOURCE: &str = "default/secrets/fl-key";
-/// Modules the harness's virtual hardware needs (listed in `[kernel] modules`).
-pub const VIRTIO_MODULES: &[&str] = &[
+/// Modules the harness's virtual hardware needs (listed in `[kernel] modules`): virtio, and
+/// the ACPI power button read through evdev.
+pub const HARNESS_MODULES: &[&str] = &[
+    "button",
+    "evdev",
     "virtio_pci",
     "virtio_blk",
     "virtio_net",
@@ -142,7 +145,7 @@ impl Guest {
         }
         exec.extend(self.probe_args.iter().cloned());
         let exec: Vec<String> = exec.iter().map(|a| format!("{a:?}")).collect();
-        let modules: Vec<String> = VIRTIO_MODULES.iter().map(|m| format!("{m:?}")).collect();
+        let modules: Vec<String> = HARNESS_MODULES.iter().map(|m| format!("{m:?}")).collect();
         let _ = write!(
             p,
             "\n[kernel]\nmodules = [{}]\n\n[workload]\nbundle = \"{BUNDLE_AT}\"\nsource = \"initramfs\"\nexec = [{}]\nuser = \"fl\"\nworkdir = \"/\"\nrestart = \"{}\"\n",
@@ -347,7 +350,7 @@ fn modules_for(ctx: &Ctx, guest: &Guest, dir: &Path) -> Result<Vec<String>> {
         .arg(etc.join("group"))
         .output()
         .context("running cvm-warden plan")?;
-    let mut modules: Vec<String> = VIRTIO_MODULES.iter().map(|m| m.to_string()).collect();
+    let mut modules: Vec<String> = HARNESS_MODULES.iter().map(|m| m.to_string()).collect();
     if let Ok(plan) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
         if let Some(list) = plan["modules"]["load"].as_array() {
             for m in list {

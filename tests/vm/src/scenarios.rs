@@ -513,8 +513,8 @@ fn missing_module(ctx: &Ctx, dir: &Path) -> Result<String> {
     let site = Site::new(ctx, dir)?;
     let guest = Guest {
         policy_edits: vec![(
-            "modules = [\"virtio_pci\"".into(),
-            "modules = [\"cvm_warden_absent\", \"virtio_pci\"".into(),
+            "modules = [\"button\"".into(),
+            "modules = [\"cvm_warden_absent\", \"button\"".into(),
         )],
         ..bare_guest()
     };
