@@ -137,6 +137,8 @@ impl Guest {
         }
         if self.network {
             exec.extend([
+                "--allowed-out".into(),
+                crate::vm::ALLOWED_OUT_GUEST_ADDR.into(),
                 "--listen".into(),
                 ALLOWED_PORT.to_string(),
                 "--listen".into(),
@@ -175,7 +177,7 @@ impl Guest {
         if self.network {
             let _ = write!(
                 p,
-                "\n[network]\ninbound = [{{ port = {ALLOWED_PORT} }}]\noutbound = []\n\n[[network.interface]]\nname = \"eth0\"\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n"
+                "\n[network]\ninbound = [{{ port = {ALLOWED_PORT} }}]\noutbound = [{{ host = \"10.0.2.102\", port = 7002 }}]\n\n[[network.interface]]\nname = \"eth0\"\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n"
             );
         }
         if self.lockdown {

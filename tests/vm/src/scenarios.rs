@@ -116,6 +116,7 @@ fn good_boot(ctx: &Ctx, dir: &Path) -> Result<String> {
         "PROBE ok lockdown",
         "PROBE ok no-login",
         "PROBE ok outbound-blocked 10.0.2.101:7777",
+        "PROBE ok outbound-allowed 10.0.2.102:7002",
         "PROBE volume-previous none",
     ] {
         ensure!(serial.contains(line), "the probe did not report {line:?}");

@@ -24,6 +24,8 @@ use crate::assets::Assets;
 pub const BROKER_GUEST_ADDR: &str = "10.0.2.100:5555";
 /// A second guestfwd the workload must NOT be able to reach (an outbound probe).
 pub const SINK_GUEST_ADDR: &str = "10.0.2.101:7777";
+/// A guestfwd the allowlist opens (outbound): it answers with a banner.
+pub const ALLOWED_OUT_GUEST_ADDR: &str = "10.0.2.102:7002";
 /// The virtio-serial port name the audit log leaves the guest on.
 pub const AUDIT_PORT: &str = "cvm-warden.audit";
 
@@ -232,6 +234,11 @@ impl Vm {
             ",guestfwd=tcp:{SINK_GUEST_ADDR}-cmd:{} sink {}",
             config.relay.display(),
             vm.sink_hits.display()
+        ));
+        netdev.push_str(&format!(
+            ",guestfwd=tcp:{ALLOWED_OUT_GUEST_ADDR}-cmd:{} sink {}",
+            config.relay.display(),
+            dir.join("allowed-hits").display()
         ));
         qemu.args(["-netdev", &netdev]);
         qemu.args(["-device", "virtio-net-pci,netdev=n0,romfile="]);

@@ -187,6 +187,37 @@ fn main() {
         return;
     }
 
+    for dest in args
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| *a == "--allowed-out")
+        .filter_map(|(i, _)| args.get(i + 1))
+    {
+        let answer = dest
+            .parse::<SocketAddr>()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+            .and_then(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut line = String::new();
+                BufReader::new(&mut s).read_line(&mut line)?;
+                Ok(line)
+            });
+        match answer {
+            Ok(line) if !line.is_empty() => report(
+                true,
+                "outbound-allowed",
+                &format!("{dest} answered {:?}", line.trim()),
+            ),
+            Ok(_) => report(
+                false,
+                "outbound-allowed",
+                &format!("{dest}: closed without an answer"),
+            ),
+            Err(e) => report(false, "outbound-allowed", &format!("{dest}: {e}")),
+        }
+    }
+
     for dest in BLOCKED_OUT {
         let addr: SocketAddr = match dest.parse() {
             Ok(a) => a,
