@@ -87,6 +87,8 @@ pub struct Guest {
     pub files: Vec<(String, Vec<u8>, u32)>,
     /// Put a static busybox at `/usr/bin/busybox` (for the scripts of `files`).
     pub busybox: bool,
+    /// Kernel modules the image builder leaves out although the policy needs them.
+    pub omit_modules: Vec<String>,
 }
 
 impl Default for Guest {
@@ -105,6 +107,7 @@ impl Default for Guest {
             boot: 1,
             files: Vec::new(),
             busybox: false,
+            omit_modules: Vec::new(),
         }
     }
 }
@@ -177,7 +180,7 @@ impl Guest {
         if self.network {
             let _ = write!(
                 p,
-                "\n[network]\ninbound = [{{ port = {ALLOWED_PORT} }}]\noutbound = [{{ host = \"10.0.2.102\", port = 7002 }}]\n\n[[network.interface]]\nname = \"eth0\"\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n"
+                "\n[network]\ninbound = [{{ port = {ALLOWED_PORT} }}]\noutbound = [{{ host = \"10.0.2.102\", port = 7002 }}]\n\n[network.interface.eth0]\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n"
             );
         }
         if self.lockdown {
@@ -306,7 +309,10 @@ impl Site {
             policy: guest.policy(),
             trees: vec![(self.bundle.clone(), BUNDLE_AT.to_string())],
             files,
-            modules: modules_for(ctx, guest, &self.dir)?,
+            modules: modules_for(ctx, guest, &self.dir)?
+                .into_iter()
+                .filter(|m| !guest.omit_modules.contains(m))
+                .collect(),
         };
         image::build(
             &ctx.assets,
@@ -354,11 +360,12 @@ fn modules_for(ctx: &Ctx, guest: &Guest, dir: &Path) -> Result<Vec<String>> {
         .context("running cvm-warden plan")?;
     let mut modules: Vec<String> = HARNESS_MODULES.iter().map(|m| m.to_string()).collect();
     if let Ok(plan) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-        if let Some(list) = plan["modules"]["load"].as_array() {
-            for m in list {
-                if let Some(name) = m["name"].as_str().or(m.as_str()) {
-                    modules.push(name.to_string());
-                }
+        let list = plan["modules"]
+            .as_array()
+            .or_else(|| plan["modules"]["load"].as_array());
+        for m in list.into_iter().flatten() {
+            if let Some(name) = m.as_str().or(m["name"].as_str()) {
+                modules.push(name.to_string());
             }
         }
     }
