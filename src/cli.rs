@@ -270,7 +270,11 @@ fn init_options() -> Vec<(String, bool)> {
 
 /// Reads the command line: as typed, or as PID 1 what [`crate::boot::init::kernel_invocation`]
 /// keeps; returns the arguments to parse and the ones ignored.
-fn invocation(argv: Vec<OsString>, pid: u32, initial_pid_ns: bool) -> (Vec<OsString>, Option<Vec<String>>) {
+fn invocation(
+    argv: Vec<OsString>,
+    pid: u32,
+    initial_pid_ns: bool,
+) -> (Vec<OsString>, Option<Vec<String>>) {
     let options = init_options();
     let options: Vec<InitOption<'_>> = options
         .iter()
@@ -284,7 +288,11 @@ fn invocation(argv: Vec<OsString>, pid: u32, initial_pid_ns: bool) -> (Vec<OsStr
         Invocation::AsTyped => {
             let mut argv = argv;
             // `/init` run by hand: `init` with the defaults (it then refuses: not PID 1).
-            if argv.len() == 1 && argv.first().is_some_and(|a| wiring::named_init(Path::new(a))) {
+            if argv.len() == 1
+                && argv
+                    .first()
+                    .is_some_and(|a| wiring::named_init(Path::new(a)))
+            {
                 argv.push("init".into());
             }
             (argv, None)
@@ -578,21 +586,35 @@ mod tests {
     fn a_kernel_started_init_parses_whatever_the_kernel_passed() {
         let (argv, ignored) = invocation(os(&["/init", "single", "--", "--bogus"]), 1, true);
         let cli = Cli::try_parse_from(&argv).unwrap();
-        assert!(matches!(cli.command, Command::Init(ref a) if a.policy.policy == Path::new(DEFAULT_POLICY) && !a.sandbox));
+        assert!(
+            matches!(cli.command, Command::Init(ref a) if a.policy.policy == Path::new(DEFAULT_POLICY) && !a.sandbox)
+        );
         assert_eq!(ignored.unwrap(), ["single", "--", "--bogus"]);
         // `cvm-warden init` from a wrapper: its options kept, the kernel's words ignored.
         let (argv, ignored) = invocation(
-            os(&["/usr/bin/cvm-warden", "init", "--policy", "/p.toml", "single", "--help"]),
+            os(&[
+                "/usr/bin/cvm-warden",
+                "init",
+                "--policy",
+                "/p.toml",
+                "single",
+                "--help",
+            ]),
             1,
             true,
         );
         let cli = Cli::try_parse_from(&argv).unwrap();
-        assert!(matches!(cli.command, Command::Init(ref a) if a.policy.policy == Path::new("/p.toml")));
+        assert!(
+            matches!(cli.command, Command::Init(ref a) if a.policy.policy == Path::new("/p.toml"))
+        );
         assert_eq!(ignored.unwrap(), ["single", "--help"]);
         // Not PID 1: as typed, so clap reports the bad word (exit 2).
         let (argv, ignored) = invocation(os(&["cvm-warden", "init", "single"]), 7, false);
         assert!(ignored.is_none());
-        assert_eq!(CliError::Usage(Cli::try_parse_from(&argv).unwrap_err()).code(), 2);
+        assert_eq!(
+            CliError::Usage(Cli::try_parse_from(&argv).unwrap_err()).code(),
+            2
+        );
     }
 
     #[test]

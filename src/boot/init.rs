@@ -101,7 +101,10 @@ pub fn kernel_invocation(
     if pid != 1 {
         return Invocation::AsTyped;
     }
-    let argv0 = argv.first().cloned().unwrap_or_else(|| OsString::from("init"));
+    let argv0 = argv
+        .first()
+        .cloned()
+        .unwrap_or_else(|| OsString::from("init"));
     let rest = argv.get(1..).unwrap_or_default();
     let init_only = |ignored: &[OsString]| Invocation::Init {
         argv: vec![argv0.clone(), OsString::from("init")],
@@ -213,7 +216,11 @@ pub type Console<'a> = &'a dyn Fn() -> Box<dyn Write + Send>;
 /// code 1), the policy (invalid: recorded on the console, `boot/policy_invalid` and the
 /// closing record, then power-off with code 2), the sandbox check (code 2). Every failure is
 /// a [`Shutdown`] for the caller to perform; nothing here returns to the kernel.
-pub fn start(options: &InitOptions, sys: &dyn Sys, console: Console<'_>) -> Result<Started, Shutdown> {
+pub fn start(
+    options: &InitOptions,
+    sys: &dyn Sys,
+    console: Console<'_>,
+) -> Result<Started, Shutdown> {
     let power_off = |code| Shutdown {
         action: FailureAction::Poweroff,
         code,
@@ -237,11 +244,7 @@ pub fn start(options: &InitOptions, sys: &dyn Sys, console: Console<'_>) -> Resu
                 json!({ "policy": options.files.policy, "error": chain(&error) }),
             );
             let action = FailureAction::Poweroff;
-            let _ = audit.record(
-                "shutdown",
-                closing_event(sys, action),
-                json!({ "code": 2 }),
-            );
+            let _ = audit.record("shutdown", closing_event(sys, action), json!({ "code": 2 }));
             let _ = audit.flush();
             return Err(power_off(2));
         }
@@ -260,10 +263,7 @@ pub fn start(options: &InitOptions, sys: &dyn Sys, console: Console<'_>) -> Resu
         _ => None,
     };
     if let Some(problem) = sandbox_problem {
-        crate::report::write_error(
-            &mut console(),
-            &crate::report::Message(problem.to_owned()),
-        );
+        crate::report::write_error(&mut console(), &crate::report::Message(problem.to_owned()));
         // In a sandbox, shutdown() exits instead of powering anything off.
         return Err(power_off(2));
     }
@@ -386,3 +386,354 @@ pub fn run_init(
     Shutdown { action, code }
 }
 
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use nix::errno::Errno;
+
+    use super::*;
+    use crate::sys::{FakeSys, Op};
+
+    const OPTIONS: [InitOption<'static>; 5] = [
+        InitOption {
+            long: "policy",
+            takes_value: true,
+        },
+        InitOption {
+            long: "operator",
+            takes_value: true,
+        },
+        InitOption {
+            long: "passwd",
+            takes_value: true,
+        },
+        InitOption {
+            long: "group",
+            takes_value: true,
+        },
+        InitOption {
+            long: "sandbox",
+            takes_value: false,
+        },
+    ];
+
+    fn os(words: &[&str]) -> Vec<OsString> {
+        words.iter().map(OsString::from).collect()
+    }
+
+    fn init(argv: &[&str], ignored: &[&str]) -> Invocation {
+        Invocation::Init {
+            argv: os(argv),
+            ignored: ignored.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_kernels_init_ignores_every_argument() {
+        for argv0 in ["/init", "init", "/sbin/init"] {
+            assert_eq!(
+                kernel_invocation(&os(&[argv0]), 1, true, &OPTIONS),
+                init(&[argv0, "init"], &[])
+            );
+            // Bare words of the kernel command line, words after `--`, even our own options:
+            // the kernel command line never configures cvm-warden.
+            assert_eq!(
+                kernel_invocation(
+                    &os(&[argv0, "single", "--policy", "/evil.toml", "init"]),
+                    1,
+                    true,
+                    &OPTIONS
+                ),
+                init(
+                    &[argv0, "init"],
+                    &["single", "--policy", "/evil.toml", "init"]
+                )
+            );
+        }
+        // Also as the PID 1 of a container (the name says it is an init).
+        assert_eq!(
+            kernel_invocation(&os(&["/init", "x"]), 1, false, &OPTIONS),
+            init(&["/init", "init"], &["x"])
+        );
+    }
+
+    #[test]
+    fn cvm_warden_init_keeps_its_options_once_and_ignores_the_rest() {
+        assert_eq!(
+            kernel_invocation(
+                &os(&[
+                    "/usr/bin/cvm-warden",
+                    "init",
+                    "--policy",
+                    "/p.toml",
+                    "single",
+                    "--sandbox",
+                    "--operator=/o.toml",
+                    "--policy",
+                    "/second.toml",
+                    "--sandbox",
+                    "-x",
+                    "--help",
+                    "--bogus=1",
+                    "--group",
+                ]),
+                1,
+                false,
+                &OPTIONS
+            ),
+            init(
+                &[
+                    "/usr/bin/cvm-warden",
+                    "init",
+                    "--policy",
+                    "/p.toml",
+                    "--sandbox",
+                    "--operator=/o.toml",
+                ],
+                &[
+                    "single",
+                    "--policy",
+                    "/second.toml",
+                    "--sandbox",
+                    "-x",
+                    "--help",
+                    "--bogus=1",
+                    "--group",
+                ]
+            )
+        );
+    }
+
+    #[test]
+    fn other_commands_are_as_typed_except_as_the_pid_1_of_a_real_boot() {
+        // Not PID 1: clap reads it (and refuses bad words with exit 2; nothing panics).
+        for argv in [
+            &["cvm-warden", "init", "single"][..],
+            &["/init", "single"],
+            &["cvm-warden", "plan"],
+        ] {
+            assert_eq!(
+                kernel_invocation(&os(argv), 42, true, &OPTIONS),
+                Invocation::AsTyped
+            );
+        }
+        // A container's PID 1 running another command.
+        assert_eq!(
+            kernel_invocation(
+                &os(&["cvm-warden", "plan", "--policy", "p"]),
+                1,
+                false,
+                &OPTIONS
+            ),
+            Invocation::AsTyped
+        );
+        // The PID 1 of a real boot (`rdinit=/usr/bin/cvm-warden`, words from the kernel):
+        // nothing but init may run there.
+        assert_eq!(
+            kernel_invocation(&os(&["/usr/bin/cvm-warden", "single"]), 1, true, &OPTIONS),
+            init(&["/usr/bin/cvm-warden", "init"], &["single"])
+        );
+        assert_eq!(
+            kernel_invocation(&os(&["/usr/bin/cvm-warden"]), 1, true, &OPTIONS),
+            init(&["/usr/bin/cvm-warden", "init"], &[])
+        );
+    }
+
+    #[test]
+    fn ignored_arguments_are_sanitized_cut_and_counted() {
+        let mut argv = os(&["/init", "a\u{1b}[31mred", "\u{202e}evil"]);
+        argv.push(OsString::from("x".repeat(1000)));
+        argv.extend((0..40).map(|i| OsString::from(format!("w{i}"))));
+        let Invocation::Init { ignored, .. } = kernel_invocation(&argv, 1, true, &OPTIONS) else {
+            panic!("not init");
+        };
+        assert_eq!(ignored.len(), MAX_IGNORED + 1);
+        assert_eq!(ignored[0], "a\\u{1b}[31mred");
+        assert_eq!(ignored[1], "\\u{202e}evil");
+        assert!(
+            ignored[2].chars().count() <= MAX_IGNORED_CHARS + 3,
+            "{}",
+            ignored[2]
+        );
+        assert_eq!(ignored[MAX_IGNORED], "(and 11 more)");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn non_utf8_words_are_ignored_not_fatal() {
+        use std::os::unix::ffi::OsStringExt;
+        let argv = vec![
+            OsString::from("cvm-warden"),
+            OsString::from("init"),
+            OsString::from_vec(vec![0xff, b'x']),
+        ];
+        let Invocation::Init { argv, ignored } = kernel_invocation(&argv, 1, true, &OPTIONS) else {
+            panic!("not init");
+        };
+        assert_eq!(argv, os(&["cvm-warden", "init"]));
+        assert_eq!(ignored, ["\u{fffd}x"]);
+    }
+
+    /// A console that tests can read.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Buffer {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    struct Files {
+        dir: tempfile::TempDir,
+    }
+
+    impl Files {
+        fn new(policy: &str) -> Files {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
+            std::fs::write(
+                dir.path().join("passwd"),
+                "flare:x:1000:1000::/home/flare:/bin/sh\n",
+            )
+            .unwrap();
+            std::fs::write(dir.path().join("group"), "flare:x:1000:\n").unwrap();
+            Files { dir }
+        }
+
+        fn options(&self, sandbox: bool) -> InitOptions {
+            InitOptions {
+                files: PolicyFiles {
+                    policy: self.dir.path().join("policy.toml"),
+                    operator: None,
+                    passwd: self.dir.path().join("passwd"),
+                    group: self.dir.path().join("group"),
+                },
+                sandbox,
+            }
+        }
+    }
+
+    const POLICY: &str = "attestation = \"none\"\n[workload]\nbundle = \"/opt/b\"\nsource = \"initramfs\"\nexec = [\"/opt/b/run\"]\nuser = \"flare\"\n";
+
+    fn start_with(
+        files: &Files,
+        sandbox: bool,
+        sys: &FakeSys,
+    ) -> (Result<Started, Shutdown>, String) {
+        let console = Buffer::default();
+        let writer = console.clone();
+        let make = move || Box::new(writer.clone()) as Box<dyn Write + Send>;
+        let result = start(&files.options(sandbox), sys, &make);
+        (result, console.text())
+    }
+
+    const POWER_OFF_2: Shutdown = Shutdown {
+        action: FailureAction::Poweroff,
+        code: 2,
+    };
+
+    #[test]
+    fn an_invalid_policy_powers_off_after_recording_it_on_the_console() {
+        let files = Files::new(&POLICY.replace("user = \"flare\"", "user = \"nobody-here\""));
+        let sys = FakeSys::new();
+        let (result, console) = start_with(&files, false, &sys);
+        assert_eq!(result.unwrap_err(), POWER_OFF_2);
+        assert!(console.starts_with("error: "), "{console}");
+        let records: Vec<Value> = console
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let events: Vec<(&str, &str)> = records
+            .iter()
+            .map(|r| (r["stage"].as_str().unwrap(), r["event"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            events,
+            [("boot", "policy_invalid"), ("shutdown", "poweroff")]
+        );
+        // The early mounts came first.
+        assert!(!sys.calls().is_empty());
+        // In a sandbox the closing record says exit (shutdown() then exits with 2).
+        let (result, console) = start_with(&files, false, &FakeSys::new().in_sandbox());
+        assert_eq!(result.unwrap_err(), POWER_OFF_2);
+        assert!(console.contains("\"event\":\"exit\""), "{console}");
+    }
+
+    #[test]
+    fn failed_early_mounts_power_off_before_the_policy_is_read() {
+        let files = Files::new(POLICY);
+        let sys = FakeSys::new().fail_on(Op::Mount, Errno::ENODEV);
+        let (result, console) = start_with(&files, false, &sys);
+        assert_eq!(
+            result.unwrap_err(),
+            Shutdown {
+                action: FailureAction::Poweroff,
+                code: 1
+            }
+        );
+        assert!(
+            console.starts_with("error: mount proc proc on /proc"),
+            "{console}"
+        );
+    }
+
+    #[test]
+    fn the_sandbox_flag_must_match_the_pid_namespace() {
+        let lockdown = format!("{POLICY}\n[lockdown]\nconsoles = \"off\"\n");
+        let files = Files::new(&lockdown);
+        let (result, console) = start_with(&files, false, &FakeSys::new().in_sandbox());
+        assert_eq!(result.unwrap_err(), POWER_OFF_2);
+        assert!(console.contains("pass --sandbox"), "{console}");
+        let (result, console) = start_with(&files, true, &FakeSys::new());
+        assert_eq!(result.unwrap_err(), POWER_OFF_2);
+        assert!(console.contains("remove --sandbox"), "{console}");
+        let (result, _) = start_with(&files, true, &FakeSys::new().in_sandbox());
+        let started = result.unwrap();
+        assert!(started.loaded.policy.lockdown.is_some());
+        assert_eq!(started.early.linked.len(), 4);
+    }
+
+    #[test]
+    fn the_early_mounts_and_the_ignored_arguments_are_recorded() {
+        let (audit, lines) = {
+            let (sink, lines) = crate::audit::MemorySink::new();
+            (Audit::new(vec![Box::new(sink)], false), lines)
+        };
+        let early = EarlyMounts {
+            mounted: vec![PathBuf::from("/proc")],
+            linked: vec![PathBuf::from("/dev/stdin")],
+        };
+        record_early(&audit, &early, &[]);
+        record_early(&audit, &early, &["single".to_owned()]);
+        let records: Vec<Value> = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let events: Vec<&str> = records
+            .iter()
+            .map(|r| r["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            events,
+            ["early_mounts", "early_mounts", "kernel_args_ignored"]
+        );
+        assert_eq!(records[0]["details"]["linked"][0], "/dev/stdin");
+        assert_eq!(records[2]["details"]["args"][0], "single");
+    }
+}

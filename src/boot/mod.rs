@@ -193,7 +193,10 @@ impl std::fmt::Debug for ModuleStep<'_> {
 /// record saying what was loaded now, what was loaded already and what is built in. In a
 /// sandbox nothing is loaded and `boot/modules_skipped` says so. An empty plan writes nothing.
 /// In the PID 1 shape configfs is mounted afterwards when its directory appeared.
-pub fn load_modules(plan: &crate::lockdown::ModulePlan, step: &ModuleStep<'_>) -> Result<(), BootError> {
+pub fn load_modules(
+    plan: &crate::lockdown::ModulePlan,
+    step: &ModuleStep<'_>,
+) -> Result<(), BootError> {
     if plan.is_empty() {
         return Ok(());
     }
@@ -638,4 +641,3 @@ pub fn record_failure(
     );
     life.close("shutdown", closing, json!({ "code": 1 }), event_log);
 }
-

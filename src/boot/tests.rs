@@ -156,9 +156,7 @@ fn run_prepare(
         firewall: &mut crate::firewall::RecordingFirewall::new(),
         resolver: &crate::firewall::FakeResolver::new(),
         lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
-        lockdown_paths: &crate::lockdown::Paths::under(Path::new(
-            "/nonexistent/cvm-warden-test",
-        )),
+        lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
     };
     prepare(&loaded, &fixture.facts(&loaded), env)
 }
@@ -828,9 +826,7 @@ fn prepare_with(
         firewall: &mut crate::firewall::RecordingFirewall::new(),
         resolver: &crate::firewall::FakeResolver::new(),
         lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
-        lockdown_paths: &crate::lockdown::Paths::under(Path::new(
-            "/nonexistent/cvm-warden-test",
-        )),
+        lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
     };
     prepare(&loaded, &fixture.facts(&loaded), env)
 }
@@ -1041,9 +1037,7 @@ fn the_register_value_before_the_first_extend_is_recorded() {
         firewall: &mut crate::firewall::RecordingFirewall::new(),
         resolver: &crate::firewall::FakeResolver::new(),
         lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
-        lockdown_paths: &crate::lockdown::Paths::under(Path::new(
-            "/nonexistent/cvm-warden-test",
-        )),
+        lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
     };
     let ready = prepare(&loaded, &fixture.facts(&loaded), env).unwrap();
     assert_eq!(ready.event_log.register_initial(), Some(firmware));
@@ -1210,9 +1204,7 @@ fn a_hanging_nft_fails_the_perimeter_closed_within_its_timeout() {
         firewall: &mut NftFirewall::with_tools(tools),
         resolver: &resolver,
         lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
-        lockdown_paths: &crate::lockdown::Paths::under(Path::new(
-            "/nonexistent/cvm-warden-test",
-        )),
+        lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
     };
     let started = std::time::Instant::now();
     let error = prepare(&loaded, &fixture.facts(&loaded), env).unwrap_err();
@@ -1485,9 +1477,9 @@ fn without_an_evidence_provider_no_checkpoint_is_written() {
     run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
     // No provider: the supervisor is not even asked to wake for one.
     assert_eq!(launcher.interval.get(), None);
-    assert!(!records(&lines).iter().any(
-        |r| r["stage"] == "audit" && r["event"].as_str().unwrap().starts_with("checkpoint")
-    ));
+    assert!(!records(&lines)
+        .iter()
+        .any(|r| r["stage"] == "audit" && r["event"].as_str().unwrap().starts_with("checkpoint")));
 }
 
 #[test]
@@ -1697,4 +1689,206 @@ fn the_verifier_checks_the_runners_checkpoints() {
         ]
     );
     assert!(outcome.runs[0].complete);
+}
+
+// --- the module step -----------------------------------------------------------------------
+
+/// A kernel tree with `dm_crypt` (needing `ecb`) and `configfs` as modules.
+fn module_tree() -> (tempfile::TempDir, crate::lockdown::Paths) {
+    let root = tempfile::tempdir().unwrap();
+    let paths = crate::lockdown::Paths::under(root.path());
+    let dir = paths.lib_modules.join("6.1.0");
+    std::fs::create_dir_all(dir.join("kernel")).unwrap();
+    std::fs::write(
+        dir.join("modules.dep"),
+        "kernel/dm-crypt.ko: kernel/ecb.ko\nkernel/ecb.ko:\nkernel/configfs.ko:\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("modules.builtin"), "kernel/tpm_tis.ko\n").unwrap();
+    for file in ["dm-crypt.ko", "ecb.ko", "configfs.ko"] {
+        std::fs::write(dir.join("kernel").join(file), "module").unwrap();
+    }
+    std::fs::create_dir_all(&paths.sys_module).unwrap();
+    (root, paths)
+}
+
+fn module_plan(names: &[&str]) -> crate::lockdown::ModulePlan {
+    crate::lockdown::ModulePlan {
+        modules: names
+            .iter()
+            .map(|name| crate::lockdown::PlannedModule {
+                name: (*name).to_owned(),
+                needed_by: vec!["kernel.modules".to_owned()],
+                or: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn the_module_step_loads_records_once_and_mounts_configfs_when_it_appears() {
+    use crate::lockdown::{FakeLockdownSys, LockdownCall, Shape};
+    let (_root, paths) = module_tree();
+    let lockdown = FakeLockdownSys::new("6.1.0").with_kernel(&paths);
+    // configfs's directory appears once its module is loaded (here: already there).
+    let sys = FakeSys::new().with_dirs(["/sys/kernel/config"]);
+    let (audit, lines) = memory_audit();
+    let step = ModuleStep {
+        shape: Shape::Pid1,
+        sandbox: false,
+        lockdown: &lockdown,
+        paths: &paths,
+        sys: &sys,
+        audit: &audit,
+    };
+    load_modules(&module_plan(&["dm_crypt", "configfs", "tpm_tis"]), &step).unwrap();
+    let loads: Vec<_> = lockdown
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            LockdownCall::FinitModule { path, .. } => {
+                Some(path.file_name().unwrap().to_string_lossy().into_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(loads, ["ecb.ko", "dm-crypt.ko", "configfs.ko"]);
+    let recs = records(&lines);
+    assert_eq!(events(&recs), pairs(&[("boot", "modules_loaded")]));
+    let details = &recs[0]["details"];
+    assert_eq!(
+        details["report"]["loaded"],
+        serde_json::json!(["ecb", "dm_crypt", "configfs"])
+    );
+    assert_eq!(
+        details["report"]["built_in"],
+        serde_json::json!(["tpm_tis"])
+    );
+    assert_eq!(details["plan"]["modules"][0]["name"], "dm_crypt");
+    assert_eq!(details["configfs_mounted"], "/sys/kernel/config");
+    assert!(sys.calls().iter().any(
+        |c| matches!(c, SysCall::Mount { fstype, .. } if fstype.as_deref() == Some("configfs"))
+    ));
+
+    // An empty plan writes nothing; the systemd shape leaves configfs to systemd.
+    let (audit, lines) = memory_audit();
+    let sys = FakeSys::new().with_dirs(["/sys/kernel/config"]);
+    let step = ModuleStep {
+        shape: Shape::Systemd,
+        sys: &sys,
+        audit: &audit,
+        ..step
+    };
+    load_modules(&module_plan(&[]), &step).unwrap();
+    assert!(records(&lines).is_empty());
+    load_modules(&module_plan(&["dm_crypt"]), &step).unwrap();
+    assert!(sys.calls().is_empty());
+}
+
+#[test]
+fn a_sandbox_loads_no_module_and_says_so() {
+    use crate::lockdown::{FakeLockdownSys, Shape};
+    let (_root, paths) = module_tree();
+    let lockdown = FakeLockdownSys::new("6.1.0").with_kernel(&paths);
+    let sys = FakeSys::new().in_sandbox();
+    let (audit, lines) = memory_audit();
+    let step = ModuleStep {
+        shape: Shape::Pid1,
+        sandbox: true,
+        lockdown: &lockdown,
+        paths: &paths,
+        sys: &sys,
+        audit: &audit,
+    };
+    load_modules(&module_plan(&["dm_crypt", "nowhere"]), &step).unwrap();
+    assert!(lockdown.calls().is_empty());
+    let recs = records(&lines);
+    assert_eq!(events(&recs), pairs(&[("boot", "modules_skipped")]));
+    assert!(recs[0]["details"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("host-wide"));
+}
+
+#[test]
+fn a_missing_module_fails_the_boot_naming_module_feature_and_directory() {
+    use crate::lockdown::{FakeLockdownSys, Shape};
+    let (_root, paths) = module_tree();
+    let lockdown = FakeLockdownSys::new("6.1.0").with_kernel(&paths);
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let step = ModuleStep {
+        shape: Shape::Pid1,
+        sandbox: false,
+        lockdown: &lockdown,
+        paths: &paths,
+        sys: &sys,
+        audit: &audit,
+    };
+    let error = load_modules(&module_plan(&["dm_crypt", "virtio_net"]), &step).unwrap_err();
+    assert!(lockdown.calls().is_empty());
+    assert!(records(&lines).is_empty());
+    let text = chain(&error);
+    assert!(
+        text.contains("kernel module virtio_net (needed by kernel.modules)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&paths.lib_modules.join("6.1.0").display().to_string()),
+        "{text}"
+    );
+    assert!(text.contains("run depmod"), "{text}");
+}
+
+/// Every nft expression kind the rendered rulesets use has its module in
+/// [`crate::lockdown::NETWORK_MODULES`], so a `[network]` policy loads what `nft` needs.
+#[test]
+fn the_network_modules_cover_every_expression_of_the_rendered_rulesets() {
+    use crate::firewall::{run_render_command, FakeResolver, Phase, RenderFormat};
+    // nft keyword in the ruleset → the module that implements it.
+    const EXPRESSIONS: [(&str, &str); 9] = [
+        ("ct ", "nft_ct"),
+        (" reject", "nft_reject_inet"),
+        (" limit ", "nft_limit"),
+        (" log", "nft_log"),
+        (" masquerade", "nft_masq"),
+        (" snat ", "nft_nat"),
+        (" dnat ", "nft_nat"),
+        (" fib ", "nft_fib_inet"),
+        (" quota ", "nft_quota"),
+    ];
+    let fixture = Fixture::new();
+    let loaded = load(&network_policy(&fixture));
+    let resolver = FakeResolver::new()
+        .host("fl-server.example", &["192.0.2.10".parse().unwrap()])
+        .nameservers(&["192.0.2.53".parse().unwrap()]);
+    let modules = crate::lockdown::module_plan(&loaded.policy);
+    let planned: Vec<&str> = modules.modules.iter().map(|m| m.name.as_str()).collect();
+    let mut used = 0;
+    for phase in [Phase::Perimeter, Phase::Allowlist] {
+        let mut out = Vec::new();
+        run_render_command(
+            &loaded.policy,
+            phase,
+            RenderFormat::Nft,
+            &resolver,
+            &mut out,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("table inet"), "{text}");
+        for (keyword, module) in EXPRESSIONS {
+            if text.contains(keyword) {
+                used += 1;
+                assert!(
+                    planned.contains(&module),
+                    "{module} for {keyword:?}: {planned:?}"
+                );
+            }
+        }
+    }
+    assert!(used > 0, "the rulesets use conntrack");
+    for module in crate::lockdown::NETWORK_MODULES {
+        assert!(planned.contains(&module), "{module}");
+    }
 }

@@ -62,4 +62,3 @@ pub fn run_unit(ready: &Ready, launcher: &dyn Launcher, life: &mut Lifecycle<'_>
     life.close("shutdown", "exit", json!({ "code": 1 }), &ready.event_log);
     1
 }
-

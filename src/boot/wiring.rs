@@ -177,8 +177,8 @@ pub fn prepare(
     sandbox: bool,
     setup: &mut Setup,
 ) -> Result<Ready, super::BootError> {
-    use crate::keybroker::{client_config, open_provider, RealBroker};
     use super::BootError;
+    use crate::keybroker::{client_config, open_provider, RealBroker};
     let lockdown_paths = crate::lockdown::Paths::default();
     let tools = setup.tools.clone();
     let lockdown_sys = crate::lockdown::RealLockdownSys::with_tools(tools.clone());

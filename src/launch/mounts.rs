@@ -222,9 +222,9 @@ mod tests {
             }
         );
         // No /sys/kernel/config in this kernel: no configfs.
-        assert!(!calls
-            .iter()
-            .any(|c| matches!(c, SysCall::Mount { fstype, .. } if fstype.as_deref() == Some("configfs"))));
+        assert!(!calls.iter().any(
+            |c| matches!(c, SysCall::Mount { fstype, .. } if fstype.as_deref() == Some("configfs"))
+        ));
         assert_eq!(
             calls[12..],
             [

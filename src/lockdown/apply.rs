@@ -14,8 +14,8 @@ use super::check::{self_check, Check};
 use super::effects::{CommandOutput, LockdownSys};
 use super::error::LockdownError;
 use super::kmod::{module_name, ModuleIndex};
-use super::preload::{resolve_and_load, Found, Wanted};
 use super::mountinfo;
+use super::preload::{resolve_and_load, Found, Wanted};
 use super::{
     load_state_probe, lockdown_rank, parse_lockdown, LockdownPlan, Paths, Shape, Sysctl,
     MANAGER_CONF,
@@ -191,7 +191,10 @@ pub fn apply(
     })
 }
 
-pub(crate) fn read_optional(path: &Path, what: &'static str) -> Result<Option<String>, LockdownError> {
+pub(crate) fn read_optional(
+    path: &Path,
+    what: &'static str,
+) -> Result<Option<String>, LockdownError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

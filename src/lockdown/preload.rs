@@ -235,11 +235,17 @@ pub(crate) fn resolve_and_load(
         load_files(&work, sys, paths, &release, &mut loaded_now)?;
     }
     for (i, order) in work {
-        let own = order.last().map(|(_, path)| path.clone()).unwrap_or_default();
+        let own = order
+            .last()
+            .map(|(_, path)| path.clone())
+            .unwrap_or_default();
         found[i] = Some(Found::LoadedNow(own));
     }
     Ok((
-        found.into_iter().map(|f| f.unwrap_or(Found::Served)).collect(),
+        found
+            .into_iter()
+            .map(|f| f.unwrap_or(Found::Served))
+            .collect(),
         loaded_now,
         release,
     ))

@@ -1461,7 +1461,10 @@ fn the_module_plan_follows_the_policys_features() {
         "{BASE}digest = \"sha256:{}\"\n\n[attestation]\ntee = \"snp\"\nkbs = \"http://10.0.2.100:5555\"\ninsecure_http = true\n\n[network]\n",
         "ab".repeat(32)
     ));
-    assert_eq!(planned(&module_plan(&snp))[0], ("sev_guest", vec!["attestation.tee = \"snp\""]));
+    assert_eq!(
+        planned(&module_plan(&snp))[0],
+        ("sev_guest", vec!["attestation.tee = \"snp\""])
+    );
 }
 
 /// A plan of named modules, each needed by `feature`.

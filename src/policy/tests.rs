@@ -558,8 +558,7 @@ fn kernel_modules_are_names_listed_once() {
         error_of(&format!(
             "{MINIMAL}\n[kernel]\nmodules = [\"virtio_net\", \"virtio_net\", \"a/b\"]\n"
         )),
-        "policy: 2 problems\n\
-         kernel.modules[1]: \"virtio_net\" is listed twice; remove one\n\
+        "kernel.modules[1]: \"virtio_net\" is listed twice; remove one\n\
          kernel.modules[2]: \"a/b\" is not a module name; write the name modprobe takes, e.g. \"dm_crypt\""
     );
 }
