@@ -290,6 +290,9 @@ pub fn record_early(audit: &Audit, early: &EarlyMounts, ignored: &[String]) {
 /// PID 1 with the real effects. Never returns: every path ends in
 /// [`crate::launch::shutdown`] (power-off or halt; in a sandbox PID namespace, exit).
 pub fn main(options: &InitOptions, ignored: &[String]) -> ! {
+    // Until the audit log is open a panic has nothing to record, but it must still power off
+    // (never abort PID 1); the audited hook installed later runs first and then this one.
+    crate::launch::install_panic_hook(Box::new(|_| {}), true);
     let sys = RealSys::default();
     let console = || Box::new(std::io::stderr()) as Box<dyn Write + Send>;
     let shutdown = match start(options, &sys, &console) {
