@@ -1185,7 +1185,7 @@ fn a_hanging_nft_fails_the_perimeter_closed_within_its_timeout() {
         "\n[network]\ninbound = [{ port = 8002 }]\noutbound = [{ host = \"fl-server.example\", port = 8002 }]\n",
     ));
     let fake = hanging(fixture.dir.path(), "nft");
-    // The boot's wiring (cli::prepare): one audited runner; here its nft is the fake.
+    // The boot's wiring (boot::wiring::prepare): one audited runner; here its nft is the fake.
     let tools = Tools::system()
         .with_candidates(Tool::Nft, [&fake])
         .with_timeout(Tool::Nft, Duration::from_millis(400))

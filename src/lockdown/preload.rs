@@ -192,11 +192,17 @@ pub(crate) fn resolve_and_load(
         return Ok((Vec::new(), Vec::new(), release));
     }
     let dir = paths.lib_modules.join(&release);
-    let present = |name: &str| module_loaded(paths, name) || index.is_builtin(name);
-    let findable = |name: &str| {
-        index
-            .load_order(name)
-            .is_some_and(|order| order.iter().all(|(_, path)| path.exists()))
+    // An alternative serves when it is there already, or when it is wanted too (so loaded
+    // below) and can be loaded.
+    let serves = |name: &str| {
+        module_loaded(paths, name)
+            || index.is_builtin(name)
+            || (wanted
+                .iter()
+                .any(|w| module_name(w.name) == module_name(name))
+                && index
+                    .load_order(name)
+                    .is_some_and(|order| order.iter().all(|(_, path)| path.exists())))
     };
     let mut found: Vec<Option<Found>> = Vec::with_capacity(wanted.len());
     let mut work: Vec<(usize, Vec<(String, PathBuf)>)> = Vec::new();
@@ -207,7 +213,7 @@ pub(crate) fn resolve_and_load(
             found.push(Some(Found::BuiltIn));
         } else if let Some(order) = index.load_order(module.name) {
             if let Some((dep_name, path)) = order.iter().find(|(_, path)| !path.exists()) {
-                if module.or.iter().any(|m| present(m) || findable(m)) {
+                if module.or.iter().any(|m| serves(m)) {
                     found.push(Some(Found::Served));
                     continue;
                 }
@@ -219,7 +225,7 @@ pub(crate) fn resolve_and_load(
             }
             found.push(None);
             work.push((i, order));
-        } else if module.or.iter().any(|m| present(m) || findable(m)) {
+        } else if module.or.iter().any(|m| serves(m)) {
             found.push(Some(Found::Served));
         } else {
             return Err(LockdownError::ModuleNotFound {

@@ -1578,3 +1578,25 @@ fn a_compressed_module_the_kernel_cannot_decompress_is_refused_by_name() {
     );
     assert!(sys.calls().is_empty());
 }
+
+#[test]
+fn an_alternative_serves_only_when_present_or_loaded_too() {
+    let tree = Tree::new();
+    let sys = tree.kernel();
+    // virtio_rng could be loaded but is not planned: nothing would load it, so it serves not.
+    let error =
+        load_planned(&plan_of(&[("tpm_tis", &["virtio_rng"])]), &sys, &tree.paths).unwrap_err();
+    assert!(
+        matches!(&error, LockdownError::ModuleNotFound { module, .. } if module == "tpm_tis"),
+        "{error:?}"
+    );
+    // Planned too: it is loaded and serves.
+    let report = load_planned(
+        &plan_of(&[("tpm_tis", &["virtio_rng"]), ("virtio_rng", &["tpm_tis"])]),
+        &sys,
+        &tree.paths,
+    )
+    .unwrap();
+    assert_eq!(report.loaded, ["virtio_rng"]);
+    assert_eq!(report.absent_served, ["tpm_tis"]);
+}
