@@ -59,8 +59,9 @@ pub struct PlannedModule {
     pub or: Vec<String>,
 }
 
-/// Every module the policy needs, in load order; printed by `cvm-warden plan`.
+/// Every module the policy needs, in load order; printed by `cvm-warden plan` (as a list).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
 pub struct ModulePlan {
     /// The modules (dependencies are resolved when loading).
     pub modules: Vec<PlannedModule>,
