@@ -175,7 +175,7 @@ fn plan_lists_the_kernel_modules_the_policy_needs() {
     let (code, stdout, stderr) = setup.run(&["plan", "--policy"], &policy);
     assert_eq!(code, 0, "{stderr}");
     let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let modules: Vec<(&str, &str)> = plan["modules"]
+    let modules: Vec<(&str, &str)> = plan["modules"]["load"]
         .as_array()
         .unwrap()
         .iter()

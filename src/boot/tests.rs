@@ -1764,7 +1764,7 @@ fn the_module_step_loads_records_once_and_mounts_configfs_when_it_appears() {
         details["report"]["built_in"],
         serde_json::json!(["tpm_tis"])
     );
-    assert_eq!(details["plan"][0]["name"], "dm_crypt");
+    assert_eq!(details["plan"]["load"][0]["name"], "dm_crypt");
     assert_eq!(details["configfs_mounted"], "/sys/kernel/config");
     assert!(sys.calls().iter().any(
         |c| matches!(c, SysCall::Mount { fstype, .. } if fstype.as_deref() == Some("configfs"))

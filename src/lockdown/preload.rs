@@ -59,11 +59,12 @@ pub struct PlannedModule {
     pub or: Vec<String>,
 }
 
-/// Every module the policy needs, in load order; printed by `cvm-warden plan` (as a list).
+/// Every module the policy needs, in load order; printed by `cvm-warden plan` as
+/// `"modules": {"load": [{"name", "needed_by", "or"?}, …]}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
 pub struct ModulePlan {
     /// The modules (dependencies are resolved when loading).
+    #[serde(rename = "load")]
     pub modules: Vec<PlannedModule>,
 }
 

@@ -1454,8 +1454,8 @@ fn the_module_plan_follows_the_policys_features() {
         .filter(|m| !m.name.starts_with("tpm_"))
         .all(|m| m.or.is_empty()));
     let json = serde_json::to_value(&plan).unwrap();
-    assert_eq!(json[4]["or"], serde_json::json!(["tpm_crb"]));
-    assert!(json[0].get("or").is_none());
+    assert_eq!(json["load"][4]["or"], serde_json::json!(["tpm_crb"]));
+    assert!(json["load"][0].get("or").is_none());
 
     let snp = parse_policy(&format!(
         "{BASE}digest = \"sha256:{}\"\n\n[attestation]\ntee = \"snp\"\nkbs = \"http://10.0.2.100:5555\"\ninsecure_http = true\n\n[network]\n",
