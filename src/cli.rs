@@ -1,24 +1,27 @@
-//! Command-line interface: parses arguments and dispatches, nothing else.
+//! Command-line interface: parses arguments and dispatches, nothing else. The boot itself
+//! (both shapes, with the real effects) is the runner's: [`crate::boot::init`],
+//! [`crate::boot::unit`], [`crate::boot::wiring`].
 //!
-//! Exit codes: 0 success, 1 a runtime failure (boot failed, log broken, bundle unreadable),
-//! 2 invalid input (usage, invalid policy).
+//! Every command returns `Result<(), CliError>`; [`main`] prints an error once (the
+//! `error: … / because: …` chain of [`crate::report::write_error`]) and exits with its code:
+//! 0 success, 1 a runtime failure (boot failed, log broken, bundle unreadable), 2 invalid
+//! input (usage, invalid policy), or the status a verdict command reported.
+//!
+//! As PID 1 the arguments may be the kernel's: [`crate::boot::init::kernel_invocation`]
+//! decides, and PID 1 never exits on a bad argument.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::audit::{self, Audit};
-use crate::boot::{self, Env, RealLauncher};
-use crate::eventlog::{NoRegister, RuntimeRegister};
-use crate::policy::{self, Attestation, LoadedPolicy, PasswdFiles};
-use crate::stage::{BootPlan, Facts, RealMeasurer};
+use crate::boot::init::{InitOption, InitOptions, Invocation, DEFAULT_POLICY};
+use crate::boot::wiring::{self, PolicyFiles, PROC_CMDLINE};
+use crate::policy::{self, LoadedPolicy};
+use crate::report::Message;
+use crate::stage::BootPlan;
 use crate::sys::RealSys;
-
-/// Default policy path when started as `/init` without arguments.
-pub const DEFAULT_POLICY: &str = "/etc/cvm-warden/policy.toml";
-/// Kernel command line.
-pub const PROC_CMDLINE: &str = "/proc/cmdline";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -194,25 +197,145 @@ struct CommonArgs {
     group: PathBuf,
 }
 
+/// Why a command failed, and so the exit status.
+#[derive(Debug)]
+pub enum CliError {
+    /// The command line could not be parsed (clap prints it; exit 2, or 0 for `--help`).
+    Usage(clap::Error),
+    /// Invalid input, e.g. an invalid policy: exit 2.
+    Invalid(Box<dyn std::error::Error>),
+    /// A runtime failure: exit 1.
+    Failed(Box<dyn std::error::Error>),
+    /// Already reported on standard output (a verdict, a status): exit with this status.
+    Reported(i32),
+}
+
+impl CliError {
+    fn invalid(error: impl std::error::Error + 'static) -> CliError {
+        CliError::Invalid(Box::new(error))
+    }
+
+    fn failed(error: impl std::error::Error + 'static) -> CliError {
+        CliError::Failed(Box::new(error))
+    }
+
+    /// The process exit status.
+    pub fn code(&self) -> i32 {
+        match self {
+            CliError::Usage(error) if !error.use_stderr() => 0,
+            CliError::Usage(_) | CliError::Invalid(_) => 2,
+            CliError::Failed(_) => 1,
+            CliError::Reported(code) => *code,
+        }
+    }
+
+    /// Prints the error (the one printer), nothing for [`CliError::Reported`].
+    pub fn report(&self) {
+        match self {
+            CliError::Usage(error) => {
+                let _ = error.print();
+            }
+            CliError::Invalid(error) | CliError::Failed(error) => {
+                crate::report::print_error(error.as_ref());
+            }
+            CliError::Reported(_) => {}
+        }
+    }
+}
+
+/// A verdict command's status as a result: 0 is success, anything else already reported.
+fn status(code: i32) -> Result<(), CliError> {
+    match code {
+        0 => Ok(()),
+        code => Err(CliError::Reported(code)),
+    }
+}
+
+/// The options of `init` as the parser knows them (for [`crate::boot::init::kernel_invocation`]).
+fn init_options() -> Vec<(String, bool)> {
+    let command = Cli::command();
+    command
+        .find_subcommand("init")
+        .map(|init| {
+            init.get_arguments()
+                .filter_map(|arg| {
+                    let long = arg.get_long()?;
+                    (long != "help" && long != "version")
+                        .then(|| (long.to_owned(), arg.get_action().takes_values()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Reads the command line: as typed, or as PID 1 what [`crate::boot::init::kernel_invocation`]
+/// keeps; returns the arguments to parse and the ones ignored.
+fn invocation(
+    argv: Vec<OsString>,
+    pid: u32,
+    initial_pid_ns: bool,
+) -> (Vec<OsString>, Option<Vec<String>>) {
+    let options = init_options();
+    let options: Vec<InitOption<'_>> = options
+        .iter()
+        .map(|(long, takes_value)| InitOption {
+            long,
+            takes_value: *takes_value,
+        })
+        .collect();
+    match crate::boot::init::kernel_invocation(&argv, pid, initial_pid_ns, &options) {
+        Invocation::Init { argv, ignored } => (argv, Some(ignored)),
+        Invocation::AsTyped => {
+            let mut argv = argv;
+            // `/init` run by hand: `init` with the defaults (it then refuses: not PID 1).
+            if argv.len() == 1
+                && argv
+                    .first()
+                    .is_some_and(|a| wiring::named_init(Path::new(a)))
+            {
+                argv.push("init".into());
+            }
+            (argv, None)
+        }
+    }
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    // The kernel starts `/init` without arguments: that means `init` with the defaults.
-    let invoked_as_init = args
-        .first()
-        .and_then(|a| Path::new(a).file_name())
-        .is_some_and(|name| name == "init");
-    if invoked_as_init && args.len() == 1 {
-        args.push("init".into());
-    }
-    let cli = match Cli::try_parse_from(args) {
-        Ok(cli) => cli,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() { 2 } else { 0 };
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let pid = std::process::id();
+    let initial_pid_ns = pid == 1 && crate::sys::Sys::in_initial_pid_namespace(&RealSys::default());
+    let (argv, kernel_ignored) = invocation(argv, pid, initial_pid_ns);
+    init_logger();
+    let cli = match (Cli::try_parse_from(&argv), &kernel_ignored) {
+        (Ok(cli), _) => cli,
+        // PID 1 from the kernel: what was kept did not parse after all; boot with the
+        // defaults, every argument ignored. Never an exit.
+        (Err(_), Some(ignored)) => {
+            let mut ignored = ignored.clone();
+            ignored.extend(
+                argv.iter()
+                    .skip(2)
+                    .map(|a| crate::report::sanitize(&a.to_string_lossy(), 256)),
+            );
+            crate::boot::init::main(&InitOptions::default(), &ignored)
+        }
+        (Err(error), None) => {
+            let error = CliError::Usage(error);
+            error.report();
+            return error.code();
         }
     };
-    init_logger();
+    match dispatch(cli, kernel_ignored.unwrap_or_default()) {
+        Ok(()) => 0,
+        Err(error) => {
+            error.report();
+            error.code()
+        }
+    }
+}
+
+fn dispatch(cli: Cli, kernel_ignored: Vec<String>) -> Result<(), CliError> {
     match cli.command {
         Command::Measure {
             dir,
@@ -223,7 +346,7 @@ pub fn main() -> i32 {
             command: PolicyCommand::Check { file, common },
         } => policy_check(&file, &common),
         Command::Plan(args) => plan(&args),
-        Command::Init(args) => init(&args),
+        Command::Init(args) => init(&args, &kernel_ignored),
         Command::Run(args) => run(&args),
         Command::Attest(args) => attest_dry_run(&args),
         Command::Firewall { command } => firewall(&command),
@@ -231,55 +354,46 @@ pub fn main() -> i32 {
             command: LockdownCommand::Status,
         } => {
             let status = crate::lockdown::status(&crate::lockdown::Paths::default());
-            let ok = status["ok"] == serde_json::Value::Bool(true);
-            match print_json(&status) {
-                0 if ok => 0,
-                0 => 1,
-                code => code,
+            print_json(&status)?;
+            if status["ok"] == serde_json::Value::Bool(true) {
+                Ok(())
+            } else {
+                Err(CliError::Reported(1))
             }
         }
         Command::ReferenceValues(args) => reference_values(&args),
         Command::Audit {
             command: AuditCommand::Verify(args),
-        } => cvm_warden_verify::cli::audit_verify(&args),
+        } => status(cvm_warden_verify::cli::audit_verify(&args)),
         Command::Evidence {
             command: EvidenceCommand::Verify(args),
-        } => cvm_warden_verify::cli::evidence_verify(&args),
+        } => status(cvm_warden_verify::cli::evidence_verify(&args)),
     }
 }
 
-fn print_error(error: &dyn std::error::Error) {
-    let mut stderr = std::io::stderr().lock();
-    let _ = writeln!(stderr, "error: {error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = writeln!(stderr, "  because: {cause}");
-        source = cause.source();
-    }
-}
-
-fn measure(dir: &Path, json: bool, manifest: Option<&Path>) -> i32 {
+fn measure(dir: &Path, json: bool, manifest: Option<&Path>) -> Result<(), CliError> {
     let mut stdout = std::io::stdout().lock();
-    match crate::measure::run_measure_command(dir, json, manifest, &mut stdout) {
-        Ok(()) => 0,
-        Err(error) => {
-            print_error(&error);
-            1
+    crate::measure::run_measure_command(dir, json, manifest, &mut stdout).map_err(CliError::failed)
+}
+
+impl CommonArgs {
+    fn files(&self, policy: &Path) -> PolicyFiles {
+        PolicyFiles {
+            policy: policy.to_path_buf(),
+            operator: self.operator.clone(),
+            passwd: self.passwd.clone(),
+            group: self.group.clone(),
         }
     }
 }
 
-fn load(policy_path: &Path, common: &CommonArgs) -> Result<LoadedPolicy, policy::PolicyError> {
-    let users = PasswdFiles {
-        passwd: common.passwd.clone(),
-        group: common.group.clone(),
-    };
-    policy::load(policy_path, common.operator.as_deref(), &users)
+fn load(policy_path: &Path, common: &CommonArgs) -> Result<LoadedPolicy, CliError> {
+    wiring::load(&common.files(policy_path)).map_err(CliError::invalid)
 }
 
-/// `exec[0]` against the bundle on this machine (`policy check`, `plan`): false (the error
-/// printed) when the program in the bundle is not an executable regular file.
-fn exec_in_bundle_ok(policy: &policy::Policy) -> bool {
+/// `exec[0]` against the bundle on this machine (`policy check`, `plan`): an error when the
+/// program in the bundle is not an executable regular file.
+fn exec_in_bundle(policy: &policy::Policy) -> Result<(), CliError> {
     match policy::check_exec(&policy.workload) {
         Ok(policy::ExecCheck::BundleAbsent) => {
             let _ = writeln!(
@@ -287,135 +401,76 @@ fn exec_in_bundle_ok(policy: &policy::Policy) -> bool {
                 "note: workload.bundle {:?} is not on this machine, so exec[0] was not checked; run this where the bundle is to check it",
                 policy.workload.bundle.display().to_string()
             );
-            true
+            Ok(())
         }
-        Ok(policy::ExecCheck::InBundle(_) | policy::ExecCheck::OutsideBundle) => true,
-        Err(problem) => {
-            let _ = writeln!(std::io::stderr().lock(), "error: {problem}");
-            false
-        }
+        Ok(policy::ExecCheck::InBundle(_) | policy::ExecCheck::OutsideBundle) => Ok(()),
+        Err(problem) => Err(CliError::Invalid(Box::new(Message(problem.to_string())))),
     }
 }
 
-fn policy_check(file: &Path, common: &CommonArgs) -> i32 {
-    match load(file, common) {
-        Ok(loaded) if !exec_in_bundle_ok(&loaded.policy) => 2,
-        Ok(loaded) => print_json(&serde_json::json!({
-            "policy_digest": loaded.policy_digest,
-            "operator_digest": loaded.operator_digest,
-            "overridden": loaded.overridden,
-            "policy": loaded.policy,
-        })),
-        Err(error) => {
-            print_error(&error);
-            2
-        }
-    }
+fn policy_check(file: &Path, common: &CommonArgs) -> Result<(), CliError> {
+    let loaded = load(file, common)?;
+    exec_in_bundle(&loaded.policy)?;
+    print_json(&serde_json::json!({
+        "policy_digest": loaded.policy_digest,
+        "operator_digest": loaded.operator_digest,
+        "overridden": loaded.overridden,
+        "policy": loaded.policy,
+    }))
 }
 
-fn print_json(value: &impl serde::Serialize) -> i32 {
-    match serde_json::to_string_pretty(value) {
-        Ok(text) => {
-            let _ = writeln!(std::io::stdout().lock(), "{text}");
-            0
-        }
-        Err(error) => {
-            print_error(&error);
-            1
-        }
-    }
+fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(CliError::failed)?;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+    Ok(())
 }
 
-/// `sandbox`: only `init --sandbox` (checked against the PID namespace by `init`); every
-/// other command plans a real boot.
-fn facts(loaded: &LoadedPolicy, shape: crate::lockdown::Shape, sandbox: bool) -> Facts {
-    Facts {
-        cmdline_path: PathBuf::from(PROC_CMDLINE),
-        policy_digest: loaded.policy_digest,
-        operator_digest: loaded.operator_digest,
-        shape,
-        sandbox,
-    }
-}
-
-fn plan(args: &PolicyArgs) -> i32 {
-    let loaded = match load(&args.policy, &args.common) {
-        Ok(loaded) => loaded,
-        Err(error) => {
-            print_error(&error);
-            return 2;
-        }
-    };
-    if !exec_in_bundle_ok(&loaded.policy) {
-        return 2;
-    }
-    match BootPlan::new(
+fn plan(args: &PolicyArgs) -> Result<(), CliError> {
+    let loaded = load(&args.policy, &args.common)?;
+    exec_in_bundle(&loaded.policy)?;
+    let plan = BootPlan::new(
         &loaded.policy,
-        &facts(&loaded, crate::lockdown::Shape::Pid1, false),
-    ) {
-        Ok(plan) => print_json(&serde_json::json!({
-            "policy_digest": loaded.policy_digest,
-            "operator_digest": loaded.operator_digest,
-            "insecure": insecure(&loaded),
-            "stages": plan,
-        })),
-        Err(error) => {
-            print_error(&error);
-            2
-        }
-    }
+        &wiring::facts(&loaded, crate::lockdown::Shape::Pid1, false),
+    )
+    .map_err(CliError::invalid)?;
+    print_json(&serde_json::json!({
+        "policy_digest": loaded.policy_digest,
+        "operator_digest": loaded.operator_digest,
+        "insecure": wiring::insecure(&loaded),
+        "modules": crate::lockdown::module_plan(&loaded.policy),
+        "stages": plan,
+    }))
 }
 
-fn attest_dry_run(args: &AttestArgs) -> i32 {
-    let loaded = match load(&args.policy.policy, &args.policy.common) {
-        Ok(loaded) => loaded,
-        Err(error) => {
-            print_error(&error);
-            return 2;
-        }
-    };
+fn attest_dry_run(args: &AttestArgs) -> Result<(), CliError> {
+    let loaded = load(&args.policy.policy, &args.policy.common)?;
     let mut extra = Vec::new();
     for text in &args.resource {
-        match policy::ResourceUri::parse(text) {
-            Ok(uri) => extra.push(uri),
-            Err(why) => {
-                let _ = writeln!(std::io::stderr().lock(), "error: --resource {why}");
-                return 2;
-            }
-        }
+        let uri = policy::ResourceUri::parse(text)
+            .map_err(|why| CliError::Invalid(Box::new(Message(format!("--resource {why}")))))?;
+        extra.push(uri);
     }
-    let facts = facts(&loaded, crate::lockdown::Shape::Pid1, false);
-    match crate::dryrun::attest(&loaded, &facts, &RealSys::default(), &extra) {
-        Ok((report, all_released)) => {
-            let code = print_json(&report);
-            if code == 0 && all_released {
-                0
-            } else {
-                1
-            }
-        }
-        Err(error) => {
-            print_error(&error);
-            1
-        }
+    let facts = wiring::facts(&loaded, crate::lockdown::Shape::Pid1, false);
+    let (report, all_released) =
+        crate::dryrun::attest(&loaded, &facts, &RealSys::default(), &extra)
+            .map_err(CliError::failed)?;
+    print_json(&report)?;
+    if all_released {
+        Ok(())
+    } else {
+        Err(CliError::Reported(1))
     }
 }
 
-fn firewall(command: &FirewallCommand) -> i32 {
+fn firewall(command: &FirewallCommand) -> Result<(), CliError> {
     use crate::firewall::{run_apply_command, run_render_command, NftFirewall, SystemResolver};
     let args = match command {
         FirewallCommand::Render { policy, .. } | FirewallCommand::Apply { policy, .. } => policy,
     };
-    let loaded = match load(&args.policy, &args.common) {
-        Ok(loaded) => loaded,
-        Err(error) => {
-            print_error(&error);
-            return 2;
-        }
-    };
+    let loaded = load(&args.policy, &args.common)?;
     let resolver = SystemResolver::default();
     let mut stdout = std::io::stdout().lock();
-    let result = match command {
+    match command {
         FirewallCommand::Render { phase, format, .. } => {
             run_render_command(&loaded.policy, *phase, *format, &resolver, &mut stdout).map(|_| ())
         }
@@ -427,328 +482,39 @@ fn firewall(command: &FirewallCommand) -> i32 {
             &mut stdout,
         )
         .map(|_| ()),
-    };
-    match result {
-        Ok(()) => 0,
-        Err(error) => {
-            print_error(&error);
-            1
-        }
     }
+    .map_err(CliError::failed)
 }
 
-fn reference_values(args: &ReferenceArgs) -> i32 {
-    let loaded = match load(&args.policy.policy, &args.policy.common) {
-        Ok(loaded) => loaded,
-        Err(error) => {
-            print_error(&error);
-            return 2;
-        }
-    };
-    let mut facts = facts(&loaded, crate::lockdown::Shape::Pid1, false);
+fn reference_values(args: &ReferenceArgs) -> Result<(), CliError> {
+    let loaded = load(&args.policy.policy, &args.policy.common)?;
+    let mut facts = wiring::facts(&loaded, crate::lockdown::Shape::Pid1, false);
     facts.cmdline_path = args.cmdline.clone();
-    match crate::dryrun::reference_values(&loaded, &facts, &RealSys::default()) {
-        Ok(values) => print_json(&values),
-        Err(error) => {
-            print_error(&error);
-            1
-        }
-    }
+    let values = crate::dryrun::reference_values(&loaded, &facts, &RealSys::default())
+        .map_err(CliError::failed)?;
+    print_json(&values)
 }
 
-/// Whether every audit record must say `"insecure": true`: nothing is attested
-/// (`attestation = "none"`) or the evidence proves nothing (`tee = "sample"`).
-fn insecure(loaded: &LoadedPolicy) -> bool {
-    matches!(
-        loaded.policy.attestation,
-        Attestation::None
-            | Attestation::Broker {
-                tee: policy::Tee::Sample,
-                ..
-            }
-    )
-}
-
-/// Builds the audit log for a loaded policy (console = stderr: the serial console in PID 1
-/// mode, the journal in unit mode).
-fn open_audit(loaded: &LoadedPolicy) -> Audit {
-    let insecure = insecure(loaded);
-    let sinks = audit::sinks_from_config(&loaded.policy.audit, Box::new(std::io::stderr()));
-    Audit::new(sinks, insecure)
-}
-
-/// An audit log for the time before a policy could be read: console only.
-fn console_audit() -> Audit {
-    Audit::new(
-        vec![Box::new(audit::ConsoleSink::new(Box::new(
-            std::io::stderr(),
-        )))],
-        false,
-    )
-}
-
-fn init(init_args: &InitArgs) -> i32 {
-    let args = &init_args.policy;
-    let sys = RealSys::default();
-    let pid1 = std::process::id() == 1;
-    if !pid1 {
+fn init(args: &InitArgs, kernel_ignored: &[String]) -> Result<(), CliError> {
+    let pid = std::process::id();
+    if pid != 1 {
         // Run by hand on a host, `init` would power the host off when the workload ends.
-        let _ = writeln!(
-            std::io::stderr().lock(),
-            "error: `cvm-warden init` must run as PID 1 (the initramfs /init, or a new PID \
-             namespace such as `unshare --pid --fork`), not as PID {}; use `cvm-warden run` \
-             for the systemd-unit shape",
-            std::process::id()
-        );
-        return 2;
+        return Err(CliError::Invalid(Box::new(Message(format!(
+            "`cvm-warden init` must run as PID 1 (the initramfs /init, or a new PID namespace \
+             such as `unshare --pid --fork`), not as PID {pid}; use `cvm-warden run` for the \
+             systemd-unit shape"
+        )))));
     }
-    {
-        if let Err(error) = crate::launch::early_mounts(&sys) {
-            // Without /proc and /dev nothing below can be trusted to work: stop now.
-            print_error(&error);
-            crate::launch::shutdown(&sys, policy::FailureAction::Poweroff, 1);
-        }
-    }
-    let loaded = match load(&args.policy, &args.common) {
-        Ok(loaded) => loaded,
-        Err(error) => {
-            print_error(&error);
-            let audit = console_audit();
-            install_hook(&audit, pid1);
-            let _ = audit.record(
-                "boot",
-                "policy_invalid",
-                serde_json::json!({ "policy": args.policy, "error": boot::chain(&error) }),
-            );
-            let action = policy::FailureAction::Poweroff;
-            let _ = audit.record(
-                "shutdown",
-                boot::closing_event(&sys, action),
-                serde_json::json!({ "code": 2 }),
-            );
-            let _ = audit.flush();
-            crate::launch::shutdown(&sys, action, 2);
-        }
+    let options = InitOptions {
+        files: args.policy.common.files(&args.policy.policy),
+        sandbox: args.sandbox,
     };
-    let in_sandbox = !crate::sys::Sys::in_initial_pid_namespace(&sys);
-    let sandbox_problem = match (init_args.sandbox, in_sandbox) {
-        (true, false) => Some(
-            "--sandbox was given, but this is the PID 1 of a real boot (the initial PID \
-             namespace): a real boot applies every lockdown setting; remove --sandbox",
-        ),
-        (false, true) if loaded.policy.lockdown.is_some() => Some(
-            "this PID 1 runs in a sandbox PID namespace and the policy has [lockdown], whose \
-             kernel settings are host-wide: pass --sandbox to skip them (tests, demo), or boot \
-             the VM",
-        ),
-        _ => None,
-    };
-    if let Some(problem) = sandbox_problem {
-        let _ = writeln!(std::io::stderr().lock(), "error: {problem}");
-        // In a sandbox, shutdown() exits instead of powering anything off.
-        crate::launch::shutdown(&sys, policy::FailureAction::Poweroff, 2);
-    }
-    let audit = open_audit(&loaded);
-    install_hook(&audit, pid1);
-    let action = loaded.policy.on_failure;
-    let mut setup = Setup::new(&audit);
-    let prepared = prepare(
-        &loaded,
-        &sys,
-        &audit,
-        crate::lockdown::Shape::Pid1,
-        init_args.sandbox,
-        &mut setup,
-    );
-    let (mut life, event_log) = setup.lifecycle(&sys, &audit, &loaded);
-    let shutdown = match prepared {
-        Ok(ready) => boot::run_init(&ready, &RealLauncher, &mut life, action),
-        Err(error) => {
-            print_error(&error);
-            boot::fail(&mut life, action, &error, event_log)
-        }
-    };
-    crate::launch::shutdown(&sys, shutdown.action, shutdown.code)
+    crate::boot::init::main(&options, kernel_ignored)
 }
 
-fn run(args: &PolicyArgs) -> i32 {
-    let sys = RealSys::default();
-    let loaded = match load(&args.policy, &args.common) {
-        Ok(loaded) => loaded,
-        Err(error) => {
-            print_error(&error);
-            return 2;
-        }
-    };
-    let audit = open_audit(&loaded);
-    install_hook(&audit, false);
-    let mut setup = Setup::new(&audit);
-    let prepared = prepare(
-        &loaded,
-        &sys,
-        &audit,
-        crate::lockdown::Shape::Systemd,
-        false,
-        &mut setup,
-    );
-    let (mut life, event_log) = setup.lifecycle(&sys, &audit, &loaded);
-    match prepared {
-        Ok(ready) => boot::run_unit(&ready, &RealLauncher, &mut life),
-        Err(error) => {
-            print_error(&error);
-            boot::record_failure(&mut life, "exit", &error, event_log);
-            1
-        }
-    }
-}
-
-/// What [`prepare`] sets up and the runner keeps using: the key broker (for checkpoints), the
-/// volumes (closed after a failed launch) and the events measured so far.
-struct Setup {
-    broker: Option<crate::keybroker::RealBroker>,
-    /// Every external tool (nft, mkfs.ext4, systemctl, loginctl) runs through this one
-    /// runner: fixed absolute paths, a timeout, each path recorded in the audit log before
-    /// first use.
-    tools: crate::tool::Tools,
-    volumes: crate::volume::RealVolumes,
-    event_log: crate::eventlog::EventLog,
-}
-
-impl Setup {
-    fn new(audit: &Audit) -> Setup {
-        let tools = crate::tool::Tools::system().audited(audit);
-        Setup {
-            broker: None,
-            volumes: crate::volume::RealVolumes::with_tools(tools.clone()),
-            tools,
-            event_log: crate::eventlog::EventLog::new(),
-        }
-    }
-
-    /// What the runner uses after the stages (both shapes), and the events measured so far.
-    fn lifecycle<'a>(
-        &'a mut self,
-        sys: &'a dyn crate::sys::Sys,
-        audit: &'a Audit,
-        loaded: &'a LoadedPolicy,
-    ) -> (boot::Lifecycle<'a>, &'a crate::eventlog::EventLog) {
-        let Setup {
-            broker,
-            volumes,
-            event_log,
-            ..
-        } = self;
-        let life = boot::Lifecycle {
-            sys,
-            audit,
-            volumes,
-            checkpointer: broker.as_mut().map(|b| b as &mut dyn boot::Checkpointer),
-            checkpoint_interval: checkpoint_interval(loaded),
-            audit_file: loaded.policy.audit.file.as_deref(),
-        };
-        (life, event_log)
-    }
-}
-
-/// `audit.checkpoint_interval`, `None` when 0.
-fn checkpoint_interval(loaded: &LoadedPolicy) -> Option<std::time::Duration> {
-    match loaded.policy.audit.checkpoint_interval_secs {
-        0 => None,
-        secs => Some(std::time::Duration::from_secs(secs)),
-    }
-}
-
-/// Runs every stage before launch with the real effects: the policy's evidence provider and
-/// key broker client are set up first, so the provider's runtime register receives every
-/// measurement. The broker and the event log stay in `setup`, also after a failure.
-fn prepare(
-    loaded: &LoadedPolicy,
-    sys: &RealSys,
-    audit: &Audit,
-    shape: crate::lockdown::Shape,
-    sandbox: bool,
-    setup: &mut Setup,
-) -> Result<boot::Ready, boot::BootError> {
-    use crate::keybroker::{client_config, open_provider, RealBroker};
-    let lockdown_paths = crate::lockdown::Paths::default();
-    let tools = setup.tools.clone();
-    let lockdown_sys = crate::lockdown::RealLockdownSys::with_tools(tools.clone());
-    // The policy's modules first (the TEE's driver, e.g. sev-guest or tpm_crb, may be one of
-    // them and there is no udev in the initramfs); the perimeter stage finds them loaded.
-    if let Some(lockdown) = loaded.policy.lockdown.as_ref() {
-        if !sandbox && !lockdown.modules.is_empty() {
-            let plan =
-                crate::stage::perimeter::only_load_modules(crate::lockdown::plan(lockdown, shape));
-            let report = crate::lockdown::apply(&plan, &lockdown_sys, &lockdown_paths)
-                .map_err(boot::BootError::Modules)?;
-            let _ = audit.record("boot", "modules_loaded", serde_json::json!(report));
-        }
-    }
-    let attestation = &loaded.policy.attestation;
-    setup.broker = match (
-        open_provider(attestation).map_err(boot::BootError::Setup)?,
-        client_config(attestation).map_err(boot::BootError::Setup)?,
-    ) {
-        (Some(provider), Some(config)) => {
-            Some(RealBroker::new(provider, config).map_err(boot::BootError::Setup)?)
-        }
-        _ => None,
-    };
-    let mut register: Box<dyn RuntimeRegister> = match setup.broker.as_mut() {
-        Some(broker) => broker
-            .runtime_register()
-            .map_err(boot::BootError::Setup)?
-            .unwrap_or_else(|| Box::new(NoRegister)),
-        None => Box::new(NoRegister),
-    };
-    let env = Env {
-        sys,
-        measurer: &RealMeasurer,
-        register: register.as_mut(),
-        audit,
-        broker: setup
-            .broker
-            .as_mut()
-            .map(|b| b as &mut dyn crate::stage::KeyBroker),
-        volumes: &setup.volumes,
-        firewall: &mut crate::firewall::NftFirewall::with_tools(tools),
-        resolver: &crate::firewall::SystemResolver::default(),
-        lockdown: &lockdown_sys,
-        lockdown_paths: &lockdown_paths,
-    };
-    boot::prepare_logged(
-        loaded,
-        &facts(loaded, shape, sandbox),
-        env,
-        &mut setup.event_log,
-    )
-}
-
-fn install_hook(audit: &Audit, pid1: bool) {
-    let audit = audit.clone();
-    let closing = if pid1 {
-        boot::closing_event(&RealSys::default(), policy::FailureAction::Poweroff)
-    } else {
-        "exit"
-    };
-    crate::launch::install_panic_hook(
-        Box::new(move |message: &str| {
-            // A panic may strike while this thread holds the audit lock: never wait forever.
-            let _ = audit.record_within(
-                std::time::Duration::from_secs(2),
-                "boot",
-                "panic",
-                serde_json::json!({ "message": message }),
-            );
-            let _ = audit.record_within(
-                std::time::Duration::from_secs(1),
-                "shutdown",
-                closing,
-                serde_json::json!({ "code": 1 }),
-            );
-        }),
-        pid1,
-    );
+fn run(args: &PolicyArgs) -> Result<(), CliError> {
+    let loaded = load(&args.policy, &args.common)?;
+    crate::boot::unit::main(&loaded).map_err(CliError::failed)
 }
 
 /// A tiny logger: `cvm-warden: LEVEL message` on stderr (the console in PID 1 mode). Never
@@ -786,5 +552,77 @@ static LOGGER: StderrLogger = StderrLogger;
 fn init_logger() {
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Info);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn os(words: &[&str]) -> Vec<OsString> {
+        words.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn init_options_come_from_the_parser() {
+        let options = init_options();
+        for (long, takes_value) in [
+            ("policy", true),
+            ("operator", true),
+            ("passwd", true),
+            ("group", true),
+            ("sandbox", false),
+        ] {
+            assert!(
+                options.contains(&(long.to_owned(), takes_value)),
+                "{long}: {options:?}"
+            );
+        }
+        assert!(!options.iter().any(|(long, _)| long == "help"));
+    }
+
+    #[test]
+    fn a_kernel_started_init_parses_whatever_the_kernel_passed() {
+        let (argv, ignored) = invocation(os(&["/init", "single", "--", "--bogus"]), 1, true);
+        let cli = Cli::try_parse_from(&argv).unwrap();
+        assert!(
+            matches!(cli.command, Command::Init(ref a) if a.policy.policy == Path::new(DEFAULT_POLICY) && !a.sandbox)
+        );
+        assert_eq!(ignored.unwrap(), ["single", "--", "--bogus"]);
+        // `cvm-warden init` from a wrapper: its options kept, the kernel's words ignored.
+        let (argv, ignored) = invocation(
+            os(&[
+                "/usr/bin/cvm-warden",
+                "init",
+                "--policy",
+                "/p.toml",
+                "single",
+                "--help",
+            ]),
+            1,
+            true,
+        );
+        let cli = Cli::try_parse_from(&argv).unwrap();
+        assert!(
+            matches!(cli.command, Command::Init(ref a) if a.policy.policy == Path::new("/p.toml"))
+        );
+        assert_eq!(ignored.unwrap(), ["single", "--help"]);
+        // Not PID 1: as typed, so clap reports the bad word (exit 2).
+        let (argv, ignored) = invocation(os(&["cvm-warden", "init", "single"]), 7, false);
+        assert!(ignored.is_none());
+        assert_eq!(
+            CliError::Usage(Cli::try_parse_from(&argv).unwrap_err()).code(),
+            2
+        );
+    }
+
+    #[test]
+    fn exit_codes_follow_the_error() {
+        assert_eq!(CliError::Invalid(Box::new(Message("x".into()))).code(), 2);
+        assert_eq!(CliError::Failed(Box::new(Message("x".into()))).code(), 1);
+        assert_eq!(CliError::Reported(3).code(), 3);
+        assert_eq!(status(0).map_err(|e| e.code()), Ok(()));
+        assert_eq!(status(3).map_err(|e| e.code()), Err(3));
     }
 }

@@ -7,11 +7,65 @@ pub use cvm_warden_verify::error_chain;
 pub use cvm_warden_verify::evidence::tpm::ak_names;
 pub use cvm_warden_verify::text::{has_unsafe_chars, is_unsafe_char, sanitize};
 
+/// The one error printer of the command line and of PID 1: `error: <error>`, then one
+/// `  because: <cause>` line per source, on `out`.
+pub fn write_error(out: &mut dyn std::io::Write, error: &dyn std::error::Error) {
+    let _ = writeln!(out, "error: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let _ = writeln!(out, "  because: {cause}");
+        source = cause.source();
+    }
+}
+
+/// [`write_error`] on standard error (the console in PID 1).
+pub fn print_error(error: &dyn std::error::Error) {
+    write_error(&mut std::io::stderr().lock(), error);
+}
+
+/// An error that is only a message (a usage problem found outside a typed error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message(pub String);
+
+impl std::fmt::Display for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Message {}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
+
+    #[test]
+    fn the_error_printer_writes_every_cause() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("read /etc/x")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = Outer(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such file",
+        ));
+        let mut out = Vec::new();
+        write_error(&mut out, &error);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "error: read /etc/x\n  because: no such file\n"
+        );
+    }
 
     #[test]
     fn sanitize_escapes_ansi_and_bidi_visibly() {

@@ -209,6 +209,64 @@ fn workload_status_becomes_the_exit_status_and_the_audit_log_verifies() {
     assert_eq!(done["details"]["code"], 7);
 }
 
+/// The kernel passes every bare word of its command line (`single`, words after `--`) to init
+/// as arguments: PID 1 ignores them, records them, and boots; the workload finds the
+/// `/dev/stdin` and `/dev/fd` links that the early mounts make when missing.
+#[test]
+fn kernel_arguments_are_ignored_and_recorded_and_the_dev_links_exist() {
+    let setup = Setup::new("test -L /dev/stdin && test -e /dev/fd/1 && echo DEV-LINKS-OK\nexit 0");
+    setup.write_default_policy("");
+    // A /dev as bare as a fresh devtmpfs without udev: only the null device. The shell
+    // `exec`s cvm-warden, which so stays PID 1 of the namespace.
+    let mut command = common::unshare(&["--net", "--uts"]);
+    command.args([
+        "sh",
+        "-c",
+        "mount -t tmpfs -o mode=0755 none /dev && mknod -m 0666 /dev/null c 1 3 && exec \"$@\"",
+        "sh",
+        BIN,
+        "init",
+        "--policy",
+    ]);
+    command
+        .arg(setup.policy_path())
+        .args(["single", "--", "--bogus", "--policy", "/evil.toml"]);
+    let outcome = Run::spawn(command, RUN_LIMIT).finish();
+    assert_eq!(outcome.code, Some(0), "{outcome:#?}");
+    assert!(outcome.ran(), "{outcome:#?}");
+    assert!(
+        outcome.lines.iter().any(|l| l == "workload: DEV-LINKS-OK"),
+        "{outcome:#?}"
+    );
+    let records = setup.records();
+    let ignored = records
+        .iter()
+        .find(|r| event_of(r) == ("boot", "kernel_args_ignored"))
+        .unwrap_or_else(|| panic!("{records:#?}"));
+    assert_eq!(
+        ignored["details"]["args"],
+        serde_json::json!(["single", "--", "--bogus", "--policy", "/evil.toml"])
+    );
+    let early = records
+        .iter()
+        .find(|r| event_of(r) == ("boot", "early_mounts"))
+        .unwrap_or_else(|| panic!("{records:#?}"));
+    assert_eq!(
+        early["details"]["linked"],
+        serde_json::json!(["/dev/fd", "/dev/stdin", "/dev/stdout", "/dev/stderr"]),
+        "{early:#?}"
+    );
+    // The namespace got its own /run and /tmp.
+    assert!(
+        early["details"]["mounted"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("/run")),
+        "{early:#?}"
+    );
+    assert_eq!(event_of(records.last().unwrap()), ("shutdown", "exit"));
+}
+
 #[test]
 fn workload_runs_as_nobody_without_capabilities_and_with_no_new_privs() {
     // Builtins only: the shell reads its own status (see tests/launch_ns.rs).

@@ -291,8 +291,26 @@ mod inside {
                 nix::mount::umount2(gone, MntFlags::MNT_DETACH).unwrap();
             }
         }
-        let mounted = launch::early_mounts(&sys).unwrap();
-        say(&format!("EARLY {}", json!(mounted)));
+        // configfs is mounted too when this kernel has it and the host has not mounted it.
+        let config = Path::new(launch::CONFIGFS.target);
+        say(&format!(
+            "CONFIGFS-EXPECTED {}",
+            config.is_dir() && !sys.is_mountpoint(config)
+        ));
+        let done = launch::early_mounts(&sys).unwrap();
+        say(&format!("EARLY {}", json!(done.mounted)));
+        // Whatever was missing in /dev is linked now; what was there is left alone.
+        let links_ok = launch::DEV_LINKS.iter().all(|(link, target)| {
+            std::fs::read_link(link).is_ok_and(|t| t == Path::new(target))
+                || !done.linked.contains(&PathBuf::from(link))
+        });
+        say(&format!(
+            "LINKS {}",
+            links_ok
+                && launch::DEV_LINKS
+                    .iter()
+                    .all(|(link, _)| std::fs::symlink_metadata(link).is_ok())
+        ));
         say(&format!(
             "TMP-LINE {}",
             mount_line(Path::new("/tmp")).unwrap()
@@ -539,11 +557,19 @@ fn real_sys_mounts_remounts_and_early_mounts_in_a_mount_namespace() {
         dir.path().display()
     )));
     let early: Vec<String> = serde_json::from_str(outcome.value("EARLY")).unwrap();
-    assert_eq!(early, ["/dev/shm", "/run", "/tmp"]);
+    let mut expected = vec!["/dev/shm", "/run", "/tmp"];
+    if outcome.value("CONFIGFS-EXPECTED") == "true" {
+        expected.push("/sys/kernel/config");
+    }
+    assert_eq!(early, expected);
+    assert_eq!(outcome.value("LINKS"), "true");
     let tmp = outcome.value("TMP-LINE");
     assert!(tmp.contains(" rw,nosuid,nodev"), "{tmp}");
     assert_eq!(outcome.value("TMP-MODE"), "1777");
-    assert_eq!(outcome.value("EARLY-AGAIN"), "[]");
+    assert_eq!(
+        outcome.value("EARLY-AGAIN"),
+        r#"{"linked":[],"mounted":[]}"#
+    );
 }
 
 #[test]

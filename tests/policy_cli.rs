@@ -157,3 +157,61 @@ fn a_bundle_that_is_not_here_is_noted_not_refused() {
         assert!(stderr.is_empty(), "{stderr}");
     }
 }
+
+/// `plan` lists the kernel modules the boot will load and what needs each: the list the
+/// image must carry.
+#[test]
+fn plan_lists_the_kernel_modules_the_policy_needs() {
+    let setup = Setup::new();
+    let bundle = setup.bundle();
+    let exec = format!("{}/startup/start.sh", bundle.display());
+    let policy = setup.policy(&bundle, INITRAMFS, &exec);
+    let text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(
+        &policy,
+        format!("{text}\n[network]\n\n[kernel]\nmodules = [\"virtio-net\"]\n"),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = setup.run(&["plan", "--policy"], &policy);
+    assert_eq!(code, 0, "{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let modules: Vec<(&str, &str)> = plan["modules"]["load"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap(),
+                m["needed_by"][0].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        modules,
+        [
+            ("virtio_net", "kernel.modules"),
+            ("nf_tables", "[network]"),
+            ("nf_conntrack", "[network]"),
+            ("nft_ct", "[network]"),
+            ("crc32c_generic", "[network]"),
+        ]
+    );
+    assert!(plan["stages"]["perimeter"].is_object());
+}
+
+/// Errors are printed once, as `error:` and a `because:` line per cause, exit 2 for an
+/// invalid policy.
+#[test]
+fn an_invalid_policy_prints_one_error_chain_and_exits_2() {
+    let setup = Setup::new();
+    let missing = setup.dir.path().join("missing.toml");
+    let (code, stdout, stderr) = setup.run(&["plan", "--policy"], &missing);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.starts_with("error: cannot read the policy file"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\n  because: "), "{stderr}");
+    assert_eq!(stderr.matches("error:").count(), 1, "{stderr}");
+}

@@ -27,7 +27,9 @@ use crate::policy::{Restart, Rlimit, RlimitResource, Workload};
 use crate::sys::process::{CapSet, ExecFailure, ExecInputError, ExecSpec, Step};
 use crate::sys::SysError;
 
-pub use mounts::{early_mount_table, early_mounts, MountSpec};
+pub use mounts::{
+    early_mount_table, early_mounts, mount_configfs, EarlyMounts, MountSpec, CONFIGFS, DEV_LINKS,
+};
 pub use shutdown::{
     install_panic_hook, panic_message, prepare_shutdown, shutdown, shutdown_plan, ShutdownAction,
 };

@@ -1,6 +1,5 @@
 //! Carrying out a [`LockdownPlan`], step by step, then the self-check.
 
-use std::collections::BTreeSet;
 use std::io;
 use std::path::Path;
 use std::time::Duration;
@@ -14,8 +13,9 @@ use super::accounts::{
 use super::check::{self_check, Check};
 use super::effects::{CommandOutput, LockdownSys};
 use super::error::LockdownError;
-use super::kmod::{compression, module_name, ModuleIndex};
+use super::kmod::{module_name, ModuleIndex};
 use super::mountinfo;
+use super::preload::{resolve_and_load, Found, Wanted};
 use super::{
     load_state_probe, lockdown_rank, parse_lockdown, LockdownPlan, Paths, Shape, Sysctl,
     MANAGER_CONF,
@@ -191,7 +191,10 @@ pub fn apply(
     })
 }
 
-fn read_optional(path: &Path, what: &'static str) -> Result<Option<String>, LockdownError> {
+pub(crate) fn read_optional(
+    path: &Path,
+    what: &'static str,
+) -> Result<Option<String>, LockdownError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -230,84 +233,25 @@ fn load_modules(
     if modules.is_empty() {
         return Ok(());
     }
-    let (release, index) = module_index(sys, paths)?;
-    // Resolve every module before loading any, so a missing one stops the boot with nothing
-    // half-done.
-    let mut work = Vec::new();
-    for module in modules {
+    let wanted: Vec<Wanted<'_>> = modules
+        .iter()
+        .map(|name| Wanted {
+            name,
+            needed_by: "lockdown.modules",
+            or: &[],
+        })
+        .collect();
+    let (found, _, _) = resolve_and_load(&wanted, sys, paths)?;
+    for (module, found) in modules.iter().zip(found) {
         let setting = format!("module {module}");
-        if module_loaded(paths, module) {
-            steps.push(setting, "loaded", Outcome::AlreadySet);
-        } else if index.is_builtin(module) {
-            steps.push(setting, "built in", Outcome::AlreadySet);
-        } else {
-            let order = index
-                .load_order(module)
-                .ok_or_else(|| LockdownError::ModuleNotFound {
-                    module: module.clone(),
-                    release: release.clone(),
-                    modules_dep: paths.lib_modules.join(&release).join("modules.dep"),
-                })?;
-            work.push((setting, order));
-        }
-    }
-    if work.is_empty() {
-        return Ok(());
-    }
-    let disabled = paths.sysctl("kernel.modules_disabled");
-    if read_optional(&disabled, "kernel.modules_disabled")?
-        .as_deref()
-        .map(str::trim)
-        == Some("1")
-    {
-        return Err(LockdownError::ModulesAlreadyDisabled {
-            modules: work
-                .iter()
-                .flat_map(|(_, order)| order.iter().map(|(name, _)| name.clone()))
-                .filter(|name| !module_loaded(paths, name))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect(),
-        });
-    }
-    let kernel_compression = read_optional(&paths.sys_module.join("compression"), "compression")?
-        .map(|t| t.trim().to_owned());
-    let mut loaded_now = BTreeSet::new();
-    for (setting, order) in work {
-        let mut value = String::new();
-        for (name, path) in order {
-            value = path.display().to_string();
-            if loaded_now.contains(&name) || module_loaded(paths, &name) {
-                continue;
+        match found {
+            Found::Loaded => steps.push(setting, "loaded", Outcome::AlreadySet),
+            Found::BuiltIn => steps.push(setting, "built in", Outcome::AlreadySet),
+            Found::LoadedNow(path) => {
+                steps.push(setting, path.display().to_string(), Outcome::Applied)
             }
-            let compressed = match compression(&path) {
-                None => false,
-                Some(format) if kernel_compression.as_deref() == Some(format) => true,
-                Some(format) => {
-                    return Err(LockdownError::ModuleCompression {
-                        module: name,
-                        path,
-                        format: format.to_owned(),
-                        kernel: kernel_compression,
-                    })
-                }
-            };
-            match sys.finit_module(&path, compressed) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => {
-                    return Err(LockdownError::ModuleLoad {
-                        module: name,
-                        path,
-                        release: release.clone(),
-                        compressed,
-                        source,
-                    })
-                }
-            }
-            loaded_now.insert(name);
+            Found::Served => steps.push(setting, "absent", Outcome::AlreadySet),
         }
-        steps.push(setting, value, Outcome::Applied);
     }
     Ok(())
 }

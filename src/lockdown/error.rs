@@ -50,19 +50,36 @@ pub enum LockdownError {
     /// `uname(2)` failed (needed to find `/lib/modules/<release>`).
     #[error("kernel release (uname) for /lib/modules/<release>")]
     KernelRelease(#[source] std::io::Error),
-    /// A module named in the policy is neither built in nor in `modules.dep`.
+    /// A module the policy needs is neither loaded, built in nor in `modules.dep`.
     #[error(
-        "kernel module {module} is not in {} nor built in; hint: put the module of kernel {release} \
-         into the image (and run depmod), or remove it from lockdown.modules",
+        "kernel module {module} (needed by {needed_by}) is not loaded, not built in and not in {}; \
+         hint: put the module of kernel {release} and its dependencies into the image and run \
+         depmod (`cvm-warden plan` lists the modules the policy needs), or build it into the kernel",
         modules_dep.display()
     )]
     ModuleNotFound {
-        /// The policy's name.
+        /// The module's name.
         module: String,
+        /// The features that need it, e.g. `[network]`, `lockdown.modules`.
+        needed_by: String,
         /// The kernel release.
         release: String,
         /// The index searched.
         modules_dep: PathBuf,
+    },
+    /// `modules.dep` names a module file that is not there.
+    #[error(
+        "kernel module {module} (needed by {needed_by}) is listed in modules.dep but its file {} \
+         is missing; hint: copy the module files with modules.dep into the image",
+        path.display()
+    )]
+    ModuleFileMissing {
+        /// The module (or the dependency) whose file is missing.
+        module: String,
+        /// The features that need it.
+        needed_by: String,
+        /// The file modules.dep names.
+        path: PathBuf,
     },
     /// A compressed module whose format the kernel cannot decompress.
     #[error(

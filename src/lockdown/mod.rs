@@ -36,6 +36,7 @@ mod effects;
 mod error;
 mod kmod;
 mod mountinfo;
+mod preload;
 #[cfg(test)]
 mod tests;
 
@@ -51,6 +52,10 @@ pub use check::{self_check, status, status_with, Check, CheckState};
 pub use effects::{CommandOutput, FakeLockdownSys, LockdownCall, LockdownSys, RealLockdownSys};
 pub use error::{LockdownError, Mismatch};
 pub use kmod::{module_name, ModuleIndex};
+pub use preload::{
+    load_planned, module_plan, ModulePlan, ModuleReport, PlannedModule, INTEGRITY_MODULES,
+    NETWORK_MODULES, TPM_MODULES, VOLUME_MODULES,
+};
 
 /// How cvm-warden runs, which decides how consoles and logins are shut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -415,7 +415,7 @@ fn a_missing_module_fails_closed_before_anything_is_loaded() {
     let text = error.to_string();
     assert!(
         text.starts_with(&format!(
-            "kernel module nvidia is not in {} nor built in; hint:",
+            "kernel module nvidia (needed by lockdown.modules) is not loaded, not built in and not in {}; hint:",
             tree.paths
                 .lib_modules
                 .join(RELEASE)
@@ -1381,4 +1381,222 @@ fn mountinfo_and_swaps_are_parsed_with_escapes() {
         ["/a b"]
     );
     assert_eq!(mountinfo::escape("/a b\\"), "/a\\040b\\134");
+}
+
+// --- the modules a policy needs ---------------------------------------------------------------
+
+fn parse_policy(text: &str) -> crate::policy::Policy {
+    let users = crate::policy::MemoryUsers::new()
+        .user("flare", 1000, 1000)
+        .group("flare", 1000);
+    crate::policy::parse(text, None, &users)
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+        .policy
+}
+
+const BASE: &str = "[workload]\nbundle = \"/opt/b\"\nsource = \"initramfs\"\nexec = [\"/opt/b/run\"]\nuser = \"flare\"\n";
+
+fn planned(plan: &ModulePlan) -> Vec<(&str, Vec<&str>)> {
+    plan.modules
+        .iter()
+        .map(|m| {
+            (
+                m.name.as_str(),
+                m.needed_by.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_module_plan_follows_the_policys_features() {
+    // Nothing configured that needs a module: nothing planned.
+    let bare = parse_policy(&format!("attestation = \"none\"\n{BASE}"));
+    assert!(module_plan(&bare).is_empty());
+
+    let policy = parse_policy(&format!(
+        "{BASE}\n[attestation]\ntee = \"tpm\"\nkbs = \"http://10.0.2.100:5555\"\ninsecure_http = true\n\n\
+         [network]\n\n\
+         [[volume]]\nname = \"data\"\ndevice = \"/dev/vdb\"\nkey = \"kbs:///default/keys/data\"\nmount = \"/data\"\nintegrity = \"hmac-sha256\"\n\n\
+         [kernel]\nmodules = [\"virtio_net\", \"virtio-blk\"]\n\n\
+         [lockdown]\nmodules = [\"dm-crypt\", \"vsock\"]\n"
+    ));
+    let plan = module_plan(&policy);
+    let tee = "attestation.tee = \"tpm\"";
+    assert_eq!(
+        planned(&plan),
+        [
+            ("virtio_net", vec!["kernel.modules"]),
+            ("virtio_blk", vec!["kernel.modules"]),
+            ("dm_crypt", vec!["lockdown.modules", "[[volume]] data"]),
+            ("vsock", vec!["lockdown.modules"]),
+            ("tpm_tis", vec![tee]),
+            ("tpm_crb", vec![tee]),
+            ("nf_tables", vec!["[network]"]),
+            ("nf_conntrack", vec!["[network]"]),
+            ("nft_ct", vec!["[network]"]),
+            ("crc32c_generic", vec!["[network]", "[[volume]] data"]),
+            ("xts", vec!["[[volume]] data"]),
+            ("ecb", vec!["[[volume]] data"]),
+            ("af_alg", vec!["[[volume]] data"]),
+            ("algif_skcipher", vec!["[[volume]] data"]),
+            ("ext4", vec!["[[volume]] data"]),
+            ("dm_integrity", vec!["[[volume]] data integrity"]),
+            ("authenc", vec!["[[volume]] data integrity"]),
+        ]
+    );
+    // Either TPM driver serves; nothing else has an alternative.
+    let tis = plan.modules.iter().find(|m| m.name == "tpm_tis").unwrap();
+    assert_eq!(tis.or, ["tpm_crb"]);
+    assert!(plan
+        .modules
+        .iter()
+        .filter(|m| !m.name.starts_with("tpm_"))
+        .all(|m| m.or.is_empty()));
+    let json = serde_json::to_value(&plan).unwrap();
+    assert_eq!(json["load"][4]["or"], serde_json::json!(["tpm_crb"]));
+    assert!(json["load"][0].get("or").is_none());
+
+    let snp = parse_policy(&format!(
+        "{BASE}digest = \"sha256:{}\"\n\n[attestation]\ntee = \"snp\"\nkbs = \"http://10.0.2.100:5555\"\ninsecure_http = true\n\n[network]\n",
+        "ab".repeat(32)
+    ));
+    assert_eq!(
+        planned(&module_plan(&snp))[0],
+        ("sev_guest", vec!["attestation.tee = \"snp\""])
+    );
+}
+
+/// A plan of named modules, each needed by `feature`.
+fn plan_of(modules: &[(&str, &[&str])]) -> ModulePlan {
+    ModulePlan {
+        modules: modules
+            .iter()
+            .map(|(name, or)| PlannedModule {
+                name: module_name(name),
+                needed_by: vec!["[[volume]] data".to_owned()],
+                or: or.iter().map(|m| module_name(m)).collect(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn planned_modules_load_dependencies_first_and_the_report_says_what_was_there() {
+    let tree = Tree::new();
+    fs::create_dir_all(tree.paths.sys_module.join("virtio_rng")).unwrap();
+    let sys = tree.kernel();
+    let plan = plan_of(&[
+        ("dm-crypt", &[]),
+        ("virtio_rng", &[]),
+        ("sha256_generic", &[]),
+        ("tpm_tis", &["sha256_generic"]),
+    ]);
+    let report = load_planned(&plan, &sys, &tree.paths).unwrap();
+    let dir = tree.paths.lib_modules.join(RELEASE);
+    assert_eq!(
+        sys.calls(),
+        vec![
+            LockdownCall::FinitModule {
+                path: dir.join("kernel/crypto/ecb.ko"),
+                compressed: false,
+            },
+            LockdownCall::FinitModule {
+                path: dir.join("kernel/drivers/md/dm-mod.ko.zst"),
+                compressed: true,
+            },
+            LockdownCall::FinitModule {
+                path: dir.join("kernel/drivers/md/dm-crypt.ko.zst"),
+                compressed: true,
+            },
+        ]
+    );
+    assert_eq!(
+        report,
+        ModuleReport {
+            release: RELEASE.to_owned(),
+            modules_dir: dir,
+            loaded: vec!["ecb".into(), "dm_mod".into(), "dm_crypt".into()],
+            already_loaded: vec!["virtio_rng".into()],
+            built_in: vec!["sha256_generic".into()],
+            absent_served: vec!["tpm_tis".into()],
+        }
+    );
+    // Loaded now (the fake kernel shows it in /sys/module): a second boot step loads nothing.
+    let again = load_planned(&plan, &sys, &tree.paths).unwrap();
+    assert!(again.loaded.is_empty());
+    assert_eq!(again.already_loaded, ["dm_crypt", "virtio_rng"]);
+    assert_eq!(sys.calls().len(), 3);
+}
+
+#[test]
+fn a_needed_module_that_is_nowhere_stops_before_anything_is_loaded_and_says_what_needs_it() {
+    let tree = Tree::new();
+    let sys = tree.kernel();
+    // An alternative that is absent too does not serve.
+    let plan = plan_of(&[("dm_crypt", &[]), ("ecb", &[]), ("tpm_tis", &["tpm_crb"])]);
+    let error = load_planned(&plan, &sys, &tree.paths).unwrap_err();
+    assert!(sys.calls().is_empty(), "{:?}", sys.calls());
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "kernel module tpm_tis (needed by [[volume]] data) is not loaded, not built in and not \
+             in {}; hint: put the module of kernel {RELEASE} and its dependencies into the image \
+             and run depmod (`cvm-warden plan` lists the modules the policy needs), or build it \
+             into the kernel",
+            tree.paths.lib_modules.join(RELEASE).join("modules.dep").display()
+        )
+    );
+    // A module file that modules.dep names but the image lacks.
+    fs::remove_file(
+        tree.paths
+            .lib_modules
+            .join(RELEASE)
+            .join("kernel/crypto/ecb.ko"),
+    )
+    .unwrap();
+    let error = load_planned(&plan_of(&[("dm-crypt", &[])]), &sys, &tree.paths).unwrap_err();
+    assert!(
+        matches!(&error, LockdownError::ModuleFileMissing { module, .. } if module == "ecb"),
+        "{error:?}"
+    );
+    assert!(sys.calls().is_empty());
+}
+
+#[test]
+fn a_compressed_module_the_kernel_cannot_decompress_is_refused_by_name() {
+    let tree = Tree::new();
+    let sys = tree.kernel();
+    let error = load_planned(&plan_of(&[("vsock", &[])]), &sys, &tree.paths).unwrap_err();
+    assert!(
+        error.to_string().starts_with("kernel module vsock ("),
+        "{error}"
+    );
+    assert!(
+        matches!(&error, LockdownError::ModuleCompression { format, .. } if format == "xz"),
+        "{error:?}"
+    );
+    assert!(sys.calls().is_empty());
+}
+
+#[test]
+fn an_alternative_serves_only_when_present_or_loaded_too() {
+    let tree = Tree::new();
+    let sys = tree.kernel();
+    // virtio_rng could be loaded but is not planned: nothing would load it, so it serves not.
+    let error =
+        load_planned(&plan_of(&[("tpm_tis", &["virtio_rng"])]), &sys, &tree.paths).unwrap_err();
+    assert!(
+        matches!(&error, LockdownError::ModuleNotFound { module, .. } if module == "tpm_tis"),
+        "{error:?}"
+    );
+    // Planned too: it is loaded and serves.
+    let report = load_planned(
+        &plan_of(&[("tpm_tis", &["virtio_rng"]), ("virtio_rng", &["tpm_tis"])]),
+        &sys,
+        &tree.paths,
+    )
+    .unwrap();
+    assert_eq!(report.loaded, ["virtio_rng"]);
+    assert_eq!(report.absent_served, ["tpm_tis"]);
 }

@@ -46,6 +46,8 @@ pub(crate) const SCHEMA_KEYS: &[&str] = &[
     "lockdown.consoles",
     "lockdown.kernel_lockdown",
     "lockdown.modules",
+    "kernel",
+    "kernel.modules",
     "audit",
     "audit.file",
     "audit.file_dir",

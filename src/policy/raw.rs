@@ -18,6 +18,7 @@ pub(crate) struct RawPolicy {
     pub secret: Option<Vec<RawSecret>>,
     pub network: Option<RawNetwork>,
     pub lockdown: Option<RawLockdown>,
+    pub kernel: Option<RawKernel>,
     pub audit: Option<RawAudit>,
     pub on_failure: Option<String>,
     pub overridable: Option<Vec<String>>,
@@ -135,6 +136,13 @@ pub(crate) struct RawOutbound {
 pub(crate) struct RawLockdown {
     pub consoles: Option<String>,
     pub kernel_lockdown: Option<String>,
+    pub modules: Option<Vec<String>>,
+}
+
+/// `[kernel]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKernel {
     pub modules: Option<Vec<String>>,
 }
 

@@ -60,7 +60,7 @@ fn unknown_key_is_refused_with_its_position() {
 fn unknown_top_level_key_is_refused() {
     assert_eq!(
         error_of(&format!("insecure = true\n{MINIMAL}")),
-        "policy: unknown key `insecure` at line 1, column 1; expected one of workload, attestation, volume, secret, network, lockdown, audit, on_failure, overridable"
+        "policy: unknown key `insecure` at line 1, column 1; expected one of workload, attestation, volume, secret, network, lockdown, kernel, audit, on_failure, overridable"
     );
 }
 
@@ -551,6 +551,19 @@ fn volume_shape_is_checked() {
 }
 
 #[test]
+fn kernel_modules_are_names_listed_once() {
+    let loaded = parse(GOOD, None, &users()).unwrap();
+    assert_eq!(loaded.policy.kernel.modules, ["virtio_net", "virtio-blk"]);
+    assert_eq!(
+        error_of(&format!(
+            "{MINIMAL}\n[kernel]\nmodules = [\"virtio_net\", \"virtio_net\", \"a/b\"]\n"
+        )),
+        "kernel.modules[1]: \"virtio_net\" is listed twice; remove one\n\
+         kernel.modules[2]: \"a/b\" is not a module name; write the name modprobe takes, e.g. \"dm_crypt\""
+    );
+}
+
+#[test]
 fn lockdown_shape_is_checked() {
     assert_eq!(
         error_of(&format!(
@@ -629,7 +642,7 @@ fn overridable_keys_must_exist_in_the_schema() {
         error_of(&format!(
             "overridable = [\"attestation.kbs\", \"attestation.url\", \"overridable\", \"attestation.kbs\"]\n{MINIMAL}"
         )),
-        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, or workload.env.<NAME>\n\
+        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, or workload.env.<NAME>\n\
          overridable[2]: \"overridable\" cannot be overridable; the operator file must not widen what it may set, so remove it\n\
          overridable[3]: \"attestation.kbs\" is listed twice; remove one"
     );
@@ -736,6 +749,7 @@ fn minimal_policy_gets_the_defaults() {
             secrets: Vec::new(),
             network: None,
             lockdown: None,
+            kernel: Kernel::default(),
             audit: AuditConfig {
                 file: None,
                 file_dir: None,

@@ -23,6 +23,8 @@ pub struct Policy {
     pub network: Option<Network>,
     /// Console/kernel lockdown (implemented by a later issue); `None` when absent.
     pub lockdown: Option<Lockdown>,
+    /// `[kernel]`: kernel modules loaded beyond those the configured features need.
+    pub kernel: Kernel,
     /// Audit sinks.
     pub audit: AuditConfig,
     /// What to do when boot fails or the workload ends in PID 1 mode.
@@ -267,6 +269,14 @@ pub struct Lockdown {
     /// Lockdown LSM mode.
     pub kernel_lockdown: Option<String>,
     /// Modules loaded before module loading is disabled.
+    pub modules: Vec<String>,
+}
+
+/// `[kernel]` (empty when absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Kernel {
+    /// Modules loaded (with their dependencies) before the TEE is opened, in addition to the
+    /// ones the policy's features need (e.g. the VM's virtio drivers).
     pub modules: Vec<String>,
 }
 

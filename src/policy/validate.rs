@@ -554,6 +554,14 @@ pub(crate) fn validate(
     }
     let network = raw.network.as_ref().and_then(|n| network(&mut c, n));
     let lockdown = raw.lockdown.as_ref().and_then(|l| lockdown(&mut c, l));
+    let kernel = Kernel {
+        modules: module_names(
+            &mut c,
+            "kernel.modules",
+            raw.kernel.as_ref().and_then(|k| k.modules.as_deref()),
+        )
+        .unwrap_or_default(),
+    };
     let file_overridable = raw
         .overridable
         .iter()
@@ -585,6 +593,7 @@ pub(crate) fn validate(
                 secrets,
                 network,
                 lockdown,
+                kernel,
                 audit,
                 on_failure,
                 overridable: raw.overridable.clone().unwrap_or_default(),
@@ -1719,10 +1728,21 @@ fn lockdown(c: &mut Check<'_>, raw: &RawLockdown) -> Option<Lockdown> {
             None
         }
     };
+    let modules = module_names(c, "lockdown.modules", raw.modules.as_deref());
+    Some(Lockdown {
+        consoles: consoles?,
+        kernel_lockdown: kernel_lockdown?,
+        modules: modules?,
+    })
+}
+
+/// A list of kernel module names (`lockdown.modules`, `kernel.modules`): each the name
+/// modprobe takes, none twice. `None` (the problems recorded) when any is not.
+fn module_names(c: &mut Check<'_>, what: &str, raw: Option<&[String]>) -> Option<Vec<String>> {
     let mut modules: Vec<String> = Vec::new();
     let mut ok = true;
-    for (i, m) in raw.modules.iter().flatten().enumerate() {
-        let key = format!("lockdown.modules[{i}]");
+    for (i, m) in raw.iter().copied().flatten().enumerate() {
+        let key = format!("{what}[{i}]");
         if m.is_empty()
             || !m
                 .chars()
@@ -1742,14 +1762,7 @@ fn lockdown(c: &mut Check<'_>, raw: &RawLockdown) -> Option<Lockdown> {
             modules.push(m.clone());
         }
     }
-    if !ok {
-        return None;
-    }
-    Some(Lockdown {
-        consoles: consoles?,
-        kernel_lockdown: kernel_lockdown?,
-        modules,
-    })
+    ok.then_some(modules)
 }
 
 fn syslog_target(c: &mut Check<'_>, text: &str) -> Option<SyslogTarget> {

@@ -1,7 +1,7 @@
 //! The recording fake of [`Sys`]: records every call as a [`SysCall`], keeps a mount table
 //! that `mount`/`umount` update, and fails the operations it is told to fail.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -31,6 +31,13 @@ pub enum SysCall {
     Umount(PathBuf),
     /// [`Sys::mkdir_all`].
     MkdirAll(PathBuf),
+    /// [`Sys::symlink`].
+    Symlink {
+        /// What the link points to.
+        target: PathBuf,
+        /// The link.
+        link: PathBuf,
+    },
     /// [`Sys::mount_tmpfs`].
     MountTmpfs {
         /// Target.
@@ -70,6 +77,7 @@ impl SysCall {
             SysCall::Mount { .. } => Op::Mount,
             SysCall::Umount(_) => Op::Umount,
             SysCall::MkdirAll(_) => Op::MkdirAll,
+            SysCall::Symlink { .. } => Op::Symlink,
             SysCall::MountTmpfs { .. } => Op::MountTmpfs,
             SysCall::RemountReadonly(_) => Op::RemountReadonly,
             SysCall::SetChildSubreaper => Op::SetChildSubreaper,
@@ -90,6 +98,8 @@ pub enum Op {
     Umount,
     /// [`Sys::mkdir_all`].
     MkdirAll,
+    /// [`Sys::symlink`].
+    Symlink,
     /// [`Sys::mount_tmpfs`].
     MountTmpfs,
     /// [`Sys::remount_readonly`].
@@ -110,6 +120,10 @@ pub enum Op {
 struct State {
     calls: Vec<SysCall>,
     mounted: Vec<PathBuf>,
+    /// Paths that exist (besides mount points): given, created by `mkdir_all` or `symlink`.
+    existing: BTreeSet<PathBuf>,
+    /// Which of `existing` are directories.
+    dirs: BTreeSet<PathBuf>,
     /// Remaining failures per operation (`u32::MAX`: always) and the errno to fail with.
     failures: BTreeMap<Op, (u32, Errno)>,
 }
@@ -149,6 +163,37 @@ impl FakeSys {
         P: Into<PathBuf>,
     {
         self.lock().mounted = paths.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Starts with these directories present (and their parents).
+    pub fn with_dirs<I, P>(self, paths: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<PathBuf>,
+    {
+        {
+            let mut state = self.lock();
+            for path in paths {
+                let path: PathBuf = path.into();
+                for dir in path.ancestors() {
+                    state.existing.insert(dir.to_path_buf());
+                    state.dirs.insert(dir.to_path_buf());
+                }
+            }
+        }
+        self
+    }
+
+    /// Starts with these (non-directory) files present.
+    pub fn with_files<I, P>(self, paths: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<PathBuf>,
+    {
+        self.lock()
+            .existing
+            .extend(paths.into_iter().map(Into::into));
         self
     }
 
@@ -271,8 +316,41 @@ impl Sys for FakeSys {
                 path: path.to_path_buf(),
                 source: std::io::Error::from_raw_os_error(errno as i32),
             }),
-            None => Ok(()),
+            None => {
+                let mut state = self.lock();
+                for dir in path.ancestors() {
+                    state.existing.insert(dir.to_path_buf());
+                    state.dirs.insert(dir.to_path_buf());
+                }
+                Ok(())
+            }
         }
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        let state = self.lock();
+        state.existing.contains(path) || state.mounted.iter().any(|m| m == path)
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        let state = self.lock();
+        state.dirs.contains(path) || state.mounted.iter().any(|m| m == path)
+    }
+
+    fn symlink(&self, target: &Path, link: &Path) -> Result<(), SysError> {
+        let call = SysCall::Symlink {
+            target: target.to_path_buf(),
+            link: link.to_path_buf(),
+        };
+        if let Some(errno) = self.record(call) {
+            return Err(SysError::Symlink {
+                link: link.to_path_buf(),
+                target: target.to_path_buf(),
+                source: std::io::Error::from_raw_os_error(errno as i32),
+            });
+        }
+        self.lock().existing.insert(link.to_path_buf());
+        Ok(())
     }
 
     fn mount_tmpfs(&self, target: &Path, mode: u32) -> Result<(), SysError> {

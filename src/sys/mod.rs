@@ -86,6 +86,17 @@ pub enum SysError {
         #[source]
         source: std::io::Error,
     },
+    /// Creating a symbolic link failed.
+    #[error("create symbolic link {} -> {}", link.display(), target.display())]
+    Symlink {
+        /// The link.
+        link: PathBuf,
+        /// What it points to.
+        target: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A `prctl(2)` failed.
     #[error("prctl {op}")]
     Prctl {
@@ -198,6 +209,13 @@ pub trait Sys {
     fn mount_points(&self) -> Vec<PathBuf>;
     /// Creates `path` and its missing parents with mode 0755.
     fn mkdir_all(&self, path: &Path) -> Result<(), SysError>;
+    /// Whether something (a file, a directory, a device, a symbolic link, even a dangling
+    /// one) is at `path`; links are not followed.
+    fn exists(&self, path: &Path) -> bool;
+    /// Whether `path` is a directory (links followed).
+    fn is_dir(&self, path: &Path) -> bool;
+    /// Creates the symbolic link `link` pointing to `target`.
+    fn symlink(&self, target: &Path, link: &Path) -> Result<(), SysError>;
     /// Mounts a fresh tmpfs on `target` (`nosuid,nodev`, executable, root directory `mode`).
     fn mount_tmpfs(&self, target: &Path, mode: u32) -> Result<(), SysError>;
     /// Remounts the file system at `target` read-only, keeping its other flags.
@@ -286,6 +304,22 @@ impl Sys for RealSys {
                 path: path.to_path_buf(),
                 source,
             })
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok()
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        path.is_dir()
+    }
+
+    fn symlink(&self, target: &Path, link: &Path) -> Result<(), SysError> {
+        std::os::unix::fs::symlink(target, link).map_err(|source| SysError::Symlink {
+            link: link.to_path_buf(),
+            target: target.to_path_buf(),
+            source,
+        })
     }
 
     fn mount_tmpfs(&self, target: &Path, mode: u32) -> Result<(), SysError> {

@@ -1,0 +1,1894 @@
+//! The runner's tests: every stage against fakes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use std::cell::{Cell, RefCell};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::audit::{MemorySink, MemorySinkControl};
+use crate::eventlog::NoRegister;
+use crate::measure::{Manifest, MeasureError, Measurement};
+use crate::policy::{parse, MemoryUsers};
+use crate::stage::RealMeasurer;
+use crate::sys::{FakeSys, SysCall};
+
+const STAGES: [&str; 6] = [
+    "perimeter",
+    "measure",
+    "attest",
+    "unlock",
+    "allowlist",
+    "launch",
+];
+
+/// A bundle with one script, a kernel command line file and room for a copy.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("bundle")).unwrap();
+        std::fs::write(dir.path().join("bundle/run.sh"), "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::write(dir.path().join("bundle/data.txt"), "v1\n").unwrap();
+        std::fs::write(dir.path().join("cmdline"), "console=ttyS0\n").unwrap();
+        Fixture { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn bundle(&self) -> PathBuf {
+        self.path("bundle")
+    }
+
+    fn copy_to(&self) -> PathBuf {
+        self.path("copy")
+    }
+
+    /// A valid `initramfs` policy for the bundle, with `extra` appended.
+    fn policy(&self, extra: &str) -> String {
+        format!(
+            "attestation = \"none\"\n\n[workload]\nbundle = {:?}\nsource = \"initramfs\"\nexec = [{:?}, \"--once\"]\nuser = \"flare\"\n{extra}",
+            self.bundle().display().to_string(),
+            self.bundle().join("run.sh").display().to_string(),
+        )
+    }
+
+    /// The default policy with `source = "copy"` into [`Fixture::copy_to`], created here.
+    fn copy_policy(&self) -> String {
+        std::fs::create_dir(self.copy_to()).unwrap();
+        self.policy("").replacen(
+            "source = \"initramfs\"",
+            &format!(
+                "source = \"copy\"\ncopy_to = {:?}",
+                self.copy_to().display().to_string()
+            ),
+            1,
+        )
+    }
+
+    fn facts(&self, loaded: &LoadedPolicy) -> Facts {
+        Facts {
+            cmdline_path: self.path("cmdline"),
+            policy_digest: loaded.policy_digest,
+            operator_digest: loaded.operator_digest,
+            shape: crate::lockdown::Shape::Pid1,
+            sandbox: false,
+        }
+    }
+}
+
+fn users() -> MemoryUsers {
+    MemoryUsers::new()
+        .user("root", 0, 0)
+        .user("flare", 1000, 1000)
+        .group("root", 0)
+        .group("flare", 1000)
+}
+
+fn load(text: &str) -> LoadedPolicy {
+    parse(text, None, &users()).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+fn memory_audit() -> (Audit, Arc<Mutex<Vec<String>>>) {
+    let (sink, lines) = MemorySink::new();
+    (Audit::new(vec![Box::new(sink)], true), lines)
+}
+
+fn records(lines: &Arc<Mutex<Vec<String>>>) -> Vec<Value> {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn events(records: &[Value]) -> Vec<(String, String)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r["stage"].as_str().unwrap().to_string(),
+                r["event"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(s, e)| ((*s).to_string(), (*e).to_string()))
+        .collect()
+}
+
+/// The records of a boot whose every stage succeeded.
+fn successful_boot() -> Vec<(String, String)> {
+    let mut expected = pairs(&[("boot", "start"), ("boot", "planned")]);
+    for stage in STAGES {
+        expected.push((stage.to_string(), "begin".to_string()));
+        expected.push((stage.to_string(), "ok".to_string()));
+    }
+    expected
+}
+
+/// `prepare` of `policy` (loaded here) for the fixture.
+fn run_prepare(
+    fixture: &Fixture,
+    policy: &str,
+    sys: &FakeSys,
+    measurer: &dyn Measurer,
+    audit: &Audit,
+) -> Result<Ready, BootError> {
+    let loaded = load(policy);
+    let mut register = NoRegister;
+    let env = Env {
+        sys,
+        measurer,
+        register: &mut register,
+        audit,
+        broker: None,
+        volumes: &crate::volume::FakeVolumes::new(),
+        firewall: &mut crate::firewall::RecordingFirewall::new(),
+        resolver: &crate::firewall::FakeResolver::new(),
+        lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
+        lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
+    };
+    prepare(&loaded, &fixture.facts(&loaded), env)
+}
+
+/// [`run_prepare`] of the fixture's default policy.
+fn prepare_default(
+    fixture: &Fixture,
+    sys: &FakeSys,
+    measurer: &dyn Measurer,
+    audit: &Audit,
+) -> Result<Ready, BootError> {
+    run_prepare(fixture, &fixture.policy(""), sys, measurer, audit)
+}
+
+/// A [`Lifecycle`] without a checkpointer or volumes.
+fn life<'a>(sys: &'a dyn Sys, audit: &'a Audit) -> Lifecycle<'a> {
+    Lifecycle {
+        sys,
+        audit,
+        volumes: Box::leak(Box::new(crate::volume::FakeVolumes::new())),
+        checkpointer: None,
+        checkpoint_interval: None,
+        audit_file: None,
+    }
+}
+
+/// Records what the runner asked of it; never starts anything.
+struct FakeLauncher {
+    supervised: Cell<u32>,
+    execed: Cell<u32>,
+    plans: RefCell<Vec<LaunchPlan>>,
+    code: i32,
+    /// How often it runs the periodic work while "the workload runs".
+    periodic_runs: u32,
+    /// The interval it was given.
+    interval: Cell<Option<std::time::Duration>>,
+    /// Fails the launch instead of running the workload.
+    fail: bool,
+}
+
+impl FakeLauncher {
+    fn new(code: i32) -> FakeLauncher {
+        FakeLauncher {
+            supervised: Cell::new(0),
+            execed: Cell::new(0),
+            plans: RefCell::new(Vec::new()),
+            code,
+            periodic_runs: 0,
+            interval: Cell::new(None),
+            fail: false,
+        }
+    }
+
+    fn called(&self) -> bool {
+        self.supervised.get() + self.execed.get() > 0
+    }
+}
+
+impl Launcher for FakeLauncher {
+    fn supervise(
+        &self,
+        plan: &LaunchPlan,
+        _sys: &dyn Sys,
+        events: &mut dyn FnMut(&str, Value),
+        periodic: Option<Periodic<'_>>,
+    ) -> Result<WorkloadExit, LaunchError> {
+        self.supervised.set(self.supervised.get() + 1);
+        self.plans.borrow_mut().push(plan.clone());
+        if self.fail {
+            return Err(LaunchError::Exec {
+                path: plan.argv[0].clone().into(),
+                source: nix::errno::Errno::ENOENT,
+            });
+        }
+        events("started", json!({ "pid": 2 }));
+        if let Some(periodic) = periodic {
+            self.interval.set(Some(periodic.every));
+            for _ in 0..self.periodic_runs {
+                (periodic.run)();
+            }
+        }
+        events("exited", json!({ "pid": 2, "code": self.code }));
+        Ok(WorkloadExit {
+            code: self.code,
+            restarts: 0,
+        })
+    }
+
+    fn exec(&self, plan: &LaunchPlan) -> LaunchError {
+        self.execed.set(self.execed.get() + 1);
+        self.plans.borrow_mut().push(plan.clone());
+        LaunchError::EmptyExec
+    }
+}
+
+/// The real measurer, with a hook that runs before each bundle measurement.
+struct HookedMeasurer<F: Fn()> {
+    before: F,
+}
+
+impl<F: Fn()> Measurer for HookedMeasurer<F> {
+    fn in_place(&self, dir: &Path) -> Result<Measurement, MeasureError> {
+        (self.before)();
+        RealMeasurer.in_place(dir)
+    }
+
+    fn copy(&self, src: &Path, dst: &Path) -> Result<Measurement, MeasureError> {
+        (self.before)();
+        RealMeasurer.copy(src, dst)
+    }
+
+    fn reference(&self, path: &Path) -> Result<Manifest, MeasureError> {
+        RealMeasurer.reference(path)
+    }
+}
+
+// ---- (a) every stage succeeds ----
+
+#[test]
+fn all_stages_succeed_in_order_and_every_record_is_insecure() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new().in_sandbox();
+    let (audit, lines) = memory_audit();
+    let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+
+    let recs = records(&lines);
+    assert_eq!(events(&recs), successful_boot());
+    assert!(
+        recs.iter().all(|r| r["insecure"] == json!(true)),
+        "{recs:#?}"
+    );
+    // initramfs: measured in place, no mount of any kind; the service manager is told
+    // once the perimeter is up.
+    assert_eq!(
+        sys.calls(),
+        [SysCall::NotifyReady("perimeter up; measuring".to_string())]
+    );
+    // The event log ends with the separator, and the launch/ok record names it.
+    let last = ready.event_log.events().last().unwrap();
+    assert_eq!(last.kind, EventKind::Separator);
+    assert_eq!(
+        recs.last().unwrap()["details"]["separator"],
+        json!(last.digest)
+    );
+    assert_eq!(
+        ready.plan.launch.argv,
+        [
+            fixture.bundle().join("run.sh").display().to_string(),
+            "--once".to_string()
+        ]
+    );
+
+    let launcher = FakeLauncher::new(7);
+    let shutdown = run_init(
+        &ready,
+        &launcher,
+        &mut life(&sys, &audit),
+        FailureAction::Poweroff,
+    );
+    assert_eq!(
+        shutdown,
+        Shutdown {
+            action: FailureAction::Poweroff,
+            code: 7
+        }
+    );
+    assert_eq!((launcher.supervised.get(), launcher.execed.get()), (1, 0));
+    let recs = records(&lines);
+    let tail: Vec<_> = events(&recs).split_off(successful_boot().len());
+    assert_eq!(
+        tail,
+        pairs(&[
+            ("launch", "started"),
+            ("launch", "exited"),
+            ("launch", "workload_done"),
+            ("shutdown", "exit"),
+        ])
+    );
+    let done = &recs[recs.len() - 2]["details"];
+    assert_eq!(done, &json!({ "code": 7, "restarts": 0 }));
+    assert_eq!(recs.last().unwrap()["details"], json!({ "code": 7 }));
+    assert!(recs.iter().all(|r| r["insecure"] == json!(true)));
+    // The whole log verifies.
+    let joined: String = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::audit::verify(joined.as_bytes()).unwrap();
+}
+
+#[test]
+fn a_real_boot_closes_with_poweroff_or_halt() {
+    for (action, closing) in [
+        (FailureAction::Poweroff, "poweroff"),
+        (FailureAction::Halt, "halt"),
+    ] {
+        let fixture = Fixture::new();
+        let sys = FakeSys::new();
+        let (audit, lines) = memory_audit();
+        let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+        let launcher = FakeLauncher::new(0);
+        let shutdown = run_init(&ready, &launcher, &mut life(&sys, &audit), action);
+        assert_eq!(shutdown, Shutdown { action, code: 0 });
+        let last = events(&records(&lines)).pop().unwrap();
+        assert_eq!(last, ("shutdown".to_string(), closing.to_string()));
+        // The runner itself never powers anything off: the caller does.
+        assert!(!sys
+            .calls()
+            .iter()
+            .any(|c| matches!(c, SysCall::PowerOff(_))));
+    }
+}
+
+// ---- (b) pinned digest mismatch ----
+
+#[test]
+fn a_changed_bundle_stops_the_boot_at_measure_and_names_the_file() {
+    let fixture = Fixture::new();
+    let reference = crate::measure::measure_in_place(&fixture.bundle()).unwrap();
+    let manifest = fixture.path("manifest.json");
+    reference.manifest.save_json(&manifest).unwrap();
+    let policy = fixture.policy(&format!(
+        "digest = \"{}\"\nmanifest = {:?}\n",
+        reference.bundle_digest,
+        manifest.display().to_string()
+    ));
+    // The pin matches before the change.
+    {
+        let sys = FakeSys::new();
+        let (audit, _) = memory_audit();
+        run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap();
+    }
+    std::fs::write(fixture.bundle().join("data.txt"), "v2\n").unwrap();
+
+    let sys = FakeSys::new().in_sandbox();
+    let (audit, lines) = memory_audit();
+    let error = run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            BootError::Stage {
+                stage: "measure",
+                source: StageError::Measure { .. }
+            }
+        ),
+        "{error:?}"
+    );
+    let recs = records(&lines);
+    assert_eq!(
+        events(&recs),
+        pairs(&[
+            ("boot", "start"),
+            ("boot", "planned"),
+            ("perimeter", "begin"),
+            ("perimeter", "ok"),
+            ("measure", "begin"),
+            ("measure", "failed"),
+        ])
+    );
+    let message = recs.last().unwrap()["details"]["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("changed data.txt"), "{message}");
+    assert!(!message.contains("run.sh"), "{message}");
+    assert_eq!(message, chain(&error));
+
+    // The launcher is never reached (there is no Ready); the failure path closes the log.
+    let launcher = FakeLauncher::new(0);
+    assert!(!launcher.called());
+    let shutdown = fail(
+        &mut life(&sys, &audit),
+        FailureAction::Halt,
+        &error,
+        &EventLog::new(),
+    );
+    assert_eq!(
+        shutdown,
+        Shutdown {
+            action: FailureAction::Halt,
+            code: 1
+        }
+    );
+    let recs = records(&lines);
+    let tail: Vec<_> = events(&recs).split_off(6);
+    assert_eq!(tail, pairs(&[("boot", "failed"), ("shutdown", "exit")]));
+    assert_eq!(
+        recs[6]["details"],
+        json!({ "error": message, "workload_started": false })
+    );
+    assert_eq!(recs[7]["details"], json!({ "code": 1 }));
+
+    // In a real boot the closing record is the failure action.
+    let (audit, lines) = memory_audit();
+    fail(
+        &mut life(&FakeSys::new(), &audit),
+        FailureAction::Halt,
+        &error,
+        &EventLog::new(),
+    );
+    assert_eq!(
+        events(&records(&lines)),
+        pairs(&[("boot", "failed"), ("shutdown", "halt")])
+    );
+}
+
+// ---- (c) configured but unsupported features are refused at plan time ----
+
+#[test]
+fn unsupported_features_are_refused_before_any_stage_or_effect() {
+    let fixture = Fixture::new();
+    let initramfs = fixture.policy("");
+    let cases = [(
+        initramfs.replacen("source = \"initramfs\"", "source = \"verity\"", 1),
+        "measure: workload.source = \"verity\" is not supported by this build yet; use \
+         source = \"copy\" or \"initramfs\", or a release with dm-verity support",
+    )];
+    for (policy, expected) in cases {
+        let sys = FakeSys::new();
+        let (sink, lines) = MemorySink::new();
+        let insecure = load(&policy).policy.attestation == crate::policy::Attestation::None;
+        let audit = Audit::new(vec![Box::new(sink)], insecure);
+        let error = run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap_err();
+        let BootError::Plan(source) = &error else {
+            panic!("expected a plan error, got {error:?}");
+        };
+        assert!(
+            matches!(source, StageError::Unsupported { .. }),
+            "{source:?}"
+        );
+        assert_eq!(source.to_string(), expected);
+        let recs = records(&lines);
+        assert_eq!(
+            events(&recs),
+            pairs(&[("boot", "start"), ("boot", "plan_failed")])
+        );
+        assert_eq!(recs[1]["details"], json!({ "error": expected }));
+        assert_eq!(sys.calls(), Vec::<SysCall>::new());
+    }
+}
+
+// ---- (d) copy source ----
+
+#[test]
+fn copy_source_mounts_a_tmpfs_remounts_it_readonly_and_runs_from_the_copy() {
+    let fixture = Fixture::new();
+    let policy = fixture.copy_policy();
+    let sys = FakeSys::new().in_sandbox();
+    let (audit, lines) = memory_audit();
+    let ready = run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap();
+    assert_eq!(events(&records(&lines)), successful_boot());
+    let copy = fixture.copy_to();
+    assert_eq!(
+        sys.calls(),
+        vec![
+            SysCall::NotifyReady("perimeter up; measuring".to_string()),
+            SysCall::MkdirAll(copy.clone()),
+            SysCall::MountTmpfs {
+                target: copy.clone(),
+                mode: crate::stage::measure::COPY_TMPFS_MODE,
+            },
+            SysCall::RemountReadonly(copy.clone()),
+        ]
+    );
+    let program = copy.join("run.sh").display().to_string();
+    assert_eq!(ready.plan.launch.argv, [program.as_str(), "--once"]);
+    // The copy holds the measured bytes.
+    assert_eq!(
+        std::fs::read_to_string(copy.join("run.sh")).unwrap(),
+        "#!/bin/sh\nexit 0\n"
+    );
+    let launcher = FakeLauncher::new(0);
+    run_init(
+        &ready,
+        &launcher,
+        &mut life(&sys, &audit),
+        FailureAction::Poweroff,
+    );
+    assert_eq!(launcher.plans.borrow()[0].argv[0], program);
+}
+
+#[test]
+fn a_failing_tmpfs_mount_stops_the_boot_at_measure() {
+    let fixture = Fixture::new();
+    let policy = fixture.copy_policy();
+    let sys = FakeSys::new().fail_on(crate::sys::Op::MountTmpfs, nix::errno::Errno::EPERM);
+    let (audit, lines) = memory_audit();
+    let error = run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            BootError::Stage {
+                stage: "measure",
+                source: StageError::Sys { .. }
+            }
+        ),
+        "{error:?}"
+    );
+    let last = events(&records(&lines)).pop().unwrap();
+    assert_eq!(last, ("measure".to_string(), "failed".to_string()));
+    // Nothing was copied, nothing remounted.
+    assert!(!sys
+        .calls()
+        .iter()
+        .any(|c| matches!(c, SysCall::RemountReadonly(_))));
+    assert_eq!(std::fs::read_dir(fixture.copy_to()).unwrap().count(), 0);
+}
+
+// ---- (e) a required audit sink that fails ----
+
+fn required_memory_audit() -> (Audit, MemorySinkControl, Arc<Mutex<Vec<String>>>) {
+    let (required, _) = MemorySink::new();
+    let required = required.named("required").required(true);
+    let control = required.control();
+    let (other, lines) = MemorySink::new();
+    let audit = Audit::new(
+        vec![Box::new(required), Box::new(other.named("other"))],
+        true,
+    );
+    (audit, control, lines)
+}
+
+/// The default policy prepared against `audit` (from [`required_memory_audit`]), which
+/// must fail; the error and the events the other sink got.
+fn required_sink_failure(
+    measurer: &dyn Measurer,
+    audit: &Audit,
+    lines: &Arc<Mutex<Vec<String>>>,
+) -> (BootError, Vec<(String, String)>) {
+    let fixture = Fixture::new();
+    let error = prepare_default(&fixture, &FakeSys::new(), measurer, audit).unwrap_err();
+    (error, events(&records(lines)))
+}
+
+#[test]
+fn a_required_sink_failing_from_the_start_stops_the_boot() {
+    let (audit, control, lines) = required_memory_audit();
+    control.fail_always(ErrorKind::PermissionDenied);
+    let (error, evs) = required_sink_failure(&RealMeasurer, &audit, &lines);
+    assert!(
+        matches!(
+            error,
+            BootError::Audit(AuditError::RequiredSinkFailed { .. })
+        ),
+        "{error:?}"
+    );
+    assert_eq!(
+        evs,
+        pairs(&[("boot", "start"), ("audit", "sink_failed")]),
+        "no stage may begin"
+    );
+    let launcher = FakeLauncher::new(0);
+    assert!(!launcher.called());
+}
+
+#[test]
+fn a_required_sink_failing_during_a_stage_stops_the_boot_before_launch() {
+    let (audit, control, lines) = required_memory_audit();
+    let measurer = HookedMeasurer {
+        before: || control.fail_always(ErrorKind::Other),
+    };
+    let (error, evs) = required_sink_failure(&measurer, &audit, &lines);
+    assert!(
+        matches!(
+            error,
+            BootError::Audit(AuditError::RequiredSinkFailed { .. })
+        ),
+        "{error:?}"
+    );
+    // The measure stage's outcome was the first record the required sink refused; the
+    // other sink still got it, and nothing after it.
+    assert_eq!(
+        evs.last().unwrap(),
+        &("audit".to_string(), "sink_failed".to_string())
+    );
+    assert!(evs.contains(&("measure".to_string(), "ok".to_string())));
+    assert!(!evs.contains(&("attest".to_string(), "begin".to_string())));
+    assert!(!evs.contains(&("launch".to_string(), "begin".to_string())));
+    let launcher = FakeLauncher::new(0);
+    assert!(!launcher.called());
+}
+
+#[test]
+fn a_required_sink_that_never_caught_up_stops_the_boot_before_launch() {
+    let (audit, control, lines) = required_memory_audit();
+    // NotFound before the first write: waiting (e.g. a file on a later volume), not
+    // failed; still behind at launch, so the boot stops.
+    control.fail_always(ErrorKind::NotFound);
+    let (error, evs) = required_sink_failure(&RealMeasurer, &audit, &lines);
+    assert!(
+        matches!(
+            error,
+            BootError::Audit(AuditError::RequiredSinkBehind { .. })
+        ),
+        "{error:?}"
+    );
+    assert!(evs.contains(&("audit".to_string(), "sink_waiting".to_string())));
+    assert_eq!(
+        evs.last().unwrap(),
+        &("launch".to_string(), "ok".to_string())
+    );
+}
+
+// ---- (f) unit shape ----
+
+#[test]
+fn run_unit_records_exec_then_exec_failed_and_returns_1() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+    let launcher = FakeLauncher::new(0);
+    assert_eq!(run_unit(&ready, &launcher, &mut life(&sys, &audit)), 1);
+    assert_eq!((launcher.supervised.get(), launcher.execed.get()), (0, 1));
+    let recs = records(&lines);
+    let tail: Vec<_> = events(&recs).split_off(successful_boot().len());
+    assert_eq!(
+        tail,
+        pairs(&[
+            ("launch", "exec"),
+            ("launch", "exec_failed"),
+            ("shutdown", "exit"),
+        ])
+    );
+    let n = successful_boot().len();
+    assert_eq!(recs[n]["details"]["argv"], json!(ready.plan.launch.argv));
+    assert_eq!(
+        recs[n + 1]["details"]["error"],
+        json!(chain(&LaunchError::EmptyExec))
+    );
+    assert_eq!(recs[n + 2]["details"], json!({ "code": 1 }));
+}
+
+#[test]
+fn chain_joins_every_cause() {
+    let error = BootError::Stage {
+        stage: "measure",
+        source: StageError::ReadInput {
+            path: PathBuf::from("/proc/cmdline"),
+            source: std::io::Error::new(ErrorKind::NotFound, "gone").into(),
+        },
+    };
+    assert_eq!(
+        chain(&error),
+        "stage measure failed: measure: cannot read /proc/cmdline: gone"
+    );
+}
+
+// ---- attest and unlock with a recording fake broker ----
+
+const SECRET: &[u8] = b"-----BEGIN PRIVATE KEY----- fl-client-key-bytes";
+
+/// A recording [`stage::KeyBroker`]: answers from a table, never touches a network.
+struct FakeBroker {
+    attest_ok: bool,
+    status: &'static str,
+    deny: Option<String>,
+    calls: Vec<String>,
+    bindings: Vec<[u8; 64]>,
+}
+
+impl FakeBroker {
+    fn new() -> FakeBroker {
+        FakeBroker {
+            attest_ok: true,
+            status: "affirming",
+            deny: None,
+            calls: Vec::new(),
+            bindings: Vec::new(),
+        }
+    }
+}
+
+impl stage::KeyBroker for FakeBroker {
+    fn describe(&self) -> Value {
+        json!({ "tee": "sample", "broker": "fake" })
+    }
+
+    fn insecure(&self) -> bool {
+        true
+    }
+
+    fn attest(&mut self, attempt: &mut dyn FnMut(Value)) -> Result<Value, stage::BrokerError> {
+        self.calls.push("attest".to_string());
+        attempt(json!({ "call": "auth", "try": 1, "outcome": 200 }));
+        if self.attest_ok {
+            attempt(json!({ "call": "attest", "try": 1, "outcome": 200 }));
+            Ok(json!({
+                "broker": "https://kbs.example", "tee": "sample", "insecure": true,
+                "nonce": "bm9uY2U=", "tee_pubkey": {"kty": "EC"}, "additional_evidence": "",
+                "report_data": "00", "evidence": {}, "claims": {}, "status": self.status,
+            }))
+        } else {
+            attempt(json!({ "call": "attest", "try": 1, "outcome": 401 }));
+            Err("the key broker refused the evidence (AttestationFailed: bad quote)".into())
+        }
+    }
+
+    fn fetch(
+        &mut self,
+        uri: &crate::policy::ResourceUri,
+        attempt: &mut dyn FnMut(Value),
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, stage::BrokerError> {
+        self.calls.push(format!("fetch {uri}"));
+        attempt(json!({ "call": "resource", "resource": uri, "try": 1 }));
+        if self.deny.as_deref() == Some(uri.to_string().as_str()) {
+            return Err(
+                format!("the key broker refused the evidence for {uri} (PolicyDeny)").into(),
+            );
+        }
+        Ok(zeroize::Zeroizing::new(SECRET.to_vec()))
+    }
+
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+        self.calls.push("checkpoint".to_string());
+        self.bindings.push(*binding);
+        Ok(
+            json!({ "tee": "sample", "evidence": { "svn": "1", "report_data": hex::encode(binding) } }),
+        )
+    }
+}
+
+fn broker_policy(fixture: &Fixture) -> String {
+    fixture.policy("").replacen(
+        "attestation = \"none\"",
+        "attestation = { tee = \"sample\", kbs = \"http://127.0.0.1:9\", insecure_sample = true, insecure_http = true }\n\n[network]\n\n[[secret]]\nname = \"client.key\"\nresource = \"kbs:///default/secrets/client-key\"\n",
+        1,
+    )
+}
+
+fn prepare_with_broker(
+    fixture: &Fixture,
+    sys: &FakeSys,
+    broker: &mut FakeBroker,
+    audit: &Audit,
+) -> Result<Ready, BootError> {
+    let volumes = crate::volume::FakeVolumes::new();
+    prepare_with(
+        &broker_policy(fixture),
+        fixture,
+        sys,
+        broker,
+        &volumes,
+        audit,
+    )
+}
+
+fn prepare_with(
+    policy: &str,
+    fixture: &Fixture,
+    sys: &FakeSys,
+    broker: &mut FakeBroker,
+    volumes: &dyn crate::volume::Volumes,
+    audit: &Audit,
+) -> Result<Ready, BootError> {
+    let loaded = load(policy);
+    let mut register = NoRegister;
+    let env = Env {
+        sys,
+        measurer: &RealMeasurer,
+        register: &mut register,
+        audit,
+        broker: Some(broker),
+        volumes,
+        firewall: &mut crate::firewall::RecordingFirewall::new(),
+        resolver: &crate::firewall::FakeResolver::new(),
+        lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
+        lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
+    };
+    prepare(&loaded, &fixture.facts(&loaded), env)
+}
+
+fn volume_policy(fixture: &Fixture) -> String {
+    format!(
+        "{}\n[[volume]]\nname = \"workspace\"\ndevice = \"/dev/vdb\"\nkey = \"kbs:///default/keys/workspace\"\nmount = \"/workspace\"\nformat_if_blank = true\n",
+        broker_policy(fixture)
+    )
+}
+
+#[test]
+fn blank_volume_is_formatted_opened_and_mounted_with_the_released_key() {
+    use crate::volume::{DeviceState, FakeVolumes, VolumeOp};
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    let volumes = FakeVolumes::new().with_device("/dev/vdb", DeviceState::Blank);
+    prepare_with(
+        &volume_policy(&fixture),
+        &fixture,
+        &sys,
+        &mut broker,
+        &volumes,
+        &audit,
+    )
+    .unwrap();
+    assert_eq!(
+        broker.calls,
+        [
+            "attest",
+            "checkpoint",
+            "fetch kbs:///default/keys/workspace",
+            "fetch kbs:///default/secrets/client-key"
+        ]
+    );
+    assert_eq!(
+        volumes.ops(),
+        [
+            VolumeOp::Inspect,
+            VolumeOp::Format,
+            VolumeOp::CheckFormat,
+            VolumeOp::TokenResources,
+            VolumeOp::VerifyKey,
+            VolumeOp::Open,
+            VolumeOp::MkfsExt4,
+            VolumeOp::Mount,
+            VolumeOp::SetRootMode,
+            VolumeOp::SetTokenState
+        ]
+    );
+    assert_eq!(volumes.mappings(), ["workspace"]);
+    for event in ["volume_format", "volume_ready"] {
+        assert!(
+            records(&lines)
+                .iter()
+                .any(|r| r["stage"] == "unlock" && r["event"] == event),
+            "no unlock/{event} record"
+        );
+    }
+    let ok = records(&lines)
+        .into_iter()
+        .find(|r| r["stage"] == "unlock" && r["event"] == "ok")
+        .unwrap();
+    assert_eq!(ok["details"]["volumes"][0]["formatted"], true);
+    assert_eq!(ok["details"]["volumes"][0]["noexec"], true);
+}
+
+#[test]
+fn volume_holding_data_without_header_is_refused_and_not_touched() {
+    use crate::volume::{DeviceState, FakeVolumes, VolumeOp};
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, _lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    let volumes = FakeVolumes::new().with_device(
+        "/dev/vdb",
+        DeviceState::HoldsData {
+            first_nonzero: 1000,
+        },
+    );
+    let error = prepare_with(
+        &volume_policy(&fixture),
+        &fixture,
+        &sys,
+        &mut broker,
+        &volumes,
+        &audit,
+    )
+    .unwrap_err();
+    let text = chain(&error);
+    assert!(
+        text.contains("refusing to format /dev/vdb: it holds data but no LUKS2 header"),
+        "{text}"
+    );
+    assert_eq!(volumes.ops(), [VolumeOp::Inspect]);
+    assert!(!sys
+        .calls()
+        .iter()
+        .any(|c| matches!(c, SysCall::WritePrivate { .. })));
+}
+
+#[test]
+fn broker_boot_attests_checkpoints_and_delivers_secrets_without_logging_them() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap();
+    assert_eq!(
+        broker.calls,
+        [
+            "attest",
+            "checkpoint",
+            "fetch kbs:///default/secrets/client-key"
+        ]
+    );
+    let records = records(&lines);
+    let attested = records
+        .iter()
+        .position(|r| r["event"] == "attested")
+        .unwrap();
+    // The checkpoint binds the hash of the record that holds the exchange.
+    let head: Digest = serde_json::from_value(records[attested]["hash"].clone()).unwrap();
+    assert_eq!(broker.bindings, [stage::attest::checkpoint_binding(&head)]);
+    let ok = records
+        .iter()
+        .find(|r| r["stage"] == "attest" && r["event"] == "ok")
+        .unwrap();
+    assert_eq!(
+        ok["details"]["checkpoint"]["head_seq"],
+        records[attested]["seq"]
+    );
+    let tries = records.iter().filter(|r| r["event"] == "try").count();
+    assert_eq!(tries, 3, "every broker try is a record");
+    // The secret went to the tmpfs, owned by the workload user, and never into the log.
+    let calls = sys.calls();
+    assert!(calls.iter().any(|c| matches!(c,
+        SysCall::Mount { target, data: Some(data), .. }
+            if target == Path::new("/run/cvm-warden/secrets")
+                && data == "mode=0500,uid=1000,gid=1000,size=4m,nr_inodes=256")));
+    assert!(calls.iter().any(|c| matches!(c,
+        SysCall::WritePrivate { path, len, uid: 1000, gid: 1000, .. }
+            if path == Path::new("/run/cvm-warden/secrets/client.key") && *len == SECRET.len())));
+    let all = lines.lock().unwrap().join("\n");
+    assert!(!all.contains("fl-client-key-bytes"));
+    assert!(!all.contains(&hex::encode(SECRET)));
+}
+
+#[test]
+fn refused_attestation_fetches_nothing_and_stops_before_launch() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    broker.attest_ok = false;
+    let error = prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap_err();
+    assert_eq!(broker.calls, ["attest"]);
+    assert!(
+        chain(&error).contains("attest: key broker exchange with http://127.0.0.1:9: the key broker refused the evidence"),
+        "{}",
+        chain(&error)
+    );
+    assert!(!sys
+        .calls()
+        .iter()
+        .any(|c| matches!(c, SysCall::WritePrivate { .. })));
+    let records = records(&lines);
+    assert!(!records.iter().any(|r| r["stage"] == "unlock"));
+}
+
+#[test]
+fn denied_secret_is_not_written_and_names_the_resource() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, _lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    broker.deny = Some("kbs:///default/secrets/client-key".to_string());
+    let error = prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap_err();
+    let text = chain(&error);
+    assert!(
+        text.contains("unlock: secret \"client.key\" from kbs:///default/secrets/client-key: the key broker refused the evidence for kbs:///default/secrets/client-key (PolicyDeny)"),
+        "{text}"
+    );
+    assert!(!sys
+        .calls()
+        .iter()
+        .any(|c| matches!(c, SysCall::WritePrivate { .. })));
+}
+
+#[test]
+fn the_register_value_before_the_first_extend_is_recorded() {
+    use crate::eventlog::SimulatedPcr;
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let loaded = load(&fixture.policy(""));
+    let firmware = Digest::of(b"extended by firmware before cvm-warden");
+    let mut register = SimulatedPcr { value: firmware };
+    let env = Env {
+        sys: &sys,
+        measurer: &RealMeasurer,
+        register: &mut register,
+        audit: &audit,
+        broker: None,
+        volumes: &crate::volume::FakeVolumes::new(),
+        firewall: &mut crate::firewall::RecordingFirewall::new(),
+        resolver: &crate::firewall::FakeResolver::new(),
+        lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
+        lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
+    };
+    let ready = prepare(&loaded, &fixture.facts(&loaded), env).unwrap();
+    assert_eq!(ready.event_log.register_initial(), Some(firmware));
+    let measured = records(&lines)
+        .into_iter()
+        .find(|r| r["stage"] == "measure" && r["event"] == "ok")
+        .unwrap();
+    assert_eq!(
+        measured["details"]["register_initial"],
+        serde_json::to_value(firmware).unwrap()
+    );
+    // The register replays from that value.
+    let replay = ready
+        .event_log
+        .events()
+        .iter()
+        .fold(firmware, |v, e| SimulatedPcr::extended(&v, &e.digest));
+    assert_eq!(register.value, replay);
+}
+
+#[test]
+fn a_contraindicated_verdict_stops_the_boot_before_any_key() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, _lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    broker.status = "contraindicated";
+    let error = prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap_err();
+    assert!(
+        chain(&error).contains("the broker's verdict on this evidence is \"contraindicated\""),
+        "{}",
+        chain(&error)
+    );
+    assert_eq!(broker.calls, ["attest"]);
+}
+
+// ---- perimeter and allowlist with recording fakes ----
+
+fn network_policy(fixture: &Fixture) -> String {
+    fixture.policy(
+        "\n[network]\ninbound = [{ port = 8002 }]\noutbound = [{ host = \"fl-server.example\", port = 8002 }]\n\n[lockdown]\nconsoles = \"off\"\nkernel_lockdown = \"confidentiality\"\nmodules = [\"dm_crypt\"]\n",
+    )
+}
+
+#[test]
+fn perimeter_and_allowlist_apply_measure_and_pin_once_and_a_sandbox_skips_host_settings() {
+    use crate::firewall::{FakeResolver, RecordingFirewall};
+    use crate::lockdown::{FakeLockdownSys, Paths};
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let loaded = load(&network_policy(&fixture));
+    let mut facts = fixture.facts(&loaded);
+    facts.sandbox = true;
+    // A sandbox's lockdown touches only its own /tmp and standard input.
+    let root = tempfile::tempdir().unwrap();
+    let paths = Paths::under(root.path());
+    std::fs::create_dir_all(paths.mountinfo.parent().unwrap()).unwrap();
+    std::fs::write(
+        &paths.mountinfo,
+        "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(&paths.proc_self_fd).unwrap();
+    std::os::unix::fs::symlink("/dev/pts/0", paths.proc_self_fd.join("0")).unwrap();
+    std::fs::create_dir_all(paths.dev_null.parent().unwrap()).unwrap();
+    std::fs::write(&paths.dev_null, "").unwrap();
+    std::fs::create_dir_all(&paths.tmp).unwrap();
+    let lockdown = FakeLockdownSys::new("6.1.0").with_kernel(&paths);
+    let mut firewall = RecordingFirewall::new();
+    let resolver = FakeResolver::new()
+        .host("fl-server.example", &["192.0.2.10".parse().unwrap()])
+        .nameservers(&["192.0.2.53".parse().unwrap()]);
+    let mut register = crate::eventlog::SimulatedPcr::default();
+    let env = Env {
+        sys: &sys,
+        measurer: &RealMeasurer,
+        register: &mut register,
+        audit: &audit,
+        broker: None,
+        volumes: &crate::volume::FakeVolumes::new(),
+        firewall: &mut firewall,
+        resolver: &resolver,
+        lockdown: &lockdown,
+        lockdown_paths: &paths,
+    };
+    let ready = prepare(&loaded, &facts, env).unwrap();
+    // Two atomic transactions: the perimeter, then the allowlist.
+    assert_eq!(firewall.transactions.len(), 2);
+    let kinds: Vec<EventKind> = ready.event_log.events().iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Ruleset,
+            EventKind::Policy,
+            EventKind::KernelCmdline,
+            EventKind::Bundle,
+            EventKind::Ruleset,
+            EventKind::Separator
+        ]
+    );
+    let records = records(&lines);
+    let perimeter = records
+        .iter()
+        .find(|r| r["stage"] == "perimeter" && r["event"] == "ok")
+        .unwrap();
+    assert_eq!(
+        perimeter["details"]["firewall"]["digest"],
+        serde_json::to_value(ready.event_log.events()[0].digest).unwrap()
+    );
+    let skipped = perimeter["details"]["sandbox_skipped"]["settings"].to_string();
+    assert!(
+        skipped.contains("sysctls") && skipped.contains("kernel modules"),
+        "{skipped}"
+    );
+    // No host-wide effect was asked of the lockdown fake.
+    let calls = format!("{:?}", lockdown.calls());
+    assert!(
+        !calls.contains("FinitModule") && !calls.contains("Swapoff"),
+        "{calls}"
+    );
+    let allowlist = records
+        .iter()
+        .find(|r| r["stage"] == "allowlist" && r["event"] == "ok")
+        .unwrap();
+    assert_eq!(
+        allowlist["details"]["firewall"]["digest"],
+        serde_json::to_value(ready.event_log.events()[4].digest).unwrap()
+    );
+    // The allowlist uses the address pinned when the perimeter resolved both phases.
+    let pins = allowlist["details"]["firewall"]["pins"].to_string();
+    assert!(pins.contains("192.0.2.10"), "{pins}");
+}
+
+#[test]
+fn a_hanging_nft_fails_the_perimeter_closed_within_its_timeout() {
+    use crate::firewall::{FakeResolver, NftFirewall};
+    use crate::tool::testing::{hanging, hanging_pids, left_alive};
+    use crate::tool::{Tool, Tools};
+    use std::time::Duration;
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let loaded = load(&fixture.policy(
+        "\n[network]\ninbound = [{ port = 8002 }]\noutbound = [{ host = \"fl-server.example\", port = 8002 }]\n",
+    ));
+    let fake = hanging(fixture.dir.path(), "nft");
+    // The boot's wiring (boot::wiring::prepare): one audited runner; here its nft is the fake.
+    let tools = Tools::system()
+        .with_candidates(Tool::Nft, [&fake])
+        .with_timeout(Tool::Nft, Duration::from_millis(400))
+        .audited(&audit);
+    let resolver = FakeResolver::new()
+        .host("fl-server.example", &["192.0.2.10".parse().unwrap()])
+        .nameservers(&["192.0.2.53".parse().unwrap()]);
+    let mut register = NoRegister;
+    let env = Env {
+        sys: &sys,
+        measurer: &RealMeasurer,
+        register: &mut register,
+        audit: &audit,
+        broker: None,
+        volumes: &crate::volume::FakeVolumes::new(),
+        firewall: &mut NftFirewall::with_tools(tools),
+        resolver: &resolver,
+        lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
+        lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
+    };
+    let started = std::time::Instant::now();
+    let error = prepare(&loaded, &fixture.facts(&loaded), env).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(
+            error,
+            BootError::Stage {
+                stage: "perimeter",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        chain(&error).contains("did not finish within 400 ms"),
+        "{}",
+        chain(&error)
+    );
+    // Nothing after the perimeter ran; the tool's path is in the log before its failure.
+    let records = records(&lines);
+    assert_eq!(
+        events(&records),
+        pairs(&[
+            ("boot", "start"),
+            ("boot", "planned"),
+            ("perimeter", "begin"),
+            ("tool", "resolved"),
+            ("perimeter", "failed"),
+        ])
+    );
+    assert_eq!(
+        records[3]["details"]["tool"],
+        json!({ "name": "nft", "path": fake })
+    );
+    assert_eq!(
+        left_alive(&hanging_pids(fixture.dir.path())),
+        Vec::<i32>::new()
+    );
+}
+
+#[test]
+fn module_loading_is_disabled_last_by_the_allowlist_stage() {
+    let fixture = Fixture::new();
+    let loaded = load(&network_policy(&fixture));
+    let plan = BootPlan::new(&loaded.policy, &fixture.facts(&loaded)).unwrap();
+    let perimeter = plan.perimeter.lockdown.as_ref().unwrap();
+    let keys: Vec<&str> = perimeter.sysctls.iter().map(|s| s.key).collect();
+    assert!(!keys.contains(&"kernel.modules_disabled"), "{keys:?}");
+    assert!(keys.contains(&"kernel.kexec_load_disabled"), "{keys:?}");
+    assert_eq!(perimeter.modules, ["dm_crypt"]);
+    let last = plan.allowlist.disable_modules.as_ref().unwrap();
+    let keys: Vec<&str> = last.sysctls.iter().map(|s| s.key).collect();
+    assert_eq!(keys, ["kernel.modules_disabled"]);
+    assert!(last.modules.is_empty() && last.masks.is_empty() && !last.lock_root);
+    // Before the TEE is opened the boot loads only the modules (its driver may be one).
+    let first = crate::stage::perimeter::only_load_modules(perimeter.clone());
+    assert_eq!(first.modules, ["dm_crypt"]);
+    assert!(first.sysctls.is_empty() && first.kernel_lockdown.is_none());
+    assert!(!first.swap_off && !first.tmp_tmpfs && !first.close_stdin && !first.lock_root);
+    // A sandbox never disables module loading on its host.
+    let mut facts = fixture.facts(&loaded);
+    facts.sandbox = true;
+    let plan = BootPlan::new(&loaded.policy, &facts).unwrap();
+    assert!(plan.allowlist.disable_modules.is_none());
+    assert!(plan.perimeter.lockdown.as_ref().unwrap().sysctls.is_empty());
+}
+
+#[test]
+fn secrets_already_written_are_removed_when_a_later_one_is_refused() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    broker.deny = Some("kbs:///default/secrets/second".to_string());
+    let policy = format!(
+        "{}\n[[secret]]\nname = \"second\"\nresource = \"kbs:///default/secrets/second\"\n",
+        broker_policy(&fixture)
+    );
+    let volumes = crate::volume::FakeVolumes::new();
+    prepare_with(&policy, &fixture, &sys, &mut broker, &volumes, &audit).unwrap_err();
+    let calls = sys.calls();
+    // The first secret was written, then its tmpfs unmounted once the second was refused.
+    assert!(calls
+        .iter()
+        .any(|c| matches!(c, SysCall::WritePrivate { .. })));
+    assert!(calls
+        .iter()
+        .any(|c| matches!(c, SysCall::Umount(p) if p == Path::new("/run/cvm-warden/secrets"))));
+    assert!(!sys
+        .mounted()
+        .contains(&PathBuf::from("/run/cvm-warden/secrets")));
+    let removed = records(&lines)
+        .into_iter()
+        .find(|r| r["event"] == "secrets_removed")
+        .unwrap();
+    assert_eq!(removed["details"]["removed"], true);
+}
+
+// ---- checkpoints written by the runner ----
+
+/// A recording [`Checkpointer`]: the bindings it was asked for; evidence echoes them.
+struct RecordingCheckpointer {
+    bindings: Vec<[u8; 64]>,
+    /// Answer with an error from this call on (0-based).
+    fail_from: Option<usize>,
+}
+
+impl RecordingCheckpointer {
+    fn new() -> RecordingCheckpointer {
+        RecordingCheckpointer {
+            bindings: Vec::new(),
+            fail_from: None,
+        }
+    }
+}
+
+impl Checkpointer for RecordingCheckpointer {
+    fn describe(&self) -> Value {
+        json!({ "tee": "sample", "broker": "fake" })
+    }
+
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+        let n = self.bindings.len();
+        self.bindings.push(*binding);
+        if self.fail_from.is_some_and(|from| n >= from) {
+            return Err("sample: the TEE device is gone".into());
+        }
+        Ok(json!({ "tee": "sample", "evidence": { "report_data": hex::encode(binding) } }))
+    }
+}
+
+/// Checks that `checkpoint` (at index `i`) binds the record just before it.
+fn assert_binds_previous(recs: &[Value], i: usize, kind: &str) {
+    let cp = &recs[i];
+    assert_eq!(
+        (cp["stage"].as_str(), cp["event"].as_str()),
+        (Some("audit"), Some("checkpoint"))
+    );
+    let details = &cp["details"];
+    assert_eq!(details["kind"], kind);
+    assert_eq!(details["head_seq"], recs[i - 1]["seq"]);
+    assert_eq!(details["head"], recs[i - 1]["hash"]);
+    assert_eq!(cp["prev"], recs[i - 1]["hash"]);
+    let head: Digest = serde_json::from_value(details["head"].clone()).unwrap();
+    assert_eq!(
+        details["report_data"],
+        hex::encode(stage::attest::checkpoint_binding(&head))
+    );
+    assert_eq!(
+        details["evidence"]["evidence"]["report_data"],
+        details["report_data"]
+    );
+    assert_eq!(details["tee"], json!({ "tee": "sample", "broker": "fake" }));
+}
+
+#[test]
+fn pid1_writes_launch_periodic_and_closing_checkpoints_last_after_the_closing_record() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+    let mut checkpointer = RecordingCheckpointer::new();
+    let mut launcher = FakeLauncher::new(0);
+    launcher.periodic_runs = 2;
+    let mut life = life(&sys, &audit);
+    life.checkpointer = Some(&mut checkpointer);
+    life.checkpoint_interval = Some(std::time::Duration::from_secs(600));
+    run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+    assert_eq!(
+        launcher.interval.get(),
+        Some(std::time::Duration::from_secs(600))
+    );
+    let recs = records(&lines);
+    let tail: Vec<_> = events(&recs).split_off(successful_boot().len());
+    assert_eq!(
+        tail,
+        pairs(&[
+            ("launch", "started"),
+            ("audit", "checkpoint"),
+            ("audit", "checkpoint"),
+            ("audit", "checkpoint"),
+            ("launch", "exited"),
+            ("launch", "workload_done"),
+            ("shutdown", "poweroff"),
+            ("audit", "checkpoint"),
+        ])
+    );
+    let n = successful_boot().len();
+    assert_binds_previous(&recs, n + 1, "launch");
+    assert_binds_previous(&recs, n + 2, "periodic");
+    assert_binds_previous(&recs, n + 3, "periodic");
+    assert_binds_previous(&recs, recs.len() - 1, "closing");
+    assert_eq!(checkpointer.bindings.len(), 4);
+    // The event log and the register's start value, as attest/attested carries them.
+    let closing = &recs.last().unwrap()["details"];
+    assert_eq!(
+        closing["event_log"],
+        serde_json::to_value(ready.event_log.events()).unwrap()
+    );
+    assert_eq!(closing["register_initial"], Value::Null);
+    // A log that ends with its closing checkpoint is complete.
+    let joined: String = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let report = crate::audit::verify(joined.as_bytes()).unwrap();
+    assert!(report.complete);
+}
+
+#[test]
+fn a_tee_that_stops_answering_is_recorded_and_the_boot_goes_on() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+    let mut checkpointer = RecordingCheckpointer::new();
+    checkpointer.fail_from = Some(1);
+    let mut launcher = FakeLauncher::new(3);
+    launcher.periodic_runs = 1;
+    let mut life = life(&sys, &audit);
+    life.checkpointer = Some(&mut checkpointer);
+    life.checkpoint_interval = Some(std::time::Duration::from_secs(60));
+    let shutdown = run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+    assert_eq!(shutdown.code, 3);
+    let recs = records(&lines);
+    let tail: Vec<_> = events(&recs).split_off(successful_boot().len());
+    assert_eq!(
+        tail,
+        pairs(&[
+            ("launch", "started"),
+            ("audit", "checkpoint"),
+            ("audit", "checkpoint_failed"),
+            ("launch", "exited"),
+            ("launch", "workload_done"),
+            ("shutdown", "poweroff"),
+            ("audit", "checkpoint_failed"),
+        ])
+    );
+    let failed = &recs[successful_boot().len() + 2];
+    assert_eq!(
+        failed["details"],
+        json!({
+            "kind": "periodic",
+            "head_seq": recs[successful_boot().len() + 1]["seq"],
+            "error": "sample: the TEE device is gone",
+        })
+    );
+    let last = recs.last().unwrap();
+    assert_eq!(last["details"]["kind"], "closing");
+    assert_eq!(last["details"]["head_seq"], recs[recs.len() - 2]["seq"]);
+}
+
+#[test]
+fn without_an_evidence_provider_no_checkpoint_is_written() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+    let mut launcher = FakeLauncher::new(0);
+    launcher.periodic_runs = 3;
+    let mut life = life(&sys, &audit);
+    life.checkpoint_interval = Some(std::time::Duration::from_secs(60));
+    run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+    // No provider: the supervisor is not even asked to wake for one.
+    assert_eq!(launcher.interval.get(), None);
+    assert!(!records(&lines)
+        .iter()
+        .any(|r| r["stage"] == "audit" && r["event"].as_str().unwrap().starts_with("checkpoint")));
+}
+
+#[test]
+fn a_failed_boot_and_the_unit_shape_end_with_the_closing_checkpoint() {
+    // A failed boot: boot/failed, shutdown/halt, then the checkpoint over it, with the
+    // events measured before the failure.
+    let (audit, lines) = memory_audit();
+    let mut checkpointer = RecordingCheckpointer::new();
+    let sys = FakeSys::new();
+    let mut measured = EventLog::new();
+    measured.set_register_initial(Some(Digest::ZERO));
+    let mut failed = life(&sys, &audit);
+    failed.checkpointer = Some(&mut checkpointer);
+    let error = BootError::Plan(StageError::Broker {
+        stage: "attest",
+        what: "test".into(),
+        source: "refused".into(),
+    });
+    fail(&mut failed, FailureAction::Halt, &error, &measured);
+    let recs = records(&lines);
+    assert_eq!(
+        events(&recs),
+        pairs(&[
+            ("boot", "failed"),
+            ("shutdown", "halt"),
+            ("audit", "checkpoint")
+        ])
+    );
+    assert_binds_previous(&recs, 2, "closing");
+    assert_eq!(
+        recs[2]["details"]["register_initial"],
+        serde_json::to_value(Digest::ZERO).unwrap()
+    );
+
+    // The unit shape: launch/exec, its checkpoint, then execve.
+    let fixture = Fixture::new();
+    let (audit, lines) = memory_audit();
+    let ready = prepare_default(&fixture, &sys, &RealMeasurer, &audit).unwrap();
+    let mut checkpointer = RecordingCheckpointer::new();
+    let mut unit = life(&sys, &audit);
+    unit.checkpointer = Some(&mut checkpointer);
+    let launcher = FakeLauncher::new(0);
+    run_unit(&ready, &launcher, &mut unit);
+    let recs = records(&lines);
+    let n = successful_boot().len();
+    assert_eq!(
+        events(&recs)[n..n + 2],
+        pairs(&[("launch", "exec"), ("audit", "checkpoint")])
+    );
+    assert_binds_previous(&recs, n + 1, "closing");
+    // exec failed (the fake): the shutdown record gets its own closing checkpoint.
+    assert_eq!(
+        events(&recs)[recs.len() - 2..],
+        pairs(&[("shutdown", "exit"), ("audit", "checkpoint")])
+    );
+}
+
+// ---- a failed launch removes the secrets and closes the volumes ----
+
+/// A boot with a secret and a volume, then `launch` with a launcher that fails; returns the
+/// records, the sys and the volumes.
+fn failed_launch(
+    unit: bool,
+    audit_file: Option<&Path>,
+) -> (Vec<Value>, FakeSys, crate::volume::FakeVolumes) {
+    use crate::volume::{DeviceState, FakeVolumes};
+    let fixture = Fixture::new();
+    // The volume's mount point is a mount point (as RealVolumes leaves it).
+    let sys = FakeSys::new().with_mounted(["/workspace"]);
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    let volumes = FakeVolumes::new().with_device("/dev/vdb", DeviceState::Blank);
+    let ready = prepare_with(
+        &volume_policy(&fixture),
+        &fixture,
+        &sys,
+        &mut broker,
+        &volumes,
+        &audit,
+    )
+    .unwrap();
+    assert!(sys
+        .mounted()
+        .contains(&PathBuf::from("/run/cvm-warden/secrets")));
+    assert_eq!(volumes.mappings(), ["workspace"]);
+    let mut launcher = FakeLauncher::new(0);
+    launcher.fail = true;
+    let mut life = Lifecycle {
+        sys: &sys,
+        audit: &audit,
+        volumes: &volumes,
+        checkpointer: None,
+        checkpoint_interval: None,
+        audit_file,
+    };
+    if unit {
+        assert_eq!(run_unit(&ready, &launcher, &mut life), 1);
+    } else {
+        let shutdown = run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+        assert_eq!(shutdown.code, 1);
+    }
+    (records(&lines), sys, volumes)
+}
+
+#[test]
+fn a_failed_execve_removes_the_secrets_and_closes_the_volumes() {
+    let (recs, sys, volumes) = failed_launch(true, None);
+    assert!(!sys
+        .mounted()
+        .contains(&PathBuf::from("/run/cvm-warden/secrets")));
+    assert!(!sys.mounted().contains(&PathBuf::from("/workspace")));
+    assert!(volumes.mappings().is_empty());
+    let tail: Vec<_> = events(&recs).split_off(recs.len() - 4);
+    assert_eq!(
+        tail,
+        pairs(&[
+            ("launch", "exec"),
+            ("launch", "exec_failed"),
+            ("launch", "cleanup"),
+            ("shutdown", "exit"),
+        ])
+    );
+    let cleanup = &recs[recs.len() - 2]["details"]["removed"];
+    assert_eq!(cleanup[0]["what"], "secrets");
+    assert_eq!(cleanup[0]["removed"], true);
+    assert_eq!(cleanup[1]["name"], "workspace");
+    assert_eq!(cleanup[1]["removed"], true);
+}
+
+#[test]
+fn a_failed_pid1_launch_removes_the_secrets_but_keeps_the_audit_files_volume() {
+    let (recs, sys, volumes) =
+        failed_launch(false, Some(Path::new("/workspace/audit/cvm-warden.jsonl")));
+    assert!(!sys
+        .mounted()
+        .contains(&PathBuf::from("/run/cvm-warden/secrets")));
+    assert!(sys.mounted().contains(&PathBuf::from("/workspace")));
+    assert_eq!(volumes.mappings(), ["workspace"]);
+    let tail: Vec<_> = events(&recs).split_off(recs.len() - 3);
+    assert_eq!(
+        tail,
+        pairs(&[
+            ("launch", "failed"),
+            ("launch", "cleanup"),
+            ("shutdown", "poweroff"),
+        ])
+    );
+    let cleanup = &recs[recs.len() - 2]["details"]["removed"];
+    assert_eq!(cleanup[1]["removed"], false);
+    assert!(cleanup[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("holds the audit file"));
+}
+
+/// The checkpoints the runner writes are what the verifier reads: a sample provider's
+/// evidence over each head passes its evidence check.
+#[test]
+fn the_verifier_checks_the_runners_checkpoints() {
+    struct Sample(crate::tee::sample::SampleProvider);
+    impl Checkpointer for Sample {
+        fn describe(&self) -> Value {
+            json!({ "tee": "sample", "provider": crate::tee::Provider::describe(&self.0) })
+        }
+        fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+            Ok(json!({
+                "tee": "sample",
+                "evidence": crate::tee::Provider::checkpoint(&mut self.0, binding)?,
+            }))
+        }
+    }
+    let (audit, lines) = memory_audit();
+    let mut sample = Sample(crate::tee::sample::SampleProvider::new());
+    audit.record("boot", "start", json!({})).unwrap();
+    for kind in [CheckpointKind::Launch, CheckpointKind::Periodic] {
+        assert!(checkpoint(&audit, &mut sample, kind, &EventLog::new()));
+        audit.record("launch", "tick", json!({})).unwrap();
+    }
+    audit
+        .record("shutdown", "exit", json!({ "code": 0 }))
+        .unwrap();
+    assert!(checkpoint(
+        &audit,
+        &mut sample,
+        CheckpointKind::Closing,
+        &EventLog::new()
+    ));
+    let joined: String = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let outcome = cvm_warden_verify::verdict::verify_log_from(
+        joined.as_bytes(),
+        Path::new("memory"),
+        cvm_warden_verify::check::Pins::default(),
+    )
+    .unwrap();
+    let checked: Vec<&str> = outcome.evidence.iter().map(|f| f.what.as_str()).collect();
+    assert_eq!(
+        checked,
+        [
+            "launch checkpoint of seq 0",
+            "periodic checkpoint of seq 2",
+            "closing checkpoint of seq 5"
+        ]
+    );
+    assert!(outcome.runs[0].complete);
+}
+
+// --- the module step -----------------------------------------------------------------------
+
+/// A kernel tree with `dm_crypt` (needing `ecb`) and `configfs` as modules.
+fn module_tree() -> (tempfile::TempDir, crate::lockdown::Paths) {
+    let root = tempfile::tempdir().unwrap();
+    let paths = crate::lockdown::Paths::under(root.path());
+    let dir = paths.lib_modules.join("6.1.0");
+    std::fs::create_dir_all(dir.join("kernel")).unwrap();
+    std::fs::write(
+        dir.join("modules.dep"),
+        "kernel/dm-crypt.ko: kernel/ecb.ko\nkernel/ecb.ko:\nkernel/configfs.ko:\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("modules.builtin"), "kernel/tpm_tis.ko\n").unwrap();
+    for file in ["dm-crypt.ko", "ecb.ko", "configfs.ko"] {
+        std::fs::write(dir.join("kernel").join(file), "module").unwrap();
+    }
+    std::fs::create_dir_all(&paths.sys_module).unwrap();
+    (root, paths)
+}
+
+fn module_plan(names: &[&str]) -> crate::lockdown::ModulePlan {
+    crate::lockdown::ModulePlan {
+        modules: names
+            .iter()
+            .map(|name| crate::lockdown::PlannedModule {
+                name: (*name).to_owned(),
+                needed_by: vec!["kernel.modules".to_owned()],
+                or: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn the_module_step_loads_records_once_and_mounts_configfs_when_it_appears() {
+    use crate::lockdown::{FakeLockdownSys, LockdownCall, Shape};
+    let (_root, paths) = module_tree();
+    let lockdown = FakeLockdownSys::new("6.1.0").with_kernel(&paths);
+    // configfs's directory appears once its module is loaded (here: already there).
+    let sys = FakeSys::new().with_dirs(["/sys/kernel/config"]);
+    let (audit, lines) = memory_audit();
+    let step = ModuleStep {
+        shape: Shape::Pid1,
+        sandbox: false,
+        lockdown: &lockdown,
+        paths: &paths,
+        sys: &sys,
+        audit: &audit,
+    };
+    load_modules(&module_plan(&["dm_crypt", "configfs", "tpm_tis"]), &step).unwrap();
+    let loads: Vec<_> = lockdown
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            LockdownCall::FinitModule { path, .. } => {
+                Some(path.file_name().unwrap().to_string_lossy().into_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(loads, ["ecb.ko", "dm-crypt.ko", "configfs.ko"]);
+    let recs = records(&lines);
+    assert_eq!(events(&recs), pairs(&[("boot", "modules_loaded")]));
+    let details = &recs[0]["details"];
+    assert_eq!(
+        details["report"]["loaded"],
+        serde_json::json!(["ecb", "dm_crypt", "configfs"])
+    );
+    assert_eq!(
+        details["report"]["built_in"],
+        serde_json::json!(["tpm_tis"])
+    );
+    assert_eq!(details["plan"]["load"][0]["name"], "dm_crypt");
+    assert_eq!(details["configfs_mounted"], "/sys/kernel/config");
+    assert!(sys.calls().iter().any(
+        |c| matches!(c, SysCall::Mount { fstype, .. } if fstype.as_deref() == Some("configfs"))
+    ));
+
+    // An empty plan writes nothing; the systemd shape leaves configfs to systemd.
+    let (audit, lines) = memory_audit();
+    let sys = FakeSys::new().with_dirs(["/sys/kernel/config"]);
+    let step = ModuleStep {
+        shape: Shape::Systemd,
+        sys: &sys,
+        audit: &audit,
+        ..step
+    };
+    load_modules(&module_plan(&[]), &step).unwrap();
+    assert!(records(&lines).is_empty());
+    load_modules(&module_plan(&["dm_crypt"]), &step).unwrap();
+    assert!(sys.calls().is_empty());
+}
+
+#[test]
+fn a_sandbox_loads_no_module_and_says_so() {
+    use crate::lockdown::{FakeLockdownSys, Shape};
+    let (_root, paths) = module_tree();
+    let lockdown = FakeLockdownSys::new("6.1.0").with_kernel(&paths);
+    let sys = FakeSys::new().in_sandbox();
+    let (audit, lines) = memory_audit();
+    let step = ModuleStep {
+        shape: Shape::Pid1,
+        sandbox: true,
+        lockdown: &lockdown,
+        paths: &paths,
+        sys: &sys,
+        audit: &audit,
+    };
+    load_modules(&module_plan(&["dm_crypt", "nowhere"]), &step).unwrap();
+    assert!(lockdown.calls().is_empty());
+    let recs = records(&lines);
+    assert_eq!(events(&recs), pairs(&[("boot", "modules_skipped")]));
+    assert!(recs[0]["details"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("host-wide"));
+}
+
+#[test]
+fn a_missing_module_fails_the_boot_naming_module_feature_and_directory() {
+    use crate::lockdown::{FakeLockdownSys, Shape};
+    let (_root, paths) = module_tree();
+    let lockdown = FakeLockdownSys::new("6.1.0").with_kernel(&paths);
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let step = ModuleStep {
+        shape: Shape::Pid1,
+        sandbox: false,
+        lockdown: &lockdown,
+        paths: &paths,
+        sys: &sys,
+        audit: &audit,
+    };
+    let error = load_modules(&module_plan(&["dm_crypt", "virtio_net"]), &step).unwrap_err();
+    assert!(lockdown.calls().is_empty());
+    assert!(records(&lines).is_empty());
+    let text = chain(&error);
+    assert!(
+        text.contains("kernel module virtio_net (needed by kernel.modules)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&paths.lib_modules.join("6.1.0").display().to_string()),
+        "{text}"
+    );
+    assert!(text.contains("run depmod"), "{text}");
+}
+
+/// Every nft expression kind the rendered rulesets use has its module in
+/// [`crate::lockdown::NETWORK_MODULES`], so a `[network]` policy loads what `nft` needs.
+#[test]
+fn the_network_modules_cover_every_expression_of_the_rendered_rulesets() {
+    use crate::firewall::{run_render_command, FakeResolver, Phase, RenderFormat};
+    // nft keyword in the ruleset → the module that implements it.
+    const EXPRESSIONS: [(&str, &str); 9] = [
+        ("ct ", "nft_ct"),
+        (" reject", "nft_reject_inet"),
+        (" limit ", "nft_limit"),
+        (" log", "nft_log"),
+        (" masquerade", "nft_masq"),
+        (" snat ", "nft_nat"),
+        (" dnat ", "nft_nat"),
+        (" fib ", "nft_fib_inet"),
+        (" quota ", "nft_quota"),
+    ];
+    let fixture = Fixture::new();
+    let loaded = load(&network_policy(&fixture));
+    let resolver = FakeResolver::new()
+        .host("fl-server.example", &["192.0.2.10".parse().unwrap()])
+        .nameservers(&["192.0.2.53".parse().unwrap()]);
+    let modules = crate::lockdown::module_plan(&loaded.policy);
+    let planned: Vec<&str> = modules.modules.iter().map(|m| m.name.as_str()).collect();
+    let mut used = 0;
+    for phase in [Phase::Perimeter, Phase::Allowlist] {
+        let mut out = Vec::new();
+        run_render_command(
+            &loaded.policy,
+            phase,
+            RenderFormat::Nft,
+            &resolver,
+            &mut out,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("table inet"), "{text}");
+        for (keyword, module) in EXPRESSIONS {
+            if text.contains(keyword) {
+                used += 1;
+                assert!(
+                    planned.contains(&module),
+                    "{module} for {keyword:?}: {planned:?}"
+                );
+            }
+        }
+    }
+    assert!(used > 0, "the rulesets use conntrack");
+    for module in crate::lockdown::NETWORK_MODULES {
+        assert!(planned.contains(&module), "{module}");
+    }
+}
