@@ -321,12 +321,35 @@ fn boot(started: &Started, options: &InitOptions, ignored: &[String], sys: &dyn 
     );
     let (mut life, event_log) = setup.lifecycle(sys, &audit, loaded);
     match prepared {
-        Ok(ready) => run_init(&ready, &RealLauncher, &mut life, action),
+        Ok(ready) => {
+            if !options.sandbox {
+                watch_power_button(&audit);
+            }
+            run_init(&ready, &RealLauncher, &mut life, action)
+        }
         Err(error) => {
             crate::report::print_error(&error);
             super::fail(&mut life, action, &error, event_log)
         }
     }
+}
+
+/// The host's ACPI power button becomes an orderly stop ([`crate::launch::power`]); the
+/// devices watched are recorded (none: the image lacks the `button`/`evdev` modules, and
+/// only SIGTERM or the workload's end stop the VM cleanly). A sandbox never watches: the
+/// button would be the host's.
+fn watch_power_button(audit: &Audit) {
+    use crate::launch::power;
+    let buttons = power::power_buttons(
+        std::path::Path::new(power::INPUT_SYSFS),
+        std::path::Path::new("/dev/input"),
+    );
+    let watched = power::watch(&buttons, audit, std::sync::Arc::new(power::sigterm_self));
+    let _ = audit.record(
+        "launch",
+        "power_button_watch",
+        serde_json::json!({ "devices": watched }),
+    );
 }
 
 /// PID 1 shape: supervise the workload (a `launch` checkpoint after each start, `periodic`

@@ -183,7 +183,7 @@ mod tests {
                 counter.fetch_add(1, Ordering::SeqCst);
             }),
         );
-        assert_eq!(watched, [fifo.clone()]);
+        assert_eq!(watched, std::slice::from_ref(&fifo));
         writer.join().unwrap();
         let start = std::time::Instant::now();
         while stops.load(Ordering::SeqCst) == 0 && start.elapsed().as_secs() < 5 {

@@ -350,7 +350,7 @@ fn modules_for(ctx: &Ctx, guest: &Guest, dir: &Path) -> Result<Vec<String>> {
     fs::write(&policy, guest.policy())?;
     let etc = dir.join("etc");
     let out = Command::new(&ctx.bins.warden)
-        .args(["plan", "--json", "--policy"])
+        .args(["plan", "--policy"])
         .arg(&policy)
         .arg("--passwd")
         .arg(etc.join("passwd"))
