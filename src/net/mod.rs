@@ -128,6 +128,13 @@ pub struct LinkInfo {
 }
 
 impl LinkInfo {
+    /// Up, with carrier, and the kernel's link watch has caught up (`operstate` up, or
+    /// `unknown` for drivers that do not report it): until then the device's queue may still
+    /// drop what is sent.
+    fn ready(&self) -> bool {
+        self.up && self.lower_up && matches!(self.operstate.as_str(), "up" | "unknown")
+    }
+
     fn seen(&self) -> String {
         format!(
             "present (index {}), {}, {}, operstate {}",
@@ -358,7 +365,7 @@ fn wait_for_link(iface: &IfacePlan, sys: &dyn NetSys) -> Result<(LinkInfo, Durat
                 set_up = true;
                 continue;
             }
-            if link.up && link.lower_up {
+            if link.ready() {
                 return Ok((link.clone(), sys.now().saturating_duration_since(started)));
             }
         }
