@@ -4,6 +4,7 @@
 //! configures `eth0`, which starts down and unaddressed) and `server` (`srv0`, addressed
 //! `10.99.K.1/24`, where the test's TCP listener and its DHCP server run). The namespaces are
 //! removed when the test ends, also when it panics.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "common/netns.rs"]
 mod netns;
@@ -117,14 +118,19 @@ impl Pair {
 
     fn client_default_gateway(&self) -> Option<String> {
         let json = self.client_json(&["-4", "route", "show", "default"]);
-        json.as_array()
-            .unwrap()
-            .first()
-            .map(|r| format!("{} dev {}", r["gateway"].as_str().unwrap(), r["dev"].as_str().unwrap()))
+        json.as_array().unwrap().first().map(|r| {
+            format!(
+                "{} dev {}",
+                r["gateway"].as_str().unwrap(),
+                r["dev"].as_str().unwrap()
+            )
+        })
     }
 
     fn apply(&self, plan: &NetPlan, resolv: &std::path::Path) -> Result<net::NetReport, NetError> {
-        netns::in_netns(&self.client, || net::apply(plan, &RealNetSys::new(), resolv))
+        netns::in_netns(&self.client, || {
+            net::apply(plan, &RealNetSys::new(), resolv)
+        })
     }
 }
 
@@ -246,7 +252,10 @@ fn the_link_wait_ends_with_a_clear_error_when_the_peer_is_down() {
             && text.contains("), up, no carrier, operstate "),
         "{text}"
     );
-    assert!(waited >= Duration::from_secs(1) && waited < Duration::from_secs(5), "{waited:?}");
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
     // Nothing was configured on eth0; lo is up.
     assert!(pair.client_addresses("eth0").is_empty());
     assert_eq!(pair.client_addresses("lo"), ["127.0.0.1/8"]);
@@ -288,8 +297,12 @@ fn dhcp_server(
         .unwrap();
         nixsock::setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
         nixsock::setsockopt(&fd, sockopt::Broadcast, &true).unwrap();
-        nixsock::setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from("srv0"))
-            .unwrap();
+        nixsock::setsockopt(
+            &fd,
+            sockopt::BindToDevice,
+            &std::ffi::OsString::from("srv0"),
+        )
+        .unwrap();
         let socket = UdpSocket::from(fd);
         // Bound through std after SO_BINDTODEVICE: 0.0.0.0:67.
         let socket2 = socket;
@@ -374,14 +387,21 @@ fn dhcp_leases_an_address_from_a_server_on_the_link() {
     let report = result.unwrap();
     let lease = report.interfaces[0].lease.clone().unwrap();
     assert_eq!(
-        (lease.server, lease.address, lease.prefix, lease.router, lease.lease_secs),
+        (
+            lease.server,
+            lease.address,
+            lease.prefix,
+            lease.router,
+            lease.lease_secs
+        ),
         (pair.server4(), leased, 24, Some(pair.server4()), 600)
     );
     // DISCOVER (again if the first answer was lost while the veth pair's queues came up),
     // then REQUEST; every one with the broadcast flag.
     let kinds: Vec<&str> = seen.iter().map(|(kind, _)| kind.as_str()).collect();
     assert!(
-        kinds.ends_with(&["Discover", "Request"]) && kinds.iter().filter(|k| **k == "Request").count() == 1,
+        kinds.ends_with(&["Discover", "Request"])
+            && kinds.iter().filter(|k| **k == "Request").count() == 1,
         "{seen:?}"
     );
     assert!(seen.iter().all(|(_, broadcast)| *broadcast), "{seen:?}");

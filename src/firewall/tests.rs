@@ -812,9 +812,9 @@ fn dhcp_interfaces_admit_any_server_in_the_perimeter_and_only_the_lease_server_a
     let mut resolution = Resolution::resolve(&p, &[Phase::Allowlist], &NoLookups).unwrap();
     let error = plan(&p, Phase::Allowlist, &resolution).unwrap_err();
     assert!(matches!(&error, FirewallError::NoDhcpLease { interface } if interface == "eth0"));
-    assert!(error.to_string().starts_with(
-        "network.interface.eth0.dhcp: no DHCP lease was pinned for eth0"
-    ));
+    assert!(error
+        .to_string()
+        .starts_with("network.interface.eth0.dhcp: no DHCP lease was pinned for eth0"));
 
     // Pinned (a second pin for the same interface replaces the first).
     resolution.pin_dhcp("eth0", "10.0.2.9".parse().unwrap());

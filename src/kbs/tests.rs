@@ -1365,9 +1365,7 @@ fn connection_failures_are_spread_over_the_whole_timeout() {
     let mut broker = broker_with_secret();
     broker.auth_transport_errors = 2;
     let mut h = harness_with(config, broker);
-    h.client
-        .attest(&mut h.provider, &mut h.observer)
-        .unwrap();
+    h.client.attest(&mut h.provider, &mut h.observer).unwrap();
     assert_eq!(h.clock.elapsed(), Duration::from_secs(40));
 }
 

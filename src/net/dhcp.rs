@@ -7,9 +7,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use dhcproto::v4::{
-    DhcpOption, Flags, Message, MessageType, Opcode, OptionCode,
-};
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Encodable};
 use serde::Serialize;
 
@@ -48,7 +46,12 @@ fn dhcp_error(interface: &str, why: impl Into<String>) -> NetError {
     }
 }
 
-fn request(xid: u32, mac: &[u8], kind: MessageType, offer: Option<(Ipv4Addr, Ipv4Addr)>) -> Message {
+fn request(
+    xid: u32,
+    mac: &[u8],
+    kind: MessageType,
+    offer: Option<(Ipv4Addr, Ipv4Addr)>,
+) -> Message {
     let mut msg = Message::new_with_id(
         xid,
         Ipv4Addr::UNSPECIFIED,
@@ -82,7 +85,10 @@ fn request(xid: u32, mac: &[u8], kind: MessageType, offer: Option<(Ipv4Addr, Ipv
 enum Answer {
     Offer(Lease),
     Ack(Lease),
-    Nak { server: Option<Ipv4Addr>, message: String },
+    Nak {
+        server: Option<Ipv4Addr>,
+        message: String,
+    },
 }
 
 fn server_id(msg: &Message) -> Option<Ipv4Addr> {
@@ -123,7 +129,9 @@ fn read_answer(bytes: &[u8], xid: u32, mac: &[u8]) -> Result<Option<Answer>, Str
         || address.is_multicast()
         || address.is_loopback()
     {
-        return Err(format!("server {server} offered the address {address}, which no interface can have"));
+        return Err(format!(
+            "server {server} offered the address {address}, which no interface can have"
+        ));
     }
     let prefix = match opts.get(OptionCode::SubnetMask) {
         Some(DhcpOption::SubnetMask(mask)) => {
@@ -164,25 +172,32 @@ fn read_answer(bytes: &[u8], xid: u32, mac: &[u8]) -> Result<Option<Answer>, Str
     }))
 }
 
+/// One client's transaction: the interface, our transaction id and hardware address, and
+/// the end of the whole exchange.
+struct Transaction<'a> {
+    interface: &'a str,
+    xid: u32,
+    mac: &'a [u8],
+    deadline: std::time::Instant,
+}
+
 /// Sends `msg` and waits for an answer that `accept` takes, retransmitting with doubling
-/// waits until `deadline`. Answers `accept` refuses are skipped; the last problem is kept for
-/// the error.
+/// waits until the transaction's deadline. Answers `accept` refuses are skipped; the last
+/// problem is kept for the error.
 fn exchange<T>(
-    interface: &str,
+    tx: &Transaction<'_>,
     socket: &mut dyn DhcpSocket,
     sys: &dyn NetSys,
-    msg: &[u8],
-    deadline: std::time::Instant,
-    what: &str,
+    (msg, what): (&[u8], &str),
     mut accept: impl FnMut(Answer) -> Result<Option<T>, String>,
-    (xid, mac): (u32, &[u8]),
 ) -> Result<T, NetError> {
+    let interface = tx.interface;
     let mut wait = FIRST_RETRANSMIT;
     let mut sent = 0u32;
     let mut last_problem: Option<String> = None;
     loop {
         let now = sys.now();
-        if now >= deadline {
+        if now >= tx.deadline {
             let tail = last_problem.map_or_else(
                 || "no answer".to_string(),
                 |p| format!("last answer refused: {p}"),
@@ -199,7 +214,7 @@ fn exchange<T>(
             .send(msg)
             .map_err(|e| dhcp_error(interface, format!("cannot send: {e}")))?;
         sent += 1;
-        let round_end = (now + wait).min(deadline);
+        let round_end = (now + wait).min(tx.deadline);
         loop {
             let now = sys.now();
             if now >= round_end {
@@ -209,7 +224,7 @@ fn exchange<T>(
                 .recv(round_end.saturating_duration_since(now))
                 .map_err(|e| dhcp_error(interface, format!("cannot receive: {e}")))?;
             let Some(packet) = packet else { break };
-            match read_answer(&packet, xid, mac) {
+            match read_answer(&packet, tx.xid, tx.mac) {
                 Ok(None) => {}
                 Ok(Some(answer)) => match accept(answer) {
                     Ok(Some(done)) => return Ok(done),
@@ -238,25 +253,27 @@ pub(super) fn obtain(interface: &str, mac: &[u8], sys: &dyn NetSys) -> Result<Le
         .dhcp_socket(interface)
         .map_err(|e| dhcp_error(interface, format!("cannot open a socket on port 68: {e}")))?;
     let xid = sys.xid();
-    let deadline = sys.now() + DHCP_TIMEOUT;
+    let tx = Transaction {
+        interface,
+        xid,
+        mac,
+        deadline: sys.now() + DHCP_TIMEOUT,
+    };
     let encode = |msg: Message| {
         msg.to_vec()
             .map_err(|e| dhcp_error(interface, format!("cannot encode a message: {e}")))
     };
     let discover = encode(request(xid, mac, MessageType::Discover, None))?;
     let offer = exchange(
-        interface,
+        &tx,
         socket.as_mut(),
         sys,
-        &discover,
-        deadline,
-        "offer",
+        (&discover, "offer"),
         |answer| match answer {
             Answer::Offer(lease) => Ok(Some(lease)),
             // A NAK or ACK to a DISCOVER is not ours to act on.
             _ => Ok(None),
         },
-        (xid, mac),
     )?;
     let req = encode(request(
         xid,
@@ -265,12 +282,10 @@ pub(super) fn obtain(interface: &str, mac: &[u8], sys: &dyn NetSys) -> Result<Le
         Some((offer.address, offer.server)),
     ))?;
     exchange(
-        interface,
+        &tx,
         socket.as_mut(),
         sys,
-        &req,
-        deadline,
-        "acknowledgement",
+        (&req, "acknowledgement"),
         |answer| match answer {
             Answer::Ack(lease) if lease.server == offer.server => {
                 if lease.address == offer.address {
@@ -287,12 +302,15 @@ pub(super) fn obtain(interface: &str, mac: &[u8], sys: &dyn NetSys) -> Result<Le
                     "server {} refused the offered {} (NAK{})",
                     offer.server,
                     offer.address,
-                    if message.is_empty() { String::new() } else { format!(": {message}") }
+                    if message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {message}")
+                    }
                 ))
             }
             _ => Ok(None),
         },
-        (xid, mac),
     )
 }
 
@@ -357,8 +375,12 @@ pub(crate) mod server {
             msg.chaddr(),
         );
         reply.set_opcode(Opcode::BootReply);
-        reply.opts_mut().insert(DhcpOption::MessageType(MessageType::Nak));
-        reply.opts_mut().insert(DhcpOption::ServerIdentifier(server));
+        reply
+            .opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Nak));
+        reply
+            .opts_mut()
+            .insert(DhcpOption::ServerIdentifier(server));
         reply.to_vec().ok()
     }
 }

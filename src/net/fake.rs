@@ -48,7 +48,14 @@ impl FakeLink {
     pub fn ethernet(index: u32) -> FakeLink {
         FakeLink {
             index,
-            mac: vec![0x52, 0x54, 0, 0x12, 0x34, u8::try_from(index % 256).unwrap_or(0)],
+            mac: vec![
+                0x52,
+                0x54,
+                0,
+                0x12,
+                0x34,
+                u8::try_from(index % 256).unwrap_or(0),
+            ],
             appears_after: Duration::ZERO,
             carrier_after: Some(Duration::ZERO),
             up: false,

@@ -140,7 +140,11 @@ impl LinkInfo {
             "present (index {}), {}, {}, operstate {}",
             self.index,
             if self.up { "up" } else { "down" },
-            if self.lower_up { "carrier" } else { "no carrier" },
+            if self.lower_up {
+                "carrier"
+            } else {
+                "no carrier"
+            },
             self.operstate
         )
     }
@@ -397,10 +401,11 @@ fn configure(iface: &IfacePlan, sys: &dyn NetSys) -> Result<(IfaceReport, Vec<Ip
     sys.add_address(link.index, address, prefix)
         .map_err(sys_error(&iface.name, format!("adding {address}/{prefix}")))?;
     if let Some(gateway) = gateway {
-        sys.add_default_route(link.index, gateway).map_err(sys_error(
-            &iface.name,
-            format!("adding the default route via {gateway}"),
-        ))?;
+        sys.add_default_route(link.index, gateway)
+            .map_err(sys_error(
+                &iface.name,
+                format!("adding the default route via {gateway}"),
+            ))?;
     }
     let dns: Vec<IpAddr> = match &lease {
         Some(lease) if iface.dns.is_empty() => lease.dns.iter().map(|ip| IpAddr::V4(*ip)).collect(),

@@ -46,10 +46,8 @@ fn nix_io(e: nix::Error) -> Error {
 /// Sends one request and collects the answers until the ACK (or the end of a dump).
 fn request(message: RouteNetlinkMessage, flags: u16) -> std::io::Result<Vec<RouteNetlinkMessage>> {
     let socket = Socket::new(NETLINK_ROUTE)?;
-    let timeout = nix::sys::time::TimeVal::new(
-        i64::try_from(NETLINK_TIMEOUT.as_secs()).unwrap_or(5),
-        0,
-    );
+    let timeout =
+        nix::sys::time::TimeVal::new(i64::try_from(NETLINK_TIMEOUT.as_secs()).unwrap_or(5), 0);
     nixsock::setsockopt(&socket, sockopt::ReceiveTimeout, &timeout).map_err(nix_io)?;
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
@@ -141,8 +139,7 @@ impl NetSys for RealNetSys {
         } else {
             AddressScope::Universe
         };
-        msg.attributes
-            .push(AddressAttribute::Local(address.into()));
+        msg.attributes.push(AddressAttribute::Local(address.into()));
         msg.attributes
             .push(AddressAttribute::Address(address.into()));
         if prefix < 31 {

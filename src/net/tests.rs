@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::Duration;
@@ -339,11 +341,12 @@ fn a_nak_is_reported_with_the_server() {
     };
     let error = apply(&plan, &sys, Path::new(RESOLV)).unwrap_err();
     assert!(
-        error.to_string().starts_with(
-            "interface eth0: DHCP: no acknowledgement within 30s after "
-        ) && error
+        error
             .to_string()
-            .contains("last answer refused: server 10.0.2.2 refused the offered 10.0.2.15 (NAK)"),
+            .starts_with("interface eth0: DHCP: no acknowledgement within 30s after ")
+            && error.to_string().contains(
+                "last answer refused: server 10.0.2.2 refused the offered 10.0.2.15 (NAK)"
+            ),
         "{error}"
     );
 }

@@ -1183,8 +1183,12 @@ fn schema_keys_match_the_full_policy() {
             if path == "network.interface" {
                 // Keyed by interface name: each interface's keys are INTERFACE_KEYS.
                 for iface in value.as_table().unwrap().values() {
-                    let mut keys: Vec<&str> =
-                        iface.as_table().unwrap().keys().map(String::as_str).collect();
+                    let mut keys: Vec<&str> = iface
+                        .as_table()
+                        .unwrap()
+                        .keys()
+                        .map(String::as_str)
+                        .collect();
                     keys.sort();
                     let mut listed = operator::INTERFACE_KEYS.to_vec();
                     listed.sort();
@@ -1949,5 +1953,6 @@ fn the_operator_file_sets_an_interfaces_declared_keys() {
     );
     // Unknown interface keys cannot be declared.
     let policy = format!("overridable = [\"network.interface.eth0.mtu\"]\n{MINIMAL}\n");
-    assert!(error_of(&policy).starts_with("overridable[0]: \"network.interface.eth0.mtu\" is not a policy key"));
+    assert!(error_of(&policy)
+        .starts_with("overridable[0]: \"network.interface.eth0.mtu\" is not a policy key"));
 }

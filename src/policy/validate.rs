@@ -7,8 +7,9 @@ use std::path::{Component, Path, PathBuf};
 
 use super::operator::{check_overridable, covers_audit_file};
 use super::raw::{
-    Int, RawAttestation, RawAudit, RawBroker, RawId, RawInbound, RawInterface, RawLimit, RawLockdown,
-    RawNetwork, RawOutbound, RawPolicy, RawRlimit, RawSecret, RawUmask, RawVolume, RawWorkload,
+    Int, RawAttestation, RawAudit, RawBroker, RawId, RawInbound, RawInterface, RawLimit,
+    RawLockdown, RawNetwork, RawOutbound, RawPolicy, RawRlimit, RawSecret, RawUmask, RawVolume,
+    RawWorkload,
 };
 use super::types::*;
 use super::users::UserDb;
@@ -1698,7 +1699,10 @@ fn network(c: &mut Check<'_>, raw: &RawNetwork) -> Option<Network> {
             None => ok = false,
         }
     }
-    let servers: BTreeSet<IpAddr> = interfaces.iter().flat_map(|i| i.dns.iter().copied()).collect();
+    let servers: BTreeSet<IpAddr> = interfaces
+        .iter()
+        .flat_map(|i| i.dns.iter().copied())
+        .collect();
     if servers.len() > MAX_NAMESERVERS {
         c.error(
             "network.interface",
@@ -1847,7 +1851,10 @@ fn interface(c: &mut Check<'_>, name: &str, raw: &RawInterface) -> Option<Interf
         match text.parse::<IpAddr>() {
             Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => {
                 if dns.contains(&ip) {
-                    c.error(&format!("{key}.dns[{i}]"), format!("{text:?} is listed twice; remove one"));
+                    c.error(
+                        &format!("{key}.dns[{i}]"),
+                        format!("{text:?} is listed twice; remove one"),
+                    );
                     ok = false;
                 } else {
                     dns.push(ip);
