@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cvm_warden::firewall::{self, NftFirewall, Phase, Resolution};
 use cvm_warden::net::{self, IfacePlan, NetError, NetPlan, RealNetSys};
 use cvm_warden::policy::Addressing;
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
@@ -378,6 +379,19 @@ fn dhcp_leases_an_address_from_a_server_on_the_link() {
     let leased = Ipv4Addr::new(10, 99, pair.k, 50);
     let stop = Arc::new(AtomicBool::new(false));
     let server = dhcp_server(&pair, leased, Arc::clone(&stop));
+    // The exchange runs behind the default-deny perimeter, which admits it on eth0.
+    let policy = cvm_warden::policy::parse(
+        "attestation = \"none\"\n[workload]\nbundle = \"/opt/w\"\nsource = \"initramfs\"\nexec = [\"/opt/w/run\"]\nuser = 1000\ngroup = 1000\n\n[network]\n[network.interface.eth0]\ndhcp = true\n",
+        None,
+        &cvm_warden::policy::MemoryUsers::new(),
+    )
+    .unwrap()
+    .policy;
+    netns::in_netns(&pair.client, || {
+        let resolution = Resolution::default();
+        let perimeter = firewall::plan(&policy, Phase::Perimeter, &resolution).unwrap();
+        firewall::apply(&perimeter, &mut NftFirewall::new()).unwrap();
+    });
     let result = pair.apply(
         &one("eth0", Addressing::Dhcp, Duration::from_secs(10)),
         &resolv,
@@ -406,6 +420,19 @@ fn dhcp_leases_an_address_from_a_server_on_the_link() {
     );
     assert!(seen.iter().all(|(_, broadcast)| *broadcast), "{seen:?}");
     assert_eq!(report.dhcp_servers()[0].server, pair.server4());
+    // The allowlist pins that server.
+    netns::in_netns(&pair.client, || {
+        let mut resolution = Resolution::default();
+        for pin in report.dhcp_servers() {
+            resolution.pin_dhcp(pin.interface, pin.server);
+        }
+        let allowlist = firewall::plan(&policy, Phase::Allowlist, &resolution).unwrap();
+        assert!(allowlist.nft_text().contains(&format!(
+            "iifname \"eth0\" ip saddr {} udp sport 67 udp dport 68",
+            pair.server4()
+        )));
+        firewall::apply(&allowlist, &mut NftFirewall::new()).unwrap();
+    });
     assert_eq!(pair.client_addresses("eth0"), [format!("{leased}/24")]);
     assert_eq!(
         pair.client_default_gateway(),
