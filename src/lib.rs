@@ -9,7 +9,7 @@
 //! - runner: `boot` (the stage order, fail-closed handling)
 //! - adapters: `keybroker` (the real implementation of the stages' `KeyBroker` seam)
 //! - stages: `stage` (one module per stage, pure `plan` + effectful `apply`)
-//! - capabilities: `kbs`, `firewall`, `lockdown`, `volume`, `launch`
+//! - capabilities: `kbs`, `firewall`, `lockdown`, `volume`, `launch`, `net`
 //! - foundations: `audit`, `policy`, `measure`, `tee`, `tool`, `eventlog`, `report`, `sys`,
 //!   `digest`, `evidence` (the last two re-exported from the verifier crate, `verify/`, which
 //!   depends on no part of this crate)
@@ -31,6 +31,7 @@ pub mod keybroker;
 pub mod launch;
 pub mod lockdown;
 pub mod measure;
+pub mod net;
 pub mod policy;
 pub mod report;
 pub mod stage;

@@ -18,7 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cvm_warden::firewall::{
-    apply, build, verify, FakeResolver, Firewall, FirewallError, NftFirewall, Phase, Ruleset,
+    apply, build, plan, verify, FakeResolver, Firewall, FirewallError, NftFirewall, Phase,
+    Resolution, Ruleset,
 };
 use cvm_warden::policy::{load, MemoryUsers, Policy};
 use cvm_warden::report::error_chain;
@@ -256,6 +257,9 @@ user = "nobody"
 inbound = [{ port = 8002, from = ["10.0.0.0/8", "192.0.2.1/32", "fd00::/8", "2001:db8::1/128", "0.0.0.0/0"] }, { port = 5353, proto = "udp" }]
 outbound = [{ host = "fl-server.example", port = 8002 }, { host = "2001:db8::10", port = 8003, proto = "udp" }]
 
+[network.interface.eth7]
+dhcp = true
+
 [audit]
 syslog = "tcp://[2001:db8::50]:6514"
 "#;
@@ -284,13 +288,24 @@ syslog = "tcp://[2001:db8::50]:6514"
         ]);
     in_fresh_netns(move || {
         for phase in [Phase::Perimeter, Phase::Allowlist] {
-            let ruleset = build(&policy, phase, &resolver).unwrap();
+            // The DHCP interface (absent from the namespace: matched by name) has its lease's
+            // server pinned for the allowlist.
+            let mut resolution = Resolution::resolve(&policy, &[phase], &resolver).unwrap();
+            resolution.pin_dhcp("eth7", "192.0.2.67".parse().unwrap());
+            let ruleset = plan(&policy, phase, &resolution).unwrap();
             assert!(
                 ruleset
                     .nft_text()
                     .contains("dport 53 ct direction original ct mark set 0x63766d77 accept"),
                 "{phase}: no DNS rule"
             );
+            let dhcp = match phase {
+                Phase::Perimeter => "oifname \"eth7\" udp sport 68 udp dport 67 ct direction",
+                Phase::Allowlist => {
+                    "oifname \"eth7\" ip daddr 192.0.2.67 udp sport 68 udp dport 67 ct direction"
+                }
+            };
+            assert!(ruleset.nft_text().contains(dhcp), "{phase}: no DHCP rule");
             apply(&ruleset, &mut NftFirewall::new())
                 .unwrap_or_else(|e| panic!("{phase}: {e}\n{}", ruleset.nft_text()));
             // The text form loads to the same ruleset.

@@ -59,7 +59,7 @@ use serde::Serialize;
 
 pub use model::{Chain, Direction, Hook, Match, Net, Rule, Ruleset, CT_MARK, MAX_COMMENT, TABLE};
 pub use nft::{apply, verify, Applied, Firewall, NftFirewall, RecordingFirewall};
-pub use plan::{endpoints, plan, Endpoint, Pin, Resolution};
+pub use plan::{dhcp_interfaces, endpoints, plan, DhcpPin, Endpoint, Pin, Resolution};
 pub use resolve::{
     parse_nameservers, FakeResolver, Resolver, SystemResolver, DEFAULT_RESOLVED_UPSTREAM,
     DEFAULT_RESOLV_CONF,
@@ -167,6 +167,13 @@ pub enum FirewallError {
         key: String,
         /// The name.
         host: String,
+    },
+    /// The allowlist admits the renewals of the DHCP server whose lease the network bring-up
+    /// applied, but the [`Resolution`] pins no lease for the interface.
+    #[error("network.interface.{interface}.dhcp: no DHCP lease was pinned for {interface}, so the allowlist cannot name the one DHCP server to admit; the lease is taken by cvm-warden's network bring-up in the PID 1 shape (Resolution::pin_dhcp with its report) — under systemd let the OS configure the interface and remove `dhcp`")]
+    NoDhcpLease {
+        /// The interface.
+        interface: String,
     },
     /// A policy value the firewall cannot use (validation should have refused it).
     #[error("{key}: {value:?} cannot be used for a firewall rule ({why}); fix the policy")]

@@ -132,6 +132,17 @@ pub enum Match {
         /// Interface name.
         name: String,
     },
+    /// `iifname "<name>"`: by name, so the rule loads before the interface exists (`iif`
+    /// needs it to exist when the ruleset is loaded).
+    Iifname {
+        /// Interface name.
+        name: String,
+    },
+    /// `oifname "<name>"`, see [`Match::Iifname`].
+    Oifname {
+        /// Interface name.
+        name: String,
+    },
     /// `ct state established,related`
     EstablishedRelated,
     /// `ct mark <mark>` (printed as nft prints it, `0x` and 8 hex digits)
@@ -167,6 +178,13 @@ pub enum Match {
         direction: Direction,
         /// The address or network; its family picks `ip` or `ip6`.
         net: Net,
+    },
+    /// `tcp|udp sport <port>`
+    Sport {
+        /// Protocol.
+        proto: Proto,
+        /// Source port.
+        port: u16,
     },
     /// `tcp|udp dport <port>`
     Dport {
@@ -225,6 +243,8 @@ impl Match {
         match self {
             Match::Iif { name } => format!("iif {}", quote(name)),
             Match::Oif { name } => format!("oif {}", quote(name)),
+            Match::Iifname { name } => format!("iifname {}", quote(name)),
+            Match::Oifname { name } => format!("oifname {}", quote(name)),
             Match::EstablishedRelated => "ct state established,related".to_string(),
             Match::CtMark { mark } => format!("ct mark {}", mark_text(*mark)),
             Match::CtOriginal => "ct direction original".to_string(),
@@ -247,6 +267,7 @@ impl Match {
                 },
                 net.text()
             ),
+            Match::Sport { proto, port } => format!("{} sport {port}", proto_name(*proto)),
             Match::Dport { proto, port } => format!("{} dport {port}", proto_name(*proto)),
         }
     }
@@ -254,11 +275,15 @@ impl Match {
     /// The nft JSON statements of this match.
     fn statements(&self) -> Vec<Statement<'static>> {
         match self {
-            Match::Iif { name } | Match::Oif { name } => {
-                let key = if matches!(self, Match::Iif { .. }) {
-                    MetaKey::Iif
-                } else {
-                    MetaKey::Oif
+            Match::Iif { name }
+            | Match::Oif { name }
+            | Match::Iifname { name }
+            | Match::Oifname { name } => {
+                let key = match self {
+                    Match::Iif { .. } => MetaKey::Iif,
+                    Match::Oif { .. } => MetaKey::Oif,
+                    Match::Iifname { .. } => MetaKey::Iifname,
+                    _ => MetaKey::Oifname,
                 };
                 vec![eq(
                     Expression::Named(NamedExpression::Meta(Meta { key })),
@@ -310,6 +335,10 @@ impl Match {
                 };
                 vec![eq(payload(protocol, field), right)]
             }
+            Match::Sport { proto, port } => vec![eq(
+                payload(proto_name(*proto), "sport"),
+                Expression::Number(u32::from(*port)),
+            )],
             Match::Dport { proto, port } => vec![eq(
                 payload(proto_name(*proto), "dport"),
                 Expression::Number(u32::from(*port)),

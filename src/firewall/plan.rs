@@ -1,14 +1,14 @@
 //! From a policy to a ruleset: which hosts each phase reaches ([`endpoints`]), resolving the
 //! names among them once ([`Resolution`]), and the rules ([`plan`], pure).
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
 
 use super::model::{Chain, Direction, Hook, Match, Net, Rule, Ruleset, CT_MARK, MAX_COMMENT};
 use super::resolve::Resolver;
 use super::{FirewallError, Phase};
-use crate::policy::{Attestation, BrokerUrl, Policy, Proto, SyslogTarget};
+use crate::policy::{Addressing, Attestation, BrokerUrl, Policy, Proto, SyslogTarget};
 
 /// A destination a phase allows: where it comes from in the policy, and where it goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -43,6 +43,16 @@ pub struct Pin {
     pub addresses: Vec<IpAddr>,
 }
 
+/// The DHCP server whose lease the network bring-up applied on an interface (from
+/// `net::NetReport::dhcp_servers`): the allowlist admits that server's renewals only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DhcpPin {
+    /// The interface.
+    pub interface: String,
+    /// The lease's server identifier.
+    pub server: Ipv4Addr,
+}
+
 /// The outcome of resolving every name that one or more phases need, once. Plan each phase
 /// from the same `Resolution` (the stage runner resolves for both phases before the perimeter
 /// is applied, so the allowlist needs no DNS through the perimeter and both phases pin the
@@ -53,6 +63,10 @@ pub struct Resolution {
     pub pins: Vec<Pin>,
     /// The name servers (only looked up when there is a name to resolve).
     pub nameservers: Vec<IpAddr>,
+    /// The DHCP servers whose leases were applied, per interface (added after the network
+    /// bring-up with [`Resolution::pin_dhcp`]; the allowlist needs one per DHCP interface).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dhcp: Vec<DhcpPin>,
 }
 
 impl Resolution {
@@ -123,7 +137,20 @@ impl Resolution {
                 });
             }
         }
-        Ok(Resolution { pins, nameservers })
+        Ok(Resolution {
+            pins,
+            nameservers,
+            dhcp: Vec::new(),
+        })
+    }
+
+    /// Pins the DHCP server of `interface`'s lease (replacing an earlier pin for it).
+    pub fn pin_dhcp(&mut self, interface: &str, server: Ipv4Addr) {
+        self.dhcp.retain(|p| p.interface != interface);
+        self.dhcp.push(DhcpPin {
+            interface: interface.to_string(),
+            server,
+        });
     }
 
     /// The pin for `host`, if it was resolved.
@@ -376,6 +403,95 @@ fn icmp_rules(hook: Hook) -> Vec<Rule> {
     }
 }
 
+/// The interfaces the policy configures with `dhcp = true`, in name order.
+pub fn dhcp_interfaces(policy: &Policy) -> Vec<&str> {
+    policy
+        .network
+        .iter()
+        .flat_map(|n| n.interfaces.iter())
+        .filter(|i| i.addressing == Addressing::Dhcp)
+        .map(|i| i.name.as_str())
+        .collect()
+}
+
+/// The DHCP client's rules for each `dhcp = true` interface, as (input, output) rules.
+///
+/// - perimeter (before the lease, whose server is not known yet): in — `iifname NAME udp
+///   sport 67 udp dport 68` (OFFER and ACK, broadcast by any server on that link); out —
+///   `oifname NAME udp sport 68 udp dport 67` (DISCOVER, REQUEST).
+/// - allowlist: the same, pinned to the lease's server (`ip saddr` / `ip daddr`): its
+///   unicast renewals and their answers, nothing from another DHCP server. Rebinding
+///   (broadcast, after the server is gone) is not admitted.
+fn dhcp_rules(
+    policy: &Policy,
+    phase: Phase,
+    resolution: &Resolution,
+) -> Result<(Vec<Rule>, Vec<Rule>), FirewallError> {
+    let mut input = Vec::new();
+    let mut output = Vec::new();
+    for name in dhcp_interfaces(policy) {
+        let key = format!("network.interface.{name}.dhcp");
+        let server = match phase {
+            Phase::Perimeter => None,
+            Phase::Allowlist => Some(
+                resolution
+                    .dhcp
+                    .iter()
+                    .find(|p| p.interface == name)
+                    .map(|p| p.server)
+                    .ok_or_else(|| FirewallError::NoDhcpLease {
+                        interface: name.to_string(),
+                    })?,
+            ),
+        };
+        let ports = |sport: u16, dport: u16| {
+            [
+                Match::Sport {
+                    proto: Proto::Udp,
+                    port: sport,
+                },
+                Match::Dport {
+                    proto: Proto::Udp,
+                    port: dport,
+                },
+            ]
+        };
+        // By name: the interface may appear only after the perimeter is loaded.
+        let mut inbound = vec![Match::Iifname {
+            name: name.to_string(),
+        }];
+        let mut outbound = vec![Match::Oifname {
+            name: name.to_string(),
+        }];
+        let (what_in, what_out) = match server {
+            None => (
+                format!("dhcp offers and acks from any server on {name}"),
+                format!("dhcp discover and request on {name}"),
+            ),
+            Some(server) => {
+                let host = Net::host(IpAddr::V4(server));
+                inbound.push(Match::Addr {
+                    direction: Direction::Source,
+                    net: host,
+                });
+                outbound.push(Match::Addr {
+                    direction: Direction::Destination,
+                    net: host,
+                });
+                (
+                    format!("dhcp answers from the lease's server {server} on {name}"),
+                    format!("dhcp renewals to the lease's server {server} on {name}"),
+                )
+            }
+        };
+        inbound.extend(ports(67, 68));
+        outbound.extend(ports(68, 67));
+        input.push(admit(inbound, comment(&what_in, &key)));
+        output.push(admit(outbound, comment(&what_out, &key)));
+    }
+    Ok((input, output))
+}
+
 /// Plans the ruleset of `phase` from the policy and a [`Resolution`] covering it. Pure.
 ///
 /// Both phases: chains input, output, forward (type filter, priority filter, policy drop);
@@ -388,6 +504,9 @@ fn icmp_rules(hook: Hook) -> Vec<Rule> {
 ///   `attestation = "none"`; the remote syslog target; DNS (udp and tcp 53) to the name
 ///   servers when one of these is a name (the broker client and the syslog sink resolve it
 ///   again).
+/// - both phases, for each `network.interface.NAME` with `dhcp = true`: the DHCP client's
+///   traffic on that interface (see `dhcp_rules`; the allowlist pins the lease's server from
+///   [`Resolution::dhcp`], and fails closed without one).
 /// - allowlist, input: each `network.inbound[i]` port (tcp/udp), from anywhere or, one rule
 ///   per source, from each `from` CIDR. Output: each `network.outbound[i]` host's pinned
 ///   addresses on its port; the remote syslog target; DNS to the name servers when one of
@@ -403,6 +522,9 @@ pub fn plan(
     let mut input = base_rules(Hook::Input);
     input.extend(icmp_rules(Hook::Input));
     let mut output = base_rules(Hook::Output);
+    let (dhcp_in, dhcp_out) = dhcp_rules(policy, phase, resolution)?;
+    input.extend(dhcp_in);
+    output.extend(dhcp_out);
 
     if phase == Phase::Allowlist {
         for (i, inbound) in policy

@@ -788,3 +788,49 @@ fn the_system_resolver_resolves_literals_and_localhost() {
     );
     assert!(resolver.resolve("name.invalid").is_err());
 }
+
+#[test]
+fn dhcp_interfaces_admit_any_server_in_the_perimeter_and_only_the_lease_server_afterwards() {
+    let p = policy(
+        &broker("https://198.51.100.7:8999"),
+        "[network]\n\n[network.interface.eth0]\ndhcp = true\n\n[network.interface.eth1]\naddress = \"10.1.0.5/24\"\n",
+    );
+    assert_eq!(dhcp_interfaces(&p), ["eth0"]);
+    let perimeter = build(&p, Phase::Perimeter, &NoLookups).unwrap();
+    assert_eq!(
+        lines(&perimeter),
+        expect(
+            &["input: iifname \"eth0\" udp sport 67 udp dport 68 ct direction original ct mark set 0x63766d77 accept comment \"dhcp offers and acks from any server on eth0 (network.interface.eth0.dhcp)\""],
+            &[
+                "output: oifname \"eth0\" udp sport 68 udp dport 67 ct direction original ct mark set 0x63766d77 accept comment \"dhcp discover and request on eth0 (network.interface.eth0.dhcp)\"",
+                "output: ip daddr 198.51.100.7 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept comment \"key broker tcp 198.51.100.7:8999 (attestation.kbs)\"",
+            ]
+        )
+    );
+
+    // Without the lease's server the allowlist cannot be planned.
+    let mut resolution = Resolution::resolve(&p, &[Phase::Allowlist], &NoLookups).unwrap();
+    let error = plan(&p, Phase::Allowlist, &resolution).unwrap_err();
+    assert!(matches!(&error, FirewallError::NoDhcpLease { interface } if interface == "eth0"));
+    assert!(error
+        .to_string()
+        .starts_with("network.interface.eth0.dhcp: no DHCP lease was pinned for eth0"));
+
+    // Pinned (a second pin for the same interface replaces the first).
+    resolution.pin_dhcp("eth0", "10.0.2.9".parse().unwrap());
+    resolution.pin_dhcp("eth0", "10.0.2.2".parse().unwrap());
+    assert_eq!(resolution.dhcp.len(), 1);
+    let allowlist = plan(&p, Phase::Allowlist, &resolution).unwrap();
+    assert_eq!(
+        lines(&allowlist),
+        expect(
+            &["input: iifname \"eth0\" ip saddr 10.0.2.2 udp sport 67 udp dport 68 ct direction original ct mark set 0x63766d77 accept comment \"dhcp answers from the lease's server 10.0.2.2 on eth0 (network.interface.eth0.dhcp)\""],
+            &["output: oifname \"eth0\" ip daddr 10.0.2.2 udp sport 68 udp dport 67 ct direction original ct mark set 0x63766d77 accept comment \"dhcp renewals to the lease's server 10.0.2.2 on eth0 (network.interface.eth0.dhcp)\""]
+        )
+    );
+    // The JSON form carries the source port match.
+    assert!(allowlist.json().contains(r#"{"match":{"left":{"payload":{"protocol":"udp","field":"sport"}},"right":67,"op":"=="}}"#), "{}", allowlist.json());
+    // A resolution without DHCP pins serialises as before.
+    let json = serde_json::to_value(Resolution::default()).unwrap();
+    assert_eq!(json, json!({"pins": [], "nameservers": []}));
+}

@@ -102,7 +102,8 @@ pub struct KbsConfig {
     pub key_wrap: KeyWrap,
     /// Tries per call for transport failures and 5xx (1..=[`MAX_TRIES`]).
     pub tries: u32,
-    /// Wait between tries.
+    /// Wait between tries after a 5xx, and the shortest wait after no answer (then the tries
+    /// left are spread over the time left when that waits longer).
     pub backoff: Backoff,
     /// Bound on one whole operation ([`Client::attest`] or [`Client::resource`], handshakes,
     /// evidence and retries included).
@@ -583,6 +584,18 @@ impl Client {
         })
     }
 
+    /// The wait after try `try_no` got no answer (connect failure, timeout, I/O error) with
+    /// `remaining` of the total timeout left: the tries still allowed are spread evenly over
+    /// the time left (each gets an equal share, the last one included), never closer than the
+    /// capped exponential [`Backoff`]. So a broker that is not reachable yet (the network
+    /// still coming up) is tried across the whole timeout instead of `tries` times within a
+    /// second.
+    fn spread_delay(&self, try_no: u32, remaining: Duration) -> Duration {
+        let left = self.config.tries.saturating_sub(try_no);
+        let spread = remaining / left.saturating_add(1);
+        self.config.backoff.delay(try_no).max(spread)
+    }
+
     /// Sends one request with retries: transport failures (except TLS) and 5xx are retried
     /// with backoff while tries and the total timeout allow; every try is reported.
     fn exchange(
@@ -622,8 +635,14 @@ impl Client {
                 Ok(response) => (Outcome::Status(response.status), response.status >= 500),
                 Err(error) => (Outcome::Error(error.to_string()), error.kind.retryable()),
             };
-            let delay = self.config.backoff.delay(try_no);
             let elapsed = self.clock.now().saturating_duration_since(op.started);
+            // No answer at all (the network or the broker not up yet): spread the tries over
+            // the time left. An answer (5xx): the broker is there, back off only.
+            let delay = if result.is_err() {
+                self.spread_delay(try_no, total.saturating_sub(elapsed))
+            } else {
+                self.config.backoff.delay(try_no)
+            };
             let time_left = elapsed.saturating_add(delay) < total;
             let tries_left = try_no < self.config.tries;
             let will_retry = retryable && tries_left && time_left;

@@ -1307,9 +1307,13 @@ fn transport_failures_are_retried_then_reported() {
             (Call::Auth, 3, failed, false),
         ]
     );
+    // The two tries left share the 5 s budget with the last one: a third each.
     assert_eq!(
         h.clock.sleeps(),
-        [Duration::from_millis(1), Duration::from_millis(2)]
+        [
+            Duration::from_nanos(1_666_666_666),
+            Duration::from_nanos(1_666_666_667)
+        ]
     );
     assert!(
         matches!(err, KbsError::Unreachable { tries: 3, .. }),
@@ -1321,6 +1325,48 @@ fn transport_failures_are_retried_then_reported() {
         text.contains("check attestation.kbs and the network"),
         "{text}"
     );
+}
+
+#[test]
+fn connection_failures_are_spread_over_the_whole_timeout() {
+    // The PID 1 boot before its network is up: every connect fails at once. With the policy's
+    // tries = 3 and timeout = "60s" the tries must not be spent in a second.
+    let mut broker = broker_with_secret();
+    broker.auth_transport_errors = 100;
+    let mut config = config();
+    config.tries = 3;
+    config.total_timeout = Duration::from_secs(60);
+    config.backoff = Backoff::default();
+    let mut h = harness_with(config.clone(), broker);
+    let err = h
+        .client
+        .attest(&mut h.provider, &mut h.observer)
+        .unwrap_err();
+    assert!(
+        matches!(err, KbsError::Unreachable { tries: 3, .. }),
+        "{err}"
+    );
+    assert_eq!(
+        h.clock.sleeps(),
+        [Duration::from_secs(20), Duration::from_secs(20)]
+    );
+    // The last try started at 40 s and had the last 20 s to connect.
+    let timeouts: Vec<Duration> = h.log.requests().iter().map(|r| r.timeout).collect();
+    assert_eq!(
+        timeouts,
+        [
+            Duration::from_secs(60),
+            Duration::from_secs(40),
+            Duration::from_secs(20)
+        ]
+    );
+
+    // A broker that answers from the third try on is reached at 40 s.
+    let mut broker = broker_with_secret();
+    broker.auth_transport_errors = 2;
+    let mut h = harness_with(config, broker);
+    h.client.attest(&mut h.provider, &mut h.observer).unwrap();
+    assert_eq!(h.clock.elapsed(), Duration::from_secs(40));
 }
 
 #[test]
@@ -1407,8 +1453,9 @@ fn the_total_timeout_is_respected() {
     let err = client
         .attest(&mut TestProvider::default(), &mut observer)
         .unwrap_err();
-    // Try 1: 0 → 40, sleep to 45; try 2: → 85, and 85 + 5 < 100 allows a sleep to 90;
-    // try 3 gets the last 10 ms, ends at 130: no time for a fourth.
+    // Try 1: 0 → 40; the 9 tries left share the 60 ms left (6 ms each, more than the 5 ms
+    // backoff): sleep to 46; try 2: → 86, 14 ms left for 8 tries is less than the backoff, so
+    // 5 ms: sleep to 91; try 3 gets the last 9 ms, ends at 131: no time for a fourth.
     assert!(matches!(err, KbsError::Timeout { .. }), "{err}");
     assert!(
         err.to_string().contains("did not finish within 100ms"),
@@ -1427,8 +1474,8 @@ fn the_total_timeout_is_respected() {
         timeouts,
         [
             Duration::from_millis(100),
-            Duration::from_millis(55),
-            Duration::from_millis(10)
+            Duration::from_millis(54),
+            Duration::from_millis(9)
         ]
     );
 }

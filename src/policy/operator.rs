@@ -42,6 +42,7 @@ pub(crate) const SCHEMA_KEYS: &[&str] = &[
     "network",
     "network.inbound",
     "network.outbound",
+    "network.interface",
     "lockdown",
     "lockdown.consoles",
     "lockdown.kernel_lockdown",
@@ -57,6 +58,19 @@ pub(crate) const SCHEMA_KEYS: &[&str] = &[
     "audit.checkpoint_interval",
     "on_failure",
 ];
+
+/// The keys of one `[network.interface.<NAME>]`; `overridable` may name
+/// `network.interface.<NAME>` or `network.interface.<NAME>.<KEY>` for each.
+pub(crate) const INTERFACE_KEYS: &[&str] = &["address", "gateway", "dns", "dhcp", "link_timeout"];
+
+/// Whether `key` is `<NAME>` or `<NAME>.<one of INTERFACE_KEYS>` (after `network.interface.`).
+fn is_interface_key(key: &str) -> bool {
+    let (name, field) = match key.split_once('.') {
+        Some((name, field)) => (name, Some(field)),
+        None => (key, None),
+    };
+    super::validate::is_interface_name(name) && field.is_none_or(|f| INTERFACE_KEYS.contains(&f))
+}
 
 /// Keys that decide whom the VM trusts or what it runs: never set by the site operator. On
 /// SNP and TDX the operator file is invisible to the broker, so an overridable trust anchor
@@ -126,7 +140,11 @@ pub(crate) fn covers_audit_file(key: &str) -> bool {
 
 /// Whether `key` is something `overridable` may name.
 fn is_schema_key(key: &str) -> bool {
-    SCHEMA_KEYS.contains(&key) || key.strip_prefix("workload.env.").is_some_and(is_env_name)
+    SCHEMA_KEYS.contains(&key)
+        || key.strip_prefix("workload.env.").is_some_and(is_env_name)
+        || key
+            .strip_prefix("network.interface.")
+            .is_some_and(is_interface_key)
 }
 
 /// Checks the `overridable` list. Returns the problems (one line each, `overridable[i]: …`)
@@ -160,8 +178,9 @@ pub(crate) fn check_overridable(list: &[String]) -> (Vec<String>, Vec<String>) {
             ));
         } else if !is_schema_key(key) {
             problems.push(format!(
-                "overridable[{i}]: {key:?} is not a policy key; write one of {}, or workload.env.<NAME>",
-                SCHEMA_KEYS.join(", ")
+                "overridable[{i}]: {key:?} is not a policy key; write one of {}, workload.env.<NAME>, network.interface.<NAME> or network.interface.<NAME>.<KEY> (KEY: {})",
+                SCHEMA_KEYS.join(", "),
+                INTERFACE_KEYS.join(", ")
             ));
         } else if !seen.insert(key.as_str()) {
             problems.push(format!(

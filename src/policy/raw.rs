@@ -110,6 +110,18 @@ pub(crate) struct RawVolume {
 pub(crate) struct RawNetwork {
     pub inbound: Option<Vec<RawInbound>>,
     pub outbound: Option<Vec<RawOutbound>>,
+    pub interface: Option<BTreeMap<String, RawInterface>>,
+}
+
+/// `[network.interface.<NAME>]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInterface {
+    pub address: Option<String>,
+    pub gateway: Option<String>,
+    pub dns: Option<Vec<String>>,
+    pub dhcp: Option<bool>,
+    pub link_timeout: Option<String>,
 }
 
 /// One inbound rule.

@@ -642,7 +642,7 @@ fn overridable_keys_must_exist_in_the_schema() {
         error_of(&format!(
             "overridable = [\"attestation.kbs\", \"attestation.url\", \"overridable\", \"attestation.kbs\"]\n{MINIMAL}"
         )),
-        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, or workload.env.<NAME>\n\
+        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, network.interface, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, workload.env.<NAME>, network.interface.<NAME> or network.interface.<NAME>.<KEY> (KEY: address, gateway, dns, dhcp, link_timeout)\n\
          overridable[2]: \"overridable\" cannot be overridable; the operator file must not widen what it may set, so remove it\n\
          overridable[3]: \"attestation.kbs\" is listed twice; remove one"
     );
@@ -917,6 +917,16 @@ fn full_policy_parses_with_every_value() {
                     proto: Proto::Udp
                 },
             ],
+            interfaces: vec![Interface {
+                name: "eth0".to_string(),
+                addressing: Addressing::Static {
+                    address: "10.0.2.15".parse().unwrap(),
+                    prefix: 24,
+                    gateway: Some("10.0.2.2".parse().unwrap()),
+                },
+                dns: vec!["10.0.2.3".parse().unwrap()],
+                link_timeout_secs: 20,
+            }],
         })
     );
     assert_eq!(
@@ -1055,7 +1065,8 @@ fn operator_overrides_are_applied_and_reported() {
                 host: "fl.site".to_string(),
                 port: 8002,
                 proto: Proto::Tcp
-            }]
+            }],
+            interfaces: vec![],
         })
     );
 }
@@ -1076,7 +1087,8 @@ fn an_overridable_table_is_replaced_whole() {
                 host: "fl.site".to_string(),
                 port: 8002,
                 proto: Proto::Tcp
-            }]
+            }],
+            interfaces: vec![],
         })
     );
 }
@@ -1180,6 +1192,23 @@ fn schema_keys_match_the_full_policy() {
                 format!("{prefix}.{key}")
             };
             if path == "overridable" {
+                continue;
+            }
+            if path == "network.interface" {
+                // Keyed by interface name: each interface's keys are INTERFACE_KEYS.
+                for iface in value.as_table().unwrap().values() {
+                    let mut keys: Vec<&str> = iface
+                        .as_table()
+                        .unwrap()
+                        .keys()
+                        .map(String::as_str)
+                        .collect();
+                    keys.sort();
+                    let mut listed = operator::INTERFACE_KEYS.to_vec();
+                    listed.sort();
+                    assert_eq!(keys, listed);
+                }
+                out.push(path);
                 continue;
             }
             if let toml::Value::Table(inner) = value {
@@ -1819,4 +1848,125 @@ fn audit_checkpoint_interval_defaults_to_ten_minutes_and_zero_turns_it_off() {
             format!("audit.checkpoint_interval: {bad:?} is not a duration from 10s to 24h; write e.g. \"10m\", or \"0\" for no periodic checkpoints")
         );
     }
+}
+
+#[test]
+fn interfaces_take_a_static_address_or_dhcp() {
+    let policy = format!(
+        "{MINIMAL}\n[network.interface.eth1]\ndhcp = true\ndns = [\"fd00::53\"]\n\n[network.interface.eth0]\naddress = \"192.168.1.10/31\"\n"
+    );
+    let p = parse(&policy, None, &users()).unwrap().policy;
+    let interfaces = p.network.unwrap().interfaces;
+    assert_eq!(
+        interfaces,
+        vec![
+            Interface {
+                name: "eth0".to_string(),
+                addressing: Addressing::Static {
+                    address: "192.168.1.10".parse().unwrap(),
+                    prefix: 31,
+                    gateway: None,
+                },
+                dns: vec![],
+                link_timeout_secs: DEFAULT_LINK_TIMEOUT_SECS,
+            },
+            Interface {
+                name: "eth1".to_string(),
+                addressing: Addressing::Dhcp,
+                dns: vec!["fd00::53".parse().unwrap()],
+                link_timeout_secs: DEFAULT_LINK_TIMEOUT_SECS,
+            },
+        ]
+    );
+}
+
+#[test]
+fn bad_interfaces_are_named_with_the_value_and_the_fix() {
+    let policy = format!(
+        "{MINIMAL}\n\
+         [network.interface.lo]\naddress = \"127.0.0.2/8\"\n\
+         [network.interface.\"e/x\"]\ndhcp = true\n\
+         [network.interface.a]\naddress = \"10.0.2.0/24\"\ngateway = \"10.0.3.1\"\n\
+         [network.interface.b]\ndhcp = true\naddress = \"10.0.2.15/24\"\n\
+         [network.interface.c]\ndhcp = true\ngateway = \"10.0.2.2\"\nlink_timeout = \"1h\"\n\
+         [network.interface.d]\ndns = [\"x\"]\n\
+         [network.interface.e]\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.3.1\"\n"
+    );
+    assert_eq!(
+        error_of(&policy),
+        "network.interface.a.address: \"10.0.2.0/24\" 10.0.2.0 is the network address of /24; write an IPv4 address with its prefix length, e.g. \"10.0.2.15/24\"\n\
+         network.interface.b.dhcp: dhcp = true and an `address` are both set; remove `address` (and `gateway`) to take them from a DHCP lease, or remove `dhcp`\n\
+         network.interface.c.gateway: \"10.0.2.2\": with dhcp = true the router comes from the lease; remove `gateway`\n\
+         network.interface.c.link_timeout: \"1h\" is not a duration from 1s to 5m; write e.g. \"10s\"\n\
+         network.interface.d.address: missing; write an IPv4 address with its prefix length, e.g. address = \"10.0.2.15/24\", or dhcp = true\n\
+         network.interface.d.dns[0]: \"x\" is not a name server address; write an IP address, e.g. \"10.0.2.3\"\n\
+         network.interface.e.gateway: \"10.0.3.1\" is outside 10.0.2.15/24, so it cannot be reached on the link; write the router's address in that subnet, or fix the prefix length\n\
+         network.interface.e/x: \"e/x\" is not an interface name; write the kernel's name (1 to 15 characters, no \"/\", \":\" or spaces), e.g. [network.interface.eth0]\n\
+         network.interface.lo: the loopback interface is always brought up (127.0.0.1/8) in the PID 1 shape; remove [network.interface.lo]"
+    );
+}
+
+#[test]
+fn more_than_three_name_servers_are_refused() {
+    let policy = format!(
+        "{MINIMAL}\n[network.interface.eth0]\ndhcp = true\ndns = [\"10.0.0.1\", \"10.0.0.2\"]\n[network.interface.eth1]\ndhcp = true\ndns = [\"10.0.0.3\", \"10.0.0.4\"]\n"
+    );
+    assert_eq!(
+        error_of(&policy),
+        "network.interface: 4 name servers in all (10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4); the resolver reads at most 3 from /etc/resolv.conf, so list at most 3 across the interfaces' `dns`"
+    );
+}
+
+#[test]
+fn the_operator_file_sets_an_interfaces_declared_keys() {
+    let policy = format!(
+        "overridable = [\"network.interface.eth0.address\", \"network.interface.eth0.gateway\", \"network.interface.eth0.dns\"]\n{MINIMAL}\n[network.interface.eth0]\nlink_timeout = \"5s\"\n"
+    );
+    let operator = "[network.interface.eth0]\naddress = \"10.1.0.5/16\"\ngateway = \"10.1.0.1\"\ndns = [\"10.1.0.53\"]\n";
+    let loaded = parse(&policy, Some(operator), &users()).unwrap();
+    assert_eq!(
+        loaded.overridden,
+        [
+            "network.interface.eth0.address",
+            "network.interface.eth0.dns",
+            "network.interface.eth0.gateway"
+        ]
+    );
+    assert_eq!(
+        loaded.policy.network.unwrap().interfaces,
+        vec![Interface {
+            name: "eth0".to_string(),
+            addressing: Addressing::Static {
+                address: "10.1.0.5".parse().unwrap(),
+                prefix: 16,
+                gateway: Some("10.1.0.1".parse().unwrap()),
+            },
+            dns: vec!["10.1.0.53".parse().unwrap()],
+            link_timeout_secs: 5,
+        }]
+    );
+    // Not declared: the link timeout, another interface.
+    let operator = "[network.interface.eth0]\naddress = \"10.1.0.5/16\"\nlink_timeout = \"1s\"\n[network.interface.eth1]\ndhcp = true\n";
+    let problems = parse(&policy, Some(operator), &users())
+        .unwrap_err()
+        .problems();
+    assert_eq!(
+        problems,
+        [
+            "operator: `network.interface.eth0.link_timeout` at line 3, column 1 is not overridable: the policy does not declare it in `overridable`; remove it from the operator file",
+            "operator: `network.interface.eth1.dhcp` at line 5, column 1 is not overridable: the policy does not declare it in `overridable`; remove it from the operator file",
+        ]
+    );
+    // An invalid value set by the operator says so.
+    let operator = "[network.interface.eth0]\naddress = \"10.1.0.5\"\n";
+    assert_eq!(
+        parse(&policy, Some(operator), &users())
+            .unwrap_err()
+            .problems(),
+        ["network.interface.eth0.address (set by operator): \"10.1.0.5\" has no prefix length; write an IPv4 address with its prefix length, e.g. \"10.0.2.15/24\""]
+    );
+    // Unknown interface keys cannot be declared.
+    let policy = format!("overridable = [\"network.interface.eth0.mtu\"]\n{MINIMAL}\n");
+    assert!(error_of(&policy)
+        .starts_with("overridable[0]: \"network.interface.eth0.mtu\" is not a policy key"));
 }

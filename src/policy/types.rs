@@ -227,6 +227,43 @@ pub struct Network {
     pub inbound: Vec<InboundRule>,
     /// Outbound host:port pairs.
     pub outbound: Vec<OutboundRule>,
+    /// `[network.interface.<NAME>]`: interfaces configured in the PID 1 shape (sorted by name).
+    pub interfaces: Vec<Interface>,
+}
+
+/// Default `network.interface.<NAME>.link_timeout`: how long an interface may take to appear
+/// and report carrier.
+pub const DEFAULT_LINK_TIMEOUT_SECS: u64 = 10;
+
+/// `[network.interface.<NAME>]`: one interface's IPv4 configuration (PID 1 shape only; under
+/// systemd the OS configures interfaces).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Interface {
+    /// Kernel interface name, e.g. `eth0`.
+    pub name: String,
+    /// Static address or DHCPv4.
+    pub addressing: Addressing,
+    /// Name servers written to `/etc/resolv.conf` (with DHCP: instead of the lease's).
+    pub dns: Vec<std::net::IpAddr>,
+    /// Bound on waiting for the interface to appear and report carrier, in seconds.
+    pub link_timeout_secs: u64,
+}
+
+/// How an interface gets its IPv4 address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum Addressing {
+    /// `address = "A.B.C.D/LEN"`, optional `gateway`.
+    Static {
+        /// The address.
+        address: std::net::Ipv4Addr,
+        /// Prefix length, 1..=32.
+        prefix: u8,
+        /// Default route via this router (inside the address's subnet).
+        gateway: Option<std::net::Ipv4Addr>,
+    },
+    /// `dhcp = true`: address, prefix, router and name servers from a DHCPv4 lease.
+    Dhcp,
 }
 
 /// Transport protocol.

@@ -7,8 +7,9 @@ use std::path::{Component, Path, PathBuf};
 
 use super::operator::{check_overridable, covers_audit_file};
 use super::raw::{
-    Int, RawAttestation, RawAudit, RawBroker, RawId, RawInbound, RawLimit, RawLockdown, RawNetwork,
-    RawOutbound, RawPolicy, RawRlimit, RawSecret, RawUmask, RawVolume, RawWorkload,
+    Int, RawAttestation, RawAudit, RawBroker, RawId, RawInbound, RawInterface, RawLimit,
+    RawLockdown, RawNetwork, RawOutbound, RawPolicy, RawRlimit, RawSecret, RawUmask, RawVolume,
+    RawWorkload,
 };
 use super::types::*;
 use super::users::UserDb;
@@ -1700,9 +1701,205 @@ fn network(c: &mut Check<'_>, raw: &RawNetwork) -> Option<Network> {
             None => ok = false,
         }
     }
+    let mut interfaces = Vec::new();
+    for (name, r) in raw.interface.iter().flatten() {
+        match interface(c, name, r) {
+            Some(iface) => interfaces.push(iface),
+            None => ok = false,
+        }
+    }
+    let servers: BTreeSet<IpAddr> = interfaces
+        .iter()
+        .flat_map(|i| i.dns.iter().copied())
+        .collect();
+    if servers.len() > MAX_NAMESERVERS {
+        c.error(
+            "network.interface",
+            format!(
+                "{} name servers in all ({}); the resolver reads at most {MAX_NAMESERVERS} from /etc/resolv.conf, so list at most {MAX_NAMESERVERS} across the interfaces' `dns`",
+                servers.len(),
+                servers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ),
+        );
+        ok = false;
+    }
     ok.then_some(Network {
         inbound: inbound_rules,
         outbound: outbound_rules,
+        interfaces,
+    })
+}
+
+/// Most name servers `/etc/resolv.conf` may list (glibc's `MAXNS`).
+pub const MAX_NAMESERVERS: usize = 3;
+
+/// Whether `name` is a kernel interface name: 1 to 15 bytes, no `/`, `:`, white space or
+/// control characters, not `.` or `..`.
+pub(crate) fn is_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_graphic() && ch != '/' && ch != ':')
+}
+
+/// `A.B.C.D/LEN` with LEN 1..=32; not the network or broadcast address of a prefix below 31.
+fn ipv4_with_prefix(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, len) = text
+        .split_once('/')
+        .ok_or_else(|| "has no prefix length".to_string())?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+    let len: u8 = match len.parse::<u8>() {
+        Ok(l) if (1..=32).contains(&l) => l,
+        _ => return Err(format!("prefix length {len:?} is not from 1 to 32")),
+    };
+    if len < 31 {
+        let host_bits = u32::from(addr) & (u32::MAX >> len);
+        if host_bits == 0 {
+            return Err(format!("{addr} is the network address of /{len}"));
+        }
+        if host_bits == u32::MAX >> len {
+            return Err(format!("{addr} is the broadcast address of /{len}"));
+        }
+    }
+    if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() || addr.is_broadcast() {
+        return Err(format!("{addr} cannot be an interface's address"));
+    }
+    Ok((addr, len))
+}
+
+fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    u32::from(a) & mask == u32::from(b) & mask
+}
+
+fn interface(c: &mut Check<'_>, name: &str, raw: &RawInterface) -> Option<Interface> {
+    let key = format!("network.interface.{name}");
+    if !is_interface_name(name) {
+        c.error(
+            &key,
+            format!("{name:?} is not an interface name; write the kernel's name (1 to 15 characters, no \"/\", \":\" or spaces), e.g. [network.interface.eth0]"),
+        );
+        return None;
+    }
+    if name == "lo" {
+        c.error(
+            &key,
+            "the loopback interface is always brought up (127.0.0.1/8) in the PID 1 shape; remove [network.interface.lo]",
+        );
+        return None;
+    }
+    let mut ok = true;
+    let dhcp = raw.dhcp.unwrap_or(false);
+    let addressing = match (&raw.address, dhcp) {
+        (Some(_), true) => {
+            c.error(
+                &format!("{key}.dhcp"),
+                "dhcp = true and an `address` are both set; remove `address` (and `gateway`) to take them from a DHCP lease, or remove `dhcp`",
+            );
+            None
+        }
+        (None, true) => {
+            if let Some(gateway) = &raw.gateway {
+                c.error(
+                    &format!("{key}.gateway"),
+                    format!("{gateway:?}: with dhcp = true the router comes from the lease; remove `gateway`"),
+                );
+                None
+            } else {
+                Some(Addressing::Dhcp)
+            }
+        }
+        (None, false) => {
+            c.missing(
+                &format!("{key}.address"),
+                "write an IPv4 address with its prefix length, e.g. address = \"10.0.2.15/24\", or dhcp = true",
+            );
+            None
+        }
+        (Some(text), false) => match ipv4_with_prefix(text) {
+            Err(why) => {
+                c.error(
+                    &format!("{key}.address"),
+                    format!("{text:?} {why}; write an IPv4 address with its prefix length, e.g. \"10.0.2.15/24\""),
+                );
+                None
+            }
+            Ok((address, prefix)) => {
+                let gateway = match raw.gateway.as_deref() {
+                    None => Some(None),
+                    Some(g) => match g.parse::<Ipv4Addr>() {
+                        Ok(gw) if gw == address => {
+                            c.error(&format!("{key}.gateway"), format!("{g:?} is the interface's own address; write the router's address, or remove `gateway`"));
+                            None
+                        }
+                        Ok(gw) if !same_subnet(gw, address, prefix) => {
+                            c.error(&format!("{key}.gateway"), format!("{g:?} is outside {text}, so it cannot be reached on the link; write the router's address in that subnet, or fix the prefix length"));
+                            None
+                        }
+                        Ok(gw) => Some(Some(gw)),
+                        Err(_) => {
+                            c.error(&format!("{key}.gateway"), format!("{g:?} is not an IPv4 address; write the router's address, e.g. \"10.0.2.2\""));
+                            None
+                        }
+                    },
+                };
+                gateway.map(|gateway| Addressing::Static {
+                    address,
+                    prefix,
+                    gateway,
+                })
+            }
+        },
+    };
+    let mut dns = Vec::new();
+    for (i, text) in raw.dns.iter().flatten().enumerate() {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => {
+                if dns.contains(&ip) {
+                    c.error(
+                        &format!("{key}.dns[{i}]"),
+                        format!("{text:?} is listed twice; remove one"),
+                    );
+                    ok = false;
+                } else {
+                    dns.push(ip);
+                }
+            }
+            _ => {
+                c.error(
+                    &format!("{key}.dns[{i}]"),
+                    format!("{text:?} is not a name server address; write an IP address, e.g. \"10.0.2.3\""),
+                );
+                ok = false;
+            }
+        }
+    }
+    let link_timeout_secs = match raw.link_timeout.as_deref() {
+        None => Some(DEFAULT_LINK_TIMEOUT_SECS),
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if (1..=300).contains(&d.as_secs()) => Some(d.as_secs()),
+            _ => {
+                c.error(
+                    &format!("{key}.link_timeout"),
+                    format!("{text:?} is not a duration from 1s to 5m; write e.g. \"10s\""),
+                );
+                None
+            }
+        },
+    };
+    let (Some(addressing), Some(link_timeout_secs), true) = (addressing, link_timeout_secs, ok)
+    else {
+        return None;
+    };
+    Some(Interface {
+        name: name.to_string(),
+        addressing,
+        dns,
+        link_timeout_secs,
     })
 }
 

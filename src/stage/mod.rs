@@ -296,6 +296,9 @@ pub struct Facts {
 /// The whole boot, planned before the first side effect. Printed by `cvm-warden plan`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BootPlan {
+    /// Network bring-up (PID 1: loopback and `[network.interface.*]`; systemd: left to the
+    /// OS). Not a stage yet: the runner applies it with `net::apply` after the perimeter.
+    pub network: crate::net::NetPlan,
     /// Stage 1.
     pub perimeter: perimeter::Plan,
     /// Stage 2.
@@ -314,6 +317,7 @@ impl BootPlan {
     /// Plans every stage. Pure: no I/O, so it runs without root anywhere.
     pub fn new(policy: &Policy, facts: &Facts) -> Result<BootPlan, StageError> {
         Ok(BootPlan {
+            network: crate::net::plan(policy, facts.shape),
             perimeter: perimeter::plan(policy, facts)?,
             measure: measure::plan(policy, facts)?,
             attest: attest::plan(policy)?,
@@ -335,5 +339,36 @@ impl BootPlan {
         };
         // Plans are plain data; serialising them cannot fail, but never panic in PID 1.
         value.unwrap_or_else(|error| serde_json::json!({ "unserialisable": error.to_string() }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_plan_lists_the_network_bring_up_per_shape() {
+        let text = "attestation = \"none\"\n[workload]\nbundle = \"/opt/w\"\nsource = \"initramfs\"\nexec = [\"/opt/w/run\"]\nuser = 1000\ngroup = 1000\n\n[network]\n[network.interface.eth0]\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n";
+        let loaded = crate::policy::parse(text, None, &crate::policy::MemoryUsers::new()).unwrap();
+        let facts = |shape| Facts {
+            cmdline_path: PathBuf::from("/proc/cmdline"),
+            policy_digest: loaded.policy_digest,
+            operator_digest: None,
+            shape,
+            sandbox: false,
+        };
+        let pid1 = BootPlan::new(&loaded.policy, &facts(crate::lockdown::Shape::Pid1)).unwrap();
+        let json = serde_json::to_value(&pid1).unwrap();
+        assert_eq!(json["network"]["action"], "configure");
+        assert_eq!(json["network"]["interfaces"][0]["name"], "eth0");
+        assert_eq!(
+            json["network"]["interfaces"][0]["addressing"]["address"],
+            "10.0.2.15"
+        );
+        let unit = BootPlan::new(&loaded.policy, &facts(crate::lockdown::Shape::Systemd)).unwrap();
+        let json = serde_json::to_value(&unit).unwrap();
+        assert_eq!(json["network"]["action"], "left-to-the-os");
+        assert_eq!(json["network"]["interfaces"][0], "eth0");
     }
 }
