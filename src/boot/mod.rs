@@ -62,6 +62,9 @@ pub enum BootError {
     /// The kernel modules the policy needs could not be loaded (before the TEE is opened).
     #[error("boot setup: loading the kernel modules the policy needs")]
     Modules(#[source] crate::lockdown::LockdownError),
+    /// The network could not be brought up (after the perimeter, before attestation).
+    #[error("network bring-up")]
+    Network(#[source] crate::net::NetError),
     /// configfs could not be mounted after its module was loaded.
     #[error("boot setup: mounting configfs after loading the kernel modules")]
     Configfs(#[source] crate::sys::SysError),
@@ -136,6 +139,9 @@ pub struct Env<'a> {
     pub lockdown: &'a dyn crate::lockdown::LockdownSys,
     /// Where the lockdown reads and writes.
     pub lockdown_paths: &'a crate::lockdown::Paths,
+    /// Network bring-up (after the perimeter, before the measure stage) and the
+    /// `resolv.conf` it writes; `None`: nothing is brought up (tests of other stages).
+    pub net: Option<(&'a dyn crate::net::NetSys, &'a std::path::Path)>,
 }
 
 impl std::fmt::Debug for Env<'_> {
@@ -311,7 +317,8 @@ pub fn prepare_logged(
         lockdown: env.lockdown,
         lockdown_paths: env.lockdown_paths,
     };
-    let result = run_stages(&plan, &mut fx, audit);
+    let net = env.net.filter(|_| !facts.sandbox);
+    let result = run_stages(&plan, &mut fx, audit, net);
     if result.is_err() && fx.sys.is_mountpoint(&plan.unlock.secrets_dir) {
         // Secrets may already sit in their tmpfs (a later stage, or a later secret, failed):
         // the workload will never read them, so they go now, not at power-off.
@@ -334,7 +341,12 @@ pub fn prepare_logged(
 }
 
 /// The stage loop of [`prepare`], then the audit sinks' check.
-fn run_stages(plan: &BootPlan, fx: &mut Effects<'_>, audit: &Audit) -> Result<(), BootError> {
+fn run_stages(
+    plan: &BootPlan,
+    fx: &mut Effects<'_>,
+    audit: &Audit,
+    net: Option<(&dyn crate::net::NetSys, &std::path::Path)>,
+) -> Result<(), BootError> {
     for stage in StageName::ALL {
         let name = stage.as_str();
         log::info!("stage {name}: begin");
@@ -357,6 +369,9 @@ fn run_stages(plan: &BootPlan, fx: &mut Effects<'_>, audit: &Audit) -> Result<()
                 log::info!("stage {name}: ok");
                 record(audit, name, "ok", details)?;
                 if stage == StageName::Perimeter {
+                    if let Some((sys, resolv_conf)) = net {
+                        bring_up_network(&plan.network, sys, resolv_conf, fx, audit)?;
+                    }
                     // systemd (Type=notify): units ordered after cvm-warden start now, behind
                     // the perimeter. Not fatal: without a service manager nothing listens.
                     if let Err(error) = fx.sys.notify_ready("perimeter up; measuring") {
@@ -377,6 +392,44 @@ fn run_stages(plan: &BootPlan, fx: &mut Effects<'_>, audit: &Audit) -> Result<()
     }
     // A required audit sink that never caught up stops the boot here, before launch.
     audit.require_sinks().map_err(BootError::Audit)
+}
+
+/// The network, right after the perimeter ruleset is in place (default deny, DHCP admitted
+/// where configured) and before anything needs it (the broker): recorded like a stage
+/// (`network/begin`, `network/ok` with the report, or `network/failed`); each DHCP lease's
+/// server is pinned for the allowlist, which then admits exactly its renewals.
+fn bring_up_network(
+    plan: &crate::net::NetPlan,
+    sys: &dyn crate::net::NetSys,
+    resolv_conf: &std::path::Path,
+    fx: &mut Effects<'_>,
+    audit: &Audit,
+) -> Result<(), BootError> {
+    log::info!("network: begin");
+    record(audit, "network", "begin", json!({ "plan": plan }))?;
+    match crate::net::apply(plan, sys, resolv_conf) {
+        Ok(report) => {
+            if let Some(resolution) = fx.resolution.as_mut() {
+                for dhcp in report.dhcp_servers() {
+                    resolution.pin_dhcp(dhcp.interface, dhcp.server);
+                }
+            }
+            log::info!("network: ok");
+            record(audit, "network", "ok", json!(report))?;
+            Ok(())
+        }
+        Err(source) => {
+            let error = BootError::Network(source);
+            log::error!("{}", chain(&error));
+            record(
+                audit,
+                "network",
+                "failed",
+                json!({ "error": chain(&error) }),
+            )?;
+            Err(error)
+        }
+    }
 }
 
 fn separator(fx: &mut Effects<'_>) -> Result<Value, StageError> {

@@ -157,6 +157,7 @@ fn run_prepare(
         resolver: &crate::firewall::FakeResolver::new(),
         lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
         lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
+        net: None,
     };
     prepare(&loaded, &fixture.facts(&loaded), env)
 }
@@ -827,6 +828,7 @@ fn prepare_with(
         resolver: &crate::firewall::FakeResolver::new(),
         lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
         lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
+        net: None,
     };
     prepare(&loaded, &fixture.facts(&loaded), env)
 }
@@ -1038,6 +1040,7 @@ fn the_register_value_before_the_first_extend_is_recorded() {
         resolver: &crate::firewall::FakeResolver::new(),
         lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
         lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
+        net: None,
     };
     let ready = prepare(&loaded, &fixture.facts(&loaded), env).unwrap();
     assert_eq!(ready.event_log.register_initial(), Some(firmware));
@@ -1123,6 +1126,7 @@ fn perimeter_and_allowlist_apply_measure_and_pin_once_and_a_sandbox_skips_host_s
         resolver: &resolver,
         lockdown: &lockdown,
         lockdown_paths: &paths,
+        net: None,
     };
     let ready = prepare(&loaded, &facts, env).unwrap();
     // Two atomic transactions: the perimeter, then the allowlist.
@@ -1205,6 +1209,7 @@ fn a_hanging_nft_fails_the_perimeter_closed_within_its_timeout() {
         resolver: &resolver,
         lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
         lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
+        net: None,
     };
     let started = std::time::Instant::now();
     let error = prepare(&loaded, &fixture.facts(&loaded), env).unwrap_err();
@@ -1891,4 +1896,101 @@ fn the_network_modules_cover_every_expression_of_the_rendered_rulesets() {
     for module in crate::lockdown::NETWORK_MODULES {
         assert!(planned.contains(&module), "{module}");
     }
+}
+
+/// `prepare` of `policy` with a network effect.
+fn run_prepare_net(
+    fixture: &Fixture,
+    policy: &str,
+    net: &crate::net::FakeNetSys,
+    audit: &Audit,
+) -> Result<Ready, BootError> {
+    let loaded = load(policy);
+    let mut register = NoRegister;
+    let resolv = fixture.path("resolv.conf");
+    let env = Env {
+        sys: &FakeSys::new(),
+        measurer: &RealMeasurer,
+        register: &mut register,
+        audit,
+        broker: None,
+        volumes: &crate::volume::FakeVolumes::new(),
+        firewall: &mut crate::firewall::RecordingFirewall::new(),
+        resolver: &crate::firewall::FakeResolver::new(),
+        lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
+        lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
+        net: Some((net, &resolv)),
+    };
+    prepare(&loaded, &fixture.facts(&loaded), env)
+}
+
+const ETH0: &str = "[network]\ninbound = [{ port = 8002 }]\n\n[network.interface.eth0]\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\ndns = [\"10.0.2.3\"]\n";
+
+#[test]
+fn the_network_comes_up_after_the_perimeter_and_before_the_measure_stage() {
+    let fixture = Fixture::new();
+    let (audit, lines) = memory_audit();
+    let net = crate::net::FakeNetSys::new().with_link(
+        "eth0",
+        crate::net::FakeLink {
+            index: 2,
+            mac: vec![0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            appears_after: std::time::Duration::from_millis(300),
+            carrier_after: Some(std::time::Duration::from_millis(500)),
+            up: false,
+        },
+    );
+    run_prepare_net(&fixture, &fixture.policy(ETH0), &net, &audit).unwrap();
+    let events = events(&records(&lines));
+    let at = |stage: &str, event: &str| {
+        events
+            .iter()
+            .position(|(s, e)| s == stage && e == event)
+            .unwrap_or_else(|| panic!("no {stage}/{event} in {events:?}"))
+    };
+    assert!(at("perimeter", "ok") < at("network", "begin"));
+    assert!(at("network", "ok") < at("measure", "begin"));
+    let calls = net.calls();
+    assert!(
+        calls.contains(&crate::net::NetCall::SetUp(1)),
+        "lo is brought up: {calls:?}"
+    );
+    assert!(
+        calls.contains(&crate::net::NetCall::AddAddress(
+            2,
+            "10.0.2.15".parse().unwrap(),
+            24
+        )),
+        "{calls:?}"
+    );
+    assert!(
+        calls.iter().any(|c| matches!(c,
+            crate::net::NetCall::WriteFile(path, text)
+                if *path == fixture.path("resolv.conf") && text.contains("nameserver 10.0.2.3"))),
+        "{calls:?}"
+    );
+}
+
+#[test]
+fn a_missing_interface_stops_the_boot_before_anything_is_measured() {
+    let fixture = Fixture::new();
+    let (audit, lines) = memory_audit();
+    let net = crate::net::FakeNetSys::new();
+    let error = run_prepare_net(&fixture, &fixture.policy(ETH0), &net, &audit).unwrap_err();
+    assert!(matches!(error, BootError::Network(_)), "{error:?}");
+    let records = records(&lines);
+    let failed = records
+        .iter()
+        .find(|r| r["stage"] == "network" && r["event"] == "failed")
+        .expect("network/failed");
+    assert!(failed["details"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("eth0"));
+    assert!(
+        !events(&records)
+            .iter()
+            .any(|(s, _)| s == "measure" || s == "attest"),
+        "a stage ran after the network failed"
+    );
 }

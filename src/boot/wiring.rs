@@ -225,6 +225,10 @@ pub fn prepare(
         resolver: &crate::firewall::SystemResolver::default(),
         lockdown: &lockdown_sys,
         lockdown_paths: &lockdown_paths,
+        net: Some((
+            &crate::net::RealNetSys::new(),
+            Path::new(crate::net::RESOLV_CONF),
+        )),
     };
     super::prepare_logged(
         loaded,
