@@ -221,7 +221,13 @@ pub(crate) fn module_index(
     let dep = read_optional(&dir.join("modules.dep"), "modules.dep")?.unwrap_or_default();
     let builtin =
         read_optional(&dir.join("modules.builtin"), "modules.builtin")?.unwrap_or_default();
-    Ok((release, ModuleIndex::parse(&dir, &dep, &builtin)))
+    let softdep =
+        read_optional(&dir.join("modules.softdep"), "modules.softdep")?.unwrap_or_default();
+    let alias = read_optional(&dir.join("modules.alias"), "modules.alias")?.unwrap_or_default();
+    Ok((
+        release,
+        ModuleIndex::parse(&dir, &dep, &builtin).with_softdeps(&softdep, &alias),
+    ))
 }
 
 fn load_modules(

@@ -38,6 +38,10 @@ pub struct ModuleIndex {
     modules: BTreeMap<String, (PathBuf, Vec<PathBuf>)>,
     /// Names of built-in modules.
     builtin: Vec<String>,
+    /// Module name → the modules its `softdep … pre:` names resolve to (through
+    /// `modules.alias`), loaded before it as modprobe does: `libcrc32c` needs a `crc32c`
+    /// implementation loaded first, or its init fails with ENOENT.
+    pre: BTreeMap<String, Vec<String>>,
 }
 
 impl ModuleIndex {
@@ -73,7 +77,64 @@ impl ModuleIndex {
             .filter(|l| !l.is_empty())
             .map(module_name)
             .collect();
-        ModuleIndex { modules, builtin }
+        ModuleIndex {
+            modules,
+            builtin,
+            pre: BTreeMap::new(),
+        }
+    }
+
+    /// Adds the `pre:` soft dependencies of `modules.softdep` (`softdep NAME pre: A B post:
+    /// C`), each resolved to the modules of this index named so or aliased so in
+    /// `modules.alias` (`alias crc32c crc32c_generic`); names that resolve to nothing are
+    /// dropped (a soft dependency is optional).
+    pub fn with_softdeps(mut self, modules_softdep: &str, modules_alias: &str) -> ModuleIndex {
+        let mut aliases: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for line in modules_alias.lines() {
+            let mut words = line.split_whitespace();
+            if let (Some("alias"), Some(alias), Some(module)) =
+                (words.next(), words.next(), words.next())
+            {
+                aliases.entry(alias).or_default().push(module_name(module));
+            }
+        }
+        for line in modules_softdep.lines() {
+            let mut words = line.split_whitespace();
+            let (Some("softdep"), Some(module)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let mut pre = Vec::new();
+            let mut in_pre = false;
+            for word in words {
+                match word {
+                    "pre:" => in_pre = true,
+                    "post:" => in_pre = false,
+                    name if in_pre => {
+                        let targets = if self.modules.contains_key(&module_name(name)) {
+                            vec![module_name(name)]
+                        } else {
+                            aliases.get(name).cloned().unwrap_or_default()
+                        };
+                        for target in targets {
+                            if self.modules.contains_key(&target) && !pre.contains(&target) {
+                                pre.push(target);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if !pre.is_empty() {
+                self.pre.insert(module_name(module), pre);
+            }
+        }
+        self
+    }
+
+    /// Every module that some module names as a soft dependency (optional: one that does
+    /// not load, e.g. `crc32c_intel` on a CPU without SSE 4.2, is skipped).
+    pub fn soft_dependencies(&self) -> std::collections::BTreeSet<String> {
+        self.pre.values().flatten().cloned().collect()
     }
 
     /// Whether `name` is built into the kernel.
@@ -85,20 +146,37 @@ impl ModuleIndex {
     /// The files to load for `name`, dependencies first (the reverse of their `modules.dep`
     /// order, as modprobe does), `name`'s own file last; `None` when the index has no such
     /// module.
+    ///
+    /// Each module's `pre:` soft dependencies (with their own dependencies) come right before
+    /// it.
     pub fn load_order(&self, name: &str) -> Option<Vec<(String, PathBuf)>> {
-        let (file, deps) = self.modules.get(&module_name(name))?;
-        let mut order: Vec<(String, PathBuf)> = deps
-            .iter()
-            .rev()
-            .map(|dep| {
-                let dep_name = dep
-                    .file_name()
-                    .map(|n| module_name(&n.to_string_lossy()))
-                    .unwrap_or_default();
-                (dep_name, dep.clone())
-            })
-            .collect();
-        order.push((module_name(name), file.clone()));
+        let mut order = Vec::new();
+        self.push_order(&module_name(name), &mut order, 0)?;
         Some(order)
+    }
+
+    fn push_order(&self, name: &str, order: &mut Vec<(String, PathBuf)>, depth: u8) -> Option<()> {
+        let (file, deps) = self.modules.get(name)?;
+        let hard = deps.iter().rev().map(|dep| {
+            let dep_name = dep
+                .file_name()
+                .map(|n| module_name(&n.to_string_lossy()))
+                .unwrap_or_default();
+            (dep_name, dep.clone())
+        });
+        for (dep_name, dep) in hard.chain(std::iter::once((name.to_owned(), file.clone()))) {
+            // Soft dependencies of soft dependencies: two levels are plenty (and no cycle).
+            if depth < 2 {
+                for pre in self.pre.get(&dep_name).into_iter().flatten() {
+                    if !order.iter().any(|(n, _)| n == pre) {
+                        let _ = self.push_order(pre, order, depth + 1);
+                    }
+                }
+            }
+            if !order.iter().any(|(n, _)| *n == dep_name) {
+                order.push((dep_name, dep));
+            }
+        }
+        Some(())
     }
 }

@@ -240,7 +240,13 @@ pub(crate) fn resolve_and_load(
     }
     let mut loaded_now: Vec<String> = Vec::new();
     if !work.is_empty() {
-        load_files(&work, sys, paths, &release, &mut loaded_now)?;
+        // Soft dependencies that are not wanted themselves are optional.
+        let optional: BTreeSet<String> = index
+            .soft_dependencies()
+            .into_iter()
+            .filter(|soft| !wanted.iter().any(|w| module_name(w.name) == *soft))
+            .collect();
+        load_files(&work, sys, paths, &release, &optional, &mut loaded_now)?;
     }
     for (i, order) in work {
         let own = order
@@ -264,6 +270,7 @@ fn load_files(
     sys: &dyn LockdownSys,
     paths: &Paths,
     release: &str,
+    optional: &BTreeSet<String>,
     loaded_now: &mut Vec<String>,
 ) -> Result<(), LockdownError> {
     let disabled = paths.sysctl("kernel.modules_disabled");
@@ -304,6 +311,9 @@ fn load_files(
             match sys.finit_module(path, compressed) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                // An optional soft dependency that does not load (wrong CPU): skipped, as
+                // modprobe does; what needed it fails by itself if nothing else serves.
+                Err(_) if optional.contains(name) => continue,
                 Err(source) => {
                     return Err(LockdownError::ModuleLoad {
                         module: name.clone(),

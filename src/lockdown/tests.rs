@@ -553,6 +553,48 @@ fn module_names_treat_dash_and_underscore_alike_and_strip_compression() {
     assert!(index.load_order("e").is_none());
 }
 
+#[test]
+fn soft_dependencies_load_first_through_their_aliases() {
+    // Debian 6.1's files: libcrc32c's init asks the crypto API for "crc32c" and fails with
+    // ENOENT unless an implementation is loaded before it.
+    let index = ModuleIndex::parse(
+        Path::new("/m"),
+        "kernel/net/netfilter/nf_tables.ko: kernel/lib/libcrc32c.ko kernel/net/netfilter/nfnetlink.ko\n\
+         kernel/lib/libcrc32c.ko:\n\
+         kernel/net/netfilter/nfnetlink.ko:\n\
+         kernel/crypto/crc32c_generic.ko:\n\
+         kernel/arch/x86/crypto/crc32c-intel.ko:\n",
+        "",
+    )
+    .with_softdeps(
+        "softdep libcrc32c pre: crc32c\nsoftdep ext4 pre: crypto-crc32c\nsoftdep x pre: absent\n",
+        "alias crypto-crc32c crc32c_intel\nalias crc32c crc32c_intel\nalias crc32c crc32c_generic\n",
+    );
+    let names: Vec<String> = index
+        .load_order("nf_tables")
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "nfnetlink",
+            "crc32c_intel",
+            "crc32c_generic",
+            "libcrc32c",
+            "nf_tables"
+        ]
+    );
+    assert_eq!(
+        index.soft_dependencies().into_iter().collect::<Vec<_>>(),
+        ["crc32c_generic", "crc32c_intel"]
+    );
+    // Without the softdep files the order is modules.dep's alone.
+    let plain = ModuleIndex::parse(Path::new("/m"), "a.ko: b.ko\nb.ko:\n", "");
+    assert_eq!(plain.load_order("a").unwrap().len(), 2);
+}
+
 // --- lockdown LSM -----------------------------------------------------------------------------
 
 #[test]

@@ -90,6 +90,12 @@ pub struct Bins {
 impl Bins {
     /// The binaries in `dir` (a cargo profile folder, e.g. `target/release`).
     pub fn in_dir(dir: &Path) -> Result<Bins> {
+        let dir = &std::fs::canonicalize(dir).with_context(|| {
+            format!(
+                "{} is missing: build the release binaries first",
+                dir.display()
+            )
+        })?;
         let bin = |name: &str| -> Result<PathBuf> {
             let path = dir.join(name);
             if !path.is_file() {

@@ -71,6 +71,7 @@ impl Flags {
         let bins = Bins::in_dir(&self.path("bins")?)?;
         let work = self.path("work")?;
         std::fs::create_dir_all(&work)?;
+        let work = std::fs::canonicalize(&work)?;
         Ok(Ctx { assets, bins, work })
     }
 }

@@ -334,11 +334,14 @@ impl Site {
     /// The broker's configuration: this site's AK trusted, `pcr15` required, both resources
     /// released only to an affirming token.
     pub fn broker_config(&self, pcr15: &str, volume_key: &[u8]) -> Result<String> {
-        fs::write(self.dir.join("volume.key"), volume_key)?;
-        fs::write(self.dir.join("secret.bin"), &self.secret)?;
+        let (key_file, secret_file) = (self.dir.join("volume.key"), self.dir.join("secret.bin"));
+        fs::write(&key_file, volume_key)?;
+        fs::write(&secret_file, &self.secret)?;
         Ok(format!(
-            "trusted_aks = [{:?}]\n\n[reference_values]\ntpm_pcr15 = [{pcr15:?}]\n\n[resources.\"{VOLUME_RESOURCE}\"]\nvalue_file = \"volume.key\"\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = \"secret.bin\"\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
-            self.ak
+            "trusted_aks = [{:?}]\n\n[reference_values]\ntpm_pcr15 = [{pcr15:?}]\n\n[resources.\"{VOLUME_RESOURCE}\"]\nvalue_file = {:?}\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = {:?}\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
+            self.ak,
+            key_file.display().to_string(),
+            secret_file.display().to_string()
         ))
     }
 }
