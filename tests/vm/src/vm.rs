@@ -94,14 +94,16 @@ impl Outcome {
         self.serial.contains("Kernel panic")
     }
 
-    /// The last audit record (the closing one on a clean end).
+    /// The closing record (`shutdown/…`; only the closing checkpoint may follow it).
     pub fn closing(&self) -> Option<serde_json::Value> {
-        self.audit
+        let last = self
+            .audit
             .lines()
             .rev()
             .filter(|l| l.starts_with('{'))
-            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|r| r["stage"] == "shutdown")
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| r["stage"] != "audit" || r["event"] != "checkpoint")?;
+        (last["stage"] == "shutdown").then_some(last)
     }
 
     /// Every record with this stage and event.
