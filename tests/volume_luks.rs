@@ -1466,3 +1466,26 @@ fn a_first_boot_through_the_real_effects_makes_the_root_the_policy_says() {
     );
     shut_down(&vols, &spec);
 }
+
+#[test]
+fn data_past_a_wiped_first_mib_is_never_taken_for_blank() {
+    require_root();
+    let dir = tempdir();
+    let image = blank_image(dir.path(), "wiped-head.img");
+    let vols = RealVolumes::new();
+    assert_eq!(vols.inspect(&image).unwrap(), DeviceState::Blank);
+    // A file system whose first MiB was wiped (wipefs, a zeroed partition table): its data
+    // further on must keep the device from being formatted, whatever format_if_blank says.
+    let mut file = OpenOptions::new().write(true).open(&image).unwrap();
+    file.seek(SeekFrom::Start(8 * 1024 * 1024 + 4096)).unwrap();
+    file.write_all(b"the owner's data").unwrap();
+    drop(file);
+    let state = vols.inspect(&image).unwrap();
+    assert_eq!(
+        state,
+        DeviceState::HoldsData {
+            first_nonzero: 8 * 1024 * 1024 + 4096
+        }
+    );
+    assert!(decide(&image, &state, true).is_err());
+}

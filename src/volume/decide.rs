@@ -137,6 +137,51 @@ pub fn classify(head: &[u8], past_probe: &[(u64, [u8; 6])]) -> DeviceState {
     DeviceState::Blank
 }
 
+/// Where, past the first MiB, [`classify_samples`] looks for data: one MiB at each
+/// power-of-two MiB offset (1, 2, 4, … MiB) and the device's last MiB. A device whose first
+/// MiB was wiped (`wipefs`, a zeroed partition table) but that holds a file system or a
+/// volume further on is not blank; reading every byte of a large disk at each boot is not
+/// affordable, so this samples where data usually starts and ends.
+pub fn sample_offsets(device_len: u64) -> Vec<u64> {
+    let mib = PROBE_LEN as u64;
+    let mut offsets = Vec::new();
+    let mut at = mib;
+    while at < device_len {
+        offsets.push(at);
+        at = at.saturating_mul(2);
+    }
+    if device_len > 2 * mib {
+        let last = device_len - mib;
+        if !offsets.contains(&last) {
+            offsets.push(last);
+        }
+    }
+    offsets
+}
+
+/// [`classify`], and a device it finds blank holds data after all when any of `samples`
+/// (offset, bytes read there; see [`sample_offsets`]) has a nonzero byte.
+pub fn classify_samples(
+    head: &[u8],
+    past_probe: &[(u64, [u8; 6])],
+    samples: &[(u64, Vec<u8>)],
+) -> DeviceState {
+    match classify(head, past_probe) {
+        DeviceState::Blank => samples
+            .iter()
+            .find_map(|(offset, bytes)| {
+                bytes
+                    .iter()
+                    .position(|&b| b != 0)
+                    .map(|i| DeviceState::HoldsData {
+                        first_nonzero: offset + i as u64,
+                    })
+            })
+            .unwrap_or(DeviceState::Blank),
+        other => other,
+    }
+}
+
 /// The unlock decision. Only a LUKS2 volume is unlocked; only a blank device whose policy says
 /// `format_if_blank = true` is formatted; everything else is refused, whatever
 /// `format_if_blank` says.
@@ -873,6 +918,44 @@ mod tests {
             DeviceState::HoldsData {
                 first_nonzero: 0x4000
             }
+        );
+    }
+
+    #[test]
+    fn samples_cover_powers_of_two_and_the_last_mib() {
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(sample_offsets(MIB), Vec::<u64>::new());
+        assert_eq!(
+            sample_offsets(64 * MIB),
+            [1, 2, 4, 8, 16, 32, 63].map(|m| m * MIB)
+        );
+        assert_eq!(sample_offsets(2 * MIB), [MIB]);
+        let big = sample_offsets(10 << 40);
+        assert!(big.len() <= 25, "{}", big.len());
+    }
+
+    #[test]
+    fn data_past_a_zero_first_mib_is_not_blank() {
+        let head = vec![0u8; PROBE_LEN];
+        let mut sample = vec![0u8; PROBE_LEN];
+        sample[4096] = 0x53;
+        assert_eq!(
+            classify_samples(&head, &[], &[(8 << 20, vec![0; 16]), (16 << 20, sample)]),
+            DeviceState::HoldsData {
+                first_nonzero: (16 << 20) + 4096
+            }
+        );
+        assert_eq!(
+            classify_samples(&head, &[], &[(8 << 20, vec![0; 16])]),
+            DeviceState::Blank
+        );
+        // A header at offset 0 decides before any sample.
+        let mut luks = head.clone();
+        luks[..6].copy_from_slice(&LUKS_MAGIC);
+        luks[7] = 2;
+        assert_eq!(
+            classify_samples(&luks, &[], &[(1 << 20, vec![1])]),
+            DeviceState::Luks2
         );
     }
 

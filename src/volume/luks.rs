@@ -474,7 +474,18 @@ fn inspect_device(device: &Path) -> std::io::Result<DeviceState> {
             past.push((offset, magic));
         }
     }
-    Ok(decide::classify(&head, &past))
+    let device_len = file.seek(SeekFrom::End(0))?;
+    let mut samples = Vec::new();
+    if len == PROBE_LEN {
+        for offset in decide::sample_offsets(device_len) {
+            file.seek(SeekFrom::Start(offset))?;
+            let mut bytes = vec![0u8; PROBE_LEN];
+            let got = read_up_to(&mut file, &mut bytes)?;
+            bytes.truncate(got);
+            samples.push((offset, bytes));
+        }
+    }
+    Ok(decide::classify_samples(&head, &past, &samples))
 }
 
 /// mount(8)-style option text for errors.

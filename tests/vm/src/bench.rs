@@ -91,8 +91,7 @@ pub fn run(ctx: &Ctx, boots: usize) -> Result<()> {
         t_bare.push(init_to_workload(&booted)?);
         // A fresh blank disk each time: every full boot formats (the first-boot path).
         crate::host::blank_disk(&site.disk, 64)?;
-        let mut boot = Boot::new(&site, full_guest.clone(), Some(broker.addr.clone()));
-        boot.probe_ports = true;
+        let boot = Boot::new(&site, full_guest.clone(), Some(broker.addr.clone()));
         let booted = boot.run(ctx, &format!("full{i}"))?;
         t_full.push(init_to_workload(&booted)?);
         if let (Some(now), Some(peak)) = (

@@ -44,7 +44,6 @@ pub fn run(ctx: &Ctx) -> Result<()> {
 
     banner("boot: QEMU (TCG) + swtpm + a blank 64 MiB disk; the serial console, live");
     let mut boot = Boot::new(&site, guest, Some(broker.addr.clone()));
-    boot.probe_ports = true;
     boot.live = true;
     let booted = boot.run(ctx, "boot")?;
     println!("({})", booted.image);

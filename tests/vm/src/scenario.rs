@@ -390,8 +390,6 @@ pub struct Boot<'a> {
     pub broker_delay: Option<Duration>,
     /// Boot without a TPM device.
     pub no_tpm: bool,
-    /// Host-side probing while the workload runs (allowed/blocked ports, then `done`).
-    pub probe_ports: bool,
     /// Send QMP `system_powerdown` once the workload is ready.
     pub power_button: bool,
     /// Watchdog.
@@ -420,7 +418,6 @@ impl Boot<'_> {
             broker,
             broker_delay: None,
             no_tpm: false,
-            probe_ports: false,
             power_button: false,
             timeout: Duration::from_secs(150),
             live: false,
@@ -467,7 +464,9 @@ impl Boot<'_> {
             std::thread::spawn(move || follow(&serial_log, &stop))
         });
         let mut ports = Vec::new();
-        let probing = self.probe_ports || self.power_button;
+        // With a network the probe serves its ports until the host's `done`: the host probes
+        // the allowed and the blocked port, then ends the workload.
+        let probing = self.power_button || self.guest.network;
         if probing && vm.wait_serial("PROBE-READY", self.timeout).is_ok() {
             if self.power_button {
                 vm.qmp("system_powerdown")?;
