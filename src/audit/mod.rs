@@ -547,6 +547,17 @@ impl Audit {
         inner.fatal_error()
     }
 
+    /// The required sink that failed (its name and error), if one did: from then on no
+    /// record reaches the place the policy requires, so whatever runs must stop.
+    pub fn required_failure(&self) -> Option<(String, String)> {
+        let inner = self.lock();
+        inner.sinks.iter().find_map(|slot| {
+            slot.fatal
+                .as_ref()
+                .map(|(_, msg)| (slot.name.clone(), msg.clone()))
+        })
+    }
+
     /// Called just before launch: every required sink must have received every record.
     pub fn require_sinks(&self) -> Result<(), AuditError> {
         let mut inner = self.lock();

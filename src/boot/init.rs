@@ -365,6 +365,30 @@ pub fn run_init(
     let event_log = &ready.event_log;
     let interval = life.checkpoint_interval;
     let checkpointer = std::cell::RefCell::new(life.checkpointer.as_deref_mut());
+    let stop_workload = life.stop_workload;
+    // A required sink lost while the workload runs (the audit file's disk full, its volume
+    // gone): nothing more reaches the place the policy requires, so the workload stops —
+    // fail closed, recorded in the sinks that still work.
+    let lost = std::cell::Cell::new(false);
+    let check_sinks = || {
+        if lost.get() {
+            return;
+        }
+        if let Some((sink, error)) = audit.required_failure() {
+            lost.set(true);
+            log::error!("required audit sink {sink} failed ({error}): stopping the workload");
+            let _ = audit.record(
+                "launch",
+                "audit_lost",
+                json!({
+                    "sink": sink,
+                    "error": error,
+                    "action": "stop the workload (SIGTERM, grace period), then the closing record and power-off",
+                }),
+            );
+            stop_workload();
+        }
+    };
     let mut events = |event: &str, details: Value| {
         log::info!("workload: {event} {details}");
         let _ = audit.record("launch", event, details);
@@ -373,11 +397,13 @@ pub fn run_init(
                 checkpoint(audit, cp, CheckpointKind::Launch, event_log);
             }
         }
+        check_sinks();
     };
     let mut periodic_run = || {
         if let Some(cp) = checkpointer.borrow_mut().as_deref_mut() {
             checkpoint(audit, cp, CheckpointKind::Periodic, event_log);
         }
+        check_sinks();
     };
     let periodic = match (interval, checkpointer.borrow().is_some()) {
         (Some(every), true) => Some(crate::launch::Periodic {

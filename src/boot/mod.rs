@@ -585,6 +585,10 @@ pub struct Lifecycle<'a> {
     pub checkpoint_interval: Option<std::time::Duration>,
     /// The audit file, whose volume stays mounted after a failed launch.
     pub audit_file: Option<&'a std::path::Path>,
+    /// Asks the supervisor to stop the workload (PID 1: SIGTERM to itself, the stop request
+    /// that ends in the closing record and power-off); called when a required audit sink is
+    /// lost while the workload runs.
+    pub stop_workload: fn(),
 }
 
 impl std::fmt::Debug for Lifecycle<'_> {

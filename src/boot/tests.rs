@@ -181,8 +181,16 @@ fn life<'a>(sys: &'a dyn Sys, audit: &'a Audit) -> Lifecycle<'a> {
         checkpointer: None,
         checkpoint_interval: None,
         audit_file: None,
+        stop_workload: no_stop,
     }
 }
+
+/// The tests' stop request: counted, nothing signalled.
+fn no_stop() {
+    STOPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+static STOPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Records what the runner asked of it; never starts anything.
 struct FakeLauncher {
@@ -1579,6 +1587,7 @@ fn failed_launch(
         checkpointer: None,
         checkpoint_interval: None,
         audit_file,
+        stop_workload: no_stop,
     };
     if unit {
         assert_eq!(run_unit(&ready, &launcher, &mut life), 1);
@@ -1993,4 +2002,29 @@ fn a_missing_interface_stops_the_boot_before_anything_is_measured() {
             .any(|(s, _)| s == "measure" || s == "attest"),
         "a stage ran after the network failed"
     );
+}
+
+#[test]
+fn a_required_sink_lost_while_the_workload_runs_stops_it_and_says_so() {
+    let fixture = Fixture::new();
+    let (audit, control, lines) = required_memory_audit();
+    let ready = prepare_default(&fixture, &FakeSys::new(), &RealMeasurer, &audit).unwrap();
+    // The audit file's disk fills up after launch.
+    control.fail_always(ErrorKind::StorageFull);
+    let sys = FakeSys::new();
+    let before = STOPS.load(std::sync::atomic::Ordering::SeqCst);
+    let mut life = life(&sys, &audit);
+    let launcher = FakeLauncher::new(0);
+    run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+    assert!(STOPS.load(std::sync::atomic::Ordering::SeqCst) > before);
+    let records = records(&lines);
+    let lost: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["stage"] == "launch" && r["event"] == "audit_lost")
+        .collect();
+    assert_eq!(lost.len(), 1, "recorded once: {records:?}");
+    assert_eq!(lost[0]["details"]["sink"], "required");
+    assert!(records
+        .iter()
+        .any(|r| r["stage"] == "shutdown" && r["event"] == "poweroff"));
 }

@@ -151,6 +151,7 @@ impl Setup {
             checkpointer: broker.as_mut().map(|b| b as &mut dyn super::Checkpointer),
             checkpoint_interval: checkpoint_interval(loaded),
             audit_file: loaded.policy.audit.file.as_deref(),
+            stop_workload: crate::launch::power::sigterm_self,
         };
         (life, event_log)
     }

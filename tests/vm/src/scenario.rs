@@ -89,6 +89,8 @@ pub struct Guest {
     pub busybox: bool,
     /// Kernel modules the image builder leaves out although the policy needs them.
     pub omit_modules: Vec<String>,
+    /// Extra executables (host path, guest path) with their libraries.
+    pub binaries: Vec<(PathBuf, String)>,
 }
 
 impl Default for Guest {
@@ -108,6 +110,7 @@ impl Default for Guest {
             files: Vec::new(),
             busybox: false,
             omit_modules: Vec::new(),
+            binaries: Vec::new(),
         }
     }
 }
@@ -295,14 +298,13 @@ impl Site {
             ("/etc/group".into(), fs::read(etc.join("group"))?, 0o644),
         ];
         files.extend(guest.files.iter().cloned());
-        let binaries = if guest.busybox {
-            vec![(
+        let mut binaries = guest.binaries.clone();
+        if guest.busybox {
+            binaries.push((
                 PathBuf::from("/bin/busybox"),
                 "/usr/bin/busybox".to_string(),
-            )]
-        } else {
-            Vec::new()
-        };
+            ));
+        }
         let spec = ImageSpec {
             warden: ctx.bins.warden.clone(),
             binaries,
@@ -607,7 +609,7 @@ pub fn judge(ctx: &Ctx, site: &Site, booted: &Booted, expect: &Expect, dir: &Pat
         "closing record {closing}, expected event {:?}",
         expect.closing
     );
-    let ran = o.serial.contains("PROBE-READY") || o.serial.contains("PROBE exiting with");
+    let ran = o.serial.contains("PROBE start uptime") || o.serial.contains("PROBE exiting with");
     ensure!(
         ran == expect.workload,
         "the workload {} although it {}; serial tail:\n{}",
