@@ -91,6 +91,8 @@ pub struct Guest {
     pub omit_modules: Vec<String>,
     /// Extra executables (host path, guest path) with their libraries.
     pub binaries: Vec<(PathBuf, String)>,
+    /// `eth0` by DHCPv4 (QEMU's user network serves it) instead of the static address.
+    pub dhcp: bool,
 }
 
 impl Default for Guest {
@@ -111,6 +113,7 @@ impl Default for Guest {
             busybox: false,
             omit_modules: Vec::new(),
             binaries: Vec::new(),
+            dhcp: false,
         }
     }
 }
@@ -183,7 +186,12 @@ impl Guest {
         if self.network {
             let _ = write!(
                 p,
-                "\n[network]\ninbound = [{{ port = {ALLOWED_PORT} }}]\noutbound = [{{ host = \"10.0.2.102\", port = 7002 }}]\n\n[network.interface.eth0]\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n"
+                "\n[network]\ninbound = [{{ port = {ALLOWED_PORT} }}]\noutbound = [{{ host = \"10.0.2.102\", port = 7002 }}]\n\n[network.interface.eth0]\n{}",
+                if self.dhcp {
+                    "dhcp = true\n"
+                } else {
+                    "address = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\n"
+                }
             );
         }
         if self.lockdown {

@@ -28,6 +28,7 @@ macro_rules! scenario {
 pub const ALL: &[Scenario] = &[
     scenario!("good-boot", "attested boot: network, perimeter, TPM quote, LUKS2 volume formatted and owned by the workload, secret 0400, allowlist; the probe and the host check from both sides", good_boot),
     scenario!("second-boot", "boot 2 opens the volume without formatting and reads boot 1's data; boot 3 with a changed bundle is refused", second_boot),
+    scenario!("dhcp", "eth0 by DHCPv4 from QEMU's server: the lease is applied and recorded, the allowlist admits only that server's renewals, the attested boot completes", dhcp),
     scenario!("bare", "no attestation, volume or network: /init reaches the workload and powers off (unattested)", bare),
     scenario!("kernel-args", "regression 6: bare words on the kernel command line (`single`, words after `--`) are ignored and recorded, no kernel panic", kernel_args),
     scenario!("no-lockdown-modules", "regression 7: volume + network without [lockdown]: the modules the policy needs are loaded anyway", no_lockdown_modules),
@@ -132,8 +133,39 @@ fn good_boot(ctx: &Ctx, dir: &Path) -> Result<String> {
         "PCR 15 in the guest is {pcr:?}"
     );
     ensure!(
-        booted.outcome.audit.contains("\"formatted\"") || booted.outcome.audit.contains("format"),
-        "boot 1 did not record formatting the blank volume"
+        !booted.outcome.records("unlock", "volume_format").is_empty()
+            && !booted.outcome.records("unlock", "volume_ready").is_empty(),
+        "boot 1 did not record formatting the blank volume and making it ready"
+    );
+    // The nftables table in the guest is the intended one: the digest cvm-warden read back
+    // there equals the digest of the same policy's allowlist applied by the host in a network
+    // namespace of its own.
+    let applied = booted
+        .outcome
+        .records("allowlist", "ok")
+        .first()
+        .and_then(|r| {
+            r["details"]["firewall"]["digest"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .context("no allowlist/ok record with a ruleset digest")?;
+    let host = crate::output_of(
+        Command::new("unshare")
+            .arg("--net")
+            .arg(&ctx.bins.warden)
+            .args(["firewall", "apply", "--phase", "allowlist", "--policy"])
+            .arg(dir.join("reference-policy.toml"))
+            .arg("--passwd")
+            .arg(dir.join("etc/passwd"))
+            .arg("--group")
+            .arg(dir.join("etc/group")),
+    )?;
+    let host: serde_json::Value = serde_json::from_str(&host)?;
+    ensure!(
+        host["digest"] == applied.as_str(),
+        "the guest's allowlist {applied} is not the intended {}",
+        host["digest"]
     );
     Ok(format!("{}; ports {:?}", took(&booted), booted.ports))
 }
@@ -185,6 +217,35 @@ fn second_boot(ctx: &Ctx, dir: &Path) -> Result<String> {
         took(&boot2),
         took(&boot3)
     ))
+}
+
+fn dhcp(ctx: &Ctx, dir: &Path) -> Result<String> {
+    let guest = Guest {
+        dhcp: true,
+        ..Guest::default()
+    };
+    let (site, broker) = attested_site(ctx, dir, &guest)?;
+    let booted = Boot::new(&site, guest, Some(broker.addr.clone())).run(ctx, "boot")?;
+    judge(ctx, &site, &booted, &ran(0), dir)?;
+    let network = booted
+        .outcome
+        .records("network", "ok")
+        .first()
+        .cloned()
+        .context("no network/ok record")?;
+    let text = network.to_string();
+    ensure!(
+        text.contains("10.0.2.15") && text.contains("10.0.2.2"),
+        "the lease is not recorded: {text}"
+    );
+    let allowlist = booted.outcome.records("allowlist", "ok");
+    ensure!(
+        allowlist
+            .first()
+            .is_some_and(|r| r.to_string().contains("10.0.2.2")),
+        "the allowlist does not pin the DHCP server: {allowlist:?}"
+    );
+    Ok(took(&booted))
 }
 
 fn bare_guest() -> Guest {
