@@ -209,8 +209,10 @@ fn ci(root: &Path) -> Result<()> {
     let counts = cargo_test(root)?;
     // The namespace demo: PID 1 in namespaces, tamper detection, log verify.
     demo::run(root)?;
-    // The real shape: cvm-warden as PID 1 of a Linux guest, every VM scenario (two at once).
+    // The real shape: cvm-warden as PID 1 of a Linux guest, every VM scenario (two at once),
+    // then the README's main command, the VM demo.
     vm::test(root, &[])?;
+    vm::demo(root)?;
     // Every fuzz target for a short while from its seed corpus (nightly, cargo-fuzz).
     fuzz::run(root, &["--smoke"])?;
     // One closing line for whoever reads the log: the totals over every test binary.
