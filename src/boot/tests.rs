@@ -2028,3 +2028,48 @@ fn a_required_sink_lost_while_the_workload_runs_stops_it_and_says_so() {
         .iter()
         .any(|r| r["stage"] == "shutdown" && r["event"] == "poweroff"));
 }
+
+#[test]
+fn a_dhcp_lease_is_recorded_and_its_server_pinned_in_the_allowlist() {
+    let fixture = Fixture::new();
+    let (audit, lines) = memory_audit();
+    let server: std::net::Ipv4Addr = "10.0.2.2".parse().unwrap();
+    let net = crate::net::FakeNetSys::new()
+        .with_link(
+            "eth0",
+            crate::net::FakeLink {
+                index: 2,
+                mac: vec![0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                appears_after: std::time::Duration::ZERO,
+                carrier_after: Some(std::time::Duration::ZERO),
+                up: false,
+            },
+        )
+        .with_dhcp(crate::net::FakeDhcpServer {
+            server,
+            address: "10.0.2.15".parse().unwrap(),
+            mask: "255.255.255.0".parse().unwrap(),
+            router: Some(server),
+            dns: vec!["10.0.2.3".parse().unwrap()],
+            ignore_first: 0,
+            nak: false,
+            noise: Vec::new(),
+        });
+    let policy =
+        "[network]\ninbound = [{ port = 8002 }]\n\n[network.interface.eth0]\ndhcp = true\n";
+    run_prepare_net(&fixture, &fixture.policy(policy), &net, &audit).unwrap();
+    let records = records(&lines);
+    let network = records
+        .iter()
+        .find(|r| r["stage"] == "network" && r["event"] == "ok")
+        .unwrap();
+    assert!(network.to_string().contains("10.0.2.15"), "{network}");
+    let allowlist = records
+        .iter()
+        .find(|r| r["stage"] == "allowlist" && r["event"] == "ok")
+        .unwrap();
+    assert_eq!(
+        allowlist["details"]["dhcp_servers"],
+        json!([{ "interface": "eth0", "server": "10.0.2.2" }])
+    );
+}

@@ -97,5 +97,10 @@ fn apply_firewall(plan: &FirewallPlan, fx: &mut Effects<'_>) -> Result<Value, St
             .map_err(|e| firewall_error("allowlist", e))?,
     };
     let applied = apply_ruleset(policy, Phase::Allowlist, &resolution, fx)?;
-    Ok(json!({ "firewall": applied }))
+    if resolution.dhcp.is_empty() {
+        Ok(json!({ "firewall": applied }))
+    } else {
+        // The DHCP servers whose renewals the allowlist admits, and nothing else of DHCP.
+        Ok(json!({ "firewall": applied, "dhcp_servers": resolution.dhcp }))
+    }
 }
