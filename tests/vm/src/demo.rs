@@ -84,7 +84,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         "the allowed port must answer and the blocked one must not: {:?}",
         booted.ports
     );
-    banner("the auditor: cvm-warden-verify audit verify --trusted-ak AK, on the log exported over virtio-serial");
+    banner("the auditor: cvm-warden-verify audit --trusted-ak AK, on the log exported over virtio-serial");
     let out = Command::new(&ctx.bins.verify)
         .args(["audit", "--trusted-ak"])
         .arg(dir.join("trusted-ak.b64"))
