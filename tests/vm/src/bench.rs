@@ -148,26 +148,41 @@ fn trivial_image(ctx: &Ctx, site: &Site) -> Result<std::path::PathBuf> {
     Ok(out)
 }
 
-/// `stage: N ms` from one record to the next stage's first record.
+/// `stage: N ms` from each stage's `begin` to its `ok`/`failed` record (the network step
+/// too), and from the first record to `launch/started`.
 fn stage_times(audit: &str) -> String {
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let at = |stage: &str, events: &[&str]| {
+        records
+            .iter()
+            .find(|r| r["stage"] == stage && events.iter().any(|e| r["event"] == *e))
+            .and_then(|r| r["time"].as_str().and_then(millis))
+    };
     let mut out = String::new();
-    let mut last: Option<(String, i64)> = None;
-    for line in audit.lines() {
-        let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let stage = record["stage"].as_str().unwrap_or("?").to_string();
-        let Some(ms) = record["time"].as_str().and_then(millis) else {
-            continue;
-        };
-        match &last {
-            Some((prev, start)) if *prev != stage => {
-                out.push_str(&format!("    {prev:<10} {:6} ms\n", ms - start));
-                last = Some((stage, ms));
-            }
-            None => last = Some((stage, ms)),
-            _ => {}
+    for stage in [
+        "perimeter",
+        "network",
+        "measure",
+        "attest",
+        "unlock",
+        "allowlist",
+        "launch",
+    ] {
+        if let (Some(begin), Some(end)) = (at(stage, &["begin"]), at(stage, &["ok", "failed"])) {
+            out.push_str(&format!("    {stage:<10} {:6} ms\n", end - begin));
         }
+    }
+    let first = records
+        .first()
+        .and_then(|r| r["time"].as_str().and_then(millis));
+    if let (Some(first), Some(started)) = (first, at("launch", &["started"])) {
+        out.push_str(&format!(
+            "    first record → launch/started {:6} ms (modules, TEE setup, every stage)\n",
+            started - first
+        ));
     }
     out
 }
