@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 
 use crate::host::Broker;
 use crate::scenario::{judge, Boot, Ctx, Expect, Guest, Site};
@@ -72,18 +72,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         },
         &dir,
     )?;
-    ensure!(
-        booted
-            .ports
-            .iter()
-            .any(|p| p.starts_with("8002: VM-PROBE-BANNER"))
-            && booted
-                .ports
-                .iter()
-                .any(|p| p.starts_with("9000: no banner")),
-        "the allowed port must answer and the blocked one must not: {:?}",
-        booted.ports
-    );
+    booted.require_ports()?;
     banner("the auditor: cvm-warden-verify audit --trusted-ak AK, on the log exported over virtio-serial");
     let out = Command::new(&ctx.bins.verify)
         .args(["audit", "--trusted-ak"])

@@ -500,6 +500,21 @@ impl Boot<'_> {
     }
 }
 
+impl Booted {
+    /// The host saw the allowed port answer with the probe's banner and the blocked one
+    /// stay silent.
+    pub fn require_ports(&self) -> Result<()> {
+        let saw = |prefix: &str| self.ports.iter().any(|p| p.starts_with(prefix));
+        ensure!(
+            saw(&format!("{ALLOWED_PORT}: VM-PROBE-BANNER"))
+                && saw(&format!("{BLOCKED_PORT}: no banner")),
+            "the allowed port must answer and the blocked one must not: {:?}",
+            self.ports
+        );
+        Ok(())
+    }
+}
+
 /// Prints the serial log as it grows until `stop` (then the rest): audit records as one
 /// short line each, everything else as it is.
 fn follow(path: &Path, stop: &std::sync::atomic::AtomicBool) {

@@ -95,18 +95,7 @@ fn good_boot(ctx: &Ctx, dir: &Path) -> Result<String> {
     let boot = Boot::new(&site, guest, Some(broker.addr.clone()));
     let booted = boot.run(ctx, "boot1")?;
     judge(ctx, &site, &booted, &ran(0), dir)?;
-    ensure!(
-        booted
-            .ports
-            .iter()
-            .any(|p| p.starts_with("8002: VM-PROBE-BANNER"))
-            && booted
-                .ports
-                .iter()
-                .any(|p| p.starts_with("9000: no banner")),
-        "the allowed port must answer and the blocked one must not: {:?}",
-        booted.ports
-    );
+    booted.require_ports()?;
     let serial = &booted.outcome.serial;
     for line in [
         "PROBE ok volume-write",
