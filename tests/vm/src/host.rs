@@ -253,3 +253,25 @@ pub fn luks_format(disk: &Path, key: &[u8], dir: &Path) -> Result<()> {
     fs::remove_file(&keyfile)?;
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_bytes_are_found_across_read_chunks() {
+        let dir = std::env::temp_dir().join(format!("cvm-warden-vm-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.img");
+        let mut bytes = vec![0u8; (1 << 20) + 64];
+        let needle = b"0123456789abcdef";
+        // Straddles the 1 MiB boundary of the reader's chunks.
+        bytes[(1 << 20) - 5..(1 << 20) + 11].copy_from_slice(needle);
+        fs::write(&path, &bytes).unwrap();
+        assert!(file_contains(&path, needle).unwrap());
+        assert!(!file_contains(&path, b"fedcba9876543210").unwrap());
+        assert!(!file_contains(&path, b"").unwrap());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -417,3 +417,36 @@ impl Drop for Vm {
         self.stop_swtpm();
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn outcome(audit: &str, serial: &str) -> Outcome {
+        Outcome {
+            serial: serial.to_string(),
+            audit: audit.to_string(),
+            timed_out: false,
+            halted: false,
+            sink_hits: 0,
+            wall: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn the_closing_record_may_be_followed_only_by_the_closing_checkpoint() {
+        let closed = outcome(
+            "{\"stage\":\"launch\",\"event\":\"exited\"}\n{\"stage\":\"shutdown\",\"event\":\"poweroff\"}\n{\"stage\":\"audit\",\"event\":\"checkpoint\"}\n",
+            "",
+        );
+        assert_eq!(closed.closing().unwrap()["event"], "poweroff");
+        let open = outcome(
+            "{\"stage\":\"shutdown\",\"event\":\"poweroff\"}\n{\"stage\":\"launch\",\"event\":\"started\"}\n",
+            "",
+        );
+        assert!(open.closing().is_none(), "a record after the closing one");
+        assert!(outcome("", "").closing().is_none());
+        assert!(outcome("", "[ 1.0] Kernel panic - not syncing").panicked());
+    }
+}
