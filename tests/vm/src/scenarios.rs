@@ -121,6 +121,23 @@ fn good_boot(ctx: &Ctx, dir: &Path) -> Result<String> {
         pcr.len() == 64 && pcr.chars().any(|c| c != '0'),
         "PCR 15 in the guest is {pcr:?}"
     );
+    // … and it is the PCR 15 the launch checkpoint's quote signed (which `audit verify`
+    // replayed from the measured events).
+    let quoted = booted
+        .outcome
+        .records("audit", "checkpoint")
+        .iter()
+        .find(|r| r["details"]["kind"] == "launch")
+        .and_then(|r| {
+            r["details"]["evidence"]["evidence"]["tpm_quote"]["pcrs"][15]
+                .as_str()
+                .map(str::to_string)
+        })
+        .context("no launch checkpoint with a TPM quote")?;
+    ensure!(
+        quoted == pcr,
+        "the workload saw PCR 15 {pcr}, the launch checkpoint quoted {quoted}"
+    );
     ensure!(
         !booted.outcome.records("unlock", "volume_format").is_empty()
             && !booted.outcome.records("unlock", "volume_ready").is_empty(),
