@@ -34,7 +34,7 @@ pub use cvm_warden_verify::record::{
 pub use cvm_warden_verify::verdict::{run_verify_command, verify_log, Outcome, Verdict};
 pub use sinks::{
     sinks_from_config, ConsoleSink, FileSink, MemorySink, MemorySinkControl, Sink, SyslogSink,
-    VirtioPortSink, SYSLOG_APP_NAME, VIRTIO_PORTS_SYSFS,
+    VirtioPortSink, PORT_WRITE_WAIT, SYSLOG_APP_NAME, VIRTIO_PORTS_SYSFS,
 };
 
 /// The stage of the records the log writes about its own sinks.

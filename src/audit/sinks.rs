@@ -63,13 +63,23 @@ pub const VIRTIO_PORTS_SYSFS: &str = "/sys/class/virtio-ports";
 /// devtmpfs creates. Opened on the first write and again after any error; until the port
 /// exists (its driver, `virtio_console`, may load later) writes fail and the log offers the
 /// lines again with the next record, so nothing before that is lost.
+///
+/// The port is opened non-blocking and each write waits at most [`PORT_WRITE_WAIT`] for the
+/// host to take bytes: a virtio port whose host end is not connected (or stopped reading)
+/// blocks writers for ever, and PID 1 must never hang on its audit log. A line the host did
+/// not take in time fails the sink (the log offers it again with the next record); when part
+/// of a line went out, the next write starts with a newline, so the cut line stands alone.
 #[derive(Debug)]
 pub struct VirtioPortSink {
     name: String,
     sysfs: PathBuf,
     dev: PathBuf,
     port: Option<File>,
+    torn: bool,
 }
+
+/// How long one write to a virtio port may wait for the host.
+pub const PORT_WRITE_WAIT: Duration = Duration::from_secs(2);
 
 impl VirtioPortSink {
     /// The port called `name`, looked up in the real sysfs and `/dev`.
@@ -84,6 +94,7 @@ impl VirtioPortSink {
             sysfs: sysfs.into(),
             dev: dev.into(),
             port: None,
+            torn: false,
         }
     }
 
@@ -94,7 +105,7 @@ impl VirtioPortSink {
             if name.trim_end_matches('\n') == self.name {
                 return OpenOptions::new()
                     .write(true)
-                    .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+                    .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK)
                     .open(self.dev.join(entry.file_name()));
             }
         }
@@ -123,10 +134,40 @@ impl Sink for VirtioPortSink {
             Some(p) => p,
             None => self.open()?,
         };
-        let mut buf = Vec::with_capacity(line.len() + 1);
+        let mut buf = Vec::with_capacity(line.len() + 2);
+        if self.torn {
+            buf.push(b'\n');
+        }
         buf.extend_from_slice(line.as_bytes());
         buf.push(b'\n');
-        port.write_all(&buf)?;
+        let mut written = 0;
+        let deadline = Instant::now() + PORT_WRITE_WAIT;
+        while written < buf.len() {
+            match port.write(&buf[written..]) {
+                Ok(0) => return Err(io::Error::from(ErrorKind::WriteZero)),
+                Ok(n) => {
+                    written += n;
+                    // A newline written on its own already ends a cut line.
+                    self.torn = written < buf.len() && written > usize::from(self.torn);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || !wait_writable(&port, left)? {
+                        return Err(io::Error::new(
+                            ErrorKind::TimedOut,
+                            format!(
+                                "the host took no audit line on virtio port {:?} within {} s",
+                                self.name,
+                                PORT_WRITE_WAIT.as_secs()
+                            ),
+                        ));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.torn = false;
         self.port = Some(port);
         Ok(())
     }
@@ -136,6 +177,22 @@ impl Sink for VirtioPortSink {
             Some(port) => port.flush().inspect_err(|_| self.port = None),
             None => Ok(()),
         }
+    }
+}
+
+/// Waits until `file` is writable, at most `limit`; false when it did not become so.
+fn wait_writable(file: &File, limit: Duration) -> io::Result<bool> {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        file.as_fd(),
+        nix::poll::PollFlags::POLLOUT,
+    )];
+    let timeout = nix::poll::PollTimeout::try_from(limit).unwrap_or(nix::poll::PollTimeout::MAX);
+    match nix::poll::poll(&mut fds, timeout) {
+        Ok(0) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::EINTR) => Ok(true),
+        Err(e) => Err(io::Error::from(e)),
     }
 }
 

@@ -388,6 +388,53 @@ fn virtio_port_sink_finds_its_port_by_name_in_sysfs_and_catches_up() {
 }
 
 #[test]
+fn virtio_port_sink_never_blocks_on_a_host_that_stopped_reading() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sysfs = dir.path().join("virtio-ports");
+    let dev = dir.path().join("dev");
+    std::fs::create_dir_all(sysfs.join("vport0p1")).unwrap();
+    std::fs::create_dir_all(&dev).unwrap();
+    std::fs::write(sysfs.join("vport0p1/name"), "cvm-warden.audit\n").unwrap();
+    let fifo = dev.join("vport0p1");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    // The host end: connected, but it reads nothing until told.
+    let mut host = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let mut sink = VirtioPortSink::at("cvm-warden.audit", &sysfs, &dev);
+    let line = "x".repeat(10_000);
+    let start = std::time::Instant::now();
+    let mut failed = None;
+    for i in 0..20 {
+        if let Err(e) = sink.write_line(&line) {
+            failed = Some((i, e));
+            break;
+        }
+    }
+    let (i, error) = failed.expect("a full port must fail the write, not block");
+    assert_eq!(error.kind(), ErrorKind::TimedOut, "{error}");
+    assert!(i >= 1, "the first lines fit the pipe");
+    assert!(
+        start.elapsed() < PORT_WRITE_WAIT * 2,
+        "{:?}",
+        start.elapsed()
+    );
+    // The host reads again: the next line starts on a line of its own.
+    let mut taken = Vec::new();
+    let _ = host.read_to_end(&mut taken);
+    sink.write_line("{\"seq\":9}").unwrap();
+    let mut rest = Vec::new();
+    let _ = host.read_to_end(&mut rest);
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(rest.ends_with("\n{\"seq\":9}\n"), "{rest:?}");
+    let all = String::from_utf8(taken).unwrap() + &rest;
+    assert!(all.lines().any(|l| l == "{\"seq\":9}"));
+}
+
+#[test]
 fn console_sink_writes_the_exact_verifiable_lines() {
     let buf = SharedBuf::default();
     let audit = Audit::with_clock(
