@@ -325,6 +325,8 @@ fn boot(started: &Started, options: &InitOptions, ignored: &[String], sys: &dyn 
             if !options.sandbox {
                 watch_power_button(&audit);
             }
+            // The stages' buffers are free now: give their pages back before the long run.
+            crate::sys::kernel::trim_heap();
             run_init(&ready, &RealLauncher, &mut life, action)
         }
         Err(error) => {

@@ -17,6 +17,15 @@ pub fn swapoff(path: &Path) -> Result<(), Errno> {
     Errno::result(rc).map(drop)
 }
 
+/// `malloc_trim(0)` (glibc): hands the free pages of every heap arena back to the kernel.
+/// PID 1 calls it once the boot stages are done, whose buffers (the bundle walk's threads,
+/// TLS, the TSS, the JSON of the exchange) are free by then; true when memory was released.
+pub fn trim_heap() -> bool {
+    // SAFETY: malloc_trim takes no pointer and only walks glibc's own allocator state, under
+    // its own locks; it is safe to call from any thread at any time.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {

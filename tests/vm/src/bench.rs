@@ -94,12 +94,13 @@ pub fn run(ctx: &Ctx, boots: usize) -> Result<()> {
         let boot = Boot::new(&site, full_guest.clone(), Some(broker.addr.clone()));
         let booted = boot.run(ctx, &format!("full{i}"))?;
         t_full.push(init_to_workload(&booted)?);
-        if let (Some(now), Some(peak)) = (
-            probe_field(&booted.outcome.serial, "VmRSS"),
-            probe_field(&booted.outcome.serial, "VmHWM"),
-        ) {
-            rss.push((now, peak));
-        }
+        let field = |name: &str| probe_field(&booted.outcome.serial, name).unwrap_or(0);
+        rss.push((
+            field("VmRSS"),
+            field("VmHWM"),
+            field("RssAnon"),
+            field("RssShmem"),
+        ));
         stages = stage_times(&booted.outcome.audit);
     }
     let (trivial, bare, full) = (
@@ -120,10 +121,11 @@ pub fn run(ctx: &Ctx, boots: usize) -> Result<()> {
         full / trivial
     );
     println!("  stage times of the last full boot (audit record times):\n{stages}");
-    for (now, peak) in &rss {
+    for (now, peak, anon, shmem) in &rss {
         println!(
-            "  PID 1 while the workload runs: VmRSS {now} kB ({:.1} MiB; target ≤ 4 MiB), peak VmHWM {peak} kB",
-            *now as f64 / 1024.0
+            "  PID 1 while the workload runs: VmRSS {now} kB ({:.1} MiB; target ≤ 4 MiB) = private RssAnon {anon} kB ({:.1} MiB) + RssShmem {shmem} kB (the binary's and libraries' pages, mapped from the initramfs's tmpfs, shared); peak VmHWM {peak} kB",
+            *now as f64 / 1024.0,
+            *anon as f64 / 1024.0
         );
     }
     Ok(())

@@ -62,7 +62,7 @@ fn main() {
         uptime.split_whitespace().next().unwrap_or("?")
     );
     let pid1 = fs::read_to_string("/proc/1/status").unwrap_or_default();
-    for field in ["VmRSS", "VmHWM"] {
+    for field in ["VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"] {
         if let Some(line) = pid1.lines().find(|l| l.starts_with(field)) {
             println!(
                 "PROBE pid1 {}",
