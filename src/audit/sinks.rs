@@ -76,6 +76,9 @@ pub struct VirtioPortSink {
     dev: PathBuf,
     port: Option<File>,
     torn: bool,
+    /// The last write timed out: later writes do not wait until the port takes bytes again
+    /// (each record would otherwise cost the full wait while the host is away).
+    stalled: bool,
 }
 
 /// How long one write to a virtio port may wait for the host.
@@ -95,6 +98,7 @@ impl VirtioPortSink {
             dev: dev.into(),
             port: None,
             torn: false,
+            stalled: false,
         }
     }
 
@@ -141,7 +145,12 @@ impl Sink for VirtioPortSink {
         buf.extend_from_slice(line.as_bytes());
         buf.push(b'\n');
         let mut written = 0;
-        let deadline = Instant::now() + PORT_WRITE_WAIT;
+        let wait = if self.stalled {
+            Duration::ZERO
+        } else {
+            PORT_WRITE_WAIT
+        };
+        let deadline = Instant::now() + wait;
         while written < buf.len() {
             match port.write(&buf[written..]) {
                 Ok(0) => return Err(io::Error::from(ErrorKind::WriteZero)),
@@ -154,6 +163,7 @@ impl Sink for VirtioPortSink {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() || !wait_writable(&port, left)? {
+                        self.stalled = true;
                         return Err(io::Error::new(
                             ErrorKind::TimedOut,
                             format!(
@@ -168,6 +178,7 @@ impl Sink for VirtioPortSink {
             }
         }
         self.torn = false;
+        self.stalled = false;
         self.port = Some(port);
         Ok(())
     }
@@ -180,17 +191,27 @@ impl Sink for VirtioPortSink {
     }
 }
 
-/// Waits until `file` is writable, at most `limit`; false when it did not become so.
+/// Waits until `file` is writable, at most `limit`; false when it did not become so. A
+/// port whose host end is gone reports a hang-up at once: that is an error, not a wait (a
+/// write would only fail again, in a busy loop).
 fn wait_writable(file: &File, limit: Duration) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
-    let mut fds = [nix::poll::PollFd::new(
-        file.as_fd(),
-        nix::poll::PollFlags::POLLOUT,
-    )];
-    let timeout = nix::poll::PollTimeout::try_from(limit).unwrap_or(nix::poll::PollTimeout::MAX);
+    let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLOUT)];
+    let timeout = PollTimeout::try_from(limit).unwrap_or(PollTimeout::MAX);
     match nix::poll::poll(&mut fds, timeout) {
         Ok(0) => Ok(false),
-        Ok(_) => Ok(true),
+        Ok(_) => {
+            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+            if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) {
+                Err(io::Error::new(
+                    ErrorKind::NotConnected,
+                    "the host end of the virtio port is not connected",
+                ))
+            } else {
+                Ok(revents.contains(PollFlags::POLLOUT))
+            }
+        }
         Err(nix::errno::Errno::EINTR) => Ok(true),
         Err(e) => Err(io::Error::from(e)),
     }

@@ -320,11 +320,9 @@ fn boot(started: &Started, options: &InitOptions, ignored: &[String], sys: &dyn 
         &mut setup,
     );
     let (mut life, event_log) = setup.lifecycle(sys, &audit, loaded);
+    life.watch_power_button = !options.sandbox;
     match prepared {
         Ok(ready) => {
-            if !options.sandbox {
-                watch_power_button(&audit);
-            }
             // The stages' buffers are free now: give their pages back before the long run.
             crate::sys::kernel::trim_heap();
             run_init(&ready, &RealLauncher, &mut life, action)
@@ -391,9 +389,14 @@ pub fn run_init(
             stop_workload();
         }
     };
+    let watch_power = std::cell::Cell::new(life.watch_power_button);
     let mut events = |event: &str, details: Value| {
         log::info!("workload: {event} {details}");
         let _ = audit.record("launch", event, details);
+        if event == "started" && watch_power.replace(false) {
+            // The supervisor's handlers are installed now: a press becomes its stop request.
+            watch_power_button(audit);
+        }
         if event == "started" {
             if let Some(cp) = checkpointer.borrow_mut().as_deref_mut() {
                 checkpoint(audit, cp, CheckpointKind::Launch, event_log);
@@ -422,7 +425,13 @@ pub fn run_init(
                 "workload_done",
                 json!({ "code": exit.code, "restarts": exit.restarts }),
             );
-            exit.code
+            // Stopped because the required log was lost: never a clean end, whatever the
+            // workload answered to SIGTERM.
+            if lost.get() && exit.code == 0 {
+                1
+            } else {
+                exit.code
+            }
         }
         Err(error) => {
             log::error!("{}", chain(&error));

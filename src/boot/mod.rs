@@ -318,6 +318,18 @@ pub fn prepare_logged(
         lockdown_paths: env.lockdown_paths,
     };
     let net = env.net.filter(|_| !facts.sandbox);
+    if facts.sandbox && env.net.is_some() {
+        // Nothing configured is skipped silently: the sandbox's network is the host's.
+        record(
+            audit,
+            "network",
+            "skipped",
+            json!({
+                "reason": "a sandbox PID namespace: the network namespace's interfaces are not configured",
+                "plan": plan.network,
+            }),
+        )?;
+    }
     let result = run_stages(&plan, &mut fx, audit, net);
     if result.is_err() && fx.sys.is_mountpoint(&plan.unlock.secrets_dir) {
         // Secrets may already sit in their tmpfs (a later stage, or a later secret, failed):
@@ -589,6 +601,10 @@ pub struct Lifecycle<'a> {
     /// that ends in the closing record and power-off); called when a required audit sink is
     /// lost while the workload runs.
     pub stop_workload: fn(),
+    /// Watch the ACPI power button once the workload has started (PID 1 outside a sandbox):
+    /// only then are the supervisor's signal handlers in place, and a SIGTERM that PID 1
+    /// receives with the default action is dropped by the kernel.
+    pub watch_power_button: bool,
 }
 
 impl std::fmt::Debug for Lifecycle<'_> {

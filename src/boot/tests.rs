@@ -182,6 +182,7 @@ fn life<'a>(sys: &'a dyn Sys, audit: &'a Audit) -> Lifecycle<'a> {
         checkpoint_interval: None,
         audit_file: None,
         stop_workload: no_stop,
+        watch_power_button: false,
     }
 }
 
@@ -1588,6 +1589,7 @@ fn failed_launch(
         checkpoint_interval: None,
         audit_file,
         stop_workload: no_stop,
+        watch_power_button: false,
     };
     if unit {
         assert_eq!(run_unit(&ready, &launcher, &mut life), 1);
@@ -2024,6 +2026,11 @@ fn a_required_sink_lost_while_the_workload_runs_stops_it_and_says_so() {
         .collect();
     assert_eq!(lost.len(), 1, "recorded once: {records:?}");
     assert_eq!(lost[0]["details"]["sink"], "required");
+    let closing = records.iter().find(|r| r["stage"] == "shutdown").unwrap();
+    assert_ne!(
+        closing["details"]["code"], 0,
+        "a run stopped for a lost log never ends clean"
+    );
     assert!(records
         .iter()
         .any(|r| r["stage"] == "shutdown" && r["event"] == "poweroff"));

@@ -152,6 +152,7 @@ impl Setup {
             checkpoint_interval: checkpoint_interval(loaded),
             audit_file: loaded.policy.audit.file.as_deref(),
             stop_workload: crate::launch::power::sigterm_self,
+            watch_power_button: false,
         };
         (life, event_log)
     }

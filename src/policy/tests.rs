@@ -600,19 +600,25 @@ fn required_audit_file_must_be_set() {
 fn audit_without_any_sink_is_refused() {
     assert_eq!(
         error_of(&format!("{MINIMAL}\n[audit]\nconsole = false\n")),
-        "audit: every sink is off (console = false, no file, no syslog, no export); enable at least one so the boot leaves a record"
+        "audit: every sink is off (console = false, no file, no syslog; an export port alone does not count: its port may never appear); enable at least one so the boot leaves a record"
     );
 }
 
 #[test]
 fn audit_export_names_a_virtio_port() {
     let export = |value: &str| {
-        let policy = format!("{MINIMAL}\n[audit]\nconsole = false\nexport = {value:?}\n");
+        let policy = format!("{MINIMAL}\n[audit]\nexport = {value:?}\n");
         parse(&policy, None, &users()).map(|l| l.policy.audit.export_port)
     };
     assert_eq!(
         export("virtio-port:cvm-warden.audit").unwrap(),
         Some("cvm-warden.audit".to_string())
+    );
+    assert_eq!(
+        error_of(&format!(
+            "{MINIMAL}\n[audit]\nconsole = false\nexport = \"virtio-port:p\"\n"
+        )),
+        "audit: every sink is off (console = false, no file, no syslog; an export port alone does not count: its port may never appear); enable at least one so the boot leaves a record"
     );
     for bad in [
         "virtio-port:",

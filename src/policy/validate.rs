@@ -2102,10 +2102,10 @@ fn audit(c: &mut Check<'_>, raw: Option<&RawAudit>, file_overridable: bool) -> O
     ) else {
         return None;
     };
-    if !console && file.is_none() && syslog.is_none() && export_port.is_none() {
+    if !console && file.is_none() && syslog.is_none() {
         c.error(
             "audit",
-            "every sink is off (console = false, no file, no syslog, no export); enable at least one so the boot leaves a record",
+            "every sink is off (console = false, no file, no syslog; an export port alone does not count: its port may never appear); enable at least one so the boot leaves a record",
         );
         return None;
     }

@@ -190,7 +190,7 @@ fn stage_times(audit: &str) -> String {
 }
 
 /// `2026-12-05T10:16:12.210Z` → milliseconds of the day.
-fn millis(time: &str) -> Option<i64> {
+pub fn millis(time: &str) -> Option<i64> {
     let clock = time.split('T').nth(1)?.trim_end_matches('Z');
     let mut parts = clock.split(':');
     let h: i64 = parts.next()?.parse().ok()?;

@@ -206,6 +206,11 @@ impl Guest {
         );
         p.push_str(&self.policy_extra);
         for (from, to) in &self.policy_edits {
+            // An edit that matches nothing would silently test the unedited policy.
+            assert!(
+                p.contains(from.as_str()),
+                "policy edit {from:?} matches nothing"
+            );
             p = p.replace(from.as_str(), to);
         }
         p

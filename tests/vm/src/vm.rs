@@ -279,8 +279,8 @@ impl Vm {
 
     /// The serial log so far (CR stripped).
     pub fn serial(&self) -> String {
-        fs::read_to_string(self.config.dir.join("serial.log"))
-            .unwrap_or_default()
+        // Lossy: one stray byte on the console must not hide the rest of it.
+        String::from_utf8_lossy(&fs::read(self.config.dir.join("serial.log")).unwrap_or_default())
             .replace('\r', "")
     }
 
@@ -372,9 +372,10 @@ impl Vm {
             let _ = UnixStream::connect(self.config.dir.join("audit.sock"));
             let _ = reader.join();
         }
-        let audit = fs::read_to_string(self.config.dir.join("audit.jsonl"))
-            .unwrap_or_default()
-            .replace('\r', "");
+        let audit = String::from_utf8_lossy(
+            &fs::read(self.config.dir.join("audit.jsonl")).unwrap_or_default(),
+        )
+        .replace('\r', "");
         let sink_hits = fs::read_to_string(&self.sink_hits)
             .map(|t| t.lines().count())
             .unwrap_or(0);
