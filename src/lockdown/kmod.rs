@@ -131,6 +131,21 @@ impl ModuleIndex {
         self
     }
 
+    /// `name` and its `modules.dep` dependencies (no soft ones): what must load.
+    pub fn hard_names(&self, name: &str) -> std::collections::BTreeSet<String> {
+        let name = module_name(name);
+        let mut names = std::collections::BTreeSet::new();
+        if let Some((_, deps)) = self.modules.get(&name) {
+            for dep in deps {
+                if let Some(file) = dep.file_name() {
+                    names.insert(module_name(&file.to_string_lossy()));
+                }
+            }
+        }
+        names.insert(name);
+        names
+    }
+
     /// Every module that some module names as a soft dependency (optional: one that does
     /// not load, e.g. `crc32c_intel` on a CPU without SSE 4.2, is skipped).
     pub fn soft_dependencies(&self) -> std::collections::BTreeSet<String> {

@@ -208,12 +208,21 @@ pub(crate) fn resolve_and_load(
     };
     let mut found: Vec<Option<Found>> = Vec::with_capacity(wanted.len());
     let mut work: Vec<(usize, Vec<(String, PathBuf)>)> = Vec::new();
+    // Soft dependencies are optional unless a wanted module needs them through modules.dep
+    // or is one: a missing optional file is left out, a failing optional load is skipped.
+    let soft = index.soft_dependencies();
+    let mut hard: BTreeSet<String> = BTreeSet::new();
+    for module in wanted {
+        hard.extend(index.hard_names(module.name));
+    }
+    let optional: BTreeSet<String> = soft.difference(&hard).cloned().collect();
     for (i, module) in wanted.iter().enumerate() {
         if module_loaded(paths, module.name) {
             found.push(Some(Found::Loaded));
         } else if index.is_builtin(module.name) {
             found.push(Some(Found::BuiltIn));
-        } else if let Some(order) = index.load_order(module.name) {
+        } else if let Some(mut order) = index.load_order(module.name) {
+            order.retain(|(name, path)| path.exists() || !optional.contains(name));
             if let Some((dep_name, path)) = order.iter().find(|(_, path)| !path.exists()) {
                 if module.or.iter().any(|m| serves(m)) {
                     found.push(Some(Found::Served));
@@ -240,12 +249,6 @@ pub(crate) fn resolve_and_load(
     }
     let mut loaded_now: Vec<String> = Vec::new();
     if !work.is_empty() {
-        // Soft dependencies that are not wanted themselves are optional.
-        let optional: BTreeSet<String> = index
-            .soft_dependencies()
-            .into_iter()
-            .filter(|soft| !wanted.iter().any(|w| module_name(w.name) == *soft))
-            .collect();
         load_files(&work, sys, paths, &release, &optional, &mut loaded_now)?;
     }
     for (i, order) in work {

@@ -1642,3 +1642,53 @@ fn an_alternative_serves_only_when_present_or_loaded_too() {
     assert_eq!(report.loaded, ["virtio_rng"]);
     assert_eq!(report.absent_served, ["tpm_tis"]);
 }
+
+#[test]
+fn soft_dependencies_are_optional_unless_something_needs_them_hard() {
+    let tree = Tree::new();
+    let dir = tree.paths.lib_modules.join(RELEASE);
+    // dm_crypt asks for a "crypto-xts" implementation first: one file is in the image, the
+    // other (a CPU-specific one) is not; ecb is both a soft and a hard dependency.
+    fs::write(
+        dir.join("modules.softdep"),
+        "softdep dm_crypt pre: crypto-xts crypto-ecb\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("modules.alias"),
+        "alias crypto-xts xts_fast\nalias crypto-xts virtio_rng\nalias crypto-ecb ecb\n",
+    )
+    .unwrap();
+    let dep = fs::read_to_string(dir.join("modules.dep")).unwrap();
+    fs::write(
+        dir.join("modules.dep"),
+        format!("{dep}kernel/arch/x86/crypto/xts_fast.ko:\n"),
+    )
+    .unwrap();
+    let sys = tree.kernel();
+    load_planned(&plan_of(&[("dm-crypt", &[])]), &sys, &tree.paths).unwrap();
+    let loaded: Vec<String> = sys
+        .calls()
+        .iter()
+        .filter_map(|c| match c {
+            LockdownCall::FinitModule { path, .. } => {
+                Some(path.file_name().unwrap().to_string_lossy().into_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    // xts_fast is missing: left out; virtio_rng (present) loads before dm_crypt; ecb once.
+    assert_eq!(
+        loaded,
+        [
+            "ecb.ko",
+            "dm-mod.ko.zst",
+            "virtio_rng.ko",
+            "dm-crypt.ko.zst"
+        ]
+    );
+    // A hard dependency whose file is missing still stops the boot, soft or not.
+    fs::remove_file(dir.join("kernel/crypto/ecb.ko")).unwrap();
+    let tree_sys = tree.kernel();
+    assert!(load_planned(&plan_of(&[("dm-crypt", &[])]), &tree_sys, &tree.paths).is_err());
+}
