@@ -1643,12 +1643,12 @@ fn an_alternative_serves_only_when_present_or_loaded_too() {
     assert_eq!(report.absent_served, ["tpm_tis"]);
 }
 
-#[test]
-fn soft_dependencies_are_optional_unless_something_needs_them_hard() {
+/// The fixture's tree with soft dependencies: dm_crypt asks for a "crypto-xts"
+/// implementation first (one file is in the image, a CPU-specific one is not) and for
+/// "crypto-ecb", which is also one of its hard dependencies.
+fn softdep_tree() -> Tree {
     let tree = Tree::new();
     let dir = tree.paths.lib_modules.join(RELEASE);
-    // dm_crypt asks for a "crypto-xts" implementation first: one file is in the image, the
-    // other (a CPU-specific one) is not; ecb is both a soft and a hard dependency.
     fs::write(
         dir.join("modules.softdep"),
         "softdep dm_crypt pre: crypto-xts crypto-ecb\n",
@@ -1665,6 +1665,12 @@ fn soft_dependencies_are_optional_unless_something_needs_them_hard() {
         format!("{dep}kernel/arch/x86/crypto/xts_fast.ko:\n"),
     )
     .unwrap();
+    tree
+}
+
+#[test]
+fn soft_dependencies_are_optional_unless_something_needs_them_hard() {
+    let tree = softdep_tree();
     let sys = tree.kernel();
     load_planned(&plan_of(&[("dm-crypt", &[])]), &sys, &tree.paths).unwrap();
     let loaded: Vec<String> = sys
@@ -1677,7 +1683,8 @@ fn soft_dependencies_are_optional_unless_something_needs_them_hard() {
             _ => None,
         })
         .collect();
-    // xts_fast is missing: left out; virtio_rng (present) loads before dm_crypt; ecb once.
+    // xts_fast's file is missing: left out; virtio_rng (present) loads right before dm_crypt,
+    // after its hard dependencies; ecb once.
     assert_eq!(
         loaded,
         [
@@ -1688,7 +1695,15 @@ fn soft_dependencies_are_optional_unless_something_needs_them_hard() {
         ]
     );
     // A hard dependency whose file is missing still stops the boot, soft or not.
-    fs::remove_file(dir.join("kernel/crypto/ecb.ko")).unwrap();
-    let tree_sys = tree.kernel();
-    assert!(load_planned(&plan_of(&[("dm-crypt", &[])]), &tree_sys, &tree.paths).is_err());
+    let tree = softdep_tree();
+    fs::remove_file(
+        tree.paths
+            .lib_modules
+            .join(RELEASE)
+            .join("kernel/crypto/ecb.ko"),
+    )
+    .unwrap();
+    let error =
+        load_planned(&plan_of(&[("dm-crypt", &[])]), &tree.kernel(), &tree.paths).unwrap_err();
+    assert!(error.to_string().contains("ecb"), "{error}");
 }
