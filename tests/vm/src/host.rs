@@ -14,37 +14,60 @@ use crate::{output_of, sh, Bins};
 /// The persistent AK handle the guest policy names.
 pub const AK_HANDLE: &str = "0x81010002";
 
+/// swtpm on two free loopback ports (the swtpm TCTI talks to the control channel on port + 1),
+/// listening. Ports picked while another VM's harness picks its own can collide: a swtpm that
+/// exits or does not listen is retried on fresh ports.
+fn start_provisioning_swtpm(state: &Path, work: &Path) -> Result<(Child, u16)> {
+    let mut last = String::new();
+    for _ in 0..8 {
+        let port = free_port()?;
+        let ctrl = port + 1;
+        let mut swtpm = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--tpmstate"])
+            .arg(format!("dir={}", state.display()))
+            .args([
+                "--server",
+                &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+                "--ctrl",
+                &format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"),
+                "--flags",
+                "not-need-init,startup-clear",
+            ])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(work.join("swtpm-provision.log"))?)
+            .spawn()
+            .context("starting swtpm to provision the AK")?;
+        let start = Instant::now();
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok((swtpm, port));
+            }
+            if let Some(status) = swtpm.try_wait()? {
+                last = format!(
+                    "swtpm on ports {port}/{ctrl} exited with {status}: {}",
+                    fs::read_to_string(work.join("swtpm-provision.log")).unwrap_or_default()
+                );
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = swtpm.kill();
+                let _ = swtpm.wait();
+                last = format!("swtpm did not listen on {port} within 10 s");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    bail!("cannot start swtpm to provision the AK: {last}")
+}
+
 /// A swtpm state folder with an RSA AK at [`AK_HANDLE`]; returns the AK as base64 SPKI DER
 /// (what the broker's `trusted_aks` and `audit verify --trusted-ak` take).
 pub fn provision_tpm(state: &Path, work: &Path) -> Result<String> {
     fs::create_dir_all(state)?;
     fs::create_dir_all(work)?;
-    // The swtpm TCTI talks to the control channel on port + 1.
-    let port = free_port()?;
-    let ctrl = port + 1;
-    let mut swtpm = Command::new("swtpm")
-        .args(["socket", "--tpm2", "--tpmstate"])
-        .arg(format!("dir={}", state.display()))
-        .args([
-            "--server",
-            &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-            "--ctrl",
-            &format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"),
-            "--flags",
-            "not-need-init,startup-clear",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting swtpm to provision the AK")?;
+    let (mut swtpm, port) = start_provisioning_swtpm(state, work)?;
     let result = (|| -> Result<String> {
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("swtpm did not listen on {port}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         let tcti = format!("swtpm:host=127.0.0.1,port={port}");
         let tool = |name: &str| {
             let mut cmd = Command::new(name);
