@@ -144,6 +144,18 @@ fn run_prepare(
     measurer: &dyn Measurer,
     audit: &Audit,
 ) -> Result<Ready, BootError> {
+    run_prepare_with(fixture, policy, sys, measurer, audit, None)
+}
+
+/// [`run_prepare`] with a network effect and the `resolv.conf` it writes.
+fn run_prepare_with(
+    fixture: &Fixture,
+    policy: &str,
+    sys: &FakeSys,
+    measurer: &dyn Measurer,
+    audit: &Audit,
+    net: Option<(&dyn crate::net::NetSys, &Path)>,
+) -> Result<Ready, BootError> {
     let loaded = load(policy);
     let mut register = NoRegister;
     let env = Env {
@@ -157,7 +169,7 @@ fn run_prepare(
         resolver: &crate::firewall::FakeResolver::new(),
         lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
         lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
-        net: None,
+        net,
     };
     prepare(&loaded, &fixture.facts(&loaded), env)
 }
@@ -1916,23 +1928,15 @@ fn run_prepare_net(
     net: &crate::net::FakeNetSys,
     audit: &Audit,
 ) -> Result<Ready, BootError> {
-    let loaded = load(policy);
-    let mut register = NoRegister;
     let resolv = fixture.path("resolv.conf");
-    let env = Env {
-        sys: &FakeSys::new(),
-        measurer: &RealMeasurer,
-        register: &mut register,
+    run_prepare_with(
+        fixture,
+        policy,
+        &FakeSys::new(),
+        &RealMeasurer,
         audit,
-        broker: None,
-        volumes: &crate::volume::FakeVolumes::new(),
-        firewall: &mut crate::firewall::RecordingFirewall::new(),
-        resolver: &crate::firewall::FakeResolver::new(),
-        lockdown: &crate::lockdown::FakeLockdownSys::new("6.1.0"),
-        lockdown_paths: &crate::lockdown::Paths::under(Path::new("/nonexistent/cvm-warden-test")),
-        net: Some((net, &resolv)),
-    };
-    prepare(&loaded, &fixture.facts(&loaded), env)
+        Some((net, &resolv)),
+    )
 }
 
 const ETH0: &str = "[network]\ninbound = [{ port = 8002 }]\n\n[network.interface.eth0]\naddress = \"10.0.2.15/24\"\ngateway = \"10.0.2.2\"\ndns = [\"10.0.2.3\"]\n";

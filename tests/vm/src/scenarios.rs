@@ -667,9 +667,7 @@ fn missing_module(ctx: &Ctx, dir: &Path) -> Result<String> {
         booted.outcome.audit.is_empty() || !booted.outcome.audit.contains("modules_loaded"),
         "modules were loaded although one is missing"
     );
-    let mut outcome = booted.outcome.clone();
-    outcome.audit = outcome.serial.clone();
-    let booted = Booted { outcome, ..booted };
+    let booted = booted.on_console();
     judge(
         ctx,
         &site,
@@ -809,12 +807,12 @@ fn invalid_policy(ctx: &Ctx, dir: &Path) -> Result<String> {
         ..bare_guest()
     };
     let booted = Boot::new(&site, guest, None).run(ctx, "boot")?;
-    let mut outcome = booted.outcome.clone();
-    // Before a policy exists there is no export port: the console carries the records.
-    if outcome.audit.is_empty() {
-        outcome.audit = outcome.serial.clone();
-    }
-    let booted = Booted { outcome, ..booted };
+    // Before a policy exists there is no export port.
+    ensure!(
+        booted.outcome.audit.is_empty(),
+        "records reached the export port before a policy named it"
+    );
+    let booted = booted.on_console();
     judge(
         ctx,
         &site,
