@@ -463,14 +463,33 @@ impl ReportJson {
                 arr("signature.s", &self.signature.s)?,
             ),
         };
-        let bytes = report
+        let mut bytes = report
             .to_bytes()
             .map_err(|e| malformed("attestation report json", format!("cannot encode: {e}")))?
             .to_vec();
-        if &Self::from_report(&bytes)? != self {
+        // The policy as it was signed: the encoder forces the reserved bit 17, the JSON keeps
+        // the raw field (see `from_report`).
+        bytes[POLICY_OFFSET..POLICY_OFFSET + 8].copy_from_slice(&self.policy.to_le_bytes());
+        let back = Self::from_report(&bytes)?;
+        if &back != self {
+            // Name the fields the layout could not hold.
+            let (ours, theirs) = (
+                serde_json::to_value(self).unwrap_or_default(),
+                serde_json::to_value(&back).unwrap_or_default(),
+            );
+            let fields: Vec<&str> = ours
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(key, value)| theirs.get(key.as_str()) != Some(value))
+                .map(|(key, _)| key.as_str())
+                .collect();
             return Err(malformed(
                 "attestation report json",
-                "does not describe a report exactly (a field the report layout cannot hold)",
+                format!(
+                    "does not describe a report exactly (a field the report layout cannot hold: {})",
+                    fields.join(", ")
+                ),
             ));
         }
         Ok(bytes)
