@@ -348,6 +348,12 @@ fn parse_report(report: &[u8]) -> Result<AttestationReport, EvidenceError> {
             format!("{} bytes, expected {REPORT_LEN}", report.len()),
         ));
     }
+    if report[POLICY_OFFSET + 2] & 0x02 == 0 {
+        return Err(malformed(
+            "attestation report",
+            "its guest policy lacks bit 17, which the SEV-SNP ABI requires to be one",
+        ));
+    }
     let parsed = AttestationReport::from_bytes(report)
         .map_err(|e| malformed("attestation report", format!("does not parse: {e}")))?;
     let again = parsed
@@ -463,13 +469,10 @@ impl ReportJson {
                 arr("signature.s", &self.signature.s)?,
             ),
         };
-        let mut bytes = report
+        let bytes = report
             .to_bytes()
             .map_err(|e| malformed("attestation report json", format!("cannot encode: {e}")))?
             .to_vec();
-        // The policy as it was signed: the encoder forces the reserved bit 17, the JSON keeps
-        // the raw field (see `from_report`).
-        bytes[POLICY_OFFSET..POLICY_OFFSET + 8].copy_from_slice(&self.policy.to_le_bytes());
         let back = Self::from_report(&bytes)?;
         if &back != self {
             // Name the fields the layout could not hold.
