@@ -76,6 +76,7 @@ pub fn watch(
             let mut buf = [0u8; EVENT_SIZE * 16];
             loop {
                 match file.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Ok(0) | Err(_) => return,
                     Ok(n) if power_pressed(&buf[..n - n % EVENT_SIZE]) => {
                         if !pressed.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -160,31 +161,45 @@ mod tests {
 
     #[test]
     fn a_press_is_recorded_and_stops_once() {
+        // Two buttons, each pressed (twice on the first): one record, one stop. Each
+        // device's events go in one write (atomic on a pipe), since a watcher stops reading
+        // after its press and a later write would meet a closed pipe.
         let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("event1");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let fifos = [dir.path().join("event1"), dir.path().join("event2")];
+        for fifo in &fifos {
+            nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        }
         let (sink, lines) = crate::audit::MemorySink::new();
         let audit = Audit::new(vec![Box::new(sink)], false);
         let stops = Arc::new(AtomicUsize::new(0));
         let counter = stops.clone();
-        let writer = {
-            let fifo = fifo.clone();
-            std::thread::spawn(move || {
-                let mut w = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
-                w.write_all(&event(EV_KEY, 115, 1)).unwrap();
-                w.write_all(&event(EV_KEY, KEY_POWER, 1)).unwrap();
-                w.write_all(&event(EV_KEY, KEY_POWER, 1)).unwrap();
+        let writers: Vec<_> = fifos
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, fifo)| {
+                std::thread::spawn(move || {
+                    let mut events = event(EV_KEY, 115, 1);
+                    events.extend(event(EV_KEY, KEY_POWER, 1));
+                    if i == 0 {
+                        events.extend(event(EV_KEY, KEY_POWER, 1));
+                    }
+                    let mut w = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+                    w.write_all(&events).unwrap();
+                })
             })
-        };
+            .collect();
         let watched = watch(
-            std::slice::from_ref(&fifo),
+            &fifos,
             &audit,
             Arc::new(move || {
                 counter.fetch_add(1, Ordering::SeqCst);
             }),
         );
-        assert_eq!(watched, std::slice::from_ref(&fifo));
-        writer.join().unwrap();
+        assert_eq!(watched, fifos);
+        for writer in writers {
+            writer.join().unwrap();
+        }
         let start = std::time::Instant::now();
         while stops.load(Ordering::SeqCst) == 0 && start.elapsed().as_secs() < 5 {
             std::thread::sleep(std::time::Duration::from_millis(10));
