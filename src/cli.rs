@@ -66,6 +66,11 @@ enum Command {
     /// Reference values for the key broker: the measure stage's events for this policy and
     /// bundle and the application PCR value they produce (no TEE, no root needed).
     ReferenceValues(ReferenceArgs),
+    /// The key broker's admin side (a model owner's machine, never the CVM).
+    Broker {
+        #[command(subcommand)]
+        command: BrokerCommand,
+    },
     /// nftables rulesets: render (no root) or apply (in the current network namespace).
     Firewall {
         #[command(subcommand)]
@@ -86,6 +91,52 @@ enum Command {
         #[command(subcommand)]
         command: EvidenceCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BrokerCommand {
+    /// Register a workload at a Trustee KBS through its admin API: the requests of a
+    /// `reference-values --format trustee` file, an attestation policy, resources.
+    Register(RegisterArgs),
+}
+
+#[derive(Debug, Args)]
+struct RegisterArgs {
+    /// The KBS base URL (without `/kbs/v0`).
+    #[arg(long, value_name = "URL")]
+    kbs: String,
+    /// PEM CA the KBS's TLS certificate chains to (required for https://).
+    #[arg(long, value_name = "FILE")]
+    kbs_ca: Option<PathBuf>,
+    /// Allow plain http:// (test brokers only).
+    #[arg(long)]
+    insecure_http: bool,
+    /// The admin's Ed25519 private key (PEM PKCS#8) whose public key the KBS trusts.
+    #[arg(long, value_name = "FILE")]
+    admin_key: PathBuf,
+    /// The token's `iss`: an identity provider's issuer in the KBS config.
+    #[arg(long, default_value = "cvm-warden-owner")]
+    issuer: String,
+    /// The token's `aud`.
+    #[arg(long, default_value = "kbs")]
+    audience: String,
+    /// The token's `role`, which the KBS's ACL maps to the admin endpoints.
+    #[arg(long, default_value = "admin")]
+    role: String,
+    /// What `cvm-warden reference-values --format trustee` printed.
+    #[arg(long, value_name = "FILE")]
+    values: PathBuf,
+    /// Also post the values file's resource policy, which replaces the KBS's one resource
+    /// policy (without this flag it is left out and reported as skipped).
+    #[arg(long)]
+    replace_resource_policy: bool,
+    /// A whole attestation policy (rego) to post as `default_cpu`; it must read every
+    /// reference value the file registers that Trustee's default policy does not (PCR 15).
+    #[arg(long, value_name = "FILE")]
+    attestation_policy: Option<PathBuf>,
+    /// A resource to upload, `REPO/TYPE/TAG=FILE` (repeatable); the file's bytes are the value.
+    #[arg(long, value_name = "PATH=FILE")]
+    resource: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,6 +233,34 @@ struct ReferenceArgs {
     /// The kernel command line the VM will boot with, as a file (default: this machine's).
     #[arg(long, value_name = "FILE", default_value = PROC_CMDLINE)]
     cmdline: PathBuf,
+    #[command(flatten)]
+    trustee: TrusteeArgs,
+}
+
+#[derive(Debug, Args)]
+struct TrusteeArgs {
+    /// `json`: the events and PCR value; `trustee`: the admin payloads and rego additions
+    /// a Trustee KBS takes as they are (`broker register --values` posts them).
+    #[arg(long, value_enum, default_value = "json")]
+    format: ReferenceFormat,
+    /// The TPM attestation key's public key (SPKI DER or PEM, e.g. `tpm2_readpublic -c
+    /// 0x81010002 -f der`), registered as `trusted_aks` (repeatable; trustee format).
+    #[arg(long, value_name = "FILE")]
+    ak: Vec<PathBuf>,
+    /// PCR 11 (SHA-256 hex) the VM's boot chain leaves, registered as `tpm_pcr11`: Trustee's
+    /// default CPU policy requires it for `tpm` evidence (trustee format).
+    #[arg(long, value_name = "HEX")]
+    tpm_pcr11: Option<String>,
+    /// The SEV-SNP launch measurement (hex), registered as `snp_launch_measurement`
+    /// (trustee format).
+    #[arg(long, value_name = "HEX")]
+    snp_measurement: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReferenceFormat {
+    Json,
+    Trustee,
 }
 
 #[derive(Debug, Args)]
@@ -362,6 +441,9 @@ fn dispatch(cli: Cli, kernel_ignored: Vec<String>) -> Result<(), CliError> {
             }
         }
         Command::ReferenceValues(args) => reference_values(&args),
+        Command::Broker {
+            command: BrokerCommand::Register(args),
+        } => broker_register(&args),
         Command::Audit {
             command: AuditCommand::Verify(args),
         } => status(cvm_warden_verify::cli::audit_verify(&args)),
@@ -492,7 +574,136 @@ fn reference_values(args: &ReferenceArgs) -> Result<(), CliError> {
     facts.cmdline_path = args.cmdline.clone();
     let values = crate::dryrun::reference_values(&loaded, &facts, &RealSys::default())
         .map_err(CliError::failed)?;
-    print_json(&values)
+    match args.trustee.format {
+        ReferenceFormat::Json => print_json(&values),
+        ReferenceFormat::Trustee => {
+            let trustee = &args.trustee;
+            let mut aks = Vec::new();
+            for file in &trustee.ak {
+                let bytes = read_file(file, "the AK public key")?;
+                aks.push(crate::dryrun::ak_spki_base64(&bytes).map_err(|detail| {
+                    CliError::Invalid(Box::new(Message(format!(
+                        "--ak {}: {detail}",
+                        file.display()
+                    ))))
+                })?);
+            }
+            let inputs = crate::dryrun::TrusteeInputs {
+                trusted_aks: aks,
+                tpm_pcr11: trustee.tpm_pcr11.clone(),
+                snp_launch_measurement: trustee.snp_measurement.clone(),
+            };
+            let out = crate::dryrun::trustee_values(&loaded, &values, inputs)
+                .map_err(CliError::invalid)?;
+            print_json(&out.to_json())
+        }
+    }
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path).map_err(|e| {
+        CliError::Invalid(Box::new(Message(format!(
+            "cannot read {what} {}: {e}",
+            path.display()
+        ))))
+    })
+}
+
+fn broker_register(args: &RegisterArgs) -> Result<(), CliError> {
+    use crate::kbs::admin;
+    let invalid = |text: String| CliError::Invalid(Box::new(Message(text)));
+    let key_pem = zeroize::Zeroizing::new(read_file(&args.admin_key, "the admin key")?);
+    let key = admin::AdminKey::from_pem(&key_pem, &args.admin_key.display().to_string())
+        .map_err(CliError::invalid)?;
+    let values_text = read_file(&args.values, "the values file")?;
+    let values: serde_json::Value = serde_json::from_slice(&values_text).map_err(|e| {
+        invalid(format!(
+            "--values {}: not JSON ({e}); give what `cvm-warden reference-values --format trustee` printed",
+            args.values.display()
+        ))
+    })?;
+    if values["format"] != "trustee" {
+        return Err(invalid(format!(
+            "--values {}: not a trustee-format file (\"format\" is {}); run `cvm-warden reference-values --format trustee`",
+            args.values.display(),
+            values["format"]
+        )));
+    }
+    let mut requests = Vec::new();
+    let mut skipped = Vec::new();
+    for request in values["requests"].as_array().into_iter().flatten() {
+        let request = admin::AdminRequest::from_json(request).map_err(CliError::invalid)?;
+        if request.path == admin::RESOURCE_POLICY_PATH && !args.replace_resource_policy {
+            skipped.push(format!(
+                "{} (replaces the KBS's one resource policy: pass --replace-resource-policy)",
+                request.what
+            ));
+            continue;
+        }
+        requests.push(request);
+    }
+    if let Some(file) = &args.attestation_policy {
+        let rego = String::from_utf8(read_file(file, "the attestation policy")?)
+            .map_err(|_| invalid(format!("--attestation-policy {}: not UTF-8 text", file.display())))?;
+        let registers_pcr15 = values["reference_values"].get("tpm_pcr15").is_some();
+        if registers_pcr15 && !rego.contains(admin::PCR15_POLICY_LINE) {
+            return Err(invalid(format!(
+                "--attestation-policy {}: the values register tpm_pcr15 but this policy never reads it, so Trustee would release keys whatever PCR 15 holds; add `{}` to its tpm executables rule",
+                file.display(),
+                admin::PCR15_POLICY_LINE
+            )));
+        }
+        requests.push(admin::AdminRequest {
+            what: format!("attestation policy {}", admin::DEFAULT_CPU_POLICY_ID),
+            path: admin::ATTESTATION_POLICY_PATH.to_string(),
+            body: admin::attestation_policy_body(&rego),
+        });
+    }
+    let mut resources = Vec::new();
+    for spec in &args.resource {
+        let Some((path, file)) = spec.split_once('=') else {
+            return Err(invalid(format!(
+                "--resource {spec:?}: write REPO/TYPE/TAG=FILE, e.g. default/key/volume=volume.key"
+            )));
+        };
+        policy::ResourceUri::parse(&format!("kbs:///{path}"))
+            .map_err(|why| invalid(format!("--resource {path:?}: {why}")))?;
+        resources.push(admin::ResourceUpload {
+            path: path.to_string(),
+            value: zeroize::Zeroizing::new(read_file(Path::new(file), "the resource file")?),
+        });
+    }
+    let ca = match &args.kbs_ca {
+        Some(file) => Some(read_file(file, "the KBS CA")?),
+        None => None,
+    };
+    let mut transport = crate::kbs::HttpTransport::new(
+        &args.kbs,
+        ca.as_deref(),
+        &args.kbs_ca.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        args.insecure_http,
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(30),
+    )
+    .map_err(CliError::invalid)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = admin::AdminClaims {
+        issuer: args.issuer.clone(),
+        audience: args.audience.clone(),
+        role: args.role.clone(),
+        ttl_secs: 300,
+    };
+    let token = key.token(&claims, now);
+    let done = admin::register(&mut transport, &token, &requests, &resources)
+        .map_err(CliError::failed)?;
+    print_json(&serde_json::json!({
+        "kbs": args.kbs,
+        "registered": done,
+        "skipped": skipped,
+    }))
 }
 
 fn init(args: &InitArgs, kernel_ignored: &[String]) -> Result<(), CliError> {

@@ -121,6 +121,113 @@ pub fn reference_values(
     }))
 }
 
+/// What the owner adds to the trustee format besides the policy: AKs, PCR 11, the SNP
+/// launch measurement.
+#[derive(Debug, Clone, Default)]
+pub struct TrusteeInputs {
+    /// AKs as base64 SPKI DER ([`ak_spki_base64`]).
+    pub trusted_aks: Vec<String>,
+    /// PCR 11 (hex).
+    pub tpm_pcr11: Option<String>,
+    /// SNP launch measurement (hex).
+    pub snp_launch_measurement: Option<String>,
+}
+
+/// An AK public key file (PEM `PUBLIC KEY` or SPKI DER) as the string Trustee's
+/// `trusted_aks` lists: base64 (standard) of the SPKI DER.
+pub fn ak_spki_base64(bytes: &[u8]) -> Result<String, String> {
+    use base64::Engine;
+    use rustls_pki_types::pem::PemObject;
+    let der = if bytes.starts_with(b"-----") {
+        rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(bytes)
+            .map_err(|e| format!("no PEM PUBLIC KEY block ({e})"))?
+            .to_vec()
+    } else if bytes.first() == Some(&0x30) {
+        bytes.to_vec()
+    } else {
+        return Err(
+            "neither PEM (-----BEGIN PUBLIC KEY-----) nor DER; write it with `tpm2_readpublic -c <handle> -f der -o ak.der`"
+                .to_string(),
+        );
+    };
+    // An SPKI is SEQUENCE { SEQUENCE { OID … } BIT STRING }: check the outer length.
+    let long_len = |n: usize| der.get(2..2 + n).map(|b| b.iter().fold(0usize, |a, x| (a << 8) | usize::from(*x)));
+    let declared = match der.get(1) {
+        Some(&l) if l < 0x80 => Some((usize::from(l), 2)),
+        Some(&0x81) => long_len(1).map(|l| (l, 3)),
+        Some(&0x82) => long_len(2).map(|l| (l, 4)),
+        _ => None,
+    };
+    match declared {
+        Some((len, header)) if header + len == der.len() && der.get(header) == Some(&0x30) => {}
+        _ => return Err("not a DER SubjectPublicKeyInfo".to_string()),
+    }
+    Ok(base64::engine::general_purpose::STANDARD.encode(der))
+}
+
+/// The trustee format of `reference-values`: the values a Trustee KBS needs for this
+/// policy's TEE (PCR 15 from `values`, the measure stage's output), the resources the
+/// policy fetches, and warnings for what only the owner can supply.
+pub fn trustee_values(
+    loaded: &LoadedPolicy,
+    values: &Value,
+    inputs: TrusteeInputs,
+) -> Result<crate::kbs::admin::TrusteeValues, crate::kbs::admin::AdminError> {
+    use crate::policy::{Attestation, Tee};
+    let tee = match &loaded.policy.attestation {
+        Attestation::Broker { tee, .. } => *tee,
+        Attestation::None => {
+            return Err(crate::kbs::admin::AdminError::Value {
+                what: "attestation".to_string(),
+                detail: "the policy has attestation = \"none\": there is no key broker to register at".to_string(),
+            })
+        }
+    };
+    let mut warnings = Vec::new();
+    let tpm = tee == Tee::Tpm;
+    if tpm && inputs.trusted_aks.is_empty() {
+        warnings.push("no --ak: trusted_aks is not registered, and Trustee's default CPU policy gives `tpm` evidence executables 3 only for an AK it lists".to_string());
+    }
+    if tpm && inputs.tpm_pcr11.is_none() {
+        warnings.push("no --tpm-pcr11: Trustee's default CPU policy also requires tpm_pcr11 for `tpm` evidence; register what the VM's boot chain leaves in PCR 11 (all zeros when nothing measures into it)".to_string());
+    }
+    if tee == Tee::Snp && inputs.snp_launch_measurement.is_none() {
+        warnings.push("no --snp-measurement: snp_launch_measurement is not registered; compute it with `cvm-warden reference-values --snp-launch` for the image's OVMF, kernel, initrd and command line".to_string());
+    }
+    if !matches!(tee, Tee::Tpm | Tee::Snp) {
+        warnings.push(format!(
+            "the trustee format covers `tpm` and `snp` evidence; for {} register the values its Trustee verifier reads by hand",
+            tee.as_str()
+        ));
+    }
+    let policy = &loaded.policy;
+    let mut resources: Vec<String> = policy
+        .volumes
+        .iter()
+        .map(|v| v.key.path())
+        .chain(policy.secrets.iter().map(|s| s.resource.path()))
+        .collect();
+    resources.sort();
+    resources.dedup();
+    crate::kbs::admin::TrusteeValues {
+        policy: format!(
+            "bundle {}",
+            values["bundle_digest"].as_str().unwrap_or("(unknown)")
+        ),
+        tpm_pcr15: if tpm {
+            values["tpm"]["value"].as_str().map(str::to_string)
+        } else {
+            None
+        },
+        tpm_pcr11: if tpm { inputs.tpm_pcr11 } else { None },
+        trusted_aks: if tpm { inputs.trusted_aks } else { Vec::new() },
+        snp_launch_measurement: inputs.snp_launch_measurement,
+        resources,
+        warnings,
+    }
+    .checked()
+}
+
 /// The attestation key a provider describes (`ak_public`, base64 of its SPKI DER: `tpm`
 /// and `az-snp-vtpm`), by both its names: `{"sha256": "sha256:<hex>", "spki_der_base64":
 /// "<the string to put in the broker's trusted_aks>"}`. `None` for a provider without an AK.

@@ -23,6 +23,7 @@
 
 /// The report-data binding (in the verifier crate, which auditors use to recompute it).
 pub use cvm_warden_verify::binding;
+pub mod admin;
 pub mod client;
 pub mod fake;
 pub mod jwe;

@@ -373,6 +373,29 @@ impl Transport for HttpTransport {
     }
 }
 
+impl HttpTransport {
+    /// `POST` raw bytes with `Authorization: Bearer <token>` (the KBS admin API: reference
+    /// values, policies, resources).
+    pub fn post_admin(
+        &mut self,
+        path: &str,
+        body: &[u8],
+        content_type: &str,
+        bearer: &str,
+        timeout: Duration,
+    ) -> Result<HttpResponse, TransportError> {
+        let url = format!("{}{path}", self.base);
+        let header = Zeroizing::new(format!("Bearer {bearer}"));
+        let request = self
+            .agent
+            .post(&url)
+            .timeout(timeout)
+            .set("Content-Type", content_type)
+            .set("Authorization", &header);
+        Self::finish(&url, request.send_bytes(body))
+    }
+}
+
 /// Sorts a `ureq` transport error into a [`TransportErrorKind`], looking through the whole
 /// source chain (including the payloads of `io::Error`s) for `rustls` and timeout errors.
 fn classify(url: &str, error: &ureq::Transport) -> TransportError {

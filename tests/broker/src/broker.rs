@@ -61,6 +61,8 @@ struct State {
     sessions: Mutex<HashMap<String, Session>>,
     log: Mutex<Vec<RequestRecord>>,
     failures_left: AtomicU32,
+    /// What the admin API registered.
+    registered: Mutex<crate::admin::Registered>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -192,6 +194,10 @@ impl State {
             ("auth", "POST") => self.auth(req),
             ("attest", "POST") => self.attest(req, rec),
             ("resource", "GET") => self.resource(req, tail),
+            ("resource", "POST")
+            | ("reference-value", "POST")
+            | ("attestation-policy", "POST")
+            | ("resource-policy", "POST") => self.admin(req, plugin, tail),
             _ => Err(KbsError::plugin_not_found(
                 plugin,
                 format!("no endpoint {} /kbs/v0/{plugin}", req.method),
@@ -326,8 +332,8 @@ impl State {
                 let verified =
                     tpm::verify_tpm_evidence(primary, &report_data, init_digest.as_ref())
                         .map_err(|e| KbsError::attest(e.to_string()))?;
-                let trusted = self.cfg.trusted_aks.contains(&verified.ak_public);
-                let vector = tpm_trust_vector(trusted, &verified.pcrs, &self.cfg.reference_pcrs);
+                let (trusted, reference_pcrs) = self.trusted_and_pcrs(&verified.ak_public);
+                let vector = tpm_trust_vector(trusted, &verified.pcrs, &reference_pcrs);
                 (verified.claims(trusted), vector)
             }
             other => {
@@ -379,6 +385,70 @@ impl State {
         Ok(response)
     }
 
+    /// Whether `ak` is trusted, and the PCR reference values the attestation policy
+    /// compares: the config's; with the admin API on, also PCR 11 and the PCRs a posted
+    /// `default_cpu` policy reads, from the registered values (a PCR the policy reads that
+    /// has no registered value never matches, as `x in []` never holds in rego).
+    fn trusted_and_pcrs(&self, ak: &str) -> (bool, std::collections::BTreeMap<u8, Vec<[u8; 32]>>) {
+        let registered = lock(&self.registered);
+        let trusted = self.cfg.trusted_aks.contains(ak) || registered.trusted_aks.contains(ak);
+        let mut pcrs = self.cfg.reference_pcrs.clone();
+        if self.cfg.admin.is_some() {
+            let read = std::iter::once(11u8)
+                .chain(registered.policy_pcrs.iter().flatten().copied());
+            for pcr in read {
+                let values = registered
+                    .pcrs
+                    .get(&pcr)
+                    .or_else(|| self.cfg.reference_pcrs.get(&pcr))
+                    .cloned()
+                    .unwrap_or_default();
+                pcrs.insert(pcr, values);
+            }
+        }
+        (trusted, pcrs)
+    }
+
+    /// The admin endpoints.
+    fn admin(&self, req: &Request, plugin: &str, tail: &str) -> Result<Response, KbsError> {
+        let endpoint = req.path().to_string();
+        let admin = self.cfg.admin.as_ref().ok_or_else(|| {
+            KbsError::admin_access(&endpoint, "the admin API is off (no [admin] in the config)")
+        })?;
+        let token = bearer(req)
+            .ok_or_else(|| KbsError::admin_access(&endpoint, "no Authorization: Bearer token"))?;
+        admin
+            .check(&token, unix_secs(SystemTime::now()))
+            .map_err(|why| KbsError::admin_access(&endpoint, why))?;
+        let mut registered = lock(&self.registered);
+        match plugin {
+            "reference-value" => {
+                registered
+                    .reference_value(&req.body)
+                    .map_err(KbsError::rvps)?;
+            }
+            "attestation-policy" => registered
+                .attestation_policy(&req.body)
+                .map_err(KbsError::parse_policy)?,
+            "resource-policy" => registered
+                .resource_policy(&req.body)
+                .map_err(KbsError::parse_policy)?,
+            _ => {
+                check_resource_path(tail).map_err(|why| KbsError::invalid_path(&endpoint, why))?;
+                registered.resources.insert(
+                    tail.to_string(),
+                    crate::config::SecretBytes::new(req.body.clone()),
+                );
+            }
+        }
+        Ok(Response {
+            status: 200,
+            content_type: "text/plain",
+            extra_headers: Vec::new(),
+            body: Vec::new(),
+        })
+    }
+
     fn session_token(&self, req: &Request) -> Result<String, String> {
         let id = req
             .cookie(SESSION_COOKIE)
@@ -406,26 +476,47 @@ impl State {
             .signer
             .verify(&token, unix_secs(SystemTime::now()))
             .map_err(KbsError::token_verifier)?;
-        // Trustee's resource policy reads the token, not the path; when it allows, the
-        // storage read fails for a resource it does not hold: PluginInternalError (401).
-        let resource = self.cfg.resources.get(tail).ok_or_else(|| {
-            KbsError::plugin_internal(format!(
-                "no resource {tail} in the broker's storage (a missing resource is answered \
-                 like a failed read after the policy allowed the token, as Trustee does)"
-            ))
-        })?;
-        evaluate_policy(&resource.policy, &claims).map_err(|why| {
+        let deny = |why: String| {
             let mut error = KbsError::policy_deny(why);
             if let Some(detail) = &self.cfg.faults.deny_detail {
                 error.detail = detail.clone();
             }
             error
-        })?;
+        };
+        // A posted resource policy is the KBS's one policy (as in Trustee): it decides for
+        // every path, before the storage is read.
+        let posted = lock(&self.registered).resource_policy.clone();
+        if let Some(policy) = &posted {
+            policy.allows(tail, &claims).map_err(deny)?;
+        }
+        let uploaded = lock(&self.registered).resources.get(tail).cloned();
+        // Trustee's resource policy reads the token, not the path; when it allows, the
+        // storage read fails for a resource it does not hold: PluginInternalError (401).
+        let value = match (self.cfg.resources.get(tail), uploaded) {
+            (Some(resource), _) => {
+                if posted.is_none() {
+                    evaluate_policy(&resource.policy, &claims).map_err(deny)?;
+                }
+                resource.value.clone()
+            }
+            (None, Some(value)) if posted.is_some() => value,
+            (None, Some(_)) => {
+                return Err(deny(format!(
+                    "{tail} was uploaded through the admin API but no resource policy was posted"
+                )))
+            }
+            (None, None) => {
+                return Err(KbsError::plugin_internal(format!(
+                    "no resource {tail} in the broker's storage (a missing resource is answered \
+                     like a failed read after the policy allowed the token, as Trustee does)"
+                )))
+            }
+        };
         let key_jwk = claims.pointer(TEE_PUBKEY_POINTER).ok_or_else(|| {
             KbsError::token_verifier(format!("token has no {TEE_PUBKEY_POINTER}"))
         })?;
         let key = TeePubKey::from_jwk(key_jwk).map_err(KbsError::token_verifier)?;
-        let answer = jwe::encrypt(&key, resource.value.expose(), self.cfg.faults.tamper_jwe)
+        let answer = jwe::encrypt(&key, value.expose(), self.cfg.faults.tamper_jwe)
             .map_err(KbsError::jwe)?;
         let body = serde_json::to_value(&answer)
             .map_err(|e| KbsError::plugin_internal(format!("serialise JWE: {e}")))?;
@@ -619,6 +710,7 @@ impl Broker {
             signer: TokenSigner::generate(),
             sessions: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
+            registered: Mutex::new(crate::admin::Registered::default()),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let handler_state = state.clone();

@@ -67,6 +67,12 @@ pub struct BrokerConfig {
     /// Print one line per request to stderr (the binary turns this on).
     #[serde(default)]
     pub log_requests: bool,
+    /// The admin API (`POST` reference values, policies, resources), off when absent. When
+    /// on, the broker behaves as a Trustee whose attestation policy is the default CPU one
+    /// (plus a posted `default_cpu` policy): `tpm` evidence needs `tpm_pcr11` registered
+    /// and an AK in `trusted_aks`.
+    #[serde(default)]
+    pub admin: Option<crate::admin::AdminConfig>,
 }
 
 fn default_session_ttl() -> u64 {
@@ -89,6 +95,7 @@ impl Default for BrokerConfig {
             tls: None,
             faults: Faults::default(),
             log_requests: false,
+            admin: None,
         }
     }
 }
@@ -254,6 +261,11 @@ impl BrokerConfig {
                 }
             }
         }
+        if let Some(admin) = config.admin.as_mut() {
+            if admin.public_key.is_relative() {
+                admin.public_key = base.join(&admin.public_key);
+            }
+        }
         if let Some(tls) = config.tls.as_mut() {
             if tls.cert.is_relative() {
                 tls.cert = base.join(&tls.cert);
@@ -371,6 +383,16 @@ impl BrokerConfig {
                 "token_ttl_secs must be > 0 (use faults.expire_tokens_immediately)".to_string(),
             );
         }
+        let admin = match &self.admin {
+            Some(admin) => match admin.compile() {
+                Ok(admin) => Some(admin),
+                Err(why) => {
+                    errors.push(why);
+                    None
+                }
+            },
+            None => None,
+        };
         if !errors.is_empty() {
             return Err(BrokerError::InvalidConfig(errors.join("; ")));
         }
@@ -383,6 +405,7 @@ impl BrokerConfig {
             resources,
             faults: self.faults.clone(),
             log_requests: self.log_requests,
+            admin,
         })
     }
 }
@@ -485,6 +508,7 @@ pub(crate) struct Compiled {
     pub(crate) resources: BTreeMap<String, CompiledResource>,
     pub(crate) faults: Faults,
     pub(crate) log_requests: bool,
+    pub(crate) admin: Option<crate::admin::CompiledAdmin>,
 }
 
 #[derive(Debug)]

@@ -32,6 +32,12 @@ pub enum ErrorKind {
     InvalidRequestPath,
     /// No endpoint of that name and method under `/kbs/v0` (404).
     PluginNotFound,
+    /// An admin request without a token the `[admin]` config accepts.
+    AdminAuthAccess,
+    /// A posted policy is not rego this broker can read.
+    ParsePolicyError,
+    /// A posted reference value is malformed.
+    RvpsError,
 }
 
 impl ErrorKind {
@@ -46,6 +52,9 @@ impl ErrorKind {
             ErrorKind::JweError => "JweError",
             ErrorKind::InvalidRequestPath => "InvalidRequestPath",
             ErrorKind::PluginNotFound => "PluginNotFound",
+            ErrorKind::AdminAuthAccess => "AdminAuthAccess",
+            ErrorKind::ParsePolicyError => "ParsePolicyError",
+            ErrorKind::RvpsError => "RvpsError",
         }
     }
 
@@ -119,6 +128,32 @@ impl KbsError {
             kind: ErrorKind::PolicyDeny,
             detail: "Access denied by policy".to_string(),
             reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn admin_access(endpoint: &str, reason: impl Into<String>) -> Self {
+        KbsError {
+            kind: ErrorKind::AdminAuthAccess,
+            detail: format!("admin access denied for endpoint {endpoint}"),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn parse_policy(reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        KbsError {
+            kind: ErrorKind::ParsePolicyError,
+            detail: format!("Failed to parse policy: {reason}"),
+            reason,
+        }
+    }
+
+    pub(crate) fn rvps(reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        KbsError {
+            kind: ErrorKind::RvpsError,
+            detail: format!("RVPS configuration failed: {reason}"),
+            reason,
         }
     }
 

@@ -20,6 +20,7 @@
 //! # Ok::<(), kbs_test_broker::BrokerError>(())
 //! ```
 
+pub mod admin;
 pub mod binding;
 mod broker;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod token;
 pub mod tpm;
 
 pub use broker::{Broker, RequestRecord, RunningBroker, KBS_PROTOCOL_VERSION, SESSION_COOKIE};
+pub use admin::AdminConfig;
 pub use config::{
     BrokerConfig, Faults, RequiredStatus, ResourceConfig, ResourcePolicy, SecretBytes, TlsConfig,
 };

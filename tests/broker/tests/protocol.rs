@@ -436,13 +436,18 @@ fn bad_paths_are_404() {
     client
         .get("/kbs/v0/auth", None, None)
         .assert_error(404, "PluginNotFound");
+    // POST on a resource is Trustee's admin "set resource": refused without an admin token
+    // (an attested session is no admin credential), as with the admin API off.
     client
         .post("/kbs/v0/resource/default/key/sample", "", Some(&cookie))
-        .assert_error(404, "PluginNotFound");
+        .assert_error(401, "AdminAuthAccess");
     assert_eq!(
         broker.requests().last().unwrap().error,
-        Some(ErrorKind::PluginNotFound)
+        Some(ErrorKind::AdminAuthAccess)
     );
+    client
+        .post("/kbs/v0/nothing/here", "", None)
+        .assert_error(404, "PluginNotFound");
     // dots inside a segment are fine (and then the storage has no such resource)
     client
         .get("/kbs/v0/resource/a.b/c./d..", Some(&cookie), None)

@@ -1,0 +1,496 @@
+//! The Trustee KBS admin API, as a model owner uses it: the reference values, the rego
+//! additions and the resources one workload needs (`cvm-warden reference-values --format
+//! trustee` prints them; `cvm-warden broker register` posts them with an Ed25519 admin JWT).
+//!
+//! Shapes as checked against a real Trustee (see `../shared/KBS-PROTOCOL.md`, "Administering
+//! a real Trustee KBS"): `POST /kbs/v0/reference-value` with `{"version": "0.1.0", "type":
+//! "sample", "payload": b64(JSON {name: [values]})}`; `POST /kbs/v0/resource-policy` with
+//! `{"policy": b64url(rego)}`; `POST /kbs/v0/attestation-policy` with `{"policy_id":
+//! "default_cpu", "policy": b64url(rego)}`; `POST /kbs/v0/resource/<repo>/<type>/<tag>` with
+//! the raw bytes. The admin token is a JWT signed with EdDSA (Ed25519) whose `iss`/`aud` an
+//! identity provider of the KBS accepts and whose `role` its ACL maps to the endpoints.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use super::transport::{HttpResponse, HttpTransport, TransportError};
+
+/// `POST` target of reference values.
+pub const REFERENCE_VALUE_PATH: &str = "/kbs/v0/reference-value";
+/// `POST` target of the (one, global) resource policy.
+pub const RESOURCE_POLICY_PATH: &str = "/kbs/v0/resource-policy";
+/// `POST` target of an attestation policy.
+pub const ATTESTATION_POLICY_PATH: &str = "/kbs/v0/attestation-policy";
+/// The attestation policy Trustee applies to CPU evidence by default.
+pub const DEFAULT_CPU_POLICY_ID: &str = "default_cpu";
+/// The rego line that makes Trustee's default CPU policy read PCR 15 (added to its
+/// `executables := 3 if { input.tpm … }` rule).
+pub const PCR15_POLICY_LINE: &str = "input.tpm.pcr15 in query_reference_value(\"tpm_pcr15\")";
+/// The name of the set of resources in the resource policy cvm-warden writes.
+pub const RESOURCE_SET: &str = "cvm_warden_resources";
+
+/// Why an admin step failed. Never holds the admin key or the token.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The admin key file is not an Ed25519 private key.
+    #[error("admin key {path}: {detail}; give the PEM (PKCS#8) Ed25519 private key whose public key the KBS's [admin] identity provider trusts (e.g. `openssl genpkey -algorithm ed25519`)")]
+    Key {
+        /// The file.
+        path: String,
+        /// What is wrong (never the key).
+        detail: String,
+    },
+    /// A value to register is malformed.
+    #[error("{what}: {detail}")]
+    Value {
+        /// The value's name.
+        what: String,
+        /// What is wrong and what to do.
+        detail: String,
+    },
+    /// The KBS could not be reached.
+    #[error("registering {what} at the KBS failed: {source}; check --kbs, --kbs-ca and the network")]
+    Transport {
+        /// The step.
+        what: String,
+        /// The transport error.
+        #[source]
+        source: TransportError,
+    },
+    /// The KBS refused a step.
+    #[error("the KBS refused {what} (POST {path}: HTTP {status}{detail}); {hint}")]
+    Refused {
+        /// The step.
+        what: String,
+        /// The endpoint.
+        path: String,
+        /// The status.
+        status: u16,
+        /// `: <the broker's words>` when it said something.
+        detail: String,
+        /// What to do.
+        hint: &'static str,
+    },
+}
+
+/// What one workload needs registered at a Trustee KBS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrusteeValues {
+    /// What the values are for (the bundle digest), for the rego comment.
+    pub policy: String,
+    /// SHA-256 PCR 15 after the measure stage (hex), for `tpm` evidence.
+    pub tpm_pcr15: Option<String>,
+    /// SHA-256 PCR 11 (hex), when the owner knows what the boot chain leaves there.
+    pub tpm_pcr11: Option<String>,
+    /// The attestation keys accepted: base64 (standard) of their SPKI DER.
+    pub trusted_aks: Vec<String>,
+    /// The SEV-SNP launch measurement (hex, 48 bytes), for `snp` evidence.
+    pub snp_launch_measurement: Option<String>,
+    /// The resources the policy fetches (`repo/type/tag`).
+    pub resources: Vec<String>,
+    /// What the owner must still supply (printed with the values).
+    pub warnings: Vec<String>,
+}
+
+/// One admin call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminRequest {
+    /// What it registers, for messages.
+    pub what: String,
+    /// The endpoint.
+    pub path: String,
+    /// The JSON body.
+    pub body: Value,
+}
+
+impl AdminRequest {
+    fn to_json(&self) -> Value {
+        json!({ "what": self.what, "method": "POST", "path": self.path, "body": self.body })
+    }
+
+    /// Reads one request back from [`TrusteeValues::to_json`]'s `requests`; only the
+    /// endpoints this module writes are accepted.
+    pub fn from_json(value: &Value) -> Result<AdminRequest, AdminError> {
+        let field = |name: &str| {
+            value
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| AdminError::Value {
+                    what: "values file".to_string(),
+                    detail: format!(
+                        "a request has no string {name:?}; give the file `cvm-warden reference-values --format trustee` wrote"
+                    ),
+                })
+        };
+        let (what, path, method) = (field("what")?, field("path")?, field("method")?);
+        if method != "POST"
+            || ![REFERENCE_VALUE_PATH, RESOURCE_POLICY_PATH, ATTESTATION_POLICY_PATH]
+                .contains(&path.as_str())
+        {
+            return Err(AdminError::Value {
+                what: "values file".to_string(),
+                detail: format!(
+                    "request {what:?} is {method} {path}; only POST {REFERENCE_VALUE_PATH}, {RESOURCE_POLICY_PATH} and {ATTESTATION_POLICY_PATH} are registered from it"
+                ),
+            });
+        }
+        let body = value.get("body").cloned().unwrap_or(Value::Null);
+        if !body.is_object() {
+            return Err(AdminError::Value {
+                what,
+                detail: "its body is not a JSON object".to_string(),
+            });
+        }
+        Ok(AdminRequest { what, path, body })
+    }
+}
+
+fn check_hex(what: &str, value: &str, bytes: usize) -> Result<String, AdminError> {
+    let lower = value.trim().to_ascii_lowercase();
+    if lower.len() != bytes * 2 || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AdminError::Value {
+            what: what.to_string(),
+            detail: format!(
+                "{value:?} is not {bytes} bytes of hex ({} hex digits)",
+                bytes * 2
+            ),
+        });
+    }
+    Ok(lower)
+}
+
+impl TrusteeValues {
+    /// Checks every value's shape (PCRs 32 bytes of hex, the SNP measurement 48, AKs
+    /// base64) and lowers the hex, as Trustee's verifiers print it.
+    pub fn checked(mut self) -> Result<Self, AdminError> {
+        if let Some(pcr) = &self.tpm_pcr15 {
+            self.tpm_pcr15 = Some(check_hex("tpm_pcr15", pcr, 32)?);
+        }
+        if let Some(pcr) = &self.tpm_pcr11 {
+            self.tpm_pcr11 = Some(check_hex("tpm_pcr11", pcr, 32)?);
+        }
+        if let Some(m) = &self.snp_launch_measurement {
+            self.snp_launch_measurement = Some(check_hex("snp_launch_measurement", m, 48)?);
+        }
+        for ak in &self.trusted_aks {
+            if STANDARD.decode(ak).is_err() {
+                return Err(AdminError::Value {
+                    what: "trusted_aks".to_string(),
+                    detail: format!("{ak:?} is not standard base64 of an SPKI DER"),
+                });
+            }
+        }
+        Ok(self)
+    }
+
+    /// The reference values as `(name, values)`, in registration order.
+    pub fn reference_values(&self) -> Vec<(&'static str, Vec<String>)> {
+        let mut out = Vec::new();
+        if let Some(pcr) = &self.tpm_pcr15 {
+            out.push(("tpm_pcr15", vec![pcr.clone()]));
+        }
+        if let Some(pcr) = &self.tpm_pcr11 {
+            out.push(("tpm_pcr11", vec![pcr.clone()]));
+        }
+        if !self.trusted_aks.is_empty() {
+            out.push(("trusted_aks", self.trusted_aks.clone()));
+        }
+        if let Some(m) = &self.snp_launch_measurement {
+            out.push(("snp_launch_measurement", vec![m.clone()]));
+        }
+        out
+    }
+
+    /// The rego of the resource policy: release the policy's resources only to a token
+    /// whose every submodule is `affirming` and whose CPU `executables` claim is 3.
+    pub fn resource_policy_rego(&self) -> String {
+        let mut resources: Vec<&String> = self.resources.iter().collect();
+        resources.sort();
+        resources.dedup();
+        let mut rego = String::from(
+            "package policy\n\nimport rego.v1\n\ndefault allow := false\n\n",
+        );
+        rego.push_str(&format!(
+            "# cvm-warden: the resources of the workload of {}\n{RESOURCE_SET} := {{\n",
+            self.policy.replace('\n', " ")
+        ));
+        for resource in resources {
+            rego.push_str(&format!("\t\"{resource}\",\n"));
+        }
+        rego.push_str("}\n\n");
+        rego.push_str(&format!(
+            "allow if {{\n\tdata[\"resource-path\"] in {RESOURCE_SET}\n\tcount(input.submods) > 0\n\tnot cvm_warden_any_not_affirming\n\tinput.submods.cpu0[\"ear.trustworthiness-vector\"].executables == 3\n}}\n\n"
+        ));
+        rego.push_str(
+            "cvm_warden_any_not_affirming if {\n\tsome _, submod in input.submods\n\tsubmod[\"ear.status\"] != \"affirming\"\n}\n",
+        );
+        rego
+    }
+
+    /// Every admin call these values make, in order: one reference value per name, then
+    /// the resource policy.
+    pub fn requests(&self) -> Vec<AdminRequest> {
+        let mut requests: Vec<AdminRequest> = self
+            .reference_values()
+            .into_iter()
+            .map(|(name, values)| AdminRequest {
+                what: format!("reference value {name}"),
+                path: REFERENCE_VALUE_PATH.to_string(),
+                body: reference_value_body(name, &values),
+            })
+            .collect();
+        if !self.resources.is_empty() {
+            requests.push(AdminRequest {
+                what: "resource policy".to_string(),
+                path: RESOURCE_POLICY_PATH.to_string(),
+                body: json!({ "policy": URL_SAFE_NO_PAD.encode(self.resource_policy_rego()) }),
+            });
+        }
+        requests
+    }
+
+    /// What `reference-values --format trustee` prints.
+    pub fn to_json(&self) -> Value {
+        let values: serde_json::Map<String, Value> = self
+            .reference_values()
+            .into_iter()
+            .map(|(name, values)| (name.to_string(), json!(values)))
+            .collect();
+        let mut lines = Vec::new();
+        if self.tpm_pcr15.is_some() {
+            lines.push(PCR15_POLICY_LINE);
+        }
+        json!({
+            "format": "trustee",
+            "kbs_protocol": super::PROTOCOL_VERSION,
+            "reference_values": values,
+            "attestation_policy": {
+                "policy_id": DEFAULT_CPU_POLICY_ID,
+                "add_to_rule": "executables := 3 if { input.tpm ... }",
+                "lines": lines,
+                "note": "Trustee's default CPU policy does not read PCR 15: add these lines to its tpm executables rule and post the whole policy (`broker register --attestation-policy FILE`), or the registered tpm_pcr15 is never compared",
+            },
+            "resource_policy": {
+                "resources": self.resources,
+                "rego": self.resource_policy_rego(),
+                "note": "a KBS has one resource policy: posting this one replaces it (`broker register --replace-resource-policy`); merge it by hand when the KBS serves other workloads",
+            },
+            "requests": self.requests().iter().map(AdminRequest::to_json).collect::<Vec<_>>(),
+            "warnings": self.warnings,
+        })
+    }
+}
+
+/// The body of one `POST /kbs/v0/reference-value`.
+pub fn reference_value_body(name: &str, values: &[String]) -> Value {
+    let payload = json!({ name: values }).to_string();
+    json!({ "version": "0.1.0", "type": "sample", "payload": STANDARD.encode(payload) })
+}
+
+/// The body of `POST /kbs/v0/attestation-policy` for the rego text `rego`.
+pub fn attestation_policy_body(rego: &str) -> Value {
+    json!({ "policy_id": DEFAULT_CPU_POLICY_ID, "policy": URL_SAFE_NO_PAD.encode(rego) })
+}
+
+/// The claims of an admin token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminClaims {
+    /// `iss`: the identity provider's issuer in the KBS config.
+    pub issuer: String,
+    /// `aud`: an audience the KBS's identity provider and ACL accept.
+    pub audience: String,
+    /// `role`: the role the KBS's ACL maps to the admin endpoints.
+    pub role: String,
+    /// Lifetime in seconds.
+    pub ttl_secs: u64,
+}
+
+/// An Ed25519 admin key (held by `ring`; never printed).
+pub struct AdminKey(ring::signature::Ed25519KeyPair);
+
+impl std::fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminKey(<redacted>)")
+    }
+}
+
+impl AdminKey {
+    /// Reads a PEM `PRIVATE KEY` (PKCS#8 v1 as openssl writes it, or v2) holding an
+    /// Ed25519 key. `path` names the file in errors.
+    pub fn from_pem(pem: &[u8], path: &str) -> Result<AdminKey, AdminError> {
+        use rustls_pki_types::pem::PemObject;
+        let error = |detail: String| AdminError::Key {
+            path: path.to_string(),
+            detail,
+        };
+        let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(pem)
+            .map_err(|e| error(format!("no PEM PRIVATE KEY (PKCS#8) block ({e})")))?;
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(
+            der.secret_pkcs8_der(),
+        )
+        .map_err(|e| error(format!("not an Ed25519 key ({e})")))?;
+        Ok(AdminKey(pair))
+    }
+
+    /// The public key as PEM `PUBLIC KEY` (SPKI), what the KBS config names.
+    pub fn public_pem(&self) -> String {
+        use ring::signature::KeyPair;
+        // SPKI of an Ed25519 key: SEQUENCE { SEQUENCE { OID 1.3.101.112 } BIT STRING key }.
+        let mut der = vec![
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        der.extend_from_slice(self.0.public_key().as_ref());
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            STANDARD.encode(der)
+        )
+    }
+
+    /// A signed admin token (`alg` EdDSA) issued at `now` (Unix seconds).
+    pub fn token(&self, claims: &AdminClaims, now: u64) -> Zeroizing<String> {
+        let header = URL_SAFE_NO_PAD.encode(json!({ "alg": "EdDSA", "typ": "JWT" }).to_string());
+        let body = URL_SAFE_NO_PAD.encode(
+            json!({
+                "iss": claims.issuer,
+                "aud": claims.audience,
+                "role": claims.role,
+                "sub": "cvm-warden broker register",
+                "iat": now,
+                "nbf": now,
+                "exp": now + claims.ttl_secs,
+            })
+            .to_string(),
+        );
+        let signing_input = format!("{header}.{body}");
+        let signature = self.0.sign(signing_input.as_bytes());
+        Zeroizing::new(format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(signature.as_ref())
+        ))
+    }
+}
+
+/// Where admin calls go (the real `HttpTransport`, or a recording fake in tests).
+pub trait AdminTransport {
+    /// `POST` `body` to `path` with the admin token.
+    fn post(
+        &mut self,
+        path: &str,
+        body: &[u8],
+        content_type: &str,
+        token: &str,
+    ) -> Result<HttpResponse, TransportError>;
+}
+
+impl AdminTransport for HttpTransport {
+    fn post(
+        &mut self,
+        path: &str,
+        body: &[u8],
+        content_type: &str,
+        token: &str,
+    ) -> Result<HttpResponse, TransportError> {
+        self.post_admin(path, body, content_type, token, Duration::from_secs(30))
+    }
+}
+
+/// One resource to upload: its `repo/type/tag` and its bytes (zeroized on drop).
+pub struct ResourceUpload {
+    /// `repo/type/tag`.
+    pub path: String,
+    /// The value.
+    pub value: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ResourceUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ResourceUpload({}, <{} bytes redacted>)",
+            self.path,
+            self.value.len()
+        )
+    }
+}
+
+/// Posts `requests`, then each resource, in order; stops at the first refusal. Returns what
+/// was registered, for the report.
+pub fn register(
+    transport: &mut dyn AdminTransport,
+    token: &str,
+    requests: &[AdminRequest],
+    resources: &[ResourceUpload],
+) -> Result<Vec<String>, AdminError> {
+    let mut done = Vec::new();
+    for request in requests {
+        let body = request.body.to_string();
+        post(
+            transport,
+            token,
+            &request.what,
+            &request.path,
+            body.as_bytes(),
+            "application/json",
+        )?;
+        done.push(request.what.clone());
+    }
+    for resource in resources {
+        let what = format!("resource {}", resource.path);
+        let path = format!("/kbs/v0/resource/{}", resource.path);
+        post(
+            transport,
+            token,
+            &what,
+            &path,
+            &resource.value,
+            "application/octet-stream",
+        )?;
+        done.push(what);
+    }
+    Ok(done)
+}
+
+fn post(
+    transport: &mut dyn AdminTransport,
+    token: &str,
+    what: &str,
+    path: &str,
+    body: &[u8],
+    content_type: &str,
+) -> Result<(), AdminError> {
+    let response = transport
+        .post(path, body, content_type, token)
+        .map_err(|source| AdminError::Transport {
+            what: what.to_string(),
+            source,
+        })?;
+    if (200..300).contains(&response.status) {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&response.body);
+    let said = super::sanitize(said.trim());
+    Err(AdminError::Refused {
+        what: what.to_string(),
+        path: path.to_string(),
+        status: response.status,
+        detail: if said.is_empty() {
+            String::new()
+        } else {
+            format!(": {said}")
+        },
+        hint: match response.status {
+            401 | 403 => "the admin token was not accepted: check --admin-key against the KBS's identity provider, and --issuer, --audience, --role against its config and ACL",
+            404 => "the KBS does not serve this admin endpoint: check --kbs (the base URL, without /kbs/v0) and that the KBS has its admin API and RVPS built in",
+            _ => "check the KBS's log for the reason",
+        },
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests;

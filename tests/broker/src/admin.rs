@@ -1,0 +1,562 @@
+//! The admin API of a Trustee KBS, as far as a model owner registering one workload uses
+//! it: `POST /kbs/v0/reference-value`, `/kbs/v0/attestation-policy`,
+//! `/kbs/v0/resource-policy` and `/kbs/v0/resource/<repo>/<type>/<tag>`, each behind an
+//! EdDSA (Ed25519) JWT checked against the `[admin]` config (signature, `exp`/`nbf`, and
+//! `iss`, `aud`, `role` when configured).
+//!
+//! Trustee evaluates posted policies with a rego engine; this broker has none. It reads
+//! exactly the rego forms a workload owner needs and refuses anything else with
+//! `ParsePolicyError` naming the line, so a policy it accepts means what it says here:
+//! - resource policy: `package policy`, `import rego.v1`, `default allow := false`, sets of
+//!   resource paths (`NAME := {"repo/type/tag", …}`), `allow if { … }` rules (any one
+//!   allows) whose lines are among `data["resource-path"] in NAME`,
+//!   `data["resource-path"] == "repo/type/tag"`, `count(input.submods) > 0`, `not HELPER`
+//!   (HELPER being a rule `some _, submod in input.submods` / `submod["ear.status"] !=
+//!   "affirming"`), `input.submods.cpu0["ear.status"] == "affirming"` and
+//!   `input.submods.cpu0["ear.trustworthiness-vector"].<claim> == N`;
+//! - attestation policy (`default_cpu`): the text is kept and its lines
+//!   `input.tpm.pcrNN in query_reference_value("tpm_pcrNN")` say which PCRs beyond PCR 11
+//!   the tpm `executables` rule compares, as they do in Trustee's default CPU policy.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::SecretBytes;
+
+/// The `[admin]` section: who may use the admin API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The Ed25519 public key (PEM `PUBLIC KEY`) admin tokens are signed with.
+    pub public_key: std::path::PathBuf,
+    /// The `iss` a token must carry (unchecked when absent).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// An `aud` a token must carry (unchecked when absent).
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// The `role` a token must carry to use the admin endpoints (unchecked when absent).
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// The checked `[admin]` section.
+#[derive(Debug, Clone)]
+pub(crate) struct CompiledAdmin {
+    key: [u8; 32],
+    issuer: Option<String>,
+    audience: Option<String>,
+    role: Option<String>,
+}
+
+impl AdminConfig {
+    pub(crate) fn compile(&self) -> Result<CompiledAdmin, String> {
+        let pem = std::fs::read_to_string(&self.public_key)
+            .map_err(|e| format!("admin.public_key {}: {e}", self.public_key.display()))?;
+        let body: String = pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<Vec<_>>()
+            .concat();
+        let der = STANDARD.decode(body.trim()).map_err(|_| {
+            format!(
+                "admin.public_key {}: not a PEM PUBLIC KEY",
+                self.public_key.display()
+            )
+        })?;
+        // SPKI of Ed25519: 30 2a 30 05 06 03 2b 65 70 03 21 00 || 32 bytes.
+        const PREFIX: [u8; 12] = [
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        if der.len() != 44 || der[..12] != PREFIX {
+            return Err(format!(
+                "admin.public_key {}: not an Ed25519 public key (SPKI with OID 1.3.101.112)",
+                self.public_key.display()
+            ));
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&der[12..]);
+        Ok(CompiledAdmin {
+            key,
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            role: self.role.clone(),
+        })
+    }
+}
+
+impl CompiledAdmin {
+    /// Checks an admin bearer token; `Err` says why (for the request log).
+    pub(crate) fn check(&self, token: &str, now: u64) -> Result<(), String> {
+        let parts: Vec<&str> = token.split('.').collect();
+        let [header, claims, signature] = parts[..] else {
+            return Err("the admin token is not a JWS compact serialization".to_string());
+        };
+        let json = |part: &str, what: &str| -> Result<Value, String> {
+            URL_SAFE_NO_PAD
+                .decode(part)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| format!("the admin token's {what} is not base64url JSON"))
+        };
+        let header = json(header, "header")?;
+        if header["alg"] != "EdDSA" {
+            return Err(format!(
+                "the admin token's alg is {}, not EdDSA",
+                header["alg"]
+            ));
+        }
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| "the admin token's signature is not base64url".to_string())?;
+        let signed = &token[..token.rfind('.').unwrap_or(0)];
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &self.key)
+            .verify(signed.as_bytes(), &signature)
+            .map_err(|_| "the admin token is not signed by admin.public_key".to_string())?;
+        let claims = json(claims, "claims")?;
+        match claims["exp"].as_u64() {
+            Some(exp) if exp > now => {}
+            Some(_) => return Err("the admin token has expired".to_string()),
+            None => return Err("the admin token has no exp".to_string()),
+        }
+        if claims["nbf"].as_u64().is_some_and(|nbf| nbf > now + 60) {
+            return Err("the admin token is not valid yet (nbf)".to_string());
+        }
+        if let Some(issuer) = &self.issuer {
+            if claims["iss"].as_str() != Some(issuer) {
+                return Err(format!(
+                    "the admin token's iss is {}, the config expects {issuer:?}",
+                    claims["iss"]
+                ));
+            }
+        }
+        if let Some(audience) = &self.audience {
+            let ok = match &claims["aud"] {
+                Value::String(aud) => aud == audience,
+                Value::Array(list) => list.iter().any(|a| a.as_str() == Some(audience)),
+                _ => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "the admin token's aud {} does not include {audience:?}",
+                    claims["aud"]
+                ));
+            }
+        }
+        if let Some(role) = &self.role {
+            if claims["role"].as_str() != Some(role) {
+                return Err(format!(
+                    "the admin token's role {} is not {role:?}",
+                    claims["role"]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What was registered through the admin API.
+#[derive(Debug, Default)]
+pub(crate) struct Registered {
+    /// `trusted_aks`.
+    pub(crate) trusted_aks: BTreeSet<String>,
+    /// `tpm_pcrNN` by PCR index.
+    pub(crate) pcrs: BTreeMap<u8, Vec<[u8; 32]>>,
+    /// Every other reference value, kept as sent (e.g. `snp_launch_measurement`).
+    pub(crate) other: BTreeMap<String, Vec<Value>>,
+    /// The PCRs a posted `default_cpu` policy compares besides PCR 11; `None`: none posted.
+    pub(crate) policy_pcrs: Option<BTreeSet<u8>>,
+    /// The posted resource policy.
+    pub(crate) resource_policy: Option<ResourcePolicyRego>,
+    /// Uploaded resources.
+    pub(crate) resources: BTreeMap<String, SecretBytes>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReferenceValueBody {
+    version: String,
+    #[serde(rename = "type")]
+    kind: String,
+    payload: String,
+}
+
+fn hex32(name: &str, value: &Value) -> Result<[u8; 32], String> {
+    let text = value
+        .as_str()
+        .ok_or_else(|| format!("{name}: {value} is not a hex string"))?;
+    let bytes = hex::decode(text).map_err(|_| format!("{name}: {text:?} is not hex"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("{name}: {text:?} is not 32 bytes"))
+}
+
+impl Registered {
+    /// `POST /kbs/v0/reference-value`.
+    pub(crate) fn reference_value(&mut self, body: &[u8]) -> Result<Vec<String>, String> {
+        let body: ReferenceValueBody = serde_json::from_slice(body)
+            .map_err(|e| format!("the body is not {{version, type, payload}}: {e}"))?;
+        if body.version != "0.1.0" {
+            return Err(format!("version {:?} is not 0.1.0", body.version));
+        }
+        if body.kind != "sample" {
+            return Err(format!(
+                "provenance type {:?}: this broker takes the `sample` type only",
+                body.kind
+            ));
+        }
+        let payload: BTreeMap<String, Value> = STANDARD
+            .decode(&body.payload)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or("payload is not base64 of a JSON object")?;
+        let mut names = Vec::new();
+        for (name, value) in payload {
+            let values = match value {
+                Value::Array(list) => list,
+                one => vec![one],
+            };
+            if name == "trusted_aks" {
+                let mut aks = BTreeSet::new();
+                for ak in &values {
+                    let text = ak
+                        .as_str()
+                        .filter(|t| STANDARD.decode(t).is_ok())
+                        .ok_or_else(|| format!("trusted_aks: {ak} is not base64"))?;
+                    aks.insert(text.to_string());
+                }
+                self.trusted_aks = aks;
+            } else if let Some(index) = name.strip_prefix("tpm_pcr") {
+                let index: u8 = index
+                    .parse()
+                    .ok()
+                    .filter(|i| *i < 24)
+                    .ok_or_else(|| format!("{name}: not a PCR (tpm_pcr0 .. tpm_pcr23)"))?;
+                let parsed = values
+                    .iter()
+                    .map(|v| hex32(&name, v))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.pcrs.insert(index, parsed);
+            } else {
+                self.other.insert(name.clone(), values);
+            }
+            names.push(name);
+        }
+        Ok(names)
+    }
+
+    /// `POST /kbs/v0/attestation-policy`.
+    pub(crate) fn attestation_policy(&mut self, body: &[u8]) -> Result<(), String> {
+        let body: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let id = body["policy_id"].as_str().ok_or("no policy_id")?;
+        let rego = decode_policy(&body)?;
+        if id != "default_cpu" {
+            return Err(format!(
+                "policy_id {id:?}: this broker applies only default_cpu (the policy Trustee uses for CPU evidence)"
+            ));
+        }
+        if !rego.contains("package policy") {
+            return Err("the rego has no `package policy`".to_string());
+        }
+        let mut pcrs = BTreeSet::new();
+        for line in rego.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("input.tpm.pcr") {
+                let (index, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let expected = format!("in query_reference_value(\"tpm_pcr{index}\")");
+                match index.parse::<u8>() {
+                    Ok(i) if i < 24 && tail.trim() == expected => {
+                        pcrs.insert(i);
+                    }
+                    _ => return Err(format!("cannot read the line {line:?}")),
+                }
+            }
+        }
+        pcrs.remove(&11);
+        self.policy_pcrs = Some(pcrs);
+        Ok(())
+    }
+
+    /// `POST /kbs/v0/resource-policy`.
+    pub(crate) fn resource_policy(&mut self, body: &[u8]) -> Result<(), String> {
+        let body: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let rego = decode_policy(&body)?;
+        self.resource_policy = Some(ResourcePolicyRego::parse(&rego)?);
+        Ok(())
+    }
+}
+
+fn decode_policy(body: &Value) -> Result<String, String> {
+    let text = body["policy"].as_str().ok_or("no policy string")?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(text.trim_end_matches('='))
+        .map_err(|_| "policy is not base64url".to_string())?;
+    String::from_utf8(bytes).map_err(|_| "policy is not UTF-8".to_string())
+}
+
+/// One condition of an `allow` rule.
+#[derive(Debug, Clone, PartialEq)]
+enum Condition {
+    PathIn(String),
+    PathIs(String),
+    AnySubmods,
+    EverySubmodAffirming,
+    Cpu0Affirming,
+    Cpu0Claim(String, i64),
+}
+
+/// A resource policy in the rego forms this broker reads.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ResourcePolicyRego {
+    sets: BTreeMap<String, BTreeSet<String>>,
+    rules: Vec<Vec<Condition>>,
+    helpers: BTreeSet<String>,
+}
+
+fn claim_path(expr: &str) -> Option<&str> {
+    expr.strip_prefix("input.submods.cpu0")
+        .or_else(|| expr.strip_prefix("input[\"submods\"][\"cpu0\"]"))
+}
+
+impl ResourcePolicyRego {
+    /// Reads `rego`; `Err` names the first line it cannot read.
+    pub(crate) fn parse(rego: &str) -> Result<Self, String> {
+        let lines: Vec<&str> = rego
+            .lines()
+            .map(|l| l.split_once('#').map_or(l, |(code, _)| code).trim())
+            .filter(|l| !l.is_empty())
+            .collect();
+        let mut policy = ResourcePolicyRego {
+            sets: BTreeMap::new(),
+            rules: Vec::new(),
+            helpers: BTreeSet::new(),
+        };
+        let mut pending_not = Vec::new();
+        let (mut package, mut default_deny) = (false, false);
+        let mut i = 0;
+        while i < lines.len() {
+            let line = lines[i];
+            i += 1;
+            match line {
+                "package policy" => package = true,
+                "import rego.v1" => {}
+                "default allow := false" | "default allow = false" => default_deny = true,
+                "allow if {" => {
+                    let mut rule = Vec::new();
+                    loop {
+                        let Some(cond) = lines.get(i) else {
+                            return Err("an `allow if {` rule is not closed".to_string());
+                        };
+                        i += 1;
+                        if *cond == "}" {
+                            break;
+                        }
+                        if let Some(helper) = cond.strip_prefix("not ") {
+                            pending_not.push(helper.to_string());
+                            rule.push(Condition::EverySubmodAffirming);
+                            continue;
+                        }
+                        rule.push(Self::condition(cond)?);
+                    }
+                    policy.rules.push(rule);
+                }
+                _ if line.ends_with(" if {") => {
+                    // A helper: exactly "some submod is not affirming".
+                    let name = line.trim_end_matches(" if {").to_string();
+                    let body: Vec<&str> = lines.iter().skip(i).take(3).copied().collect();
+                    let some_ok = body.first().is_some_and(|l| {
+                        l.starts_with("some ") && l.ends_with(" in input.submods")
+                    });
+                    let var = body
+                        .first()
+                        .and_then(|l| l.trim_end_matches(" in input.submods").rsplit(' ').next())
+                        .unwrap_or_default()
+                        .to_string();
+                    let check = format!("{var}[\"ear.status\"] != \"affirming\"");
+                    if !(some_ok && body.get(1) == Some(&check.as_str()) && body.get(2) == Some(&"}"))
+                    {
+                        return Err(format!(
+                            "cannot read the rule {line:?}: the only helper rule read is `NAME if {{ some _, submod in input.submods; submod[\"ear.status\"] != \"affirming\" }}`"
+                        ));
+                    }
+                    policy.helpers.insert(name);
+                    i += 3;
+                }
+                _ if line.contains(" := {") => {
+                    let (name, rest) = line.split_once(" := {").unwrap_or_default();
+                    let mut text = rest.to_string();
+                    while !text.contains('}') {
+                        let Some(next) = lines.get(i) else {
+                            return Err(format!("the set {name} is not closed"));
+                        };
+                        i += 1;
+                        text.push_str(next);
+                    }
+                    let inner = text.split('}').next().unwrap_or_default();
+                    let mut set = BTreeSet::new();
+                    for item in inner.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                        let path = item
+                            .strip_prefix('"')
+                            .and_then(|s| s.strip_suffix('"'))
+                            .ok_or_else(|| format!("set {name}: {item} is not a string"))?;
+                        set.insert(path.to_string());
+                    }
+                    policy.sets.insert(name.trim().to_string(), set);
+                }
+                other => return Err(format!("cannot read the line {other:?}")),
+            }
+        }
+        if !package || !default_deny {
+            return Err(
+                "a resource policy needs `package policy` and `default allow := false`".to_string(),
+            );
+        }
+        for helper in pending_not {
+            if !policy.helpers.contains(&helper) {
+                return Err(format!("`not {helper}`: no such helper rule"));
+            }
+        }
+        for rule in &policy.rules {
+            for cond in rule {
+                if let Condition::PathIn(set) = cond {
+                    if !policy.sets.contains_key(set) {
+                        return Err(format!("`in {set}`: no such set"));
+                    }
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    fn condition(line: &str) -> Result<Condition, String> {
+        let path_key = ["data[\"resource-path\"]", "data.resource_path"];
+        for key in path_key {
+            if let Some(rest) = line.strip_prefix(key) {
+                let rest = rest.trim();
+                if let Some(set) = rest.strip_prefix("in ") {
+                    return Ok(Condition::PathIn(set.trim().to_string()));
+                }
+                if let Some(value) = rest.strip_prefix("== ") {
+                    let value = value.trim().trim_matches('"');
+                    return Ok(Condition::PathIs(value.to_string()));
+                }
+            }
+        }
+        if line == "count(input.submods) > 0" {
+            return Ok(Condition::AnySubmods);
+        }
+        if let Some(rest) = claim_path(line) {
+            if rest == "[\"ear.status\"] == \"affirming\"" {
+                return Ok(Condition::Cpu0Affirming);
+            }
+            let vector = rest
+                .strip_prefix("[\"ear.trustworthiness-vector\"]")
+                .and_then(|r| {
+                    r.strip_prefix('.')
+                        .or_else(|| r.strip_prefix("[\"").map(|r| r.trim_start()))
+                });
+            if let Some(vector) = vector {
+                let (claim, value) = vector.split_once(" == ").unwrap_or_default();
+                let claim = claim.trim_end_matches("\"]");
+                if let Ok(value) = value.trim().parse::<i64>() {
+                    return Ok(Condition::Cpu0Claim(claim.to_string(), value));
+                }
+            }
+        }
+        Err(format!("cannot read the condition {line:?}"))
+    }
+
+    /// Whether a token with `claims` may have `path`; `Err` says which rule failed where.
+    pub(crate) fn allows(&self, path: &str, claims: &Value) -> Result<(), String> {
+        let submods = claims["submods"].as_object();
+        let mut why = Vec::new();
+        for (n, rule) in self.rules.iter().enumerate() {
+            let failed = rule.iter().find(|cond| match cond {
+                Condition::PathIn(set) => !self.sets.get(set).is_some_and(|s| s.contains(path)),
+                Condition::PathIs(p) => p != path,
+                Condition::AnySubmods => submods.is_none_or(|s| s.is_empty()),
+                Condition::EverySubmodAffirming => submods.is_none_or(|s| {
+                    s.values().any(|m| m["ear.status"] != "affirming")
+                }),
+                Condition::Cpu0Affirming => claims["submods"]["cpu0"]["ear.status"] != "affirming",
+                Condition::Cpu0Claim(claim, value) => {
+                    claims["submods"]["cpu0"]["ear.trustworthiness-vector"][claim.as_str()]
+                        .as_i64()
+                        != Some(*value)
+                }
+            });
+            match failed {
+                None => return Ok(()),
+                Some(cond) => why.push(format!("rule {n}: {cond:?} does not hold")),
+            }
+        }
+        Err(format!(
+            "the posted resource policy denies {path}: {}",
+            if why.is_empty() {
+                "it has no allow rule".to_string()
+            } else {
+                why.join("; ")
+            }
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const REGO: &str = "package policy\n\nimport rego.v1\n\ndefault allow := false\n\n# the workload\nres := {\n\t\"default/key/volume\",\n\t\"default/secret/tls\",\n}\n\nallow if {\n\tdata[\"resource-path\"] in res\n\tcount(input.submods) > 0\n\tnot bad\n\tinput.submods.cpu0[\"ear.trustworthiness-vector\"].executables == 3\n}\n\nbad if {\n\tsome _, submod in input.submods\n\tsubmod[\"ear.status\"] != \"affirming\"\n}\n";
+
+    fn claims(status: &str, executables: i64) -> Value {
+        json!({"submods": {"cpu0": {"ear.status": status, "ear.trustworthiness-vector": {"executables": executables}}}})
+    }
+
+    #[test]
+    fn the_resource_policy_is_read_and_applied() {
+        let policy = ResourcePolicyRego::parse(REGO).unwrap();
+        assert!(policy.allows("default/key/volume", &claims("affirming", 3)).is_ok());
+        assert!(policy.allows("default/key/other", &claims("affirming", 3)).is_err());
+        assert!(policy.allows("default/key/volume", &claims("warning", 33)).is_err());
+        assert!(policy.allows("default/key/volume", &claims("affirming", 2)).is_err());
+        let mut gpu = claims("affirming", 3);
+        gpu["submods"]["gpu0"] = json!({"ear.status": "warning"});
+        assert!(policy.allows("default/key/volume", &gpu).is_err(), "every submodule");
+    }
+
+    #[test]
+    fn rego_it_cannot_read_is_refused_naming_the_line() {
+        for (bad, said) in [
+            (REGO.replace("count(input.submods) > 0", "input.x == 1"), "input.x == 1"),
+            (REGO.replace("default allow := false\n", ""), "default allow"),
+            (REGO.replace("not bad", "not worse"), "worse"),
+            (REGO.replace("in res", "in other"), "other"),
+            (REGO.replace("submod[\"ear.status\"] != \"affirming\"", "true"), "bad if"),
+        ] {
+            let err = ResourcePolicyRego::parse(&bad).unwrap_err();
+            assert!(err.contains(said), "{err}");
+        }
+    }
+
+    #[test]
+    fn reference_values_and_the_attestation_policy_are_registered() {
+        let mut reg = Registered::default();
+        let payload = STANDARD.encode(json!({"tpm_pcr15": ["ab".repeat(32)]}).to_string());
+        let body = json!({"version": "0.1.0", "type": "sample", "payload": payload});
+        reg.reference_value(body.to_string().as_bytes()).unwrap();
+        assert_eq!(reg.pcrs[&15], vec![[0xab; 32]]);
+        let bad = json!({"version": "0.1.0", "type": "sample", "payload": STANDARD.encode(json!({"tpm_pcr15": "ab"}).to_string())});
+        assert!(reg.reference_value(bad.to_string().as_bytes()).unwrap_err().contains("32 bytes"));
+        let other = json!({"version": "0.1.0", "type": "in-toto", "payload": payload});
+        assert!(reg.reference_value(other.to_string().as_bytes()).is_err());
+
+        let rego = "package policy\nexecutables := 3 if {\n\tinput.tpm\n\tinput.tpm.pcr11 in query_reference_value(\"tpm_pcr11\")\n\tinput.tpm.pcr15 in query_reference_value(\"tpm_pcr15\")\n}\n";
+        let body = json!({"policy_id": "default_cpu", "policy": URL_SAFE_NO_PAD.encode(rego)});
+        reg.attestation_policy(body.to_string().as_bytes()).unwrap();
+        assert_eq!(reg.policy_pcrs, Some(BTreeSet::from([15])));
+    }
+}
