@@ -643,8 +643,12 @@ fn broker_register(args: &RegisterArgs) -> Result<(), CliError> {
         requests.push(request);
     }
     if let Some(file) = &args.attestation_policy {
-        let rego = String::from_utf8(read_file(file, "the attestation policy")?)
-            .map_err(|_| invalid(format!("--attestation-policy {}: not UTF-8 text", file.display())))?;
+        let rego = String::from_utf8(read_file(file, "the attestation policy")?).map_err(|_| {
+            invalid(format!(
+                "--attestation-policy {}: not UTF-8 text",
+                file.display()
+            ))
+        })?;
         let registers_pcr15 = values["reference_values"].get("tpm_pcr15").is_some();
         if registers_pcr15 && !rego.contains(admin::PCR15_POLICY_LINE) {
             return Err(invalid(format!(
@@ -680,7 +684,11 @@ fn broker_register(args: &RegisterArgs) -> Result<(), CliError> {
     let mut transport = crate::kbs::HttpTransport::new(
         &args.kbs,
         ca.as_deref(),
-        &args.kbs_ca.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        &args
+            .kbs_ca
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         args.insecure_http,
         std::time::Duration::from_secs(10),
         std::time::Duration::from_secs(30),
@@ -697,8 +705,8 @@ fn broker_register(args: &RegisterArgs) -> Result<(), CliError> {
         ttl_secs: 300,
     };
     let token = key.token(&claims, now);
-    let done = admin::register(&mut transport, &token, &requests, &resources)
-        .map_err(CliError::failed)?;
+    let done =
+        admin::register(&mut transport, &token, &requests, &resources).map_err(CliError::failed)?;
     print_json(&serde_json::json!({
         "kbs": args.kbs,
         "registered": done,

@@ -151,7 +151,10 @@ pub fn ak_spki_base64(bytes: &[u8]) -> Result<String, String> {
         );
     };
     // An SPKI is SEQUENCE { SEQUENCE { OID … } BIT STRING }: check the outer length.
-    let long_len = |n: usize| der.get(2..2 + n).map(|b| b.iter().fold(0usize, |a, x| (a << 8) | usize::from(*x)));
+    let long_len = |n: usize| {
+        der.get(2..2 + n)
+            .map(|b| b.iter().fold(0usize, |a, x| (a << 8) | usize::from(*x)))
+    };
     let declared = match der.get(1) {
         Some(&l) if l < 0x80 => Some((usize::from(l), 2)),
         Some(&0x81) => long_len(1).map(|l| (l, 3)),
@@ -174,15 +177,16 @@ pub fn trustee_values(
     inputs: TrusteeInputs,
 ) -> Result<crate::kbs::admin::TrusteeValues, crate::kbs::admin::AdminError> {
     use crate::policy::{Attestation, Tee};
-    let tee = match &loaded.policy.attestation {
-        Attestation::Broker { tee, .. } => *tee,
-        Attestation::None => {
-            return Err(crate::kbs::admin::AdminError::Value {
+    let tee =
+        match &loaded.policy.attestation {
+            Attestation::Broker { tee, .. } => *tee,
+            Attestation::None => return Err(crate::kbs::admin::AdminError::Value {
                 what: "attestation".to_string(),
-                detail: "the policy has attestation = \"none\": there is no key broker to register at".to_string(),
-            })
-        }
-    };
+                detail:
+                    "the policy has attestation = \"none\": there is no key broker to register at"
+                        .to_string(),
+            }),
+        };
     let mut warnings = Vec::new();
     let tpm = tee == Tee::Tpm;
     if tpm && inputs.trusted_aks.is_empty() {

@@ -1130,3 +1130,208 @@ fn real_broker_records_re_handshakes_during_fetch() {
     assert!(re[0]["exchange"].get("token").is_none());
     assert_ne!(re[0]["exchange"]["nonce"], re[1]["exchange"]["nonce"]);
 }
+
+// ---------------------------------------------------------------------------------------
+// Registration through the admin API (`reference-values --format trustee` + `broker
+// register`), then a tpm attestation that the registered values decide.
+// ---------------------------------------------------------------------------------------
+
+/// A broker with the admin API on (the key `admin` signs its tokens) and nothing
+/// registered: what a fresh Trustee KBS looks like to a model owner.
+fn admin_broker(dir: &Path) -> (RunningBroker, cvm_warden::kbs::admin::AdminKey) {
+    use cvm_warden::kbs::admin::AdminKey;
+    let out = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519"])
+        .output()
+        .expect("openssl makes the test's admin key");
+    let key = AdminKey::from_pem(&out.stdout, "admin.pem").unwrap();
+    let public = dir.join("admin.pub.pem");
+    std::fs::write(&public, key.public_pem()).unwrap();
+    let config = BrokerConfig {
+        admin: Some(kbs_test_broker::AdminConfig {
+            public_key: public,
+            issuer: Some("owner".to_string()),
+            audience: Some("kbs".to_string()),
+            role: Some("admin".to_string()),
+        }),
+        ..BrokerConfig::default()
+    };
+    (Broker::start(config, "127.0.0.1:0").unwrap(), key)
+}
+
+fn admin_token(key: &cvm_warden::kbs::admin::AdminKey) -> String {
+    let claims = cvm_warden::kbs::admin::AdminClaims {
+        issuer: "owner".to_string(),
+        audience: "kbs".to_string(),
+        role: "admin".to_string(),
+        ttl_secs: 300,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    key.token(&claims, now).to_string()
+}
+
+fn admin_transport(broker: &RunningBroker) -> cvm_warden::kbs::HttpTransport {
+    cvm_warden::kbs::HttpTransport::new(
+        broker.url(),
+        None,
+        "",
+        true,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )
+    .unwrap()
+}
+
+/// The tpm executables rule of an attestation policy, with or without the PCR 15 line.
+fn cpu_policy(with_pcr15: bool) -> String {
+    let mut rego = String::from(
+        "package policy\n\nimport rego.v1\n\nexecutables := 3 if {\n\tinput.tpm\n\tinput.tpm.pcr11 in query_reference_value(\"tpm_pcr11\")\n",
+    );
+    if with_pcr15 {
+        rego.push_str(&format!(
+            "\t{}\n",
+            cvm_warden::kbs::admin::PCR15_POLICY_LINE
+        ));
+    }
+    rego.push_str("\tinput.tpm.ak_public in query_reference_value(\"trusted_aks\")\n}\n");
+    rego
+}
+
+#[test]
+fn trustee_registration_through_the_admin_api_decides_a_tpm_release() {
+    use cvm_warden::kbs::admin::{self, ResourceUpload, TrusteeValues};
+    let swtpm = Swtpm::start();
+    let mut provider = TpmProvider::open(&swtpm.tcti(), AkSource::Create).unwrap();
+    let ak_public = provider.describe()["ak_public"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let measured: [u8; 32] = Sha256::digest(b"cvm-warden trustee bundle").into();
+    let mut register = provider.runtime_register().unwrap().unwrap();
+    register.extend(&Digest(measured)).unwrap();
+    drop(register);
+    let pcr15 = hex::encode(provider.pcr_value(15).unwrap());
+    let pcr11 = hex::encode(provider.pcr_value(11).unwrap());
+    let values = |pcr15: &str| {
+        TrusteeValues {
+            policy: "test".to_string(),
+            tpm_pcr15: Some(pcr15.to_string()),
+            tpm_pcr11: Some(pcr11.clone()),
+            trusted_aks: vec![ak_public.clone()],
+            snp_launch_measurement: None,
+            resources: vec![RESOURCE.to_string()],
+            warnings: Vec::new(),
+        }
+        .checked()
+        .unwrap()
+    };
+    let upload = || {
+        vec![ResourceUpload {
+            path: RESOURCE.to_string(),
+            value: zeroize::Zeroizing::new(SECRET.to_vec()),
+        }]
+    };
+    let with_policy = |values: &TrusteeValues, pcr15_line: bool| {
+        let mut requests = values.requests();
+        requests.push(admin::AdminRequest {
+            what: "attestation policy".to_string(),
+            path: admin::ATTESTATION_POLICY_PATH.to_string(),
+            body: admin::attestation_policy_body(&cpu_policy(pcr15_line)),
+        });
+        requests
+    };
+    let dir = tempfile::tempdir().unwrap();
+
+    // 1. The right values, the PCR 15 line in the policy: released.
+    let (broker, key) = admin_broker(dir.path());
+    let done = admin::register(
+        &mut admin_transport(&broker),
+        &admin_token(&key),
+        &with_policy(&values(&pcr15), true),
+        &upload(),
+    )
+    .unwrap();
+    assert_eq!(done.len(), 6, "{done:?}");
+    let mut observer = RecordingObserver::default();
+    let mut client = http_client(&broker);
+    let released = client
+        .resource(&uri(), &mut provider, &mut observer)
+        .unwrap();
+    assert_eq!(released.bytes(), SECRET);
+    assert_eq!(
+        client.attested().unwrap().status.as_deref(),
+        Some("affirming")
+    );
+
+    // 2. Another bundle's PCR 15 registered, the line in the policy: refused.
+    let other = hex::encode(Sha256::digest(b"another bundle"));
+    let (broker, key) = admin_broker(dir.path());
+    admin::register(
+        &mut admin_transport(&broker),
+        &admin_token(&key),
+        &with_policy(&values(&other), true),
+        &upload(),
+    )
+    .unwrap();
+    let err = http_client(&broker)
+        .resource(&uri(), &mut provider, &mut RecordingObserver::default())
+        .unwrap_err();
+    assert!(matches!(err, KbsError::PolicyDeny { .. }), "{err:?}");
+
+    // 3. The same wrong PCR 15 without the line: Trustee never compares it and releases,
+    //    which is why `broker register` refuses such a policy (the CLI test) and the
+    //    trustee format prints the line.
+    let (broker, key) = admin_broker(dir.path());
+    admin::register(
+        &mut admin_transport(&broker),
+        &admin_token(&key),
+        &with_policy(&values(&other), false),
+        &upload(),
+    )
+    .unwrap();
+    let released = http_client(&broker)
+        .resource(&uri(), &mut provider, &mut RecordingObserver::default())
+        .unwrap();
+    assert_eq!(released.bytes(), SECRET);
+
+    // 4. No tpm_pcr11: the default CPU policy's tpm rule cannot give executables 3.
+    let (broker, key) = admin_broker(dir.path());
+    let mut no_pcr11 = values(&pcr15);
+    no_pcr11.tpm_pcr11 = None;
+    admin::register(
+        &mut admin_transport(&broker),
+        &admin_token(&key),
+        &with_policy(&no_pcr11, true),
+        &upload(),
+    )
+    .unwrap();
+    let mut client = http_client(&broker);
+    let err = client
+        .resource(&uri(), &mut provider, &mut RecordingObserver::default())
+        .unwrap_err();
+    assert!(matches!(err, KbsError::PolicyDeny { .. }), "{err:?}");
+    assert_eq!(
+        client.attested().unwrap().status.as_deref(),
+        Some("warning")
+    );
+
+    // 5. A token signed by another key registers nothing.
+    let (broker, _) = admin_broker(dir.path());
+    let (_, stranger) = admin_broker(dir.path());
+    let err = admin::register(
+        &mut admin_transport(&broker),
+        &admin_token(&stranger),
+        &values(&pcr15).requests(),
+        &upload(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("HTTP 401") && err.contains("AdminAuthAccess"),
+        "{err}"
+    );
+    assert_eq!(broker.requests().len(), 1, "stopped at the first refusal");
+}

@@ -53,7 +53,9 @@ pub enum AdminError {
         detail: String,
     },
     /// The KBS could not be reached.
-    #[error("registering {what} at the KBS failed: {source}; check --kbs, --kbs-ca and the network")]
+    #[error(
+        "registering {what} at the KBS failed: {source}; check --kbs, --kbs-ca and the network"
+    )]
     Transport {
         /// The step.
         what: String,
@@ -129,8 +131,12 @@ impl AdminRequest {
         };
         let (what, path, method) = (field("what")?, field("path")?, field("method")?);
         if method != "POST"
-            || ![REFERENCE_VALUE_PATH, RESOURCE_POLICY_PATH, ATTESTATION_POLICY_PATH]
-                .contains(&path.as_str())
+            || ![
+                REFERENCE_VALUE_PATH,
+                RESOURCE_POLICY_PATH,
+                ATTESTATION_POLICY_PATH,
+            ]
+            .contains(&path.as_str())
         {
             return Err(AdminError::Value {
                 what: "values file".to_string(),
@@ -212,9 +218,8 @@ impl TrusteeValues {
         let mut resources: Vec<&String> = self.resources.iter().collect();
         resources.sort();
         resources.dedup();
-        let mut rego = String::from(
-            "package policy\n\nimport rego.v1\n\ndefault allow := false\n\n",
-        );
+        let mut rego =
+            String::from("package policy\n\nimport rego.v1\n\ndefault allow := false\n\n");
         rego.push_str(&format!(
             "# cvm-warden: the resources of the workload of {}\n{RESOURCE_SET} := {{\n",
             self.policy.replace('\n', " ")
@@ -330,10 +335,9 @@ impl AdminKey {
         };
         let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(pem)
             .map_err(|e| error(format!("no PEM PRIVATE KEY (PKCS#8) block ({e})")))?;
-        let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(
-            der.secret_pkcs8_der(),
-        )
-        .map_err(|e| error(format!("not an Ed25519 key ({e})")))?;
+        let pair =
+            ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_pkcs8_der())
+                .map_err(|e| error(format!("not an Ed25519 key ({e})")))?;
         Ok(AdminKey(pair))
     }
 

@@ -159,9 +159,11 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         report["ak"]["sha256"].as_str().unwrap_or_default()
     );
 
+    banner("model owner: register the workload at the broker through its admin API (what a Trustee KBS takes as is)");
+    let broker = register_at_broker(netns, bins, demo, policy, &ak)?;
+
     banner("act 1: reboot (fresh PCRs) and boot the intact bundle; the broker now trusts the AK and requires PCR 15");
     tpm.restart()?;
-    let broker = Broker::start(netns, bins, demo, &broker_config(&[ak.as_str()], &pcr15))?;
     let out = boot(netns, &bins.warden, policy)?;
     ensure!(
         out.status.success(),
@@ -302,6 +304,101 @@ fn broker_config(trusted_aks: &[&str], pcr15: &str) -> String {
         "# written by cargo xtask demo\ntrusted_aks = [{}]\n\n[reference_values]\ntpm_pcr15 = [\"{pcr15}\"]\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = \"fl-client.key\"\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
         aks.join(", ")
     )
+}
+
+/// The model owner's registration: an Ed25519 admin key, a broker with only its admin API
+/// configured (nothing registered), `cvm-warden reference-values --format trustee` for the
+/// policy and the operator's AK, and `cvm-warden broker register` with an attestation policy
+/// that reads PCR 15, the resource policy and the secret. Returns the broker, left running
+/// for act 1.
+fn register_at_broker(
+    netns: &Netns,
+    bins: &Bins,
+    demo: &Path,
+    policy: &Path,
+    ak_base64: &str,
+) -> Result<Broker> {
+    use base64::Engine;
+    let key = demo.join("owner-admin.pem");
+    sh(Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&key))?;
+    sh(Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(demo.join("owner-admin.pub.pem")))?;
+    let ak = demo.join("ak.der");
+    fs::write(
+        &ak,
+        base64::engine::general_purpose::STANDARD
+            .decode(ak_base64)
+            .context("the AK the dry run printed is not base64")?,
+    )?;
+    let broker = Broker::start(
+        netns,
+        bins,
+        demo,
+        "# written by cargo xtask demo: a fresh broker, only its admin API configured\n[admin]\npublic_key = \"owner-admin.pub.pem\"\nissuer = \"model-owner\"\naudience = \"kbs\"\nrole = \"admin\"\n",
+    )?;
+    let values = json_of(
+        Command::new(&bins.warden)
+            .args(["reference-values", "--format", "trustee", "--policy"])
+            .arg(policy)
+            .arg("--ak")
+            .arg(&ak)
+            // Nothing measures into the demo TPM's PCR 11.
+            .args(["--tpm-pcr11", &"0".repeat(64)]),
+    )?;
+    println!("{}", serde_json::to_string_pretty(&values)?);
+    let values_file = demo.join("trustee-values.json");
+    fs::write(&values_file, serde_json::to_vec_pretty(&values)?)?;
+    let lines: Vec<&str> = values["attestation_policy"]["lines"]
+        .as_array()
+        .context("no attestation_policy.lines")?
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    ensure!(!lines.is_empty(), "the trustee values carry no PCR 15 line");
+    // The owner's default_cpu policy: the tpm executables rule with the printed line added.
+    let rego = format!(
+        "package policy\n\nimport rego.v1\n\ndefault executables := 33\n\nexecutables := 3 if {{\n\tinput.tpm\n\tinput.tpm.pcr11 in query_reference_value(\"tpm_pcr11\")\n\t{}\n\tinput.tpm.ak_public in query_reference_value(\"trusted_aks\")\n}}\n",
+        lines.join("\n\t")
+    );
+    let rego_file = demo.join("default_cpu.rego");
+    fs::write(&rego_file, rego)?;
+    let registered = json_of(
+        netns
+            .command(&bins.warden)
+            .args([
+                "broker",
+                "register",
+                "--kbs",
+                &format!("http://{BROKER_LISTEN}"),
+            ])
+            .args(["--insecure-http", "--admin-key"])
+            .arg(&key)
+            .args(["--issuer", "model-owner", "--values"])
+            .arg(&values_file)
+            .arg("--attestation-policy")
+            .arg(&rego_file)
+            .arg("--replace-resource-policy")
+            .arg("--resource")
+            .arg(format!(
+                "{SECRET_RESOURCE}={}",
+                demo.join("fl-client.key").display()
+            )),
+    )?;
+    let done = registered["registered"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0);
+    ensure!(
+        done == 6,
+        "broker register did not register the 3 reference values, the resource policy, the attestation policy and the secret: {registered}"
+    );
+    println!("{}", serde_json::to_string_pretty(&registered)?);
+    Ok(broker)
 }
 
 /// Runs `cmd`, requires success, parses its stdout as JSON.

@@ -114,14 +114,23 @@ fn the_resource_policy_lists_the_resources_and_demands_affirming_and_executables
         tpm_pcr15: Some("00".repeat(32)),
         ..TrusteeValues::default()
     };
-    assert!(none.requests().iter().all(|r| r.path != RESOURCE_POLICY_PATH));
+    assert!(none
+        .requests()
+        .iter()
+        .all(|r| r.path != RESOURCE_POLICY_PATH));
 }
 
 #[test]
 fn the_printed_json_carries_the_pcr15_line_and_requests_that_read_back() {
     let printed = values().to_json();
-    assert_eq!(printed["attestation_policy"]["lines"], json!([PCR15_POLICY_LINE]));
-    assert_eq!(printed["reference_values"]["tpm_pcr15"], json!(["ab".repeat(32)]));
+    assert_eq!(
+        printed["attestation_policy"]["lines"],
+        json!([PCR15_POLICY_LINE])
+    );
+    assert_eq!(
+        printed["reference_values"]["tpm_pcr15"],
+        json!(["ab".repeat(32)])
+    );
     let back: Vec<AdminRequest> = printed["requests"]
         .as_array()
         .unwrap()
@@ -154,14 +163,25 @@ fn the_token_is_an_eddsa_jwt_the_public_key_verifies() {
     assert_eq!(header["alg"], "EdDSA");
     let body: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
     assert_eq!(
-        (body["iss"].as_str(), body["aud"].as_str(), body["role"].as_str()),
+        (
+            body["iss"].as_str(),
+            body["aud"].as_str(),
+            body["role"].as_str()
+        ),
         (Some("owner"), Some("kbs"), Some("admin"))
     );
-    assert_eq!((body["iat"].as_u64(), body["exp"].as_u64()), (Some(1_000), Some(1_300)));
+    assert_eq!(
+        (body["iat"].as_u64(), body["exp"].as_u64()),
+        (Some(1_000), Some(1_300))
+    );
     // The public key (as PEM SPKI) verifies the signature; a changed body does not.
     let pem = key.public_pem();
     let der = STANDARD
-        .decode(pem.lines().filter(|l| !l.starts_with("-----")).collect::<String>())
+        .decode(
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>(),
+        )
         .unwrap();
     assert_eq!(der.len(), 44);
     let public = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &der[12..]);
@@ -178,14 +198,25 @@ fn the_token_is_an_eddsa_jwt_the_public_key_verifies() {
 #[test]
 fn a_key_that_is_not_ed25519_is_refused_naming_the_file() {
     let out = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
         .output()
         .unwrap();
     let err = AdminKey::from_pem(&out.stdout, "/etc/kbs/admin.pem").unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("/etc/kbs/admin.pem") && text.contains("Ed25519"), "{text}");
+    assert!(
+        text.contains("/etc/kbs/admin.pem") && text.contains("Ed25519"),
+        "{text}"
+    );
     assert!(!text.contains("PRIVATE KEY-----"), "{text}");
-    let err = AdminKey::from_pem(b"nothing", "k.pem").unwrap_err().to_string();
+    let err = AdminKey::from_pem(b"nothing", "k.pem")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no PEM PRIVATE KEY"), "{err}");
 }
 
@@ -212,7 +243,8 @@ impl AdminTransport for &Recording {
         match &self.refuse {
             Some((p, status)) if p == path => Ok(HttpResponse::new(
                 *status,
-                b"{\"type\":\"https://github.com/confidential-containers/kbs/errors/AdminAuth\"}".to_vec(),
+                b"{\"type\":\"https://github.com/confidential-containers/kbs/errors/AdminAuth\"}"
+                    .to_vec(),
             )),
             _ => Ok(HttpResponse::new(200, Vec::new())),
         }
@@ -252,6 +284,15 @@ fn register_posts_values_then_resources_with_the_token_and_stops_at_a_refusal() 
     };
     let err = register(&mut &refusing, "tok", &values().requests(), &resources).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("resource policy") && text.contains("HTTP 401") && text.contains("--admin-key"), "{text}");
-    assert_eq!(refusing.calls.borrow().len(), 3, "nothing after the refusal");
+    assert!(
+        text.contains("resource policy")
+            && text.contains("HTTP 401")
+            && text.contains("--admin-key"),
+        "{text}"
+    );
+    assert_eq!(
+        refusing.calls.borrow().len(),
+        3,
+        "nothing after the refusal"
+    );
 }

@@ -376,7 +376,9 @@ impl ResourcePolicyRego {
                         .unwrap_or_default()
                         .to_string();
                     let check = format!("{var}[\"ear.status\"] != \"affirming\"");
-                    if !(some_ok && body.get(1) == Some(&check.as_str()) && body.get(2) == Some(&"}"))
+                    if !(some_ok
+                        && body.get(1) == Some(&check.as_str())
+                        && body.get(2) == Some(&"}"))
                     {
                         return Err(format!(
                             "cannot read the rule {line:?}: the only helper rule read is `NAME if {{ some _, submod in input.submods; submod[\"ear.status\"] != \"affirming\" }}`"
@@ -478,13 +480,12 @@ impl ResourcePolicyRego {
                 Condition::PathIn(set) => !self.sets.get(set).is_some_and(|s| s.contains(path)),
                 Condition::PathIs(p) => p != path,
                 Condition::AnySubmods => submods.is_none_or(|s| s.is_empty()),
-                Condition::EverySubmodAffirming => submods.is_none_or(|s| {
-                    s.values().any(|m| m["ear.status"] != "affirming")
-                }),
+                Condition::EverySubmodAffirming => {
+                    submods.is_none_or(|s| s.values().any(|m| m["ear.status"] != "affirming"))
+                }
                 Condition::Cpu0Affirming => claims["submods"]["cpu0"]["ear.status"] != "affirming",
                 Condition::Cpu0Claim(claim, value) => {
-                    claims["submods"]["cpu0"]["ear.trustworthiness-vector"][claim.as_str()]
-                        .as_i64()
+                    claims["submods"]["cpu0"]["ear.trustworthiness-vector"][claim.as_str()].as_i64()
                         != Some(*value)
                 }
             });
@@ -519,23 +520,43 @@ mod tests {
     #[test]
     fn the_resource_policy_is_read_and_applied() {
         let policy = ResourcePolicyRego::parse(REGO).unwrap();
-        assert!(policy.allows("default/key/volume", &claims("affirming", 3)).is_ok());
-        assert!(policy.allows("default/key/other", &claims("affirming", 3)).is_err());
-        assert!(policy.allows("default/key/volume", &claims("warning", 33)).is_err());
-        assert!(policy.allows("default/key/volume", &claims("affirming", 2)).is_err());
+        assert!(policy
+            .allows("default/key/volume", &claims("affirming", 3))
+            .is_ok());
+        assert!(policy
+            .allows("default/key/other", &claims("affirming", 3))
+            .is_err());
+        assert!(policy
+            .allows("default/key/volume", &claims("warning", 33))
+            .is_err());
+        assert!(policy
+            .allows("default/key/volume", &claims("affirming", 2))
+            .is_err());
         let mut gpu = claims("affirming", 3);
         gpu["submods"]["gpu0"] = json!({"ear.status": "warning"});
-        assert!(policy.allows("default/key/volume", &gpu).is_err(), "every submodule");
+        assert!(
+            policy.allows("default/key/volume", &gpu).is_err(),
+            "every submodule"
+        );
     }
 
     #[test]
     fn rego_it_cannot_read_is_refused_naming_the_line() {
         for (bad, said) in [
-            (REGO.replace("count(input.submods) > 0", "input.x == 1"), "input.x == 1"),
-            (REGO.replace("default allow := false\n", ""), "default allow"),
+            (
+                REGO.replace("count(input.submods) > 0", "input.x == 1"),
+                "input.x == 1",
+            ),
+            (
+                REGO.replace("default allow := false\n", ""),
+                "default allow",
+            ),
             (REGO.replace("not bad", "not worse"), "worse"),
             (REGO.replace("in res", "in other"), "other"),
-            (REGO.replace("submod[\"ear.status\"] != \"affirming\"", "true"), "bad if"),
+            (
+                REGO.replace("submod[\"ear.status\"] != \"affirming\"", "true"),
+                "bad if",
+            ),
         ] {
             let err = ResourcePolicyRego::parse(&bad).unwrap_err();
             assert!(err.contains(said), "{err}");
@@ -550,7 +571,10 @@ mod tests {
         reg.reference_value(body.to_string().as_bytes()).unwrap();
         assert_eq!(reg.pcrs[&15], vec![[0xab; 32]]);
         let bad = json!({"version": "0.1.0", "type": "sample", "payload": STANDARD.encode(json!({"tpm_pcr15": "ab"}).to_string())});
-        assert!(reg.reference_value(bad.to_string().as_bytes()).unwrap_err().contains("32 bytes"));
+        assert!(reg
+            .reference_value(bad.to_string().as_bytes())
+            .unwrap_err()
+            .contains("32 bytes"));
         let other = json!({"version": "0.1.0", "type": "in-toto", "payload": payload});
         assert!(reg.reference_value(other.to_string().as_bytes()).is_err());
 

@@ -394,8 +394,8 @@ impl State {
         let trusted = self.cfg.trusted_aks.contains(ak) || registered.trusted_aks.contains(ak);
         let mut pcrs = self.cfg.reference_pcrs.clone();
         if self.cfg.admin.is_some() {
-            let read = std::iter::once(11u8)
-                .chain(registered.policy_pcrs.iter().flatten().copied());
+            let read =
+                std::iter::once(11u8).chain(registered.policy_pcrs.iter().flatten().copied());
             for pcr in read {
                 let values = registered
                     .pcrs

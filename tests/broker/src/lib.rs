@@ -31,8 +31,8 @@ pub mod jwe;
 pub mod token;
 pub mod tpm;
 
-pub use broker::{Broker, RequestRecord, RunningBroker, KBS_PROTOCOL_VERSION, SESSION_COOKIE};
 pub use admin::AdminConfig;
+pub use broker::{Broker, RequestRecord, RunningBroker, KBS_PROTOCOL_VERSION, SESSION_COOKIE};
 pub use config::{
     BrokerConfig, Faults, RequiredStatus, ResourceConfig, ResourcePolicy, SecretBytes, TlsConfig,
 };
