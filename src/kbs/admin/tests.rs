@@ -220,9 +220,12 @@ fn a_key_that_is_not_ed25519_is_refused_naming_the_file() {
     assert!(err.contains("no PEM PRIVATE KEY"), "{err}");
 }
 
+/// One recorded call: path, body, content type, token.
+type Call = (String, Vec<u8>, String, String);
+
 #[derive(Default)]
 struct Recording {
-    calls: RefCell<Vec<(String, Vec<u8>, String, String)>>,
+    calls: RefCell<Vec<Call>>,
     refuse: Option<(String, u16)>,
 }
 
