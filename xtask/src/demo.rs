@@ -19,11 +19,11 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::sandbox::{audit_verify_attested, boot, json_of, provision_ak, Broker, Netns, Swtpm};
 use crate::{cargo, ensure_tools, is_root, sh, show, target_dir, TOOLS};
 
 /// Where the example policy expects the bundle and the audit log (not under /run or /tmp:
@@ -32,12 +32,9 @@ const DEMO_DIR: &str = "/var/lib/cvm-warden-demo";
 /// The network namespace everything runs in.
 const NETNS: &str = "cvm-warden-demo";
 /// swtpm's ports (the policy's `attestation.tpm` names the first).
-const TPM_PORT: u16 = 12321;
-const TPM_CTRL_PORT: u16 = 12322;
 /// The broker's address (the policy's `attestation.kbs`).
 const BROKER_LISTEN: &str = "127.0.0.1:18999";
 /// The persistent AK handle (the policy's `attestation.tpm_ak_handle`).
-const AK_HANDLE: &str = "0x81010002";
 /// The broker resource of the workload's TLS key (the policy's `[[secret]]`).
 const SECRET_RESOURCE: &str = "default/secrets/fl-client-key";
 /// The line the example workload prints when it ran.
@@ -68,7 +65,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     if demo.exists() {
         fs::remove_dir_all(demo).with_context(|| format!("removing {}", demo.display()))?;
     }
-    let result = Netns::create().and_then(|netns| acts(root, &bins, demo, &netns));
+    let result = Netns::create(NETNS).and_then(|netns| acts(root, &bins, demo, &netns));
     let _ = fs::remove_dir_all(demo);
     result
 }
@@ -118,7 +115,13 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     )?;
 
     banner("operator dry run: `cvm-warden attest` against a broker that does not know the AK yet");
-    let broker = Broker::start(netns, bins, demo, &broker_config(&[], &pcr15))?;
+    let broker = Broker::start(
+        netns,
+        &bins.broker,
+        demo,
+        &broker_config(&[], &pcr15),
+        BROKER_LISTEN,
+    )?;
     let dry = netns.command(&bins.warden);
     let mut dry = dry;
     dry.args(["attest", "--policy"]).arg(policy);
@@ -234,7 +237,13 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     fs::write(&tampered, script)?;
     fs::set_permissions(&tampered, perms)?;
     tpm.restart()?;
-    let broker = Broker::start(netns, bins, demo, &broker_config(&[ak.as_str()], &pcr15))?;
+    let broker = Broker::start(
+        netns,
+        &bins.broker,
+        demo,
+        &broker_config(&[ak.as_str()], &pcr15),
+        BROKER_LISTEN,
+    )?;
     let out = boot(netns, &bins.warden, policy)?;
     let broker_log = broker.stop();
     ensure!(
@@ -269,28 +278,6 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     audit_verify_attested(&bins.warden, &log, &trusted_ak)?;
     tpm.stop()?;
     banner("demo done: intact bundle attested, secret released, workload ran; tampered bundle refused by the broker, no secret, no workload");
-    Ok(())
-}
-
-/// `cvm-warden audit verify --trusted-ak AK LOG` must exit 0 (every run attested: covered up
-/// to its closing record by checkpoints of the TPM the broker trusts), and without the pin
-/// the same log must not (exit 3: an unpinned AK proves nothing).
-fn audit_verify_attested(warden: &Path, log: &Path, trusted_ak: &Path) -> Result<()> {
-    sh(Command::new(warden)
-        .args(["audit", "verify", "--trusted-ak"])
-        .arg(trusted_ak)
-        .arg(log))?;
-    let unpinned = Command::new(warden)
-        .args(["audit", "verify"])
-        .arg(log)
-        .output()
-        .context("running audit verify without --trusted-ak")?;
-    ensure!(
-        unpinned.status.code() == Some(3),
-        "audit verify without --trusted-ak exited {:?}, expected 3 (unattested):\n{}",
-        unpinned.status.code(),
-        String::from_utf8_lossy(&unpinned.stdout)
-    );
     Ok(())
 }
 
@@ -337,9 +324,10 @@ fn register_at_broker(
     )?;
     let broker = Broker::start(
         netns,
-        bins,
+        &bins.broker,
         demo,
         "# written by cargo xtask demo: a fresh broker, only its admin API configured\n[admin]\npublic_key = \"owner-admin.pub.pem\"\nissuer = \"model-owner\"\naudience = \"kbs\"\nrole = \"admin\"\n",
+        BROKER_LISTEN,
     )?;
     let values = json_of(
         Command::new(&bins.warden)
@@ -399,278 +387,6 @@ fn register_at_broker(
     );
     println!("{}", serde_json::to_string_pretty(&registered)?);
     Ok(broker)
-}
-
-/// Runs `cmd`, requires success, parses its stdout as JSON.
-fn json_of(cmd: &mut Command) -> Result<serde_json::Value> {
-    eprintln!("$ {}", show(cmd));
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {}", show(cmd)))?;
-    ensure!(
-        out.status.success(),
-        "{} failed with {}: {}",
-        show(cmd),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).with_context(|| format!("{} printed no JSON", show(cmd)))
-}
-
-/// The demo's network namespace (loopback only); deleted on drop.
-struct Netns;
-
-impl Netns {
-    fn create() -> Result<Netns> {
-        // A namespace left over by an interrupted run is replaced.
-        let _ = Command::new("ip")
-            .args(["netns", "del", NETNS])
-            .stderr(Stdio::null())
-            .status();
-        sh(Command::new("ip").args(["netns", "add", NETNS]))?;
-        let netns = Netns;
-        sh(netns
-            .command(Path::new("ip"))
-            .args(["link", "set", "lo", "up"]))?;
-        Ok(netns)
-    }
-
-    /// `program` inside the namespace.
-    fn command(&self, program: &Path) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", NETNS]).arg(program);
-        cmd
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
-    }
-}
-
-/// swtpm as the VM's TPM, in the namespace; killed on drop. A restart is a reboot: PCRs
-/// reset, persistent objects (the AK) stay.
-struct Swtpm<'a> {
-    netns: &'a Netns,
-    state: PathBuf,
-    child: Option<Child>,
-}
-
-impl<'a> Swtpm<'a> {
-    fn start(netns: &'a Netns, state: &Path) -> Result<Swtpm<'a>> {
-        let mut tpm = Swtpm {
-            netns,
-            state: state.to_path_buf(),
-            child: None,
-        };
-        tpm.spawn()?;
-        Ok(tpm)
-    }
-
-    fn spawn(&mut self) -> Result<()> {
-        let mut cmd = self.netns.command(Path::new("swtpm"));
-        cmd.args(["socket", "--tpm2", "--tpmstate"])
-            .arg(format!("dir={}", self.state.display()))
-            .args([
-                "--server",
-                &format!("type=tcp,port={TPM_PORT},bindaddr=127.0.0.1"),
-                "--ctrl",
-                &format!("type=tcp,port={TPM_CTRL_PORT},bindaddr=127.0.0.1"),
-                "--flags",
-                "not-need-init,startup-clear",
-            ]);
-        eprintln!("$ {} &", show(&cmd));
-        let child = cmd.spawn().context("cannot start swtpm")?;
-        self.child = Some(child);
-        // Ready when its port accepts connections (probed from inside the namespace).
-        let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{TPM_PORT}");
-        wait_until(Duration::from_secs(10), "swtpm to listen", || {
-            self.netns
-                .command(Path::new("bash"))
-                .args(["-c", &probe])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-    }
-
-    /// `TPM2_Shutdown(CLEAR)`, as a kernel sends it at power-off: swtpm counts a stop
-    /// without it as an unclean shutdown, and after three of them following AK use it enters
-    /// dictionary-attack lockout ("the TPM is in DA lockout mode", 1000 s to recover).
-    fn shutdown(&self) -> Result<()> {
-        let mut cmd = self.netns.command(Path::new("tpm2_shutdown"));
-        cmd.arg("-c").env(
-            "TPM2TOOLS_TCTI",
-            format!("swtpm:host=127.0.0.1,port={TPM_PORT}"),
-        );
-        sh(&mut cmd)
-    }
-
-    /// Shuts the TPM down cleanly, then stops swtpm.
-    fn stop(&mut self) -> Result<()> {
-        let clean = match self.child {
-            Some(_) => self.shutdown(),
-            None => Ok(()),
-        };
-        self.kill();
-        clean
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) -> Result<()> {
-        self.stop()?;
-        eprintln!("(reboot: TPM2_Shutdown, swtpm restarts, PCRs reset)");
-        self.spawn()
-    }
-}
-
-impl Drop for Swtpm<'_> {
-    fn drop(&mut self) {
-        // An error path: still try to leave swtpm's state clean.
-        if self.child.is_some() && self.shutdown().is_err() {
-            eprintln!("(tpm2_shutdown failed; swtpm stops uncleanly)");
-        }
-        self.kill();
-    }
-}
-
-/// The image builder's step: an RSA-2048 restricted signing key (RSASSA-SHA256) under the
-/// endorsement key, made persistent at [`AK_HANDLE`].
-fn provision_ak(netns: &Netns, demo: &Path) -> Result<()> {
-    let dir = demo.join("ak");
-    fs::create_dir_all(&dir)?;
-    let tcti = format!("swtpm:host=127.0.0.1,port={TPM_PORT}");
-    let tool = |name: &str| {
-        let mut cmd = netns.command(Path::new(name));
-        cmd.env("TPM2TOOLS_TCTI", &tcti).current_dir(&dir);
-        cmd
-    };
-    // swtpm has no resource manager: flush what each tool leaves loaded before the next.
-    let flush = || -> Result<()> {
-        sh(tool("tpm2_flushcontext").arg("-t"))?;
-        sh(tool("tpm2_flushcontext").arg("-s"))
-    };
-    sh(tool("tpm2_createek").args(["-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"]))?;
-    flush()?;
-    sh(tool("tpm2_createak").args([
-        "-C", "ek.ctx", "-c", "ak.ctx", "-G", "rsa", "-g", "sha256", "-s", "rsassa", "-u",
-        "ak.pub", "-n", "ak.name",
-    ]))?;
-    flush()?;
-    sh(tool("tpm2_evictcontrol").args(["-C", "o", "-c", "ak.ctx", AK_HANDLE]))?;
-    flush()?;
-    Ok(())
-}
-
-/// The test broker in the namespace; stopped (and its log returned) by [`Broker::stop`].
-struct Broker {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Broker {
-    fn start(netns: &Netns, bins: &Bins, demo: &Path, config: &str) -> Result<Broker> {
-        let config_path = demo.join("broker.toml");
-        fs::write(&config_path, config)?;
-        let ready = demo.join("broker.ready");
-        let _ = fs::remove_file(&ready);
-        let log = demo.join("broker.log");
-        let mut cmd = netns.command(&bins.broker);
-        cmd.arg("--config")
-            .arg(&config_path)
-            .args(["--listen", BROKER_LISTEN, "--ready-file"])
-            .arg(&ready)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?);
-        eprintln!("$ {} &", show(&cmd));
-        let child = cmd.spawn().context("cannot start kbs-test-broker")?;
-        let broker = Broker {
-            child: Some(child),
-            log,
-        };
-        wait_until(Duration::from_secs(10), "the broker to listen", || {
-            ready.exists()
-        })?;
-        Ok(broker)
-    }
-
-    fn stop(mut self) -> String {
-        self.kill();
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
-    let start = Instant::now();
-    while !ready() {
-        if start.elapsed() > limit {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-struct Output {
-    status: std::process::ExitStatus,
-    stdout: String,
-}
-
-/// `cvm-warden init` as PID 1 of new PID, mount and UTS namespaces, inside the demo's
-/// network namespace.
-fn boot(netns: &Netns, bin: &Path, policy: &Path) -> Result<Output> {
-    // `sh -c 'exec "$@" 2>&1'`: one stream, so stage lines and workload output interleave.
-    let mut cmd = netns.command(Path::new("sh"));
-    cmd.args([
-        "-c",
-        "exec \"$@\" 2>&1",
-        "sh",
-        "unshare",
-        "--pid",
-        "--fork",
-        "--mount",
-        "--mount-proc",
-        "--uts",
-        "--kill-child",
-        "--",
-    ])
-    .arg(bin)
-    .arg("init")
-    // A sandbox PID namespace: host-wide lockdown settings are skipped (and recorded so).
-    .arg("--sandbox")
-    .arg("--policy")
-    .arg(policy);
-    eprintln!("$ {}", show(&cmd));
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {}", show(&cmd)))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    print!("{stdout}");
-    println!("(cvm-warden exited with {})", out.status);
-    Ok(Output {
-        status: out.status,
-        stdout,
-    })
 }
 
 /// Copies `src` to `dst` with fixed modes: directories 0755, `*.sh` 0755, other files 0644.

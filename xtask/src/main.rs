@@ -24,7 +24,9 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod demo;
+
 mod fuzz;
+mod sandbox;
 mod tidy;
 mod vm;
 
