@@ -123,9 +123,11 @@ struct RegisterArgs {
     /// The token's `role`, which the KBS's ACL maps to the admin endpoints.
     #[arg(long, default_value = "admin")]
     role: String,
-    /// What `cvm-warden reference-values --format trustee` printed.
-    #[arg(long, value_name = "FILE")]
-    values: PathBuf,
+    /// What `cvm-warden reference-values --format trustee` printed (repeatable: one per
+    /// workload sharing this KBS; their values are merged and the resource policy holds one
+    /// rule per workload, bound to its PCR 15).
+    #[arg(long, value_name = "FILE", required = true)]
+    values: Vec<PathBuf>,
     /// Also post the values file's resource policy, which replaces the KBS's one resource
     /// policy (without this flag it is left out and reported as skipped).
     #[arg(long)]
@@ -615,24 +617,23 @@ fn broker_register(args: &RegisterArgs) -> Result<(), CliError> {
     let key_pem = zeroize::Zeroizing::new(read_file(&args.admin_key, "the admin key")?);
     let key = admin::AdminKey::from_pem(&key_pem, &args.admin_key.display().to_string())
         .map_err(CliError::invalid)?;
-    let values_text = read_file(&args.values, "the values file")?;
-    let values: serde_json::Value = serde_json::from_slice(&values_text).map_err(|e| {
-        invalid(format!(
-            "--values {}: not JSON ({e}); give what `cvm-warden reference-values --format trustee` printed",
-            args.values.display()
-        ))
-    })?;
-    if values["format"] != "trustee" {
-        return Err(invalid(format!(
-            "--values {}: not a trustee-format file (\"format\" is {}); run `cvm-warden reference-values --format trustee`",
-            args.values.display(),
-            values["format"]
-        )));
+    let mut workloads = Vec::new();
+    for file in &args.values {
+        let text = read_file(file, "the values file")?;
+        let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
+            invalid(format!(
+                "--values {}: not JSON ({e}); give what `cvm-warden reference-values --format trustee` printed",
+                file.display()
+            ))
+        })?;
+        workloads.push(
+            admin::TrusteeValues::from_json(&value)
+                .map_err(|e| invalid(format!("--values {}: {e}", file.display())))?,
+        );
     }
     let mut requests = Vec::new();
     let mut skipped = Vec::new();
-    for request in values["requests"].as_array().into_iter().flatten() {
-        let request = admin::AdminRequest::from_json(request).map_err(CliError::invalid)?;
+    for request in admin::merged_requests(&workloads) {
         if request.path == admin::RESOURCE_POLICY_PATH && !args.replace_resource_policy {
             skipped.push(format!(
                 "{} (replaces the KBS's one resource policy: pass --replace-resource-policy)",
@@ -649,7 +650,7 @@ fn broker_register(args: &RegisterArgs) -> Result<(), CliError> {
                 file.display()
             ))
         })?;
-        let registers_pcr15 = values["reference_values"].get("tpm_pcr15").is_some();
+        let registers_pcr15 = workloads.iter().any(|w| w.tpm_pcr15.is_some());
         if registers_pcr15 && !rego.contains(admin::PCR15_POLICY_LINE) {
             return Err(invalid(format!(
                 "--attestation-policy {}: the values register tpm_pcr15 but this policy never reads it, so Trustee would release keys whatever PCR 15 holds; add `{}` to its tpm executables rule",

@@ -1281,9 +1281,9 @@ fn trustee_registration_through_the_admin_api_decides_a_tpm_release() {
         .unwrap_err();
     assert!(matches!(err, KbsError::PolicyDeny { .. }), "{err:?}");
 
-    // 3. The same wrong PCR 15 without the line: Trustee never compares it and releases,
-    //    which is why `broker register` refuses such a policy (the CLI test) and the
-    //    trustee format prints the line.
+    // 3. The same wrong PCR 15 without the line: the attestation policy never compares it
+    //    (the token says affirming, executables 3), but the resource policy binds the
+    //    workload's resources to its PCR 15 itself, so it is still refused.
     let (broker, key) = admin_broker(dir.path());
     admin::register(
         &mut admin_transport(&broker),
@@ -1292,10 +1292,15 @@ fn trustee_registration_through_the_admin_api_decides_a_tpm_release() {
         &upload(),
     )
     .unwrap();
-    let released = http_client(&broker)
+    let mut client = http_client(&broker);
+    let err = client
         .resource(&uri(), &mut provider, &mut RecordingObserver::default())
-        .unwrap();
-    assert_eq!(released.bytes(), SECRET);
+        .unwrap_err();
+    assert!(matches!(err, KbsError::PolicyDeny { .. }), "{err:?}");
+    assert_eq!(
+        client.attested().unwrap().status.as_deref(),
+        Some("affirming")
+    );
 
     // 4. No tpm_pcr11: the default CPU policy's tpm rule cannot give executables 3.
     let (broker, key) = admin_broker(dir.path());
@@ -1317,6 +1322,41 @@ fn trustee_registration_through_the_admin_api_decides_a_tpm_release() {
         client.attested().unwrap().status.as_deref(),
         Some("warning")
     );
+
+    // 6. Two workloads on one KBS (one merged registration): this TPM, attested with the
+    //    first workload's PCR 15, gets its resource and not the second workload's.
+    let (broker, key) = admin_broker(dir.path());
+    let mut second = values(&other);
+    second.resources = vec!["default/secrets/y".to_string()];
+    let mut requests = admin::merged_requests(&[values(&pcr15), second]);
+    requests.push(admin::AdminRequest {
+        what: "attestation policy".to_string(),
+        path: admin::ATTESTATION_POLICY_PATH.to_string(),
+        body: admin::attestation_policy_body(&cpu_policy(true)),
+    });
+    let mut uploads = upload();
+    uploads.push(ResourceUpload {
+        path: "default/secrets/y".to_string(),
+        value: zeroize::Zeroizing::new(b"the other site's key".to_vec()),
+    });
+    admin::register(
+        &mut admin_transport(&broker),
+        &admin_token(&key),
+        &requests,
+        &uploads,
+    )
+    .unwrap();
+    let mut client = http_client(&broker);
+    let mut observer = RecordingObserver::default();
+    let released = client
+        .resource(&uri(), &mut provider, &mut observer)
+        .unwrap();
+    assert_eq!(released.bytes(), SECRET);
+    let theirs = ResourceUri::parse("kbs:///default/secrets/y").unwrap();
+    let err = client
+        .resource(&theirs, &mut provider, &mut observer)
+        .unwrap_err();
+    assert!(matches!(err, KbsError::PolicyDeny { .. }), "{err:?}");
 
     // 5. A token signed by another key registers nothing.
     let (broker, _) = admin_broker(dir.path());

@@ -270,20 +270,26 @@ fn register_refuses_a_policy_that_ignores_pcr15_and_files_it_did_not_write() {
         "{stderr}"
     );
 
-    // A values file whose request points elsewhere is refused.
+    // A values file is read for its values, never replayed: an unknown name is refused.
     let mut edited: Value = serde_json::from_str(&out).unwrap();
-    edited["requests"][0]["path"] = Value::from("/kbs/v0/resource/default/secret/ca");
+    edited["reference_values"]["launch_digest"] = serde_json::json!(["00"]);
     std::fs::write(&values, edited.to_string()).unwrap();
     let (code, _, stderr) = register(&["--values", values.to_str().unwrap()]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("only POST"), "{stderr}");
+    assert!(
+        stderr.contains("unknown reference value \"launch_digest\""),
+        "{stderr}"
+    );
 
     // The plain format is not a registration.
     let (_, plain, _) = owner.reference_values(&[]);
     std::fs::write(&values, plain).unwrap();
     let (code, _, stderr) = register(&["--values", values.to_str().unwrap()]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("--format trustee"), "{stderr}");
+    assert!(
+        stderr.contains("--format trustee") && stderr.contains("values.json"),
+        "{stderr}"
+    );
 
     // A key that is not Ed25519.
     let (code, _, stderr) = owner.run(&[

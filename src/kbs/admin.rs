@@ -113,47 +113,6 @@ impl AdminRequest {
     fn to_json(&self) -> Value {
         json!({ "what": self.what, "method": "POST", "path": self.path, "body": self.body })
     }
-
-    /// Reads one request back from [`TrusteeValues::to_json`]'s `requests`; only the
-    /// endpoints this module writes are accepted.
-    pub fn from_json(value: &Value) -> Result<AdminRequest, AdminError> {
-        let field = |name: &str| {
-            value
-                .get(name)
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .ok_or_else(|| AdminError::Value {
-                    what: "values file".to_string(),
-                    detail: format!(
-                        "a request has no string {name:?}; give the file `cvm-warden reference-values --format trustee` wrote"
-                    ),
-                })
-        };
-        let (what, path, method) = (field("what")?, field("path")?, field("method")?);
-        if method != "POST"
-            || ![
-                REFERENCE_VALUE_PATH,
-                RESOURCE_POLICY_PATH,
-                ATTESTATION_POLICY_PATH,
-            ]
-            .contains(&path.as_str())
-        {
-            return Err(AdminError::Value {
-                what: "values file".to_string(),
-                detail: format!(
-                    "request {what:?} is {method} {path}; only POST {REFERENCE_VALUE_PATH}, {RESOURCE_POLICY_PATH} and {ATTESTATION_POLICY_PATH} are registered from it"
-                ),
-            });
-        }
-        let body = value.get("body").cloned().unwrap_or(Value::Null);
-        if !body.is_object() {
-            return Err(AdminError::Value {
-                what,
-                detail: "its body is not a JSON object".to_string(),
-            });
-        }
-        Ok(AdminRequest { what, path, body })
-    }
 }
 
 fn check_hex(what: &str, value: &str, bytes: usize) -> Result<String, AdminError> {
@@ -212,51 +171,68 @@ impl TrusteeValues {
         out
     }
 
-    /// The rego of the resource policy: release the policy's resources only to a token
-    /// whose every submodule is `affirming` and whose CPU `executables` claim is 3.
+    /// The rego of the resource policy for this workload alone ([`resource_policy_rego`]).
     pub fn resource_policy_rego(&self) -> String {
-        let mut resources: Vec<&String> = self.resources.iter().collect();
-        resources.sort();
-        resources.dedup();
-        let mut rego =
-            String::from("package policy\n\nimport rego.v1\n\ndefault allow := false\n\n");
-        rego.push_str(&format!(
-            "# cvm-warden: the resources of the workload of {}\n{RESOURCE_SET} := {{\n",
-            self.policy.replace('\n', " ")
-        ));
-        for resource in resources {
-            rego.push_str(&format!("\t\"{resource}\",\n"));
-        }
-        rego.push_str("}\n\n");
-        rego.push_str(&format!(
-            "allow if {{\n\tdata[\"resource-path\"] in {RESOURCE_SET}\n\tcount(input.submods) > 0\n\tnot cvm_warden_any_not_affirming\n\tinput.submods.cpu0[\"ear.trustworthiness-vector\"].executables == 3\n}}\n\n"
-        ));
-        rego.push_str(
-            "cvm_warden_any_not_affirming if {\n\tsome _, submod in input.submods\n\tsubmod[\"ear.status\"] != \"affirming\"\n}\n",
-        );
-        rego
+        resource_policy_rego(std::slice::from_ref(self))
     }
 
     /// Every admin call these values make, in order: one reference value per name, then
-    /// the resource policy.
+    /// the resource policy ([`merged_requests`] of this workload alone).
     pub fn requests(&self) -> Vec<AdminRequest> {
-        let mut requests: Vec<AdminRequest> = self
-            .reference_values()
-            .into_iter()
-            .map(|(name, values)| AdminRequest {
-                what: format!("reference value {name}"),
-                path: REFERENCE_VALUE_PATH.to_string(),
-                body: reference_value_body(name, &values),
-            })
-            .collect();
-        if !self.resources.is_empty() {
-            requests.push(AdminRequest {
-                what: "resource policy".to_string(),
-                path: RESOURCE_POLICY_PATH.to_string(),
-                body: json!({ "policy": URL_SAFE_NO_PAD.encode(self.resource_policy_rego()) }),
-            });
+        merged_requests(std::slice::from_ref(self))
+    }
+
+    /// Reads back what [`TrusteeValues::to_json`] printed: the reference values, the
+    /// resources and the label. `Err` names what is missing or malformed.
+    pub fn from_json(value: &Value) -> Result<TrusteeValues, AdminError> {
+        let bad = |detail: String| AdminError::Value {
+            what: "values file".to_string(),
+            detail: format!(
+                "{detail}; give what `cvm-warden reference-values --format trustee` printed"
+            ),
+        };
+        if value["format"] != "trustee" {
+            return Err(bad(format!(
+                "\"format\" is {}, not \"trustee\"",
+                value["format"]
+            )));
         }
-        requests
+        let refs = value["reference_values"]
+            .as_object()
+            .ok_or_else(|| bad("no reference_values object".to_string()))?;
+        let mut out = TrusteeValues {
+            policy: value["workload"]
+                .as_str()
+                .unwrap_or("(unnamed)")
+                .to_string(),
+            ..TrusteeValues::default()
+        };
+        for (name, values) in refs {
+            let list: Vec<String> = values
+                .as_array()
+                .and_then(|l| l.iter().map(|v| v.as_str().map(str::to_string)).collect())
+                .ok_or_else(|| bad(format!("reference value {name} is not a list of strings")))?;
+            let one = || -> Result<String, AdminError> {
+                match list.as_slice() {
+                    [one] => Ok(one.clone()),
+                    _ => Err(bad(format!(
+                        "reference value {name} must hold exactly one value"
+                    ))),
+                }
+            };
+            match name.as_str() {
+                "tpm_pcr15" => out.tpm_pcr15 = Some(one()?),
+                "tpm_pcr11" => out.tpm_pcr11 = Some(one()?),
+                "snp_launch_measurement" => out.snp_launch_measurement = Some(one()?),
+                "trusted_aks" => out.trusted_aks = list,
+                other => return Err(bad(format!("unknown reference value {other:?}"))),
+            }
+        }
+        out.resources = value["resource_policy"]["resources"]
+            .as_array()
+            .and_then(|l| l.iter().map(|v| v.as_str().map(str::to_string)).collect())
+            .ok_or_else(|| bad("no resource_policy.resources list".to_string()))?;
+        out.checked()
     }
 
     /// What `reference-values --format trustee` prints.
@@ -272,6 +248,7 @@ impl TrusteeValues {
         }
         json!({
             "format": "trustee",
+            "workload": self.policy,
             "kbs_protocol": super::PROTOCOL_VERSION,
             "reference_values": values,
             "attestation_policy": {
@@ -289,6 +266,87 @@ impl TrusteeValues {
             "warnings": self.warnings,
         })
     }
+}
+
+/// The claim a workload's resources are bound to in the resource policy: PCR 15 as the
+/// token's annotated `tpm` evidence carries it (the attestation policy's input).
+const PCR15_CLAIM: &str = "input.submods.cpu0[\"ear.veraison.annotated-evidence\"].tpm.pcr15";
+
+/// The rego of one resource policy for `workloads` (a KBS has one): per workload, a set of
+/// its resources and a rule releasing them only to a token whose every submodule is
+/// `affirming`, whose CPU `executables` claim is 3 and — for `tpm` — whose PCR 15 is that
+/// workload's, so one site's attested VM cannot fetch another site's keys.
+pub fn resource_policy_rego(workloads: &[TrusteeValues]) -> String {
+    let mut rego = String::from("package policy\n\nimport rego.v1\n\ndefault allow := false\n");
+    for (n, workload) in workloads.iter().enumerate() {
+        let mut resources: Vec<&String> = workload.resources.iter().collect();
+        resources.sort();
+        resources.dedup();
+        if resources.is_empty() {
+            continue;
+        }
+        let set = format!("{RESOURCE_SET}_{n}");
+        rego.push_str(&format!(
+            "\n# cvm-warden: the resources of the workload of {}\n{set} := {{\n",
+            workload.policy.replace('\n', " ")
+        ));
+        for resource in resources {
+            rego.push_str(&format!("\t\"{resource}\",\n"));
+        }
+        rego.push_str("}\n\nallow if {\n");
+        rego.push_str(&format!("\tdata[\"resource-path\"] in {set}\n"));
+        rego.push_str("\tcount(input.submods) > 0\n\tnot cvm_warden_any_not_affirming\n");
+        rego.push_str("\tinput.submods.cpu0[\"ear.trustworthiness-vector\"].executables == 3\n");
+        if let Some(pcr15) = &workload.tpm_pcr15 {
+            rego.push_str(&format!("\t{PCR15_CLAIM} == \"{pcr15}\"\n"));
+        }
+        rego.push_str("}\n");
+    }
+    rego.push_str(
+        "\ncvm_warden_any_not_affirming if {\n\tsome _, submod in input.submods\n\tsubmod[\"ear.status\"] != \"affirming\"\n}\n",
+    );
+    rego
+}
+
+/// The admin calls that register `workloads` at one KBS: each reference value name once,
+/// holding the values of every workload (in order, each once: RVPS keeps one list per
+/// name), then one resource policy for all of them.
+pub fn merged_requests(workloads: &[TrusteeValues]) -> Vec<AdminRequest> {
+    let mut names: Vec<(&'static str, Vec<String>)> = Vec::new();
+    for workload in workloads {
+        for (name, values) in workload.reference_values() {
+            let index = match names.iter().position(|(n, _)| *n == name) {
+                Some(index) => index,
+                None => {
+                    names.push((name, Vec::new()));
+                    names.len() - 1
+                }
+            };
+            if let Some((_, slot)) = names.get_mut(index) {
+                for value in values {
+                    if !slot.contains(&value) {
+                        slot.push(value);
+                    }
+                }
+            }
+        }
+    }
+    let mut requests: Vec<AdminRequest> = names
+        .into_iter()
+        .map(|(name, values)| AdminRequest {
+            what: format!("reference value {name}"),
+            path: REFERENCE_VALUE_PATH.to_string(),
+            body: reference_value_body(name, &values),
+        })
+        .collect();
+    if workloads.iter().any(|w| !w.resources.is_empty()) {
+        requests.push(AdminRequest {
+            what: "resource policy".to_string(),
+            path: RESOURCE_POLICY_PATH.to_string(),
+            body: json!({ "policy": URL_SAFE_NO_PAD.encode(resource_policy_rego(workloads)) }),
+        });
+    }
+    requests
 }
 
 /// The body of one `POST /kbs/v0/reference-value`.

@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod demo;
+mod flare;
 
 mod fuzz;
 mod sandbox;
@@ -49,6 +50,7 @@ fn run() -> Result<()> {
         ["ci"] => ci(&root),
         ["demo"] => vm::demo(&root),
         ["demo", "--sandbox"] => demo::run(&root),
+        ["flare"] => flare::run(&root),
         ["image", rest @ ..] => vm::image(&root, rest),
         ["vm-test", rest @ ..] => vm::test(&root, rest),
         ["bench", "vm", rest @ ..] => vm::bench(&root, rest),
@@ -67,7 +69,7 @@ fn run() -> Result<()> {
                 .args(["bench", "--bench", "checkpoint"]))
         }
         _ => bail!(
-            "usage: cargo xtask ci | tidy | demo [--sandbox] | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint \
+            "usage: cargo xtask ci | tidy | demo [--sandbox] | flare | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint \
              | fuzz (--smoke | TARGET) [--seconds N]"
         ),
     }

@@ -79,7 +79,6 @@ impl Netns {
     }
 
     /// The namespace's name (for `ip netns exec`, `ip link set … netns`).
-    #[allow(dead_code)] // used by the flare task
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
@@ -298,6 +297,29 @@ pub(crate) fn wait_until(
 pub(crate) struct Output {
     pub(crate) status: std::process::ExitStatus,
     pub(crate) stdout: String,
+}
+
+/// [`boot`] in the background: stdout and stderr go to `log`.
+pub(crate) fn spawn_boot(netns: &Netns, bin: &Path, policy: &Path, log: &Path) -> Result<Child> {
+    let output = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = netns.command(Path::new("unshare"));
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--mount",
+        "--mount-proc",
+        "--uts",
+        "--kill-child",
+        "--",
+    ])
+    .arg(bin)
+    .args(["init", "--sandbox", "--policy"])
+    .arg(policy)
+    .stdout(output.try_clone()?)
+    .stderr(output);
+    eprintln!("$ {} > {} &", show(&cmd), log.display());
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", show(&cmd)))
 }
 
 /// `cvm-warden init` as PID 1 of new PID, mount and UTS namespaces, inside `netns`.

@@ -306,6 +306,8 @@ enum Condition {
     EverySubmodAffirming,
     Cpu0Affirming,
     Cpu0Claim(String, i64),
+    /// `input.submods.cpu0["ear.veraison.annotated-evidence"].TEE.CLAIM == "VALUE"`.
+    Evidence(String, String, String),
 }
 
 /// A resource policy in the rego forms this broker reads.
@@ -451,6 +453,27 @@ impl ResourcePolicyRego {
             return Ok(Condition::AnySubmods);
         }
         if let Some(rest) = claim_path(line) {
+            if let Some(evidence) = rest.strip_prefix("[\"ear.veraison.annotated-evidence\"].") {
+                if let Some((path, value)) = evidence.split_once(" == ") {
+                    let value = value.trim();
+                    if let (Some((tee, claim)), Some(value)) = (
+                        path.split_once('.'),
+                        value.strip_prefix('"').and_then(|v| v.strip_suffix('"')),
+                    ) {
+                        let simple = |t: &str| {
+                            !t.is_empty()
+                                && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        };
+                        if simple(tee) && simple(claim) {
+                            return Ok(Condition::Evidence(
+                                tee.to_string(),
+                                claim.to_string(),
+                                value.to_string(),
+                            ));
+                        }
+                    }
+                }
+            }
             if rest == "[\"ear.status\"] == \"affirming\"" {
                 return Ok(Condition::Cpu0Affirming);
             }
@@ -484,6 +507,12 @@ impl ResourcePolicyRego {
                     submods.is_none_or(|s| s.values().any(|m| m["ear.status"] != "affirming"))
                 }
                 Condition::Cpu0Affirming => claims["submods"]["cpu0"]["ear.status"] != "affirming",
+                Condition::Evidence(tee, claim, value) => {
+                    claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"][tee.as_str()]
+                        [claim.as_str()]
+                    .as_str()
+                        != Some(value.as_str())
+                }
                 Condition::Cpu0Claim(claim, value) => {
                     claims["submods"]["cpu0"]["ear.trustworthiness-vector"][claim.as_str()].as_i64()
                         != Some(*value)
@@ -538,6 +567,25 @@ mod tests {
             policy.allows("default/key/volume", &gpu).is_err(),
             "every submodule"
         );
+    }
+
+    #[test]
+    fn a_rule_can_bind_resources_to_an_evidence_claim() {
+        let rego = REGO.replace(
+            "\tnot bad\n",
+            "\tnot bad\n\tinput.submods.cpu0[\"ear.veraison.annotated-evidence\"].tpm.pcr15 == \"ab\"\n",
+        );
+        let policy = ResourcePolicyRego::parse(&rego).unwrap();
+        let mut good = claims("affirming", 3);
+        good["submods"]["cpu0"]["ear.veraison.annotated-evidence"] =
+            json!({"tpm": {"pcr15": "ab"}});
+        assert!(policy.allows("default/key/volume", &good).is_ok());
+        let mut other = good.clone();
+        other["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["tpm"]["pcr15"] = json!("cd");
+        assert!(policy.allows("default/key/volume", &other).is_err());
+        assert!(policy
+            .allows("default/key/volume", &claims("affirming", 3))
+            .is_err());
     }
 
     #[test]
