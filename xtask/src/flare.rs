@@ -102,13 +102,6 @@ impl Site {
         }
     }
 
-    fn config_name(&self) -> &'static str {
-        match self.role {
-            Role::Server => "fed_server.json",
-            Role::Client => "fed_client.json",
-        }
-    }
-
     fn resource(&self) -> String {
         format!("flare/{}/tls-key", self.name)
     }
@@ -279,32 +272,24 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
         .with_context(|| format!("chmod {mode:o} {}", path.display()))
 }
 
-/// One site's image as the image builder makes it: the kit without its private key, the
-/// key path pointing at the secrets tmpfs, re-signed by the project's root CA with FLARE's
-/// own signer, the launcher, and the policy. Returns the key (the broker's resource).
+/// One site's image as the image builder makes it: the kit signed by the project's root CA
+/// with FLARE's own signer, then without its private key; the launcher; the policy.
+/// Returns the key (the broker's resource).
 fn prepare_site(run: &Path, kits: &Path, python: &Path, root: &Path, site: &Site) -> Result<PathBuf> {
     let dir = run.join("sites").join(site.name);
     let bundle = dir.join("bundle");
     let kit = bundle.join("kit");
     fs::create_dir_all(&bundle)?;
     sh(Command::new("cp").arg("-a").arg(kits.join(site.name)).arg(&kit))?;
-    // The private key leaves the kit: the broker holds it.
+    // The project admin signs the kit as FLARE's SignatureBuilder signs a CC participant's
+    // (every folder's signature.json, with the project's root CA key, from the kit's root),
+    // private key included: FLARE's runtime check (`secure_train`) then verifies the key
+    // the broker releases at boot against the project's signature.
+    sh(Command::new(python).arg("-c").arg(RESIGN).arg(run.join("ws")).arg(&kit))?;
+    // The private key leaves the image: the broker holds it.
     let key = run.join("keys").join(format!("{}.key", site.name));
     fs::create_dir_all(key.parent().context("key folder")?)?;
     fs::rename(kit.join("startup").join(site.key_name()), &key)?;
-    let config = kit.join("startup").join(site.config_name());
-    let text = fs::read_to_string(&config)?;
-    let from = format!("\"ssl_private_key\": \"{}\"", site.key_name());
-    let to = format!("\"ssl_private_key\": \"/run/cvm-warden/secrets/{}\"", site.key_name());
-    ensure!(
-        text.contains(&from),
-        "{} has no {from}: the kit layout of nvflare {NVFLARE} changed",
-        config.display()
-    );
-    fs::write(&config, text.replace(&from, &to))?;
-    // Re-sign the edited kit as FLARE's SignatureBuilder signs a CC participant's: every
-    // folder's signature.json, made with the project's root CA key, from the kit's root.
-    sh(Command::new(python).arg("-c").arg(RESIGN).arg(run.join("ws")).arg(&kit))?;
     fs::copy(root.join("examples/flare/launch.sh"), bundle.join("launch.sh"))?;
     sh(Command::new("chmod").args(["-R", "u=rwX,go=rX"]).arg(&bundle))?;
     set_mode(&bundle.join("launch.sh"), 0o755)?;
@@ -400,7 +385,7 @@ fn federation(
     kits: &Path,
     net: &Network,
 ) -> Result<()> {
-    banner("image builder: each site's bundle (kit without its private key, re-signed), policy, TPM and AK");
+    banner("image builder: each site's bundle (the signed kit without its private key), policy, TPM and AK");
     let mut keys = Vec::new();
     for site in &SITES {
         keys.push(prepare_site(run, kits, python, root, site)?);
@@ -601,8 +586,10 @@ fn drive_job(
     during?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     println!("{text}");
-    let report: serde_json::Value = serde_json::from_str(text.trim())
-        .with_context(|| format!("submit.py printed no JSON ({})", out.status))?;
+    // FLARE's client prints progress lines first; the report is the last line.
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    let report: serde_json::Value = serde_json::from_str(last)
+        .with_context(|| format!("submit.py printed no JSON report ({})", out.status))?;
     ensure!(
         out.status.success()
             && report["status"] == "FINISHED:COMPLETED"
