@@ -158,11 +158,15 @@ fn venv(base: &Path) -> Result<PathBuf> {
     let version = Command::new(&python)
         .args(["-c", "import nvflare; print(nvflare.__version__)"])
         .output();
-    if version.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == NVFLARE)
+    if version
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == NVFLARE)
     {
         return Ok(python);
     }
-    banner(&format!("installing nvflare {NVFLARE} from PyPI into {}", venv.display()));
+    banner(&format!(
+        "installing nvflare {NVFLARE} from PyPI into {}",
+        venv.display()
+    ));
     if venv.exists() {
         fs::remove_dir_all(&venv)?;
     }
@@ -176,7 +180,11 @@ fn venv(base: &Path) -> Result<PathBuf> {
     };
     if !make() {
         sh(Command::new("apt-get").args(["install", "-y", "python3-venv"]))?;
-        ensure!(make(), "python3 -m venv {} failed even with python3-venv installed", venv.display());
+        ensure!(
+            make(),
+            "python3 -m venv {} failed even with python3-venv installed",
+            venv.display()
+        );
     }
     sh(Command::new(&python).args([
         "-m",
@@ -202,7 +210,10 @@ fn provision(python: &Path, run: &Path) -> Result<PathBuf> {
         "api_version: 3\nname: {PROJECT}\ndescription: cvm-warden federation\nparticipants:\n  - name: server1\n    type: server\n    org: nvidia\n    fed_learn_port: 8002\n    admin_port: 8003\n    default_host: {SERVER_ADDR}\n"
     );
     for site in SITES.iter().filter(|s| s.role == Role::Client) {
-        yml.push_str(&format!("  - name: {}\n    type: client\n    org: nvidia\n", site.name));
+        yml.push_str(&format!(
+            "  - name: {}\n    type: client\n    org: nvidia\n",
+            site.name
+        ));
     }
     yml.push_str(&format!(
         "  - name: {ADMIN}\n    type: admin\n    org: nvidia\n    role: project_admin\nbuilders:\n  - path: nvflare.lighter.impl.workspace.WorkspaceBuilder\n  - path: nvflare.lighter.impl.static_file.StaticFileBuilder\n    args:\n      config_folder: config\n  - path: nvflare.lighter.impl.cert.CertBuilder\n  - path: nvflare.lighter.impl.signature.SignatureBuilder\n"
@@ -219,7 +230,10 @@ fn provision(python: &Path, run: &Path) -> Result<PathBuf> {
     let kits = run.join("ws").join(PROJECT).join("prod_00");
     for site in &SITES {
         ensure!(
-            kits.join(site.name).join("startup").join(site.key_name()).exists(),
+            kits.join(site.name)
+                .join("startup")
+                .join(site.key_name())
+                .exists(),
             "nvflare provision wrote no {} for {}",
             site.key_name(),
             site.name
@@ -256,12 +270,38 @@ impl Network {
 /// A veth pair: `hub_if` in the router with `.1`, `eth0` in `ns` with `addr`, default route.
 fn link(hub: &Netns, hub_if: &str, ns: &Netns, addr: &str, gateway: &str) -> Result<()> {
     sh(Command::new("ip").args([
-        "link", "add", hub_if, "netns", hub.name(), "type", "veth", "peer", "name", "eth0",
-        "netns", ns.name(),
+        "link",
+        "add",
+        hub_if,
+        "netns",
+        hub.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
     ]))?;
-    sh(Command::new("ip").args(["-n", hub.name(), "addr", "add", &format!("{gateway}/24"), "dev", hub_if]))?;
+    sh(Command::new("ip").args([
+        "-n",
+        hub.name(),
+        "addr",
+        "add",
+        &format!("{gateway}/24"),
+        "dev",
+        hub_if,
+    ]))?;
     sh(Command::new("ip").args(["-n", hub.name(), "link", "set", hub_if, "up"]))?;
-    sh(Command::new("ip").args(["-n", ns.name(), "addr", "add", &format!("{addr}/24"), "dev", "eth0"]))?;
+    sh(Command::new("ip").args([
+        "-n",
+        ns.name(),
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ]))?;
     sh(Command::new("ip").args(["-n", ns.name(), "link", "set", "eth0", "up"]))?;
     sh(Command::new("ip").args(["-n", ns.name(), "route", "add", "default", "via", gateway]))
 }
@@ -275,23 +315,41 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 /// One site's image as the image builder makes it: the kit signed by the project's root CA
 /// with FLARE's own signer, then without its private key; the launcher; the policy.
 /// Returns the key (the broker's resource).
-fn prepare_site(run: &Path, kits: &Path, python: &Path, root: &Path, site: &Site) -> Result<PathBuf> {
+fn prepare_site(
+    run: &Path,
+    kits: &Path,
+    python: &Path,
+    root: &Path,
+    site: &Site,
+) -> Result<PathBuf> {
     let dir = run.join("sites").join(site.name);
     let bundle = dir.join("bundle");
     let kit = bundle.join("kit");
     fs::create_dir_all(&bundle)?;
-    sh(Command::new("cp").arg("-a").arg(kits.join(site.name)).arg(&kit))?;
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(kits.join(site.name))
+        .arg(&kit))?;
     // The project admin signs the kit as FLARE's SignatureBuilder signs a CC participant's
     // (every folder's signature.json, with the project's root CA key, from the kit's root),
     // private key included: FLARE's runtime check (`secure_train`) then verifies the key
     // the broker releases at boot against the project's signature.
-    sh(Command::new(python).arg("-c").arg(RESIGN).arg(run.join("ws")).arg(&kit))?;
+    sh(Command::new(python)
+        .arg("-c")
+        .arg(RESIGN)
+        .arg(run.join("ws"))
+        .arg(&kit))?;
     // The private key leaves the image: the broker holds it.
     let key = run.join("keys").join(format!("{}.key", site.name));
     fs::create_dir_all(key.parent().context("key folder")?)?;
     fs::rename(kit.join("startup").join(site.key_name()), &key)?;
-    fs::copy(root.join("examples/flare/launch.sh"), bundle.join("launch.sh"))?;
-    sh(Command::new("chmod").args(["-R", "u=rwX,go=rX"]).arg(&bundle))?;
+    fs::copy(
+        root.join("examples/flare/launch.sh"),
+        bundle.join("launch.sh"),
+    )?;
+    sh(Command::new("chmod")
+        .args(["-R", "u=rwX,go=rX"])
+        .arg(&bundle))?;
     set_mode(&bundle.join("launch.sh"), 0o755)?;
     set_mode(&dir, 0o755)?;
     fs::write(dir.join("policy.toml"), policy(site, &dir, python))?;
@@ -404,7 +462,10 @@ fn federation(
         // The AK's public key as the image builder reads it for the model owner.
         sh(ns
             .command(Path::new("tpm2_readpublic"))
-            .env("TPM2TOOLS_TCTI", format!("swtpm:host=127.0.0.1,port={TPM_PORT}"))
+            .env(
+                "TPM2TOOLS_TCTI",
+                format!("swtpm:host=127.0.0.1,port={TPM_PORT}"),
+            )
             .args(["-c", AK_HANDLE, "-f", "der", "-o"])
             .arg(dir.join("ak.der"))
             .stdout(Stdio::null()))?;
@@ -432,7 +493,12 @@ fn federation(
     )?;
     let mut register = net.kbs.command(&bins.warden);
     register
-        .args(["broker", "register", "--kbs", &format!("http://{KBS_ADDR}:{KBS_PORT}")])
+        .args([
+            "broker",
+            "register",
+            "--kbs",
+            &format!("http://{KBS_ADDR}:{KBS_PORT}"),
+        ])
         .args(["--insecure-http", "--issuer", "model-owner", "--admin-key"])
         .arg(&admin_key)
         .arg("--replace-resource-policy");
@@ -478,7 +544,10 @@ fn federation(
         tpm.restart()?;
     }
     let admin = run.join("admin");
-    sh(Command::new("cp").arg("-a").arg(kits.join(ADMIN)).arg(&admin))?;
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(kits.join(ADMIN))
+        .arg(&admin))?;
     sh(Command::new("cp")
         .arg("-a")
         .arg(root.join("examples/flare/jobs/hello-numpy"))
@@ -490,7 +559,12 @@ fn federation(
         let dir = run.join("sites").join(site.name);
         boots.push((
             site,
-            spawn_boot(ns, &bins.warden, &dir.join("policy.toml"), &dir.join("console.log"))?,
+            spawn_boot(
+                ns,
+                &bins.warden,
+                &dir.join("policy.toml"),
+                &dir.join("console.log"),
+            )?,
         ));
     }
     let outcome = drive_job(root, run, python, net, &admin, "behind cvm-warden", || {
@@ -575,11 +649,13 @@ fn drive_job(
     eprintln!("$ {}", show(&submit));
     let mut child = submit.spawn().context("cannot start submit.py")?;
     let submitted = wait_until(Duration::from_secs(300), "the job to be submitted", || {
-        started_flag.exists()
-            || child.try_wait().is_ok_and(|s| s.is_some())
+        started_flag.exists() || child.try_wait().is_ok_and(|s| s.is_some())
     });
     let during = submitted.and_then(|()| {
-        ensure!(started_flag.exists(), "submit.py ended before it submitted the job");
+        ensure!(
+            started_flag.exists(),
+            "submit.py ended before it submitted the job"
+        );
         during()
     });
     let out = child.wait_with_output().context("waiting for submit.py")?;
@@ -587,7 +663,11 @@ fn drive_job(
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     println!("{text}");
     // FLARE's client prints progress lines first; the report is the last line.
-    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
     let report: serde_json::Value = serde_json::from_str(last)
         .with_context(|| format!("submit.py printed no JSON report ({})", out.status))?;
     ensure!(
@@ -686,7 +766,10 @@ fn baseline(
         sh(ns.command(Path::new("nft")).args(["flush", "ruleset"]))?;
         let dir = run.join("plain").join(site.name);
         fs::create_dir_all(&dir)?;
-        sh(Command::new("cp").arg("-a").arg(kits.join(site.name)).arg(dir.join("kit")))?;
+        sh(Command::new("cp")
+            .arg("-a")
+            .arg(kits.join(site.name))
+            .arg(dir.join("kit")))?;
         fs::copy(root.join("examples/flare/launch.sh"), dir.join("launch.sh"))?;
         set_mode(&dir.join("launch.sh"), 0o755)?;
         let role = match site.role {
@@ -710,7 +793,11 @@ fn baseline(
         children.push(cmd.spawn().context("cannot start a plain FLARE site")?);
     }
     let admin = run.join("admin-plain");
-    sh(Command::new("cp").arg("-a").arg(kits.join(ADMIN)).arg(&admin))?;
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(kits.join(ADMIN))
+        .arg(&admin))?;
+    let listener = Listener::start(&net.sites[1], python)?;
     let report = drive_job(root, run, python, net, &admin, "without cvm-warden", || {
         // The same probe now reaches the listener: the refusal above was the firewall's.
         ensure!(
@@ -719,6 +806,7 @@ fn baseline(
         );
         Ok(())
     });
+    drop(listener);
     for child in &mut children {
         if wait_child(child, Duration::from_secs(60)).is_none() {
             eprintln!("(a plain FLARE site did not exit after shutdown; killed)");
