@@ -2132,8 +2132,7 @@ fn the_flare_kit_is_verified_in_the_copy_and_measured_after_the_bundle() {
     let pin = load(&policy).policy.workload.flare.unwrap().root_ca_sha256;
     let kit = fixture.copy_to().join("site-1");
     let verified =
-        crate::measure::flare::verify_kit(&kit, &pin, &["startup/client.key".to_string()])
-            .unwrap();
+        crate::measure::flare::verify_kit(&kit, &pin, &["startup/client.key".to_string()]).unwrap();
 
     let events = ready.event_log.events();
     let at = events
@@ -2165,7 +2164,10 @@ fn the_flare_kit_is_verified_in_the_copy_and_measured_after_the_bundle() {
     assert!(listing.contains("\nwithheld startup/client.key\n"));
     assert_eq!(flare["root_ca_sha256"], json!(pin));
     // `cvm-warden plan` shows the kit in the measure stage's plan.
-    assert_eq!(ready.plan.measure.flare.as_ref().unwrap().root_ca_sha256, pin);
+    assert_eq!(
+        ready.plan.measure.flare.as_ref().unwrap().root_ca_sha256,
+        pin
+    );
 }
 
 #[test]

@@ -247,9 +247,7 @@ pub fn certificate_sha256(pem: &[u8]) -> Result<(Digest, Vec<u8>), String> {
     let (label, der) = x509_cert::der::pem::decode_vec(pem)
         .map_err(|e| format!("it is not a PEM certificate ({e})"))?;
     if label != "CERTIFICATE" {
-        return Err(format!(
-            "its PEM block is a {label:?}, not a CERTIFICATE"
-        ));
+        return Err(format!("its PEM block is a {label:?}, not a CERTIFICATE"));
     }
     Ok((Digest::of(&der), der))
 }

@@ -148,7 +148,12 @@ fn a_changed_byte_names_the_file() {
 fn an_added_file_names_the_file() {
     let (_dir, kit) = copy_of("kit-a");
     fs::write(kit.join("local/extra.py"), "import os\n").unwrap();
-    assert_one_problem(&kit, &[], "local/extra.py", "not signed in local/signature.json");
+    assert_one_problem(
+        &kit,
+        &[],
+        "local/extra.py",
+        "not signed in local/signature.json",
+    );
 }
 
 #[test]
@@ -185,7 +190,13 @@ fn a_symlink_names_the_link() {
     std::os::unix::fs::symlink(&kit2, &link).unwrap();
     let error = verify_kit(&link, &pin("kit-a"), &[]).unwrap_err();
     assert!(
-        matches!(error, KitError::NotDirectory { what: "a symbolic link", .. }),
+        matches!(
+            error,
+            KitError::NotDirectory {
+                what: "a symbolic link",
+                ..
+            }
+        ),
         "{error}"
     );
 }
@@ -233,7 +244,12 @@ fn a_swapped_root_ca_fails_on_the_pin_before_any_signature() {
     // Pinned to the swapped-in root, the signatures (made by kit-a's root) fail instead: a kit
     // signed by another project's root, every signed entry named.
     let (problems, text) = problems(&kit, &pin("kit-b"), &[]);
-    for path in ["startup/fed_client.json", "startup/client.key", "local", "readme.txt"] {
+    for path in [
+        "startup/fed_client.json",
+        "startup/client.key",
+        "local",
+        "readme.txt",
+    ] {
         assert!(problems.iter().any(|p| p.path == path), "{path}: {text}");
     }
 }
@@ -279,12 +295,7 @@ fn a_copied_signature_entry_is_refused() {
 fn a_submitter_certificate_is_an_unsigned_file() {
     let (_dir, kit) = copy_of("kit-a");
     fs::write(kit.join("local").join(SUBMITTER_CERT_FILE), "cert").unwrap();
-    assert_one_problem(
-        &kit,
-        &[],
-        "local/.__nvfl_submitter.crt",
-        "never holds one",
-    );
+    assert_one_problem(&kit, &[], "local/.__nvfl_submitter.crt", "never holds one");
 }
 
 #[test]
@@ -321,9 +332,13 @@ fn a_root_ca_file_that_is_not_one_certificate_is_refused() {
     let one = fs::read(data().join("kit-a/site-1/startup/rootCA.pem")).unwrap();
     let mut two = one.clone();
     two.extend_from_slice(&one);
-    assert!(certificate_sha256(&two).unwrap_err().contains("2 PEM blocks"));
+    assert!(certificate_sha256(&two)
+        .unwrap_err()
+        .contains("2 PEM blocks"));
     let key = fs::read(data().join("kit-a/site-1/startup/client.key")).unwrap();
-    assert!(certificate_sha256(&key).unwrap_err().contains("not a CERTIFICATE"));
+    assert!(certificate_sha256(&key)
+        .unwrap_err()
+        .contains("not a CERTIFICATE"));
     let (digest, der) = certificate_sha256(&one).unwrap();
     assert_eq!(digest, Digest::of(&der));
 }

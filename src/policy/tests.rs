@@ -2006,13 +2006,18 @@ fn flare_kit_paths_are_kept_relative_to_the_bundle_and_pins_read_in_every_form()
             Some(FlareKit {
                 startup_kit: PathBuf::from(rel),
                 root_ca_sha256: KIT_PIN.parse().unwrap(),
-                withheld: vec!["startup/client.key".to_string(), "startup/x.key".to_string()],
+                withheld: vec![
+                    "startup/client.key".to_string(),
+                    "startup/x.key".to_string()
+                ],
             }),
             "{kit}"
         );
     }
     let loaded = parse(
-        &with_flare(&format!("startup_kit = \"site-1\"\nroot_ca_sha256 = {KIT_PIN:?}\n")),
+        &with_flare(&format!(
+            "startup_kit = \"site-1\"\nroot_ca_sha256 = {KIT_PIN:?}\n"
+        )),
         None,
         &users(),
     )
@@ -2045,10 +2050,24 @@ fn flare_table_problems_are_named() {
     assert_eq!(lines.len(), 6, "{error}");
     assert!(lines[0].starts_with("workload.flare.startup_kit: \"../site-1\" is not a relative path inside the kit or bundle"), "{error}");
     assert!(lines[1].starts_with("workload.flare.root_ca_sha256: \"sha256:abc\" is not a SHA-256 fingerprint; write what `openssl x509"), "{error}");
-    assert_eq!(lines[2], "workload.flare.withheld[1]: \"startup/client.key\" is listed twice; remove one");
-    assert!(lines[3].starts_with("workload.flare.withheld[2]: \"startup/rootCA.pem\" cannot be withheld"), "{error}");
-    assert!(lines[4].starts_with("workload.flare.withheld[3]: \"local/signature.json\" cannot be withheld"), "{error}");
-    assert!(lines[5].starts_with("workload.flare.withheld[4]: \"/etc/x\" is not a relative path"), "{error}");
+    assert_eq!(
+        lines[2],
+        "workload.flare.withheld[1]: \"startup/client.key\" is listed twice; remove one"
+    );
+    assert!(
+        lines[3]
+            .starts_with("workload.flare.withheld[2]: \"startup/rootCA.pem\" cannot be withheld"),
+        "{error}"
+    );
+    assert!(
+        lines[4]
+            .starts_with("workload.flare.withheld[3]: \"local/signature.json\" cannot be withheld"),
+        "{error}"
+    );
+    assert!(
+        lines[5].starts_with("workload.flare.withheld[4]: \"/etc/x\" is not a relative path"),
+        "{error}"
+    );
     assert_eq!(
         error_of(&with_flare(&format!(
             "startup_kit = \"site-1\"\nroot_ca_sha256 = {KIT_PIN:?}\nsigned = true\n"

@@ -677,11 +677,7 @@ fn workload(c: &mut Check<'_>, raw: Option<&RawWorkload>, users: &dyn UserDb) ->
 
 /// `[workload.flare]`: the kit path made relative to the bundle, the root CA pin, the
 /// withheld entries.
-fn flare(
-    c: &mut Check<'_>,
-    raw: &super::raw::RawFlare,
-    bundle: Option<&Path>,
-) -> Option<FlareKit> {
+fn flare(c: &mut Check<'_>, raw: &super::raw::RawFlare, bundle: Option<&Path>) -> Option<FlareKit> {
     let startup_kit = match raw.startup_kit.as_deref() {
         None => {
             c.missing(
@@ -767,14 +763,21 @@ fn flare_kit_path(c: &mut Check<'_>, text: &str, bundle: Option<&Path>) -> Optio
 /// A relative path without `..` or NUL, normalised (no `.`, no repeated or trailing `/`).
 fn relative_path(c: &mut Check<'_>, key: &str, text: &str, example: &str) -> Option<PathBuf> {
     let path = Path::new(text);
-    if text.contains('\0') || path.is_absolute() || path.components().any(|p| p == Component::ParentDir) {
+    if text.contains('\0')
+        || path.is_absolute()
+        || path.components().any(|p| p == Component::ParentDir)
+    {
         c.error(
             key,
             format!("{text:?} is not a relative path inside the kit or bundle (no leading \"/\", no \"..\", no NUL); write e.g. {example:?}"),
         );
         return None;
     }
-    Some(path.components().filter(|p| *p != Component::CurDir).collect())
+    Some(
+        path.components()
+            .filter(|p| *p != Component::CurDir)
+            .collect(),
+    )
 }
 
 /// A SHA-256 fingerprint: `sha256:<hex>`, 64 hex digits, or openssl's 32 colon-separated pairs.

@@ -170,7 +170,11 @@ fn measure_bundle(plan: &Plan, fx: &mut Effects<'_>) -> Result<Measurement, Stag
 /// Verifies the startup kit where the workload will read it (the copy, with `copy`), then
 /// extends the root CA digest and the kit listing's digest. Returns the record's details:
 /// the listing itself, so an auditor can recompute the `flare-kit` event.
-fn verify_flare_kit(plan: &Plan, kit: &FlareKit, fx: &mut Effects<'_>) -> Result<Value, StageError> {
+fn verify_flare_kit(
+    plan: &Plan,
+    kit: &FlareKit,
+    fx: &mut Effects<'_>,
+) -> Result<Value, StageError> {
     let root = match &plan.source {
         Source::InPlace => &plan.bundle,
         Source::Copy { into } => into,
