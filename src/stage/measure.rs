@@ -179,7 +179,11 @@ fn verify_flare_kit(
         Source::InPlace => &plan.bundle,
         Source::Copy { into } => into,
     };
-    let dir = root.join(&kit.startup_kit);
+    let dir = if kit.startup_kit.as_os_str().is_empty() {
+        root.clone()
+    } else {
+        root.join(&kit.startup_kit)
+    };
     let verified = fx
         .measurer
         .flare_kit(&dir, &kit.root_ca_sha256, &kit.withheld)
