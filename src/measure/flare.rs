@@ -6,7 +6,8 @@
 //! `nvflare/tool/verify_startup_kits.py` calls; `SignatureBuilder` signs a CC-enabled
 //! participant's whole folder from its root): every directory holds a `signature.json`, a JSON
 //! object that maps each file name to the base64 RSA-PSS signature (SHA-256, MGF1-SHA-256,
-//! salt length = the maximum, `emLen - 32 - 2`) of the file's bytes, and each subdirectory
+//! salt length = the maximum, `emLen - 32 - 2`, when signing; any salt length is accepted when
+//! verifying, as OpenSSL does for `PSS.MAX_LENGTH`) of the file's bytes, and each subdirectory
 //! name to the signature of the name's UTF-8 bytes, all made with the project's root CA key;
 //! `startup/rootCA.pem` holds that CA's certificate. FLARE refuses symlinks, and a file or
 //! directory without an entry; it skips `signature.json` and `.__nvfl_submitter.crt`.
@@ -387,14 +388,16 @@ impl Verifier {
         })
     }
 
+    /// FLARE verifies with `PSS.MAX_LENGTH`, which OpenSSL takes as "any salt length" when
+    /// verifying (checked with nvflare 2.9's `cryptography`: a 32-byte salt passes). FLARE
+    /// signs with the maximum, so that is tried first; the others only when it fails.
     fn verify(&self, hashed: &[u8; 32], signature: &[u8]) -> bool {
-        self.key
-            .verify(
-                Pss::new_with_salt::<Sha256>(self.salt_len),
-                hashed,
-                signature,
-            )
-            .is_ok()
+        let with = |salt_len| {
+            self.key
+                .verify(Pss::new_with_salt::<Sha256>(salt_len), hashed, signature)
+                .is_ok()
+        };
+        with(self.salt_len) || (0..self.salt_len).rev().any(with)
     }
 }
 

@@ -342,3 +342,23 @@ fn a_root_ca_file_that_is_not_one_certificate_is_refused() {
     let (digest, der) = certificate_sha256(&one).unwrap();
     assert_eq!(digest, Digest::of(&der));
 }
+
+#[test]
+fn a_signature_with_another_pss_salt_length_verifies_as_in_flare() {
+    // FLARE signs with the maximum salt (222 bytes for its 2048-bit keys) but verifies with
+    // PSS.MAX_LENGTH, which accepts any salt length; make-kits.py signed start.sh again with
+    // kit-a's root key and a 32-byte salt.
+    let vector: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&fs::read(data().join("kit-a.pss-salt32.json")).unwrap()).unwrap();
+    let (_dir, kit) = copy_of("kit-a");
+    let sigs = kit.join("startup").join(SIGNATURE_FILE);
+    let mut map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&fs::read(&sigs).unwrap()).unwrap();
+    assert_ne!(map["start.sh"], vector["startup/start.sh"]);
+    map.insert("start.sh".to_string(), vector["startup/start.sh"].clone());
+    fs::write(&sigs, serde_json::to_vec(&map).unwrap()).unwrap();
+    verify_kit(&kit, &pin("kit-a"), &[]).unwrap();
+    // The same signature on other bytes fails whatever the salt length.
+    fs::write(kit.join("startup/start.sh"), "#!/bin/sh\nexit 0\n").unwrap();
+    assert_one_problem(&kit, &[], "startup/start.sh", "changed");
+}

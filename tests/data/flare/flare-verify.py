@@ -69,6 +69,14 @@ def swapped_root_ca(kit):
                 os.path.join(kit, "startup", "rootCA.pem"))
 
 
+def salt32(kit):
+    vector = json.load(open(os.path.join(HERE, "kit-a.pss-salt32.json")))
+    path = os.path.join(kit, "startup", SIG)
+    sigs = json.load(open(path))
+    sigs["start.sh"] = vector["startup/start.sh"]
+    json.dump(sigs, open(path, "w"))
+
+
 def no_key(kit):
     os.remove(os.path.join(kit, "startup", "client.key"))
 
@@ -89,6 +97,8 @@ CASES = [
     ("removed directory", "kit-a", remove_dir, "own", True, False),
     ("copied signature entry", "kit-a", copied_entry, "own", True, False),
     ("submitter certificate", "kit-a", submitter_cert, "own", True, False),
+    # A 32-byte PSS salt instead of the maximum: FLARE's verifier accepts any salt length.
+    ("PSS salt of 32 bytes", "kit-a", salt32, "own", True, True),
     # Accepted by both when the policy withholds startup/client.key.
     ("client.key withheld", "kit-a", no_key, "own", True, True),
 ]

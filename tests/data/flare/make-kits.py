@@ -14,10 +14,15 @@ the project's root CA key). Only the client folder `site-1` of each project is k
 `kit-a/site-1` and `kit-b/site-1`, with `kit-a.root-ca-sha256` / `kit-b.root-ca-sha256`
 beside them: the SHA-256 of the DER certificate in `startup/rootCA.pem`, as
 `openssl x509 -noout -fingerprint -sha256 -in rootCA.pem` prints it (without the colons).
+`kit-a.pss-salt32.json` holds one more signature by kit_a's root key, of `startup/start.sh`
+with a 32-byte PSS salt: FLARE's verifier accepts any salt length, so cvm-warden must too.
+The root CA private keys are not kept.
 
 The private keys in the kits are test-only: every run makes new ones.
 """
 
+import base64
+import json
 import os
 import shutil
 import subprocess
@@ -25,7 +30,8 @@ import sys
 import tempfile
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -73,13 +79,24 @@ def provision(work, name):
     kit = os.path.join(ws, name, "prod_00", "site-1")
     if not os.path.exists(os.path.join(kit, "signature.json")):
         sys.exit(f"{kit} has no signature.json: the CC builder did not enable site-1")
-    return kit
+    with open(os.path.join(ws, name, "state", "cert.json")) as f:
+        root_key = serialization.load_pem_private_key(json.load(f)["root_pri_key"].encode(), None)
+    return kit, root_key
+
+
+def salt32_signature(root_key, path):
+    """An RSA-PSS signature with a 32-byte salt (FLARE signs with the maximum, 222 bytes, but
+    its verifier, PSS.MAX_LENGTH through OpenSSL, accepts any salt length)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    sig = root_key.sign(data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256())
+    return base64.b64encode(sig).decode()
 
 
 def main():
     with tempfile.TemporaryDirectory() as work:
         for name, out in (("kit_a", "kit-a"), ("kit_b", "kit-b")):
-            kit = provision(work, name)
+            kit, root_key = provision(work, name)
             dest = os.path.join(HERE, out)
             shutil.rmtree(dest, ignore_errors=True)
             os.makedirs(dest)
@@ -88,6 +105,11 @@ def main():
                 cert = x509.load_pem_x509_certificate(f.read())
             with open(os.path.join(HERE, f"{out}.root-ca-sha256"), "w") as f:
                 f.write(cert.fingerprint(hashes.SHA256()).hex() + "\n")
+            if out == "kit-a":
+                vector = {"startup/start.sh": salt32_signature(root_key, os.path.join(kit, "startup", "start.sh"))}
+                with open(os.path.join(HERE, "kit-a.pss-salt32.json"), "w") as f:
+                    json.dump(vector, f, indent=1)
+                    f.write("\n")
             print(f"wrote {dest}/site-1")
 
 
