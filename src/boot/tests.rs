@@ -293,6 +293,15 @@ impl<F: Fn()> Measurer for HookedMeasurer<F> {
     fn reference(&self, path: &Path) -> Result<Manifest, MeasureError> {
         RealMeasurer.reference(path)
     }
+
+    fn flare_kit(
+        &self,
+        kit: &Path,
+        root_ca_sha256: &crate::digest::Digest,
+        withheld: &[String],
+    ) -> Result<crate::measure::flare::VerifiedKit, MeasureError> {
+        RealMeasurer.flare_kit(kit, root_ca_sha256, withheld)
+    }
 }
 
 // ---- (a) every stage succeeds ----
@@ -2083,4 +2092,114 @@ fn a_dhcp_lease_is_recorded_and_its_server_pinned_in_the_allowlist() {
         allowlist["details"]["dhcp_servers"],
         json!([{ "interface": "eth0", "server": "10.0.2.2" }])
     );
+}
+
+// ---- (n) the NVIDIA FLARE startup kit ----
+
+/// A copy policy whose bundle holds kit-a's participant folder as `site-1` (without its
+/// private key, which the policy withholds).
+fn flare_fixture() -> (Fixture, String) {
+    let fixture = Fixture::new();
+    let kits = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/flare");
+    fn copy_dir(src: &Path, dst: &Path) {
+        std::fs::create_dir(dst).unwrap();
+        for entry in std::fs::read_dir(src).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &dst.join(entry.file_name()));
+            } else {
+                std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+            }
+        }
+    }
+    copy_dir(&kits.join("kit-a/site-1"), &fixture.bundle().join("site-1"));
+    std::fs::remove_file(fixture.bundle().join("site-1/startup/client.key")).unwrap();
+    let pin = std::fs::read_to_string(kits.join("kit-a.root-ca-sha256")).unwrap();
+    let policy = format!(
+        "{}\n[workload.flare]\nstartup_kit = \"site-1\"\nroot_ca_sha256 = \"sha256:{}\"\nwithheld = [\"startup/client.key\"]\n",
+        fixture.copy_policy(),
+        pin.trim()
+    );
+    (fixture, policy)
+}
+
+#[test]
+fn the_flare_kit_is_verified_in_the_copy_and_measured_after_the_bundle() {
+    let (fixture, policy) = flare_fixture();
+    let sys = FakeSys::new().in_sandbox();
+    let (audit, lines) = memory_audit();
+    let ready = run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap();
+    let pin = load(&policy).policy.workload.flare.unwrap().root_ca_sha256;
+    let kit = fixture.copy_to().join("site-1");
+    let verified =
+        crate::measure::flare::verify_kit(&kit, &pin, &["startup/client.key".to_string()]).unwrap();
+
+    let events = ready.event_log.events();
+    let at = events
+        .iter()
+        .position(|e| e.kind == EventKind::Bundle)
+        .unwrap();
+    assert_eq!(events[at + 1].kind, EventKind::FlareRootCa);
+    assert_eq!(events[at + 1].digest, pin);
+    assert_eq!(
+        events[at + 1].description,
+        kit.join("startup/rootCA.pem").display().to_string()
+    );
+    assert_eq!(events[at + 2].kind, EventKind::FlareKit);
+    assert_eq!(events[at + 2].digest, verified.listing_digest());
+    assert!(events[at + 2]
+        .description
+        .starts_with(&kit.display().to_string()));
+    assert!(events[at + 2].description.ends_with("1 withheld)"));
+
+    // The outcome record carries the listing, so an auditor can recompute the event.
+    let recs = records(&lines);
+    let measured = recs
+        .iter()
+        .find(|r| r["stage"] == "measure" && r["event"] == "ok")
+        .unwrap();
+    let flare = &measured["details"]["flare"];
+    let listing = flare["listing"].as_str().unwrap();
+    assert_eq!(Digest::of(listing.as_bytes()), events[at + 2].digest);
+    assert!(listing.contains("\nwithheld startup/client.key\n"));
+    assert_eq!(flare["root_ca_sha256"], json!(pin));
+    // `cvm-warden plan` shows the kit in the measure stage's plan.
+    assert_eq!(
+        ready.plan.measure.flare.as_ref().unwrap().root_ca_sha256,
+        pin
+    );
+}
+
+#[test]
+fn a_tampered_flare_kit_stops_the_boot_at_measure_naming_the_file() {
+    let (fixture, policy) = flare_fixture();
+    std::fs::write(
+        fixture.bundle().join("site-1/local/extra.py"),
+        "import os\n",
+    )
+    .unwrap();
+    let sys = FakeSys::new().in_sandbox();
+    let (audit, lines) = memory_audit();
+    let error = run_prepare(&fixture, &policy, &sys, &RealMeasurer, &audit).unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            BootError::Stage {
+                stage: "measure",
+                source: StageError::Measure { .. }
+            }
+        ),
+        "{error:?}"
+    );
+    let recs = records(&lines);
+    assert_eq!(
+        events(&recs).last().unwrap(),
+        &("measure".to_string(), "failed".to_string())
+    );
+    let message = recs.last().unwrap()["details"]["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("local/extra.py: not signed"), "{message}");
+    assert!(message.contains("NVIDIA FLARE startup kit"), "{message}");
 }

@@ -456,6 +456,7 @@ mod tests {
                 hard: 4096,
             }],
             restart: Restart::OnFailure { max: 3 },
+            flare: None,
         }
     }
 

@@ -198,6 +198,9 @@ pub enum MeasureError {
         #[source]
         source: io::Error,
     },
+    /// The NVIDIA FLARE startup kit (`[workload.flare]`) does not verify.
+    #[error(transparent)]
+    FlareKit(#[from] Box<super::flare::KitError>),
     /// The measured bundle digest differs from the pinned one.
     #[error(
         "bundle digest mismatch: expected {expected}, measured {actual}; {}",

@@ -4,6 +4,8 @@
 //! - [`measure_in_place`] measures a directory where it is (the initramfs case).
 //! - [`measure_and_copy`] copies it into an empty directory (a fresh tmpfs) while measuring,
 //!   reading every byte once, then removes write permission from the copy.
+//! - [`flare::verify_kit`] verifies an NVIDIA FLARE startup kit inside the bundle
+//!   (`[workload.flare]`) against its pinned root CA, as FLARE does and stricter.
 //! - [`run_measure_command`] is `cvm-warden measure DIR [--json] [--manifest OUT]`.
 //!
 //! Files are hashed in parallel on the rayon pool, and large files in parallel chunks. The
@@ -19,6 +21,7 @@ use std::path::Path;
 use crate::digest::Digest;
 
 mod error;
+pub mod flare;
 mod manifest;
 mod verity;
 mod walk;

@@ -193,6 +193,7 @@ mod tests {
             umask: 0o077,
             rlimits: Vec::new(),
             restart: Restart::Never,
+            flare: None,
         }
     }
 

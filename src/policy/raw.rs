@@ -42,6 +42,16 @@ pub(crate) struct RawWorkload {
     pub rlimit: Option<Vec<RawRlimit>>,
     pub restart: Option<String>,
     pub max_restarts: Option<Int>,
+    pub flare: Option<RawFlare>,
+}
+
+/// `[workload.flare]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFlare {
+    pub startup_kit: Option<String>,
+    pub root_ca_sha256: Option<String>,
+    pub withheld: Option<Vec<String>>,
 }
 
 /// `[[workload.rlimit]]`.

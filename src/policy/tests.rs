@@ -52,7 +52,7 @@ fn error_with_operator(policy: &str, operator: &str) -> String {
 fn unknown_key_is_refused_with_its_position() {
     assert_eq!(
         error_of(&minimal_with("bundle =", "bundel =")),
-        "policy: unknown key `workload.bundel` at line 4, column 1; expected one of bundle, source, copy_to, digest, manifest, exec, user, group, env, workdir, umask, rlimit, restart, max_restarts"
+        "policy: unknown key `workload.bundel` at line 4, column 1; expected one of bundle, source, copy_to, digest, manifest, exec, user, group, env, workdir, umask, rlimit, restart, max_restarts, flare"
     );
 }
 
@@ -648,7 +648,7 @@ fn overridable_keys_must_exist_in_the_schema() {
         error_of(&format!(
             "overridable = [\"attestation.kbs\", \"attestation.url\", \"overridable\", \"attestation.kbs\"]\n{MINIMAL}"
         )),
-        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, network.interface, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, workload.env.<NAME>, network.interface.<NAME> or network.interface.<NAME>.<KEY> (KEY: address, gateway, dns, dhcp, link_timeout)\n\
+        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, workload.flare, workload.flare.startup_kit, workload.flare.root_ca_sha256, workload.flare.withheld, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, network.interface, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, workload.env.<NAME>, network.interface.<NAME> or network.interface.<NAME>.<KEY> (KEY: address, gateway, dns, dhcp, link_timeout)\n\
          overridable[2]: \"overridable\" cannot be overridable; the operator file must not widen what it may set, so remove it\n\
          overridable[3]: \"attestation.kbs\" is listed twice; remove one"
     );
@@ -749,6 +749,7 @@ fn minimal_policy_gets_the_defaults() {
                 umask: 0o077,
                 rlimits: Vec::new(),
                 restart: Restart::Never,
+                flare: None,
             },
             attestation: Attestation::None,
             volumes: Vec::new(),
@@ -1161,7 +1162,7 @@ fn load_reads_the_files_and_names_them() {
     assert_eq!(
         load(&policy, None, &users()).unwrap_err().to_string(),
         format!(
-            "{}: unknown key `workload.bundel` at line 2, column 1; expected one of bundle, source, copy_to, digest, manifest, exec, user, group, env, workdir, umask, rlimit, restart, max_restarts",
+            "{}: unknown key `workload.bundel` at line 2, column 1; expected one of bundle, source, copy_to, digest, manifest, exec, user, group, env, workdir, umask, rlimit, restart, max_restarts, flare",
             policy.display()
         )
     );
@@ -1975,4 +1976,118 @@ fn the_operator_file_sets_an_interfaces_declared_keys() {
     let policy = format!("overridable = [\"network.interface.eth0.mtu\"]\n{MINIMAL}\n");
     assert!(error_of(&policy)
         .starts_with("overridable[0]: \"network.interface.eth0.mtu\" is not a policy key"));
+}
+
+// ---- [workload.flare] ----
+
+const KIT_PIN: &str = "sha256:ead69c5f385093cc35e259843dd099df0bd32d7f0d0104d7f27c05dcf736c64a";
+
+fn with_flare(table: &str) -> String {
+    format!("{MINIMAL}\n[workload.flare]\n{table}")
+}
+
+#[test]
+fn flare_kit_paths_are_kept_relative_to_the_bundle_and_pins_read_in_every_form() {
+    let openssl = "EA:D6:9C:5F:38:50:93:CC:35:E2:59:84:3D:D0:99:DF:0B:D3:2D:7F:0D:01:04:D7:F2:7C:05:DC:F7:36:C6:4A";
+    let bare = "EAD69C5F385093CC35E259843DD099DF0BD32D7F0D0104D7F27C05DCF736C64A";
+    for (kit, pin, rel) in [
+        ("site-1", KIT_PIN, "site-1"),
+        ("./kits/site-1/", openssl, "kits/site-1"),
+        ("/opt/flare/site-1", bare, "site-1"),
+        ("/opt/flare", KIT_PIN, ""),
+        (".", KIT_PIN, ""),
+    ] {
+        let text = with_flare(&format!(
+            "startup_kit = {kit:?}\nroot_ca_sha256 = {pin:?}\nwithheld = [\"startup/client.key\", \"./startup/x.key\"]\n"
+        ));
+        let loaded = parse(&text, None, &users()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            loaded.policy.workload.flare,
+            Some(FlareKit {
+                startup_kit: PathBuf::from(rel),
+                root_ca_sha256: KIT_PIN.parse().unwrap(),
+                withheld: vec![
+                    "startup/client.key".to_string(),
+                    "startup/x.key".to_string()
+                ],
+            }),
+            "{kit}"
+        );
+    }
+    let loaded = parse(
+        &with_flare(&format!(
+            "startup_kit = \"site-1\"\nroot_ca_sha256 = {KIT_PIN:?}\n"
+        )),
+        None,
+        &users(),
+    )
+    .unwrap();
+    let flare = loaded.policy.workload.flare.unwrap();
+    assert!(flare.withheld.is_empty());
+    // `policy check` prints it with the pin in the project's digest form.
+    let json = serde_json::to_value(&flare).unwrap();
+    assert_eq!(json["root_ca_sha256"], KIT_PIN);
+    assert_eq!(json["startup_kit"], "site-1");
+}
+
+#[test]
+fn flare_table_problems_are_named() {
+    assert_eq!(
+        error_of(&with_flare("withheld = []\n")),
+        "workload.flare.startup_kit: missing; write the participant folder that `nvflare provision` wrote (it holds startup/, local/, transfer/), relative to workload.bundle, e.g. startup_kit = \"site-1\"\n\
+         workload.flare.root_ca_sha256: missing; pin the project's root CA: write the SHA-256 fingerprint of the kit's startup/rootCA.pem, as `openssl x509 -in startup/rootCA.pem -noout -fingerprint -sha256` prints it"
+    );
+    assert_eq!(
+        error_of(&with_flare(&format!(
+            "startup_kit = \"/srv/kits/site-1\"\nroot_ca_sha256 = {KIT_PIN:?}\n"
+        ))),
+        "workload.flare.startup_kit: \"/srv/kits/site-1\" is outside workload.bundle \"/opt/flare\"; the kit must be in the bundle, so that it is measured and (with source = \"copy\") read from the verified copy the workload runs from: move it there, or write it relative to the bundle"
+    );
+    let error = error_of(&with_flare(
+        "startup_kit = \"../site-1\"\nroot_ca_sha256 = \"sha256:abc\"\nwithheld = [\"startup/client.key\", \"startup/client.key\", \"startup/rootCA.pem\", \"local/signature.json\", \"/etc/x\"]\n",
+    ));
+    let lines: Vec<&str> = error.lines().collect();
+    assert_eq!(lines.len(), 6, "{error}");
+    assert!(lines[0].starts_with("workload.flare.startup_kit: \"../site-1\" is not a relative path inside the kit or bundle"), "{error}");
+    assert!(lines[1].starts_with("workload.flare.root_ca_sha256: \"sha256:abc\" is not a SHA-256 fingerprint; write what `openssl x509"), "{error}");
+    assert_eq!(
+        lines[2],
+        "workload.flare.withheld[1]: \"startup/client.key\" is listed twice; remove one"
+    );
+    assert!(
+        lines[3]
+            .starts_with("workload.flare.withheld[2]: \"startup/rootCA.pem\" cannot be withheld"),
+        "{error}"
+    );
+    assert!(
+        lines[4]
+            .starts_with("workload.flare.withheld[3]: \"local/signature.json\" cannot be withheld"),
+        "{error}"
+    );
+    assert!(
+        lines[5].starts_with("workload.flare.withheld[4]: \"/etc/x\" is not a relative path"),
+        "{error}"
+    );
+    assert_eq!(
+        error_of(&with_flare(&format!(
+            "startup_kit = \"site-1\"\nroot_ca_sha256 = {KIT_PIN:?}\nsigned = true\n"
+        ))),
+        "policy: unknown key `workload.flare.signed` at line 12, column 1; expected one of startup_kit, root_ca_sha256, withheld"
+    );
+}
+
+#[test]
+fn the_flare_kit_is_never_overridable() {
+    for key in [
+        "workload.flare",
+        "workload.flare.startup_kit",
+        "workload.flare.root_ca_sha256",
+        "workload.flare.withheld",
+    ] {
+        let error = error_of(&format!("overridable = [{key:?}]\n{MINIMAL}"));
+        assert!(
+            error.contains("decides what the VM trusts or runs"),
+            "{key}: {error}"
+        );
+    }
 }

@@ -59,6 +59,20 @@ pub struct Workload {
     pub rlimits: Vec<Rlimit>,
     /// Restart policy (PID 1 mode only).
     pub restart: Restart,
+    /// `[workload.flare]`: the NVIDIA FLARE startup kit verified in the measure stage.
+    pub flare: Option<FlareKit>,
+}
+
+/// `[workload.flare]`: an NVIDIA FLARE startup kit inside the bundle, verified against its
+/// pinned root CA before attestation (`measure::flare`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlareKit {
+    /// The participant folder, relative to the bundle root (empty: the bundle root itself).
+    pub startup_kit: PathBuf,
+    /// SHA-256 of the DER certificate in the kit's `startup/rootCA.pem`.
+    pub root_ca_sha256: Digest,
+    /// Kit-relative paths of signed entries left out of the bundle (released as secrets).
+    pub withheld: Vec<String>,
 }
 
 /// Where the bundle's bytes live while they are measured and used.

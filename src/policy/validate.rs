@@ -655,6 +655,10 @@ fn workload(c: &mut Check<'_>, raw: Option<&RawWorkload>, users: &dyn UserDb) ->
     let umask = umask(c, raw.umask.as_ref());
     let rlimits = rlimits(c, raw.rlimit.as_deref().unwrap_or_default());
     let restart = restart(c, raw.restart.as_deref(), raw.max_restarts);
+    let flare = match &raw.flare {
+        None => Some(None),
+        Some(f) => flare(c, f, bundle.as_deref()).map(Some),
+    };
     Some(Workload {
         bundle: bundle?,
         source: source?,
@@ -667,7 +671,133 @@ fn workload(c: &mut Check<'_>, raw: Option<&RawWorkload>, users: &dyn UserDb) ->
         umask: umask?,
         rlimits: rlimits?,
         restart: restart?,
+        flare: flare?,
     })
+}
+
+/// `[workload.flare]`: the kit path made relative to the bundle, the root CA pin, the
+/// withheld entries.
+fn flare(c: &mut Check<'_>, raw: &super::raw::RawFlare, bundle: Option<&Path>) -> Option<FlareKit> {
+    let startup_kit = match raw.startup_kit.as_deref() {
+        None => {
+            c.missing(
+                "workload.flare.startup_kit",
+                "write the participant folder that `nvflare provision` wrote (it holds startup/, local/, transfer/), relative to workload.bundle, e.g. startup_kit = \"site-1\"",
+            );
+            None
+        }
+        Some(text) => flare_kit_path(c, text, bundle),
+    };
+    let root_ca_sha256 = match raw.root_ca_sha256.as_deref() {
+        None => {
+            c.missing(
+                "workload.flare.root_ca_sha256",
+                "pin the project's root CA: write the SHA-256 fingerprint of the kit's startup/rootCA.pem, as `openssl x509 -in startup/rootCA.pem -noout -fingerprint -sha256` prints it",
+            );
+            None
+        }
+        Some(text) => {
+            let parsed = parse_fingerprint(text);
+            if parsed.is_none() {
+                c.error(
+                    "workload.flare.root_ca_sha256",
+                    format!("{text:?} is not a SHA-256 fingerprint; write what `openssl x509 -in startup/rootCA.pem -noout -fingerprint -sha256` prints after \"=\" (32 hex pairs with colons), 64 hex digits, or \"sha256:\" and 64 lowercase hex digits"),
+                );
+            }
+            parsed
+        }
+    };
+    let mut withheld = Vec::new();
+    let mut ok = true;
+    for (i, text) in raw.withheld.iter().flatten().enumerate() {
+        let key = format!("workload.flare.withheld[{i}]");
+        let Some(path) = relative_path(c, &key, text, "startup/client.key") else {
+            ok = false;
+            continue;
+        };
+        let path = path.to_string_lossy().into_owned();
+        let name = path.rsplit('/').next().unwrap_or_default();
+        if path.is_empty() || name == "signature.json" || path == "startup/rootCA.pem" {
+            c.error(
+                &key,
+                format!("{text:?} cannot be withheld: the kit's signatures and root CA must be in the bundle; list signed files the key broker releases, e.g. \"startup/client.key\""),
+            );
+            ok = false;
+        } else if withheld.contains(&path) {
+            c.error(&key, format!("{text:?} is listed twice; remove one"));
+            ok = false;
+        } else {
+            withheld.push(path);
+        }
+    }
+    Some(FlareKit {
+        startup_kit: startup_kit?,
+        root_ca_sha256: root_ca_sha256?,
+        withheld: ok.then_some(withheld)?,
+    })
+}
+
+/// A path inside the bundle: relative (no `..`), or absolute below `bundle`; returned relative.
+fn flare_kit_path(c: &mut Check<'_>, text: &str, bundle: Option<&Path>) -> Option<PathBuf> {
+    let key = "workload.flare.startup_kit";
+    if !Path::new(text).is_absolute() {
+        return relative_path(c, key, text, "site-1");
+    }
+    let path = c.abs_path(key, text, "/opt/flare/site-1")?;
+    let bundle = bundle?;
+    match path.strip_prefix(bundle) {
+        Ok(rel) => Some(rel.to_path_buf()),
+        Err(_) => {
+            c.error(
+                key,
+                format!(
+                    "{text:?} is outside workload.bundle {:?}; the kit must be in the bundle, so that it is measured and (with source = \"copy\") read from the verified copy the workload runs from: move it there, or write it relative to the bundle",
+                    bundle.display().to_string()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// A relative path without `..` or NUL, normalised (no `.`, no repeated or trailing `/`).
+fn relative_path(c: &mut Check<'_>, key: &str, text: &str, example: &str) -> Option<PathBuf> {
+    let path = Path::new(text);
+    if text.contains('\0')
+        || path.is_absolute()
+        || path.components().any(|p| p == Component::ParentDir)
+    {
+        c.error(
+            key,
+            format!("{text:?} is not a relative path inside the kit or bundle (no leading \"/\", no \"..\", no NUL); write e.g. {example:?}"),
+        );
+        return None;
+    }
+    Some(
+        path.components()
+            .filter(|p| *p != Component::CurDir)
+            .collect(),
+    )
+}
+
+/// A SHA-256 fingerprint: `sha256:<hex>`, 64 hex digits, or openssl's 32 colon-separated pairs.
+fn parse_fingerprint(text: &str) -> Option<Digest> {
+    let text = text.trim();
+    if let Ok(digest) = text.parse::<Digest>() {
+        return Some(digest);
+    }
+    let hex_digits: String = if text.contains(':') {
+        let pairs: Vec<&str> = text.split(':').collect();
+        if pairs.len() != 32 || pairs.iter().any(|p| p.len() != 2) {
+            return None;
+        }
+        pairs.concat()
+    } else {
+        text.to_string()
+    };
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(&hex_digits, &mut out).ok()?;
+    Some(Digest(out))
 }
 
 fn bundle_source(

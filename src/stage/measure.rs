@@ -1,6 +1,9 @@
 //! Stage 2, measure: the policy, the operator file, the kernel command line and the workload
 //! bundle go into the event log (extended into the runtime register first), and the bundle
-//! digest is checked against the policy's pin before anything asks for a key.
+//! digest is checked against the policy's pin before anything asks for a key. With
+//! `[workload.flare]` the NVIDIA FLARE startup kit inside the bundle (in the copy, with
+//! `copy`) is verified against its pinned root CA first, and the root CA digest and the kit's
+//! listing become two more events (`flare-root-ca`, `flare-kit`).
 //!
 //! Time of check vs time of use: `copy` measures while copying into a fresh tmpfs that is then
 //! remounted read-only, and the workload runs from that copy; `initramfs` measures in place
@@ -16,7 +19,7 @@ use super::{Effects, Facts, StageError};
 use crate::digest::Digest;
 use crate::eventlog::EventKind;
 use crate::measure::{MeasureError, Measurement};
-use crate::policy::{BundleSource, Policy};
+use crate::policy::{BundleSource, FlareKit, Policy};
 
 /// Mode of the tmpfs that receives a `copy` bundle (read-only after the copy).
 pub const COPY_TMPFS_MODE: u32 = 0o755;
@@ -51,6 +54,9 @@ pub struct Plan {
     pub expected: Option<Digest>,
     /// Reference manifest used to name differing entries.
     pub reference_manifest: Option<PathBuf>,
+    /// The NVIDIA FLARE startup kit to verify (`[workload.flare]`; path relative to the
+    /// bundle root).
+    pub flare: Option<FlareKit>,
 }
 
 /// Plans the measure stage. Pure.
@@ -73,6 +79,7 @@ pub fn plan(policy: &Policy, facts: &Facts) -> Result<Plan, StageError> {
         source,
         expected: policy.workload.digest,
         reference_manifest: policy.workload.manifest.clone(),
+        flare: policy.workload.flare.clone(),
     })
 }
 
@@ -108,6 +115,10 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
             plan.bundle.display().to_string(),
         )
         .map_err(|e| StageError::Extend(Box::new(e)))?;
+    let flare = match &plan.flare {
+        Some(kit) => Some(verify_flare_kit(plan, kit, fx)?),
+        None => None,
+    };
     check_pin(plan, fx, &measurement)?;
 
     Ok(json!({
@@ -116,6 +127,7 @@ pub fn apply(plan: &Plan, fx: &mut Effects<'_>) -> Result<Value, StageError> {
         "entries": measurement.manifest.entries.len(),
         "pinned": plan.expected.is_some(),
         "source": plan.source,
+        "flare": flare,
         "register": fx.register.name(),
         "register_initial": fx.event_log.register_initial(),
         "events": fx.event_log.events(),
@@ -153,6 +165,65 @@ fn measure_bundle(plan: &Plan, fx: &mut Effects<'_>) -> Result<Measurement, Stag
             Ok(measurement)
         }
     }
+}
+
+/// Verifies the startup kit where the workload will read it (the copy, with `copy`), then
+/// extends the root CA digest and the kit listing's digest. Returns the record's details:
+/// the listing itself, so an auditor can recompute the `flare-kit` event.
+fn verify_flare_kit(
+    plan: &Plan,
+    kit: &FlareKit,
+    fx: &mut Effects<'_>,
+) -> Result<Value, StageError> {
+    let root = match &plan.source {
+        Source::InPlace => &plan.bundle,
+        Source::Copy { into } => into,
+    };
+    let dir = if kit.startup_kit.as_os_str().is_empty() {
+        root.clone()
+    } else {
+        root.join(&kit.startup_kit)
+    };
+    let verified = fx
+        .measurer
+        .flare_kit(&dir, &kit.root_ca_sha256, &kit.withheld)
+        .map_err(|source| StageError::Measure {
+            bundle: plan.bundle.clone(),
+            source: Box::new(source),
+        })?;
+    fx.event_log
+        .measure(
+            fx.register,
+            EventKind::FlareRootCa,
+            verified.root_ca_sha256,
+            dir.join(crate::measure::flare::ROOT_CA_FILE)
+                .display()
+                .to_string(),
+        )
+        .map_err(|e| StageError::Extend(Box::new(e)))?;
+    let (files, dirs, withheld) = verified.counts();
+    let listing = verified.listing();
+    let digest = Digest::of(listing.as_bytes());
+    fx.event_log
+        .measure(
+            fx.register,
+            EventKind::FlareKit,
+            digest,
+            format!(
+                "{} ({files} files, {dirs} directories, {withheld} withheld)",
+                dir.display()
+            ),
+        )
+        .map_err(|e| StageError::Extend(Box::new(e)))?;
+    Ok(json!({
+        "startup_kit": dir,
+        "root_ca_sha256": verified.root_ca_sha256,
+        "listing_digest": digest,
+        "files": files,
+        "directories": dirs,
+        "withheld": kit.withheld,
+        "listing": listing,
+    }))
 }
 
 fn check_pin(plan: &Plan, fx: &Effects<'_>, measured: &Measurement) -> Result<(), StageError> {

@@ -220,6 +220,14 @@ pub trait Measurer {
     fn copy(&self, src: &Path, dst: &Path) -> Result<Measurement, MeasureError>;
     /// Loads a reference manifest (JSON written by `cvm-warden measure --manifest`).
     fn reference(&self, path: &Path) -> Result<Manifest, MeasureError>;
+    /// Verifies the NVIDIA FLARE startup kit at `kit` against the pinned root CA
+    /// ([`crate::measure::flare::verify_kit`]).
+    fn flare_kit(
+        &self,
+        kit: &Path,
+        root_ca_sha256: &crate::digest::Digest,
+        withheld: &[String],
+    ) -> Result<crate::measure::flare::VerifiedKit, MeasureError>;
 }
 
 /// The real measurer: the `measure` module on the real file system.
@@ -237,6 +245,16 @@ impl Measurer for RealMeasurer {
 
     fn reference(&self, path: &Path) -> Result<Manifest, MeasureError> {
         Manifest::load_json(path)
+    }
+
+    fn flare_kit(
+        &self,
+        kit: &Path,
+        root_ca_sha256: &crate::digest::Digest,
+        withheld: &[String],
+    ) -> Result<crate::measure::flare::VerifiedKit, MeasureError> {
+        crate::measure::flare::verify_kit(kit, root_ca_sha256, withheld)
+            .map_err(|e| MeasureError::FlareKit(Box::new(e)))
     }
 }
 

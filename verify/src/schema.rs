@@ -80,6 +80,10 @@ pub enum EventKind {
     Bundle,
     /// A firewall ruleset.
     Ruleset,
+    /// The pinned and verified NVIDIA FLARE root CA (SHA-256 of its DER certificate).
+    FlareRootCa,
+    /// The verified NVIDIA FLARE startup kit (SHA-256 of its listing, `measure::flare`).
+    FlareKit,
     /// The separator written just before the workload starts.
     Separator,
 }
