@@ -352,8 +352,53 @@ fn prepare_site(
         .arg(&bundle))?;
     set_mode(&bundle.join("launch.sh"), 0o755)?;
     set_mode(&dir, 0o755)?;
-    fs::write(dir.join("policy.toml"), policy(site, &dir, python))?;
+    // The pin: the SHA-256 fingerprint of the project's root CA certificate.
+    let fingerprint = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(kit.join("startup/rootCA.pem"))
+        .output()
+        .context("running openssl x509 -fingerprint")?;
+    let text = String::from_utf8_lossy(&fingerprint.stdout);
+    let pin = text
+        .trim()
+        .split_once('=')
+        .map(|(_, pin)| pin.to_string())
+        .context("openssl printed no fingerprint of rootCA.pem")?;
+    fs::write(dir.join("policy.toml"), policy(site, &dir, python, &pin))?;
     Ok(key)
+}
+
+/// A copy of site-1's image whose kit has one changed byte in `startup/fed_client.json`:
+/// `reference-values` (the measure stage) must refuse it, naming the file.
+fn tampered_kit_is_refused(warden: &Path, run: &Path) -> Result<()> {
+    let good = run.join("sites/site-1");
+    let bad = run.join("tampered/site-1");
+    fs::create_dir_all(&bad)?;
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(good.join("bundle"))
+        .arg(bad.join("bundle")))?;
+    let config = bad.join("bundle/kit/startup/fed_client.json");
+    let mut text = fs::read(&config)?;
+    text.push(b'\n');
+    fs::write(&config, text)?;
+    let policy = fs::read_to_string(good.join("policy.toml"))?.replace(
+        &good.join("bundle").display().to_string(),
+        &bad.join("bundle").display().to_string(),
+    );
+    fs::write(bad.join("policy.toml"), policy)?;
+    let out = Command::new(warden)
+        .args(["reference-values", "--policy"])
+        .arg(bad.join("policy.toml"))
+        .output()
+        .context("running reference-values on the tampered kit")?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    println!("a kit with one changed byte: {}", said.trim());
+    ensure!(
+        !out.status.success() && said.contains("startup/fed_client.json"),
+        "reference-values accepted a tampered startup kit or did not name the file: {said}"
+    );
+    Ok(())
 }
 
 /// FLARE's own signer over a kit (`python -c RESIGN PROVISION_WS KIT`).
@@ -367,7 +412,7 @@ for old in glob.glob(os.path.join(kit, "**", "signature.json"), recursive=True):
 sign_folders(kit, load_private_key(state["root_pri_key"]), signature_file="signature.json")
 "#;
 
-fn policy(site: &Site, dir: &Path, python: &Path) -> String {
+fn policy(site: &Site, dir: &Path, python: &Path, root_ca: &str) -> String {
     let bundle = dir.join("bundle");
     let role = match site.role {
         Role::Server => "server",
@@ -401,6 +446,13 @@ restart = "never"
 [workload.env]
 PATH = "/usr/bin:/bin"
 LANG = "C.UTF-8"
+
+# The startup kit, verified as FLARE verifies it before anything is released; its private
+# key is signed in the kit but withheld from the image (the broker releases it).
+[workload.flare]
+startup_kit = "kit"
+root_ca_sha256 = "{root_ca}"
+withheld = ["startup/{key}"]
 
 [attestation]
 tee = "tpm"
@@ -452,6 +504,7 @@ fn federation(
             .arg(run.join("sites").join(site.name).join("policy.toml"))
             .stdout(Stdio::null()))?;
     }
+    tampered_kit_is_refused(&bins.warden, run)?;
     let mut tpms = Vec::new();
     for (site, ns) in SITES.iter().zip(&net.sites) {
         let dir = run.join("sites").join(site.name);

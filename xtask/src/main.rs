@@ -213,6 +213,8 @@ fn ci(root: &Path) -> Result<()> {
     let counts = cargo_test(root)?;
     // The namespace demo: PID 1 in namespaces, tamper detection, log verify.
     demo::run(root)?;
+    // A real NVIDIA FLARE federation (nvflare from PyPI) behind cvm-warden, three sites.
+    flare::run(root)?;
     // The real shape: cvm-warden as PID 1 of a Linux guest, every VM scenario (two at once),
     // then the README's main command, the VM demo.
     vm::test(root, &[])?;
