@@ -64,7 +64,8 @@ enum Command {
     /// was released. Extends the TEE's register like a boot: reboot before a real boot.
     Attest(AttestArgs),
     /// Reference values for the key broker: the measure stage's events for this policy and
-    /// bundle and the application PCR value they produce (no TEE, no root needed).
+    /// bundle and the application PCR value they produce (no TEE, no root needed). With
+    /// --snp-launch: the expected SEV-SNP launch measurement of a QEMU guest instead.
     ReferenceValues(ReferenceArgs),
     /// The key broker's admin side (a model owner's machine, never the CVM).
     Broker {
@@ -237,6 +238,8 @@ struct ReferenceArgs {
     cmdline: PathBuf,
     #[command(flatten)]
     trustee: TrusteeArgs,
+    #[command(flatten)]
+    snp: crate::tee::snp_launch::SnpLaunchArgs,
 }
 
 #[derive(Debug, Args)]
@@ -571,6 +574,9 @@ fn firewall(command: &FirewallCommand) -> Result<(), CliError> {
 }
 
 fn reference_values(args: &ReferenceArgs) -> Result<(), CliError> {
+    if let Some(inputs) = args.snp.inputs() {
+        return snp_launch_values(&inputs);
+    }
     let loaded = load(&args.policy.policy, &args.policy.common)?;
     let mut facts = wiring::facts(&loaded, crate::lockdown::Shape::Pid1, false);
     facts.cmdline_path = args.cmdline.clone();
@@ -713,6 +719,15 @@ fn broker_register(args: &RegisterArgs) -> Result<(), CliError> {
         "registered": done,
         "skipped": skipped,
     }))
+}
+
+/// `reference-values --snp-launch`: the expected SEV-SNP launch measurement (no policy read).
+fn snp_launch_values(inputs: &crate::tee::snp_launch::LaunchInputs) -> Result<(), CliError> {
+    match crate::tee::snp_launch::measure(inputs) {
+        Ok(values) => print_json(&serde_json::json!({ "snp": values })),
+        Err(error) if error.is_input() => Err(CliError::invalid(error)),
+        Err(error) => Err(CliError::failed(error)),
+    }
 }
 
 fn init(args: &InitArgs, kernel_ignored: &[String]) -> Result<(), CliError> {

@@ -18,6 +18,7 @@ use crate::eventlog::RuntimeRegister;
 pub mod azure;
 pub mod sample;
 pub mod snp;
+pub mod snp_launch;
 pub mod tdx;
 pub mod tpm;
 pub mod tsm;

@@ -12,6 +12,10 @@
 //!   --test-passphrase` with the default PBKDF (`benches/unlock.rs`; root).
 //! - `bench checkpoint`: one audit-log checkpoint with a swtpm quote and with SNP on the fake
 //!   configfs-tsm (`benches/checkpoint.rs`).
+//! - `snp-measure-check [--write]`: `cvm-warden reference-values --snp-launch` against the
+//!   real `sev-snp-measure` (PyPI) on the cases of `tests/snp_launch/expected.json`;
+//!   `snp-launch [...]`: the QEMU command line for real SEV-SNP hardware and the matching
+//!   reference-values command (`snp.rs`).
 //! - `fuzz --smoke [--seconds N]` / `fuzz TARGET [--seconds N]`: the cargo-fuzz targets
 //!   (`fuzz/`, nightly; see `fuzz.rs`).
 //!
@@ -28,6 +32,7 @@ mod flare;
 
 mod fuzz;
 mod sandbox;
+mod snp;
 mod tidy;
 mod vm;
 
@@ -57,6 +62,8 @@ fn run() -> Result<()> {
         ["tidy"] => tidy::run(&root),
         ["bench", "measure"] => bench::measure(&root),
         ["fuzz", rest @ ..] => fuzz::run(&root, rest),
+        ["snp-measure-check", rest @ ..] => snp::check(&root, rest),
+        ["snp-launch", rest @ ..] => snp::launch(&root, rest),
         ["bench", "unlock"] => {
             ensure_tools(TOOLS)?;
             sh(cargo()
@@ -70,7 +77,7 @@ fn run() -> Result<()> {
         }
         _ => bail!(
             "usage: cargo xtask ci | tidy | demo [--sandbox] | flare | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint \
-             | fuzz (--smoke | TARGET) [--seconds N]"
+             | fuzz (--smoke | TARGET) [--seconds N] | snp-measure-check [--write] | snp-launch [OPTIONS]"
         ),
     }
 }
@@ -113,12 +120,18 @@ pub(crate) fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Whether `tool` is installed: a command on PATH, or `pkgconfig:NAME` for a C library that
-/// pkg-config knows (the -dev packages the -sys crates build against).
+/// Whether `tool` is installed: a command on PATH, `pkgconfig:NAME` for a C library that
+/// pkg-config knows (the -dev packages the -sys crates build against), `file:PATH` for a
+/// file a package installs, `python:MODULE` for a module python3 imports.
 fn have(tool: &str) -> bool {
-    let check = match tool.strip_prefix("pkgconfig:") {
-        Some(lib) => format!("pkg-config --exists {lib}"),
-        None => format!("command -v {tool} >/dev/null 2>&1"),
+    let check = if let Some(lib) = tool.strip_prefix("pkgconfig:") {
+        format!("pkg-config --exists {lib}")
+    } else if let Some(path) = tool.strip_prefix("file:") {
+        format!("test -f {path}")
+    } else if let Some(module) = tool.strip_prefix("python:") {
+        format!("python3 -c 'import {module}' >/dev/null 2>&1")
+    } else {
+        format!("command -v {tool} >/dev/null 2>&1")
     };
     Command::new("sh")
         .args(["-c", &check])
@@ -179,6 +192,8 @@ pub(crate) const TOOLS: &[(&str, &str)] = &[
     // The lockdown: nftables rulesets, unit files checked with systemd-analyze.
     ("nft", "nftables"),
     ("systemd-analyze", "systemd"),
+    // `tests/snp_launch.rs`: the SEV-SNP launch measurement of Debian's OVMF.
+    ("file:/usr/share/ovmf/OVMF.fd", "ovmf"),
 ];
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the workspace root),
@@ -209,6 +224,8 @@ fn ci(root: &Path) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The OVMF images `tests/snp_launch.rs` checks (Debian's ovmf, the recorded ovmf-amdsev).
+    snp::fetch_inputs(root)?;
     // Unit tests (no root) and integration tests (namespace tests need root), all of them.
     let counts = cargo_test(root)?;
     // The namespace demo: PID 1 in namespaces, tamper detection, log verify.
