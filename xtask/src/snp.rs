@@ -344,6 +344,21 @@ pub(crate) fn launch(root: &Path, rest: &[&str]) -> Result<()> {
     } else {
         ""
     };
+    let mut notes = Vec::new();
+    if kernel.is_none() {
+        notes.push(
+            "# Firmware only: the measurement does not cover the kernel, the initramfs or \
+             cvm-warden's policy. Give --kernel and --initrd (the initramfs of `cargo xtask image \
+             --policy …`) to measure them through an AmdSev OVMF (kernel-hashes=on)."
+                .to_owned(),
+        );
+    }
+    if !Path::new(&ovmf).exists() {
+        notes.push(format!(
+            "# {ovmf} is not on this machine: `cargo xtask snp-measure-check` fetches Debian's \
+             OVMF.amdsev.fd (package ovmf-amdsev); apt-get install ovmf gives OVMF.fd."
+        ));
+    }
     let mut qemu = vec![
         "qemu-system-x86_64".to_owned(),
         "-enable-kvm".to_owned(),
@@ -389,6 +404,9 @@ pub(crate) fn launch(root: &Path, rest: &[&str]) -> Result<()> {
     println!("# On the SEV-SNP host (QEMU 9.1 or later, a host kernel with SEV-SNP; cbitpos is");
     println!("# CPUID 0x8000001F EBX[5:0], 51 on Milan and Genoa). -cpu and -smp are measured:");
     println!("# keep them equal to the reference-values command below.");
+    for note in &notes {
+        println!("{note}");
+    }
     println!("{}", line(&qemu));
     println!();
     println!("# The launch measurement that guest's attestation report carries:");
