@@ -7,9 +7,10 @@
 //! - Debian's `/usr/share/ovmf/OVMF.fd` (package `ovmf`, `apt-get install ovmf`; `cargo
 //!   xtask ci` installs it);
 //! - Debian's AmdSev build `OVMF.amdsev.fd` (package `ovmf-amdsev`, in sid only), unpacked
-//!   into `<target>/snp-cache/` by `cargo xtask snp-measure-check`.
+//!   into `<target>/snp-cache/` by `cargo xtask snp-fetch` (`ci` and `snp-measure-check` too).
 //!
 //! A missing or different image FAILS the test, naming what to do: never skipped.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

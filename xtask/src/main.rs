@@ -14,6 +14,7 @@
 //!   configfs-tsm (`benches/checkpoint.rs`).
 //! - `snp-measure-check [--write]`: `cvm-warden reference-values --snp-launch` against the
 //!   real `sev-snp-measure` (PyPI) on the cases of `tests/snp_launch/expected.json`;
+//!   `snp-fetch`: only the OVMF images those tests need;
 //!   `snp-launch [...]`: the QEMU command line for real SEV-SNP hardware and the matching
 //!   reference-values command (`snp.rs`).
 //! - `fuzz --smoke [--seconds N]` / `fuzz TARGET [--seconds N]`: the cargo-fuzz targets
@@ -62,6 +63,7 @@ fn run() -> Result<()> {
         ["tidy"] => tidy::run(&root),
         ["bench", "measure"] => bench::measure(&root),
         ["fuzz", rest @ ..] => fuzz::run(&root, rest),
+        ["snp-fetch"] => snp::fetch_inputs(&root),
         ["snp-measure-check", rest @ ..] => snp::check(&root, rest),
         ["snp-launch", rest @ ..] => snp::launch(&root, rest),
         ["bench", "unlock"] => {
@@ -77,7 +79,7 @@ fn run() -> Result<()> {
         }
         _ => bail!(
             "usage: cargo xtask ci | tidy | demo [--sandbox] | flare | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint \
-             | fuzz (--smoke | TARGET) [--seconds N] | snp-measure-check [--write] | snp-launch [OPTIONS]"
+             | fuzz (--smoke | TARGET) [--seconds N] | snp-fetch | snp-measure-check [--write] | snp-launch [OPTIONS]"
         ),
     }
 }

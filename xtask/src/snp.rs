@@ -11,7 +11,7 @@
 //!   launches that guest on real SEV-SNP hardware and the `cvm-warden reference-values
 //!   --snp-launch` command whose value its attestation report's `measurement` will have.
 //!
-//! [`fetch_inputs`] (also what CI runs before `cargo test`, so `tests/snp_launch.rs` finds
+//! [`fetch_inputs`] (`cargo xtask snp-fetch`; also what CI runs before `cargo test`, so `tests/snp_launch.rs` finds
 //! its images): Debian's `ovmf` (`/usr/share/ovmf/OVMF.fd`, apt-get), and Debian's AmdSev
 //! build `OVMF.amdsev.fd` from the `ovmf-amdsev` .deb recorded in the table (sid only; the
 //! .deb's SHA-256 is checked before it is unpacked with `dpkg-deb`, the image's after), cached
