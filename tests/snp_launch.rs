@@ -335,6 +335,21 @@ fn snp_launch_options_go_only_with_snp_launch_and_no_policy_is_read() {
             ][..],
             "--kernel",
         ),
+        (
+            &[
+                "reference-values",
+                "--snp-launch",
+                "--format",
+                "trustee",
+                "--ovmf",
+                "/x.fd",
+                "--vcpus",
+                "4",
+                "--vcpu-type",
+                "EPYC-Milan",
+            ][..],
+            "--format",
+        ),
     ] {
         let output = run(&strings(words));
         let stderr = String::from_utf8_lossy(&output.stderr);
