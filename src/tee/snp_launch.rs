@@ -242,7 +242,7 @@ impl Mode {
 /// A file that went into the measurement.
 #[derive(Debug, Clone, Serialize)]
 pub struct FileInput {
-    /// As given.
+    /// As given (not escaped: JSON escapes control characters).
     pub path: String,
     /// SHA-256 of its bytes.
     pub sha256: Digest,
@@ -713,7 +713,7 @@ fn file_input(what: &'static str, path: &Path) -> Result<FileInput, SnpLaunchErr
     let mut hasher = sha2::Sha256::new();
     io::copy(&mut file, &mut hasher).map_err(read)?;
     Ok(FileInput {
-        path: shown_path(path),
+        path: path.to_string_lossy().into_owned(),
         sha256: Digest(hasher.finalize().into()),
     })
 }
@@ -729,7 +729,7 @@ pub fn measure(inputs: &LaunchInputs) -> Result<SnpLaunchValues, SnpLaunchError>
     })?;
     let missing = layout.hashes_table_missing();
     let ovmf = OvmfInput {
-        path: ovmf_path.clone(),
+        path: spec.ovmf.to_string_lossy().into_owned(),
         sha256: Digest::of(&ovmf_bytes),
         bytes: ovmf_bytes.len(),
         sev_hashes_table: missing.is_none(),
@@ -789,7 +789,8 @@ pub fn measure(inputs: &LaunchInputs) -> Result<SnpLaunchValues, SnpLaunchError>
         guest_features: format!("{:#x}", spec.guest_features),
         kernel,
         initrd,
-        append: append.map(|a| shown(&a)),
+        // As given, whole: it is what QEMU's -append must be (errors escape, output does not).
+        append,
         register: "the attestation report's measurement; Trustee's default CPU policy reads it as the reference value snp_launch_measurement",
     })
 }
@@ -1070,6 +1071,19 @@ mod tests {
         );
         assert!(message.contains("OVMF.amdsev.fd"), "{message}");
         assert!(message.contains("leave out --kernel"), "{message}");
+        let long = "x".repeat(600);
+        let ovmf = dir.path().join("ovmf.fd");
+        std::fs::write(&ovmf, image(true)).unwrap();
+        let values = measure(&LaunchInputs {
+            ovmf,
+            vcpus: 1,
+            vcpu_type: "EPYC-v4".into(),
+            kernel: Some(dir.path().join("kernel")),
+            append: Some(long.clone()),
+            ..LaunchInputs::default()
+        })
+        .unwrap();
+        assert_eq!(values.append.as_deref(), Some(long.as_str()));
         let plain = measure_image(dir.path(), &image(false), false).unwrap();
         assert!(!plain.ovmf.sev_hashes_table);
         let message = measure(&inputs()).unwrap_err().to_string();
