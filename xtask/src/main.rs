@@ -234,6 +234,9 @@ fn ci(root: &Path) -> Result<()> {
     demo::run(root)?;
     // A real NVIDIA FLARE federation (nvflare from PyPI) behind cvm-warden, three sites.
     flare::run(root)?;
+    // The SEV-SNP launch measurement against the real counterpart, sev-snp-measure (PyPI),
+    // live on the recorded inputs.
+    snp::check(root, &[])?;
     // The real shape: cvm-warden as PID 1 of a Linux guest, every VM scenario (two at once),
     // then the README's main command, the VM demo.
     vm::test(root, &[])?;
