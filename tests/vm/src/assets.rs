@@ -25,6 +25,8 @@ pub const PACKAGES: &[&str] = &[
     "e2fsprogs",
     "nftables",
     "libtss2-tcti-device0",
+    // The systemd-shape image: its Debian root file system (image/mkimage.sh rootfs).
+    "debootstrap",
     // What the unpacked qemu-system-x86 7.2 links against.
     "libaio1",
     "libbpf1",

@@ -7,6 +7,8 @@
 //! - [`vm`]: one VM (private folder, swtpm, QEMU, watchdog, audit port, QMP).
 //! - [`host`]: what the host side plays: the TPM's AK provisioning, the broker, disks.
 //! - [`scenario`]: the fault matrix and the good boots, each an assertion.
+//! - [`systemd`]: the systemd shape for real (a Debian image with systemd as PID 1, built by
+//!   `image/mkimage.sh`, judged against the live systemd).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -23,6 +25,7 @@ pub mod host;
 pub mod image;
 pub mod scenario;
 pub mod scenarios;
+pub mod systemd;
 pub mod vm;
 
 /// Runs a command, echoing it, and fails when it fails.

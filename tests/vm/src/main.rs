@@ -67,12 +67,19 @@ impl Flags {
     }
 
     fn ctx(&self) -> Result<Ctx> {
-        let assets = Assets::ensure(&self.path("cache")?)?;
+        let cache = self.path("cache")?;
+        let assets = Assets::ensure(&cache)?;
+        let cache = std::fs::canonicalize(&cache)?;
         let bins = Bins::in_dir(&self.path("bins")?)?;
         let work = self.path("work")?;
         std::fs::create_dir_all(&work)?;
         let work = std::fs::canonicalize(&work)?;
-        Ok(Ctx { assets, bins, work })
+        Ok(Ctx {
+            assets,
+            bins,
+            work,
+            cache,
+        })
     }
 }
 

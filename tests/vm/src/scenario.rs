@@ -56,6 +56,9 @@ pub struct Ctx {
     pub bins: Bins,
     /// The folder under which each scenario gets its own.
     pub work: PathBuf,
+    /// The cache of fetched and built assets (`target/vm-cache`: QEMU, the kernel, the
+    /// systemd-shape root file system).
+    pub cache: PathBuf,
 }
 
 /// What a boot's guest looks like (one policy and bundle).
@@ -363,7 +366,7 @@ impl Site {
 
 /// The modules the image carries: what `cvm-warden plan` derives from the policy, plus the
 /// harness's virtio drivers (also in the policy's `[kernel] modules`).
-fn modules_for(ctx: &Ctx, guest: &Guest, dir: &Path) -> Result<Vec<String>> {
+pub fn modules_for(ctx: &Ctx, guest: &Guest, dir: &Path) -> Result<Vec<String>> {
     let policy = dir.join("plan-policy.toml");
     fs::write(&policy, guest.policy())?;
     let etc = dir.join("etc");
@@ -728,7 +731,8 @@ pub fn judge(ctx: &Ctx, site: &Site, booted: &Booted, expect: &Expect, dir: &Pat
     Ok(())
 }
 
-fn tail(text: &str, lines: usize) -> String {
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

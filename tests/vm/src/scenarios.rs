@@ -26,6 +26,8 @@ macro_rules! scenario {
 
 /// Every scenario, in the order they run (the slow ones first, so two VMs stay busy).
 pub const ALL: &[Scenario] = &[
+    scenario!("systemd-good", "systemd as PID 1 (Debian image from image/mkimage.sh): cvm-warden.service READY only behind the perimeter, gettys/SSH/rescue/emergency/ctrl-alt-del masked and refused by the live systemd, a Ctrl-Alt-Del burst ignored, the workload exec'd in the unit after attestation, its end powers off", systemd_good),
+    scenario!("systemd-attest-refused", "systemd as PID 1, the broker refuses the attestation: cvm-warden.service fails, FailureAction=poweroff ends the VM, the workload never ran", systemd_attest_refused),
     scenario!("good-boot", "attested boot: network, perimeter, TPM quote, LUKS2 volume formatted and owned by the workload, secret 0400, allowlist; the probe and the host check from both sides", good_boot),
     scenario!("second-boot", "boot 2 opens the volume without formatting and reads boot 1's data; boot 3 with a changed bundle is refused", second_boot),
     scenario!("dhcp", "eth0 by DHCPv4 from QEMU's server: the lease is applied and recorded, the allowlist admits only that server's renewals, the attested boot completes", dhcp),
@@ -52,6 +54,14 @@ pub const ALL: &[Scenario] = &[
     scenario!("hung-nft", "an nft that never returns: the tool timeout fails the perimeter, no hang", hung_nft),
     scenario!("invalid-policy", "an invalid policy in the image powers off (never an exit, never a panic)", invalid_policy),
 ];
+
+fn systemd_good(ctx: &Ctx, dir: &Path) -> Result<String> {
+    crate::systemd::good(ctx, dir)
+}
+
+fn systemd_attest_refused(ctx: &Ctx, dir: &Path) -> Result<String> {
+    crate::systemd::attest_refused(ctx, dir)
+}
 
 /// A good boot's expectation.
 fn ran(verify: i32) -> Expect {

@@ -312,6 +312,23 @@ impl Vm {
 
     /// Sends one QMP command and returns its `return` value.
     pub fn qmp(&self, execute: &str) -> Result<serde_json::Value> {
+        self.qmp_with(execute, serde_json::Value::Null)
+    }
+
+    /// Whether QEMU is still running.
+    pub fn running(&mut self) -> bool {
+        self.qemu
+            .as_mut()
+            .is_some_and(|q| matches!(q.try_wait(), Ok(None)))
+    }
+
+    /// Sends one QMP command with `arguments` (none when `Null`) and returns its `return`
+    /// value.
+    pub fn qmp_with(
+        &self,
+        execute: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value> {
         let stream =
             UnixStream::connect(self.config.dir.join("qmp.sock")).context("connecting to QMP")?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -319,25 +336,30 @@ impl Vm {
         let mut writer = stream;
         let mut line = String::new();
         reader.read_line(&mut line)?; // greeting
-        let mut call = |command: &str| -> Result<serde_json::Value> {
-            writeln!(writer, "{{\"execute\":\"{command}\"}}")?;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line)? == 0 {
-                    bail!("QMP closed during {command}");
+        let mut call =
+            |command: &str, arguments: &serde_json::Value| -> Result<serde_json::Value> {
+                let mut request = serde_json::json!({ "execute": command });
+                if !arguments.is_null() {
+                    request["arguments"] = arguments.clone();
                 }
-                let value: serde_json::Value = serde_json::from_str(&line)?;
-                if value.get("event").is_some() {
-                    continue;
+                writeln!(writer, "{request}")?;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line)? == 0 {
+                        bail!("QMP closed during {command}");
+                    }
+                    let value: serde_json::Value = serde_json::from_str(&line)?;
+                    if value.get("event").is_some() {
+                        continue;
+                    }
+                    if let Some(error) = value.get("error") {
+                        bail!("QMP {command}: {error}");
+                    }
+                    return Ok(value["return"].clone());
                 }
-                if let Some(error) = value.get("error") {
-                    bail!("QMP {command}: {error}");
-                }
-                return Ok(value["return"].clone());
-            }
-        };
-        call("qmp_capabilities")?;
-        call(execute)
+            };
+        call("qmp_capabilities", &serde_json::Value::Null)?;
+        call(execute, &arguments)
     }
 
     /// Waits for QEMU to end (power-off or panic) within the watchdog; a halted guest

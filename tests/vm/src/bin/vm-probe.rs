@@ -5,12 +5,21 @@
 //! `vm-probe [--uid N] [--gid N] [--lockdown] [--volume DIR [--fill]] [--secret FILE] [--exit CODE] [--listen PORT]…`
 //! `--lockdown`: check the hardening sysctls and the lockdown LSM.
 //! `--exit CODE` ends at once with that code (the crashing-workload scenario).
+//!
+//! `vm-probe --observe-systemd`: the systemd-shape observer, run as root by a unit ordered
+//! after `cvm-warden.service` (`tests/vm/src/systemd.rs`): it asks the live systemd and
+//! nftables what such a unit sees, one `OBSERVE <ok|FAIL> <check> <detail>` line each, then
+//! `OBSERVE-DONE`.
+//!
+//! The probe's ports answer `kbd` with the keyboard interrupt count (`KBD <n>`: the host's
+//! Ctrl-Alt-Del presses reached the guest) and `done` with `bye` (the workload ends).
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::time::Duration;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// The hardening sysctls `[lockdown]` sets, with their values.
 const SYSCTLS: &[(&str, &str)] = &[
@@ -46,6 +55,10 @@ fn status_field(name: &str) -> String {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--observe-systemd") {
+        observe_systemd();
+        return;
+    }
     let value = |flag: &str| -> Option<String> {
         args.iter()
             .position(|a| a == flag)
@@ -254,12 +267,26 @@ fn main() {
                 let mut stream = stream;
                 let _ = writeln!(stream, "VM-PROBE-BANNER port {port}");
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-                let mut line = String::new();
-                let _ = BufReader::new(&stream).read_line(&mut line);
-                if line.trim() == "done" {
-                    let _ = writeln!(stream, "bye");
-                    let _ = tx.send(());
-                    return;
+                let mut reader = match stream.try_clone() {
+                    Ok(s) => BufReader::new(s),
+                    Err(_) => continue,
+                };
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    match line.trim() {
+                        "kbd" => {
+                            let _ = writeln!(stream, "KBD {}", keyboard_interrupts());
+                        }
+                        "done" => {
+                            let _ = writeln!(stream, "bye");
+                            let _ = tx.send(());
+                            return;
+                        }
+                        _ => break,
+                    }
                 }
             }
         });
@@ -269,4 +296,188 @@ fn main() {
         let _ = rx.recv_timeout(Duration::from_secs(120));
     }
     println!("PROBE-DONE");
+}
+
+/// The i8042 keyboard's interrupt count (IRQ 1 in `/proc/interrupts`), 0 when absent.
+fn keyboard_interrupts() -> u64 {
+    fs::read_to_string("/proc/interrupts")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.trim_start().starts_with("1:") && l.contains("i8042"))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// What a command printed (stdout and stderr, one line) and whether it succeeded.
+fn run(program: &str, args: &[&str]) -> (bool, String) {
+    match Command::new(program).args(args).output() {
+        Ok(out) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (
+                out.status.success(),
+                text.split_whitespace().collect::<Vec<_>>().join(" "),
+            )
+        }
+        Err(e) => (false, format!("cannot run {program}: {e}")),
+    }
+}
+
+/// `systemctl show -p NAME --value UNIT`.
+fn show(unit: &str, property: &str) -> String {
+    let (_, text) = run("systemctl", &["show", "-p", property, "--value", unit]);
+    text
+}
+
+fn observed(ok: bool, check: &str, detail: &str) {
+    let verdict = if ok { "ok" } else { "FAIL" };
+    println!("OBSERVE {verdict} {check} {detail}");
+    let _ = std::io::stdout().flush();
+}
+
+/// Units cvm-warden masks, as the instances systemd can be asked about.
+const MASKED: &[&str] = &[
+    "serial-getty@ttyS0.service",
+    "getty@tty1.service",
+    "autovt@tty1.service",
+    "console-getty.service",
+    "debug-shell.service",
+    "ssh.service",
+    "sshd.service",
+    "ssh.socket",
+    "rescue.service",
+    "emergency.service",
+    "ctrl-alt-del.target",
+];
+
+/// systemctl requests a locked-down VM must refuse: a login on the consoles, SSH, a debug
+/// shell, the rescue and emergency shells, a reboot through Ctrl-Alt-Del.
+const REFUSED: &[&[&str]] = &[
+    &["start", "serial-getty@ttyS0.service"],
+    &["start", "getty@tty1.service"],
+    &["start", "ssh.service"],
+    &["start", "ssh.socket"],
+    &["start", "debug-shell.service"],
+    &["rescue"],
+    &["emergency"],
+    &["isolate", "rescue.target"],
+    &["isolate", "emergency.target"],
+    &["start", "ctrl-alt-del.target"],
+];
+
+fn observe_systemd() {
+    let uptime = fs::read_to_string("/proc/uptime").unwrap_or_default();
+    println!(
+        "OBSERVE start uptime {}",
+        uptime.split_whitespace().next().unwrap_or("?")
+    );
+    // A unit ordered after cvm-warden.service (Type=notify) starts behind the perimeter.
+    let (ok, table) = run("nft", &["list", "table", "inet", "cvm_warden"]);
+    observed(
+        ok && table.contains("hook input") && table.contains("policy drop"),
+        "perimeter-at-start",
+        &format!(
+            "nft list table inet cvm_warden: {}",
+            table.chars().take(160).collect::<String>()
+        ),
+    );
+    let ready = show("cvm-warden.service", "ActiveEnterTimestampMonotonic");
+    let started = show("warden-observer.service", "ExecMainStartTimestampMonotonic");
+    let (r, s) = (
+        ready.parse::<u64>().unwrap_or(0),
+        started.parse::<u64>().unwrap_or(0),
+    );
+    observed(
+        r > 0 && s >= r,
+        "started-after-ready",
+        &format!("cvm-warden.service active (READY=1) at {r} us, this unit started at {s} us"),
+    );
+    let state = show("cvm-warden.service", "ActiveState");
+    observed(
+        state == "active",
+        "warden-active",
+        &format!("cvm-warden.service {state}"),
+    );
+    for unit in MASKED {
+        let load = show(unit, "LoadState");
+        let active = show(unit, "ActiveState");
+        observed(
+            load == "masked" && active == "inactive",
+            "masked",
+            &format!("{unit} LoadState={load} ActiveState={active}"),
+        );
+    }
+    for args in REFUSED {
+        let (ok, text) = run("systemctl", args);
+        observed(
+            !ok,
+            "refused",
+            &format!("systemctl {}: {text}", args.join(" ")),
+        );
+    }
+    // The manager's own property (no unit): 7 presses in 2 s must do nothing.
+    let (_, burst) = run(
+        "systemctl",
+        &["show", "-p", "CtrlAltDelBurstAction", "--value"],
+    );
+    observed(
+        burst == "none",
+        "ctrl-alt-del-burst",
+        &format!("CtrlAltDelBurstAction={burst}"),
+    );
+    let (_, running) = run(
+        "systemctl",
+        &[
+            "list-units",
+            "--plain",
+            "--no-legend",
+            "--state=active,activating",
+            "--full",
+        ],
+    );
+    let logins: Vec<&str> = running
+        .split_whitespace()
+        .filter(|w| w.contains("getty") || w.starts_with("ssh") || w.starts_with("sshd"))
+        .collect();
+    observed(
+        logins.is_empty(),
+        "no-login-units",
+        &format!("active: {logins:?}"),
+    );
+    let mut processes = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            if ["agetty", "getty", "login", "sshd", "sulogin"].contains(&comm.trim()) {
+                processes.push(comm.trim().to_string());
+            }
+        }
+    }
+    observed(
+        processes.is_empty(),
+        "no-login-processes",
+        &format!("{processes:?}"),
+    );
+    // The workload is exec'd in cvm-warden.service once attestation succeeded: the unit's
+    // main process becomes the probe.
+    let start = Instant::now();
+    let (found, last) = loop {
+        let pid = show("cvm-warden.service", "MainPID");
+        let last = fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| format!("MainPID {pid} is {}", c.trim()))
+            .unwrap_or_else(|e| format!("MainPID {pid}: {e}"));
+        if last.ends_with(" is vm-probe") {
+            break (true, last);
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            break (false, last);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    observed(found, "workload-in-unit", &last);
+    println!("OBSERVE-DONE");
+    let _ = std::io::stdout().flush();
 }
