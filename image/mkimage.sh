@@ -10,10 +10,13 @@
 #       --warden BIN --policy FILE --units DIR \
 #       [--bundle DIR --bundle-at PATH] [--user NAME:UID]... \
 #       [--modules-root ROOT --kver KVER [--module NAME]...] \
-#       [--unit FILE]... [--install SRC DST MODE]... [--size MIB]
+#       [--unit FILE]... [--network FILE]... [--enable UNIT]... [--install SRC DST MODE]...
+#       [--size MIB]
 #       A copy of the root file system with cvm-warden at /usr/bin/cvm-warden, the policy at
 #       /etc/cvm-warden/policy.toml, the bundle, units/cvm-warden.service (enabled) and every
-#       drop-in of units/dropins, extra units (enabled), the kernel modules the policy loads
+#       drop-in of units/dropins, extra units (enabled), systemd-networkd .network files
+#       (networkd enabled: in the systemd shape cvm-warden leaves the interfaces to the OS and
+#       starts after network-online.target), the kernel modules the policy loads
 #       (with their dependencies, indexed by depmod), packed as an ext4 image with
 #       `mkfs.ext4 -d` (no mount); and a small initramfs (busybox) that loads virtio_blk and
 #       ext4, mounts the root (cvm.root=, default /dev/vda) and switch_roots to systemd.
@@ -89,18 +92,19 @@ copy_modules() {
     dst="$stage/usr/lib/modules/$kver"
     modprobe -d "$mroot" -S "$kver" --show-depends "$name" >"$tmp/deps" 2>&1 ||
         die "kernel module $name is not in $src: $(cat "$tmp/deps")"
-    sed -n 's/^insmod \([^ ]*\).*/\1/p' "$tmp/deps" | while read -r path; do
+    sed -n 's/^insmod \([^ ]*\).*/\1/p' "$tmp/deps" >"$tmp/paths"
+    while read -r path; do
         rel=${path#"$src"/}
         [ "$rel" != "$path" ] || die "module $path is outside $src"
         mkdir -p "$dst/$(dirname "$rel")"
         cp "$path" "$dst/$rel"
         echo "$rel"
-    done
+    done <"$tmp/paths"
 }
 
 image() {
     root= out= initrd= warden= policy= units= bundle= bundle_at= mroot= kver= size=
-    modules= extra_units= users=
+    modules= extra_units= users= networks= enable=
     : >"$tmp/install"
     while [ $# -gt 0 ]; do
         case "$1" in
@@ -117,6 +121,8 @@ image() {
         --module) modules="$modules $2"; shift 2 ;;
         --unit) extra_units="$extra_units $2"; shift 2 ;;
         --user) users="$users $2"; shift 2 ;;
+        --network) networks="$networks $2"; shift 2 ;;
+        --enable) enable="$enable $2"; shift 2 ;;
         --install) printf '%s %s %s\n' "$2" "$3" "$4" >>"$tmp/install"; shift 4 ;;
         --size) size=$2; shift 2 ;;
         *) die "image: unknown argument $1" ;;
@@ -132,6 +138,7 @@ image() {
     need mkfs.ext4 e2fsprogs
     need cpio cpio
     need depmod kmod
+    need systemctl systemd
     [ -x /bin/busybox ] || die "/bin/busybox is missing: apt-get install busybox-static"
 
     stage="$out.root"
@@ -158,18 +165,27 @@ image() {
         install -D -m "$mode" "$src" "$stage$dst"
     done <"$tmp/install"
 
-    # The units: cvm-warden.service enabled, every drop-in, the extra units enabled.
+    # The units: cvm-warden.service enabled, every drop-in, the extra units enabled, the
+    # network (systemd-networkd) when .network files are given.
     install -m 0644 "$units/cvm-warden.service" "$stage/usr/lib/systemd/system/cvm-warden.service"
-    wants="$stage/etc/systemd/system/multi-user.target.wants"
-    mkdir -p "$wants"
-    ln -sf /usr/lib/systemd/system/cvm-warden.service "$wants/cvm-warden.service"
     for dir in "$units"/dropins/*.d; do
         install -D -m 0644 "$dir/50-cvm-warden.conf" \
             "$stage/etc/systemd/system/$(basename "$dir")/50-cvm-warden.conf"
     done
+    enable="cvm-warden.service $enable"
     for unit in $extra_units; do
         install -m 0644 "$unit" "$stage/etc/systemd/system/$(basename "$unit")"
-        ln -sf "/etc/systemd/system/$(basename "$unit")" "$wants/$(basename "$unit")"
+        enable="$enable $(basename "$unit")"
+    done
+    for network in $networks; do
+        install -D -m 0644 "$network" "$stage/etc/systemd/network/$(basename "$network")"
+    done
+    if [ -n "$networks" ]; then
+        enable="$enable systemd-networkd.service systemd-networkd-wait-online.service"
+    fi
+    for unit in $enable; do
+        systemctl --root="$stage" --quiet enable "$unit" ||
+            die "image: systemctl --root=$stage enable $unit failed"
     done
 
     # Kernel modules: what the policy loads, with dependencies, indexed for cvm-warden.
@@ -178,7 +194,7 @@ image() {
     for index in modules.builtin modules.builtin.modinfo modules.order; do
         [ -f "$mroot/lib/modules/$kver/$index" ] && cp "$mroot/lib/modules/$kver/$index" "$mdir/"
     done
-    for m in $modules; do copy_modules "$mroot" "$kver" "$stage" "$m" >/dev/null; done
+    for m in $modules; do copy_modules "$mroot" "$kver" "$stage" "$m" >"$tmp/copied"; done
     depmod -b "$stage" "$kver"
 
     # The root file system image.
@@ -195,9 +211,11 @@ image() {
     mkdir -p "$ird/bin" "$ird/dev" "$ird/proc" "$ird/sys" "$ird/newroot"
     chmod 0755 "$ird"
     cp /bin/busybox "$ird/bin/busybox"
+    : >"$tmp/initrd-modules"
     for m in virtio_pci virtio_blk crc32c_generic ext4; do
-        copy_modules "$mroot" "$kver" "$ird" "$m"
-    done | awk '!seen[$0]++' >"$ird/modules.list"
+        copy_modules "$mroot" "$kver" "$ird" "$m" >>"$tmp/initrd-modules"
+    done
+    awk '!seen[$0]++' "$tmp/initrd-modules" >"$ird/modules.list"
     cat >"$ird/init" <<'EOF'
 #!/bin/busybox sh
 # cvm-warden image: load the disk and ext4 drivers, mount the root, hand over to systemd.

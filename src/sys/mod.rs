@@ -13,7 +13,7 @@ mod fake;
 pub mod kernel;
 pub mod process;
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -296,14 +296,26 @@ impl Sys for RealSys {
     }
 
     fn mkdir_all(&self, path: &Path) -> Result<(), SysError> {
+        let fail = |source| SysError::Mkdir {
+            path: path.to_path_buf(),
+            source,
+        };
+        // The directories made here are 0755 whatever the process umask: the systemd unit
+        // runs with UMask=0077, which made /run/cvm-warden 0700 and the workload's execve of
+        // its bundle copy below it fail with EACCES.
+        let missing: Vec<&Path> = path
+            .ancestors()
+            .take_while(|dir| std::fs::symlink_metadata(dir).is_err())
+            .collect();
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
             .create(path)
-            .map_err(|source| SysError::Mkdir {
-                path: path.to_path_buf(),
-                source,
-            })
+            .map_err(fail)?;
+        for dir in missing {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
+        }
+        Ok(())
     }
 
     fn exists(&self, path: &Path) -> bool {

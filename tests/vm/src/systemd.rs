@@ -45,6 +45,10 @@ pub const OBSERVER_UNIT: &str = "warden-observer.service";
 /// `eth0` kept as the policy names it (udev would rename it).
 pub const ROOT_CMDLINE: &str = "cvm.root=/dev/vda net.ifnames=0";
 
+/// systemd-networkd's configuration of eth0 in the image (QEMU's user network).
+const NETWORK: &str =
+    "[Match]\nName=eth0\n\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n";
+
 /// One build of the root file system at a time (two scenarios may start together).
 static ROOTFS: Mutex<()> = Mutex::new(());
 
@@ -136,8 +140,8 @@ pub fn guest() -> Guest {
 
 /// The observer unit (root, after and requiring cvm-warden.service).
 fn observer_unit() -> String {
-    format!(
-        "[Unit]\nDescription=VM harness observer: what a unit ordered after cvm-warden sees\nAfter=cvm-warden.service\nRequires=cvm-warden.service\n\n[Service]\nType=oneshot\nExecStart=/usr/local/bin/vm-probe --observe-systemd\nStandardOutput=journal+console\nStandardError=journal+console\n\n[Install]\nWantedBy=multi-user.target\n"
+    String::from(
+        "[Unit]\nDescription=VM harness observer: what a unit ordered after cvm-warden sees\nAfter=cvm-warden.service\nRequires=cvm-warden.service\n\n[Service]\nType=oneshot\nExecStart=/usr/local/bin/vm-probe --observe-systemd\nStandardOutput=journal+console\nStandardError=journal+console\n\n[Install]\nWantedBy=multi-user.target\n",
     )
 }
 
@@ -182,6 +186,11 @@ pub fn image(
     for module in &modules {
         cmd.args(["--module", module]);
     }
+    // In the systemd shape cvm-warden leaves the interfaces to the OS: systemd-networkd gives
+    // eth0 the address QEMU's user network expects.
+    let network = dir.join("10-eth0.network");
+    fs::write(&network, NETWORK)?;
+    cmd.arg("--network").arg(&network);
     if observer {
         let unit = dir.join(OBSERVER_UNIT);
         fs::write(&unit, observer_unit())?;
@@ -527,4 +536,40 @@ pub fn attest_refused(ctx: &Ctx, dir: &Path) -> Result<String> {
         image.image_time.as_secs_f64(),
         outcome.wall.as_secs_f64()
     ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_are_found_behind_the_console_prefixes_of_systemd() {
+        let serial = "[   30.1] vm-probe[412]: OBSERVE ok masked ssh.service LoadState=masked\n\
+                      OBSERVE FAIL refused systemctl rescue: ok\n\
+                      [  31.0] cvm-warden[300]: PROBE ok uid Uid: 1000\n";
+        let (ok, failed) = verdicts(serial, "OBSERVE");
+        assert_eq!(ok, ["OBSERVE ok masked ssh.service LoadState=masked"]);
+        assert_eq!(failed, ["OBSERVE FAIL refused systemctl rescue: ok"]);
+        let (ok, failed) = verdicts(serial, "PROBE");
+        assert_eq!(ok, ["PROBE ok uid Uid: 1000"]);
+        assert!(failed.is_empty());
+    }
+
+    #[test]
+    fn the_observer_runs_after_and_requires_cvm_warden() {
+        let unit = observer_unit();
+        assert!(unit.contains("\nAfter=cvm-warden.service\n"));
+        assert!(unit.contains("\nRequires=cvm-warden.service\n"));
+        assert!(unit.contains("ExecStart=/usr/local/bin/vm-probe --observe-systemd\n"));
+    }
+
+    #[test]
+    fn the_systemd_guest_copies_its_bundle_and_keeps_eth0() {
+        let guest = guest();
+        let policy = guest.policy();
+        assert!(policy.contains("source = \"copy\""), "{policy}");
+        assert!(!policy.contains("[[volume]]"), "{policy}");
+        assert!(guest.cmdline().ends_with(ROOT_CMDLINE));
+    }
 }

@@ -440,7 +440,8 @@ fn observe_systemd() {
     );
     let logins: Vec<&str> = running
         .split_whitespace()
-        .filter(|w| w.contains("getty") || w.starts_with("ssh") || w.starts_with("sshd"))
+        .filter(|w| w.ends_with(".service") || w.ends_with(".socket"))
+        .filter(|w| w.contains("getty") || w.starts_with("ssh"))
         .collect();
     observed(
         logins.is_empty(),
