@@ -329,6 +329,18 @@ impl Vm {
         execute: &str,
         arguments: serde_json::Value,
     ) -> Result<serde_json::Value> {
+        self.qmp_repeat(execute, arguments, 1, Duration::ZERO)
+    }
+
+    /// Sends one QMP command `times` times on one connection, `gap` apart (key presses in a
+    /// burst); returns the last `return` value.
+    pub fn qmp_repeat(
+        &self,
+        execute: &str,
+        arguments: serde_json::Value,
+        times: usize,
+        gap: Duration,
+    ) -> Result<serde_json::Value> {
         let stream =
             UnixStream::connect(self.config.dir.join("qmp.sock")).context("connecting to QMP")?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -359,7 +371,12 @@ impl Vm {
                 }
             };
         call("qmp_capabilities", &serde_json::Value::Null)?;
-        call(execute, &arguments)
+        let mut last = call(execute, &arguments)?;
+        for _ in 1..times {
+            std::thread::sleep(gap);
+            last = call(execute, &arguments)?;
+        }
+        Ok(last)
     }
 
     /// Waits for QEMU to end (power-off or panic) within the watchdog; a halted guest
