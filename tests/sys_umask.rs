@@ -2,6 +2,8 @@
 //! process-wide). The systemd unit runs cvm-warden with `UMask=0077`; the directories it
 //! makes (`/run/cvm-warden`, mount points) must stay traversable by the workload.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::os::unix::fs::PermissionsExt;
 
 use cvm_warden::sys::{RealSys, Sys};
