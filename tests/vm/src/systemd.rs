@@ -536,7 +536,8 @@ pub fn attest_refused(ctx: &Ctx, dir: &Path) -> Result<String> {
     ensure!(code == 0, "audit verify exited {code}:\n{report}");
     no_secret(&site, &outcome)?;
     Ok(format!(
-        "image {:.1} s, boot to power-off {:.1} s",
+        "rootfs {:.1} s, image {:.1} s, boot to power-off {:.1} s",
+        image.rootfs_time.as_secs_f64(),
         image.image_time.as_secs_f64(),
         outcome.wall.as_secs_f64()
     ))
