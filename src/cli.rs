@@ -657,7 +657,11 @@ fn broker_register(args: &RegisterArgs) -> Result<(), CliError> {
             ))
         })?;
         let registers_pcr15 = workloads.iter().any(|w| w.tpm_pcr15.is_some());
-        if registers_pcr15 && !rego.contains(admin::PCR15_POLICY_LINE) {
+        // A line of its own, not inside a comment or another expression.
+        let reads_pcr15 = rego
+            .lines()
+            .any(|line| line.trim() == admin::PCR15_POLICY_LINE);
+        if registers_pcr15 && !reads_pcr15 {
             return Err(invalid(format!(
                 "--attestation-policy {}: the values register tpm_pcr15 but this policy never reads it, so Trustee would release keys whatever PCR 15 holds; add `{}` to its tpm executables rule",
                 file.display(),

@@ -269,6 +269,20 @@ fn register_refuses_a_policy_that_ignores_pcr15_and_files_it_did_not_write() {
         stderr.contains("never reads it") && stderr.contains("tpm_pcr15"),
         "{stderr}"
     );
+    // The line commented out does not count.
+    std::fs::write(
+        &rego,
+        "package policy\nexecutables := 3 if {\n\tinput.tpm\n\t# input.tpm.pcr15 in query_reference_value(\"tpm_pcr15\")\n}\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = register(&[
+        "--values",
+        values.to_str().unwrap(),
+        "--attestation-policy",
+        rego.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("never reads it"), "{stderr}");
 
     // A values file is read for its values, never replayed: an unknown name is refused.
     let mut edited: Value = serde_json::from_str(&out).unwrap();
