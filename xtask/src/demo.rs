@@ -18,13 +18,15 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::sandbox::{audit_verify_attested, boot, json_of, provision_ak, Broker, Netns, Swtpm};
-use crate::{cargo, ensure_tools, is_root, sh, show, target_dir, TOOLS};
+use crate::sandbox::{
+    audit_verify_attested, boot, build_bins, json_of, provision_ak, Bins, Broker, Netns, Swtpm,
+};
+use crate::{ensure_tools, is_root, sh, show, TOOLS};
 
 /// Where the example policy expects the bundle and the audit log (not under /run or /tmp:
 /// PID 1 mounts fresh tmpfs there when they are not mount points).
@@ -45,22 +47,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     if !is_root() {
         bail!("the demo creates namespaces and mounts: run it as root");
     }
-    sh(cargo().current_dir(root).args([
-        "build",
-        "--quiet",
-        "--bin",
-        "cvm-warden",
-        "--bin",
-        "kbs-test-broker",
-        "-p",
-        "cvm-warden",
-        "-p",
-        "kbs-test-broker",
-    ]))?;
-    let bins = Bins {
-        warden: target_dir(root).join("debug/cvm-warden"),
-        broker: target_dir(root).join("debug/kbs-test-broker"),
-    };
+    let bins = build_bins(root)?;
     let demo = Path::new(DEMO_DIR);
     if demo.exists() {
         fs::remove_dir_all(demo).with_context(|| format!("removing {}", demo.display()))?;
@@ -68,11 +55,6 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     let result = Netns::create(NETNS).and_then(|netns| acts(root, &bins, demo, &netns));
     let _ = fs::remove_dir_all(demo);
     result
-}
-
-struct Bins {
-    warden: PathBuf,
-    broker: PathBuf,
 }
 
 fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::sandbox::{
-    audit_verify_attested, json_of, provision_ak, spawn_boot, wait_until, Broker, Netns, Swtpm,
-    AK_HANDLE, TPM_PORT,
+    audit_verify_attested, build_bins, json_of, provision_ak, spawn_boot, wait_until, Bins, Broker,
+    Netns, Swtpm, AK_HANDLE, TPM_PORT,
 };
-use crate::{cargo, ensure_tools, is_root, sh, show, target_dir, TOOLS};
+use crate::{ensure_tools, is_root, sh, show, TOOLS};
 
 /// Everything the run writes (world-readable: the sites' workload user reads its bundle and
 /// the virtual environment).
@@ -113,22 +113,7 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     }
     ensure_tools(TOOLS)?;
     ensure_tools(&[("openssl", "openssl"), ("setpriv", "util-linux")])?;
-    sh(cargo().current_dir(root).args([
-        "build",
-        "--quiet",
-        "--bin",
-        "cvm-warden",
-        "--bin",
-        "kbs-test-broker",
-        "-p",
-        "cvm-warden",
-        "-p",
-        "kbs-test-broker",
-    ]))?;
-    let bins = Bins {
-        warden: target_dir(root).join("debug/cvm-warden"),
-        broker: target_dir(root).join("debug/kbs-test-broker"),
-    };
+    let bins = build_bins(root)?;
     let base = Path::new(FLARE_DIR);
     fs::create_dir_all(base)?;
     set_mode(base, 0o755)?;
@@ -143,11 +128,6 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     let result = federation(root, &bins, &python, &run, &kits, &net);
     drop(net);
     result
-}
-
-struct Bins {
-    warden: PathBuf,
-    broker: PathBuf,
 }
 
 /// The virtual environment with `nvflare` (kept between runs when it has the right

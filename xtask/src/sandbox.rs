@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::{sh, show};
+use crate::{cargo, sh, show, target_dir};
 
 /// swtpm's command port inside a site's namespace (the control port is the next one).
 pub(crate) const TPM_PORT: u16 = 12321;
@@ -54,6 +54,32 @@ pub(crate) fn audit_verify_attested(warden: &Path, log: &Path, trusted_ak: &Path
         String::from_utf8_lossy(&unpinned.stdout)
     );
     Ok(())
+}
+
+/// The two binaries a sandboxed site needs.
+pub(crate) struct Bins {
+    pub(crate) warden: PathBuf,
+    pub(crate) broker: PathBuf,
+}
+
+/// Builds `cvm-warden` and `kbs-test-broker` (debug) and names them.
+pub(crate) fn build_bins(root: &Path) -> Result<Bins> {
+    sh(cargo().current_dir(root).args([
+        "build",
+        "--quiet",
+        "--bin",
+        "cvm-warden",
+        "--bin",
+        "kbs-test-broker",
+        "-p",
+        "cvm-warden",
+        "-p",
+        "kbs-test-broker",
+    ]))?;
+    Ok(Bins {
+        warden: target_dir(root).join("debug/cvm-warden"),
+        broker: target_dir(root).join("debug/kbs-test-broker"),
+    })
 }
 
 /// A network namespace (loopback up); deleted on drop.
