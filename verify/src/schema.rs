@@ -137,6 +137,40 @@ pub struct Exchange {
     pub status: Option<String>,
 }
 
+/// The `additional_evidence` string a handshake sends when the policy has GPUs
+/// (GPU-ATTESTATION.md §4): `{"nvidia": {"device_evidence_list": [...]}}`, the JSON of
+/// `HashMap<Tee, Value>` that guest-components sends and Trustee splits. The KBS hashes the
+/// string exactly as sent; readers parse it with this type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdditionalEvidence {
+    /// NVIDIA GPUs (`Tee::Nvidia` serializes as `nvidia`).
+    pub nvidia: NvidiaEvidence,
+}
+
+/// The `nvidia` entry of [`AdditionalEvidence`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvidiaEvidence {
+    /// One entry per GPU, in NVML index order.
+    pub device_evidence_list: Vec<DeviceEvidence>,
+}
+
+/// One GPU's evidence in guest-components' shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceEvidence {
+    /// `HOPPER` or `BLACKWELL` (Trustee also accepts `Hopper`, `Blackwell`, `LS10`).
+    pub arch: String,
+    /// The GPU's UUID as NVML reports it (`GPU-…`), or `unknown`.
+    pub uuid: String,
+    /// Base64 (standard) of the NVML attestation report: SPDM GET_MEASUREMENTS request ‖
+    /// MEASUREMENTS response.
+    pub evidence: String,
+    /// Base64 (standard) of the PEM attestation certificate chain, leaf first.
+    pub certificate: String,
+}
+
 /// The details of the `attest/attested` record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
