@@ -28,6 +28,7 @@ pub mod error;
 pub mod evidence;
 mod http;
 pub mod jwe;
+pub mod nvidia;
 pub mod token;
 pub mod tpm;
 
