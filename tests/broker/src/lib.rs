@@ -33,8 +33,11 @@ pub mod token;
 pub mod tpm;
 
 pub use admin::AdminConfig;
-pub use broker::{Broker, RequestRecord, RunningBroker, KBS_PROTOCOL_VERSION, SESSION_COOKIE};
+pub use broker::{
+    Broker, RequestRecord, RunningBroker, GPU_DERIVED_KEY, KBS_PROTOCOL_VERSION, SESSION_COOKIE,
+};
 pub use config::{
-    BrokerConfig, Faults, RequiredStatus, ResourceConfig, ResourcePolicy, SecretBytes, TlsConfig,
+    BrokerConfig, Faults, NvidiaConfig, RequiredStatus, ResourceConfig, ResourcePolicy, SecretBytes,
+    TlsConfig,
 };
 pub use error::{BrokerError, ErrorKind, ERROR_TYPE_PREFIX};
