@@ -456,7 +456,10 @@ fn compare(got: &Value, op: Op, want: &Value) -> Result<(), String> {
     }
     match (got, want) {
         (Value::Number(a), Value::Number(b)) => {
-            let (a, b) = (a.as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap_or(f64::NAN));
+            let (a, b) = (
+                a.as_f64().unwrap_or(f64::NAN),
+                b.as_f64().unwrap_or(f64::NAN),
+            );
             match a.partial_cmp(&b) {
                 Some(o) if op.holds(o) => Ok(()),
                 _ => Err(format!("{} is false", shown())),
@@ -684,14 +687,16 @@ impl ResourcePolicyRego {
             Condition::PathIn(set) => plain(self.sets.get(set).is_some_and(|s| s.contains(path))),
             Condition::PathIs(p) => plain(p == path),
             Condition::AnySubmods => plain(submods.is_some_and(|s| !s.is_empty())),
-            Condition::EverySubmodAffirming => plain(
-                submods.is_some_and(|s| s.values().all(|m| m["ear.status"] == "affirming")),
-            ),
-            Condition::Cpu0Affirming => plain(claims["submods"]["cpu0"]["ear.status"] == "affirming"),
+            Condition::EverySubmodAffirming => {
+                plain(submods.is_some_and(|s| s.values().all(|m| m["ear.status"] == "affirming")))
+            }
+            Condition::Cpu0Affirming => {
+                plain(claims["submods"]["cpu0"]["ear.status"] == "affirming")
+            }
             Condition::Evidence(tee, claim, value) => plain(
                 claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"][tee.as_str()]
                     [claim.as_str()]
-                    .as_str()
+                .as_str()
                     == Some(value.as_str()),
             ),
             Condition::Cpu0Claim(claim, value) => plain(
@@ -835,7 +840,9 @@ mod tests {
             .allows(path, &gpu_claims(&["550.90.07", "580.95.05"]))
             .is_ok());
         // one GPU: the count and gpu1 fail
-        let err = policy.allows(path, &gpu_claims(&["550.90.07"])).unwrap_err();
+        let err = policy
+            .allows(path, &gpu_claims(&["550.90.07"]))
+            .unwrap_err();
         assert!(err.contains("count(input.submods) >= 3 is false"), "{err}");
         // no GPU evidence at all
         assert!(policy.allows(path, &claims("affirming", 3)).is_err());
@@ -856,7 +863,10 @@ mod tests {
         assert!(policy.allows(path, &no_cc).is_err());
         // another resource
         assert!(policy
-            .allows("default/key/other", &gpu_claims(&["550.90.07", "580.95.05"]))
+            .allows(
+                "default/key/other",
+                &gpu_claims(&["550.90.07", "580.95.05"])
+            )
             .is_err());
     }
 

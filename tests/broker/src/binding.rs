@@ -160,7 +160,9 @@ mod tests {
         assert_eq!(jcs, example["device_runtime_data_jcs"].as_str().unwrap());
         assert_eq!(
             hex::encode(device_nonce(nonce, &key).unwrap()),
-            example["gpu_spdm_nonce_hex (first 32 bytes)"].as_str().unwrap()
+            example["gpu_spdm_nonce_hex (first 32 bytes)"]
+                .as_str()
+                .unwrap()
         );
         // the primary binding of the same example hashes the additional-evidence string as sent
         let additional = example["additional_evidence_string"].as_str().unwrap();

@@ -345,8 +345,13 @@ impl State {
             Vec::new()
         } else {
             let device_nonce = binding::device_nonce(&nonce, &key).map_err(KbsError::attest)?;
-            nvidia::verify_additional_evidence(additional, &device_nonce, &self.cfg.nvidia.roots, now)
-                .map_err(|e| KbsError::attest(format!("NVIDIA device evidence: {e}")))?
+            nvidia::verify_additional_evidence(
+                additional,
+                &device_nonce,
+                &self.cfg.nvidia.roots,
+                now,
+            )
+            .map_err(|e| KbsError::attest(format!("NVIDIA device evidence: {e}")))?
         };
         let iat = unix_secs(now);
         let exp = if self.cfg.faults.expire_tokens_immediately {

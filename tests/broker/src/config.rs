@@ -663,6 +663,45 @@ mod tests {
     }
 
     #[test]
+    fn nvidia_section_reads_roots_relative_to_the_file_and_checks_its_values() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("gpu-root.pem"),
+            crate::nvidia::NVIDIA_DEVICE_ROOT_PEM,
+        )
+        .unwrap();
+        let cfg_path = dir.path().join("broker.toml");
+        std::fs::write(
+            &cfg_path,
+            "[nvidia]\nextra_roots = [\"gpu-root.pem\"]\nrequire_gpus = 2\nmin_driver = \"550.90\"\n",
+        )
+        .unwrap();
+        let cfg = BrokerConfig::from_toml_file(&cfg_path).unwrap();
+        assert_eq!(
+            cfg.nvidia.extra_roots,
+            vec![dir.path().join("gpu-root.pem")]
+        );
+        let compiled = cfg.compile().unwrap();
+        assert_eq!(compiled.nvidia.require_gpus, 2);
+        assert_eq!(compiled.nvidia.min_driver.as_deref(), Some("550.90"));
+        // defaults: NVIDIA's root only, no GPU rule
+        let plain = BrokerConfig::default().compile().unwrap();
+        assert_eq!(plain.nvidia.require_gpus, 0);
+        assert!(plain.nvidia.min_driver.is_none());
+
+        let bad = BrokerConfig::from_toml_str(
+            "[nvidia]\nextra_roots = [\"/nonexistent/root.pem\"]\nmin_driver = \"550.x\"\n",
+        )
+        .unwrap();
+        let msg = bad.compile().unwrap_err().to_string();
+        for needle in ["/nonexistent/root.pem", "\"550.x\""] {
+            assert!(msg.contains(needle), "missing {needle:?} in {msg}");
+        }
+        let err = BrokerConfig::from_toml_str("[nvidia]\nrequire_gpu = 1").unwrap_err();
+        assert!(format!("{err:?}").contains("require_gpu"));
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let err = BrokerConfig::from_toml_str("sesion_ttl_secs = 3").unwrap_err();
         assert!(format!("{:?}", err).contains("sesion_ttl_secs"));

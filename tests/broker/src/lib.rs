@@ -37,7 +37,7 @@ pub use broker::{
     Broker, RequestRecord, RunningBroker, GPU_DERIVED_KEY, KBS_PROTOCOL_VERSION, SESSION_COOKIE,
 };
 pub use config::{
-    BrokerConfig, Faults, NvidiaConfig, RequiredStatus, ResourceConfig, ResourcePolicy, SecretBytes,
-    TlsConfig,
+    BrokerConfig, Faults, NvidiaConfig, RequiredStatus, ResourceConfig, ResourcePolicy,
+    SecretBytes, TlsConfig,
 };
 pub use error::{BrokerError, ErrorKind, ERROR_TYPE_PREFIX};

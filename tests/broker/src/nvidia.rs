@@ -218,7 +218,12 @@ fn u16le(b: &[u8]) -> usize {
 /// Parse a report (request ‖ response). Lengths come from the fields; bytes after the
 /// signature are ignored, as Trustee ignores them.
 pub fn parse_report(bytes: &[u8]) -> Result<Report, NvidiaError> {
-    let request = take(bytes, 0, SPDM_REQUEST_LEN, "the SPDM GET_MEASUREMENTS request")?;
+    let request = take(
+        bytes,
+        0,
+        SPDM_REQUEST_LEN,
+        "the SPDM GET_MEASUREMENTS request",
+    )?;
     if request[0] != SPDM_VERSION || request[1] != 0xE0 {
         return fail(
             Failure::Format,
@@ -241,7 +246,10 @@ pub fn parse_report(bytes: &[u8]) -> Result<Report, NvidiaError> {
     if header[1] != 0x60 {
         return fail(
             Failure::Format,
-            format!("response code {:#04x} is not MEASUREMENTS (0x60)", header[1]),
+            format!(
+                "response code {:#04x} is not MEASUREMENTS (0x60)",
+                header[1]
+            ),
         );
     }
     let blocks = usize::from(header[4]);
@@ -262,14 +270,24 @@ pub fn parse_report(bytes: &[u8]) -> Result<Report, NvidiaError> {
             );
         }
         let size = u16le(&head[2..4]);
-        let m = take(record, off + 4, size, &format!("measurement block {}", head[0]))?;
+        let m = take(
+            record,
+            off + 4,
+            size,
+            &format!("measurement block {}", head[0]),
+        )?;
         if m.len() < 3 {
             return fail(
                 Failure::Format,
                 format!("measurement block {} is shorter than 3 bytes", head[0]),
             );
         }
-        let value = take(m, 3, u16le(&m[1..3]), &format!("measurement {} value", head[0]))?;
+        let value = take(
+            m,
+            3,
+            u16le(&m[1..3]),
+            &format!("measurement {} value", head[0]),
+        )?;
         measurements.push(Measurement {
             index: head[0],
             value_type: m[0],
@@ -345,10 +363,13 @@ fn le_u64(data: &[u8], name: &str) -> Result<u64, NvidiaError> {
     Ok(u64::from_le_bytes(padded))
 }
 
+/// Opaque fields in claim form, and the raw FWID if present.
+type Opaque = (Map<String, Value>, Option<Vec<u8>>);
+
 /// Decode the NVIDIA opaque TLVs into Trustee's claim values (text fields as text, the
 /// VBIOS version formatted, measurement counts and PDIs as lists, the rest hex). Unknown or
 /// repeated types, a truncated item, or a report without both versions are errors.
-fn decode_opaque(bytes: &[u8]) -> Result<(Map<String, Value>, Option<Vec<u8>>), NvidiaError> {
+fn decode_opaque(bytes: &[u8]) -> Result<Opaque, NvidiaError> {
     let mut out = Map::new();
     let mut fwid = None;
     let mut at = 0;
@@ -376,8 +397,11 @@ fn decode_opaque(bytes: &[u8]) -> Result<(Map<String, Value>, Option<Vec<u8>>), 
                 let half = data.len() / 2;
                 match data.get(half) {
                     Some(fifth) if half > 0 => {
-                        let mut parts: Vec<String> =
-                            data[..half].iter().rev().map(|b| format!("{b:02x}")).collect();
+                        let mut parts: Vec<String> = data[..half]
+                            .iter()
+                            .rev()
+                            .map(|b| format!("{b:02x}"))
+                            .collect();
                         parts.push(format!("{fifth:02x}"));
                         Value::String(parts.join("."))
                     }
@@ -545,8 +569,13 @@ pub fn verify_chain(
                 format!("{what}: cannot re-encode the TBS: {e}"),
             )
         })?;
-        let signature = p384::ecdsa::Signature::from_der(cert.signature.raw_bytes())
-            .or_else(|_| fail(Failure::Chain, format!("{what}: the signature is not DER ECDSA")))?;
+        let signature =
+            p384::ecdsa::Signature::from_der(cert.signature.raw_bytes()).or_else(|_| {
+                fail(
+                    Failure::Chain,
+                    format!("{what}: the signature is not DER ECDSA"),
+                )
+            })?;
         p384_key(issuer, &format!("the issuer of {what}"))?
             .verify(&tbs, &signature)
             .or_else(|_| {
@@ -655,8 +684,12 @@ pub fn verify_hopper_report(
             ),
         );
     }
-    let signature = p384::ecdsa::Signature::from_slice(&parsed.signature)
-        .or_else(|_| fail(Failure::Signature, "the report signature is not a P-384 r‖s"))?;
+    let signature = p384::ecdsa::Signature::from_slice(&parsed.signature).or_else(|_| {
+        fail(
+            Failure::Signature,
+            "the report signature is not a P-384 r‖s",
+        )
+    })?;
     p384_key(leaf, "the signing certificate")?
         .verify(&report[..parsed.signed_len], &signature)
         .or_else(|_| {
@@ -818,8 +851,14 @@ mod tests {
 
     #[test]
     fn dotted_versions_compare_as_numbers() {
-        assert_eq!(compare_dotted("550.90.07", "550.90"), Some(Ordering::Greater));
-        assert_eq!(compare_dotted("550.100", "550.90.07"), Some(Ordering::Greater));
+        assert_eq!(
+            compare_dotted("550.90.07", "550.90"),
+            Some(Ordering::Greater)
+        );
+        assert_eq!(
+            compare_dotted("550.100", "550.90.07"),
+            Some(Ordering::Greater)
+        );
         assert_eq!(compare_dotted("535.86.09", "550.90"), Some(Ordering::Less));
         assert_eq!(compare_dotted("550.90.0", "550.90"), Some(Ordering::Equal));
         assert_eq!(compare_dotted("550.x", "550"), None);
@@ -843,7 +882,10 @@ mod tests {
         assert!(fwid.is_none());
         let mut dup = ok.clone();
         dup.extend(item(3, b"1\0"));
-        assert!(decode_opaque(&dup).unwrap_err().detail.contains("duplicated"));
+        assert!(decode_opaque(&dup)
+            .unwrap_err()
+            .detail
+            .contains("duplicated"));
         let mut unknown = ok.clone();
         unknown.extend(item(37, b""));
         assert!(decode_opaque(&unknown).unwrap_err().detail.contains("37"));

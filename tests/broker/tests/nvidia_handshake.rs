@@ -62,7 +62,9 @@ fn der(tag: u8, content: &[u8]) -> Vec<u8> {
 /// The Hopper FWID extension value: SEQUENCE{INTEGER 1, SubjectPublicKeyInfo,
 /// SEQUENCE{sha384 OID, OCTET STRING(48)}}.
 fn fwid_extension(spki: &[u8], fwid: &[u8]) -> Vec<u8> {
-    let sha384_oid = [0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02];
+    let sha384_oid = [
+        0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02,
+    ];
     let digest = der(0x30, &[&sha384_oid[..], &der(0x04, fwid)].concat());
     der(0x30, &[&[0x02, 0x01, 0x01][..], spki, &digest].concat())
 }
@@ -169,15 +171,20 @@ struct Setup {
 }
 
 fn setup(nvidia: impl FnOnce(PathBuf) -> NvidiaConfig) -> Setup {
-    setup_full(&hex::decode(TEMPLATE_FWID).unwrap(), |dir, config| BrokerConfig {
-        nvidia: nvidia(dir.join("test-gpu-root.pem")),
-        ..config
+    setup_full(&hex::decode(TEMPLATE_FWID).unwrap(), |dir, config| {
+        BrokerConfig {
+            nvidia: nvidia(dir.join("test-gpu-root.pem")),
+            ..config
+        }
     })
 }
 
 /// A test PKI whose leaf carries `fwid`, its root written to `<dir>/test-gpu-root.pem`, and
 /// a broker with a `sample` resource whose config `more` completes.
-fn setup_full(fwid: &[u8], more: impl FnOnce(&std::path::Path, BrokerConfig) -> BrokerConfig) -> Setup {
+fn setup_full(
+    fwid: &[u8],
+    more: impl FnOnce(&std::path::Path, BrokerConfig) -> BrokerConfig,
+) -> Setup {
     let pki = test_pki(fwid);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("test-gpu-root.pem"), &pki.root_pem).unwrap();
@@ -268,15 +275,18 @@ fn full_handshake_with_gpu_evidence_forged_for_the_session_releases_the_resource
     let derived = &gpu0["ear.veraison.annotated-evidence"][kbs_test_broker::GPU_DERIVED_KEY];
     assert_eq!(derived["cc_attested"], true);
     assert!(
-        derived["root"].as_str().unwrap().contains("test-gpu-root.pem"),
+        derived["root"]
+            .as_str()
+            .unwrap()
+            .contains("test-gpu-root.pem"),
         "{derived}"
     );
     // Trustee's default GPU attestation policy does not score Local claims
     assert_eq!(gpu0["ear.status"], "contraindicated");
     assert_eq!(gpu0["ear.appraisal-policy-id"], "default_gpu");
     // the CPU submod binds the additional-evidence string as sent
-    let runtime = &claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]
-        ["runtime_data_claims"];
+    let runtime =
+        &claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["runtime_data_claims"];
     assert!(runtime["additional-evidence"]
         .as_str()
         .unwrap()
@@ -361,7 +371,10 @@ fn wrong_nonce_gpu_evidence_bound_to_another_session_is_refused() {
     let (_, reply) = attest_with(&s, &key, |_| additional("HOPPER", &old, &s.pki.chain_pem));
     reply.assert_error(401, "AttestationError");
     let reason = last_reason(&s.broker);
-    assert!(reason.contains("Nonce") && reason.contains("another session"), "{reason}");
+    assert!(
+        reason.contains("Nonce") && reason.contains("another session"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -374,7 +387,11 @@ fn tampered_gpu_report_flipped_byte_fails_the_signature() {
         additional("HOPPER", &report, &s.pki.chain_pem)
     });
     reply.assert_error(401, "AttestationError");
-    assert!(last_reason(&s.broker).contains("Signature"), "{}", last_reason(&s.broker));
+    assert!(
+        last_reason(&s.broker).contains("Signature"),
+        "{}",
+        last_reason(&s.broker)
+    );
     assert_eq!(
         s.broker.requests().last().unwrap().error,
         Some(ErrorKind::AttestationError)
@@ -391,7 +408,10 @@ fn unknown_root_gpu_chain_not_configured_is_refused() {
     });
     reply.assert_error(401, "AttestationError");
     let reason = last_reason(&s.broker);
-    assert!(reason.contains("UnknownRoot") && reason.contains("not a pinned root"), "{reason}");
+    assert!(
+        reason.contains("UnknownRoot") && reason.contains("not a pinned root"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -407,7 +427,10 @@ fn fwid_mismatch_leaf_of_other_firmware_is_refused() {
     });
     reply.assert_error(401, "AttestationError");
     let reason = last_reason(&s.broker);
-    assert!(reason.contains("Fwid") && reason.contains("differs"), "{reason}");
+    assert!(
+        reason.contains("Fwid") && reason.contains("differs"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -442,7 +465,9 @@ impl Admin {
         let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
         let key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
         let spki = [
-            &[0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00][..],
+            &[
+                0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+            ][..],
             key.public_key().as_ref(),
         ]
         .concat();
@@ -549,7 +574,11 @@ fn posted_rego_policy_reads_gpu_count_driver_and_cc() {
     });
     token_of(&reply);
     fetch(&cookie).assert_error(401, "PolicyDeny");
-    assert!(last_reason(&s.broker).contains("580.95"), "{}", last_reason(&s.broker));
+    assert!(
+        last_reason(&s.broker).contains("580.95"),
+        "{}",
+        last_reason(&s.broker)
+    );
     // rego the broker cannot read is refused at upload
     let bad = json!({"policy": URL_SAFE_NO_PAD.encode(gpu_rego("1").replace("count(input.submods) >= 2", "count(input.submods) >= two"))}).to_string();
     assert_eq!(

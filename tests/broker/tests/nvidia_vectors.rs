@@ -64,7 +64,10 @@ fn real_h100_coco_ci_report_with_a_trailing_byte_verifies_with_its_recorded_nonc
     let report = hex_file("trustee/hopper_coco_report1.txt");
     assert_eq!(report.len(), 4130);
     let parsed = parse_report(&report).unwrap();
-    assert_eq!(parsed.signed_len, 4033, "length from the fields, not len - 96");
+    assert_eq!(
+        parsed.signed_len, 4033,
+        "length from the fields, not len - 96"
+    );
     let gpu = verify_hopper_report(
         &report,
         &data("trustee/hopper_coco_certs1.txt"),
@@ -82,8 +85,8 @@ fn real_h100_coco_ci_report_with_a_trailing_byte_verifies_with_its_recorded_nonc
 
 #[test]
 fn real_coco_additional_evidence_string_verifies_in_the_kbs_shape() {
-    let additional = String::from_utf8(data("derived/trustee-hopper_coco-additional-evidence.json"))
-        .unwrap();
+    let additional =
+        String::from_utf8(data("derived/trustee-hopper_coco-additional-evidence.json")).unwrap();
     let gpus = verify_additional_evidence(
         additional.trim(),
         &nonce(COCO_REPORT_DATA),
@@ -206,7 +209,10 @@ fn blackwell_refused_by_the_local_verifier() {
     let report = hex_file("attestation-sdk/gpu/blackwellAttestationReport.txt");
     let chain = data("attestation-sdk/gpu/blackwellCertChain.txt");
     // the report itself is well-formed and carries the nonce: only the architecture refuses it
-    assert_eq!(parse_report(&report).unwrap().request_nonce, nonce(NVTRUST_NONCE));
+    assert_eq!(
+        parse_report(&report).unwrap().request_nonce,
+        nonce(NVTRUST_NONCE)
+    );
     for arch in ["BLACKWELL", "Blackwell"] {
         let err = verify_additional_evidence(
             &additional(arch, &report, &chain),
