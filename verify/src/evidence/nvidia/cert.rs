@@ -26,8 +26,7 @@ pub const NVIDIA_DEVICE_ROOT_SHA256: &str =
 /// OCTET STRING (48) } }`.
 pub const OID_FWID_HOPPER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.23.133.5.4.1");
 /// Blackwell leaf FWID extension: a DICE TcbInfo whose `[6]` fwids' first digest is the FWID.
-pub const OID_FWID_BLACKWELL: ObjectIdentifier =
-    ObjectIdentifier::new_unwrap("2.23.133.5.4.1.1");
+pub const OID_FWID_BLACKWELL: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.23.133.5.4.1.1");
 const OID_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.2");
 const OID_ECDSA_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 const OID_ECDSA_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.3");
@@ -308,7 +307,9 @@ fn fwid_digest(any: AnyRef<'_>) -> Result<[u8; 48], String> {
             parts.len()
         ));
     };
-    let alg: ObjectIdentifier = alg.decode_as().map_err(|e| format!("hash algorithm: {e}"))?;
+    let alg: ObjectIdentifier = alg
+        .decode_as()
+        .map_err(|e| format!("hash algorithm: {e}"))?;
     if alg != OID_SHA384 {
         return Err(format!("hash algorithm {alg}, not SHA-384"));
     }
@@ -360,13 +361,13 @@ pub fn leaf_fwid(leaf: &ChainCert) -> Result<Option<(Arch, [u8; 48])>, NvidiaErr
         } else {
             continue;
         };
-        return parsed
-            .map(|fwid| Some((arch, fwid)))
-            .map_err(|detail| NvidiaError::LeafFwidMalformed {
+        return parsed.map(|fwid| Some((arch, fwid))).map_err(|detail| {
+            NvidiaError::LeafFwidMalformed {
                 subject: leaf.subject(),
                 oid: ext.extn_id.to_string(),
                 detail,
-            });
+            }
+        });
     }
     Ok(None)
 }

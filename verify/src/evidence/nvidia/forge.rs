@@ -65,8 +65,7 @@ fn spki(key: &VerifyingKey) -> SubjectPublicKeyInfoOwned {
             oid: OID_EC_PUBLIC_KEY,
             parameters: Some(Any::encode_from(&OID_SECP384R1).unwrap()),
         },
-        subject_public_key: BitString::from_bytes(key.to_encoded_point(false).as_bytes())
-            .unwrap(),
+        subject_public_key: BitString::from_bytes(key.to_encoded_point(false).as_bytes()).unwrap(),
     }
 }
 
@@ -103,8 +102,7 @@ fn certificate(
                 UtcTime::from_unix_duration(Duration::from_secs(1_609_459_200)).unwrap(),
             ),
             not_after: Time::GeneralTime(
-                GeneralizedTime::from_unix_duration(Duration::from_secs(253_402_300_799))
-                    .unwrap(),
+                GeneralizedTime::from_unix_duration(Duration::from_secs(253_402_300_799)).unwrap(),
             ),
         },
         subject: Name::from_str(subject).unwrap(),

@@ -493,7 +493,9 @@ pub fn claims(report: &Report, arch: Arch) -> Claims {
             protected_pcie_status: hex_of(opaque_id::PROTECTED_PCIE_STATUS),
             measurement_count,
             feature_flag,
-            opaque_data_version: report.opaque(opaque_id::OPAQUE_DATA_VERSION).and_then(u16_le),
+            opaque_data_version: report
+                .opaque(opaque_id::OPAQUE_DATA_VERSION)
+                .and_then(u16_le),
             other: report
                 .opaque_fields()
                 .iter()
@@ -548,10 +550,11 @@ pub fn verify(
     })?;
     {
         use p384::ecdsa::signature::Verifier;
-        key.verify(report.signed_bytes(), &signature)
-            .map_err(|_| NvidiaError::SignatureInvalid {
+        key.verify(report.signed_bytes(), &signature).map_err(|_| {
+            NvidiaError::SignatureInvalid {
                 subject: leaf.subject(),
-            })?;
+            }
+        })?;
     }
     let mut warnings = vec![
         "revocation of the GPU certificates (OCSP/CRL) is not checked offline".to_string(),
@@ -595,11 +598,11 @@ pub fn verify(
     }
     let arch = match leaf_fwid {
         Some((arch, _)) => arch,
-        None => cert::arch_from_subject(&leaf.subject()).ok_or_else(|| {
-            NvidiaError::UnknownArch {
+        None => {
+            cert::arch_from_subject(&leaf.subject()).ok_or_else(|| NvidiaError::UnknownArch {
                 subject: leaf.subject(),
-            }
-        })?,
+            })?
+        }
     };
     if let RootKind::Other { sha256 } = &root {
         warnings.push(format!(

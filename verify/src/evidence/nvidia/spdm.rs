@@ -168,12 +168,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn expect_byte(
-    found: u8,
-    want: u8,
-    what: &'static str,
-    offset: usize,
-) -> Result<(), NvidiaError> {
+fn expect_byte(found: u8, want: u8, what: &'static str, offset: usize) -> Result<(), NvidiaError> {
     if found == want {
         return Ok(());
     }

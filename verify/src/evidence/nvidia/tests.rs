@@ -102,7 +102,10 @@ fn the_baked_root_is_nvidias_device_identity_ca() {
         "102bf659d5419614c9d8e6aecebc80454eb26b1df6a769ac720b9a690b167b48"
     );
     assert_eq!(certs[0].subject(), "NVIDIA Device Identity CA");
-    assert_eq!(cert::NVIDIA_DEVICE_ROOT_PEM, vector!("nvtrust/verifier_device_root.pem"));
+    assert_eq!(
+        cert::NVIDIA_DEVICE_ROOT_PEM,
+        vector!("nvtrust/verifier_device_root.pem")
+    );
 }
 
 #[test]
@@ -111,9 +114,17 @@ fn every_positive_vector_parses_as_the_independent_parser_says() {
     for (id, report, _, _) in positives() {
         let facts = &expected["vectors"][id];
         let raw = decode_report(report).unwrap();
-        assert_eq!(raw.len() as u64, facts["report_bytes"].as_u64().unwrap(), "{id}");
+        assert_eq!(
+            raw.len() as u64,
+            facts["report_bytes"].as_u64().unwrap(),
+            "{id}"
+        );
         let parsed = parse_report(&raw).unwrap();
-        assert_eq!(hex::encode(parsed.nonce()), facts["request"]["nonce"], "{id}");
+        assert_eq!(
+            hex::encode(parsed.nonce()),
+            facts["request"]["nonce"],
+            "{id}"
+        );
         assert_eq!(
             hex::encode(parsed.responder_nonce()),
             facts["response"]["responder_nonce"],
@@ -142,23 +153,51 @@ fn every_positive_vector_parses_as_the_independent_parser_says() {
         let values = facts["measurement_blocks"]["values"].as_object().unwrap();
         assert_eq!(parsed.measurements().len(), values.len(), "{id}");
         for m in parsed.measurements() {
-            assert_eq!(values[&m.index.to_string()], hex::encode(&m.value), "{id} {}", m.index);
+            assert_eq!(
+                values[&m.index.to_string()],
+                hex::encode(&m.value),
+                "{id} {}",
+                m.index
+            );
             assert_eq!(m.value_type, 1);
         }
         let opaque = &facts["opaque"];
-        assert_eq!(parsed.driver_version(), opaque["driver_version"].as_str(), "{id}");
-        assert_eq!(parsed.vbios_version().as_deref(), opaque["vbios_version"].as_str(), "{id}");
-        assert_eq!(parsed.fwid().map(hex::encode).as_deref(), opaque["fwid"].as_str(), "{id}");
+        assert_eq!(
+            parsed.driver_version(),
+            opaque["driver_version"].as_str(),
+            "{id}"
+        );
+        assert_eq!(
+            parsed.vbios_version().as_deref(),
+            opaque["vbios_version"].as_str(),
+            "{id}"
+        );
+        assert_eq!(
+            parsed.fwid().map(hex::encode).as_deref(),
+            opaque["fwid"].as_str(),
+            "{id}"
+        );
         let order: Vec<u64> = opaque["_opaque_field_order"]
             .as_array()
             .unwrap()
             .iter()
             .map(|f| f[0].as_u64().unwrap())
             .collect();
-        let ids: Vec<u64> = parsed.opaque_fields().iter().map(|f| u64::from(f.id)).collect();
+        let ids: Vec<u64> = parsed
+            .opaque_fields()
+            .iter()
+            .map(|f| u64::from(f.id))
+            .collect();
         assert_eq!(ids, order, "{id}");
         let claims = claims(&parsed, Arch::Hopper);
-        for key in ["project", "project_sku", "chip_sku", "chip_sku_mod", "board_id", "gpu_info"] {
+        for key in [
+            "project",
+            "project_sku",
+            "chip_sku",
+            "chip_sku_mod",
+            "board_id",
+            "gpu_info",
+        ] {
             let want = opaque[key].as_str();
             let got = serde_json::to_value(&claims.config).unwrap()[key].clone();
             assert_eq!(got.as_str(), want, "{id} {key}");
@@ -166,7 +205,11 @@ fn every_positive_vector_parses_as_the_independent_parser_says() {
         if let Some(counts) = opaque["measurement_count"].as_array() {
             let got = claims.config.measurement_count.as_ref().unwrap();
             for (i, c) in counts.iter().enumerate() {
-                assert_eq!(u64::from(got[&(i + 1).to_string()]), c.as_u64().unwrap(), "{id}");
+                assert_eq!(
+                    u64::from(got[&(i + 1).to_string()]),
+                    c.as_u64().unwrap(),
+                    "{id}"
+                );
             }
         }
     }
@@ -189,7 +232,11 @@ fn every_positive_vector_verifies_with_nvidias_root() {
             .collect();
         assert_eq!(verified.chain_subjects, subjects, "{id}");
         assert_eq!(verified.leaf_subject, subjects[0]);
-        let arch = if id == "b200_sdk" { Arch::Blackwell } else { Arch::Hopper };
+        let arch = if id == "b200_sdk" {
+            Arch::Blackwell
+        } else {
+            Arch::Hopper
+        };
         assert_eq!(verified.claims.arch, arch, "{id}");
         assert_eq!(verified.fwid_checked, !allow, "{id}");
         assert_eq!(verified.claims.measurements.len(), 64);
@@ -218,12 +265,19 @@ fn the_measurements_digest_is_sha384_of_index_length_value() {
     let parsed = parse_report(&raw).unwrap();
     let mut hasher = Sha384::new();
     for index in 1..=64u8 {
-        let m = parsed.measurements().iter().find(|m| m.index == index).unwrap();
+        let m = parsed
+            .measurements()
+            .iter()
+            .find(|m| m.index == index)
+            .unwrap();
         hasher.update([index]);
         hasher.update(48u16.to_le_bytes());
         hasher.update(&m.value);
     }
-    assert_eq!(parsed.measurements_digest(), <[u8; 48]>::from(hasher.finalize()));
+    assert_eq!(
+        parsed.measurements_digest(),
+        <[u8; 48]>::from(hasher.finalize())
+    );
     // Stable: recorded once.
     assert_eq!(
         hex::encode(parsed.measurements_digest()),
@@ -274,11 +328,21 @@ fn the_invalid_signature_sample_fails_naming_the_signature() {
 #[test]
 fn trustees_broken_chains_fail_naming_the_break() {
     let (raw, _, nonce) = nvtrust();
-    let err = verify(&raw, vector!("trustee/hopper_cert_chain_case2.txt"), &nonce, &options(false))
-        .unwrap_err();
+    let err = verify(
+        &raw,
+        vector!("trustee/hopper_cert_chain_case2.txt"),
+        &nonce,
+        &options(false),
+    )
+    .unwrap_err();
     assert_eq!(err, NvidiaError::ChainTooShort { count: 1 });
-    let err = verify(&raw, vector!("trustee/hopper_cert_chain_case3.txt"), &nonce, &options(false))
-        .unwrap_err();
+    let err = verify(
+        &raw,
+        vector!("trustee/hopper_cert_chain_case3.txt"),
+        &nonce,
+        &options(false),
+    )
+    .unwrap_err();
     match &err {
         NvidiaError::ChainBroken {
             index,
@@ -292,8 +356,13 @@ fn trustees_broken_chains_fail_naming_the_break() {
         }
         other => panic!("{other}"),
     }
-    let err = verify(&raw, vector!("trustee/hopper_cert_chain_case4.txt"), &nonce, &options(false))
-        .unwrap_err();
+    let err = verify(
+        &raw,
+        vector!("trustee/hopper_cert_chain_case4.txt"),
+        &nonce,
+        &options(false),
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         NvidiaError::LeafFwidMissing {
@@ -318,8 +387,13 @@ fn a_wrong_nonce_fails_naming_both() {
 #[test]
 fn another_gpus_chain_fails_on_the_signature() {
     let (raw, _, nonce) = nvtrust();
-    let err = verify(&raw, vector!("trustee/hopper_coco_certs1.txt"), &nonce, &options(false))
-        .unwrap_err();
+    let err = verify(
+        &raw,
+        vector!("trustee/hopper_coco_certs1.txt"),
+        &nonce,
+        &options(false),
+    )
+    .unwrap_err();
     assert!(matches!(err, NvidiaError::SignatureInvalid { .. }), "{err}");
 }
 
@@ -328,10 +402,7 @@ fn a_flipped_byte_anywhere_signed_fails() {
     let (raw, chain, nonce) = nvtrust();
     let parsed = parse_report(&raw).unwrap();
     // A measurement value byte, an opaque byte (driver version text) and a signature byte.
-    let driver_at = raw
-        .windows(9)
-        .position(|w| w == b"550.90.07")
-        .unwrap();
+    let driver_at = raw.windows(9).position(|w| w == b"550.90.07").unwrap();
     // Block 1's value is at 37 + 8 + 7 = 52..100.
     for offset in [60, driver_at, parsed.signed_bytes().len() + 5] {
         let mut bad = raw.clone();
@@ -443,8 +514,11 @@ fn opaque_fields_unknown_ids_are_data_and_duplicates_are_refused() {
 #[test]
 fn vbios_is_formatted_as_nvidia_does() {
     let (raw, _, _) = nvtrust();
-    let report = parse_report(&with_opaque(&raw, &[(6, &[0x00, 0x9f, 0x00, 0x96, 0x01, 0, 0, 0])]))
-        .unwrap();
+    let report = parse_report(&with_opaque(
+        &raw,
+        &[(6, &[0x00, 0x9f, 0x00, 0x96, 0x01, 0, 0, 0])],
+    ))
+    .unwrap();
     assert_eq!(report.vbios_version().as_deref(), Some("96.00.9f.00.01"));
 }
 
@@ -493,7 +567,9 @@ fn a_forged_chain_is_an_unknown_root_unless_given_and_then_says_so() {
     let nonce = [7u8; 32];
     let (report, forged) = forge::evidence(&raw, &nonce);
     match verify(&report, &forged.chain_pem, &nonce, &options(false)).unwrap_err() {
-        NvidiaError::UnknownRoot { subject, sha256, .. } => {
+        NvidiaError::UnknownRoot {
+            subject, sha256, ..
+        } => {
             assert_eq!(subject, "cvm-warden test GPU root");
             let root = cert::parse_pem_chain(&forged.root_pem, "r").unwrap();
             assert_eq!(sha256, root[0].sha256());
@@ -509,7 +585,10 @@ fn a_forged_chain_is_an_unknown_root_unless_given_and_then_says_so() {
     assert_eq!(verified.nonce, hex::encode(nonce));
     // A real chain with the forged root appended to the extra roots still ends at NVIDIA's.
     let (real, chain, real_nonce) = nvtrust();
-    assert_eq!(verify(&real, chain, &real_nonce, &o).unwrap().root, RootKind::Nvidia);
+    assert_eq!(
+        verify(&real, chain, &real_nonce, &o).unwrap().root,
+        RootKind::Nvidia
+    );
     // The forged leaf's FWID must still equal the report's.
     let other = forge::chain([9; 48]);
     let report = other.sign_report(&raw, &nonce);
