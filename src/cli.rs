@@ -144,8 +144,9 @@ struct RegisterArgs {
 
 #[derive(Debug, Subcommand)]
 enum EvidenceCommand {
-    /// Verify one piece of evidence offline and print its parsed fields as JSON (exit 0 only
-    /// when it verifies).
+    /// Verify one piece of evidence offline (SEV-SNP report, TPM quote, NVIDIA GPU report)
+    /// and print its parsed fields as JSON (exit 0 only when it verifies; 3 for a GPU rooted
+    /// at `--gpu-root`, not NVIDIA's root).
     Verify(cvm_warden_verify::cli::EvidenceArgs),
 }
 

@@ -285,12 +285,9 @@ impl Roots {
         if last.der == self.nvidia {
             return Some(RootKind::Nvidia);
         }
-        self.extra
-            .iter()
-            .any(|der| *der == last.der)
-            .then(|| RootKind::Other {
-                sha256: last.sha256(),
-            })
+        self.extra.contains(&last.der).then(|| RootKind::Other {
+            sha256: last.sha256(),
+        })
     }
 }
 
