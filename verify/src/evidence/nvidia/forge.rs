@@ -25,6 +25,10 @@ use x509_cert::{Certificate, TbsCertificate, Version};
 use super::cert::OID_FWID_HOPPER;
 use super::parse_report;
 
+/// The forged leaf's subject.
+pub const LEAF_NAME: &str = "CN=GH100 A01 GSP FMC LF,O=cvm-warden test";
+
+const OID_ECDSA_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 const OID_ECDSA_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.3");
 const OID_EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
 const OID_SECP384R1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.34");
@@ -80,19 +84,55 @@ pub fn hopper_fwid_extension(key: &VerifyingKey, fwid: &[u8; 48]) -> Vec<u8> {
     tlv(0x30, &content)
 }
 
-fn certificate(
+/// `basicConstraints` cA = true (critical).
+pub fn ca_extension() -> Extension {
+    Extension {
+        extn_id: OID_BASIC_CONSTRAINTS,
+        critical: true,
+        extn_value: OctetString::new(
+            BasicConstraints {
+                ca: true,
+                path_len_constraint: None,
+            }
+            .to_der()
+            .unwrap(),
+        )
+        .unwrap(),
+    }
+}
+
+/// The Hopper FWID extension (2.23.133.5.4.1) of a leaf with `key`.
+pub fn fwid_extension(key: &VerifyingKey, fwid: &[u8; 48]) -> Extension {
+    Extension {
+        extn_id: OID_FWID_HOPPER,
+        critical: false,
+        extn_value: OctetString::new(hopper_fwid_extension(key, fwid)).unwrap(),
+    }
+}
+
+/// A certificate (DER) for `key`, signed by `signer` with ecdsa-with-SHA384 (or -SHA256
+/// when `sha256`), valid 2021-01-01 .. 9999-12-31. Names are RFC 4514 text.
+pub fn certificate(
     subject: &str,
     issuer: &str,
     key: &VerifyingKey,
     signer: &SigningKey,
     serial: u8,
     extensions: Vec<Extension>,
+    sha256: bool,
 ) -> Vec<u8> {
+    use p384::ecdsa::signature::hazmat::PrehashSigner;
+    use sha2::Digest as _;
+    let algorithm = if sha256 {
+        OID_ECDSA_SHA256
+    } else {
+        OID_ECDSA_SHA384
+    };
     let tbs = TbsCertificate {
         version: Version::V3,
         serial_number: SerialNumber::new(&[serial]).unwrap(),
         signature: AlgorithmIdentifierOwned {
-            oid: OID_ECDSA_SHA384,
+            oid: algorithm,
             parameters: None,
         },
         issuer: Name::from_str(issuer).unwrap(),
@@ -112,11 +152,17 @@ fn certificate(
         extensions: Some(extensions),
     };
     let tbs_der = tbs.to_der().unwrap();
-    let signature: p384::ecdsa::Signature = signer.sign(&tbs_der);
+    let signature: p384::ecdsa::Signature = if sha256 {
+        signer
+            .sign_prehash(&sha2::Sha256::digest(&tbs_der))
+            .unwrap()
+    } else {
+        signer.sign(&tbs_der)
+    };
     Certificate {
         tbs_certificate: tbs,
         signature_algorithm: AlgorithmIdentifierOwned {
-            oid: OID_ECDSA_SHA384,
+            oid: algorithm,
             parameters: None,
         },
         signature: BitString::from_bytes(signature.to_der().as_bytes()).unwrap(),
@@ -146,40 +192,23 @@ pub fn chain(fwid: [u8; 48]) -> GpuChain {
     let root_key = SigningKey::random(&mut OsRng);
     let leaf_key = SigningKey::random(&mut OsRng);
     let root_name = "CN=cvm-warden test GPU root,O=cvm-warden test";
-    let ca = Extension {
-        extn_id: OID_BASIC_CONSTRAINTS,
-        critical: true,
-        extn_value: OctetString::new(
-            BasicConstraints {
-                ca: true,
-                path_len_constraint: None,
-            }
-            .to_der()
-            .unwrap(),
-        )
-        .unwrap(),
-    };
     let root = certificate(
         root_name,
         root_name,
         root_key.verifying_key(),
         &root_key,
         1,
-        vec![ca],
+        vec![ca_extension()],
+        false,
     );
-    let fwid_ext = Extension {
-        extn_id: OID_FWID_HOPPER,
-        critical: false,
-        extn_value: OctetString::new(hopper_fwid_extension(leaf_key.verifying_key(), &fwid))
-            .unwrap(),
-    };
     let leaf = certificate(
-        "CN=GH100 A01 GSP FMC LF,O=cvm-warden test",
+        LEAF_NAME,
         root_name,
         leaf_key.verifying_key(),
         &root_key,
         2,
-        vec![fwid_ext],
+        vec![fwid_extension(leaf_key.verifying_key(), &fwid)],
+        false,
     );
     GpuChain {
         root_pem: pem(&[&root]),

@@ -617,3 +617,118 @@ fn arch_display_and_parse() {
     assert_eq!(Arch::parse("Hopper"), Some(Arch::Hopper));
     assert_eq!(Arch::parse("LS10"), None);
 }
+
+/// root → intermediate → leaf, forged; `intermediate_ca`: whether the intermediate says cA;
+/// `sha256`: every certificate signed with ecdsa-with-SHA256.
+fn three_link_chain(intermediate_ca: bool, sha256: bool) -> (Vec<u8>, forge::GpuChain) {
+    use p384::ecdsa::SigningKey;
+    let (raw, _, _) = nvtrust();
+    let fwid = parse_report(&raw).unwrap().fwid().unwrap();
+    let root_key = SigningKey::random(&mut rand_core::OsRng);
+    let mid_key = SigningKey::random(&mut rand_core::OsRng);
+    let leaf_key = SigningKey::random(&mut rand_core::OsRng);
+    let (root_name, mid_name) = ("CN=test root", "CN=test intermediate");
+    let root = forge::certificate(
+        root_name,
+        root_name,
+        root_key.verifying_key(),
+        &root_key,
+        1,
+        vec![forge::ca_extension()],
+        sha256,
+    );
+    let mid = forge::certificate(
+        mid_name,
+        root_name,
+        mid_key.verifying_key(),
+        &root_key,
+        2,
+        if intermediate_ca {
+            vec![forge::ca_extension()]
+        } else {
+            vec![]
+        },
+        sha256,
+    );
+    let leaf = forge::certificate(
+        forge::LEAF_NAME,
+        mid_name,
+        leaf_key.verifying_key(),
+        &mid_key,
+        3,
+        vec![forge::fwid_extension(leaf_key.verifying_key(), &fwid)],
+        sha256,
+    );
+    let chain = forge::GpuChain {
+        root_pem: forge::pem(&[&root]),
+        chain_pem: forge::pem(&[&leaf, &mid, &root]),
+        leaf_key,
+        fwid,
+    };
+    (raw, chain)
+}
+
+#[test]
+fn an_issuer_that_is_not_a_ca_breaks_the_chain() {
+    let nonce = [3u8; 32];
+    let (raw, chain) = three_link_chain(true, false);
+    let mut o = options(false);
+    o.roots = Roots::with_extra(&chain.root_pem).unwrap();
+    let report = chain.sign_report(&raw, &nonce);
+    assert_eq!(
+        verify(&report, &chain.chain_pem, &nonce, &o)
+            .unwrap()
+            .chain_subjects
+            .len(),
+        3
+    );
+    let (raw, chain) = three_link_chain(false, false);
+    o.roots = Roots::with_extra(&chain.root_pem).unwrap();
+    let report = chain.sign_report(&raw, &nonce);
+    match verify(&report, &chain.chain_pem, &nonce, &o).unwrap_err() {
+        NvidiaError::ChainBroken {
+            index,
+            issuer,
+            reason,
+            ..
+        } => {
+            assert_eq!(index, 0);
+            assert_eq!(issuer, "test intermediate");
+            assert!(reason.contains("not a CA"), "{reason}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn ecdsa_with_sha256_links_verify_too() {
+    let nonce = [4u8; 32];
+    let (raw, chain) = three_link_chain(true, true);
+    let mut o = options(false);
+    o.roots = Roots::with_extra(&chain.root_pem).unwrap();
+    let report = chain.sign_report(&raw, &nonce);
+    let verified = verify(&report, &chain.chain_pem, &nonce, &o).unwrap();
+    assert_eq!(verified.leaf_subject, "GH100 A01 GSP FMC LF");
+    // A SHA-256 link whose signature is for other bytes still fails.
+    let (_, other) = three_link_chain(true, true);
+    let mixed = [
+        cert::parse_pem_chain(&chain.chain_pem, "c").unwrap()[0]
+            .der
+            .clone(),
+        cert::parse_pem_chain(&other.chain_pem, "c").unwrap()[1]
+            .der
+            .clone(),
+        cert::parse_pem_chain(&other.chain_pem, "c").unwrap()[2]
+            .der
+            .clone(),
+    ];
+    o.roots = Roots::with_extra(&other.root_pem).unwrap();
+    let pem = forge::pem(&[&mixed[0], &mixed[1], &mixed[2]]);
+    match verify(&report, &pem, &nonce, &o).unwrap_err() {
+        NvidiaError::ChainBroken { index, reason, .. } => {
+            assert_eq!(index, 0);
+            assert!(reason.contains("does not verify"), "{reason}");
+        }
+        other => panic!("{other}"),
+    }
+}
