@@ -261,6 +261,11 @@ pub struct EvidenceArgs {
     /// printed but exits 3: it proves nothing about a real NVIDIA GPU.
     #[arg(long, value_name = "FILE", requires = "gpu_report")]
     pub gpu_root: Option<PathBuf>,
+    /// An NVIDIA RIM (signed SWID tag XML: the driver's or the VBIOS's) the GPU's
+    /// measurements must match; repeat for the driver and the VBIOS RIM. Its signature and
+    /// chain up to NVIDIA's pinned CoRIM root are verified at --at.
+    #[arg(long = "rim", value_name = "FILE", requires = "gpu_report")]
+    pub rims: Vec<PathBuf>,
 }
 
 /// `evidence verify --gpu-report`: exit 0 verified up to NVIDIA's root, 3 verified up to a
@@ -305,6 +310,14 @@ fn gpu_verify(args: &EvidenceArgs, report: &Path) -> i32 {
     let (Ok(report), Ok(certs)) = (read(report), read(certs)) else {
         return 1;
     };
+    let Ok(rims) = args
+        .rims
+        .iter()
+        .map(|p| read(p))
+        .collect::<Result<Vec<_>, ()>>()
+    else {
+        return 1;
+    };
     let roots = match &args.gpu_root {
         Some(path) => match read(path) {
             Ok(pem) => nvidia::Roots::with_extra(&pem),
@@ -320,8 +333,9 @@ fn gpu_verify(args: &EvidenceArgs, report: &Path) -> i32 {
         roots,
         at,
         allow_missing_fwid: args.allow_missing_fwid,
-        rims: Vec::new(),
+        rims,
     };
+    // With RIMs, each RIM's signature at `at`, then the measurements (both must pass).
     let verified = nvidia::decode_report(&report)
         .and_then(|raw| nvidia::verify(&raw, &certs, &nonce, &options));
     match verified {

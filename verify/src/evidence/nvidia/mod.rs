@@ -241,15 +241,10 @@ pub enum NvidiaError {
         /// The leaf's subject.
         subject: String,
     },
-    /// RIMs were given, but this build does not check them.
-    #[error(
-        "{count} RIM(s) were given, but this build does not check GPU measurements against \
-         RIMs; refusing rather than ignoring them"
-    )]
-    RimsUnsupported {
-        /// How many.
-        count: usize,
-    },
+    /// A RIM given in [`VerifyOptions::rims`] did not verify, or the measurements do not
+    /// match it.
+    #[error("GPU measurements against the RIMs")]
+    Rim(#[from] super::nvidia_rim::RimError),
 }
 
 /// The roots a chain may end at: NVIDIA's device identity root always, plus any given
@@ -418,6 +413,9 @@ pub struct Verified {
     pub fwid_checked: bool,
     /// What was not checked.
     pub warnings: Vec<String>,
+    /// The RIM verdict, when RIMs were given ([`VerifyOptions::rims`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rims: Option<super::nvidia_rim::RimVerdict>,
 }
 
 fn u16_le(bytes: &[u8]) -> Option<u16> {
@@ -513,11 +511,6 @@ pub fn verify(
     expected_nonce: &[u8; 32],
     options: &VerifyOptions,
 ) -> Result<Verified, NvidiaError> {
-    if !options.rims.is_empty() {
-        return Err(NvidiaError::RimsUnsupported {
-            count: options.rims.len(),
-        });
-    }
     let report = parse_report(report)?;
     let chain = cert::parse_pem_chain(chain_pem, "the GPU certificate chain")?;
     cert::verify_links(&chain, options.at)?;
@@ -607,8 +600,20 @@ pub fn verify(
              identity root: this proves nothing about a real GPU"
         ));
     }
+    let claims = claims(&report, arch);
+    // The RIM half, last: every RIM's signature at the same verification time, then the
+    // measurements with the report's NVDEC0 status and versions. Both must pass.
+    let rims = if options.rims.is_empty() {
+        None
+    } else {
+        let verdict = super::nvidia_rim::check_claims(&claims, &options.rims, options.at)?;
+        warnings.retain(|w| !w.contains("NVIDIA's RIMs"));
+        warnings.extend(verdict.warnings.iter().cloned());
+        Some(verdict)
+    };
     Ok(Verified {
-        claims: claims(&report, arch),
+        claims,
+        rims,
         root,
         leaf_subject: leaf.subject(),
         chain_subjects: chain.iter().map(ChainCert::subject).collect(),

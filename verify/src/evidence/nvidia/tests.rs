@@ -600,14 +600,16 @@ fn a_forged_chain_is_an_unknown_root_unless_given_and_then_says_so() {
 }
 
 #[test]
-fn rims_are_refused_until_they_are_checked() {
+fn rims_given_are_checked_never_ignored() {
     let (raw, chain, nonce) = nvtrust();
     let mut o = options(false);
     o.rims = vec![b"<SoftwareIdentity/>".to_vec()];
-    assert_eq!(
-        verify(&raw, chain, &nonce, &o).unwrap_err(),
-        NvidiaError::RimsUnsupported { count: 1 }
-    );
+    let error = verify(&raw, chain, &nonce, &o).unwrap_err();
+    assert!(matches!(error, NvidiaError::Rim(_)), "{error:?}");
+    assert!(verify(&raw, chain, &nonce, &options(false))
+        .unwrap()
+        .rims
+        .is_none());
 }
 
 #[test]
