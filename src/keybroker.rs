@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 
 use crate::eventlog::RuntimeRegister;
 use crate::kbs::{self, Attempt, Client, KbsConfig};
-use crate::policy::{Attestation, KeyWrap, ResourceUri, Tee};
+use crate::policy::{Attestation, Gpu, GpuArch, KeyWrap, ResourceUri, Tee};
 use crate::stage::{BrokerError, KeyBroker};
 use crate::tee::{self, Provider, TeeError};
 
@@ -51,6 +51,7 @@ pub fn open_provider(attestation: &Attestation) -> Result<Option<Box<dyn Provide
         tpm,
         tpm_ak_handle,
         snp_certs,
+        gpu,
         ..
     } = attestation
     else {
@@ -90,7 +91,47 @@ pub fn open_provider(attestation: &Attestation) -> Result<Option<Box<dyn Provide
         },
         Tee::Tdx => Box::new(tee::tdx::TdxProvider::open_default().map_err(wrap)?),
     };
-    Ok(Some(provider))
+    Ok(Some(match gpu {
+        Some(gpu) => Box::new(gpu_provider(provider, gpu)),
+        None => provider,
+    }))
+}
+
+/// What `[attestation.gpu]` requires, as the GPU provider reads it.
+pub fn gpu_requirements(gpu: &Gpu) -> tee::nvidia::GpuRequirements {
+    tee::nvidia::GpuRequirements {
+        required: gpu.required,
+        count: gpu.count,
+        arch: gpu
+            .arch
+            .iter()
+            .map(|a| match a {
+                GpuArch::Hopper => tee::nvidia::Arch::Hopper,
+                GpuArch::Blackwell => tee::nvidia::Arch::Blackwell,
+            })
+            .collect(),
+        min_driver: gpu.min_driver.clone(),
+        min_vbios: gpu.min_vbios.clone(),
+        allow_devtools: gpu.allow_devtools,
+        simulated: gpu.simulate.is_some(),
+    }
+}
+
+/// NVML for `[attestation.gpu]`: the simulated GPU of `simulate`, else `libnvidia-ml.so.1`.
+pub fn open_nvml(gpu: &Gpu) -> Result<Box<dyn tee::nvidia::Nvml>, tee::nvidia::NvmlError> {
+    Ok(match &gpu.simulate {
+        Some(recording) => Box::new(tee::nvidia::fake::FakeNvml::load(recording)?),
+        None => Box::new(tee::nvidia::RealNvml::open()?),
+    })
+}
+
+/// `primary` with the policy's GPUs beside it. NVML that cannot be loaded is not an error
+/// here: the GPU precheck reports it (naming the library) unless no GPU is required.
+pub fn gpu_provider(primary: Box<dyn Provider>, gpu: &Gpu) -> tee::nvidia::GpuProvider {
+    tee::nvidia::GpuProvider::new(
+        primary,
+        tee::nvidia::Gpus::new(open_nvml(gpu), gpu_requirements(gpu)),
+    )
 }
 
 /// The KBS client configuration for the policy's `[attestation]` table (`None` for
@@ -240,5 +281,13 @@ impl KeyBroker for RealBroker {
             "tee": self.provider.tee(),
             "evidence": self.provider.checkpoint(binding)?,
         }))
+    }
+
+    fn device_precheck(&mut self) -> Result<Option<Vec<tee::DeviceFacts>>, BrokerError> {
+        Ok(self.provider.device_precheck()?)
+    }
+
+    fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, BrokerError> {
+        Ok(self.provider.set_devices_ready(ready)?)
     }
 }

@@ -41,6 +41,7 @@ pub(crate) const SCHEMA_KEYS: &[&str] = &[
     "attestation.tpm",
     "attestation.tpm_ak_handle",
     "attestation.snp_certs",
+    "attestation.gpu",
     "volume",
     "secret",
     "network",
@@ -95,6 +96,7 @@ pub(crate) const NEVER_OVERRIDABLE: &[&str] = &[
     "attestation.insecure_sample",
     "attestation.tpm_ak_handle",
     "attestation.snp_certs",
+    "attestation.gpu",
     "volume",
     "secret",
 ];

@@ -648,7 +648,7 @@ fn overridable_keys_must_exist_in_the_schema() {
         error_of(&format!(
             "overridable = [\"attestation.kbs\", \"attestation.url\", \"overridable\", \"attestation.kbs\"]\n{MINIMAL}"
         )),
-        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, workload.flare, workload.flare.startup_kit, workload.flare.root_ca_sha256, workload.flare.withheld, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, volume, secret, network, network.inbound, network.outbound, network.interface, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, workload.env.<NAME>, network.interface.<NAME> or network.interface.<NAME>.<KEY> (KEY: address, gateway, dns, dhcp, link_timeout)\n\
+        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, workload.flare, workload.flare.startup_kit, workload.flare.root_ca_sha256, workload.flare.withheld, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, attestation.gpu, volume, secret, network, network.inbound, network.outbound, network.interface, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, workload.env.<NAME>, network.interface.<NAME> or network.interface.<NAME>.<KEY> (KEY: address, gateway, dns, dhcp, link_timeout)\n\
          overridable[2]: \"overridable\" cannot be overridable; the operator file must not widen what it may set, so remove it\n\
          overridable[3]: \"attestation.kbs\" is listed twice; remove one"
     );
@@ -704,7 +704,7 @@ fn operator_key_not_declared_overridable_is_refused() {
 fn operator_unknown_key_is_refused_with_its_position() {
     assert_eq!(
         error_with_operator(WITH_BROKER, "[attestation]\nkbs_url = \"https://kbs.site\"\n"),
-        "operator: unknown key `attestation.kbs_url` at line 2, column 1; expected one of tee, kbs, kbs_ca, insecure_sample, insecure_http, key_wrap, tries, timeout, tpm, tpm_ak_handle, snp_certs"
+        "operator: unknown key `attestation.kbs_url` at line 2, column 1; expected one of tee, kbs, kbs_ca, insecure_sample, insecure_http, key_wrap, tries, timeout, tpm, tpm_ak_handle, snp_certs, gpu"
     );
 }
 
@@ -804,7 +804,8 @@ fn copy_source_and_on_failure_restart_get_their_defaults() {
             timeout_secs: 120,
             tpm: "device:/dev/tpmrm0".to_string(),
             tpm_ak_handle: None,
-            snp_certs: None
+            snp_certs: None,
+            gpu: None
         }
     );
 }
@@ -871,6 +872,7 @@ fn full_policy_parses_with_every_value() {
             tpm: "device:/dev/tpmrm0".to_string(),
             tpm_ak_handle: Some(0x8101_0002),
             snp_certs: Some(PathBuf::from("/etc/cvm-warden/snp-certs")),
+            gpu: None,
         }
     );
     assert_eq!(
@@ -1271,6 +1273,7 @@ fn broker(tee: Tee, kbs: &str, kbs_ca: Option<PathBuf>) -> Attestation {
         tpm: "device:/dev/tpmrm0".to_string(),
         tpm_ak_handle: None,
         snp_certs: None,
+        gpu: None,
     }
 }
 

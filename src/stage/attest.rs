@@ -39,6 +39,10 @@ pub enum Plan {
         tries: u32,
         /// Total time budget, seconds.
         timeout_secs: u64,
+        /// `[attestation.gpu]`: GPUs checked after the perimeter, their evidence sent as
+        /// `additional_evidence`, set ready after the unlock stage.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gpu: Option<crate::policy::Gpu>,
     },
 }
 
@@ -52,6 +56,7 @@ pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
             insecure_http,
             tries,
             timeout_secs,
+            gpu,
             ..
         } => Plan::Broker {
             tee: *tee,
@@ -59,6 +64,7 @@ pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
             insecure_http: *insecure_http,
             tries: *tries,
             timeout_secs: *timeout_secs,
+            gpu: gpu.clone(),
         },
     })
 }
