@@ -491,10 +491,12 @@ fn gpu_probe(policy_path: Option<&Path>, common: &CommonArgs) -> Result<(), CliE
             let loaded = load(path, common)?;
             match loaded.policy.attestation {
                 policy::Attestation::Broker { gpu: Some(gpu), .. } => Some(gpu),
-                _ => return Err(CliError::Invalid(Box::new(Message(format!(
+                _ => {
+                    return Err(CliError::Invalid(Box::new(Message(format!(
                     "{} has no [attestation.gpu] table; add one, or run gpu probe without --policy",
                     path.display()
-                ))))),
+                )))))
+                }
             }
         }
     };

@@ -2417,3 +2417,22 @@ fn a_failure_to_set_the_gpus_ready_stops_the_boot() {
     assert!(order.contains(&("gpu".to_string(), "ready_failed".to_string())));
     assert!(!order.contains(&("allowlist".to_string(), "begin".to_string())));
 }
+
+#[test]
+fn a_simulated_gpu_or_allowed_devtools_make_every_record_insecure() {
+    let fixture = Fixture::new();
+    let policy = |gpu: &str| {
+        let text = broker_policy(&fixture)
+            .replace("attestation = { tee = \"sample\", kbs = \"http://127.0.0.1:9\", insecure_sample = true, insecure_http = true }",
+                &format!("[attestation]\ntee = \"tpm\"\nkbs = \"http://127.0.0.1:9\"\ninsecure_http = true\n\n[attestation.gpu]\n{gpu}\n"));
+        // The workload table follows the attestation table: move the attestation last.
+        let (attestation, rest) = text.split_at(text.find("[workload]").unwrap());
+        let text = format!("{rest}\n{attestation}");
+        load(&text)
+    };
+    assert!(!wiring::insecure(&policy("")));
+    assert!(wiring::insecure(&policy("allow_devtools = true")));
+    assert!(wiring::insecure(&policy(
+        "simulate = \"/etc/cvm-warden/nvidia-sim/gpu.json\""
+    )));
+}
