@@ -87,7 +87,7 @@ pub(crate) struct RawBroker {
     pub tpm: Option<String>,
     pub tpm_ak_handle: Option<String>,
     pub snp_certs: Option<String>,
-    pub gpu: Option<RawGpu>,
+    pub gpu: Option<Box<RawGpu>>,
 }
 
 /// `[attestation.gpu]`.

@@ -872,7 +872,7 @@ fn full_policy_parses_with_every_value() {
             tpm: "device:/dev/tpmrm0".to_string(),
             tpm_ak_handle: Some(0x8101_0002),
             snp_certs: Some(PathBuf::from("/etc/cvm-warden/snp-certs")),
-            gpu: Some(Gpu {
+            gpu: Some(Box::new(Gpu {
                 required: true,
                 count: Some(1),
                 arch: vec![GpuArch::Hopper],
@@ -883,7 +883,7 @@ fn full_policy_parses_with_every_value() {
                     "/etc/cvm-warden/rims/NV_GPU_DRIVER_GH100_550.90.07.xml"
                 )],
                 simulate: Some(PathBuf::from("/etc/cvm-warden/nvidia-sim/gpu.json")),
-            }),
+            })),
         }
     );
     assert_eq!(
@@ -2125,7 +2125,7 @@ fn the_gpu_table_is_read_with_its_defaults() {
         panic!("no gpu");
     };
     assert_eq!(
-        *gpu,
+        **gpu,
         Gpu {
             required: true,
             count: None,

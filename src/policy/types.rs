@@ -176,7 +176,7 @@ pub enum Attestation {
         /// none with the extended report).
         snp_certs: Option<PathBuf>,
         /// `[attestation.gpu]`: NVIDIA GPUs checked, measured and attested beside the TEE.
-        gpu: Option<Gpu>,
+        gpu: Option<Box<Gpu>>,
     },
 }
 

@@ -1396,7 +1396,7 @@ fn broker_attestation(c: &mut Check<'_>, raw: &RawBroker) -> Option<Attestation>
 }
 
 /// `[attestation.gpu]`.
-fn gpu(c: &mut Check<'_>, raw: &RawGpu) -> Option<Gpu> {
+fn gpu(c: &mut Check<'_>, raw: &RawGpu) -> Option<Box<Gpu>> {
     let mut ok = true;
     let count = match raw.count {
         None => None,
@@ -1516,15 +1516,17 @@ fn gpu(c: &mut Check<'_>, raw: &RawGpu) -> Option<Gpu> {
             }
         },
     };
-    ok.then(|| Gpu {
-        required,
-        count,
-        arch,
-        min_driver,
-        min_vbios,
-        allow_devtools: raw.allow_devtools.unwrap_or(false),
-        rims,
-        simulate,
+    ok.then(|| {
+        Box::new(Gpu {
+            required,
+            count,
+            arch,
+            min_driver,
+            min_vbios,
+            allow_devtools: raw.allow_devtools.unwrap_or(false),
+            rims,
+            simulate,
+        })
     })
 }
 

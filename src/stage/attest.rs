@@ -42,7 +42,7 @@ pub enum Plan {
         /// `[attestation.gpu]`: GPUs checked after the perimeter, their evidence sent as
         /// `additional_evidence`, set ready after the unlock stage.
         #[serde(skip_serializing_if = "Option::is_none")]
-        gpu: Option<crate::policy::Gpu>,
+        gpu: Option<Box<crate::policy::Gpu>>,
     },
 }
 
