@@ -153,3 +153,48 @@ fn policy_check_and_plan_show_the_gpu_requirements() {
         assert_eq!(gpu["allow_devtools"], false);
     }
 }
+
+#[test]
+fn reference_values_include_the_simulated_gpus_event_and_refuse_real_gpus() {
+    let setup = Setup::new();
+    let cmdline = setup.dir.path().join("cmdline");
+    std::fs::write(&cmdline, "console=ttyS0\n").unwrap();
+    let recording = setup.recording(|_| {});
+    let policy = setup.policy(&format!("simulate = \"{}\"", recording.display()));
+    let args = [
+        "reference-values",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--cmdline",
+        cmdline.to_str().unwrap(),
+    ];
+    let (code, stdout, stderr) = setup.run(&args);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let values: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let kinds: Vec<&str> = values["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(&kinds[..3], ["ruleset", "gpu", "policy"]);
+    let gpu: serde_json::Value =
+        serde_json::from_str(values["events"][1]["description"].as_str().unwrap()).unwrap();
+    assert_eq!(gpu["uuid"], "GPU-5e1f0000-0000-4000-8000-000000000001");
+
+    let policy = setup.policy("count = 1");
+    let args = [
+        "reference-values",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--cmdline",
+        cmdline.to_str().unwrap(),
+    ];
+    let (code, stdout, stderr) = setup.run(&args);
+    assert_ne!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("reference values with [attestation.gpu]")
+            && stderr.contains("not supported by this build yet"),
+        "{stderr}"
+    );
+}
