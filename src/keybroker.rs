@@ -291,3 +291,56 @@ impl KeyBroker for RealBroker {
         Ok(self.provider.set_devices_ready(ready)?)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn loaded(gpu: &str) -> crate::policy::LoadedPolicy {
+        let sim =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nvidia-sim/gpu.json");
+        let text = format!(
+            "[workload]\nbundle = \"/opt/b\"\nsource = \"initramfs\"\nexec = [\"/opt/b/run\"]\nuser = 1000\ngroup = 1000\n\n[attestation]\ntee = \"sample\"\ninsecure_sample = true\nkbs = \"http://127.0.0.1:9\"\ninsecure_http = true\n\n[attestation.gpu]\nsimulate = {:?}\n{gpu}\n\n[network]\n",
+            sim.display().to_string()
+        );
+        crate::policy::parse(&text, None, &crate::policy::MemoryUsers::new()).unwrap()
+    }
+
+    #[test]
+    fn the_policys_gpus_are_wrapped_around_the_provider_and_reached_through_the_broker() {
+        let loaded = loaded("count = 1");
+        let provider = open_provider(&loaded.policy.attestation).unwrap().unwrap();
+        assert_eq!(provider.tee(), "sample");
+        assert!(provider.insecure());
+        assert_eq!(provider.describe()["gpu"]["simulated"], true);
+        let config = client_config(&loaded.policy.attestation).unwrap().unwrap();
+        let mut broker = RealBroker::new(provider, config).unwrap();
+        let events = broker.device_precheck().unwrap().unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, crate::eventlog::EventKind::Gpu);
+        let ready = broker.set_devices_ready(true).unwrap().unwrap();
+        assert_eq!(ready["ready"], true);
+        // A mismatch is the broker's error, naming the setting.
+        let loaded = loaded_with_count(2);
+        let provider = open_provider(&loaded.policy.attestation).unwrap().unwrap();
+        let config = client_config(&loaded.policy.attestation).unwrap().unwrap();
+        let mut broker = RealBroker::new(provider, config).unwrap();
+        let error = broker.device_precheck().unwrap_err().to_string();
+        assert!(error.contains("[attestation.gpu] count = 2"), "{error}");
+    }
+
+    fn loaded_with_count(count: u32) -> crate::policy::LoadedPolicy {
+        loaded(&format!("count = {count}"))
+    }
+
+    #[test]
+    fn without_gpus_the_provider_is_not_wrapped() {
+        let text = "[workload]\nbundle = \"/opt/b\"\nsource = \"initramfs\"\nexec = [\"/opt/b/run\"]\nuser = 1000\ngroup = 1000\n\n[attestation]\ntee = \"sample\"\ninsecure_sample = true\nkbs = \"http://127.0.0.1:9\"\ninsecure_http = true\n\n[network]\n";
+        let loaded = crate::policy::parse(text, None, &crate::policy::MemoryUsers::new()).unwrap();
+        let mut provider = open_provider(&loaded.policy.attestation).unwrap().unwrap();
+        assert!(provider.describe().get("gpu").is_none());
+        assert!(provider.device_precheck().unwrap().is_none());
+        assert!(provider.set_devices_ready(true).unwrap().is_none());
+    }
+}
