@@ -333,10 +333,18 @@ impl Gpus {
 
     /// Sets or clears the system-wide ready state; the audit details.
     pub fn set_ready(&mut self, ready: bool) -> Result<Value, TeeError> {
-        let devices = self.devices.clone().unwrap_or_default();
-        if ready && devices.is_empty() {
+        // Cleared also when the precheck did not finish (`None`): fail closed. Only a
+        // precheck that found no GPU (required = false) leaves nothing to set or clear.
+        if self.devices.as_ref().is_some_and(Vec::is_empty) {
             return Ok(json!({ "ready": false, "devices": [], "reason": "no GPU" }));
         }
+        if ready && self.devices.is_none() {
+            return Err(refuse(
+                "the GPUs were to be set ready before the GPU precheck ran; this is a bug, report it"
+                    .to_string(),
+            ));
+        }
+        let devices = self.devices.clone().unwrap_or_default();
         let was_set = self.ready_set;
         if self.nvml.is_err() {
             return Ok(json!({ "ready": false, "devices": [], "reason": "NVML not loaded" }));

@@ -482,3 +482,33 @@ fn the_inventory_lists_driver_gpus_and_cc_state_and_shows_failing_calls() {
         "NVML ready_state failed: scripted failure (fake NVML)"
     );
 }
+
+#[test]
+fn ready_is_never_set_before_the_precheck_and_clearing_needs_no_precheck() {
+    let nvml = sim();
+    let calls = nvml.calls();
+    let mut gpus = Gpus::new(Ok(Box::new(nvml)), requirements());
+    assert!(gpus
+        .set_ready(true)
+        .unwrap_err()
+        .to_string()
+        .contains("before the GPU precheck"));
+    assert_eq!(gpus.set_ready(false).unwrap()["ready"], false);
+    let calls = calls.lock().unwrap();
+    assert_eq!(*calls, ["set_ready_state(false)"]);
+    // No GPU found and none required: nothing to set or clear.
+    let mut empty = sim();
+    empty.gpus.clear();
+    let calls = empty.calls();
+    let mut req = requirements();
+    req.required = false;
+    req.count = None;
+    let mut gpus = Gpus::new(Ok(Box::new(empty)), req);
+    assert!(gpus.precheck().unwrap().is_empty());
+    assert_eq!(gpus.set_ready(true).unwrap()["reason"], "no GPU");
+    assert!(!calls
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|c| c.starts_with("set_ready")));
+}
