@@ -13,7 +13,12 @@ use ring::signature::{EcdsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
 use serde::Deserialize;
 
 use super::nvml::{Arch, CcState, Nvml, NvmlError};
-use super::report;
+use cvm_warden_verify::evidence::nvidia::parse_report;
+
+/// Offset of the request nonce in the SPDM GET_MEASUREMENTS request.
+const NONCE_OFFSET: usize = 4;
+/// Length of the raw `r‖s` ECDSA P-384 signature.
+const SIGNATURE_LEN: usize = 96;
 
 /// One fake GPU.
 pub struct FakeGpu {
@@ -71,9 +76,9 @@ impl FakeGpu {
         chain: Vec<u8>,
         key_pkcs8: &[u8],
     ) -> Result<FakeGpu, NvmlError> {
-        report::parse(&template).map_err(|detail| NvmlError::Library {
+        parse_report(&template).map_err(|error| NvmlError::Library {
             library: "simulated GPU".to_string(),
-            detail: format!("the template report does not parse: {detail}"),
+            detail: format!("the template report does not parse: {error}"),
         })?;
         let key = EcdsaKeyPair::from_pkcs8(
             &ECDSA_P384_SHA384_FIXED_SIGNING,
@@ -99,13 +104,16 @@ impl FakeGpu {
             call: "simulated nvmlDeviceGetConfComputeGpuAttestationReport".to_string(),
             detail,
         };
-        let view = report::parse(&bytes).map_err(fail)?;
-        bytes[report::NONCE_OFFSET..report::NONCE_OFFSET + 32].copy_from_slice(&nonce);
+        // Lengths from the parsed fields (the request is 37 bytes, the nonce at offset 4).
+        let signed_len = parse_report(&bytes)
+            .map_err(|e| fail(e.to_string()))?
+            .signed_bytes()
+            .len();
+        bytes[NONCE_OFFSET..NONCE_OFFSET + 32].copy_from_slice(&nonce);
         let signature = key
-            .sign(&SystemRandom::new(), &bytes[..view.signed_len])
+            .sign(&SystemRandom::new(), &bytes[..signed_len])
             .map_err(|e| fail(format!("signing failed: {e}")))?;
-        bytes[view.signed_len..view.signed_len + report::SIGNATURE_LEN]
-            .copy_from_slice(signature.as_ref());
+        bytes[signed_len..signed_len + SIGNATURE_LEN].copy_from_slice(signature.as_ref());
         Ok(bytes)
     }
 }

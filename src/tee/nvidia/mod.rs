@@ -18,16 +18,15 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::Serialize;
 use serde_json::{json, Value};
-use sha2::{Digest as _, Sha256};
 
 use super::{DeviceFacts, Provider, TeeError};
 use crate::digest::Digest;
 use crate::eventlog::{EventKind, RuntimeRegister};
+use cvm_warden_verify::evidence::nvidia::parse_report;
 use cvm_warden_verify::schema::{AdditionalEvidence, DeviceEvidence, NvidiaEvidence};
 
 pub mod fake;
 pub mod nvml;
-pub mod report;
 #[cfg(test)]
 mod tests;
 
@@ -90,8 +89,10 @@ pub struct GpuFacts {
     pub vbios_version: String,
     /// The report's opaque FWID (hex; empty when the report has none).
     pub fwid: String,
-    /// `sha256:` of the report's SPDM MeasurementRecord (all 64 blocks as sent).
-    pub measurements_digest: Digest,
+    /// The report's measurements digest as the verifier crate defines it
+    /// (`Report::measurements_digest`: SHA-384 over every block in index order, each as
+    /// `index ‖ length (u16 LE) ‖ value`), hex.
+    pub measurements_digest: String,
 }
 
 impl GpuFacts {
@@ -265,10 +266,11 @@ impl Gpus {
                 |_| refuse("cannot draw a random nonce for the GPU precheck".to_string()),
             )?;
             let bytes = nvml.attestation_report(*index, nonce).map_err(nvml_error)?;
-            let view = report::parse(&bytes).map_err(|detail| {
+            // The verifier crate's parser: the daemon and auditors read the same facts.
+            let parsed = parse_report(&bytes).map_err(|error| {
                 malformed(
                     "GPU attestation report",
-                    format!("GPU {index} ({uuid}): {detail}"),
+                    format!("GPU {index} ({uuid}): {error}"),
                 )
             })?;
             facts.push(GpuFacts {
@@ -277,8 +279,8 @@ impl Gpus {
                 arch: arch.as_policy(),
                 driver_version: driver.clone(),
                 vbios_version: vbios,
-                fwid: view.fwid.as_deref().map(hex::encode).unwrap_or_default(),
-                measurements_digest: Digest(Sha256::digest(&bytes[view.measurements]).into()),
+                fwid: parsed.fwid().map(hex::encode).unwrap_or_default(),
+                measurements_digest: hex::encode(parsed.measurements_digest()),
             });
         }
         self.devices = Some(devices);

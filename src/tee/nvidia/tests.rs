@@ -71,10 +71,16 @@ fn a_gpu_in_cc_mode_passes_and_its_facts_are_measured() {
     assert_eq!(f.vbios_version, "96.00.9F.00.01");
     assert!(f.fwid.starts_with("f5c384ae"), "{}", f.fwid);
     let report = std::fs::read("tests/data/nvidia-sim/report.bin").unwrap();
+    // As the verifier crate computes it (auditors and brokers compare the same value).
     assert_eq!(
         f.measurements_digest,
-        crate::digest::Digest::of(&report[45..45 + 3520])
+        hex::encode(
+            cvm_warden_verify::evidence::nvidia::parse_report(&report)
+                .unwrap()
+                .measurements_digest()
+        )
     );
+    assert_eq!(f.measurements_digest.len(), 96);
     // The event: digest = SHA-256 of the description, which is the facts' JCS text.
     let event = f.event().unwrap();
     assert_eq!(event.kind, crate::eventlog::EventKind::Gpu);
@@ -357,24 +363,23 @@ fn the_simulated_gpu_binds_the_device_nonce_and_signs_like_a_gpu() {
         .subject_public_key_info
         .subject_public_key
         .raw_bytes();
-    let view = report::parse(&report).unwrap();
+    let parsed = cvm_warden_verify::evidence::nvidia::parse_report(&report).unwrap();
+    let signed_len = parsed.signed_bytes().len();
+    assert_eq!(signed_len, 4021);
     let key =
         ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P384_SHA384_FIXED, point);
-    key.verify(
-        &report[..view.signed_len],
-        &report[view.signed_len..view.signed_len + 96],
-    )
-    .unwrap();
+    key.verify(&report[..signed_len], &report[signed_len..signed_len + 96])
+        .unwrap();
     let mut tampered = report.clone();
     tampered[100] ^= 1;
     assert!(key
         .verify(
-            &tampered[..view.signed_len],
-            &tampered[view.signed_len..view.signed_len + 96]
+            &tampered[..signed_len],
+            &tampered[signed_len..signed_len + 96]
         )
         .is_err());
     // The leaf carries the template's FWID (extension 2.23.133.5.4.1, last 48 bytes).
-    assert!(hex::encode(&der).contains(&hex::encode(view.fwid.unwrap())));
+    assert!(hex::encode(&der).contains(&hex::encode(parsed.fwid().unwrap())));
 }
 
 #[test]
