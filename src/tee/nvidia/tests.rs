@@ -517,3 +517,35 @@ fn ready_is_never_set_before_the_precheck_and_clearing_needs_no_precheck() {
         .iter()
         .any(|c| c.starts_with("set_ready")));
 }
+
+#[test]
+fn the_simulated_gpus_evidence_verifies_only_against_the_test_root() {
+    use cvm_warden_verify::evidence::nvidia::{verify, RootKind, Roots, VerifyOptions};
+    let mut gpus = Gpus::new(Ok(Box::new(sim())), requirements());
+    let facts = gpus.precheck().unwrap();
+    let jwk: Value = serde_json::from_str(JWK).unwrap();
+    let text = gpus.evidence(NONCE, &jwk).unwrap();
+    let parsed: cvm_warden_verify::schema::AdditionalEvidence =
+        serde_json::from_str(&text).unwrap();
+    let entry = &parsed.nvidia.device_evidence_list[0];
+    let report = STANDARD.decode(&entry.evidence).unwrap();
+    let chain = STANDARD.decode(&entry.certificate).unwrap();
+    let nonce = cvm_warden_verify::binding::device_nonce(NONCE, &jwk).unwrap();
+    // NVIDIA's root only (every real verifier): refused.
+    let nvidia_only = VerifyOptions::new(std::time::SystemTime::now()).unwrap();
+    assert!(verify(&report, &chain, &nonce, &nvidia_only).is_err());
+    // The TEST root pinned explicitly: signature, chain, FWID and nonce verify, and the
+    // verdict says the root is not NVIDIA's.
+    let mut test_root = nvidia_only.clone();
+    test_root.roots =
+        Roots::with_extra(&std::fs::read("tests/data/nvidia-sim/root.pem").unwrap()).unwrap();
+    let verified = verify(&report, &chain, &nonce, &test_root).unwrap();
+    assert!(matches!(verified.root, RootKind::Other { .. }));
+    assert!(verified.fwid_checked);
+    assert_eq!(
+        verified.claims.measurements_digest,
+        facts[0].measurements_digest
+    );
+    // Another handshake's nonce is refused.
+    assert!(verify(&report, &chain, &[0u8; 32], &test_root).is_err());
+}
