@@ -2249,6 +2249,8 @@ fn sim_gpus(
             min_vbios: None,
             allow_devtools: false,
             simulated: true,
+            rims: Vec::new(),
+            verify_at: None,
         },
     );
     (gpus, calls)
