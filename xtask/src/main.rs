@@ -12,6 +12,9 @@
 //!   --test-passphrase` with the default PBKDF (`benches/unlock.rs`; root).
 //! - `bench checkpoint`: one audit-log checkpoint with a swtpm quote and with SNP on the fake
 //!   configfs-tsm (`benches/checkpoint.rs`).
+//! - `bench gpu`: GPU precheck, evidence collection per handshake (1, 2, 4 simulated GPUs) and
+//!   offline verification per GPU (`benches/gpu.rs`), then the verifier's bench on NVIDIA's
+//!   real vectors (`verify/benches/nvidia.rs`).
 //! - `snp-measure-check [--write]`: `cvm-warden reference-values --snp-launch` against the
 //!   real `sev-snp-measure` (PyPI) on the cases of `tests/snp_launch/expected.json`;
 //!   `snp-fetch`: only the OVMF images those tests need;
@@ -81,8 +84,14 @@ fn run() -> Result<()> {
                 .current_dir(&root)
                 .args(["bench", "--bench", "checkpoint"]))
         }
+        ["bench", "gpu"] => {
+            sh(cargo().current_dir(&root).args(["bench", "--bench", "gpu"]))?;
+            sh(cargo()
+                .current_dir(&root)
+                .args(["bench", "-p", "cvm-warden-verify", "--bench", "nvidia"]))
+        }
         _ => bail!(
-            "usage: cargo xtask ci | tidy | demo [--sandbox] | flare | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint \
+            "usage: cargo xtask ci | tidy | demo [--sandbox] | flare | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint | bench gpu \
              | fuzz (--smoke | TARGET) [--seconds N] | snp-fetch | snp-measure-check [--write] | snp-launch [OPTIONS] | gpu-probe"
         ),
     }
