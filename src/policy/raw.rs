@@ -87,6 +87,9 @@ pub(crate) struct RawBroker {
     pub tpm: Option<String>,
     pub tpm_ak_handle: Option<String>,
     pub snp_certs: Option<String>,
+    pub reattest_interval: Option<String>,
+    pub reattest_grace: Option<String>,
+    pub reattest_resource: Option<String>,
 }
 
 /// `[[secret]]`.

@@ -39,11 +39,34 @@ pub enum Plan {
         tries: u32,
         /// Total time budget, seconds.
         timeout_secs: u64,
+        /// Re-attestation while the workload runs (PID 1 shape; the unit shape refuses an
+        /// explicit interval and records that it cannot re-attest).
+        reattest: crate::policy::Reattest,
     },
 }
 
 /// Plans attestation. Pure.
-pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
+///
+/// The unit shape `execve`s the workload, so nothing is left to re-attest while it runs: a
+/// policy that writes `attestation.reattest_interval` above 0 is refused there (never
+/// skipped silently); with the default interval the runner records
+/// `attest/reattest_unavailable` instead.
+pub fn plan(policy: &Policy, facts: &super::Facts) -> Result<Plan, StageError> {
+    if let Attestation::Broker { reattest, .. } = &policy.attestation {
+        if facts.shape == crate::lockdown::Shape::Systemd
+            && reattest.interval_explicit
+            && reattest.interval_secs > 0
+        {
+            return Err(StageError::Unsupported {
+                stage: "attest",
+                what: format!(
+                    "attestation.reattest_interval = \"{}s\" in the systemd-unit shape",
+                    reattest.interval_secs
+                ),
+                hint: "the unit shape execs the workload, so no cvm-warden process is left to re-attest while it runs; boot cvm-warden as PID 1 (cvm-warden init) for continuous trust, or write reattest_interval = \"0\"",
+            });
+        }
+    }
     Ok(match &policy.attestation {
         Attestation::None => Plan::InsecureNone,
         Attestation::Broker {
@@ -52,6 +75,7 @@ pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
             insecure_http,
             tries,
             timeout_secs,
+            reattest,
             ..
         } => Plan::Broker {
             tee: *tee,
@@ -59,6 +83,7 @@ pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
             insecure_http: *insecure_http,
             tries: *tries,
             timeout_secs: *timeout_secs,
+            reattest: reattest.clone(),
         },
     })
 }

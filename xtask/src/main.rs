@@ -12,6 +12,8 @@
 //!   --test-passphrase` with the default PBKDF (`benches/unlock.rs`; root).
 //! - `bench checkpoint`: one audit-log checkpoint with a swtpm quote and with SNP on the fake
 //!   configfs-tsm (`benches/checkpoint.rs`).
+//! - `bench reattest`: one re-attestation round trip against the test broker, sample and
+//!   swtpm evidence (`benches/reattest.rs`).
 //! - `snp-measure-check [--write]`: `cvm-warden reference-values --snp-launch` against the
 //!   real `sev-snp-measure` (PyPI) on the cases of `tests/snp_launch/expected.json`;
 //!   `snp-fetch`: only the OVMF images those tests need;
@@ -77,8 +79,13 @@ fn run() -> Result<()> {
                 .current_dir(&root)
                 .args(["bench", "--bench", "checkpoint"]))
         }
+        ["bench", "reattest"] => {
+            sh(cargo()
+                .current_dir(&root)
+                .args(["bench", "--bench", "reattest"]))
+        }
         _ => bail!(
-            "usage: cargo xtask ci | tidy | demo [--sandbox] | flare | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint \
+            "usage: cargo xtask ci | tidy | demo [--sandbox] | flare | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint | bench reattest \
              | fuzz (--smoke | TARGET) [--seconds N] | snp-fetch | snp-measure-check [--write] | snp-launch [OPTIONS]"
         ),
     }
