@@ -41,7 +41,10 @@ struct Netns(String);
 impl Netns {
     fn create() -> Netns {
         let name = format!("cvmw-reattest-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
         let ok = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().unwrap();
             assert!(
@@ -233,6 +236,7 @@ checkpoint_interval = "0"
         "--",
         BIN,
         "init",
+        "--sandbox",
         "--policy",
     ]);
     command.arg(&policy);

@@ -414,3 +414,85 @@ pub fn record_unavailable(audit: &Audit, plan: &AttestPlan) {
         );
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::kbs::KbsError;
+
+    #[test]
+    fn every_submodule_of_the_token_must_affirm() {
+        let claims = |cpu: &str, gpu: Option<&str>| {
+            let mut submods = json!({ "cpu0": { "ear.status": cpu } });
+            if let Some(gpu) = gpu {
+                submods["gpu0"] = json!({ "ear.status": gpu });
+            }
+            json!({ "submods": submods })
+        };
+        assert!(token_affirms(&claims("affirming", None), false).is_ok());
+        assert!(token_affirms(&claims("affirming", Some("affirming")), false).is_ok());
+        let gpu = token_affirms(&claims("affirming", Some("contraindicated")), false).unwrap_err();
+        assert_eq!(
+            gpu,
+            "the broker's token (unverified claims) does not affirm the evidence: gpu0: ear.status = contraindicated"
+        );
+        assert!(token_affirms(&claims("warning", None), false).is_err());
+        // Sample evidence earns `warning` at best: accepted only for an insecure provider.
+        assert!(token_affirms(&claims("warning", None), true).is_ok());
+        assert!(token_affirms(&claims("contraindicated", None), true).is_err());
+        assert!(token_affirms(&json!({ "submods": {} }), true).is_err());
+        assert!(token_affirms(&json!({}), false).is_err());
+        let odd = token_affirms(&json!({ "submods": { "cpu0\u{1b}[31m": {} } }), false).unwrap_err();
+        assert!(odd.contains("cpu0\\u{1b}[31m: ear.status = (none)"), "{odd}");
+    }
+
+    #[test]
+    fn only_transport_failures_count_as_unreachable() {
+        let url = "https://kbs.example".to_string();
+        let unreachable = KbsError::ServerError {
+            url: url.clone(),
+            call: crate::kbs::Call::Attest,
+            status: 503,
+            detail: String::new(),
+            tries: 3,
+            elapsed: Duration::from_secs(1),
+        };
+        assert_eq!(classify(unreachable).kind(), "unreachable");
+        let timeout = KbsError::Timeout {
+            url: url.clone(),
+            call: crate::kbs::Call::Auth,
+            total: Duration::from_secs(5),
+            tries: 2,
+            last: "connection refused".to_string(),
+        };
+        assert_eq!(classify(timeout).kind(), "unreachable");
+        let rejected = KbsError::EvidenceRejected {
+            url: url.clone(),
+            tee: "tpm".to_string(),
+            variant: "AttestationFailed".to_string(),
+            detail: "bad quote".to_string(),
+        };
+        assert_eq!(classify(rejected).kind(), "refused");
+        let denied = KbsError::PolicyDeny {
+            uri: "kbs:///a/b/c".to_string(),
+            detail: "Access denied by policy".to_string(),
+            verdict: String::new(),
+        };
+        assert_eq!(classify(denied).kind(), "refused");
+        let tee = KbsError::Evidence {
+            tee: "snp".to_string(),
+            source: crate::tee::TeeError::Config {
+                tee: "snp",
+                detail: "the device is gone".to_string(),
+            },
+        };
+        assert_eq!(classify(tee).kind(), "tee");
+        let protocol = KbsError::Protocol {
+            url,
+            call: crate::kbs::Call::Attest,
+            what: "a token that is not a JWT".to_string(),
+        };
+        assert_eq!(classify(protocol).kind(), "refused");
+    }
+}
