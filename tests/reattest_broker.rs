@@ -103,12 +103,14 @@ fn real_broker(url: &str) -> RealBroker {
         max: Duration::from_millis(40),
     };
     config.total_timeout = Duration::from_secs(5);
-    RealBroker::with_client(Box::new(SampleProvider::new()), Client::new(config).unwrap())
+    RealBroker::with_client(
+        Box::new(SampleProvider::new()),
+        Client::new(config).unwrap(),
+    )
 }
 
 #[test]
-fn the_real_broker_reattests_until_the_owner_revokes_then_refuses_and_when_gone_is_unreachable()
-{
+fn the_real_broker_reattests_until_the_owner_revokes_then_refuses_and_when_gone_is_unreachable() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, key) = broker(dir.path());
     let url = broker.url().to_string();
@@ -174,7 +176,10 @@ fn the_runners_reattestation_work_records_the_exchange_and_stops_on_a_revocation
     let recs = records(&lines);
     let events: Vec<&str> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
     assert_eq!(
-        events.iter().filter(|e| **e != "reattest_try").collect::<Vec<_>>(),
+        events
+            .iter()
+            .filter(|e| **e != "reattest_try")
+            .collect::<Vec<_>>(),
         [&"reattested", &"reattest_resource", &"checkpoint"]
     );
     let reattested = recs.iter().find(|r| r["event"] == "reattested").unwrap();
@@ -188,7 +193,12 @@ fn the_runners_reattestation_work_records_the_exchange_and_stops_on_a_revocation
 
     revoke(&broker, &key);
     assert_eq!(
-        watch.run(now + Duration::from_secs(600), &audit, &mut real, &event_log),
+        watch.run(
+            now + Duration::from_secs(600),
+            &audit,
+            &mut real,
+            &event_log
+        ),
         Next::StopWorkload
     );
     let lost = watch.lost().unwrap();
@@ -209,4 +219,78 @@ fn the_runners_reattestation_work_records_the_exchange_and_stops_on_a_revocation
         .map(|l| format!("{l}\n"))
         .collect();
     cvm_warden::audit::verify(joined.as_bytes()).unwrap();
+}
+
+#[test]
+fn audit_verify_checks_the_reattestation_exchange_and_its_checkpoint() {
+    use cvm_warden::stage::KeyBroker;
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, key) = broker(dir.path());
+    let mut real = real_broker(broker.url());
+    let (sink, lines) = MemorySink::new();
+    let audit = Audit::new(vec![Box::new(sink)], true);
+    let event_log = EventLog::new();
+    audit.record("boot", "start", json!({})).unwrap();
+    // The boot's exchange, recorded as the attest stage records it.
+    let exchange = real.attest(&mut |_| {}).unwrap();
+    let details = cvm_warden_verify::schema::AttestedDetails {
+        broker: broker.url().to_string(),
+        tee: real.describe(),
+        exchange: serde_json::from_value(exchange).unwrap(),
+        event_log: vec![],
+        register_initial: None,
+        event_log_accumulator: event_log.accumulator(),
+    };
+    audit
+        .record("attest", "attested", serde_json::to_value(details).unwrap())
+        .unwrap();
+    let mut watch = Watch::new(Schedule {
+        every: Duration::from_secs(600),
+        grace: Duration::from_secs(300),
+        resource: Some(uri()),
+        broker: broker.url().to_string(),
+    });
+    let now = Instant::now();
+    assert_eq!(
+        watch.run(now, &audit, &mut real, &event_log),
+        Next::OnSchedule
+    );
+    revoke(&broker, &key);
+    assert_eq!(
+        watch.run(
+            now + Duration::from_secs(600),
+            &audit,
+            &mut real,
+            &event_log
+        ),
+        Next::StopWorkload
+    );
+    audit
+        .record("shutdown", "exit", json!({ "code": 143 }))
+        .unwrap();
+    let joined: String = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let outcome = cvm_warden_verify::verdict::verify_log_from(
+        joined.as_bytes(),
+        Path::new("memory"),
+        cvm_warden_verify::check::Pins::default(),
+    )
+    .unwrap();
+    let checked: Vec<&str> = outcome.evidence.iter().map(|f| f.what.as_str()).collect();
+    assert_eq!(checked[0], "broker exchange");
+    assert_eq!(checked[1], "re-attestation exchange");
+    assert!(
+        checked[2].starts_with("reattest checkpoint of seq"),
+        "{checked:?}"
+    );
+    let reattest = &outcome.evidence[1];
+    assert!(
+        reattest.verified[0].starts_with("exchange.report_data = SHA-384"),
+        "{:?}",
+        reattest.verified
+    );
 }

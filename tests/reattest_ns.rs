@@ -158,7 +158,11 @@ fn a_revocation_mid_run_stops_the_workload_at_the_next_reattestation_and_the_log
     std::fs::create_dir(&bundle).unwrap();
     chmod(&bundle, 0o755);
     let run_sh = bundle.join("run.sh");
-    std::fs::write(&run_sh, format!("#!/bin/sh\necho {MARKER}\nexec sleep 120\n")).unwrap();
+    std::fs::write(
+        &run_sh,
+        format!("#!/bin/sh\necho {MARKER}\nexec sleep 120\n"),
+    )
+    .unwrap();
     chmod(&run_sh, 0o755);
     let audit_log = dir.path().join("audit.jsonl");
 

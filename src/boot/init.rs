@@ -27,8 +27,8 @@ use serde_json::{json, Value};
 
 use super::wiring::{self, PolicyFiles, Setup};
 use super::{
-    chain, checkpoint, closing_event, reattest, CheckpointKind, Checkpointer, Launcher,
-    Lifecycle, Ready, Reattester, RealLauncher, Shutdown,
+    chain, checkpoint, closing_event, reattest, CheckpointKind, Checkpointer, Launcher, Lifecycle,
+    Ready, RealLauncher, Reattester, Shutdown,
 };
 use crate::audit::{self, Audit};
 use crate::launch::EarlyMounts;

@@ -159,8 +159,8 @@ impl Reattester for RealBroker {
         let attested = RealBroker::reattest(self, attempt).map_err(classify)?;
         token_affirms(&attested.claims, self.provider_insecure())
             .map_err(|why| ReattestError::Refused(why.into()))?;
-        let exchange = serde_json::to_value(&attested)
-            .map_err(|e| ReattestError::Refused(Box::new(e)))?;
+        let exchange =
+            serde_json::to_value(&attested).map_err(|e| ReattestError::Refused(Box::new(e)))?;
         let resource = match resource {
             None => None,
             Some(uri) => {
@@ -443,8 +443,12 @@ mod tests {
         assert!(token_affirms(&claims("contraindicated", None), true).is_err());
         assert!(token_affirms(&json!({ "submods": {} }), true).is_err());
         assert!(token_affirms(&json!({}), false).is_err());
-        let odd = token_affirms(&json!({ "submods": { "cpu0\u{1b}[31m": {} } }), false).unwrap_err();
-        assert!(odd.contains("cpu0\\u{1b}[31m: ear.status = (none)"), "{odd}");
+        let odd =
+            token_affirms(&json!({ "submods": { "cpu0\u{1b}[31m": {} } }), false).unwrap_err();
+        assert!(
+            odd.contains("cpu0\\u{1b}[31m: ear.status = (none)"),
+            "{odd}"
+        );
     }
 
     #[test]

@@ -271,7 +271,9 @@ impl Launcher for FakeLauncher {
         let start = std::time::Instant::now();
         let until = start
             + self.run_for.unwrap_or_else(|| {
-                periodic.first().map_or(std::time::Duration::ZERO, |p| p.every)
+                periodic
+                    .first()
+                    .map_or(std::time::Duration::ZERO, |p| p.every)
                     * self.periodic_runs
             });
         let mut next: Vec<std::time::Instant> = periodic.iter().map(|p| start + p.every).collect();
@@ -2358,7 +2360,8 @@ fn reattest_run(
     assert_eq!((reattest.interval_secs, reattest.grace_secs), (600, 300));
     reattest.interval_secs = interval;
     reattest.grace_secs = grace;
-    reattest.resource = Some(crate::policy::ResourceUri::parse("kbs:///default/keys/liveness").unwrap());
+    reattest.resource =
+        Some(crate::policy::ResourceUri::parse("kbs:///default/keys/liveness").unwrap());
     let start = records(&lines).len();
     let mut reattester = ScriptedReattester::new(script);
     let mut launcher = FakeLauncher::new(0);
@@ -2509,7 +2512,10 @@ fn a_refused_reattestation_stops_the_workload_removes_secrets_and_volumes_and_po
     let failed = &run.find("reattest_failed")["details"];
     assert_eq!(failed["kind"], "refused");
     assert_eq!(failed["round"], 2);
-    assert!(failed["error"].as_str().unwrap().contains("PolicyDeny"), "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("PolicyDeny"),
+        "{failed}"
+    );
     assert!(run.secrets_and_volumes_gone());
     assert_eq!(run.reattester.trust_lost, 1);
     assert_eq!(
@@ -2529,7 +2535,12 @@ fn a_refused_reattestation_stops_the_workload_removes_secrets_and_volumes_and_po
 
 #[test]
 fn an_unreachable_broker_is_retried_within_the_grace_then_the_schedule_goes_on() {
-    let run = reattest_run(600, 300, 1400, vec![unreachable(), unreachable(), affirmed()]);
+    let run = reattest_run(
+        600,
+        300,
+        1400,
+        vec![unreachable(), unreachable(), affirmed()],
+    );
     // A quarter of the grace between tries, then the interval from the success.
     assert_eq!(run.at, [600, 675, 750, 1350]);
     let tail = run.tail();
@@ -2583,7 +2594,10 @@ fn an_unreachable_broker_past_the_grace_stops_the_workload() {
 fn a_zero_grace_stops_at_the_first_unreachable_broker() {
     let run = reattest_run(600, 0, 3600, vec![unreachable()]);
     assert_eq!(run.at, [600]);
-    assert_eq!(run.find("reattest_failed")["details"]["kind"], "unreachable");
+    assert_eq!(
+        run.find("reattest_failed")["details"]["kind"],
+        "unreachable"
+    );
 }
 
 #[test]
@@ -2692,7 +2706,9 @@ fn the_unit_shape_records_that_it_cannot_reattest_and_refuses_an_explicit_interv
     };
     let error = BootPlan::new(&loaded.policy, &facts(crate::lockdown::Shape::Systemd)).unwrap_err();
     assert!(
-        error.to_string().contains("attestation.reattest_interval = \"300s\" in the systemd-unit shape"),
+        error
+            .to_string()
+            .contains("attestation.reattest_interval = \"300s\" in the systemd-unit shape"),
         "{error}"
     );
     assert!(BootPlan::new(&loaded.policy, &facts(crate::lockdown::Shape::Pid1)).is_ok());

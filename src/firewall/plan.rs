@@ -246,9 +246,9 @@ pub fn endpoints(policy: &Policy, phase: Phase) -> Result<Vec<Endpoint>, Firewal
             if let Attestation::Broker { kbs, reattest, .. } = &policy.attestation {
                 if reattest.interval_secs > 0 {
                     let (host, port) = url_host_port("attestation.kbs", kbs)?;
-                    let listed = out.iter().any(|e| {
-                        e.host == host && e.port == port && e.proto == Proto::Tcp
-                    });
+                    let listed = out
+                        .iter()
+                        .any(|e| e.host == host && e.port == port && e.proto == Proto::Tcp);
                     if !listed {
                         out.push(Endpoint {
                             key: "attestation.kbs".to_string(),

@@ -852,7 +852,10 @@ fn allowlist_admits_the_broker_while_reattestation_is_on_unless_the_workload_lis
     assert_eq!(lines(&ruleset), expect(&[], &[rule]));
     // Off: not in the allowlist.
     let off = policy(
-        &format!("{}\nreattest_interval = \"0\"", broker("https://198.51.100.7:8999")),
+        &format!(
+            "{}\nreattest_interval = \"0\"",
+            broker("https://198.51.100.7:8999")
+        ),
         "",
     );
     let ruleset = build(&off, Phase::Allowlist, &NoLookups).unwrap();

@@ -1476,8 +1476,10 @@ mod tests {
     ) {
         let start = fake.clock;
         let mut runs: Vec<Vec<Duration>> = vec![Vec::new(); works.len()];
-        let mut scripts: Vec<VecDeque<Next>> =
-            works.iter().map(|(_, s)| s.iter().copied().collect()).collect();
+        let mut scripts: Vec<VecDeque<Next>> = works
+            .iter()
+            .map(|(_, s)| s.iter().copied().collect())
+            .collect();
         let mut log = Vec::new();
         let result = {
             let mut closures: Vec<Box<dyn FnMut(Instant) -> Next + '_>> = runs
@@ -1542,10 +1544,7 @@ mod tests {
         let (result, log, _) =
             run_periodic(Restart::Never, &mut fake, &[(30, vec![Next::StopWorkload])]);
         assert_eq!(result.unwrap().code, 137);
-        assert_eq!(
-            fake.kills,
-            [(10, Signal::SIGTERM), (10, Signal::SIGKILL)]
-        );
+        assert_eq!(fake.kills, [(10, Signal::SIGTERM), (10, Signal::SIGKILL)]);
         assert_eq!(names(&log), ["started", "stopping", "stopping", "exited"]);
         assert_eq!(log[2].1, json!({ "pid": 10, "signal": "SIGKILL" }));
         // 30 s until the work ran, then the 5 s grace period.
@@ -1583,7 +1582,11 @@ mod tests {
         assert_eq!(secs(&runs[0]), [20, 40, 60, 80, 100]);
         // The retry 4 s after the first run, then the interval again from there.
         assert_eq!(secs(&runs[1]), [30, 34, 64, 94]);
-        assert!(fake.timeouts.iter().all(|t| !t.is_zero()), "{:?}", fake.timeouts);
+        assert!(
+            fake.timeouts.iter().all(|t| !t.is_zero()),
+            "{:?}",
+            fake.timeouts
+        );
         assert!(fake.kills.is_empty());
         assert_eq!(names(&log), ["started", "exited"]);
     }

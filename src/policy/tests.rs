@@ -2132,7 +2132,14 @@ fn reattest_keys_default_to_ten_minutes_and_are_checked() {
     assert_eq!(reattest("").unwrap(), default_reattest());
     // A short interval gets half of it as the default grace.
     let short = reattest(", reattest_interval = \"60s\"").unwrap();
-    assert_eq!((short.interval_secs, short.grace_secs, short.interval_explicit), (60, 30, true));
+    assert_eq!(
+        (
+            short.interval_secs,
+            short.grace_secs,
+            short.interval_explicit
+        ),
+        (60, 30, true)
+    );
     let off = reattest(", reattest_interval = \"0\"").unwrap();
     assert_eq!((off.interval_secs, off.interval_explicit), (0, true));
     let full = reattest(", reattest_interval = \"5m\", reattest_grace = \"0\", reattest_resource = \"kbs:///a/b/c\"").unwrap();
