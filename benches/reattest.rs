@@ -52,7 +52,7 @@ fn report(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let runs = samples.len();
     println!(
-        "reattest {name:<40} runs {runs:>4}  min {:>8.3} ms  median {:>8.3} ms  max {:>8.3} ms",
+        "reattest {name:<52} runs {runs:>4}  min {:>8.3} ms  median {:>8.3} ms  max {:>8.3} ms",
         ms(samples[0]),
         ms(samples[runs / 2]),
         ms(samples[runs - 1]),

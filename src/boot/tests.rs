@@ -277,10 +277,7 @@ impl Launcher for FakeLauncher {
                     * self.periodic_runs
             });
         let mut next: Vec<std::time::Instant> = periodic.iter().map(|p| start + p.every).collect();
-        loop {
-            let Some((i, at)) = next.iter().copied().enumerate().min_by_key(|(_, at)| *at) else {
-                break;
-            };
+        while let Some((i, at)) = next.iter().copied().enumerate().min_by_key(|(_, at)| *at) {
             if at > until {
                 break;
             }

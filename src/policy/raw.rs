@@ -64,6 +64,8 @@ pub(crate) struct RawRlimit {
 }
 
 /// `attestation = "none"` or an `[attestation]` table.
+// One per policy load: the table's size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum RawAttestation {
     /// A string (only `"none"` is valid).

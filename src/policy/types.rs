@@ -147,6 +147,8 @@ pub enum Restart {
 }
 
 /// `[attestation]`.
+// One per policy: the table's size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "mode")]
 pub enum Attestation {

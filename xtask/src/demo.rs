@@ -355,7 +355,9 @@ fn continuous_trust(
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("the workload was still running 60 s after the revocation: fail-closed is broken");
+            bail!(
+                "the workload was still running 60 s after the revocation: fail-closed is broken"
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
