@@ -446,13 +446,17 @@ fn bring_up_network(
     }
 }
 
+/// What the separator event measures (its digest is `Digest::of(SEPARATOR)`), the last event
+/// before the workload starts.
+pub const SEPARATOR: &[u8] = b"cvm-warden separator: workload starts";
+
 fn separator(fx: &mut Effects<'_>) -> Result<Value, StageError> {
     let event = fx
         .event_log
         .measure(
             fx.register,
             EventKind::Separator,
-            Digest::of(b"cvm-warden separator: workload starts"),
+            Digest::of(SEPARATOR),
             "separator",
         )
         .map_err(|e| StageError::Extend(Box::new(e)))?;

@@ -106,7 +106,7 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         netns,
         &bins.broker,
         demo,
-        &broker_config(&[], &pcr15),
+        &broker_config(&[], &[pcr15.as_str()]),
         BROKER_LISTEN,
     )?;
     let dry = netns.command(&bins.warden);
@@ -185,8 +185,15 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         "the allowlist is not in place after the boot"
     );
     ensure!(
-        !listing.contains("(attestation.kbs)"),
+        !listing.contains("comment \"key broker tcp"),
         "the perimeter's broker rule survived the allowlist"
+    );
+    // Re-attestation is on by default (every 10 minutes): the broker stays reachable.
+    ensure!(
+        listing.contains(
+            "comment \"key broker (re-attestation) tcp 127.0.0.1:18999 (attestation.kbs)\""
+        ),
+        "the allowlist does not keep the broker for re-attestation"
     );
     let log = demo.join("audit.jsonl");
     banner("the audit log");
@@ -230,7 +237,7 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         netns,
         &bins.broker,
         demo,
-        &broker_config(&[ak.as_str()], &pcr15),
+        &broker_config(&[ak.as_str()], &[pcr15.as_str()]),
         BROKER_LISTEN,
     )?;
     let out = boot(netns, &bins.warden, policy)?;
@@ -311,12 +318,18 @@ fn continuous_trust(
         .as_str()
         .context("reference-values printed no tpm.value")?
         .to_string();
+    // What every re-attestation quotes: PCR 15 after the allowlist and the separator too.
+    let running = reference["tpm"]["reattest_value"]
+        .as_str()
+        .context("reference-values printed no tpm.reattest_value for a re-attesting policy")?
+        .to_string();
+    println!("PCR 15 after the measure stage: {pcr15}\nPCR 15 while the workload runs: {running}");
     tpm.restart()?;
     let broker = Broker::start(
         netns,
         &bins.broker,
         demo,
-        &broker_config(&[ak], &pcr15),
+        &broker_config(&[ak], &[pcr15.as_str(), running.as_str()]),
         BROKER_LISTEN,
     )?;
     let console = demo.join("act2-console.log");
@@ -344,7 +357,7 @@ fn continuous_trust(
         netns,
         &bins.broker,
         demo,
-        &broker_config(&[ak], &"0".repeat(64)),
+        &broker_config(&[ak], &["0".repeat(64).as_str()]),
         BROKER_LISTEN,
     )?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -411,11 +424,13 @@ fn continuous_trust(
 /// "Administering a real Trustee KBS"): the AK in `trusted_aks`, PCR 15 as the `tpm_pcr15`
 /// reference value the attestation policy compares, and the secret released only to an
 /// `affirming` token.
-fn broker_config(trusted_aks: &[&str], pcr15: &str) -> String {
+fn broker_config(trusted_aks: &[&str], pcr15: &[&str]) -> String {
     let aks: Vec<String> = trusted_aks.iter().map(|a| format!("{a:?}")).collect();
+    let pcrs: Vec<String> = pcr15.iter().map(|p| format!("{p:?}")).collect();
     format!(
-        "# written by cargo xtask demo\ntrusted_aks = [{}]\n\n[reference_values]\ntpm_pcr15 = [\"{pcr15}\"]\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = \"fl-client.key\"\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
-        aks.join(", ")
+        "# written by cargo xtask demo\ntrusted_aks = [{}]\n\n[reference_values]\ntpm_pcr15 = [{}]\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = \"fl-client.key\"\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
+        aks.join(", "),
+        pcrs.join(", ")
     )
 }
 
