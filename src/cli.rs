@@ -92,6 +92,26 @@ enum Command {
         #[command(subcommand)]
         command: EvidenceCommand,
     },
+    /// NVIDIA GPUs (NVML).
+    Gpu {
+        #[command(subcommand)]
+        command: GpuCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GpuCommand {
+    /// List the NVIDIA driver, the GPUs (index, UUID, arch, VBIOS), the CC and ready states
+    /// through NVML, then run the boot's GPU precheck and print its verdict (exit 0 only
+    /// when it passes; the refusal is the exact message a boot would stop with). Without
+    /// --policy: a GPU in CC mode is required. Never sets the ready state.
+    Probe {
+        /// Check the policy's [attestation.gpu] (its `simulate` GPU too) instead.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,8 +164,9 @@ struct RegisterArgs {
 
 #[derive(Debug, Subcommand)]
 enum EvidenceCommand {
-    /// Verify one piece of evidence offline and print its parsed fields as JSON (exit 0 only
-    /// when it verifies).
+    /// Verify one piece of evidence offline (SEV-SNP report, TPM quote, NVIDIA GPU report)
+    /// and print its parsed fields as JSON (exit 0 only when it verifies; 3 for a GPU rooted
+    /// at `--gpu-root`, not NVIDIA's root).
     Verify(cvm_warden_verify::cli::EvidenceArgs),
 }
 
@@ -455,7 +476,64 @@ fn dispatch(cli: Cli, kernel_ignored: Vec<String>) -> Result<(), CliError> {
         Command::Evidence {
             command: EvidenceCommand::Verify(args),
         } => status(cvm_warden_verify::cli::evidence_verify(&args)),
+        Command::Gpu {
+            command: GpuCommand::Probe { policy, common },
+        } => gpu_probe(policy.as_deref(), &common),
     }
+}
+
+/// `gpu probe`: the inventory, then the precheck (see [`GpuCommand::Probe`]).
+fn gpu_probe(policy_path: Option<&Path>, common: &CommonArgs) -> Result<(), CliError> {
+    use crate::tee::nvidia;
+    let gpu = match policy_path {
+        None => None,
+        Some(path) => {
+            let loaded = load(path, common)?;
+            match loaded.policy.attestation {
+                policy::Attestation::Broker { gpu: Some(gpu), .. } => Some(gpu),
+                _ => {
+                    return Err(CliError::Invalid(Box::new(Message(format!(
+                    "{} has no [attestation.gpu] table; add one, or run gpu probe without --policy",
+                    path.display()
+                )))))
+                }
+            }
+        }
+    };
+    let (nvml, requirements) = match &gpu {
+        Some(gpu) => (
+            crate::keybroker::open_nvml(gpu),
+            crate::keybroker::gpu_requirements(gpu),
+        ),
+        None => (
+            nvidia::RealNvml::open().map(|n| Box::new(n) as Box<dyn nvidia::Nvml>),
+            nvidia::default_requirements(),
+        ),
+    };
+    let mut nvml = nvml.map_err(CliError::failed)?;
+    let listed = nvidia::inventory(nvml.as_mut());
+    let mut gpus = nvidia::Gpus::new(Ok(nvml), requirements.clone());
+    let verdict = gpus
+        .precheck()
+        .map_err(|error| crate::boot::device_precheck_error(Box::new(error)));
+    let precheck = match &verdict {
+        Ok(facts) => {
+            serde_json::json!({ "requirements": requirements, "result": "passed", "facts": facts })
+        }
+        Err(error) => serde_json::json!({
+            "requirements": requirements,
+            "result": "refused",
+            "error": crate::report::error_chain(error),
+        }),
+    };
+    let mut report = listed;
+    report["nvml"] = serde_json::json!(match &gpu {
+        Some(g) if g.simulate.is_some() => "simulated GPU (proves nothing)".to_string(),
+        _ => nvidia::nvml::NVML_LIBRARY.to_string(),
+    });
+    report["precheck"] = precheck;
+    print_json(&report)?;
+    verdict.map(|_| ()).map_err(CliError::failed)
 }
 
 fn measure(dir: &Path, json: bool, manifest: Option<&Path>) -> Result<(), CliError> {

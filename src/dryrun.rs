@@ -46,6 +46,7 @@ fn measure(
     facts: &Facts,
     sys: &dyn Sys,
     register: &mut dyn RuntimeRegister,
+    devices: &[crate::tee::DeviceFacts],
 ) -> Result<(EventLog, Value), StageError> {
     let plan = stage::measure::plan(&loaded.policy, facts)?;
     let audit = Audit::new(Vec::new(), false);
@@ -73,6 +74,17 @@ fn measure(
                 EventKind::Ruleset,
                 ruleset.digest(),
                 "perimeter ruleset",
+            )
+            .map_err(|e| StageError::Extend(Box::new(e)))?;
+    }
+    // The GPUs' events come right after the perimeter, as in a boot (`boot::device_precheck`).
+    for device in devices {
+        event_log
+            .measure(
+                register,
+                device.kind,
+                device.digest,
+                device.description.clone(),
             )
             .map_err(|e| StageError::Extend(Box::new(e)))?;
     }
@@ -108,7 +120,8 @@ pub fn reference_values(
     sys: &dyn Sys,
 ) -> Result<Value, StageError> {
     let mut pcr = SimulatedPcr::default();
-    let (event_log, details) = measure(loaded, facts, sys, &mut pcr)?;
+    let devices = gpu_reference_events(loaded)?;
+    let (event_log, details) = measure(loaded, facts, sys, &mut pcr, &devices)?;
     let mut values = json!({
         "bundle_digest": details["bundle_digest"],
         "events": event_log.events(),
@@ -155,6 +168,36 @@ fn reattest_pcr(
         &value,
         &Digest::of(crate::boot::SEPARATOR),
     )))
+}
+
+/// The `gpu` events a boot with `[attestation.gpu]` extends after the perimeter ruleset. A
+/// simulated GPU's facts are fixed by its recording, so they are computed here; real GPUs'
+/// facts (UUID, FWID, measurements) exist only on the machine, so reference values for them
+/// are refused rather than computed without them (a PCR 15 the boot would never reach).
+fn gpu_reference_events(loaded: &LoadedPolicy) -> Result<Vec<crate::tee::DeviceFacts>, StageError> {
+    let crate::policy::Attestation::Broker { gpu: Some(gpu), .. } = &loaded.policy.attestation
+    else {
+        return Ok(Vec::new());
+    };
+    if gpu.simulate.is_none() {
+        return Err(StageError::Unsupported {
+            stage: "measure",
+            what: "reference values with [attestation.gpu] (each GPU's facts are extended into the runtime register after the perimeter ruleset)".to_string(),
+            hint: "this build computes them only for a simulated GPU (simulate); for real GPUs take the gpu events from the gpu/ok record of a boot's audit log",
+        });
+    }
+    let mut gpus =
+        crate::tee::nvidia::Gpus::new(keybroker::open_nvml(gpu), keybroker::gpu_requirements(gpu));
+    let precheck = |source: crate::tee::TeeError| StageError::Broker {
+        stage: "gpu",
+        what: "GPU precheck ([attestation.gpu])".to_string(),
+        source: Box::new(source),
+    };
+    gpus.precheck()
+        .map_err(precheck)?
+        .iter()
+        .map(|facts| facts.event().map_err(precheck))
+        .collect()
 }
 
 /// What the owner adds to the trustee format besides the policy: AKs, PCR 11, the SNP
@@ -304,7 +347,17 @@ pub fn attest(
         None => &mut none,
     };
     let register_name = register.name();
-    let (event_log, details) = measure(loaded, facts, sys, register)?;
+    // The GPU precheck as a boot runs it, so their events are extended and the evidence can
+    // be collected.
+    let devices = broker
+        .device_precheck()
+        .map_err(|source| StageError::Broker {
+            stage: "gpu",
+            what: "GPU precheck ([attestation.gpu])".to_string(),
+            source,
+        })?
+        .unwrap_or_default();
+    let (event_log, details) = measure(loaded, facts, sys, register, &devices)?;
 
     let mut tries = Vec::new();
     let exchange = broker.attest(&mut |attempt| tries.push(attempt));

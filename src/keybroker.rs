@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 
 use crate::eventlog::RuntimeRegister;
 use crate::kbs::{self, Attempt, Client, KbsConfig};
-use crate::policy::{Attestation, KeyWrap, ResourceUri, Tee};
+use crate::policy::{Attestation, Gpu, GpuArch, KeyWrap, ResourceUri, Tee};
 use crate::stage::{BrokerError, KeyBroker};
 use crate::tee::{self, Provider, TeeError};
 
@@ -51,6 +51,7 @@ pub fn open_provider(attestation: &Attestation) -> Result<Option<Box<dyn Provide
         tpm,
         tpm_ak_handle,
         snp_certs,
+        gpu,
         ..
     } = attestation
     else {
@@ -90,7 +91,47 @@ pub fn open_provider(attestation: &Attestation) -> Result<Option<Box<dyn Provide
         },
         Tee::Tdx => Box::new(tee::tdx::TdxProvider::open_default().map_err(wrap)?),
     };
-    Ok(Some(provider))
+    Ok(Some(match gpu {
+        Some(gpu) => Box::new(gpu_provider(provider, gpu)),
+        None => provider,
+    }))
+}
+
+/// What `[attestation.gpu]` requires, as the GPU provider reads it.
+pub fn gpu_requirements(gpu: &Gpu) -> tee::nvidia::GpuRequirements {
+    tee::nvidia::GpuRequirements {
+        required: gpu.required,
+        count: gpu.count,
+        arch: gpu
+            .arch
+            .iter()
+            .map(|a| match a {
+                GpuArch::Hopper => tee::nvidia::Arch::Hopper,
+                GpuArch::Blackwell => tee::nvidia::Arch::Blackwell,
+            })
+            .collect(),
+        min_driver: gpu.min_driver.clone(),
+        min_vbios: gpu.min_vbios.clone(),
+        allow_devtools: gpu.allow_devtools,
+        simulated: gpu.simulate.is_some(),
+    }
+}
+
+/// NVML for `[attestation.gpu]`: the simulated GPU of `simulate`, else `libnvidia-ml.so.1`.
+pub fn open_nvml(gpu: &Gpu) -> Result<Box<dyn tee::nvidia::Nvml>, tee::nvidia::NvmlError> {
+    Ok(match &gpu.simulate {
+        Some(recording) => Box::new(tee::nvidia::fake::FakeNvml::load(recording)?),
+        None => Box::new(tee::nvidia::RealNvml::open()?),
+    })
+}
+
+/// `primary` with the policy's GPUs beside it. NVML that cannot be loaded is not an error
+/// here: the GPU precheck reports it (naming the library) unless no GPU is required.
+pub fn gpu_provider(primary: Box<dyn Provider>, gpu: &Gpu) -> tee::nvidia::GpuProvider {
+    tee::nvidia::GpuProvider::new(
+        primary,
+        tee::nvidia::Gpus::new(open_nvml(gpu), gpu_requirements(gpu)),
+    )
 }
 
 /// The KBS client configuration for the policy's `[attestation]` table (`None` for
@@ -256,5 +297,66 @@ impl KeyBroker for RealBroker {
             "tee": self.provider.tee(),
             "evidence": self.provider.checkpoint(binding)?,
         }))
+    }
+
+    fn device_precheck(&mut self) -> Result<Option<Vec<tee::DeviceFacts>>, BrokerError> {
+        Ok(self.provider.device_precheck()?)
+    }
+
+    fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, BrokerError> {
+        Ok(self.provider.set_devices_ready(ready)?)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn loaded(gpu: &str) -> crate::policy::LoadedPolicy {
+        let sim =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nvidia-sim/gpu.json");
+        let text = format!(
+            "[workload]\nbundle = \"/opt/b\"\nsource = \"initramfs\"\nexec = [\"/opt/b/run\"]\nuser = 1000\ngroup = 1000\n\n[attestation]\ntee = \"sample\"\ninsecure_sample = true\nkbs = \"http://127.0.0.1:9\"\ninsecure_http = true\n\n[attestation.gpu]\nsimulate = {:?}\n{gpu}\n\n[network]\n",
+            sim.display().to_string()
+        );
+        crate::policy::parse(&text, None, &crate::policy::MemoryUsers::new()).unwrap()
+    }
+
+    #[test]
+    fn the_policys_gpus_are_wrapped_around_the_provider_and_reached_through_the_broker() {
+        let loaded = loaded("count = 1");
+        let provider = open_provider(&loaded.policy.attestation).unwrap().unwrap();
+        assert_eq!(provider.tee(), "sample");
+        assert!(provider.insecure());
+        assert_eq!(provider.describe()["gpu"]["simulated"], true);
+        let config = client_config(&loaded.policy.attestation).unwrap().unwrap();
+        let mut broker = RealBroker::new(provider, config).unwrap();
+        let events = broker.device_precheck().unwrap().unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, crate::eventlog::EventKind::Gpu);
+        let ready = broker.set_devices_ready(true).unwrap().unwrap();
+        assert_eq!(ready["ready"], true);
+        // A mismatch is the broker's error, naming the setting.
+        let loaded = loaded_with_count(2);
+        let provider = open_provider(&loaded.policy.attestation).unwrap().unwrap();
+        let config = client_config(&loaded.policy.attestation).unwrap().unwrap();
+        let mut broker = RealBroker::new(provider, config).unwrap();
+        let error = broker.device_precheck().unwrap_err().to_string();
+        assert!(error.contains("[attestation.gpu] count = 2"), "{error}");
+    }
+
+    fn loaded_with_count(count: u32) -> crate::policy::LoadedPolicy {
+        loaded(&format!("count = {count}"))
+    }
+
+    #[test]
+    fn without_gpus_the_provider_is_not_wrapped() {
+        let text = "[workload]\nbundle = \"/opt/b\"\nsource = \"initramfs\"\nexec = [\"/opt/b/run\"]\nuser = 1000\ngroup = 1000\n\n[attestation]\ntee = \"sample\"\ninsecure_sample = true\nkbs = \"http://127.0.0.1:9\"\ninsecure_http = true\n\n[network]\n";
+        let loaded = crate::policy::parse(text, None, &crate::policy::MemoryUsers::new()).unwrap();
+        let mut provider = open_provider(&loaded.policy.attestation).unwrap().unwrap();
+        assert!(provider.describe().get("gpu").is_none());
+        assert!(provider.device_precheck().unwrap().is_none());
+        assert!(provider.set_devices_ready(true).unwrap().is_none());
     }
 }

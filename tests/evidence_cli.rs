@@ -143,3 +143,36 @@ fn a_quote_with_a_changed_pcr_or_another_ak_fails_with_exit_1() {
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// `cvm-warden evidence verify --gpu-report` is the verifier's: the real H100 sample verifies
+/// to NVIDIA's pinned root, and the same report for another nonce is refused naming both.
+#[test]
+fn a_real_h100_report_verifies_through_the_daemon_binary() {
+    let report = vector("nvidia/nvtrust/hopperAttestationReport.txt");
+    let certs = vector("nvidia/nvtrust/hopperCertChain.txt");
+    let nonce = "931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb";
+    let args = |nonce: &str| {
+        vec![
+            std::ffi::OsString::from("--gpu-report"),
+            report.clone().into_os_string(),
+            "--gpu-certs".into(),
+            certs.clone().into_os_string(),
+            "--nonce".into(),
+            nonce.into(),
+        ]
+    };
+    let good = args(nonce);
+    let (code, stdout, stderr) =
+        evidence_verify(&good.iter().map(|a| a.as_os_str()).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["root"]["kind"], "nvidia");
+    assert_eq!(json["claims"]["arch"], "HOPPER");
+    assert_eq!(json["claims"]["config"]["driver_version"], "550.90.07");
+    let zero = "00".repeat(32);
+    let bad = args(&zero);
+    let (code, _, stderr) = evidence_verify(&bad.iter().map(|a| a.as_os_str()).collect::<Vec<_>>());
+    assert_eq!(code, 1);
+    assert!(stderr.contains("GPU nonce mismatch"), "{stderr}");
+    assert!(stderr.contains(nonce), "{stderr}");
+}

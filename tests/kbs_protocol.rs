@@ -1375,3 +1375,98 @@ fn trustee_registration_through_the_admin_api_decides_a_tpm_release() {
     );
     assert_eq!(broker.requests().len(), 1, "stopped at the first refusal");
 }
+
+// ---------------------------------------------------------------------------------------
+// NVIDIA GPUs beside the TEE: the daemon's GPU provider (simulated GPU) against the test
+// broker's own NVIDIA verifier
+// ---------------------------------------------------------------------------------------
+
+fn gpu_broker() -> RunningBroker {
+    let sim = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nvidia-sim");
+    let mut config = BrokerConfig {
+        allow_sample: true,
+        ..BrokerConfig::default()
+    }
+    .with_resource(RESOURCE, &SECRET, sample_policy());
+    config.nvidia.extra_roots = vec![sim.join("root.pem")];
+    config.nvidia.require_gpus = 1;
+    Broker::start(config, "127.0.0.1:0").unwrap()
+}
+
+fn gpu_provider(
+    change: impl FnOnce(&mut cvm_warden::tee::nvidia::fake::FakeNvml),
+) -> cvm_warden::tee::nvidia::GpuProvider {
+    use cvm_warden::tee::nvidia::{fake::FakeNvml, GpuProvider, GpuRequirements, Gpus};
+    let mut nvml = FakeNvml::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nvidia-sim/gpu.json"),
+    )
+    .unwrap();
+    change(&mut nvml);
+    let mut gpus = Gpus::new(
+        Ok(Box::new(nvml)),
+        GpuRequirements {
+            required: true,
+            count: Some(1),
+            arch: vec![],
+            min_driver: None,
+            min_vbios: None,
+            allow_devtools: false,
+            simulated: true,
+        },
+    );
+    gpus.precheck().unwrap();
+    GpuProvider::new(Box::new(SampleProvider::new()), gpus)
+}
+
+#[test]
+fn a_simulated_gpus_evidence_is_verified_by_the_broker_and_the_key_released() {
+    let broker = gpu_broker();
+    let mut client = http_client(&broker);
+    let mut provider = gpu_provider(|_| {});
+    let mut observer = RecordingObserver::default();
+    let attested = client.attest(&mut provider, &mut observer).unwrap();
+    assert!(attested
+        .additional_evidence
+        .starts_with("{\"nvidia\":{\"device_evidence_list\":[{\"arch\":\"HOPPER\""));
+    // The broker verified the GPU (its claims under gpu0) and binds the string.
+    assert_eq!(
+        attested.claims["submods"]["gpu0"]["ear.veraison.annotated-evidence"]["nvidia"]["config"]
+            ["driver_version"],
+        "550.90.07",
+        "{}",
+        attested.claims
+    );
+    let released = client
+        .resource(&uri(), &mut provider, &mut observer)
+        .unwrap();
+    assert_eq!(released.bytes(), SECRET);
+}
+
+#[test]
+fn a_replayed_gpu_report_with_another_nonce_is_refused_by_the_broker() {
+    let broker = gpu_broker();
+    let mut client = http_client(&broker);
+    // NVIDIA's real H100 vector replayed (genuine signature and chain, NVIDIA's nonce)
+    // whatever nonce is asked: only the nonce is wrong.
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nvidia");
+    let mut provider = gpu_provider(|nvml| {
+        let gpu = nvml.gpus.remove(0);
+        nvml.gpus
+            .push(cvm_warden::tee::nvidia::fake::FakeGpu::replay(
+                &gpu.uuid,
+                gpu.arch.clone(),
+                &gpu.vbios_version,
+                std::fs::read(data.join("nvtrust-hopperAttestationReport.bin")).unwrap(),
+                std::fs::read(data.join("hopperCertChain.txt")).unwrap(),
+            ));
+    });
+    let mut observer = RecordingObserver::default();
+    let error = client.attest(&mut provider, &mut observer).unwrap_err();
+    assert!(
+        matches!(error, KbsError::EvidenceRejected { .. }),
+        "{error:?}"
+    );
+    // (The broker answers as Trustee does, without the reason: the vector verifies to
+    // NVIDIA's root with its own nonce in `evidence verify`, so the nonce is what failed.)
+    assert!(requests(&broker).iter().all(|r| r.1 != resource_path()));
+}

@@ -30,6 +30,8 @@ struct Boot {
     pcr: SimulatedPcr,
     log: EventLog,
     clock: u64,
+    /// The exchange's `additional_evidence` (GPU evidence; empty: none).
+    additional: String,
 }
 
 impl Boot {
@@ -41,6 +43,7 @@ impl Boot {
             pcr: SimulatedPcr::default(),
             log: EventLog::new(),
             clock: EXCHANGE_QUOTE.clock,
+            additional: String::new(),
         }
     }
 
@@ -105,9 +108,9 @@ impl Boot {
             json!({"bundle_digest": Digest::of(BUNDLE.as_bytes())}),
         )
         .unwrap();
-        let nonce = "bm9uY2U=".to_string();
-        let tee_pubkey = json!({"kty": "EC", "crv": "P-256", "x": "AA", "y": "BB"});
-        let report_data = binding::report_data(&nonce, &tee_pubkey, "").unwrap();
+        let nonce = EXCHANGE_NONCE.to_string();
+        let tee_pubkey = exchange_pubkey();
+        let report_data = binding::report_data(&nonce, &tee_pubkey, &self.additional).unwrap();
         let evidence = self.quote(&report_data[..32]);
         let head = a
             .record(
@@ -119,7 +122,8 @@ impl Boot {
                     "exchange": {
                         "broker": "https://kbs.example", "tee": "tpm", "insecure": false,
                         "nonce": nonce, "tee_pubkey": tee_pubkey,
-                        "additional_evidence": "", "report_data": hex::encode(report_data),
+                        "additional_evidence": self.additional,
+                        "report_data": hex::encode(report_data),
                         "evidence": evidence, "claims": {}, "status": "affirming",
                     },
                     "event_log": self.log.events(),
@@ -150,6 +154,13 @@ impl Boot {
         }
         a.lines()
     }
+}
+
+/// The broker nonce and ephemeral key of [`Boot`]'s exchange.
+const EXCHANGE_NONCE: &str = "bm9uY2U=";
+
+fn exchange_pubkey() -> Value {
+    json!({"kty": "EC", "crv": "P-256", "x": "AA", "y": "BB"})
 }
 
 fn text(lines: &[String]) -> Vec<u8> {
@@ -525,4 +536,154 @@ fn a_checkpoint_may_not_rewrite_the_exchange_events() {
         err.to_string().contains("measurements were rewritten"),
         "{err}"
     );
+}
+
+mod gpu {
+    //! GPU evidence in the exchange's `additional_evidence`: verified per device with the
+    //! exchange's device nonce, up to NVIDIA's pinned root; a GPU rooted elsewhere (only with
+    //! `--gpu-root`) leaves the run "not proven", never attested.
+
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use cvm_warden_verify::evidence::nvidia::{decode_report, forge};
+    use cvm_warden_verify::schema::{AdditionalEvidence, DeviceEvidence, NvidiaEvidence};
+
+    use super::*;
+
+    fn nvtrust_report() -> Vec<u8> {
+        decode_report(include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/verify/tests/vectors/nvidia/nvtrust/hopperAttestationReport.txt"
+        )))
+        .unwrap()
+    }
+
+    const NVTRUST_CHAIN: &[u8] = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/verify/tests/vectors/nvidia/nvtrust/hopperCertChain.txt"
+    ));
+
+    fn device_nonce() -> [u8; 32] {
+        binding::device_nonce(EXCHANGE_NONCE, &exchange_pubkey()).unwrap()
+    }
+
+    fn additional(arch: &str, report: &[u8], chain: &[u8]) -> String {
+        serde_json::to_string(&AdditionalEvidence {
+            nvidia: NvidiaEvidence {
+                device_evidence_list: vec![DeviceEvidence {
+                    arch: arch.to_string(),
+                    uuid: "GPU-test".to_string(),
+                    evidence: STANDARD.encode(report),
+                    certificate: STANDARD.encode(chain),
+                }],
+            },
+        })
+        .unwrap()
+    }
+
+    fn boot_with(additional: String) -> Vec<u8> {
+        let mut boot = Boot::new();
+        boot.additional = additional;
+        text(&boot.run(Checkpoints::All, 0))
+    }
+
+    fn with_gpu_root(root_pem: &[u8]) -> Pins {
+        Pins {
+            gpu_root: Some(root_pem.to_vec()),
+            ..trusted()
+        }
+    }
+
+    #[test]
+    fn a_gpu_at_a_test_root_leaves_an_otherwise_attested_boot_not_proven() {
+        let (report, chain) = forge::evidence(&nvtrust_report(), &device_nonce());
+        let log = boot_with(additional("HOPPER", &report, &chain.chain_pem));
+        let result = outcome(&log, with_gpu_root(&chain.root_pem)).unwrap();
+        match &result.runs[0].verdict {
+            Verdict::Unattested { reason } => {
+                assert!(reason.contains("GPU 0 (HOPPER, uuid GPU-test)"), "{reason}");
+                assert!(reason.contains("--gpu-root"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(result.exit_code(), 3);
+        let exchange = &result.evidence[0];
+        assert!(
+            exchange.verified.iter().any(|v| v.contains("GPU 0")
+                && v.contains("NOT NVIDIA's")
+                && v.contains("driver 550.90.07")),
+            "{exchange:#?}"
+        );
+        // The same boot without GPU evidence is attested: the GPU alone made the difference.
+        let plain = outcome(&boot_with(String::new()), with_gpu_root(&chain.root_pem)).unwrap();
+        assert_eq!(plain.exit_code(), 0);
+    }
+
+    #[test]
+    fn without_the_gpu_root_pin_the_test_root_is_unknown_and_the_log_broken() {
+        let (report, chain) = forge::evidence(&nvtrust_report(), &device_nonce());
+        let log = boot_with(additional("HOPPER", &report, &chain.chain_pem));
+        let err = outcome(&log, trusted()).unwrap_err().to_string();
+        assert!(err.contains("GPU 0 (HOPPER, uuid GPU-test)"), "{err}");
+        assert!(err.contains("not NVIDIA's device identity root"), "{err}");
+    }
+
+    #[test]
+    fn gpu_evidence_that_does_not_verify_breaks_the_exchange_naming_the_gpu() {
+        let (report, chain) = forge::evidence(&nvtrust_report(), &device_nonce());
+        let pins = with_gpu_root(&chain.root_pem);
+        // Made for another nonce.
+        let (other, other_chain) = forge::evidence(&nvtrust_report(), &[1; 32]);
+        let err = outcome(
+            &boot_with(additional("HOPPER", &other, &other_chain.chain_pem)),
+            with_gpu_root(&other_chain.root_pem),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("GPU 0") && err.contains("GPU nonce mismatch"),
+            "{err}"
+        );
+        assert!(err.contains(&hex::encode(device_nonce())), "{err}");
+        // One flipped byte in the driver version.
+        let mut tampered = report.clone();
+        let at = tampered.windows(9).position(|w| w == b"550.90.07").unwrap();
+        tampered[at] = b'6';
+        let err = outcome(
+            &boot_with(additional("HOPPER", &tampered, &chain.chain_pem)),
+            pins.clone(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("GPU 0") && err.contains("signature does not verify"),
+            "{err}"
+        );
+        // The evidence says Blackwell, the certificate is a Hopper's.
+        let err = outcome(
+            &boot_with(additional("BLACKWELL", &report, &chain.chain_pem)),
+            pins,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("says arch BLACKWELL"), "{err}");
+    }
+
+    #[test]
+    fn a_real_gpu_report_for_another_nonce_is_refused_after_its_chain_and_signature_verify() {
+        let log = boot_with(additional("HOPPER", &nvtrust_report(), NVTRUST_CHAIN));
+        let err = outcome(&log, trusted()).unwrap_err().to_string();
+        assert!(err.contains("GPU nonce mismatch"), "{err}");
+        assert!(
+            err.contains("931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn additional_evidence_of_another_shape_breaks_the_exchange() {
+        let log = boot_with(r#"{"nvidia":{"devices":[]}}"#.to_string());
+        let err = outcome(&log, trusted()).unwrap_err().to_string();
+        assert!(err.contains("exchange.additional_evidence is not"), "{err}");
+    }
 }

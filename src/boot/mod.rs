@@ -382,7 +382,11 @@ fn run_stages(
             Ok(details) => {
                 log::info!("stage {name}: ok");
                 record(audit, name, "ok", details)?;
+                if stage == StageName::Unlock {
+                    devices_ready(fx, audit)?;
+                }
                 if stage == StageName::Perimeter {
+                    device_precheck(fx, audit)?;
                     if let Some((sys, resolv_conf)) = net {
                         bring_up_network(&plan.network, sys, resolv_conf, fx, audit)?;
                     }
@@ -406,6 +410,93 @@ fn run_stages(
     }
     // A required audit sink that never caught up stops the boot here, before launch.
     audit.require_sinks().map_err(BootError::Audit)
+}
+
+/// The devices beside the TEE (GPUs, `[attestation.gpu]`), right after the perimeter and
+/// before the network and the measure stage: checked against the policy (a mismatch stops
+/// the boot naming the GPU and the setting), each one's facts measured (a `gpu` event,
+/// extended before it is logged) and recorded like a stage (`gpu/begin`, `gpu/ok` or
+/// `gpu/failed`). Nothing is written when no devices are configured.
+fn device_precheck(fx: &mut Effects<'_>, audit: &Audit) -> Result<(), BootError> {
+    let Some(broker) = fx.broker.as_deref_mut() else {
+        return Ok(());
+    };
+    let devices = match broker.device_precheck() {
+        Ok(None) => return Ok(()),
+        Ok(Some(devices)) => devices,
+        Err(source) => {
+            let error = device_precheck_error(source);
+            log::error!("{}", chain(&error));
+            record(audit, "gpu", "failed", json!({ "error": chain(&error) }))?;
+            return Err(error);
+        }
+    };
+    let mut measured = Vec::new();
+    for device in &devices {
+        let event = fx
+            .event_log
+            .measure(
+                fx.register,
+                device.kind,
+                device.digest,
+                device.description.clone(),
+            )
+            .map_err(|e| BootError::Stage {
+                stage: "gpu",
+                source: StageError::Extend(Box::new(e)),
+            })?;
+        measured.push(json!({ "facts": device.details, "event": event }));
+    }
+    log::info!("gpu: {} device(s) checked and measured", devices.len());
+    record(audit, "gpu", "ok", json!({ "devices": measured }))?;
+    Ok(())
+}
+
+/// The error a failed GPU precheck stops the boot with (also what `cvm-warden gpu probe`
+/// prints, so an operator sees the exact refusal).
+pub fn device_precheck_error(source: stage::BrokerError) -> BootError {
+    BootError::Stage {
+        stage: "gpu",
+        source: StageError::Broker {
+            stage: "gpu",
+            what: "GPU precheck ([attestation.gpu])".to_string(),
+            source,
+        },
+    }
+}
+
+/// After the unlock stage (the broker affirmed the evidence and released every key of the
+/// boot): the devices' ready state is set (`gpu/ready`); a failure stops the boot.
+fn devices_ready(fx: &mut Effects<'_>, audit: &Audit) -> Result<(), BootError> {
+    let Some(broker) = fx.broker.as_deref_mut() else {
+        return Ok(());
+    };
+    match broker.set_devices_ready(true) {
+        Ok(None) => Ok(()),
+        Ok(Some(details)) => {
+            record(audit, "gpu", "ready", details)?;
+            Ok(())
+        }
+        Err(source) => {
+            let error = BootError::Stage {
+                stage: "gpu",
+                source: StageError::Broker {
+                    stage: "gpu",
+                    what: "setting the GPUs ready (nvmlSystemSetConfComputeGpusReadyState)"
+                        .to_string(),
+                    source,
+                },
+            };
+            log::error!("{}", chain(&error));
+            record(
+                audit,
+                "gpu",
+                "ready_failed",
+                json!({ "error": chain(&error) }),
+            )?;
+            Err(error)
+        }
+    }
 }
 
 /// The network, right after the perimeter ruleset is in place (default deny, DHCP admitted
@@ -504,6 +595,29 @@ pub trait Checkpointer {
     /// a policy with re-attestation then stops the workload at the first one, fail closed).
     fn reattester(&mut self) -> Option<&mut dyn Reattester> {
         None
+    }
+
+    /// Sets or clears the devices' ready state ([`stage::KeyBroker::set_devices_ready`]).
+    fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, stage::BrokerError> {
+        let _ = ready;
+        Ok(None)
+    }
+}
+
+/// Clears the devices' ready state before the machine goes down or the workload is gone
+/// (`gpu/not_ready`, or `gpu/not_ready_failed`); nothing without devices. Audit errors are
+/// ignored: the machine goes down either way.
+pub fn clear_devices_ready(audit: &Audit, checkpointer: &mut dyn Checkpointer) {
+    match checkpointer.set_devices_ready(false) {
+        Ok(None) => {}
+        Ok(Some(details)) => {
+            let _ = audit.record("gpu", "not_ready", details);
+        }
+        Err(error) => {
+            let error = chain(error.as_ref());
+            log::error!("cannot clear the GPUs' ready state: {error}");
+            let _ = audit.record("gpu", "not_ready_failed", json!({ "error": error }));
+        }
     }
 }
 
@@ -625,8 +739,12 @@ impl Lifecycle<'_> {
         }
     }
 
-    /// The closing record, the closing checkpoint right after it, then a flush.
+    /// The devices' ready state cleared, the closing record, the closing checkpoint right
+    /// after it, then a flush.
     fn close(&mut self, stage: &str, event: &str, details: Value, event_log: &EventLog) {
+        if let Some(checkpointer) = self.checkpointer.as_deref_mut() {
+            clear_devices_ready(self.audit, checkpointer);
+        }
         let _ = self.audit.record(stage, event, details);
         self.checkpoint(CheckpointKind::Closing, event_log);
         let _ = self.audit.flush();

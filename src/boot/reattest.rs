@@ -148,6 +148,10 @@ impl Checkpointer for RealBroker {
     fn reattester(&mut self) -> Option<&mut dyn Reattester> {
         Some(self)
     }
+
+    fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, BrokerError> {
+        crate::stage::KeyBroker::set_devices_ready(self, ready)
+    }
 }
 
 impl Reattester for RealBroker {
@@ -175,10 +179,9 @@ impl Reattester for RealBroker {
     }
 
     fn trust_lost(&mut self) -> Value {
-        json!({
-            "devices": [],
-            "note": "this build makes no device ready (no GPU ready state to clear)",
-        })
+        // The devices' ready state (GPUs) is cleared by the runner's closing path
+        // (`gpu/not_ready`, before the closing record), as on every way down.
+        json!({ "devices": "cleared before the closing record (gpu/not_ready)" })
     }
 }
 

@@ -784,6 +784,8 @@ struct FakeBroker {
     deny: Option<String>,
     calls: Vec<String>,
     bindings: Vec<[u8; 64]>,
+    /// GPUs beside the TEE (the real GPU logic over a fake NVML).
+    gpus: Option<crate::tee::nvidia::Gpus>,
 }
 
 impl FakeBroker {
@@ -794,6 +796,7 @@ impl FakeBroker {
             deny: None,
             calls: Vec::new(),
             bindings: Vec::new(),
+            gpus: None,
         }
     }
 }
@@ -836,6 +839,29 @@ impl stage::KeyBroker for FakeBroker {
             );
         }
         Ok(zeroize::Zeroizing::new(SECRET.to_vec()))
+    }
+
+    fn device_precheck(
+        &mut self,
+    ) -> Result<Option<Vec<crate::tee::DeviceFacts>>, stage::BrokerError> {
+        let Some(gpus) = self.gpus.as_mut() else {
+            return Ok(None);
+        };
+        self.calls.push("device_precheck".to_string());
+        let facts = gpus.precheck()?;
+        let events = facts
+            .iter()
+            .map(crate::tee::nvidia::GpuFacts::event)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(events))
+    }
+
+    fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, stage::BrokerError> {
+        let Some(gpus) = self.gpus.as_mut() else {
+            return Ok(None);
+        };
+        self.calls.push(format!("set_devices_ready({ready})"));
+        Ok(Some(gpus.set_ready(ready)?))
     }
 
     fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
@@ -2239,6 +2265,213 @@ fn a_tampered_flare_kit_stops_the_boot_at_measure_naming_the_file() {
     assert!(message.contains("NVIDIA FLARE startup kit"), "{message}");
 }
 
+// ---- GPUs ([attestation.gpu]) with the simulated NVML ----
+
+fn sim_gpus(
+    change: impl FnOnce(&mut crate::tee::nvidia::fake::FakeNvml),
+) -> (crate::tee::nvidia::Gpus, crate::tee::nvidia::fake::Calls) {
+    use crate::tee::nvidia::{fake::FakeNvml, Arch, GpuRequirements, Gpus};
+    let mut nvml = FakeNvml::load(Path::new("tests/data/nvidia-sim/gpu.json")).unwrap();
+    change(&mut nvml);
+    let calls = nvml.calls();
+    let gpus = Gpus::new(
+        Ok(Box::new(nvml)),
+        GpuRequirements {
+            required: true,
+            count: Some(1),
+            arch: vec![Arch::Hopper],
+            min_driver: None,
+            min_vbios: None,
+            allow_devtools: false,
+            simulated: true,
+        },
+    );
+    (gpus, calls)
+}
+
+fn ready_calls(calls: &crate::tee::nvidia::fake::Calls) -> Vec<String> {
+    calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.starts_with("set_ready"))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn gpus_are_checked_after_the_perimeter_measured_and_set_ready_only_after_unlock() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    let (gpus, nvml_calls) = sim_gpus(|_| {});
+    broker.gpus = Some(gpus);
+    let ready = prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap();
+    assert_eq!(
+        broker.calls,
+        [
+            "device_precheck",
+            "attest",
+            "checkpoint",
+            "fetch kbs:///default/secrets/client-key",
+            "set_devices_ready(true)"
+        ]
+    );
+    assert_eq!(ready_calls(&nvml_calls), ["set_ready_state(true)"]);
+    let recs = records(&lines);
+    let order = events(&recs);
+    let at = |pair: (&str, &str)| {
+        order
+            .iter()
+            .position(|p| p.0 == pair.0 && p.1 == pair.1)
+            .unwrap_or_else(|| panic!("no {pair:?} in {order:?}"))
+    };
+    assert!(at(("perimeter", "ok")) < at(("gpu", "ok")));
+    assert!(at(("gpu", "ok")) < at(("measure", "begin")));
+    assert!(at(("unlock", "ok")) < at(("gpu", "ready")));
+    assert!(at(("gpu", "ready")) < at(("allowlist", "begin")));
+    // The GPU's facts are a measurement event (extended before logged), after the perimeter
+    // ruleset and before the policy, and in the audit record.
+    let kinds: Vec<EventKind> = ready.event_log.events().iter().map(|e| e.kind).collect();
+    assert_eq!(
+        &kinds[..3],
+        [EventKind::Ruleset, EventKind::Gpu, EventKind::Policy]
+    );
+    let gpu_event = &ready.event_log.events()[1];
+    assert_eq!(
+        gpu_event.digest,
+        Digest::of(gpu_event.description.as_bytes())
+    );
+    let ok = &recs[at(("gpu", "ok"))]["details"]["devices"][0];
+    assert_eq!(
+        ok["facts"]["uuid"],
+        "GPU-5e1f0000-0000-4000-8000-000000000001"
+    );
+    assert_eq!(ok["facts"]["driver_version"], "550.90.07");
+    assert!(ok["facts"]["fwid"]
+        .as_str()
+        .unwrap()
+        .starts_with("f5c384ae"));
+    assert_eq!(ok["event"]["kind"], "gpu");
+    let ready_rec = &recs[at(("gpu", "ready"))]["details"];
+    assert_eq!(ready_rec["ready"], true);
+}
+
+#[test]
+fn a_gpu_out_of_cc_mode_stops_the_boot_before_anything_is_measured_or_asked_for() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    let (gpus, nvml_calls) = sim_gpus(|nvml| nvml.cc.cc_feature = false);
+    broker.gpus = Some(gpus);
+    let error = prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap_err();
+    let text = chain(&error);
+    assert!(
+        text.contains("GPU precheck ([attestation.gpu])")
+            && text.contains("GPU 0 (GPU-5e1f0000-0000-4000-8000-000000000001, hopper): confidential computing is off"),
+        "{text}"
+    );
+    assert_eq!(broker.calls, ["device_precheck"]);
+    assert!(ready_calls(&nvml_calls).is_empty());
+    let order = events(&records(&lines));
+    assert!(order.contains(&("gpu".to_string(), "failed".to_string())));
+    assert!(!order.contains(&("measure".to_string(), "begin".to_string())));
+}
+
+#[test]
+fn a_refused_attestation_never_sets_the_gpus_ready() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, _lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    broker.attest_ok = false;
+    let (gpus, nvml_calls) = sim_gpus(|_| {});
+    broker.gpus = Some(gpus);
+    prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap_err();
+    assert!(ready_calls(&nvml_calls).is_empty());
+    // The failed boot's shutdown clears it anyway (fail closed).
+    let mut life = life(&sys, &audit);
+    life.checkpointer = Some(&mut broker);
+    let error = BootError::NotLaunched;
+    fail(&mut life, FailureAction::Poweroff, &error, &EventLog::new());
+    assert_eq!(ready_calls(&nvml_calls), ["set_ready_state(false)"]);
+}
+
+#[test]
+fn the_gpus_ready_state_is_cleared_before_power_off_after_a_failed_launch() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    let (gpus, nvml_calls) = sim_gpus(|_| {});
+    broker.gpus = Some(gpus);
+    let ready = prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap();
+    let mut launcher = FakeLauncher::new(0);
+    launcher.fail = true;
+    let mut life = life(&sys, &audit);
+    life.checkpointer = Some(&mut broker);
+    let shutdown = run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+    assert_eq!(shutdown.code, 1);
+    assert_eq!(
+        ready_calls(&nvml_calls),
+        ["set_ready_state(true)", "set_ready_state(false)"]
+    );
+    let recs = records(&lines);
+    let order = events(&recs);
+    let not_ready = order
+        .iter()
+        .position(|p| p.0 == "gpu" && p.1 == "not_ready")
+        .unwrap();
+    let closing = order
+        .iter()
+        .position(|p| p.0 == "shutdown" && p.1 == "poweroff")
+        .unwrap();
+    assert!(not_ready < closing, "{order:?}");
+    assert!(order[..not_ready].contains(&("launch".to_string(), "failed".to_string())));
+    assert_eq!(recs[not_ready]["details"]["ready"], false);
+    assert_eq!(recs[not_ready]["details"]["was_set_by_cvm_warden"], true);
+}
+
+#[test]
+fn a_failure_to_set_the_gpus_ready_stops_the_boot() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    let (gpus, _calls) = sim_gpus(|nvml| nvml.fail_on = Some("set_ready_state(true)".into()));
+    broker.gpus = Some(gpus);
+    let error = prepare_with_broker(&fixture, &sys, &mut broker, &audit).unwrap_err();
+    assert!(
+        chain(&error).contains("setting the GPUs ready (nvmlSystemSetConfComputeGpusReadyState)"),
+        "{}",
+        chain(&error)
+    );
+    let order = events(&records(&lines));
+    assert!(order.contains(&("gpu".to_string(), "ready_failed".to_string())));
+    assert!(!order.contains(&("allowlist".to_string(), "begin".to_string())));
+}
+
+#[test]
+fn a_simulated_gpu_or_allowed_devtools_make_every_record_insecure() {
+    let fixture = Fixture::new();
+    let policy = |gpu: &str| {
+        let text = broker_policy(&fixture)
+            .replace("attestation = { tee = \"sample\", kbs = \"http://127.0.0.1:9\", insecure_sample = true, insecure_http = true }",
+                &format!("[attestation]\ntee = \"tpm\"\nkbs = \"http://127.0.0.1:9\"\ninsecure_http = true\n\n[attestation.gpu]\n{gpu}\n"));
+        // The workload table follows the attestation table: move the attestation last.
+        let (attestation, rest) = text.split_at(text.find("[workload]").unwrap());
+        let text = format!("{rest}\n{attestation}");
+        load(&text)
+    };
+    assert!(!wiring::insecure(&policy("")));
+    assert!(wiring::insecure(&policy("allow_devtools = true")));
+    assert!(wiring::insecure(&policy(
+        "simulate = \"/etc/cvm-warden/nvidia-sim/gpu.json\""
+    )));
+}
+
 // ---- continuous trust: re-attestation while the workload runs ----
 
 /// A scripted [`Reattester`] (and checkpointer): answers from its script, then affirms.
@@ -2712,4 +2945,19 @@ fn the_unit_shape_records_that_it_cannot_reattest_and_refuses_an_explicit_interv
     // "0" says so explicitly: accepted in both shapes.
     let off = parse(&text.replace("\"5m\"", "\"0\""), None, &users()).unwrap();
     assert!(BootPlan::new(&off.policy, &facts(crate::lockdown::Shape::Systemd)).is_ok());
+}
+
+/// The fake broker as the runner's checkpointer (as the real broker is one).
+impl Checkpointer for FakeBroker {
+    fn describe(&self) -> Value {
+        stage::KeyBroker::describe(self)
+    }
+
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+        stage::KeyBroker::checkpoint(self, binding)
+    }
+
+    fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, stage::BrokerError> {
+        stage::KeyBroker::set_devices_ready(self, ready)
+    }
 }

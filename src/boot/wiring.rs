@@ -51,16 +51,18 @@ pub fn facts(loaded: &LoadedPolicy, shape: crate::lockdown::Shape, sandbox: bool
 }
 
 /// Whether every audit record must say `"insecure": true`: nothing is attested
-/// (`attestation = "none"`) or the evidence proves nothing (`tee = "sample"`).
+/// (`attestation = "none"`), the evidence proves nothing (`tee = "sample"`, a simulated GPU
+/// `[attestation.gpu] simulate`) or the GPU is not confidential (`allow_devtools = true`).
 pub fn insecure(loaded: &LoadedPolicy) -> bool {
-    matches!(
-        loaded.policy.attestation,
-        Attestation::None
-            | Attestation::Broker {
-                tee: policy::Tee::Sample,
-                ..
-            }
-    )
+    match &loaded.policy.attestation {
+        Attestation::None => true,
+        Attestation::Broker { tee, gpu, .. } => {
+            *tee == policy::Tee::Sample
+                || gpu
+                    .as_ref()
+                    .is_some_and(|g| g.simulate.is_some() || g.allow_devtools)
+        }
+    }
 }
 
 /// Builds the audit log for a loaded policy (console = stderr: the serial console in PID 1

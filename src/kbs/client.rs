@@ -506,7 +506,14 @@ impl Client {
         // 2. A fresh key, the binding, the evidence.
         let key = (self.keygen)(self.config.key_wrap)?;
         let jwk = key.jwk();
-        let additional_evidence = String::new();
+        // Device evidence (GPUs) first, bound to the nonce and key: the primary evidence's
+        // report data then covers it through `additional-evidence`.
+        let additional_evidence = provider
+            .additional_evidence(&challenge.nonce, &jwk)
+            .map_err(|source| KbsError::Evidence {
+                tee: tee_name.to_string(),
+                source,
+            })?;
         let binding =
             report_data(&challenge.nonce, &jwk, &additional_evidence).map_err(KbsError::Binding)?;
         let evidence = provider

@@ -510,6 +510,9 @@ struct TestProvider {
     seen: Vec<[u8; 48]>,
     /// Sign this instead of what the client asked for.
     wrong_binding: bool,
+    /// Additional evidence to return (`Err`: fail), and the (nonce, key) it was asked for.
+    additional: Option<Result<String, String>>,
+    additional_asked: Vec<(String, Value)>,
 }
 
 impl Provider for TestProvider {
@@ -536,6 +539,21 @@ impl Provider for TestProvider {
 
     fn insecure(&self) -> bool {
         true
+    }
+
+    fn additional_evidence(&mut self, nonce: &str, tee_pubkey: &Value) -> Result<String, TeeError> {
+        // Asked before the primary evidence: nothing was signed yet in this handshake.
+        assert_eq!(self.seen.len(), self.additional_asked.len());
+        self.additional_asked
+            .push((nonce.to_string(), tee_pubkey.clone()));
+        match &self.additional {
+            None => Ok(String::new()),
+            Some(Ok(text)) => Ok(text.clone()),
+            Some(Err(detail)) => Err(TeeError::Config {
+                tee: "nvidia",
+                detail: detail.clone(),
+            }),
+        }
     }
 }
 
@@ -573,6 +591,8 @@ struct Broker {
     deny_body: Option<Vec<u8>>,
     /// Every problem the broker found with a request (must stay empty).
     complaints: Vec<String>,
+    /// The `additional_evidence` strings received.
+    additional_seen: Vec<String>,
 }
 
 fn error_body(variant: &str, detail: &str) -> Vec<u8> {
@@ -690,11 +710,14 @@ impl Broker {
                 body["runtime-data"]["nonce"]
             ));
         }
-        if body["tee-evidence"]["additional_evidence"] != json!("") {
-            return self.complain("additional_evidence".into());
-        }
+        // As Trustee: the primary evidence must bind the additional-evidence string exactly
+        // as sent.
+        let Some(additional) = body["tee-evidence"]["additional_evidence"].as_str() else {
+            return self.complain("additional_evidence is not a string".into());
+        };
+        self.additional_seen.push(additional.to_string());
         let jwk = body["runtime-data"]["tee-pubkey"].clone();
-        let expected = report_data(&nonce, &jwk, "").unwrap();
+        let expected = report_data(&nonce, &jwk, additional).unwrap();
         let claimed = STANDARD
             .decode(
                 body["tee-evidence"]["primary_evidence"]["report_data"]
@@ -1905,4 +1928,94 @@ fn transport_to(port: u16) -> HttpTransport {
         Duration::from_secs(2),
     )
     .unwrap()
+}
+
+#[test]
+fn additional_evidence_is_sent_and_bound_by_the_primary_report_data() {
+    let additional = r#"{"nvidia":{"device_evidence_list":[{"arch":"HOPPER","uuid":"GPU-1","evidence":"AAAA","certificate":"BBBB"}]}}"#;
+    let mut h = harness(broker_with_secret());
+    h.provider.additional = Some(Ok(additional.to_string()));
+    let attested = h.client.attest(&mut h.provider, &mut h.observer).unwrap();
+    assert!(h.broker.lock().unwrap().complaints.is_empty());
+    // Sent exactly, recorded for auditors, and asked for with the handshake's nonce and key.
+    assert_eq!(h.broker.lock().unwrap().additional_seen, [additional]);
+    assert_eq!(attested.additional_evidence, additional);
+    assert_eq!(
+        h.provider.additional_asked,
+        [(attested.nonce.clone(), attested.tee_pubkey.clone())]
+    );
+    // The primary evidence binds it: report_data covers the additional string.
+    let bound = report_data(&attested.nonce, &attested.tee_pubkey, additional).unwrap();
+    assert_eq!(h.provider.seen, vec![bound]);
+    assert_ne!(
+        bound,
+        report_data(&attested.nonce, &attested.tee_pubkey, "").unwrap()
+    );
+    assert_eq!(attested.report_data, hex::encode(bound));
+}
+
+#[test]
+fn failing_additional_evidence_stops_the_handshake_before_the_primary_evidence() {
+    let mut h = harness(broker_with_secret());
+    h.provider.additional = Some(Err("GPU 0 (GPU-1): confidential computing is off".into()));
+    let error = h
+        .client
+        .attest(&mut h.provider, &mut h.observer)
+        .unwrap_err();
+    assert!(matches!(error, KbsError::Evidence { .. }), "{error:?}");
+    assert!(
+        crate::report::error_chain(&error).contains("confidential computing is off"),
+        "{}",
+        crate::report::error_chain(&error)
+    );
+    assert!(h.provider.seen.is_empty());
+    assert_eq!(calls(&h), [ok(Call::Auth)]);
+}
+
+#[test]
+fn a_simulated_gpu_is_bound_through_the_whole_handshake() {
+    use crate::tee::nvidia::{fake::FakeNvml, GpuProvider, GpuRequirements, Gpus};
+    let nvml = FakeNvml::load(std::path::Path::new("tests/data/nvidia-sim/gpu.json")).unwrap();
+    let calls_made = nvml.calls();
+    let mut gpus = Gpus::new(
+        Ok(Box::new(nvml)),
+        GpuRequirements {
+            required: true,
+            count: Some(1),
+            arch: vec![],
+            min_driver: None,
+            min_vbios: None,
+            allow_devtools: false,
+            simulated: true,
+        },
+    );
+    gpus.precheck().unwrap();
+    let mut provider = GpuProvider::new(Box::new(TestProvider::default()), gpus);
+    let mut h = harness(broker_with_secret());
+    let attested = h.client.attest(&mut provider, &mut h.observer).unwrap();
+    assert!(h.broker.lock().unwrap().complaints.is_empty());
+    let sent: cvm_warden_verify::schema::AdditionalEvidence =
+        serde_json::from_str(&attested.additional_evidence).unwrap();
+    let report = STANDARD
+        .decode(&sent.nvidia.device_evidence_list[0].evidence)
+        .unwrap();
+    // The GPU nonce is §4's: the first 32 bytes of SHA-384(JCS{nonce, tee-pubkey}).
+    let device_nonce =
+        cvm_warden_verify::binding::device_nonce(&attested.nonce, &attested.tee_pubkey).unwrap();
+    assert_eq!(&report[4..36], &device_nonce);
+    assert!(calls_made.lock().unwrap().contains(&format!(
+        "attestation_report(0, {})",
+        hex::encode(device_nonce)
+    )));
+    assert_eq!(
+        attested.report_data,
+        hex::encode(
+            report_data(
+                &attested.nonce,
+                &attested.tee_pubkey,
+                &attested.additional_evidence
+            )
+            .unwrap()
+        )
+    );
 }

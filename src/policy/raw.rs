@@ -89,9 +89,24 @@ pub(crate) struct RawBroker {
     pub tpm: Option<String>,
     pub tpm_ak_handle: Option<String>,
     pub snp_certs: Option<String>,
+    pub gpu: Option<Box<RawGpu>>,
     pub reattest_interval: Option<String>,
     pub reattest_grace: Option<String>,
     pub reattest_resource: Option<String>,
+}
+
+/// `[attestation.gpu]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGpu {
+    pub required: Option<bool>,
+    pub count: Option<Int>,
+    pub arch: Option<Vec<String>>,
+    pub min_driver: Option<String>,
+    pub min_vbios: Option<String>,
+    pub allow_devtools: Option<bool>,
+    pub rims: Option<Vec<String>>,
+    pub simulate: Option<String>,
 }
 
 /// `[[secret]]`.

@@ -648,7 +648,7 @@ fn overridable_keys_must_exist_in_the_schema() {
         error_of(&format!(
             "overridable = [\"attestation.kbs\", \"attestation.url\", \"overridable\", \"attestation.kbs\"]\n{MINIMAL}"
         )),
-        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, workload.flare, workload.flare.startup_kit, workload.flare.root_ca_sha256, workload.flare.withheld, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, attestation.reattest_interval, attestation.reattest_grace, attestation.reattest_resource, volume, secret, network, network.inbound, network.outbound, network.interface, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, workload.env.<NAME>, network.interface.<NAME> or network.interface.<NAME>.<KEY> (KEY: address, gateway, dns, dhcp, link_timeout)\n\
+        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, workload.flare, workload.flare.startup_kit, workload.flare.root_ca_sha256, workload.flare.withheld, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, attestation.gpu, attestation.gpu.required, attestation.gpu.count, attestation.gpu.arch, attestation.gpu.min_driver, attestation.gpu.min_vbios, attestation.gpu.allow_devtools, attestation.gpu.rims, attestation.gpu.simulate, attestation.reattest_interval, attestation.reattest_grace, attestation.reattest_resource, volume, secret, network, network.inbound, network.outbound, network.interface, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, workload.env.<NAME>, network.interface.<NAME> or network.interface.<NAME>.<KEY> (KEY: address, gateway, dns, dhcp, link_timeout)\n\
          overridable[2]: \"overridable\" cannot be overridable; the operator file must not widen what it may set, so remove it\n\
          overridable[3]: \"attestation.kbs\" is listed twice; remove one"
     );
@@ -704,7 +704,7 @@ fn operator_key_not_declared_overridable_is_refused() {
 fn operator_unknown_key_is_refused_with_its_position() {
     assert_eq!(
         error_with_operator(WITH_BROKER, "[attestation]\nkbs_url = \"https://kbs.site\"\n"),
-        "operator: unknown key `attestation.kbs_url` at line 2, column 1; expected one of tee, kbs, kbs_ca, insecure_sample, insecure_http, key_wrap, tries, timeout, tpm, tpm_ak_handle, snp_certs, reattest_interval, reattest_grace, reattest_resource"
+        "operator: unknown key `attestation.kbs_url` at line 2, column 1; expected one of tee, kbs, kbs_ca, insecure_sample, insecure_http, key_wrap, tries, timeout, tpm, tpm_ak_handle, snp_certs, gpu, reattest_interval, reattest_grace, reattest_resource"
     );
 }
 
@@ -805,6 +805,7 @@ fn copy_source_and_on_failure_restart_get_their_defaults() {
             tpm: "device:/dev/tpmrm0".to_string(),
             tpm_ak_handle: None,
             snp_certs: None,
+            gpu: None,
             reattest: default_reattest(),
         }
     );
@@ -872,6 +873,18 @@ fn full_policy_parses_with_every_value() {
             tpm: "device:/dev/tpmrm0".to_string(),
             tpm_ak_handle: Some(0x8101_0002),
             snp_certs: Some(PathBuf::from("/etc/cvm-warden/snp-certs")),
+            gpu: Some(Box::new(Gpu {
+                required: true,
+                count: Some(1),
+                arch: vec![GpuArch::Hopper],
+                min_driver: Some("550.90.07".to_string()),
+                min_vbios: Some("96.00.9f.00.01".to_string()),
+                allow_devtools: false,
+                rims: vec![PathBuf::from(
+                    "/etc/cvm-warden/rims/NV_GPU_DRIVER_GH100_550.90.07.xml"
+                )],
+                simulate: Some(PathBuf::from("/etc/cvm-warden/nvidia-sim/gpu.json")),
+            })),
             reattest: Reattest {
                 interval_secs: 600,
                 interval_explicit: true,
@@ -1281,6 +1294,7 @@ fn broker(tee: Tee, kbs: &str, kbs_ca: Option<PathBuf>) -> Attestation {
         tpm: "device:/dev/tpmrm0".to_string(),
         tpm_ak_handle: None,
         snp_certs: None,
+        gpu: None,
         reattest: default_reattest(),
     }
 }
@@ -2111,6 +2125,98 @@ fn the_flare_kit_is_never_overridable() {
             "{key}: {error}"
         );
     }
+}
+
+// ---- [attestation.gpu] ----
+
+fn gpu_policy(gpu: &str) -> String {
+    format!(
+        "{}\n[network]\n",
+        minimal_with(
+            "attestation = \"none\"",
+            &format!("[attestation]\ntee = \"tpm\"\nkbs = \"https://kbs.example\"\nkbs_ca = \"/ca.pem\"\n\n[attestation.gpu]\n{gpu}\n")
+        )
+    )
+}
+
+#[test]
+fn the_gpu_table_is_read_with_its_defaults() {
+    let loaded = parse(&gpu_policy(""), None, &users()).unwrap();
+    let Attestation::Broker { gpu: Some(gpu), .. } = &loaded.policy.attestation else {
+        panic!("no gpu");
+    };
+    assert_eq!(
+        **gpu,
+        Gpu {
+            required: true,
+            count: None,
+            arch: vec![],
+            min_driver: None,
+            min_vbios: None,
+            allow_devtools: false,
+            rims: vec![],
+            simulate: None,
+        }
+    );
+    let loaded = parse(
+        &gpu_policy("required = true\ncount = 2\narch = [\"hopper\", \"blackwell\"]\nmin_driver = \"550.90.07\"\nmin_vbios = \"96.00.9F.00.01\"\nallow_devtools = true\nrims = [\"/etc/cvm-warden/rims/driver.xml\"]\nsimulate = \"/etc/cvm-warden/nvidia-sim/gpu.json\""),
+        None,
+        &users(),
+    )
+    .unwrap();
+    let Attestation::Broker { gpu: Some(gpu), .. } = &loaded.policy.attestation else {
+        panic!("no gpu");
+    };
+    assert_eq!(gpu.count, Some(2));
+    assert_eq!(gpu.arch, [GpuArch::Hopper, GpuArch::Blackwell]);
+    assert_eq!(gpu.min_driver.as_deref(), Some("550.90.07"));
+    assert_eq!(gpu.min_vbios.as_deref(), Some("96.00.9F.00.01"));
+    assert!(gpu.allow_devtools);
+    assert_eq!(gpu.rims, [PathBuf::from("/etc/cvm-warden/rims/driver.xml")]);
+    assert_eq!(
+        gpu.simulate.as_deref(),
+        Some(std::path::Path::new("/etc/cvm-warden/nvidia-sim/gpu.json"))
+    );
+    // `policy check` and `plan` print it.
+    let json = serde_json::to_value(&loaded.policy).unwrap();
+    assert_eq!(
+        json["attestation"]["gpu"]["arch"],
+        serde_json::json!(["hopper", "blackwell"])
+    );
+}
+
+#[test]
+fn bad_gpu_settings_are_named_with_their_values() {
+    assert_eq!(
+        error_of(&gpu_policy(
+            "required = false\ncount = 0\narch = [\"hopper\", \"ampere\"]\nmin_driver = \"550.9x\"\nmin_vbios = \"96..01\"\nrims = [\"rim.xml\"]\nsimulate = \"gpu.json\""
+        )),
+        "attestation.gpu.count: 0 is out of range; write the exact number of GPUs, from 1 to 64, or remove it\n\
+         attestation.gpu.arch[1]: \"ampere\" is not a GPU architecture with confidential computing; write \"hopper\" or \"blackwell\"\n\
+         attestation.gpu.min_driver: \"550.9x\" is not a version; write decimal numbers separated by dots, e.g. \"550.90.07\"\n\
+         attestation.gpu.min_vbios: \"96..01\" is not a version; write hexadecimal numbers separated by dots, e.g. \"96.00.9f.00.01\"\n\
+         attestation.gpu.rims[0]: \"rim.xml\" is not an absolute path; write the full path inside the image, e.g. \"/etc/cvm-warden/rims/driver.xml\"\n\
+         attestation.gpu.simulate: \"gpu.json\" is not an absolute path; write the full path inside the image, e.g. \"/etc/cvm-warden/nvidia-sim/gpu.json\""
+    );
+    assert_eq!(
+        error_of(&gpu_policy("required = false\ncount = 1")),
+        "attestation.gpu.required: false contradicts count (which requires that many GPUs); remove one of them"
+    );
+    let error = error_of(&gpu_policy("cc = true"));
+    assert!(
+        error.contains("unknown key `attestation.gpu.cc`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_gpu_requirements_are_never_overridable() {
+    let policy = format!("overridable = [\"attestation.gpu\"]\n{}", gpu_policy(""));
+    let error = error_of(&policy);
+    assert!(
+        error.contains("overridable[0]: \"attestation.gpu\" decides what the VM trusts or runs"),
+        "{error}"
+    );
 }
 
 #[test]

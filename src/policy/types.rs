@@ -177,9 +177,45 @@ pub enum Attestation {
         /// Directory of SNP certificates baked into the image (used when the host supplies
         /// none with the extended report).
         snp_certs: Option<PathBuf>,
+        /// `[attestation.gpu]`: NVIDIA GPUs checked, measured and attested beside the TEE.
+        gpu: Option<Box<Gpu>>,
         /// Re-attestation while the workload runs (`reattest_*`).
         reattest: Reattest,
     },
+}
+
+/// `[attestation.gpu]`: the NVIDIA GPUs the CVM must have, in confidential-computing mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Gpu {
+    /// At least one GPU must be present (default true).
+    pub required: bool,
+    /// Exactly this many GPUs.
+    pub count: Option<u32>,
+    /// Allowed architectures (empty: Hopper and Blackwell).
+    pub arch: Vec<GpuArch>,
+    /// Lowest driver version (decimal dotted numbers, e.g. `550.90.07`).
+    pub min_driver: Option<String>,
+    /// Lowest VBIOS version (hexadecimal dotted numbers as NVIDIA prints them, e.g.
+    /// `96.00.9f.00.01`).
+    pub min_vbios: Option<String>,
+    /// Developer tools mode allowed: development only, nothing is confidential; every audit
+    /// record says insecure.
+    pub allow_devtools: bool,
+    /// RIM files in the image (offline reference measurements), for the GPU verifier.
+    pub rims: Vec<PathBuf>,
+    /// A simulated GPU (a recording, `tests/data/nvidia-sim/gpu.json`): tests and demos
+    /// only, proves nothing; every audit record says insecure.
+    pub simulate: Option<PathBuf>,
+}
+
+/// A GPU architecture `[attestation.gpu] arch` may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuArch {
+    /// H100, H200.
+    Hopper,
+    /// B200, GB200.
+    Blackwell,
 }
 
 /// `attestation.reattest_interval`, `reattest_grace`, `reattest_resource`: continuous trust

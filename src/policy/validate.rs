@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 
 use super::operator::{check_overridable, covers_audit_file};
 use super::raw::{
-    Int, RawAttestation, RawAudit, RawBroker, RawId, RawInbound, RawInterface, RawLimit,
+    Int, RawAttestation, RawAudit, RawBroker, RawGpu, RawId, RawInbound, RawInterface, RawLimit,
     RawLockdown, RawNetwork, RawOutbound, RawPolicy, RawRlimit, RawSecret, RawUmask, RawVolume,
     RawWorkload,
 };
@@ -1372,6 +1372,11 @@ fn broker_attestation(c: &mut Check<'_>, raw: &RawBroker) -> Option<Attestation>
     if !snp_certs_ok && snp_certs.is_none() {
         return None;
     }
+    let gpu_ok = raw.gpu.is_none();
+    let gpu = raw.gpu.as_ref().and_then(|g| gpu(c, g));
+    if !gpu_ok && gpu.is_none() {
+        return None;
+    }
     let reattest = reattest(c, raw);
     if !transport_ok {
         return None;
@@ -1387,6 +1392,7 @@ fn broker_attestation(c: &mut Check<'_>, raw: &RawBroker) -> Option<Attestation>
         tpm: tpm?,
         tpm_ak_handle: tpm_ak_handle?,
         snp_certs,
+        gpu,
         reattest: reattest?,
     })
 }
@@ -1460,6 +1466,141 @@ fn reattest(c: &mut Check<'_>, raw: &RawBroker) -> Option<Reattest> {
         interval_explicit: raw.reattest_interval.is_some(),
         grace_secs,
         resource: resource?,
+    })
+}
+
+/// `[attestation.gpu]`.
+fn gpu(c: &mut Check<'_>, raw: &RawGpu) -> Option<Box<Gpu>> {
+    let mut ok = true;
+    let count = match raw.count {
+        None => None,
+        Some(Int(n)) => match u32::try_from(n) {
+            Ok(n @ 1..=64) => Some(n),
+            _ => {
+                c.error(
+                    "attestation.gpu.count",
+                    format!("{n} is out of range; write the exact number of GPUs, from 1 to 64, or remove it"),
+                );
+                ok = false;
+                None
+            }
+        },
+    };
+    let required = raw.required.unwrap_or(true);
+    if !required && count.is_some() {
+        c.error(
+            "attestation.gpu.required",
+            "false contradicts count (which requires that many GPUs); remove one of them",
+        );
+        ok = false;
+    }
+    let mut arch = Vec::new();
+    for (i, name) in raw.arch.iter().flatten().enumerate() {
+        match name.as_str() {
+            "hopper" => arch.push(GpuArch::Hopper),
+            "blackwell" => arch.push(GpuArch::Blackwell),
+            other => {
+                c.error(
+                    &format!("attestation.gpu.arch[{i}]"),
+                    format!("{other:?} is not a GPU architecture with confidential computing; write \"hopper\" or \"blackwell\""),
+                );
+                ok = false;
+            }
+        }
+    }
+    let version = |c: &mut Check<'_>,
+                   key: &str,
+                   value: Option<&String>,
+                   radix: u32,
+                   example: &str| {
+        let text = value?;
+        let parts_ok = !text.is_empty()
+            && text
+                .split('.')
+                .all(|p| !p.is_empty() && p.len() <= 8 && u64::from_str_radix(p, radix).is_ok());
+        if parts_ok {
+            Some(Some(text.clone()))
+        } else {
+            let digits = if radix == 16 {
+                "hexadecimal"
+            } else {
+                "decimal"
+            };
+            c.error(
+                key,
+                format!("{text:?} is not a version; write {digits} numbers separated by dots, e.g. {example:?}"),
+            );
+            None
+        }
+    };
+    let min_driver = match raw.min_driver.as_ref() {
+        None => None,
+        Some(_) => match version(
+            c,
+            "attestation.gpu.min_driver",
+            raw.min_driver.as_ref(),
+            10,
+            "550.90.07",
+        ) {
+            Some(v) => v,
+            None => {
+                ok = false;
+                None
+            }
+        },
+    };
+    let min_vbios = match raw.min_vbios.as_ref() {
+        None => None,
+        Some(_) => match version(
+            c,
+            "attestation.gpu.min_vbios",
+            raw.min_vbios.as_ref(),
+            16,
+            "96.00.9f.00.01",
+        ) {
+            Some(v) => v,
+            None => {
+                ok = false;
+                None
+            }
+        },
+    };
+    let mut rims = Vec::new();
+    for (i, rim) in raw.rims.iter().flatten().enumerate() {
+        match c.abs_path(
+            &format!("attestation.gpu.rims[{i}]"),
+            rim,
+            "/etc/cvm-warden/rims/driver.xml",
+        ) {
+            Some(path) => rims.push(path),
+            None => ok = false,
+        }
+    }
+    let simulate = match raw.simulate.as_ref() {
+        None => None,
+        Some(path) => match c.abs_path(
+            "attestation.gpu.simulate",
+            path,
+            "/etc/cvm-warden/nvidia-sim/gpu.json",
+        ) {
+            Some(path) => Some(path),
+            None => {
+                ok = false;
+                None
+            }
+        },
+    };
+    ok.then(|| {
+        Box::new(Gpu {
+            required,
+            count,
+            arch,
+            min_driver,
+            min_vbios,
+            allow_devtools: raw.allow_devtools.unwrap_or(false),
+            rims,
+            simulate,
+        })
     })
 }
 

@@ -39,6 +39,10 @@ pub enum Plan {
         tries: u32,
         /// Total time budget, seconds.
         timeout_secs: u64,
+        /// `[attestation.gpu]`: GPUs checked after the perimeter, their evidence sent as
+        /// `additional_evidence`, set ready after the unlock stage.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gpu: Option<Box<crate::policy::Gpu>>,
         /// Re-attestation while the workload runs (PID 1 shape; the unit shape refuses an
         /// explicit interval and records that it cannot re-attest).
         reattest: crate::policy::Reattest,
@@ -75,6 +79,7 @@ pub fn plan(policy: &Policy, facts: &super::Facts) -> Result<Plan, StageError> {
             insecure_http,
             tries,
             timeout_secs,
+            gpu,
             reattest,
             ..
         } => Plan::Broker {
@@ -83,6 +88,7 @@ pub fn plan(policy: &Policy, facts: &super::Facts) -> Result<Plan, StageError> {
             insecure_http: *insecure_http,
             tries: *tries,
             timeout_secs: *timeout_secs,
+            gpu: gpu.clone(),
             reattest: reattest.clone(),
         },
     })

@@ -210,6 +210,17 @@ pub trait KeyBroker {
     ) -> Result<Zeroizing<Vec<u8>>, BrokerError>;
     /// Fresh evidence whose report data is `binding` (an audit-log checkpoint).
     fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, BrokerError>;
+    /// The devices beside the TEE (GPUs) checked against the policy, their facts to measure
+    /// ([`crate::tee::Provider::device_precheck`]); `None`: no devices configured.
+    fn device_precheck(&mut self) -> Result<Option<Vec<crate::tee::DeviceFacts>>, BrokerError> {
+        Ok(None)
+    }
+    /// Sets (after the unlock stage) or clears (before power-off) the devices' ready state
+    /// ([`crate::tee::Provider::set_devices_ready`]); the details to audit, `None`: no devices.
+    fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, BrokerError> {
+        let _ = ready;
+        Ok(None)
+    }
 }
 
 /// Loads bundles; the seam between the measure stage and the file system.

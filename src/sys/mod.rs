@@ -5,12 +5,13 @@
 //!
 //! This is the only module of the crate where `unsafe` is allowed. The unsafe code is in
 //! [`process`] (fork, execve, raw capability and fd syscalls, the signal self-pipe) and
-//! [`kernel`] (`swapoff`); every
+//! [`kernel`] (`swapoff`) and [`nvml`] (two NVML calls `nvml-wrapper` does not expose); every
 //! block carries a `// SAFETY:` comment and is wrapped in a safe function. Everything else
 //! here uses `nix`.
 
 mod fake;
 pub mod kernel;
+pub mod nvml;
 pub mod process;
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};

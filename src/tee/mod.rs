@@ -13,9 +13,11 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::eventlog::RuntimeRegister;
+use crate::digest::Digest;
+use crate::eventlog::{EventKind, RuntimeRegister};
 
 pub mod azure;
+pub mod nvidia;
 pub mod sample;
 pub mod snp;
 pub mod snp_launch;
@@ -58,6 +60,42 @@ pub trait Provider: std::fmt::Debug {
     fn insecure(&self) -> bool {
         false
     }
+
+    /// The KBS `additional_evidence` string for one handshake, gathered after the ephemeral
+    /// key is made and before the primary evidence, whose report data then binds it
+    /// (GPU-ATTESTATION.md §4). `tee_pubkey` is the JWK sent as `tee-pubkey`. Empty: no
+    /// devices ([`nvidia::GpuProvider`] has them).
+    fn additional_evidence(&mut self, nonce: &str, tee_pubkey: &Value) -> Result<String, TeeError> {
+        let _ = (nonce, tee_pubkey);
+        Ok(String::new())
+    }
+
+    /// Checks the devices beside the TEE (GPUs) against the policy before anything is
+    /// measured or asked for, and returns their facts to measure. `None`: no devices are
+    /// configured.
+    fn device_precheck(&mut self) -> Result<Option<Vec<DeviceFacts>>, TeeError> {
+        Ok(None)
+    }
+
+    /// Sets (`true`) or clears the devices' ready state (NVIDIA: the system-wide
+    /// `nvmlSystemSetConfComputeGpusReadyState`); the details to audit. `None`: no devices.
+    fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, TeeError> {
+        let _ = ready;
+        Ok(None)
+    }
+}
+
+/// One device's facts, measured before attestation (a [`EventKind::Gpu`] event) and audited.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceFacts {
+    /// The event kind.
+    pub kind: EventKind,
+    /// The measurement.
+    pub digest: Digest,
+    /// The event's description (for a GPU: the JCS text the digest is taken over).
+    pub description: String,
+    /// The facts, for the audit record.
+    pub details: Value,
 }
 
 /// Why evidence could not be produced.

@@ -137,6 +137,9 @@ pub struct Pins {
     pub snp_measurement: Option<Vec<u8>>,
     /// `--tdx-mrtd`: the TD's MRTD (48 bytes).
     pub tdx_mrtd: Option<Vec<u8>>,
+    /// `--gpu-root`: a PEM root GPU chains may also end at (tests, demos). A GPU rooted there
+    /// leaves its run unproven: it is not NVIDIA's device identity root.
+    pub gpu_root: Option<Vec<u8>>,
 }
 
 /// How many of a run's unattested records are kept to be named (the newest ones).
@@ -414,10 +417,17 @@ impl EvidenceCheck {
             }
             self.identities.insert(identity, self.run);
         }
+        let gpus = check_gpus(exchange, &record.time, &self.pins)?;
+        result.verified.extend(gpus.verified);
+        result.warnings.extend(gpus.warnings);
         let proven = self.judge(&mut result)?;
         self.current.tee = Some(tee.to_string());
-        self.current.proven = proven;
-        self.current.unproven = (!proven).then(|| unproven_reason(tee, &result));
+        self.current.proven = proven && gpus.not_nvidia.is_none();
+        self.current.unproven = if !proven {
+            Some(unproven_reason(tee, &result))
+        } else {
+            gpus.not_nvidia
+        };
         result.verified.insert(
             0,
             "exchange.report_data = SHA-384 of the JCS binding of nonce, tee_pubkey and \
@@ -1471,6 +1481,109 @@ fn same_snp_guest(
         ));
     }
     Ok(())
+}
+
+/// What the GPU evidence of an exchange adds.
+#[derive(Debug, Default)]
+struct GpuFindings {
+    verified: Vec<String>,
+    warnings: Vec<String>,
+    /// Why a GPU proves nothing (rooted at `--gpu-root`, not NVIDIA's root).
+    not_nvidia: Option<String>,
+}
+
+/// Decodes a device evidence field as Trustee does: hex first, then base64 (standard).
+fn hex_or_base64(text: &str) -> Option<Vec<u8>> {
+    hex::decode(text)
+        .ok()
+        .or_else(|| STANDARD.decode(text).ok())
+}
+
+/// Verifies the GPU evidence of an exchange's `additional_evidence` (when not empty): each
+/// device's report and chain up to NVIDIA's device identity root (or the `--gpu-root` pin),
+/// FWID, and the nonce [`crate::binding::device_nonce`] of the exchange's nonce and key.
+/// Certificates are checked at the record's time.
+fn check_gpus(
+    exchange: &crate::schema::Exchange,
+    time: &str,
+    pins: &Pins,
+) -> Result<GpuFindings, String> {
+    use crate::evidence::nvidia::{self, Arch, RootKind};
+    let mut out = GpuFindings::default();
+    if exchange.additional_evidence.is_empty() {
+        return Ok(out);
+    }
+    let additional: crate::schema::AdditionalEvidence =
+        serde_json::from_str(&exchange.additional_evidence).map_err(|e| {
+            format!(
+                "exchange.additional_evidence is not {{\"nvidia\": {{\"device_evidence_list\": \
+                 [...]}}}}: {e}"
+            )
+        })?;
+    let nonce = crate::binding::device_nonce(&exchange.nonce, &exchange.tee_pubkey)
+        .map_err(|e| format!("cannot compute the GPU nonce of the exchange: {e}"))?;
+    let at = humantime::parse_rfc3339_weak(time)
+        .map_err(|e| format!("the record's time {time:?} is not RFC 3339: {e}"))?;
+    let roots = match &pins.gpu_root {
+        Some(pem) => nvidia::Roots::with_extra(pem),
+        None => nvidia::Roots::nvidia(),
+    }
+    .map_err(|e| e.to_string())?;
+    let options = nvidia::VerifyOptions {
+        roots,
+        at,
+        allow_missing_fwid: false,
+        rims: Vec::new(),
+    };
+    for (index, device) in additional.nvidia.device_evidence_list.iter().enumerate() {
+        let name = format!(
+            "GPU {index} ({}, uuid {})",
+            crate::text::sanitize(&device.arch, 40),
+            crate::text::sanitize(&device.uuid, 80)
+        );
+        let report = hex_or_base64(&device.evidence)
+            .ok_or_else(|| format!("{name}: its evidence is neither hex nor base64"))?;
+        let chain = STANDARD
+            .decode(&device.certificate)
+            .map_err(|e| format!("{name}: its certificate is not base64: {e}"))?;
+        let verified = nvidia::verify(&report, &chain, &nonce, &options)
+            .map_err(|e| format!("{name}: {e}"))?;
+        if Arch::parse(&device.arch) != Some(verified.claims.arch) {
+            return Err(format!(
+                "{name}: the evidence says arch {}, but its certificate is a {} GPU's",
+                crate::text::sanitize(&device.arch, 40),
+                verified.claims.arch
+            ));
+        }
+        let config = &verified.claims.config;
+        let root = match &verified.root {
+            RootKind::Nvidia => "NVIDIA's device identity root (pinned)".to_string(),
+            RootKind::Other { sha256 } => {
+                out.not_nvidia.get_or_insert_with(|| {
+                    format!(
+                        "{name} is rooted at the root given with --gpu-root (SHA-256 {sha256}), \
+                         not NVIDIA's device identity root: it proves nothing about a real GPU"
+                    )
+                });
+                format!("the --gpu-root root (SHA-256 {sha256}), NOT NVIDIA's")
+            }
+        };
+        out.verified.push(format!(
+            "{name}: report signed by \"{}\", chain to {root}, FWID equal, nonce = the \
+             exchange's device binding; driver {}, VBIOS {}, measurements digest {}",
+            verified.leaf_subject,
+            config.driver_version.as_deref().unwrap_or("unknown"),
+            config.vbios_version.as_deref().unwrap_or("unknown"),
+            verified.claims.measurements_digest
+        ));
+        for warning in verified.warnings {
+            let warning = format!("GPU evidence: {warning}");
+            if !out.warnings.contains(&warning) {
+                out.warnings.push(warning);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A DER certificate as PEM.

@@ -41,6 +41,10 @@ pub struct AuditVerifyArgs {
     /// The TD's MRTD (96 hex digits).
     #[arg(long, value_name = "HEX")]
     pub tdx_mrtd: Option<String>,
+    /// Also trust this PEM root for the GPU evidence of broker exchanges (tests, demos). A
+    /// run whose GPU is rooted there is at best "not proven" (exit 3), never attested.
+    #[arg(long, value_name = "FILE")]
+    pub gpu_root: Option<PathBuf>,
 }
 
 /// A pin that cannot be read (exit 2).
@@ -61,6 +65,14 @@ pub enum PinError {
          of the DER as in Trustee's trusted_aks): {why}"
     )]
     Ak {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The GPU root file cannot be read or holds no certificate.
+    #[error("--gpu-root {path}: {why}")]
+    GpuRoot {
         /// The file.
         path: PathBuf,
         /// Why.
@@ -99,8 +111,20 @@ impl AuditVerifyArgs {
             trusted_ak: self.trusted_ak.as_deref().map(read_ak).transpose()?,
             snp_measurement: measurement("--snp-measurement", &self.snp_measurement)?,
             tdx_mrtd: measurement("--tdx-mrtd", &self.tdx_mrtd)?,
+            gpu_root: self.gpu_root.as_deref().map(read_gpu_root).transpose()?,
         })
     }
+}
+
+/// Reads a `--gpu-root` PEM file (it must hold at least one certificate).
+fn read_gpu_root(path: &Path) -> Result<Vec<u8>, PinError> {
+    let why = |why: String| PinError::GpuRoot {
+        path: path.to_path_buf(),
+        why,
+    };
+    let pem = std::fs::read(path).map_err(|e| why(format!("cannot read it: {e}")))?;
+    crate::evidence::nvidia::Roots::with_extra(&pem).map_err(|e| why(e.to_string()))?;
+    Ok(pem)
 }
 
 /// Reads an AK public key: PEM `PUBLIC KEY`, DER, or base64 (standard) of the DER.
@@ -178,7 +202,7 @@ fn print_json(value: &impl serde::Serialize) -> i32 {
 }
 
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("kind").required(true).args(["snp_report", "tpm_quote"]))]
+#[command(group = clap::ArgGroup::new("kind").required(true).args(["snp_report", "tpm_quote", "gpu_report"]))]
 pub struct EvidenceArgs {
     /// SEV-SNP attestation report (1184 bytes, raw).
     #[arg(long, value_name = "FILE", requires = "vcek")]
@@ -210,10 +234,134 @@ pub struct EvidenceArgs {
     /// quote's PCR digest.
     #[arg(long, value_name = "FILE", requires = "tpm_quote")]
     pub pcrs: Option<PathBuf>,
+    /// NVIDIA GPU attestation report (SPDM GET_MEASUREMENTS request ‖ response), raw bytes
+    /// or hex text as NVIDIA's samples are.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires_all = ["gpu_certs", "nonce"],
+        conflicts_with_all = ["snp_report", "tpm_quote"]
+    )]
+    pub gpu_report: Option<PathBuf>,
+    /// The GPU's attestation certificate chain, PEM, leaf first (NVML's
+    /// `attestationCertChain`); it must end at NVIDIA's device identity root.
+    #[arg(long, value_name = "FILE", requires = "gpu_report")]
+    pub gpu_certs: Option<PathBuf>,
+    /// The 32-byte nonce the report must carry (64 hex digits).
+    #[arg(long, value_name = "HEX", requires = "gpu_report")]
+    pub nonce: Option<String>,
+    /// Verification time for certificate validity (RFC 3339; default: now).
+    #[arg(long, value_name = "RFC3339", requires = "gpu_report")]
+    pub at: Option<String>,
+    /// Accept a GPU report without FWID (drivers before 550), as NVIDIA's verifiers do;
+    /// refused by default, as Trustee's local verifier does ("fwid not found").
+    #[arg(long, requires = "gpu_report")]
+    pub allow_missing_fwid: bool,
+    /// Also trust this PEM root for GPU chains (tests, demos). Evidence rooted there is
+    /// printed but exits 3: it proves nothing about a real NVIDIA GPU.
+    #[arg(long, value_name = "FILE", requires = "gpu_report")]
+    pub gpu_root: Option<PathBuf>,
+    /// An NVIDIA RIM (signed SWID tag XML: the driver's or the VBIOS's) the GPU's
+    /// measurements must match; repeat for the driver and the VBIOS RIM. Its signature and
+    /// chain up to NVIDIA's pinned CoRIM root are verified at --at.
+    #[arg(long = "rim", value_name = "FILE", requires = "gpu_report")]
+    pub rims: Vec<PathBuf>,
 }
 
+/// `evidence verify --gpu-report`: exit 0 verified up to NVIDIA's root, 3 verified up to a
+/// root given with `--gpu-root` (not NVIDIA's), 1 refused or unreadable, 2 usage.
+fn gpu_verify(args: &EvidenceArgs, report: &Path) -> i32 {
+    use crate::evidence::nvidia;
+    let fail = |error: &dyn std::error::Error| {
+        print_error(error);
+        1
+    };
+    let usage = |text: String| {
+        let _ = writeln!(std::io::stderr().lock(), "error: {text}");
+        2
+    };
+    let (Some(certs), Some(nonce)) = (&args.gpu_certs, &args.nonce) else {
+        return usage("--gpu-report needs --gpu-certs FILE and --nonce HEX".to_string());
+    };
+    let Some(nonce) = hex::decode(nonce.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+    else {
+        return usage(format!(
+            "--nonce {nonce:?} is not 32 bytes in hex (64 hex digits)"
+        ));
+    };
+    let at = match &args.at {
+        Some(text) => match humantime::parse_rfc3339_weak(text) {
+            Ok(at) => at,
+            Err(e) => return usage(format!("--at {text:?} is not an RFC 3339 time: {e}")),
+        },
+        None => std::time::SystemTime::now(),
+    };
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|error| {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: cannot read {}: {error}",
+                path.display()
+            );
+        })
+    };
+    let (Ok(report), Ok(certs)) = (read(report), read(certs)) else {
+        return 1;
+    };
+    let Ok(rims) = args
+        .rims
+        .iter()
+        .map(|p| read(p))
+        .collect::<Result<Vec<_>, ()>>()
+    else {
+        return 1;
+    };
+    let roots = match &args.gpu_root {
+        Some(path) => match read(path) {
+            Ok(pem) => nvidia::Roots::with_extra(&pem),
+            Err(()) => return 1,
+        },
+        None => nvidia::Roots::nvidia(),
+    };
+    let roots = match roots {
+        Ok(roots) => roots,
+        Err(error) => return fail(&error),
+    };
+    let options = nvidia::VerifyOptions {
+        roots,
+        at,
+        allow_missing_fwid: args.allow_missing_fwid,
+        rims,
+    };
+    // With RIMs, each RIM's signature at `at`, then the measurements (both must pass).
+    let verified = nvidia::decode_report(&report)
+        .and_then(|raw| nvidia::verify(&raw, &certs, &nonce, &options));
+    match verified {
+        Ok(verified) => {
+            let code = print_json(&verified);
+            if code == 0 && verified.root != nvidia::RootKind::Nvidia {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "warning: the chain ends at the root given with --gpu-root, not NVIDIA's \
+                     device identity root: this proves nothing about a real GPU (exit 3)"
+                );
+                return 3;
+            }
+            code
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+/// `evidence verify`: prints the verified fields as JSON; exit 0 verified, 1 refused or
+/// unreadable, 2 usage, 3 (GPU only) verified up to a root that is not NVIDIA's.
 pub fn evidence_verify(args: &EvidenceArgs) -> i32 {
     use crate::evidence::{tpm, verify_report, ChainSource};
+    if let Some(report) = &args.gpu_report {
+        return gpu_verify(args, report);
+    }
     let read = |path: &Path| {
         std::fs::read(path).map_err(|error| {
             let _ = writeln!(

@@ -86,6 +86,9 @@ pub enum EventKind {
     FlareKit,
     /// The separator written just before the workload starts.
     Separator,
+    /// One NVIDIA GPU's facts (index, UUID, arch, driver, VBIOS, FWID, measurement digest):
+    /// the digest is SHA-256 of the description, the JCS text of those facts.
+    Gpu,
 }
 
 /// One measurement.

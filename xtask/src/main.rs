@@ -19,6 +19,8 @@
 //!   `snp-fetch`: only the OVMF images those tests need;
 //!   `snp-launch [...]`: the QEMU command line for real SEV-SNP hardware and the matching
 //!   reference-values command (`snp.rs`).
+//! - `gpu-probe`: on a machine with an NVIDIA GPU and driver (not a CVM), the real NVML
+//!   calls and the GPU precheck's verdict through `cvm-warden gpu probe` (`gpu.rs`).
 //! - `fuzz --smoke [--seconds N]` / `fuzz TARGET [--seconds N]`: the cargo-fuzz targets
 //!   (`fuzz/`, nightly; see `fuzz.rs`).
 //!
@@ -34,6 +36,7 @@ mod demo;
 mod flare;
 
 mod fuzz;
+mod gpu;
 mod sandbox;
 mod snp;
 mod tidy;
@@ -68,6 +71,7 @@ fn run() -> Result<()> {
         ["snp-fetch"] => snp::fetch_inputs(&root),
         ["snp-measure-check", rest @ ..] => snp::check(&root, rest),
         ["snp-launch", rest @ ..] => snp::launch(&root, rest),
+        ["gpu-probe"] => gpu::probe(&root),
         ["bench", "unlock"] => {
             ensure_tools(TOOLS)?;
             sh(cargo()
@@ -86,7 +90,7 @@ fn run() -> Result<()> {
         }
         _ => bail!(
             "usage: cargo xtask ci | tidy | demo [--sandbox] | flare | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint | bench reattest \
-             | fuzz (--smoke | TARGET) [--seconds N] | snp-fetch | snp-measure-check [--write] | snp-launch [OPTIONS]"
+             | fuzz (--smoke | TARGET) [--seconds N] | snp-fetch | snp-measure-check [--write] | snp-launch [OPTIONS] | gpu-probe"
         ),
     }
 }

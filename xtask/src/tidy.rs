@@ -749,13 +749,18 @@ fn rust_files(dir: &Path) -> Result<Vec<PathBuf>> {
 // ---------------------------------------------------------------------------------------
 // The verifier's dependencies.
 
-/// Crates the verifier must not depend on: they need libtss2, libcryptsetup or Linux-only
-/// system APIs, and an auditor builds the verifier anywhere.
+/// Crates the verifier must not depend on: they need libtss2, libcryptsetup, libxml2,
+/// libxmlsec1, OpenSSL or Linux-only system APIs, and an auditor builds the verifier
+/// anywhere (the RIM XML signatures are checked in pure Rust).
 fn forbidden(name: &str) -> bool {
     name == "nix"
         || name.contains("tss-esapi")
         || name.contains("libtss2")
         || name.contains("cryptsetup")
+        || name.contains("libxml")
+        || name.contains("xmlsec")
+        || name == "openssl-sys"
+        || name == "openssl"
 }
 
 /// The forbidden crates in `cargo tree --prefix none` output (first word of each line).
@@ -1066,5 +1071,11 @@ Layers, top to bottom.
                 .into()
         );
         assert!(forbidden_crates("cvm-warden-verify v0.1.0\nsev v8.0.0\nunix v1\n").is_empty());
+        assert_eq!(
+            forbidden_crates(
+                "libxml v0.3.3\nxmlsec v0.2.2\nopenssl-sys v0.9.1\nroxmltree v0.21.1\n"
+            ),
+            ["libxml", "openssl-sys", "xmlsec"].map(String::from).into()
+        );
     }
 }

@@ -13,7 +13,15 @@
 //!   `data["resource-path"] == "repo/type/tag"`, `count(input.submods) > 0`, `not HELPER`
 //!   (HELPER being a rule `some _, submod in input.submods` / `submod["ear.status"] !=
 //!   "affirming"`), `input.submods.cpu0["ear.status"] == "affirming"` and
-//!   `input.submods.cpu0["ear.trustworthiness-vector"].<claim> == N`;
+//!   `input.submods.cpu0["ear.trustworthiness-vector"].<claim> == N`, and the general forms
+//!   `count(input.submods) OP N`, a bare `input.submods.PATH` (defined and not `false`, e.g.
+//!   `input.submods.gpu1`: at least two GPUs) and `input.submods.PATH OP LITERAL`, where PATH
+//!   is `.ident` / `["key"]` segments, OP one of `== != >= > <= <` and LITERAL a `"string"`
+//!   (no escapes), an integer, `true` or `false`. Ordering two strings holds only when it
+//!   holds lexicographically (as rego compares strings) *and*, for two dotted decimal
+//!   versions, as dotted numbers: `driver_version >= "550.90"` passes 550.90.07, fails
+//!   535.86.09, and also fails 1000.1 (rego says "1000.1" < "550.90"), so a policy this
+//!   broker allows is one Trustee allows too;
 //! - attestation policy (`default_cpu`): the text is kept and its lines
 //!   `input.tpm.pcrNN in query_reference_value("tpm_pcrNN")` say which PCRs beyond PCR 11
 //!   the tpm `executables` rule compares, as they do in Trustee's default CPU policy.
@@ -308,6 +316,172 @@ enum Condition {
     Cpu0Claim(String, i64),
     /// `input.submods.cpu0["ear.veraison.annotated-evidence"].TEE.CLAIM == "VALUE"`.
     Evidence(String, String, String),
+    /// `count(input.submods) OP N`.
+    Count(Op, usize),
+    /// A bare `input.submods.PATH` line: defined and not `false`.
+    Defined(Vec<String>),
+    /// `input.submods.PATH OP LITERAL`.
+    Compare(Vec<String>, Op, Value),
+}
+
+/// A comparison operator of the rego subset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Eq,
+    Ne,
+    Ge,
+    Gt,
+    Le,
+    Lt,
+}
+
+impl Op {
+    fn parse(text: &str) -> Option<Op> {
+        Some(match text {
+            "==" => Op::Eq,
+            "!=" => Op::Ne,
+            ">=" => Op::Ge,
+            ">" => Op::Gt,
+            "<=" => Op::Le,
+            "<" => Op::Lt,
+            _ => return None,
+        })
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Op::Eq => "==",
+            Op::Ne => "!=",
+            Op::Ge => ">=",
+            Op::Gt => ">",
+            Op::Le => "<=",
+            Op::Lt => "<",
+        }
+    }
+
+    fn holds(self, ordering: std::cmp::Ordering) -> bool {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        match self {
+            Op::Eq => ordering == Equal,
+            Op::Ne => ordering != Equal,
+            Op::Ge => ordering != Less,
+            Op::Gt => ordering == Greater,
+            Op::Le => ordering != Greater,
+            Op::Lt => ordering == Less,
+        }
+    }
+}
+
+/// `input.submods` followed by `.ident` / `["key"]` segments; `None` if `text` is not that.
+fn parse_submods_path(text: &str) -> Option<Vec<String>> {
+    let mut rest = text
+        .strip_prefix("input.submods")
+        .or_else(|| text.strip_prefix("input[\"submods\"]"))?;
+    let mut path = Vec::new();
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('.') {
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            if end == 0 {
+                return None;
+            }
+            path.push(after[..end].to_string());
+            rest = &after[end..];
+        } else if let Some(after) = rest.strip_prefix("[\"") {
+            let end = after.find('"')?;
+            let key = &after[..end];
+            if key.is_empty() || key.contains('\\') {
+                return None;
+            }
+            path.push(key.to_string());
+            rest = after[end..].strip_prefix("\"]")?;
+        } else {
+            return None;
+        }
+    }
+    if path.is_empty() {
+        None
+    } else {
+        Some(path)
+    }
+}
+
+/// A literal: `"text"` (no escapes), an integer, `true` or `false`.
+fn parse_literal(text: &str) -> Option<Value> {
+    if let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        if inner.contains('"') || inner.contains('\\') {
+            return None;
+        }
+        return Some(Value::String(inner.to_string()));
+    }
+    match text {
+        "true" => Some(Value::Bool(true)),
+        "false" => Some(Value::Bool(false)),
+        _ => text.parse::<i64>().ok().map(Value::from),
+    }
+}
+
+/// The general forms: `count(input.submods) OP N`, a bare `input.submods.PATH`, and
+/// `input.submods.PATH OP LITERAL`.
+fn general_condition(line: &str) -> Option<Condition> {
+    if let Some(rest) = line.strip_prefix("count(input.submods) ") {
+        let (op, n) = rest.split_once(' ')?;
+        let op = Op::parse(op)?;
+        return Some(Condition::Count(op, n.trim().parse().ok()?));
+    }
+    let parts: Vec<&str> = line.split(' ').collect();
+    match parts.as_slice() {
+        [path] => parse_submods_path(path).map(Condition::Defined),
+        [path, op, literal] => Some(Condition::Compare(
+            parse_submods_path(path)?,
+            Op::parse(op)?,
+            parse_literal(literal)?,
+        )),
+        _ => None,
+    }
+}
+
+/// Order `got` against `want` as Trustee's rego would and as this broker documents: numbers
+/// numerically; strings lexicographically (rego) *and*, when both are dotted decimal
+/// versions, as dotted numbers too — the comparison holds only if both agree.
+fn compare(got: &Value, op: Op, want: &Value) -> Result<(), String> {
+    let shown = || format!("{got} {} {want}", op.text());
+    if matches!(op, Op::Eq | Op::Ne) {
+        return if (got == want) == (op == Op::Eq) {
+            Ok(())
+        } else {
+            Err(format!("{} is false", shown()))
+        };
+    }
+    match (got, want) {
+        (Value::Number(a), Value::Number(b)) => {
+            let (a, b) = (
+                a.as_f64().unwrap_or(f64::NAN),
+                b.as_f64().unwrap_or(f64::NAN),
+            );
+            match a.partial_cmp(&b) {
+                Some(o) if op.holds(o) => Ok(()),
+                _ => Err(format!("{} is false", shown())),
+            }
+        }
+        (Value::String(a), Value::String(b)) => {
+            let lexical = op.holds(a.as_str().cmp(b.as_str()));
+            match crate::nvidia::compare_dotted(a, b) {
+                Some(dotted) if op.holds(dotted) && lexical => Ok(()),
+                Some(dotted) if op.holds(dotted) => Err(format!(
+                    "{} holds as dotted numbers but not as rego compares strings \
+                     (lexicographically), so Trustee would deny it: write versions with \
+                     equal-width components",
+                    shown()
+                )),
+                Some(_) => Err(format!("{} is false (dotted numbers)", shown())),
+                None if lexical => Ok(()),
+                None => Err(format!("{} is false (strings)", shown())),
+            }
+        }
+        _ => Err(format!("{}: cannot order a {got} against {want}", shown())),
+    }
 }
 
 /// A resource policy in the rego forms this broker reads.
@@ -491,36 +665,90 @@ impl ResourcePolicyRego {
                 }
             }
         }
-        Err(format!("cannot read the condition {line:?}"))
+        general_condition(line).ok_or_else(|| format!("cannot read the condition {line:?}"))
+    }
+
+    /// Whether one condition holds; `Err` says why not.
+    fn holds(&self, cond: &Condition, path: &str, claims: &Value) -> Result<(), String> {
+        let submods = claims["submods"].as_object();
+        let plain = |ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{cond:?} does not hold"))
+            }
+        };
+        let lookup = |segments: &[String]| -> Option<&Value> {
+            segments
+                .iter()
+                .try_fold(&claims["submods"], |v, key| v.as_object()?.get(key))
+        };
+        match cond {
+            Condition::PathIn(set) => plain(self.sets.get(set).is_some_and(|s| s.contains(path))),
+            Condition::PathIs(p) => plain(p == path),
+            Condition::AnySubmods => plain(submods.is_some_and(|s| !s.is_empty())),
+            Condition::EverySubmodAffirming => {
+                plain(submods.is_some_and(|s| s.values().all(|m| m["ear.status"] == "affirming")))
+            }
+            Condition::Cpu0Affirming => {
+                plain(claims["submods"]["cpu0"]["ear.status"] == "affirming")
+            }
+            Condition::Evidence(tee, claim, value) => plain(
+                claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"][tee.as_str()]
+                    [claim.as_str()]
+                .as_str()
+                    == Some(value.as_str()),
+            ),
+            Condition::Cpu0Claim(claim, value) => plain(
+                claims["submods"]["cpu0"]["ear.trustworthiness-vector"][claim.as_str()].as_i64()
+                    == Some(*value),
+            ),
+            Condition::Count(op, n) => {
+                let count = submods.map_or(0, |s| s.len());
+                if op.holds(count.cmp(n)) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "count(input.submods) {} {n} is false: the token has {count} submod(s) \
+                         ({})",
+                        op.text(),
+                        submods
+                            .map(|s| s.keys().cloned().collect::<Vec<_>>().join(", "))
+                            .unwrap_or_default()
+                    ))
+                }
+            }
+            Condition::Defined(segments) => match lookup(segments) {
+                None => Err(format!(
+                    "input.submods.{} is undefined in the token",
+                    segments.join(".")
+                )),
+                Some(Value::Bool(false)) => {
+                    Err(format!("input.submods.{} is false", segments.join(".")))
+                }
+                Some(_) => Ok(()),
+            },
+            Condition::Compare(segments, op, want) => match lookup(segments) {
+                None => Err(format!(
+                    "input.submods.{} is undefined in the token",
+                    segments.join(".")
+                )),
+                Some(got) => compare(got, *op, want)
+                    .map_err(|why| format!("input.submods.{}: {why}", segments.join("."))),
+            },
+        }
     }
 
     /// Whether a token with `claims` may have `path`; `Err` says which rule failed where.
     pub(crate) fn allows(&self, path: &str, claims: &Value) -> Result<(), String> {
-        let submods = claims["submods"].as_object();
         let mut why = Vec::new();
         for (n, rule) in self.rules.iter().enumerate() {
-            let failed = rule.iter().find(|cond| match cond {
-                Condition::PathIn(set) => !self.sets.get(set).is_some_and(|s| s.contains(path)),
-                Condition::PathIs(p) => p != path,
-                Condition::AnySubmods => submods.is_none_or(|s| s.is_empty()),
-                Condition::EverySubmodAffirming => {
-                    submods.is_none_or(|s| s.values().any(|m| m["ear.status"] != "affirming"))
-                }
-                Condition::Cpu0Affirming => claims["submods"]["cpu0"]["ear.status"] != "affirming",
-                Condition::Evidence(tee, claim, value) => {
-                    claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"][tee.as_str()]
-                        [claim.as_str()]
-                    .as_str()
-                        != Some(value.as_str())
-                }
-                Condition::Cpu0Claim(claim, value) => {
-                    claims["submods"]["cpu0"]["ear.trustworthiness-vector"][claim.as_str()].as_i64()
-                        != Some(*value)
-                }
-            });
-            match failed {
+            match rule
+                .iter()
+                .find_map(|cond| self.holds(cond, path, claims).err())
+            {
                 None => return Ok(()),
-                Some(cond) => why.push(format!("rule {n}: {cond:?} does not hold")),
+                Some(reason) => why.push(format!("rule {n}: {reason}")),
             }
         }
         Err(format!(
@@ -586,6 +814,83 @@ mod tests {
         assert!(policy
             .allows("default/key/volume", &claims("affirming", 3))
             .is_err());
+    }
+
+    fn gpu_claims(drivers: &[&str]) -> Value {
+        let mut claims = claims("affirming", 3);
+        for (n, driver) in drivers.iter().enumerate() {
+            claims["submods"][format!("gpu{n}")] = json!({
+                "ear.status": "contraindicated",
+                "ear.veraison.annotated-evidence": {
+                    "nvidia": {"arch": "Hopper", "config": {"driver_version": driver}},
+                    "kbs-test-broker": {"cc_attested": true, "root": "nvidia"},
+                }
+            });
+        }
+        claims
+    }
+
+    const GPU_REGO: &str = "package policy\nimport rego.v1\ndefault allow := false\nallow if {\n\tdata[\"resource-path\"] == \"default/key/model\"\n\tinput.submods.cpu0[\"ear.trustworthiness-vector\"].executables == 3\n\tcount(input.submods) >= 3\n\tinput.submods.gpu1\n\tinput.submods.gpu0[\"ear.veraison.annotated-evidence\"].nvidia.arch == \"Hopper\"\n\tinput.submods.gpu0[\"ear.veraison.annotated-evidence\"].nvidia.config.driver_version >= \"550.90\"\n\tinput.submods.gpu1[\"ear.veraison.annotated-evidence\"].nvidia.config.driver_version >= \"550.90\"\n\tinput.submods.gpu0[\"ear.veraison.annotated-evidence\"][\"kbs-test-broker\"].cc_attested == true\n\tinput.submods.gpu1[\"ear.veraison.annotated-evidence\"][\"kbs-test-broker\"].root != \"x\"\n}\n";
+
+    #[test]
+    fn a_policy_can_require_gpu_count_driver_version_and_cc() {
+        let policy = ResourcePolicyRego::parse(GPU_REGO).unwrap();
+        let path = "default/key/model";
+        assert!(policy
+            .allows(path, &gpu_claims(&["550.90.07", "580.95.05"]))
+            .is_ok());
+        // one GPU: the count and gpu1 fail
+        let err = policy
+            .allows(path, &gpu_claims(&["550.90.07"]))
+            .unwrap_err();
+        assert!(err.contains("count(input.submods) >= 3 is false"), "{err}");
+        // no GPU evidence at all
+        assert!(policy.allows(path, &claims("affirming", 3)).is_err());
+        // an old driver
+        let err = policy
+            .allows(path, &gpu_claims(&["550.90.07", "535.86.09"]))
+            .unwrap_err();
+        assert!(err.contains("535.86.09") && err.contains("dotted"), "{err}");
+        // numerically newer but lexicographically older: rego would deny, so the broker does
+        let err = policy
+            .allows(path, &gpu_claims(&["550.90.07", "1000.1"]))
+            .unwrap_err();
+        assert!(err.contains("lexicographically"), "{err}");
+        // CC not attested (the derived claim false) or missing
+        let mut no_cc = gpu_claims(&["550.90.07", "580.95.05"]);
+        no_cc["submods"]["gpu0"]["ear.veraison.annotated-evidence"]["kbs-test-broker"]
+            ["cc_attested"] = json!(false);
+        assert!(policy.allows(path, &no_cc).is_err());
+        // another resource
+        assert!(policy
+            .allows(
+                "default/key/other",
+                &gpu_claims(&["550.90.07", "580.95.05"])
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn general_forms_parse_only_what_they_say() {
+        assert_eq!(
+            general_condition("count(input.submods) == 2"),
+            Some(Condition::Count(Op::Eq, 2))
+        );
+        assert_eq!(
+            general_condition("input[\"submods\"].gpu0"),
+            Some(Condition::Defined(vec!["gpu0".into()]))
+        );
+        for bad in [
+            "count(input.submods) ~ 2",
+            "input.submods",
+            "input.submods.gpu0 >= 550.90",
+            "input.submods.gpu0[\"a\\\"b\"] == 1",
+            "input.submods.gpu0.x == \"a b\"",
+            "input.other.gpu0 == 1",
+            "input.submods.gpu0.x == \"1\" == \"1\"",
+        ] {
+            assert_eq!(general_condition(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -107,6 +107,19 @@ pub fn report_data(
     Ok(Sha384::digest(&canonical).into())
 }
 
+/// The device nonce of additional (GPU) evidence, as guest-components makes it and Trustee
+/// checks it: the first 32 bytes of `SHA-384(JCS({"nonce", "tee-pubkey"}))` (no
+/// `additional-evidence` key: devices are verified against the runtime data without it).
+pub fn device_nonce(nonce: &str, key: &TeePubKey) -> Result<[u8; 32], String> {
+    let canonical =
+        serde_json_canonicalizer::to_vec(&json!({"nonce": nonce, "tee-pubkey": key.to_jwk()}))
+            .map_err(|e| format!("cannot canonicalise the device runtime data: {e}"))?;
+    let digest = Sha384::digest(&canonical);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&digest[..32]);
+    Ok(out)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -130,5 +143,32 @@ mod tests {
         assert!(TeePubKey::from_jwk(&json!({"kty": "oct", "k": "x"})).is_err());
         assert!(TeePubKey::from_jwk(&json!({"kty": "EC", "crv": "P-256", "x": "a"})).is_err());
         assert!(TeePubKey::from_jwk(&json!("EC")).is_err());
+    }
+
+    #[test]
+    fn device_nonce_matches_the_synthetic_trustee_example() {
+        let example: Value = serde_json::from_str(include_str!(
+            "../tests/data/nvidia/derived/kbs-binding-example.SYNTHETIC.json"
+        ))
+        .unwrap();
+        let key = TeePubKey::from_jwk(&example["tee_pubkey_jwk"]).unwrap();
+        let nonce = example["kbs_challenge_nonce"].as_str().unwrap();
+        let jcs = serde_json_canonicalizer::to_string(
+            &json!({"nonce": nonce, "tee-pubkey": key.to_jwk()}),
+        )
+        .unwrap();
+        assert_eq!(jcs, example["device_runtime_data_jcs"].as_str().unwrap());
+        assert_eq!(
+            hex::encode(device_nonce(nonce, &key).unwrap()),
+            example["gpu_spdm_nonce_hex (first 32 bytes)"]
+                .as_str()
+                .unwrap()
+        );
+        // the primary binding of the same example hashes the additional-evidence string as sent
+        let additional = example["additional_evidence_string"].as_str().unwrap();
+        assert_eq!(
+            hex::encode(report_data(additional, nonce, &key).unwrap()),
+            example["primary_report_data_sha384_hex"].as_str().unwrap()
+        );
     }
 }

@@ -14,11 +14,14 @@ use serde_json::{json, Value};
 
 use crate::binding::{self, TeePubKey};
 use crate::config::KNOWN_TEES;
-use crate::config::{check_resource_path, BrokerConfig, Compiled, CompiledPolicy, RequiredStatus};
+use crate::config::{
+    check_resource_path, BrokerConfig, Compiled, CompiledNvidia, CompiledPolicy, RequiredStatus,
+};
 use crate::error::{BrokerError, ErrorKind, KbsError};
 use crate::evidence::{self, InitData};
 use crate::http::{self, Request, Response};
 use crate::jwe;
+use crate::nvidia;
 use crate::token::{TokenSigner, EAR_PROFILE, TEE_PUBKEY_POINTER};
 use crate::tpm;
 
@@ -306,12 +309,6 @@ impl State {
         let additional = &body.tee_evidence.additional_evidence;
         let report_data =
             binding::report_data(additional, &nonce, &key).map_err(KbsError::attest)?;
-        if !additional.is_empty() {
-            return Err(KbsError::attest(
-                "additional_evidence (device evidence) is not verified by the test broker; \
-                 send \"\"",
-            ));
-        }
         let init_digest = match &body.init_data {
             Some(init) => Some(evidence::init_data_digest(init).map_err(KbsError::attest)?),
             None => None,
@@ -342,6 +339,20 @@ impl State {
                 )))
             }
         };
+        // Additional (device) evidence: each device is bound to the runtime data without the
+        // additional-evidence key, as Trustee verifies it (GPU-ATTESTATION.md §4).
+        let gpus = if additional.is_empty() {
+            Vec::new()
+        } else {
+            let device_nonce = binding::device_nonce(&nonce, &key).map_err(KbsError::attest)?;
+            nvidia::verify_additional_evidence(
+                additional,
+                &device_nonce,
+                &self.cfg.nvidia.roots,
+                now,
+            )
+            .map_err(|e| KbsError::attest(format!("NVIDIA device evidence: {e}")))?
+        };
         let iat = unix_secs(now);
         let exp = if self.cfg.faults.expire_tokens_immediately {
             iat.saturating_sub(1)
@@ -357,17 +368,37 @@ impl State {
             map.insert("init_data".to_string(), Value::String(hex::encode(digest)));
         }
         let status = ear_status(&vector);
+        let mut submods = serde_json::Map::new();
+        submods.insert(
+            "cpu0".to_string(),
+            json!({
+                "ear.status": status,
+                "ear.trustworthiness-vector": vector,
+                "ear.appraisal-policy-id": "default",
+                "ear.veraison.annotated-evidence": annotated,
+            }),
+        );
+        for (n, gpu) in gpus.into_iter().enumerate() {
+            let vector = gpu_trust_vector();
+            submods.insert(
+                format!("gpu{n}"),
+                json!({
+                    "ear.status": ear_status(&vector),
+                    "ear.trustworthiness-vector": vector,
+                    "ear.appraisal-policy-id": "default_gpu",
+                    "ear.veraison.annotated-evidence": {
+                        "nvidia": gpu.claims,
+                        GPU_DERIVED_KEY: {"cc_attested": true, "root": gpu.root},
+                    },
+                }),
+            );
+        }
         let claims = json!({
             "eat_profile": EAR_PROFILE,
             "iat": iat,
             "exp": exp,
             "ear.verifier-id": {"developer": "kbs-test-broker", "build": env!("CARGO_PKG_VERSION")},
-            "submods": {"cpu0": {
-                "ear.status": status,
-                "ear.trustworthiness-vector": vector,
-                "ear.appraisal-policy-id": "default",
-                "ear.veraison.annotated-evidence": annotated,
-            }},
+            "submods": submods,
         });
         let token = self.signer.sign(&claims);
         {
@@ -496,6 +527,7 @@ impl State {
             (Some(resource), _) => {
                 if posted.is_none() {
                     evaluate_policy(&resource.policy, &claims).map_err(deny)?;
+                    evaluate_gpu_policy(&self.cfg.nvidia, &claims).map_err(deny)?;
                 }
                 resource.value.clone()
             }
@@ -549,6 +581,70 @@ pub(crate) fn tpm_trust_vector(
         "storage-opaque": 0,
         "sourced-data": 0,
     })
+}
+
+/// The key, next to Trustee's `nvidia` claims in a `gpuN` submod's annotated evidence, of what
+/// the broker itself derives: `cc_attested` (always `true`: a submod exists only for a GPU
+/// whose CC attestation report verified for this session) and `root` (`nvidia`, or the
+/// `[nvidia] extra_roots` file the chain ended at, i.e. a simulated GPU).
+pub const GPU_DERIVED_KEY: &str = "kbs-test-broker";
+
+/// The trust vector of a verified GPU, as Trustee's default GPU attestation policy leaves it
+/// for Local verifier claims (it only scores NRAS claims): `hardware` 97, `executables` 33,
+/// `configuration` 36 — so `ear.status` is `contraindicated`, and a resource policy must
+/// read the GPU claims itself rather than require every submod to be affirming.
+pub(crate) fn gpu_trust_vector() -> Value {
+    json!({
+        "instance-identity": 0,
+        "configuration": 36,
+        "executables": 33,
+        "file-system": 0,
+        "hardware": 97,
+        "runtime-opaque": 0,
+        "storage-opaque": 0,
+        "sourced-data": 0,
+    })
+}
+
+/// Whether a submod name is a GPU's (`gpu0`, `gpu1`, …).
+pub(crate) fn is_gpu_submod(name: &str) -> bool {
+    name.strip_prefix("gpu")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The `[nvidia]` rules every `[resources]` policy applies: at least `require_gpus` GPU
+/// submods, each with `driver_version` ≥ `min_driver` (dotted numbers).
+pub(crate) fn evaluate_gpu_policy(nvidia: &CompiledNvidia, claims: &Value) -> Result<(), String> {
+    let gpus: Vec<(&String, &Value)> = claims["submods"]
+        .as_object()
+        .map(|m| m.iter().filter(|(k, _)| is_gpu_submod(k)).collect())
+        .unwrap_or_default();
+    if gpus.len() < nvidia.require_gpus {
+        return Err(format!(
+            "the token carries {} verified GPU(s); [nvidia] require_gpus = {} (the attestation \
+             sent no or too little NVIDIA additional evidence)",
+            gpus.len(),
+            nvidia.require_gpus
+        ));
+    }
+    if let Some(min) = &nvidia.min_driver {
+        for (name, submod) in gpus {
+            let driver = submod["ear.veraison.annotated-evidence"]["nvidia"]["config"]
+                ["driver_version"]
+                .as_str()
+                .ok_or_else(|| format!("{name} has no nvidia.config.driver_version"))?;
+            match nvidia::compare_dotted(driver, min) {
+                Some(std::cmp::Ordering::Less) | None => {
+                    return Err(format!(
+                        "{name} driver_version {driver:?} is below [nvidia] min_driver {min:?} \
+                         (dotted numbers)"
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The trust vector of `sample` evidence (which carries no launch digest): `executables` 33,

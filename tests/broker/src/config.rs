@@ -73,6 +73,27 @@ pub struct BrokerConfig {
     /// and an AK in `trusted_aks`.
     #[serde(default)]
     pub admin: Option<crate::admin::AdminConfig>,
+    /// NVIDIA GPU additional evidence: extra roots and the config-policy GPU rules.
+    #[serde(default)]
+    pub nvidia: NvidiaConfig,
+}
+
+/// The `[nvidia]` section. GPU evidence is always verified against NVIDIA's pinned device
+/// root; these keys add test roots and the GPU rules every `[resources]` policy applies.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvidiaConfig {
+    /// PEM files whose certificates a GPU chain may also end at (test roots for a simulated
+    /// GPU; relative paths: to the config file's folder). Default: none.
+    #[serde(default)]
+    pub extra_roots: Vec<PathBuf>,
+    /// Every `[resources]` policy requires at least this many verified GPUs (`gpu0`, …).
+    #[serde(default)]
+    pub require_gpus: usize,
+    /// Every GPU's `driver_version` must be at least this, compared as dotted numbers
+    /// (`"550.90"`: 550.90.07 and 550.100.1 pass, 535.86.09 fails).
+    #[serde(default)]
+    pub min_driver: Option<String>,
 }
 
 fn default_session_ttl() -> u64 {
@@ -96,6 +117,7 @@ impl Default for BrokerConfig {
             faults: Faults::default(),
             log_requests: false,
             admin: None,
+            nvidia: NvidiaConfig::default(),
         }
     }
 }
@@ -266,6 +288,11 @@ impl BrokerConfig {
                 admin.public_key = base.join(&admin.public_key);
             }
         }
+        for root in config.nvidia.extra_roots.iter_mut() {
+            if root.is_relative() {
+                *root = base.join(&*root);
+            }
+        }
         if let Some(tls) = config.tls.as_mut() {
             if tls.cert.is_relative() {
                 tls.cert = base.join(&tls.cert);
@@ -393,9 +420,16 @@ impl BrokerConfig {
             },
             None => None,
         };
-        if !errors.is_empty() {
+        let nvidia = match self.nvidia.compile() {
+            Ok(nvidia) => Some(nvidia),
+            Err(mut more) => {
+                errors.append(&mut more);
+                None
+            }
+        };
+        let (Some(nvidia), true) = (nvidia, errors.is_empty()) else {
             return Err(BrokerError::InvalidConfig(errors.join("; ")));
-        }
+        };
         Ok(Compiled {
             session_ttl: Duration::from_secs(self.session_ttl_secs),
             token_ttl_secs: self.token_ttl_secs,
@@ -406,6 +440,7 @@ impl BrokerConfig {
             faults: self.faults.clone(),
             log_requests: self.log_requests,
             admin,
+            nvidia,
         })
     }
 }
@@ -509,6 +544,54 @@ pub(crate) struct Compiled {
     pub(crate) faults: Faults,
     pub(crate) log_requests: bool,
     pub(crate) admin: Option<crate::admin::CompiledAdmin>,
+    pub(crate) nvidia: CompiledNvidia,
+}
+
+/// The checked `[nvidia]` section.
+#[derive(Debug)]
+pub(crate) struct CompiledNvidia {
+    pub(crate) roots: crate::nvidia::Roots,
+    pub(crate) require_gpus: usize,
+    pub(crate) min_driver: Option<String>,
+}
+
+impl NvidiaConfig {
+    fn compile(&self) -> Result<CompiledNvidia, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut roots = match crate::nvidia::Roots::nvidia() {
+            Ok(roots) => roots,
+            Err(why) => return Err(vec![why]),
+        };
+        for path in &self.extra_roots {
+            let name = format!("extra root {}", path.display());
+            match std::fs::read(path) {
+                Ok(pem) => match roots.clone().with_extra(&name, &pem) {
+                    Ok(more) => roots = more,
+                    Err(why) => errors.push(format!("nvidia.extra_roots: {why}")),
+                },
+                Err(e) => errors.push(format!(
+                    "nvidia.extra_roots: cannot read {}: {e}",
+                    path.display()
+                )),
+            }
+        }
+        if let Some(min) = &self.min_driver {
+            if crate::nvidia::compare_dotted(min, min).is_none() {
+                errors.push(format!(
+                    "nvidia.min_driver {min:?} is not a dotted decimal version (e.g. \"550.90\")"
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(CompiledNvidia {
+                roots,
+                require_gpus: self.require_gpus,
+                min_driver: self.min_driver.clone(),
+            })
+        } else {
+            Err(errors)
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -577,6 +660,45 @@ mod tests {
             compiled.resources["r/t/tag"].value.expose(),
             b"raw key bytes"
         );
+    }
+
+    #[test]
+    fn nvidia_section_reads_roots_relative_to_the_file_and_checks_its_values() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("gpu-root.pem"),
+            crate::nvidia::NVIDIA_DEVICE_ROOT_PEM,
+        )
+        .unwrap();
+        let cfg_path = dir.path().join("broker.toml");
+        std::fs::write(
+            &cfg_path,
+            "[nvidia]\nextra_roots = [\"gpu-root.pem\"]\nrequire_gpus = 2\nmin_driver = \"550.90\"\n",
+        )
+        .unwrap();
+        let cfg = BrokerConfig::from_toml_file(&cfg_path).unwrap();
+        assert_eq!(
+            cfg.nvidia.extra_roots,
+            vec![dir.path().join("gpu-root.pem")]
+        );
+        let compiled = cfg.compile().unwrap();
+        assert_eq!(compiled.nvidia.require_gpus, 2);
+        assert_eq!(compiled.nvidia.min_driver.as_deref(), Some("550.90"));
+        // defaults: NVIDIA's root only, no GPU rule
+        let plain = BrokerConfig::default().compile().unwrap();
+        assert_eq!(plain.nvidia.require_gpus, 0);
+        assert!(plain.nvidia.min_driver.is_none());
+
+        let bad = BrokerConfig::from_toml_str(
+            "[nvidia]\nextra_roots = [\"/nonexistent/root.pem\"]\nmin_driver = \"550.x\"\n",
+        )
+        .unwrap();
+        let msg = bad.compile().unwrap_err().to_string();
+        for needle in ["/nonexistent/root.pem", "\"550.x\""] {
+            assert!(msg.contains(needle), "missing {needle:?} in {msg}");
+        }
+        let err = BrokerConfig::from_toml_str("[nvidia]\nrequire_gpu = 1").unwrap_err();
+        assert!(format!("{err:?}").contains("require_gpu"));
     }
 
     #[test]

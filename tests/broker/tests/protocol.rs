@@ -271,7 +271,7 @@ fn attest_rejects_what_the_spec_says() {
     );
     reply.assert_error(401, "AttestationError");
 
-    // additional evidence is bound and refused (not verified by this broker)
+    // additional evidence that is not a device evidence list is refused
     let body = json!({
         "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
         "tee-evidence": {"primary_evidence": sample_evidence(&rd), "additional_evidence": "{\"nvidia\":{}}"},

@@ -8,8 +8,14 @@
 //! - [`tdx`]: TD quotes (header, TD report body, REPORTDATA; the quote signature needs
 //!   Intel's collateral and is not checked offline).
 //! - [`azure`]: `az-snp-vtpm` (HCL report carrying an SNP report and the vTPM AK).
+//! - [`nvidia`]: NVIDIA GPU attestation reports (SPDM GET_MEASUREMENTS) and their
+//!   certificate chains up to NVIDIA's device identity root, pinned.
+//! - [`nvidia_rim`]: NVIDIA RIMs (signed SWID tags of golden GPU measurements) and the
+//!   match of a GPU report's measurements against them.
 
 pub mod azure;
+pub mod nvidia;
+pub mod nvidia_rim;
 pub mod snp;
 pub mod snp_json;
 pub mod tdx;
