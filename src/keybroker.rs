@@ -114,6 +114,8 @@ pub fn gpu_requirements(gpu: &Gpu) -> tee::nvidia::GpuRequirements {
         min_vbios: gpu.min_vbios.clone(),
         allow_devtools: gpu.allow_devtools,
         simulated: gpu.simulate.is_some(),
+        rims: gpu.rims.clone(),
+        verify_at: None,
     }
 }
 

@@ -1412,6 +1412,8 @@ fn gpu_provider(
             min_vbios: None,
             allow_devtools: false,
             simulated: true,
+            rims: Vec::new(),
+            verify_at: None,
         },
     );
     gpus.precheck().unwrap();

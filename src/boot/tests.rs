@@ -2284,6 +2284,8 @@ fn sim_gpus(
             min_vbios: None,
             allow_devtools: false,
             simulated: true,
+            rims: Vec::new(),
+            verify_at: None,
         },
     );
     (gpus, calls)

@@ -1987,6 +1987,8 @@ fn a_simulated_gpu_is_bound_through_the_whole_handshake() {
             min_vbios: None,
             allow_devtools: false,
             simulated: true,
+            rims: Vec::new(),
+            verify_at: None,
         },
     );
     gpus.precheck().unwrap();

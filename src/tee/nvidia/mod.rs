@@ -52,6 +52,12 @@ pub struct GpuRequirements {
     pub allow_devtools: bool,
     /// A simulated GPU (`simulate`): proves nothing.
     pub simulated: bool,
+    /// RIM files (`rims`): at the precheck each GPU's evidence is verified offline
+    /// (`cvm_warden_verify::evidence::nvidia::verify`: chain to NVIDIA's pinned root, FWID,
+    /// signature, then every RIM's signature and the measurements against them).
+    pub rims: Vec<std::path::PathBuf>,
+    /// The verification time of that check (`None`: now). Tests pin it.
+    pub verify_at: Option<std::time::SystemTime>,
 }
 
 /// Compares dotted version numbers component by component (`radix` 10 for drivers, 16 for
@@ -93,6 +99,10 @@ pub struct GpuFacts {
     /// (`Report::measurements_digest`: SHA-384 over every block in index order, each as
     /// `index ‖ length (u16 LE) ‖ value`), hex.
     pub measurements_digest: String,
+    /// The RIMs the measurements matched (`kind version sha256:<file digest>`), when the
+    /// policy ships any; measured with the rest, so the broker's policy sees them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rims: Vec<String>,
 }
 
 impl GpuFacts {
@@ -118,6 +128,56 @@ fn malformed(what: &'static str, detail: String) -> TeeError {
         what,
         detail,
     }
+}
+
+/// `[attestation.gpu] rims`: one GPU's precheck evidence verified offline against the RIM
+/// files — NVIDIA's pinned root, FWID, signature, nonce, then each RIM's signature and every
+/// active measurement. Returns what matched, as the GPU event names it.
+fn check_rims(
+    req: &GpuRequirements,
+    index: u32,
+    uuid: &str,
+    report: &[u8],
+    chain: &[u8],
+    nonce: &[u8; 32],
+) -> Result<Vec<String>, TeeError> {
+    use cvm_warden_verify::evidence::nvidia::{verify, Roots, VerifyOptions};
+    let mut files = Vec::with_capacity(req.rims.len());
+    let mut digests = Vec::with_capacity(req.rims.len());
+    for path in &req.rims {
+        let bytes = std::fs::read(path).map_err(|e| {
+            refuse(format!(
+                "cannot read the RIM {} ([attestation.gpu] rims): {e}; put the RIM file in the image or remove it from rims",
+                path.display()
+            ))
+        })?;
+        digests.push(Digest::of(&bytes));
+        files.push(bytes);
+    }
+    let at = req.verify_at.unwrap_or_else(std::time::SystemTime::now);
+    let root_error = |e: cvm_warden_verify::evidence::nvidia::NvidiaError| {
+        malformed("GPU roots", cvm_warden_verify::error_chain(&e))
+    };
+    let mut options = VerifyOptions::new(at).map_err(root_error)?;
+    if req.simulated {
+        // The simulated GPU's own TEST root (it proves nothing anyway), so the RIM half is
+        // reached; a real GPU's chain must end at NVIDIA's root.
+        options.roots = Roots::with_extra(chain).map_err(root_error)?;
+    }
+    options.rims = files;
+    let verified = verify(report, chain, nonce, &options).map_err(|e| {
+        refuse(format!(
+            "GPU {index} ({uuid}) does not verify against [attestation.gpu] rims ({}): {}; install the driver and VBIOS the RIMs describe, or ship the RIMs of the installed ones",
+            req.rims.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            cvm_warden_verify::error_chain(&e)
+        ))
+    })?;
+    let signed = verified.rims.map(|v| v.signed).unwrap_or_default();
+    Ok(signed
+        .iter()
+        .zip(&digests)
+        .map(|(rim, digest)| format!("{:?} {} {digest}", rim.kind, rim.version).to_lowercase())
+        .collect())
 }
 
 fn refuse(detail: String) -> TeeError {
@@ -266,6 +326,12 @@ impl Gpus {
                 |_| refuse("cannot draw a random nonce for the GPU precheck".to_string()),
             )?;
             let bytes = nvml.attestation_report(*index, nonce).map_err(nvml_error)?;
+            let rims = if req.rims.is_empty() {
+                Vec::new()
+            } else {
+                let chain = nvml.attestation_cert_chain(*index).map_err(nvml_error)?;
+                check_rims(&req, *index, uuid, &bytes, &chain, &nonce)?
+            };
             // The verifier crate's parser: the daemon and auditors read the same facts.
             let parsed = parse_report(&bytes).map_err(|error| {
                 malformed(
@@ -281,6 +347,7 @@ impl Gpus {
                 vbios_version: vbios,
                 fwid: parsed.fwid().map(hex::encode).unwrap_or_default(),
                 measurements_digest: hex::encode(parsed.measurements_digest()),
+                rims,
             });
         }
         self.devices = Some(devices);
@@ -484,5 +551,7 @@ pub fn default_requirements() -> GpuRequirements {
         min_vbios: None,
         allow_devtools: false,
         simulated: false,
+        rims: Vec::new(),
+        verify_at: None,
     }
 }

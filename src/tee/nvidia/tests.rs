@@ -25,6 +25,8 @@ fn requirements() -> GpuRequirements {
         min_vbios: None,
         allow_devtools: false,
         simulated: true,
+        rims: Vec::new(),
+        verify_at: None,
     }
 }
 
@@ -548,4 +550,48 @@ fn the_simulated_gpus_evidence_verifies_only_against_the_test_root() {
     );
     // Another handshake's nonce is refused.
     assert!(verify(&report, &chain, &[0u8; 32], &test_root).is_err());
+}
+
+/// `[attestation.gpu] rims`: the precheck verifies each GPU's evidence against the RIM files
+/// (the verifier crate's `nvidia::verify`, RIM half included) and names what does not hold.
+#[test]
+fn rims_are_checked_at_the_precheck_and_a_mismatch_names_the_gpu_and_the_rim() {
+    let rim = |name: &str| {
+        Path::new("verify/tests/vectors/nvidia/rims")
+            .join(name)
+            .to_path_buf()
+    };
+    // The simulated GPU runs driver 550.90.07: NVIDIA's 550.144.03 driver RIM (signature
+    // valid until 2026-12-30) is for another driver.
+    let mut req = requirements();
+    req.rims = vec![rim("NV_GPU_DRIVER_GH100_550.144.03.xml")];
+    req.verify_at = Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_797_724_800)); // 2026-12-20 (the TEST chain dates from 2026-12-05)
+    let error = precheck_with(sim(), req.clone()).unwrap_err();
+    assert!(
+        error.contains("GPU 0 (GPU-5e1f0000-0000-4000-8000-000000000001) does not verify against [attestation.gpu] rims")
+            && error.contains("NV_GPU_DRIVER_GH100_550.144.03.xml")
+            && error.contains("550.144.03")
+            && error.contains("550.90.07"),
+        "{error}"
+    );
+    // A RIM whose signature was corrupted: refused on the signature, before any match.
+    req.rims = vec![rim("incorrect_signature_driver_rim.xml")];
+    let error = precheck_with(sim(), req.clone()).unwrap_err();
+    assert!(error.to_lowercase().contains("signature"), "{error}");
+    // After its signer expired (2026-12-30): refused, naming the certificate's end.
+    req.rims = vec![rim("NV_GPU_DRIVER_GH100_550.144.03.xml")];
+    req.verify_at = Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_798_761_600)); // 2027-01-01
+    let error = precheck_with(sim(), req.clone()).unwrap_err();
+    assert!(error.contains("2026-12-30"), "{error}");
+    // A RIM that is not in the image.
+    req.rims = vec![rim("no-such-rim.xml")];
+    let error = precheck_with(sim(), req).unwrap_err();
+    assert!(
+        error.contains("cannot read the RIM") && error.contains("no-such-rim.xml"),
+        "{error}"
+    );
+    // Without rims nothing is compared and the event says nothing about RIMs.
+    let facts = precheck_with(sim(), requirements()).unwrap();
+    assert!(facts[0].rims.is_empty());
+    assert!(!facts[0].event().unwrap().description.contains("rims"));
 }
