@@ -13,6 +13,7 @@
 use serde_json::{json, Value};
 
 use crate::audit::Audit;
+use crate::digest::Digest;
 use crate::eventlog::{
     EventKind, EventLog, ExtendError, NoRegister, RuntimeRegister, SimulatedPcr,
 };
@@ -121,7 +122,7 @@ pub fn reference_values(
     let mut pcr = SimulatedPcr::default();
     let devices = gpu_reference_events(loaded)?;
     let (event_log, details) = measure(loaded, facts, sys, &mut pcr, &devices)?;
-    Ok(json!({
+    let mut values = json!({
         "bundle_digest": details["bundle_digest"],
         "events": event_log.events(),
         "event_log_accumulator": event_log.accumulator(),
@@ -131,7 +132,42 @@ pub fn reference_values(
             "initial": "0".repeat(64),
             "value": pcr.value.hex(),
         },
-    }))
+    });
+    if let Some(value) = reattest_pcr(loaded, pcr.value)? {
+        values["tpm"]["reattest_value"] = json!(value.hex());
+    }
+    Ok(values)
+}
+
+/// With re-attestation on (`attestation.reattest_interval` above 0): the application PCR as
+/// the workload runs, which every re-attestation quotes — `after_measure` extended with the
+/// allowlist ruleset (when `[network]` is configured) and the separator. The broker must
+/// accept it as well (register it in `tpm_pcr15` next to `value`), or every re-attestation is
+/// refused.
+fn reattest_pcr(
+    loaded: &LoadedPolicy,
+    after_measure: Digest,
+) -> Result<Option<Digest>, StageError> {
+    let on = matches!(
+        &loaded.policy.attestation,
+        crate::policy::Attestation::Broker { reattest, .. } if reattest.interval_secs > 0
+    );
+    if !on {
+        return Ok(None);
+    }
+    let mut value = after_measure;
+    if loaded.policy.network.is_some() {
+        let ruleset = firewall::build(&loaded.policy, Phase::Allowlist, &SystemResolver::default())
+            .map_err(|source| StageError::Firewall {
+                stage: "allowlist",
+                source: Box::new(source),
+            })?;
+        value = SimulatedPcr::extended(&value, &ruleset.digest());
+    }
+    Ok(Some(SimulatedPcr::extended(
+        &value,
+        &Digest::of(crate::boot::SEPARATOR),
+    )))
 }
 
 /// The `gpu` events a boot with `[attestation.gpu]` extends after the perimeter ruleset. A

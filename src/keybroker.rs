@@ -196,6 +196,22 @@ impl RealBroker {
             .map_err(|source| SetupError::Provider { tee, source })
     }
 
+    /// A fresh handshake while the workload runs (new nonce, new ephemeral key, fresh
+    /// evidence from the provider, replacing the session): the typed exchange. Every try
+    /// goes to `attempt`.
+    pub fn reattest(
+        &mut self,
+        attempt: &mut dyn FnMut(Value),
+    ) -> Result<kbs::Attested, kbs::KbsError> {
+        let mut observer = |a: &Attempt| attempt(attempt_json(a));
+        self.client.attest(self.provider.as_mut(), &mut observer)
+    }
+
+    /// Whether the provider's evidence proves nothing (`sample`).
+    pub fn provider_insecure(&self) -> bool {
+        self.provider.insecure()
+    }
+
     /// Fetches one resource (for the `attest` dry run, which reports every resource).
     pub fn release(
         &mut self,

@@ -136,7 +136,7 @@ mod inside {
             plan,
             &sys,
             &mut |name: &str, details: Value| event(name, details),
-            None,
+            vec![],
             None,
         );
         say(&format!("REMAINING {}", json!(remaining())));
@@ -209,7 +209,7 @@ mod inside {
                 let mut bad_program = plan(&["/nonexistent/cvm-warden-program"], Restart::Never);
                 bad_program.restart = Restart::OnFailure { max: 3 };
                 for plan in [bad_dir, bad_program] {
-                    match launch::supervise(&plan, &sys, &mut event, None, None) {
+                    match launch::supervise(&plan, &sys, &mut event, vec![], None) {
                         Ok(exit) => fail(&format!("started anyway: {exit:?}")),
                         Err(error) => say(&format!("ERROR {}", chain(&error))),
                     }

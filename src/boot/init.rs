@@ -27,8 +27,8 @@ use serde_json::{json, Value};
 
 use super::wiring::{self, PolicyFiles, Setup};
 use super::{
-    chain, checkpoint, closing_event, CheckpointKind, Launcher, Lifecycle, Ready, RealLauncher,
-    Shutdown,
+    chain, checkpoint, closing_event, reattest, CheckpointKind, Checkpointer, Launcher, Lifecycle,
+    Ready, RealLauncher, Reattester, Shutdown,
 };
 use crate::audit::{self, Audit};
 use crate::launch::EarlyMounts;
@@ -404,30 +404,56 @@ pub fn run_init(
         }
         check_sinks();
     };
-    let mut periodic_run = || {
+    let mut periodic_run = |_now: std::time::Instant| {
         if let Some(cp) = checkpointer.borrow_mut().as_deref_mut() {
             checkpoint(audit, cp, CheckpointKind::Periodic, event_log);
         }
         check_sinks();
+        crate::launch::Next::OnSchedule
     };
-    let periodic = match (interval, checkpointer.borrow().is_some()) {
-        (Some(every), true) => Some(crate::launch::Periodic {
+    // Continuous trust: a fresh broker exchange every `attestation.reattest_interval`; a
+    // refusal stops the workload (see `super::reattest`).
+    let watch = std::cell::RefCell::new(
+        reattest::Schedule::from_plan(&ready.plan.attest).map(reattest::Watch::new),
+    );
+    let mut reattest_run = |now: std::time::Instant| {
+        let mut watch = watch.borrow_mut();
+        let Some(watch) = watch.as_mut() else {
+            return crate::launch::Next::OnSchedule;
+        };
+        let next = match checkpointer.borrow_mut().as_deref_mut() {
+            Some(cp) => watch.run(now, audit, cp, event_log),
+            None => watch.no_seam(audit),
+        };
+        check_sinks();
+        next
+    };
+    let mut periodic = Vec::new();
+    if let (Some(every), true) = (interval, checkpointer.borrow().is_some()) {
+        periodic.push(crate::launch::Periodic {
             every,
             run: &mut periodic_run,
-        }),
-        _ => None,
-    };
+        });
+    }
+    let reattest_every = watch.borrow().as_ref().map(reattest::Watch::every);
+    if let Some(every) = reattest_every {
+        periodic.push(crate::launch::Periodic {
+            every,
+            run: &mut reattest_run,
+        });
+    }
     let result = launcher.supervise(&ready.plan.launch, sys, &mut events, periodic);
-    let code = match result {
+    let lost_trust = watch.borrow().as_ref().and_then(|w| w.lost().cloned());
+    let mut code = match result {
         Ok(exit) => {
             let _ = audit.record(
                 "launch",
                 "workload_done",
                 json!({ "code": exit.code, "restarts": exit.restarts }),
             );
-            // Stopped because the required log was lost: never a clean end, whatever the
-            // workload answered to SIGTERM.
-            if lost.get() && exit.code == 0 {
+            // Stopped because the required log was lost or trust was: never a clean end,
+            // whatever the workload answered to SIGTERM.
+            if (lost.get() || lost_trust.is_some()) && exit.code == 0 {
                 1
             } else {
                 exit.code
@@ -436,16 +462,33 @@ pub fn run_init(
         Err(error) => {
             log::error!("{}", chain(&error));
             let _ = audit.record("launch", "failed", json!({ "error": chain(&error) }));
-            life.clean_up_after_failed_launch(&ready.plan);
+            if lost_trust.is_none() {
+                life.clean_up_after_failed_launch(&ready.plan);
+            }
             1
         }
     };
-    life.close(
-        "shutdown",
-        closing_event(sys, action),
-        json!({ "code": code }),
-        event_log,
-    );
+    let mut closing = json!({ "code": code });
+    if let Some(trust) = &lost_trust {
+        code = code.max(1);
+        life.clean_up_after_failed_launch(&ready.plan);
+        let devices = life
+            .checkpointer
+            .as_deref_mut()
+            .and_then(Checkpointer::reattester)
+            .map(Reattester::trust_lost)
+            .unwrap_or_else(|| json!({ "devices": [], "note": "no re-attestation seam" }));
+        let _ = audit.record(
+            "attest",
+            "trust_lost",
+            json!({ "kind": trust.kind, "error": trust.reason, "cleared": devices }),
+        );
+        closing = json!({
+            "code": code,
+            "reason": format!("trust lost ({}): {}", trust.kind, trust.reason),
+        });
+    }
+    life.close("shutdown", closing_event(sys, action), closing, event_log);
     Shutdown { action, code }
 }
 

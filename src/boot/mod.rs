@@ -27,12 +27,14 @@ use crate::sys::Sys;
 use cvm_warden_verify::schema::CheckpointDetails;
 
 pub mod init;
+pub mod reattest;
 #[cfg(test)]
 mod tests;
 pub mod unit;
 pub mod wiring;
 
 pub use init::run_init;
+pub use reattest::{ReattestError, Reattested, Reattester};
 pub use unit::run_unit;
 
 /// Why the boot stopped.
@@ -83,7 +85,7 @@ pub trait Launcher {
         plan: &LaunchPlan,
         sys: &dyn Sys,
         events: &mut dyn FnMut(&str, Value),
-        periodic: Option<Periodic<'_>>,
+        periodic: Vec<Periodic<'_>>,
     ) -> Result<WorkloadExit, LaunchError>;
     /// Unit shape: replace this process with the workload; returns only on failure.
     fn exec(&self, plan: &LaunchPlan) -> LaunchError;
@@ -99,7 +101,7 @@ impl Launcher for RealLauncher {
         plan: &LaunchPlan,
         sys: &dyn Sys,
         events: &mut dyn FnMut(&str, Value),
-        periodic: Option<Periodic<'_>>,
+        periodic: Vec<Periodic<'_>>,
     ) -> Result<WorkloadExit, LaunchError> {
         // The workload's output goes to the console line by line behind a prefix, so it
         // cannot pass for an audit record there.
@@ -535,13 +537,17 @@ fn bring_up_network(
     }
 }
 
+/// What the separator event measures (its digest is `Digest::of(SEPARATOR)`), the last event
+/// before the workload starts.
+pub const SEPARATOR: &[u8] = b"cvm-warden separator: workload starts";
+
 fn separator(fx: &mut Effects<'_>) -> Result<Value, StageError> {
     let event = fx
         .event_log
         .measure(
             fx.register,
             EventKind::Separator,
-            Digest::of(b"cvm-warden separator: workload starts"),
+            Digest::of(SEPARATOR),
             "separator",
         )
         .map_err(|e| StageError::Extend(Box::new(e)))?;
@@ -577,31 +583,24 @@ pub fn closing_event(sys: &dyn Sys, action: FailureAction) -> &'static str {
 /// type, so writer and reader share it).
 pub use cvm_warden_verify::schema::CheckpointKind;
 
-/// Fresh TEE evidence over the audit log's head: all the runner needs of the broker after
-/// the stages (it never fetches anything once the workload runs).
+/// Fresh TEE evidence over the audit log's head, and the re-attestation seam: all the runner
+/// needs of the broker after the stages (the real one is [`crate::keybroker::RealBroker`],
+/// see [`reattest`]).
 pub trait Checkpointer {
     /// Public facts about the evidence provider, as `attest/attested`'s `details.tee`.
     fn describe(&self) -> Value;
     /// Evidence whose report data is `binding`, as `attest/ok`'s `details.checkpoint.evidence`.
     fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError>;
+    /// The same provider and broker as a [`Reattester`] (`None`: this one cannot re-attest;
+    /// a policy with re-attestation then stops the workload at the first one, fail closed).
+    fn reattester(&mut self) -> Option<&mut dyn Reattester> {
+        None
+    }
+
     /// Sets or clears the devices' ready state ([`stage::KeyBroker::set_devices_ready`]).
     fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, stage::BrokerError> {
         let _ = ready;
         Ok(None)
-    }
-}
-
-impl<T: stage::KeyBroker + ?Sized> Checkpointer for T {
-    fn describe(&self) -> Value {
-        stage::KeyBroker::describe(self)
-    }
-
-    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
-        stage::KeyBroker::checkpoint(self, binding)
-    }
-
-    fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, stage::BrokerError> {
-        stage::KeyBroker::set_devices_ready(self, ready)
     }
 }
 

@@ -213,8 +213,15 @@ struct FakeLauncher {
     code: i32,
     /// How often it runs the periodic work while "the workload runs".
     periodic_runs: u32,
-    /// The interval it was given.
+    /// The interval it was given (the first periodic work's).
     interval: Cell<Option<std::time::Duration>>,
+    /// How long "the workload runs" in fake time; `None`: `periodic_runs` intervals of the
+    /// first periodic work.
+    run_for: Option<std::time::Duration>,
+    /// Every periodic work's interval.
+    intervals: RefCell<Vec<std::time::Duration>>,
+    /// (work index, fake time since the start) of every periodic run.
+    runs: RefCell<Vec<(usize, std::time::Duration)>>,
     /// Fails the launch instead of running the workload.
     fail: bool,
 }
@@ -228,6 +235,9 @@ impl FakeLauncher {
             code,
             periodic_runs: 0,
             interval: Cell::new(None),
+            run_for: None,
+            intervals: RefCell::new(Vec::new()),
+            runs: RefCell::new(Vec::new()),
             fail: false,
         }
     }
@@ -243,7 +253,7 @@ impl Launcher for FakeLauncher {
         plan: &LaunchPlan,
         _sys: &dyn Sys,
         events: &mut dyn FnMut(&str, Value),
-        periodic: Option<Periodic<'_>>,
+        periodic: Vec<Periodic<'_>>,
     ) -> Result<WorkloadExit, LaunchError> {
         self.supervised.set(self.supervised.get() + 1);
         self.plans.borrow_mut().push(plan.clone());
@@ -254,10 +264,35 @@ impl Launcher for FakeLauncher {
             });
         }
         events("started", json!({ "pid": 2 }));
-        if let Some(periodic) = periodic {
-            self.interval.set(Some(periodic.every));
-            for _ in 0..self.periodic_runs {
-                (periodic.run)();
+        // Fake time: each work runs when due, as the supervisor runs it.
+        let mut periodic = periodic;
+        self.interval.set(periodic.first().map(|p| p.every));
+        *self.intervals.borrow_mut() = periodic.iter().map(|p| p.every).collect();
+        let start = std::time::Instant::now();
+        let until = start
+            + self.run_for.unwrap_or_else(|| {
+                periodic
+                    .first()
+                    .map_or(std::time::Duration::ZERO, |p| p.every)
+                    * self.periodic_runs
+            });
+        let mut next: Vec<std::time::Instant> = periodic.iter().map(|p| start + p.every).collect();
+        while let Some((i, at)) = next.iter().copied().enumerate().min_by_key(|(_, at)| *at) {
+            if at > until {
+                break;
+            }
+            self.runs.borrow_mut().push((i, at - start));
+            match (periodic[i].run)(at) {
+                crate::launch::Next::OnSchedule => next[i] = at + periodic[i].every,
+                crate::launch::Next::In(after) => next[i] = at + after,
+                crate::launch::Next::StopWorkload => {
+                    events("stopping", json!({ "pid": 2, "signal": "SIGTERM" }));
+                    events("exited", json!({ "pid": 2, "code": 143 }));
+                    return Ok(WorkloadExit {
+                        code: 143,
+                        restarts: 0,
+                    });
+                }
             }
         }
         events("exited", json!({ "pid": 2, "code": self.code }));
@@ -2437,4 +2472,494 @@ fn a_simulated_gpu_or_allowed_devtools_make_every_record_insecure() {
     assert!(wiring::insecure(&policy(
         "simulate = \"/etc/cvm-warden/nvidia-sim/gpu.json\""
     )));
+}
+
+// ---- continuous trust: re-attestation while the workload runs ----
+
+/// A scripted [`Reattester`] (and checkpointer): answers from its script, then affirms.
+struct ScriptedReattester {
+    inner: RecordingCheckpointer,
+    script: std::collections::VecDeque<Result<Reattested, ReattestError>>,
+    resources: Vec<Option<String>>,
+    trust_lost: u32,
+}
+
+impl ScriptedReattester {
+    fn new(script: Vec<Result<Reattested, ReattestError>>) -> ScriptedReattester {
+        ScriptedReattester {
+            inner: RecordingCheckpointer::new(),
+            script: script.into(),
+            resources: Vec::new(),
+            trust_lost: 0,
+        }
+    }
+}
+
+fn affirmed() -> Result<Reattested, ReattestError> {
+    Ok(Reattested {
+        exchange: json!({
+            "broker": "https://kbs.example", "tee": "sample", "insecure": true,
+            "nonce": "bm9uY2Uy", "tee_pubkey": {"kty": "EC"}, "additional_evidence": "",
+            "report_data": "00", "evidence": {}, "claims": {}, "status": "affirming",
+        }),
+        resource: Some(json!({ "resource": "kbs:///default/keys/liveness", "bytes": 32 })),
+    })
+}
+
+fn refused(why: &str) -> Result<Reattested, ReattestError> {
+    Err(ReattestError::Refused(why.to_owned().into()))
+}
+
+fn unreachable() -> Result<Reattested, ReattestError> {
+    Err(ReattestError::Unreachable(
+        "cannot reach the key broker at https://kbs.example (auth call, 5 tries in 120s)".into(),
+    ))
+}
+
+impl Checkpointer for ScriptedReattester {
+    fn describe(&self) -> Value {
+        self.inner.describe()
+    }
+
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+        self.inner.checkpoint(binding)
+    }
+
+    fn reattester(&mut self) -> Option<&mut dyn Reattester> {
+        Some(self)
+    }
+}
+
+impl Reattester for ScriptedReattester {
+    fn reattest(
+        &mut self,
+        resource: Option<&crate::policy::ResourceUri>,
+        attempt: &mut dyn FnMut(Value),
+    ) -> Result<Reattested, ReattestError> {
+        self.resources.push(resource.map(ToString::to_string));
+        attempt(json!({ "call": "attest", "try": 1, "outcome": "HTTP 200" }));
+        self.script.pop_front().unwrap_or_else(affirmed)
+    }
+
+    fn trust_lost(&mut self) -> Value {
+        self.trust_lost += 1;
+        json!({ "devices": ["gpu0"], "ready": false })
+    }
+}
+
+/// What one supervised run with re-attestation left behind.
+struct ReattestRun {
+    recs: Vec<Value>,
+    sys: FakeSys,
+    volumes: crate::volume::FakeVolumes,
+    reattester: ScriptedReattester,
+    shutdown: Shutdown,
+    /// Fake seconds of each re-attestation.
+    at: Vec<u64>,
+    /// The intervals the supervisor was given.
+    intervals: Vec<std::time::Duration>,
+    /// Index of the first record after the boot.
+    start: usize,
+}
+
+/// A boot with a secret and a volume, then the workload "runs" for `run_for` seconds of fake
+/// time with re-attestation every `interval` s (`grace` s) answering from `script`.
+fn reattest_run(
+    interval: u64,
+    grace: u64,
+    run_for: u64,
+    script: Vec<Result<Reattested, ReattestError>>,
+) -> ReattestRun {
+    use crate::volume::{DeviceState, FakeVolumes};
+    let fixture = Fixture::new();
+    let sys = FakeSys::new().with_mounted(["/workspace"]);
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    let volumes = FakeVolumes::new().with_device("/dev/vdb", DeviceState::Blank);
+    let mut ready = prepare_with(
+        &volume_policy(&fixture),
+        &fixture,
+        &sys,
+        &mut broker,
+        &volumes,
+        &audit,
+    )
+    .unwrap();
+    let stage::attest::Plan::Broker { reattest, .. } = &mut ready.plan.attest else {
+        panic!("a broker policy");
+    };
+    // The policy's defaults, as `plan` shows them.
+    assert_eq!((reattest.interval_secs, reattest.grace_secs), (600, 300));
+    reattest.interval_secs = interval;
+    reattest.grace_secs = grace;
+    reattest.resource =
+        Some(crate::policy::ResourceUri::parse("kbs:///default/keys/liveness").unwrap());
+    let start = records(&lines).len();
+    let mut reattester = ScriptedReattester::new(script);
+    let mut launcher = FakeLauncher::new(0);
+    launcher.run_for = Some(std::time::Duration::from_secs(run_for));
+    let shutdown = {
+        let mut life = Lifecycle {
+            sys: &sys,
+            audit: &audit,
+            volumes: &volumes,
+            checkpointer: Some(&mut reattester),
+            checkpoint_interval: None,
+            audit_file: None,
+            stop_workload: no_stop,
+            watch_power_button: false,
+        };
+        run_init(&ready, &launcher, &mut life, FailureAction::Poweroff)
+    };
+    let at = launcher
+        .runs
+        .borrow()
+        .iter()
+        .map(|(_, t)| t.as_secs())
+        .collect();
+    let intervals = launcher.intervals.borrow().clone();
+    ReattestRun {
+        recs: records(&lines),
+        sys,
+        volumes,
+        reattester,
+        shutdown,
+        at,
+        intervals,
+        start,
+    }
+}
+
+impl ReattestRun {
+    fn tail(&self) -> Vec<(String, String)> {
+        events(&self.recs)
+            .split_off(self.start)
+            .into_iter()
+            .filter(|(stage, event)| stage != "attest" || event != "reattest_try")
+            .collect()
+    }
+
+    fn find(&self, event: &str) -> &Value {
+        self.recs
+            .iter()
+            .find(|r| r["event"] == event)
+            .unwrap_or_else(|| panic!("no {event} record"))
+    }
+
+    fn secrets_and_volumes_gone(&self) -> bool {
+        !self
+            .sys
+            .mounted()
+            .contains(&PathBuf::from("/run/cvm-warden/secrets"))
+            && !self.sys.mounted().contains(&PathBuf::from("/workspace"))
+            && self.volumes.mappings().is_empty()
+    }
+}
+
+#[test]
+fn reattestation_runs_every_interval_audited_with_a_checkpoint_right_after_each() {
+    let run = reattest_run(600, 300, 1800, vec![]);
+    assert_eq!(run.intervals, [std::time::Duration::from_secs(600)]);
+    assert_eq!(run.at, [600, 1200, 1800]);
+    assert_eq!(
+        run.tail(),
+        pairs(&[
+            ("launch", "started"),
+            ("audit", "checkpoint"),
+            ("attest", "reattested"),
+            ("attest", "reattest_resource"),
+            ("audit", "checkpoint"),
+            ("attest", "reattested"),
+            ("attest", "reattest_resource"),
+            ("audit", "checkpoint"),
+            ("attest", "reattested"),
+            ("attest", "reattest_resource"),
+            ("audit", "checkpoint"),
+            ("launch", "exited"),
+            ("launch", "workload_done"),
+            ("shutdown", "poweroff"),
+            ("audit", "checkpoint"),
+        ])
+    );
+    assert_eq!(run.shutdown.code, 0);
+    assert_eq!(
+        run.reattester.resources,
+        vec![Some("kbs:///default/keys/liveness".to_owned()); 3]
+    );
+    // Each try recorded with its round; the exchange in the attest stage's record type.
+    let tries: Vec<&Value> = run
+        .recs
+        .iter()
+        .filter(|r| r["event"] == "reattest_try")
+        .collect();
+    assert_eq!(tries.len(), 3);
+    assert_eq!(tries[2]["details"]["round"], 3);
+    let reattested = run.find("reattested");
+    let details: cvm_warden_verify::schema::AttestedDetails =
+        serde_json::from_value(reattested["details"].clone()).unwrap();
+    assert_eq!(details.exchange.nonce, "bm9uY2Uy");
+    assert_eq!(details.broker, "http://127.0.0.1:9");
+    // The checkpoint binds the records of the re-attestation.
+    let i = run
+        .recs
+        .iter()
+        .position(|r| r["event"] == "checkpoint" && r["details"]["kind"] == "reattest")
+        .unwrap();
+    assert_binds_previous(&run.recs, i, "reattest");
+    assert_eq!(run.recs[i - 2]["event"], "reattested");
+    assert!(!run.secrets_and_volumes_gone());
+    assert_eq!(run.reattester.trust_lost, 0);
+}
+
+#[test]
+fn a_refused_reattestation_stops_the_workload_removes_secrets_and_volumes_and_powers_off() {
+    let run = reattest_run(
+        600,
+        300,
+        3600,
+        vec![
+            affirmed(),
+            refused("the key broker at https://kbs.example rejected the tpm evidence (PolicyDeny)"),
+        ],
+    );
+    assert_eq!(run.at, [600, 1200]);
+    assert_eq!(
+        run.tail(),
+        pairs(&[
+            ("launch", "started"),
+            ("audit", "checkpoint"),
+            ("attest", "reattested"),
+            ("attest", "reattest_resource"),
+            ("audit", "checkpoint"),
+            ("attest", "reattest_failed"),
+            ("launch", "stopping"),
+            ("launch", "exited"),
+            ("launch", "workload_done"),
+            ("launch", "cleanup"),
+            ("attest", "trust_lost"),
+            ("shutdown", "poweroff"),
+            ("audit", "checkpoint"),
+        ])
+    );
+    let failed = &run.find("reattest_failed")["details"];
+    assert_eq!(failed["kind"], "refused");
+    assert_eq!(failed["round"], 2);
+    assert!(
+        failed["error"].as_str().unwrap().contains("PolicyDeny"),
+        "{failed}"
+    );
+    assert!(run.secrets_and_volumes_gone());
+    assert_eq!(run.reattester.trust_lost, 1);
+    assert_eq!(
+        run.find("trust_lost")["details"]["cleared"],
+        json!({ "devices": ["gpu0"], "ready": false })
+    );
+    let closing = &run.find("poweroff")["details"];
+    assert_eq!(run.recs.last().unwrap()["details"]["kind"], "closing");
+    assert_eq!(closing["code"], 143);
+    assert!(closing["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("trust lost (refused): the key broker refused the re-attestation"));
+    assert_eq!(run.shutdown.code, 143);
+    assert_eq!(run.shutdown.action, FailureAction::Poweroff);
+}
+
+#[test]
+fn an_unreachable_broker_is_retried_within_the_grace_then_the_schedule_goes_on() {
+    let run = reattest_run(
+        600,
+        300,
+        1400,
+        vec![unreachable(), unreachable(), affirmed()],
+    );
+    // A quarter of the grace between tries, then the interval from the success.
+    assert_eq!(run.at, [600, 675, 750, 1350]);
+    let tail = run.tail();
+    assert_eq!(
+        tail[..7],
+        pairs(&[
+            ("launch", "started"),
+            ("audit", "checkpoint"),
+            ("attest", "reattest_unreachable"),
+            ("attest", "reattest_unreachable"),
+            ("attest", "reattested"),
+            ("attest", "reattest_resource"),
+            ("audit", "checkpoint"),
+        ])
+    );
+    let second = run
+        .recs
+        .iter()
+        .filter(|r| r["event"] == "reattest_unreachable")
+        .nth(1)
+        .unwrap();
+    assert_eq!(second["details"]["try"], 2);
+    assert_eq!(second["details"]["unreachable_ms"], 75_000);
+    assert_eq!(second["details"]["retry_in_ms"], 75_000);
+    assert!(!tail.iter().any(|(_, e)| e == "reattest_failed"));
+    assert_eq!(run.shutdown.code, 0);
+    assert!(!run.secrets_and_volumes_gone());
+}
+
+#[test]
+fn an_unreachable_broker_past_the_grace_stops_the_workload() {
+    let run = reattest_run(600, 300, 3600, (0..10).map(|_| unreachable()).collect());
+    // Bounded: tries at 0, 75, 150, 225 and 300 s of the streak, then the stop.
+    assert_eq!(run.at, [600, 675, 750, 825, 900]);
+    let failed = &run.find("reattest_failed")["details"];
+    assert_eq!(failed["kind"], "unreachable");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("stayed unreachable for 300s (5 tries), not shorter than attestation.reattest_grace (300s)"),
+        "{error}"
+    );
+    assert!(run.secrets_and_volumes_gone());
+    assert_eq!(run.shutdown.code, 143);
+    assert!(run.find("poweroff")["details"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("trust lost (unreachable)"));
+}
+
+#[test]
+fn a_zero_grace_stops_at_the_first_unreachable_broker() {
+    let run = reattest_run(600, 0, 3600, vec![unreachable()]);
+    assert_eq!(run.at, [600]);
+    assert_eq!(
+        run.find("reattest_failed")["details"]["kind"],
+        "unreachable"
+    );
+}
+
+#[test]
+fn a_tee_that_stops_answering_at_reattestation_stops_the_workload() {
+    let run = reattest_run(
+        600,
+        300,
+        3600,
+        vec![Err(ReattestError::Tee(
+            "cannot produce snp evidence for the key broker: /dev/sev-guest: EIO".into(),
+        ))],
+    );
+    assert_eq!(run.at, [600]);
+    let failed = &run.find("reattest_failed")["details"];
+    assert_eq!(failed["kind"], "tee");
+    assert!(failed["error"].as_str().unwrap().contains("EIO"));
+    assert!(run.secrets_and_volumes_gone());
+    assert_eq!(run.reattester.trust_lost, 1);
+    assert!(run.shutdown.code != 0);
+}
+
+#[test]
+fn reattest_interval_zero_runs_none() {
+    let run = reattest_run(0, 0, 3600, vec![refused("never asked")]);
+    assert!(run.intervals.is_empty());
+    assert!(run.at.is_empty());
+    assert!(run.reattester.resources.is_empty());
+    assert_eq!(run.shutdown.code, 0);
+}
+
+#[test]
+fn reattestation_and_periodic_checkpoints_keep_their_own_schedules() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    let ready = prepare_with(
+        &broker_policy(&fixture),
+        &fixture,
+        &sys,
+        &mut broker,
+        &crate::volume::FakeVolumes::new(),
+        &audit,
+    )
+    .unwrap();
+    let mut reattester = ScriptedReattester::new(vec![]);
+    let mut launcher = FakeLauncher::new(0);
+    launcher.run_for = Some(std::time::Duration::from_secs(1200));
+    let mut life = life(&sys, &audit);
+    life.checkpointer = Some(&mut reattester);
+    life.checkpoint_interval = Some(std::time::Duration::from_secs(300));
+    run_init(&ready, &launcher, &mut life, FailureAction::Poweroff);
+    let kinds: Vec<String> = records(&lines)
+        .iter()
+        .filter(|r| r["event"] == "checkpoint")
+        .map(|r| r["details"]["kind"].as_str().unwrap().to_owned())
+        .collect();
+    // Checkpoints at 300, 600, 900, 1200 s; re-attestation (default 600 s) at 600, 1200 s.
+    assert_eq!(
+        kinds,
+        [
+            "launch", "periodic", "periodic", "reattest", "periodic", "periodic", "reattest",
+            "closing"
+        ]
+    );
+}
+
+#[test]
+fn the_unit_shape_records_that_it_cannot_reattest_and_refuses_an_explicit_interval() {
+    let fixture = Fixture::new();
+    let sys = FakeSys::new();
+    let (audit, lines) = memory_audit();
+    let mut broker = FakeBroker::new();
+    let ready = prepare_with(
+        &broker_policy(&fixture),
+        &fixture,
+        &sys,
+        &mut broker,
+        &crate::volume::FakeVolumes::new(),
+        &audit,
+    )
+    .unwrap();
+    let launcher = FakeLauncher::new(0);
+    run_unit(&ready, &launcher, &mut life(&sys, &audit));
+    let recs = records(&lines);
+    let i = recs
+        .iter()
+        .position(|r| r["event"] == "reattest_unavailable")
+        .expect("attest/reattest_unavailable");
+    assert_eq!(recs[i]["stage"], "attest");
+    assert_eq!(recs[i]["details"]["interval_s"], 600);
+    assert_eq!(recs[i + 1]["event"], "exec");
+    // An explicit interval is refused when the unit's boot is planned.
+    let text = broker_policy(&fixture).replace(
+        "insecure_http = true }",
+        "insecure_http = true, reattest_interval = \"5m\" }",
+    );
+    assert!(text.contains("reattest_interval"), "{text}");
+    let loaded = parse(&text, None, &users()).unwrap();
+    let facts = |shape| stage::Facts {
+        cmdline_path: fixture.path("cmdline"),
+        policy_digest: loaded.policy_digest,
+        operator_digest: None,
+        shape,
+        sandbox: false,
+    };
+    let error = BootPlan::new(&loaded.policy, &facts(crate::lockdown::Shape::Systemd)).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("attestation.reattest_interval = \"300s\" in the systemd-unit shape"),
+        "{error}"
+    );
+    assert!(BootPlan::new(&loaded.policy, &facts(crate::lockdown::Shape::Pid1)).is_ok());
+    // "0" says so explicitly: accepted in both shapes.
+    let off = parse(&text.replace("\"5m\"", "\"0\""), None, &users()).unwrap();
+    assert!(BootPlan::new(&off.policy, &facts(crate::lockdown::Shape::Systemd)).is_ok());
+}
+
+/// The fake broker as the runner's checkpointer (as the real broker is one).
+impl Checkpointer for FakeBroker {
+    fn describe(&self) -> Value {
+        stage::KeyBroker::describe(self)
+    }
+
+    fn checkpoint(&mut self, binding: &[u8; 64]) -> Result<Value, stage::BrokerError> {
+        stage::KeyBroker::checkpoint(self, binding)
+    }
+
+    fn set_devices_ready(&mut self, ready: bool) -> Result<Option<Value>, stage::BrokerError> {
+        stage::KeyBroker::set_devices_ready(self, ready)
+    }
 }

@@ -42,6 +42,8 @@ pub fn main(loaded: &LoadedPolicy) -> Result<(), super::BootError> {
 pub fn run_unit(ready: &Ready, launcher: &dyn Launcher, life: &mut Lifecycle<'_>) -> i32 {
     let audit = life.audit;
     let plan = &ready.plan.launch;
+    // Nothing re-attests once the workload replaced this process: said, never skipped.
+    super::reattest::record_unavailable(audit, &ready.plan.attest);
     if let Err(error) = audit.record("launch", "exec", json!({ "argv": plan.argv })) {
         log::error!("{}", chain(&error));
         life.clean_up_after_failed_launch(&ready.plan);

@@ -8,7 +8,8 @@
 //!   target, and DNS to the name servers only when one of those is a host name;
 //! - **allowlist** (just before launch): the same base, the policy's inbound ports (optional
 //!   source CIDRs) and outbound host:port pairs, the syslog target, DNS only when a name is
-//!   allowed. The key broker is not in it: nothing talks to it after the unlock stage.
+//!   allowed. The key broker is in it only while re-attestation is on
+//!   (`attestation.reattest_interval` above 0) or when the workload lists it.
 //!
 //! Every rule carries a comment saying what it is for and which policy key asked for it.
 //!

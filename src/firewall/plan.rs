@@ -207,9 +207,11 @@ fn url_host_port(key: &str, url: &str) -> Result<(String, u16), FirewallError> {
 ///
 /// - perimeter: the key broker (`attestation.kbs`, tcp) unless `attestation = "none"`, and
 ///   a remote syslog target (`audit.syslog`).
-/// - allowlist: each `network.outbound[i]` and a remote syslog target. The broker is left
-///   out: nothing talks to it after the unlock stage (resources are fetched once, there is no
-///   refresh), so the workload cannot reach it.
+/// - allowlist: each `network.outbound[i]`, the key broker while re-attestation is on
+///   (`attestation.reattest_interval` above 0; unless an outbound entry already admits the
+///   same host, port and protocol), and a remote syslog target. With re-attestation off the
+///   broker is left out: nothing talks to it after the unlock stage, so the workload cannot
+///   reach it.
 pub fn endpoints(policy: &Policy, phase: Phase) -> Result<Vec<Endpoint>, FirewallError> {
     let mut out = Vec::new();
     match phase {
@@ -239,6 +241,24 @@ pub fn endpoints(policy: &Policy, phase: Phase) -> Result<Vec<Endpoint>, Firewal
                     port: rule.port,
                     proto: rule.proto,
                 });
+            }
+            // Re-attestation while the workload runs needs the broker after the unlock stage.
+            if let Attestation::Broker { kbs, reattest, .. } = &policy.attestation {
+                if reattest.interval_secs > 0 {
+                    let (host, port) = url_host_port("attestation.kbs", kbs)?;
+                    let listed = out
+                        .iter()
+                        .any(|e| e.host == host && e.port == port && e.proto == Proto::Tcp);
+                    if !listed {
+                        out.push(Endpoint {
+                            key: "attestation.kbs".to_string(),
+                            role: "key broker (re-attestation)",
+                            host,
+                            port,
+                            proto: Proto::Tcp,
+                        });
+                    }
+                }
             }
         }
     }

@@ -178,8 +178,12 @@ fn a_broker_name_is_pinned_v4_and_v6_and_opens_dns_to_the_name_servers_only() {
 
 #[test]
 fn allowlist_has_ports_sources_outbound_and_syslog_but_not_the_broker() {
+    // Without re-attestation nothing talks to the broker after the unlock stage.
     let p = policy(
-        &broker("https://kbs.example:8999"),
+        &format!(
+            "{}\nreattest_interval = \"0\"",
+            broker("https://kbs.example:8999")
+        ),
         r#"[network]
 inbound = [{ port = 8002 }, { port = 8003, from = ["10.0.0.0/8", "fd00::/8", "192.0.2.1/32"] }, { port = 5353, proto = "udp" }]
 outbound = [{ host = "192.0.2.10", port = 8002 }, { host = "2001:db8::10", port = 8003 }, { host = "192.0.2.11", port = 53, proto = "udp" }]
@@ -825,7 +829,11 @@ fn dhcp_interfaces_admit_any_server_in_the_perimeter_and_only_the_lease_server_a
         lines(&allowlist),
         expect(
             &["input: iifname \"eth0\" ip saddr 10.0.2.2 udp sport 67 udp dport 68 ct direction original ct mark set 0x63766d77 accept comment \"dhcp answers from the lease's server 10.0.2.2 on eth0 (network.interface.eth0.dhcp)\""],
-            &["output: oifname \"eth0\" ip daddr 10.0.2.2 udp sport 68 udp dport 67 ct direction original ct mark set 0x63766d77 accept comment \"dhcp renewals to the lease's server 10.0.2.2 on eth0 (network.interface.eth0.dhcp)\""]
+            &[
+                "output: oifname \"eth0\" ip daddr 10.0.2.2 udp sport 68 udp dport 67 ct direction original ct mark set 0x63766d77 accept comment \"dhcp renewals to the lease's server 10.0.2.2 on eth0 (network.interface.eth0.dhcp)\"",
+                // Re-attestation is on by default: the broker stays reachable.
+                "output: ip daddr 198.51.100.7 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept comment \"key broker (re-attestation) tcp 198.51.100.7:8999 (attestation.kbs)\"",
+            ]
         )
     );
     // The JSON form carries the source port match.
@@ -833,4 +841,31 @@ fn dhcp_interfaces_admit_any_server_in_the_perimeter_and_only_the_lease_server_a
     // A resolution without DHCP pins serialises as before.
     let json = serde_json::to_value(Resolution::default()).unwrap();
     assert_eq!(json, json!({"pins": [], "nameservers": []}));
+}
+
+#[test]
+fn allowlist_admits_the_broker_while_reattestation_is_on_unless_the_workload_lists_it() {
+    let rule = "output: ip daddr 198.51.100.7 tcp dport 8999 ct direction original ct mark set 0x63766d77 accept comment \"key broker (re-attestation) tcp 198.51.100.7:8999 (attestation.kbs)\"";
+    // The default interval (10 minutes): the broker stays reachable.
+    let on = policy(&broker("https://198.51.100.7:8999"), "");
+    let ruleset = build(&on, Phase::Allowlist, &NoLookups).unwrap();
+    assert_eq!(lines(&ruleset), expect(&[], &[rule]));
+    // Off: not in the allowlist.
+    let off = policy(
+        &format!(
+            "{}\nreattest_interval = \"0\"",
+            broker("https://198.51.100.7:8999")
+        ),
+        "",
+    );
+    let ruleset = build(&off, Phase::Allowlist, &NoLookups).unwrap();
+    assert_eq!(lines(&ruleset), expect(&[], &[]));
+    // The workload's own entry for the broker already admits it: no second rule.
+    let listed = policy(
+        &broker("https://198.51.100.7:8999"),
+        "[network]\noutbound = [{ host = \"198.51.100.7\", port = 8999 }]\n",
+    );
+    let text = lines(&build(&listed, Phase::Allowlist, &NoLookups).unwrap()).join("\n");
+    assert!(!text.contains("(attestation.kbs)"), "{text}");
+    assert!(text.contains("(network.outbound[0])"), "{text}");
 }

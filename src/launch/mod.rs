@@ -33,7 +33,7 @@ pub use mounts::{
 pub use shutdown::{
     install_panic_hook, panic_message, prepare_shutdown, shutdown, shutdown_plan, ShutdownAction,
 };
-pub use supervise::{exit_code_from_wait_status, supervise, Periodic, WorkloadExit};
+pub use supervise::{exit_code_from_wait_status, supervise, Next, Periodic, WorkloadExit};
 
 /// Why the workload could not be planned, started or supervised.
 #[derive(Debug, thiserror::Error)]

@@ -209,14 +209,28 @@ impl Out<'_, '_> {
     }
 }
 
-/// Work the supervisor does every `every` while the workload runs: the periodic audit
-/// checkpoint. The wait for signals and children ends in time for it (no busy loop: the
-/// wait's timeout is the time left until it is due).
+/// What a [`Periodic`] work asks of the supervisor after it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Run again an interval from now.
+    OnSchedule,
+    /// Run again after this (a retry sooner than the interval), then on schedule.
+    In(Duration),
+    /// Stop the workload for good: SIGTERM, the grace period, SIGKILL; no restart. The work
+    /// records why before it asks.
+    StopWorkload,
+}
+
+/// Work the supervisor does every `every` while the workload runs (the periodic audit
+/// checkpoint, the re-attestation). The wait for signals and children ends in time for the
+/// next one due (no busy loop: the wait's timeout is the time left until then). `run` gets
+/// the supervisor's time now and says when it wants to run again, or that the workload must
+/// stop.
 pub struct Periodic<'p> {
     /// The interval.
     pub every: Duration,
     /// What to do.
-    pub run: &'p mut dyn FnMut(),
+    pub run: &'p mut dyn FnMut(Instant) -> Next,
 }
 
 impl std::fmt::Debug for Periodic<'_> {
@@ -233,19 +247,28 @@ struct Due<'p> {
     next: Instant,
 }
 
-impl Due<'_> {
-    /// How long the next wait may last, at most `tick`.
-    fn timeout(&self, now: Instant, tick: Duration) -> Duration {
-        tick.min(self.next.saturating_duration_since(now))
-    }
+/// How long the next wait may last: at most `tick`, and never past the first work due.
+fn wait_timeout(dues: &[Due<'_>], now: Instant, tick: Duration) -> Duration {
+    dues.iter()
+        .map(|due| due.next.saturating_duration_since(now))
+        .fold(tick, Duration::min)
+}
 
-    /// Runs the work when it is due; the next one is due an interval after it ran.
-    fn run_if_due(&mut self, procs: &dyn Processes) {
-        if procs.now() >= self.next {
-            (self.periodic.run)();
-            self.next = procs.now() + self.periodic.every;
+/// Runs every work that is due, in order; each is next due an interval (or what it asked
+/// for) after it ran. Whether one asked to stop the workload (the rest then wait).
+fn run_due(dues: &mut [Due<'_>], procs: &dyn Processes) -> bool {
+    for due in dues.iter_mut() {
+        let now = procs.now();
+        if now < due.next {
+            continue;
+        }
+        match (due.periodic.run)(now) {
+            Next::OnSchedule => due.next = procs.now() + due.periodic.every,
+            Next::In(after) => due.next = procs.now() + after,
+            Next::StopWorkload => return true,
         }
     }
+    false
 }
 
 /// Supervises the workload until it is done for good. See [`supervise`].
@@ -254,7 +277,7 @@ fn run(
     procs: &mut dyn Processes,
     events: &mut Events<'_>,
     timing: Timing,
-    periodic: Option<Periodic<'_>>,
+    periodic: Vec<Periodic<'_>>,
 ) -> Result<WorkloadExit, LaunchError> {
     let out = &mut Out {
         events,
@@ -262,10 +285,13 @@ fn run(
         every: timing.orphan_report,
         last: procs.now(),
     };
-    let mut due = periodic.map(|periodic| Due {
-        next: procs.now() + periodic.every,
-        periodic,
-    });
+    let mut dues: Vec<Due<'_>> = periodic
+        .into_iter()
+        .map(|periodic| Due {
+            next: procs.now() + periodic.every,
+            periodic,
+        })
+        .collect();
     let mut restarts = 0u32;
     let mut stop = false;
     loop {
@@ -280,7 +306,7 @@ fn run(
             "started",
             json!({ "pid": pid.as_raw(), "attempt": restarts + 1, "argv": plan.argv }),
         );
-        let (status, code) = match wait_for(pid, procs, out, timing, &mut stop, due.as_mut()) {
+        let (status, code) = match wait_for(pid, procs, out, timing, &mut stop, &mut dues) {
             Ok(ended) => ended,
             Err(error) => {
                 procs.kill(pid, Signal::SIGKILL);
@@ -336,14 +362,10 @@ fn wait_for(
     out: &mut Out<'_, '_>,
     timing: Timing,
     stop: &mut bool,
-    mut due: Option<&mut Due<'_>>,
+    dues: &mut [Due<'_>],
 ) -> Result<(WaitStatus, i32), LaunchError> {
     loop {
-        let timeout = match due.as_deref() {
-            Some(due) => due.timeout(procs.now(), timing.tick),
-            None => timing.tick,
-        };
-        let observed = procs.wait(timeout)?;
+        let observed = procs.wait(wait_timeout(dues, procs.now(), timing.tick))?;
         // Reaps first: a signal that arrives together with the workload's end must not be
         // sent to its (now free, possibly reused) pid.
         let ended = reaped(&observed, Some(pid), out);
@@ -375,10 +397,60 @@ fn wait_for(
         if let Some(ended) = ended {
             return Ok(ended);
         }
-        if let Some(due) = due.as_deref_mut() {
-            due.run_if_due(procs);
+        if run_due(dues, procs) {
+            *stop = true;
+            return stop_workload(pid, procs, out, timing, stop);
         }
     }
+}
+
+/// Periodic work asked to stop the workload: SIGTERM to it (`stopping` {pid, signal,
+/// grace_ms}), the grace period, then SIGKILL (`stopping` {pid, signal}); its end is
+/// returned like any end. A workload that not even SIGKILL ends within `kill_wait` is an
+/// error (the caller fails closed).
+fn stop_workload(
+    pid: Pid,
+    procs: &mut dyn Processes,
+    out: &mut Out<'_, '_>,
+    timing: Timing,
+    stop: &mut bool,
+) -> Result<(WaitStatus, i32), LaunchError> {
+    for (signal, wait) in [
+        (Signal::SIGTERM, timing.grace),
+        (Signal::SIGKILL, timing.kill_wait),
+    ] {
+        procs.kill(pid, signal);
+        let mut details = json!({ "pid": pid.as_raw(), "signal": signal.as_str() });
+        if signal == Signal::SIGTERM {
+            details["grace_ms"] = json!(timing.grace.as_millis());
+        }
+        out.event("stopping", details);
+        let deadline = procs.now() + wait;
+        loop {
+            let now = procs.now();
+            if now >= deadline {
+                break;
+            }
+            let observed = procs.wait(timing.tick.min(deadline - now))?;
+            let ended = reaped(&observed, Some(pid), out);
+            for item in &observed {
+                if let Observed::Signal(signal) = *item {
+                    *stop |= !procs.ignored(signal) && is_stop_request(signal);
+                }
+            }
+            if let Some(ended) = ended {
+                return Ok(ended);
+            }
+        }
+    }
+    Err(LaunchError::Supervise(SysError::Process {
+        op: format!(
+            "stop the workload (pid {}): it did not end within {:?} of SIGKILL",
+            pid.as_raw(),
+            timing.kill_wait
+        ),
+        errno: Errno::ETIMEDOUT,
+    }))
 }
 
 /// Waits until `deadline` or until no child is left, reaping and reporting; records stop
@@ -471,9 +543,11 @@ fn pause(procs: &mut dyn Processes, out: &mut Out<'_, '_>, timing: Timing, stop:
 /// Meanwhile it reaps every child — orphans re-parented to us are counted, and reported in
 /// at most one `orphans_reaped` {count, exited_nonzero, signaled, first_pid, last_pid,
 /// interval_ms} a minute (and before `exited`) — forwards SIGTERM/SIGINT/SIGHUP to the
-/// workload (`signal_forwarded`), and runs `periodic` on time. Events: `started` {pid,
-/// attempt, argv}, `exited` {pid, code, status | signal}, `restart` {attempt, max,
-/// previous_code}, `terminating` {signal}, `children_left`.
+/// workload (`signal_forwarded`), and runs each `periodic` work on time; one that answers
+/// [`Next::StopWorkload`] ends the workload (SIGTERM, 5 s, SIGKILL: `stopping` {pid, signal})
+/// and it is not restarted. Events: `started` {pid, attempt, argv}, `exited` {pid, code,
+/// status | signal}, `restart` {attempt, max, previous_code}, `terminating` {signal},
+/// `stopping`, `children_left`.
 ///
 /// With `relay`, the workload's stdout and stderr are pipes read here and written line by
 /// line to `relay` behind a prefix ([`super::relay`]); otherwise it inherits ours.
@@ -485,7 +559,7 @@ pub fn supervise(
     plan: &LaunchPlan,
     sys: &dyn Sys,
     events: &mut dyn FnMut(&str, Value),
-    periodic: Option<Periodic<'_>>,
+    periodic: Vec<Periodic<'_>>,
     relay: Option<Box<dyn Write + Send>>,
 ) -> Result<WorkloadExit, LaunchError> {
     sys.set_child_subreaper().map_err(LaunchError::Supervise)?;
@@ -852,6 +926,8 @@ mod tests {
         hold_until: Duration,
         /// The timeout of every wait.
         timeouts: Vec<Duration>,
+        /// Signals that end a live process when `kill` sends them to it.
+        dies_on: Vec<Signal>,
     }
 
     impl Fake {
@@ -870,6 +946,7 @@ mod tests {
                 ignore_sigint: false,
                 hold_until: Duration::ZERO,
                 timeouts: vec![],
+                dies_on: vec![],
             }
         }
 
@@ -943,6 +1020,9 @@ mod tests {
 
         fn kill(&mut self, pid: Pid, signal: Signal) {
             self.kills.push((pid.as_raw(), signal));
+            if self.dies_on.contains(&signal) && self.live.contains(&pid.as_raw()) {
+                self.script.push_front(vec![killed(pid.as_raw(), signal)]);
+            }
         }
 
         fn kill_remaining(&mut self, signal: Signal) {
@@ -971,7 +1051,7 @@ mod tests {
             fake,
             &mut |event: &str, details: Value| log.push((event.to_owned(), details)),
             Timing::default(),
-            None,
+            vec![],
         );
         (result, log)
     }
@@ -1204,7 +1284,7 @@ mod tests {
             &mut paced,
             &mut |event: &str, details: Value| log.push((event.to_owned(), details)),
             Timing::default(),
-            None,
+            vec![],
         );
         assert_eq!(result.unwrap().code, 0);
         let reports: Vec<&Value> = log
@@ -1293,7 +1373,7 @@ mod tests {
             &mut stuck,
             &mut |event: &str, details: Value| log.push((event.to_owned(), details)),
             Timing::default(),
-            None,
+            vec![],
         );
         assert_eq!(result.unwrap().code, 0);
         assert_eq!(log.last().unwrap().0, "children_left");
@@ -1320,7 +1400,11 @@ mod tests {
         let clock = std::cell::Cell::new(start);
         let mut log = Vec::new();
         {
-            let mut run_periodic = || runs.push(clock.get() - start);
+            let mut run_periodic = |now: Instant| {
+                assert_eq!(now, clock.get());
+                runs.push(now - start);
+                Next::OnSchedule
+            };
             struct Clocked<'f, 'c>(&'f mut Fake, &'c std::cell::Cell<Instant>);
             impl Processes for Clocked<'_, '_> {
                 fn spawn(&mut self) -> Result<Pid, LaunchError> {
@@ -1352,10 +1436,10 @@ mod tests {
                     tick: Duration::from_secs(7),
                     ..Timing::default()
                 },
-                Some(Periodic {
+                vec![Periodic {
                     every: Duration::from_secs(30),
                     run: &mut run_periodic,
-                }),
+                }],
             );
             assert_eq!(result.unwrap().code, 0);
         }
@@ -1375,6 +1459,135 @@ mod tests {
             fake.timeouts
         );
         assert!(fake.timeouts.len() <= 20, "{}", fake.timeouts.len());
+        assert_eq!(names(&log), ["started", "exited"]);
+    }
+
+    /// Runs `fake` with periodic works of these intervals; each answers from its script
+    /// (then `OnSchedule`); returns the result, the log and when each work ran.
+    #[allow(clippy::type_complexity)]
+    fn run_periodic(
+        restart: Restart,
+        fake: &mut Fake,
+        works: &[(u64, Vec<Next>)],
+    ) -> (
+        Result<WorkloadExit, LaunchError>,
+        Vec<(String, Value)>,
+        Vec<Vec<Duration>>,
+    ) {
+        let start = fake.clock;
+        let mut runs: Vec<Vec<Duration>> = vec![Vec::new(); works.len()];
+        let mut scripts: Vec<VecDeque<Next>> = works
+            .iter()
+            .map(|(_, s)| s.iter().copied().collect())
+            .collect();
+        let mut log = Vec::new();
+        let result = {
+            let mut closures: Vec<Box<dyn FnMut(Instant) -> Next + '_>> = runs
+                .iter_mut()
+                .zip(scripts.iter_mut())
+                .map(|(runs, script)| {
+                    Box::new(move |now: Instant| {
+                        runs.push(now - start);
+                        script.pop_front().unwrap_or(Next::OnSchedule)
+                    }) as Box<dyn FnMut(Instant) -> Next + '_>
+                })
+                .collect();
+            let periodic: Vec<Periodic<'_>> = closures
+                .iter_mut()
+                .zip(works)
+                .map(|(run, (every, _))| Periodic {
+                    every: Duration::from_secs(*every),
+                    run: run.as_mut(),
+                })
+                .collect();
+            run(
+                &plan(restart),
+                fake,
+                &mut |event: &str, details: Value| log.push((event.to_owned(), details)),
+                Timing::default(),
+                periodic,
+            )
+        };
+        (result, log, runs)
+    }
+
+    #[test]
+    fn periodic_work_that_asks_to_stop_ends_the_workload_with_sigterm_and_no_restart() {
+        let mut fake = Fake::new(&[10, 11]);
+        fake.dies_on = vec![Signal::SIGTERM, Signal::SIGKILL];
+        let (result, log, runs) = run_periodic(
+            Restart::OnFailure { max: 3 },
+            &mut fake,
+            &[(30, vec![Next::OnSchedule, Next::StopWorkload])],
+        );
+        assert_eq!(
+            result.unwrap(),
+            WorkloadExit {
+                code: 143,
+                restarts: 0
+            }
+        );
+        assert_eq!(runs[0], [Duration::from_secs(30), Duration::from_secs(60)]);
+        assert_eq!(fake.kills, [(10, Signal::SIGTERM)]);
+        assert_eq!(names(&log), ["started", "stopping", "exited"]);
+        assert_eq!(
+            log[1].1,
+            json!({ "pid": 10, "signal": "SIGTERM", "grace_ms": 5000 })
+        );
+        assert_eq!(fake.elapsed(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_workload_that_ignores_sigterm_gets_sigkill_after_the_grace_period() {
+        let mut fake = Fake::new(&[10]);
+        fake.dies_on = vec![Signal::SIGKILL];
+        let (result, log, _) =
+            run_periodic(Restart::Never, &mut fake, &[(30, vec![Next::StopWorkload])]);
+        assert_eq!(result.unwrap().code, 137);
+        assert_eq!(fake.kills, [(10, Signal::SIGTERM), (10, Signal::SIGKILL)]);
+        assert_eq!(names(&log), ["started", "stopping", "stopping", "exited"]);
+        assert_eq!(log[2].1, json!({ "pid": 10, "signal": "SIGKILL" }));
+        // 30 s until the work ran, then the 5 s grace period.
+        assert_eq!(fake.elapsed(), Duration::from_secs(35));
+    }
+
+    #[test]
+    fn a_workload_that_not_even_sigkill_ends_is_an_error() {
+        let mut fake = Fake::new(&[10]);
+        let (result, log, _) =
+            run_periodic(Restart::Never, &mut fake, &[(30, vec![Next::StopWorkload])]);
+        let error = result.unwrap_err();
+        assert!(
+            crate::report::error_chain(&error).contains("did not end within 5s of SIGKILL"),
+            "{}",
+            crate::report::error_chain(&error)
+        );
+        assert_eq!(names(&log)[..3], ["started", "stopping", "stopping"]);
+    }
+
+    #[test]
+    fn two_periodic_works_run_on_their_own_schedules_and_a_retry_comes_sooner() {
+        let mut fake = Fake::new(&[10]).then(vec![exited(10, 0)]);
+        fake.hold_until = Duration::from_secs(100);
+        let (result, log, runs) = run_periodic(
+            Restart::Never,
+            &mut fake,
+            &[
+                (20, vec![]),
+                (30, vec![Next::In(Duration::from_secs(4)), Next::OnSchedule]),
+            ],
+        );
+        assert_eq!(result.unwrap().code, 0);
+        let secs = |v: &[Duration]| v.iter().map(Duration::as_secs).collect::<Vec<_>>();
+        assert_eq!(secs(&runs[0]), [20, 40, 60, 80, 100]);
+        // The retry 4 s after the first run, then the interval again from there.
+        assert_eq!(secs(&runs[1]), [30, 34, 64, 94]);
+        assert!(
+            fake.timeouts.iter().all(|t| !t.is_zero()),
+            "{:?}",
+            fake.timeouts
+        );
+        assert!(fake.kills.is_empty());
         assert_eq!(names(&log), ["started", "exited"]);
     }
 }

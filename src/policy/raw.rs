@@ -64,6 +64,8 @@ pub(crate) struct RawRlimit {
 }
 
 /// `attestation = "none"` or an `[attestation]` table.
+// One per policy load: the table's size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum RawAttestation {
     /// A string (only `"none"` is valid).
@@ -88,6 +90,9 @@ pub(crate) struct RawBroker {
     pub tpm_ak_handle: Option<String>,
     pub snp_certs: Option<String>,
     pub gpu: Option<Box<RawGpu>>,
+    pub reattest_interval: Option<String>,
+    pub reattest_grace: Option<String>,
+    pub reattest_resource: Option<String>,
 }
 
 /// `[attestation.gpu]`.

@@ -648,7 +648,7 @@ fn overridable_keys_must_exist_in_the_schema() {
         error_of(&format!(
             "overridable = [\"attestation.kbs\", \"attestation.url\", \"overridable\", \"attestation.kbs\"]\n{MINIMAL}"
         )),
-        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, workload.flare, workload.flare.startup_kit, workload.flare.root_ca_sha256, workload.flare.withheld, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, attestation.gpu, attestation.gpu.required, attestation.gpu.count, attestation.gpu.arch, attestation.gpu.min_driver, attestation.gpu.min_vbios, attestation.gpu.allow_devtools, attestation.gpu.rims, attestation.gpu.simulate, volume, secret, network, network.inbound, network.outbound, network.interface, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, workload.env.<NAME>, network.interface.<NAME> or network.interface.<NAME>.<KEY> (KEY: address, gateway, dns, dhcp, link_timeout)\n\
+        "overridable[1]: \"attestation.url\" is not a policy key; write one of workload, workload.bundle, workload.source, workload.copy_to, workload.digest, workload.manifest, workload.exec, workload.user, workload.group, workload.env, workload.workdir, workload.umask, workload.rlimit, workload.restart, workload.max_restarts, workload.flare, workload.flare.startup_kit, workload.flare.root_ca_sha256, workload.flare.withheld, attestation, attestation.tee, attestation.kbs, attestation.kbs_ca, attestation.insecure_sample, attestation.insecure_http, attestation.key_wrap, attestation.tries, attestation.timeout, attestation.tpm, attestation.tpm_ak_handle, attestation.snp_certs, attestation.gpu, attestation.gpu.required, attestation.gpu.count, attestation.gpu.arch, attestation.gpu.min_driver, attestation.gpu.min_vbios, attestation.gpu.allow_devtools, attestation.gpu.rims, attestation.gpu.simulate, attestation.reattest_interval, attestation.reattest_grace, attestation.reattest_resource, volume, secret, network, network.inbound, network.outbound, network.interface, lockdown, lockdown.consoles, lockdown.kernel_lockdown, lockdown.modules, kernel, kernel.modules, audit, audit.file, audit.file_dir, audit.file_required, audit.syslog, audit.console, audit.checkpoint_interval, on_failure, workload.env.<NAME>, network.interface.<NAME> or network.interface.<NAME>.<KEY> (KEY: address, gateway, dns, dhcp, link_timeout)\n\
          overridable[2]: \"overridable\" cannot be overridable; the operator file must not widen what it may set, so remove it\n\
          overridable[3]: \"attestation.kbs\" is listed twice; remove one"
     );
@@ -704,7 +704,7 @@ fn operator_key_not_declared_overridable_is_refused() {
 fn operator_unknown_key_is_refused_with_its_position() {
     assert_eq!(
         error_with_operator(WITH_BROKER, "[attestation]\nkbs_url = \"https://kbs.site\"\n"),
-        "operator: unknown key `attestation.kbs_url` at line 2, column 1; expected one of tee, kbs, kbs_ca, insecure_sample, insecure_http, key_wrap, tries, timeout, tpm, tpm_ak_handle, snp_certs, gpu"
+        "operator: unknown key `attestation.kbs_url` at line 2, column 1; expected one of tee, kbs, kbs_ca, insecure_sample, insecure_http, key_wrap, tries, timeout, tpm, tpm_ak_handle, snp_certs, gpu, reattest_interval, reattest_grace, reattest_resource"
     );
 }
 
@@ -805,7 +805,8 @@ fn copy_source_and_on_failure_restart_get_their_defaults() {
             tpm: "device:/dev/tpmrm0".to_string(),
             tpm_ak_handle: None,
             snp_certs: None,
-            gpu: None
+            gpu: None,
+            reattest: default_reattest(),
         }
     );
 }
@@ -884,6 +885,12 @@ fn full_policy_parses_with_every_value() {
                 )],
                 simulate: Some(PathBuf::from("/etc/cvm-warden/nvidia-sim/gpu.json")),
             })),
+            reattest: Reattest {
+                interval_secs: 600,
+                interval_explicit: true,
+                grace_secs: 120,
+                resource: Some(ResourceUri::parse("kbs:///default/keys/liveness").unwrap()),
+            },
         }
     );
     assert_eq!(
@@ -1126,6 +1133,9 @@ fn trust_anchors_cannot_be_overridable() {
         "attestation.insecure_sample",
         "attestation.tpm_ak_handle",
         "attestation.snp_certs",
+        "attestation.reattest_interval",
+        "attestation.reattest_grace",
+        "attestation.reattest_resource",
         "volume",
         "secret",
     ] {
@@ -1285,6 +1295,17 @@ fn broker(tee: Tee, kbs: &str, kbs_ca: Option<PathBuf>) -> Attestation {
         tpm_ak_handle: None,
         snp_certs: None,
         gpu: None,
+        reattest: default_reattest(),
+    }
+}
+
+/// `reattest_*` unset: every 10 minutes, 5 minutes' grace, no resource.
+fn default_reattest() -> Reattest {
+    Reattest {
+        interval_secs: 600,
+        interval_explicit: false,
+        grace_secs: 300,
+        resource: None,
     }
 }
 
@@ -2196,4 +2217,50 @@ fn the_gpu_requirements_are_never_overridable() {
         error.contains("overridable[0]: \"attestation.gpu\" decides what the VM trusts or runs"),
         "{error}"
     );
+}
+
+#[test]
+fn reattest_keys_default_to_ten_minutes_and_are_checked() {
+    let with = |table: &str| {
+        let policy = minimal_with(
+            "attestation = \"none\"",
+            &format!("attestation = {{ tee = \"tpm\", kbs = \"https://kbs.example\", kbs_ca = \"/ca.pem\"{table} }}"),
+        );
+        format!("{policy}\n[network]\n")
+    };
+    let reattest = |table: &str| match parse(&with(table), None, &users()) {
+        Ok(loaded) => match loaded.policy.attestation {
+            Attestation::Broker { reattest, .. } => Ok(reattest),
+            Attestation::None => panic!("not a broker"),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    assert_eq!(reattest("").unwrap(), default_reattest());
+    // A short interval gets half of it as the default grace.
+    let short = reattest(", reattest_interval = \"60s\"").unwrap();
+    assert_eq!(
+        (
+            short.interval_secs,
+            short.grace_secs,
+            short.interval_explicit
+        ),
+        (60, 30, true)
+    );
+    let off = reattest(", reattest_interval = \"0\"").unwrap();
+    assert_eq!((off.interval_secs, off.interval_explicit), (0, true));
+    let full = reattest(", reattest_interval = \"5m\", reattest_grace = \"0\", reattest_resource = \"kbs:///a/b/c\"").unwrap();
+    assert_eq!((full.interval_secs, full.grace_secs), (300, 0));
+    assert_eq!(full.resource.unwrap().to_string(), "kbs:///a/b/c");
+    for (table, error) in [
+        (", reattest_interval = \"2s\"", "attestation.reattest_interval: \"2s\" is not a duration from 5s to 24h"),
+        (", reattest_interval = \"often\"", "attestation.reattest_interval: \"often\" is not a duration"),
+        (", reattest_grace = \"forever\"", "attestation.reattest_grace: \"forever\" is not a duration"),
+        (", reattest_interval = \"60s\", reattest_grace = \"60s\"", "attestation.reattest_grace: \"60s\" is not shorter than attestation.reattest_interval (60s)"),
+        (", reattest_grace = \"15m\"", "attestation.reattest_grace: \"15m\" is not shorter than attestation.reattest_interval (600s)"),
+        (", reattest_resource = \"https://x/y\"", "attestation.reattest_resource: "),
+        (", reattest_interval = \"0\", reattest_resource = \"kbs:///a/b/c\"", "attestation.reattest_resource: is set but attestation.reattest_interval = \"0\""),
+    ] {
+        let got = reattest(table).unwrap_err();
+        assert!(got.contains(error), "{table}: {got}");
+    }
 }

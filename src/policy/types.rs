@@ -147,6 +147,8 @@ pub enum Restart {
 }
 
 /// `[attestation]`.
+// One per policy: the table's size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "mode")]
 pub enum Attestation {
@@ -177,6 +179,8 @@ pub enum Attestation {
         snp_certs: Option<PathBuf>,
         /// `[attestation.gpu]`: NVIDIA GPUs checked, measured and attested beside the TEE.
         gpu: Option<Box<Gpu>>,
+        /// Re-attestation while the workload runs (`reattest_*`).
+        reattest: Reattest,
     },
 }
 
@@ -213,6 +217,29 @@ pub enum GpuArch {
     /// B200, GB200.
     Blackwell,
 }
+
+/// `attestation.reattest_interval`, `reattest_grace`, `reattest_resource`: continuous trust
+/// while the workload runs (PID 1 shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reattest {
+    /// Seconds between re-attestations; 0: none (`reattest_interval = "0"`).
+    pub interval_secs: u64,
+    /// Whether the policy wrote `reattest_interval` (the unit shape refuses an explicit
+    /// interval above 0: it `execve`s the workload, so no one would re-attest).
+    pub interval_explicit: bool,
+    /// How long a merely unreachable broker is retried before it counts as a refusal;
+    /// always shorter than the interval.
+    pub grace_secs: u64,
+    /// A resource asked for again (and dropped at once) at each re-attestation, so the
+    /// broker's resource policy is in the loop too.
+    pub resource: Option<ResourceUri>,
+}
+
+/// `attestation.reattest_interval` when absent: 10 minutes.
+pub const DEFAULT_REATTEST_INTERVAL_SECS: u64 = 600;
+/// `attestation.reattest_grace` when absent: 5 minutes, or half the interval when that is
+/// shorter.
+pub const DEFAULT_REATTEST_GRACE_SECS: u64 = 300;
 
 /// `attestation.key_wrap`: the algorithm of the ephemeral TEE key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1377,6 +1377,7 @@ fn broker_attestation(c: &mut Check<'_>, raw: &RawBroker) -> Option<Attestation>
     if !gpu_ok && gpu.is_none() {
         return None;
     }
+    let reattest = reattest(c, raw);
     if !transport_ok {
         return None;
     }
@@ -1392,6 +1393,79 @@ fn broker_attestation(c: &mut Check<'_>, raw: &RawBroker) -> Option<Attestation>
         tpm_ak_handle: tpm_ak_handle?,
         snp_certs,
         gpu,
+        reattest: reattest?,
+    })
+}
+
+/// `attestation.reattest_interval` (\"0\" or 5s..24h, default 10m), `reattest_grace` (\"0\"
+/// or 1s..24h, shorter than the interval; default 5m or half the interval when shorter),
+/// `reattest_resource` (a `kbs:///` URI).
+fn reattest(c: &mut Check<'_>, raw: &RawBroker) -> Option<Reattest> {
+    let interval = match raw.reattest_interval.as_deref() {
+        None => Some(DEFAULT_REATTEST_INTERVAL_SECS),
+        Some("0") => Some(0),
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if (5..=86_400).contains(&d.as_secs()) => Some(d.as_secs()),
+            _ => {
+                c.error(
+                    "attestation.reattest_interval",
+                    format!("{text:?} is not a duration from 5s to 24h; write e.g. \"10m\", or \"0\" for no re-attestation while the workload runs"),
+                );
+                None
+            }
+        },
+    };
+    // Outer `None`: invalid (reported); inner `None`: not written.
+    let grace = match raw.reattest_grace.as_deref() {
+        None => Some(None),
+        Some("0") => Some(Some(0)),
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if (1..=86_400).contains(&d.as_secs()) => Some(Some(d.as_secs())),
+            _ => {
+                c.error(
+                    "attestation.reattest_grace",
+                    format!("{text:?} is not a duration from 1s to 24h; write e.g. \"5m\", or \"0\" to stop the workload at the first unreachable broker"),
+                );
+                None
+            }
+        },
+    };
+    let resource = match raw.reattest_resource.as_deref() {
+        None => Some(None),
+        Some(text) => match ResourceUri::parse(text) {
+            Ok(uri) => Some(Some(uri)),
+            Err(why) => {
+                c.error("attestation.reattest_resource", why);
+                None
+            }
+        },
+    };
+    let interval_secs = interval?;
+    // Not written: 5 minutes, or half the interval when that is shorter.
+    let grace_secs = grace?.unwrap_or(DEFAULT_REATTEST_GRACE_SECS.min(interval_secs / 2));
+    if interval_secs > 0 && grace_secs >= interval_secs {
+        c.error(
+            "attestation.reattest_grace",
+            format!(
+                "{:?} is not shorter than attestation.reattest_interval ({interval_secs}s): the retries of one re-attestation must end before the next is due; write a shorter grace, e.g. \"{}s\"",
+                raw.reattest_grace.as_deref().unwrap_or_default(),
+                interval_secs / 2
+            ),
+        );
+        return None;
+    }
+    if interval_secs == 0 && raw.reattest_resource.is_some() {
+        c.error(
+            "attestation.reattest_resource",
+            "is set but attestation.reattest_interval = \"0\" turns re-attestation off, so it would never be asked for; remove it or set an interval",
+        );
+        return None;
+    }
+    Some(Reattest {
+        interval_secs,
+        interval_explicit: raw.reattest_interval.is_some(),
+        grace_secs,
+        resource: resource?,
     })
 }
 

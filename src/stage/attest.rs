@@ -43,11 +43,34 @@ pub enum Plan {
         /// `additional_evidence`, set ready after the unlock stage.
         #[serde(skip_serializing_if = "Option::is_none")]
         gpu: Option<Box<crate::policy::Gpu>>,
+        /// Re-attestation while the workload runs (PID 1 shape; the unit shape refuses an
+        /// explicit interval and records that it cannot re-attest).
+        reattest: crate::policy::Reattest,
     },
 }
 
 /// Plans attestation. Pure.
-pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
+///
+/// The unit shape `execve`s the workload, so nothing is left to re-attest while it runs: a
+/// policy that writes `attestation.reattest_interval` above 0 is refused there (never
+/// skipped silently); with the default interval the runner records
+/// `attest/reattest_unavailable` instead.
+pub fn plan(policy: &Policy, facts: &super::Facts) -> Result<Plan, StageError> {
+    if let Attestation::Broker { reattest, .. } = &policy.attestation {
+        if facts.shape == crate::lockdown::Shape::Systemd
+            && reattest.interval_explicit
+            && reattest.interval_secs > 0
+        {
+            return Err(StageError::Unsupported {
+                stage: "attest",
+                what: format!(
+                    "attestation.reattest_interval = \"{}s\" in the systemd-unit shape",
+                    reattest.interval_secs
+                ),
+                hint: "the unit shape execs the workload, so no cvm-warden process is left to re-attest while it runs; boot cvm-warden as PID 1 (cvm-warden init) for continuous trust, or write reattest_interval = \"0\"",
+            });
+        }
+    }
     Ok(match &policy.attestation {
         Attestation::None => Plan::InsecureNone,
         Attestation::Broker {
@@ -57,6 +80,7 @@ pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
             tries,
             timeout_secs,
             gpu,
+            reattest,
             ..
         } => Plan::Broker {
             tee: *tee,
@@ -65,6 +89,7 @@ pub fn plan(policy: &Policy) -> Result<Plan, StageError> {
             tries: *tries,
             timeout_secs: *timeout_secs,
             gpu: gpu.clone(),
+            reattest: reattest.clone(),
         },
     })
 }

@@ -349,7 +349,7 @@ impl BootPlan {
             network: crate::net::plan(policy, facts.shape),
             perimeter: perimeter::plan(policy, facts)?,
             measure: measure::plan(policy, facts)?,
-            attest: attest::plan(policy)?,
+            attest: attest::plan(policy, facts)?,
             unlock: unlock::plan(policy)?,
             allowlist: allowlist::plan(policy, facts)?,
             launch: launch::plan(policy)?,

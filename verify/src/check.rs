@@ -7,6 +7,9 @@
 //! - `attest/attested` (the broker exchange): `exchange.report_data` is recomputed from the
 //!   nonce, the ephemeral key and the additional evidence ([`crate::binding::report_data`]), and
 //!   the primary evidence must carry it and verify (per TEE, see [`check_evidence`]);
+//! - `attest/reattested` (a re-attestation while the workload runs): the same binding and
+//!   evidence checks, and the evidence comes from the TEE instance and boot of the run's
+//!   exchange (as a checkpoint's must);
 //! - `attest/ok` with `"attested": true` (the checkpoint): the record at `head_seq` is an
 //!   `attest/attested` record of the same run whose hash is `head`; `report_data` is
 //!   [`checkpoint_binding`]`(head)`; the checkpoint evidence carries it and verifies, and it
@@ -456,6 +459,72 @@ impl EvidenceCheck {
         Ok(())
     }
 
+    /// An `attest/reattested` record (a broker exchange while the workload runs): its
+    /// binding is recomputed, its evidence must carry it and verify, and it must come from the
+    /// TEE instance and boot of the run's first exchange. It covers nothing by itself (the
+    /// `reattest` checkpoint after it does).
+    fn reattested(&mut self, record: &Record) -> Result<(), String> {
+        let details: AttestedDetails = typed(&record.details, "attest/reattested details")?;
+        let exchange = &details.exchange;
+        let tee = exchange.tee.as_str();
+        let Some((first_seq, first)) = self
+            .exchanges
+            .iter()
+            .next()
+            .map(|(seq, e)| (*seq, e.clone()))
+        else {
+            return Err(
+                "a re-attestation with no broker exchange before it in this run: the daemon \
+                 re-attests only after the boot's exchange"
+                    .to_string(),
+            );
+        };
+        if tee != first.tee {
+            return Err(format!(
+                "the re-attestation evidence is from tee {tee}, but the run's broker exchange \
+                 (seq {first_seq}) used {}",
+                first.tee
+            ));
+        }
+        let stated = hex::decode(&exchange.report_data)
+            .map_err(|e| format!("exchange.report_data is not hex: {e}"))?;
+        let computed = crate::binding::report_data(
+            &exchange.nonce,
+            &exchange.tee_pubkey,
+            &exchange.additional_evidence,
+        )
+        .map_err(|e| format!("cannot recompute the re-attestation binding: {e}"))?;
+        if stated.as_slice() != computed.as_slice() {
+            return Err(format!(
+                "the re-attestation's exchange.report_data is {}, but SHA-384 of the JCS \
+                 binding of its nonce, tee_pubkey and additional_evidence is {}: one of them \
+                 was changed after the exchange",
+                hex::encode(&stated),
+                hex::encode(computed)
+            ));
+        }
+        let mut result = check_evidence(tee, &exchange.evidence, &computed)
+            .map_err(|e| format!("re-attestation evidence ({tee}): {e}"))?;
+        let mut at_reattest = first;
+        at_reattest.event_digests = Ok(details.event_log.iter().map(|e| e.digest).collect());
+        same_origin(&at_reattest, first_seq, &mut result)?;
+        result.verified.insert(
+            0,
+            "exchange.report_data = SHA-384 of the JCS binding of nonce, tee_pubkey and \
+             additional_evidence"
+                .to_string(),
+        );
+        self.findings.push(EvidenceFinding {
+            run: self.run,
+            seq: record.seq,
+            what: "re-attestation exchange".to_string(),
+            tee: tee.to_string(),
+            verified: result.verified,
+            warnings: result.warnings,
+        });
+        Ok(())
+    }
+
     fn checkpoint(&mut self, record: &Record) -> Result<(), String> {
         let details = &record.details;
         if details.get("attested") != Some(&Value::Bool(true)) {
@@ -548,6 +617,7 @@ impl RecordCheck for EvidenceCheck {
         let verified_checkpoint = match (record.stage.as_str(), record.event.as_str()) {
             ("attest", "attested") => self.exchange(record).map(|()| false),
             ("attest", "ok") => self.checkpoint(record).map(|()| false),
+            ("attest", "reattested") => self.reattested(record).map(|()| false),
             ("audit", "checkpoint") => self.audit_checkpoint(record),
             _ => Ok(false),
         }?;

@@ -227,6 +227,9 @@ pub enum CheckpointKind {
     Periodic,
     /// Just before power-off or exit (also after a failure).
     Closing,
+    /// Right after a re-attestation while the workload runs (`attest/reattested`,
+    /// `attestation.reattest_interval`).
+    Reattest,
 }
 
 impl CheckpointKind {
@@ -236,6 +239,7 @@ impl CheckpointKind {
             CheckpointKind::Launch => "launch",
             CheckpointKind::Periodic => "periodic",
             CheckpointKind::Closing => "closing",
+            CheckpointKind::Reattest => "reattest",
         }
     }
 }

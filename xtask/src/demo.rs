@@ -13,7 +13,12 @@
 //!    PCRs reset), boots: bundle digest extended into PCR 15 → quote → broker checks it →
 //!    secret released into a tmpfs → the workload reads it; the audit log verifies with its
 //!    evidence.
-//! 4. Act 2: one bundle file changes; reboot: PCR 15 differs, the broker refuses
+//! 4. Act 2, continuous trust: a long-running workload under a policy that re-attests every
+//!    5 s (`attestation.reattest_interval`) and asks for its secret again each time; the
+//!    owner then revokes it at the broker (its PCR 15 is no longer the registered one): the
+//!    next re-attestation is refused, the workload is stopped (SIGTERM), its secret removed,
+//!    and the run ends fail-closed with the reason in the closing record.
+//! 5. Act 3: one bundle file changes; reboot: PCR 15 differs, the broker refuses
 //!    (PolicyDeny), no secret, the workload never starts, the audit log says why.
 
 use std::fs;
@@ -101,7 +106,7 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         netns,
         &bins.broker,
         demo,
-        &broker_config(&[], &pcr15),
+        &broker_config(&[], &[pcr15.as_str()]),
         BROKER_LISTEN,
     )?;
     let dry = netns.command(&bins.warden);
@@ -180,8 +185,15 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         "the allowlist is not in place after the boot"
     );
     ensure!(
-        !listing.contains("(attestation.kbs)"),
+        !listing.contains("comment \"key broker tcp"),
         "the perimeter's broker rule survived the allowlist"
+    );
+    // Re-attestation is on by default (every 10 minutes): the broker stays reachable.
+    ensure!(
+        listing.contains(
+            "comment \"key broker (re-attestation) tcp 127.0.0.1:18999 (attestation.kbs)\""
+        ),
+        "the allowlist does not keep the broker for re-attestation"
     );
     let log = demo.join("audit.jsonl");
     banner("the audit log");
@@ -209,8 +221,10 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     fs::write(&trusted_ak, format!("{ak}\n")).context("writing the trusted AK for the auditor")?;
     audit_verify_attested(&bins.warden, &log, &trusted_ak)?;
 
-    banner("act 2: a file of the bundle changes; reboot and boot again");
-    fs::remove_file(&log).context("removing the first audit log")?;
+    continuous_trust(netns, bins, demo, policy, &mut tpm, &ak, &trusted_ak)?;
+
+    banner("act 3: a file of the bundle changes; reboot and boot again");
+    fs::remove_file(&log).context("removing the earlier audit log")?;
     let tampered = demo.join("bundle/startup/start.sh");
     let mut perms = fs::metadata(&tampered)?.permissions();
     perms.set_mode(0o755);
@@ -223,7 +237,7 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
         netns,
         &bins.broker,
         demo,
-        &broker_config(&[ak.as_str()], &pcr15),
+        &broker_config(&[ak.as_str()], &[pcr15.as_str()]),
         BROKER_LISTEN,
     )?;
     let out = boot(netns, &bins.warden, policy)?;
@@ -259,7 +273,150 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     println!("{failed}");
     audit_verify_attested(&bins.warden, &log, &trusted_ak)?;
     tpm.stop()?;
-    banner("demo done: intact bundle attested, secret released, workload ran; tampered bundle refused by the broker, no secret, no workload");
+    banner("demo done: intact bundle attested, secret released, workload ran; revoked mid-run, stopped at the next re-attestation; tampered bundle refused by the broker, no secret, no workload");
+    Ok(())
+}
+
+/// Act 2, continuous trust: the example policy with re-attestation every 5 s (the secret
+/// asked for again each time) and a workload that runs for minutes; once two re-attestations
+/// were affirmed, the owner revokes the workload at the broker (the broker restarts with
+/// another PCR 15 registered) and the next re-attestation stops it, fail-closed.
+fn continuous_trust(
+    netns: &Netns,
+    bins: &Bins,
+    demo: &Path,
+    policy: &Path,
+    tpm: &mut Swtpm,
+    ak: &str,
+    trusted_ak: &Path,
+) -> Result<()> {
+    banner("act 2: continuous trust: re-attestation every 5 s while the workload runs; the owner revokes it mid-run");
+    let log = demo.join("audit.jsonl");
+    fs::remove_file(&log).context("removing the first audit log")?;
+    let text = fs::read_to_string(policy).context("reading the demo policy")?;
+    let text = text
+        .replace(
+            "/startup/start.sh\", \"3\"]",
+            "/startup/start.sh\", \"1000\", \"1\"]",
+        )
+        .replace(
+            "timeout = \"30s\"\n",
+            &format!("timeout = \"30s\"\nreattest_interval = \"5s\"\nreattest_grace = \"3s\"\nreattest_resource = \"kbs:///{SECRET_RESOURCE}\"\n"),
+        );
+    ensure!(
+        text.contains("\"1000\", \"1\"]") && text.contains("reattest_interval"),
+        "the example policy no longer has the lines act 2 changes"
+    );
+    let reattesting = demo.join("policy-reattest.toml");
+    fs::write(&reattesting, text)?;
+    let reference = json_of(
+        Command::new(&bins.warden)
+            .args(["reference-values", "--policy"])
+            .arg(&reattesting),
+    )?;
+    let pcr15 = reference["tpm"]["value"]
+        .as_str()
+        .context("reference-values printed no tpm.value")?
+        .to_string();
+    // What every re-attestation quotes: PCR 15 after the allowlist and the separator too.
+    let running = reference["tpm"]["reattest_value"]
+        .as_str()
+        .context("reference-values printed no tpm.reattest_value for a re-attesting policy")?
+        .to_string();
+    println!("PCR 15 after the measure stage: {pcr15}\nPCR 15 while the workload runs: {running}");
+    tpm.restart()?;
+    let broker = Broker::start(
+        netns,
+        &bins.broker,
+        demo,
+        &broker_config(&[ak], &[pcr15.as_str(), running.as_str()]),
+        BROKER_LISTEN,
+    )?;
+    let console = demo.join("act2-console.log");
+    let mut child = crate::sandbox::spawn_boot(netns, &bins.warden, &reattesting, &console)?;
+    let reattested = |n: usize| {
+        fs::read_to_string(&log)
+            .map(|t| t.matches("\"event\":\"reattested\"").count() >= n)
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !reattested(2) {
+        if std::time::Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "no two affirmed re-attestations within 90 s; the console:\n{}",
+                fs::read_to_string(&console).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    println!("two re-attestations affirmed while the workload runs; the owner now revokes it");
+    broker.stop();
+    let broker = Broker::start(
+        netns,
+        &bins.broker,
+        demo,
+        &broker_config(&[ak], &["0".repeat(64).as_str()]),
+        BROKER_LISTEN,
+    )?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the workload was still running 60 s after the revocation: fail-closed is broken"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let broker_log = broker.stop();
+    let console_text = fs::read_to_string(&console).unwrap_or_default();
+    ensure!(
+        !status.success(),
+        "the run ended with {status} after a refused re-attestation: fail-closed is broken"
+    );
+    ensure!(
+        !console_text.contains("workload: done"),
+        "the workload finished although its trust was revoked"
+    );
+    let text = fs::read_to_string(&log).context("reading the act 2 audit log")?;
+    let failed = text
+        .lines()
+        .find(|l| l.contains("\"event\":\"reattest_failed\""))
+        .context("the audit log has no attest/reattest_failed record")?;
+    // The revoked PCR 15 makes the broker's token `warning` (executables=33): refused before
+    // the secret is even asked for.
+    ensure!(
+        failed.contains("\"kind\":\"refused\"")
+            && (failed.contains("does not affirm") || failed.contains("PolicyDeny")),
+        "the reattest_failed record does not say the broker refused: {failed}"
+    );
+    let closing = text
+        .lines()
+        .find(|l| l.contains("\"stage\":\"shutdown\""))
+        .context("the audit log has no closing record")?;
+    ensure!(
+        closing.contains("trust lost (refused)"),
+        "the closing record does not give the reason: {closing}"
+    );
+    for event in ["stopping", "cleanup", "trust_lost"] {
+        ensure!(
+            text.contains(&format!("\"event\":\"{event}\"")),
+            "the audit log has no {event} record"
+        );
+    }
+    banner("the broker's view");
+    print!("{broker_log}");
+    banner("the workload's console, stopped mid-run");
+    print!("{console_text}");
+    banner("the record that stopped the workload, and the closing record");
+    println!("{failed}\n{closing}");
+    audit_verify_attested(&bins.warden, &log, trusted_ak)?;
     Ok(())
 }
 
@@ -267,11 +424,13 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
 /// "Administering a real Trustee KBS"): the AK in `trusted_aks`, PCR 15 as the `tpm_pcr15`
 /// reference value the attestation policy compares, and the secret released only to an
 /// `affirming` token.
-fn broker_config(trusted_aks: &[&str], pcr15: &str) -> String {
+fn broker_config(trusted_aks: &[&str], pcr15: &[&str]) -> String {
     let aks: Vec<String> = trusted_aks.iter().map(|a| format!("{a:?}")).collect();
+    let pcrs: Vec<String> = pcr15.iter().map(|p| format!("{p:?}")).collect();
     format!(
-        "# written by cargo xtask demo\ntrusted_aks = [{}]\n\n[reference_values]\ntpm_pcr15 = [\"{pcr15}\"]\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = \"fl-client.key\"\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
-        aks.join(", ")
+        "# written by cargo xtask demo\ntrusted_aks = [{}]\n\n[reference_values]\ntpm_pcr15 = [{}]\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = \"fl-client.key\"\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
+        aks.join(", "),
+        pcrs.join(", ")
     )
 }
 

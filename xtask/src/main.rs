@@ -15,6 +15,8 @@
 //! - `bench gpu`: GPU precheck, evidence collection per handshake (1, 2, 4 simulated GPUs) and
 //!   offline verification per GPU (`benches/gpu.rs`), then the verifier's bench on NVIDIA's
 //!   real vectors (`verify/benches/nvidia.rs`).
+//! - `bench reattest`: one re-attestation round trip against the test broker, sample and
+//!   swtpm evidence (`benches/reattest.rs`).
 //! - `snp-measure-check [--write]`: `cvm-warden reference-values --snp-launch` against the
 //!   real `sev-snp-measure` (PyPI) on the cases of `tests/snp_launch/expected.json`;
 //!   `snp-fetch`: only the OVMF images those tests need;
@@ -90,8 +92,13 @@ fn run() -> Result<()> {
                 .current_dir(&root)
                 .args(["bench", "-p", "cvm-warden-verify", "--bench", "nvidia"]))
         }
+        ["bench", "reattest"] => {
+            sh(cargo()
+                .current_dir(&root)
+                .args(["bench", "--bench", "reattest"]))
+        }
         _ => bail!(
-            "usage: cargo xtask ci | tidy | demo [--sandbox] | flare | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint | bench gpu \
+            "usage: cargo xtask ci | tidy | demo [--sandbox] | flare | image [--policy P …] | vm-test [--list] [SCENARIO…] | bench vm | bench measure | bench unlock | bench checkpoint | bench gpu | bench reattest \
              | fuzz (--smoke | TARGET) [--seconds N] | snp-fetch | snp-measure-check [--write] | snp-launch [OPTIONS] | gpu-probe"
         ),
     }
