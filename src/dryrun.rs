@@ -256,9 +256,13 @@ pub fn trustee_values(
     inputs: TrusteeInputs,
 ) -> Result<crate::kbs::admin::TrusteeValues, crate::kbs::admin::AdminError> {
     use crate::policy::{Attestation, Tee};
-    let tee =
+    let (tee, gpus) =
         match &loaded.policy.attestation {
-            Attestation::Broker { tee, .. } => *tee,
+            Attestation::Broker { tee, gpu, .. } => (
+                *tee,
+                gpu.as_deref()
+                    .map_or(0, |g| g.count.unwrap_or(u32::from(g.required))),
+            ),
             Attestation::None => return Err(crate::kbs::admin::AdminError::Value {
                 what: "attestation".to_string(),
                 detail:
@@ -302,10 +306,16 @@ pub fn trustee_values(
         } else {
             None
         },
+        tpm_pcr15_running: if tpm {
+            values["tpm"]["reattest_value"].as_str().map(str::to_string)
+        } else {
+            None
+        },
         tpm_pcr11: if tpm { inputs.tpm_pcr11 } else { None },
         trusted_aks: if tpm { inputs.trusted_aks } else { Vec::new() },
         snp_launch_measurement: inputs.snp_launch_measurement,
         resources,
+        gpus,
         warnings,
     }
     .checked()

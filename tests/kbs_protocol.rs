@@ -1219,10 +1219,12 @@ fn trustee_registration_through_the_admin_api_decides_a_tpm_release() {
         TrusteeValues {
             policy: "test".to_string(),
             tpm_pcr15: Some(pcr15.to_string()),
+            tpm_pcr15_running: None,
             tpm_pcr11: Some(pcr11.clone()),
             trusted_aks: vec![ak_public.clone()],
             snp_launch_measurement: None,
             resources: vec![RESOURCE.to_string()],
+            gpus: 0,
             warnings: Vec::new(),
         }
         .checked()

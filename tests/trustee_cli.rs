@@ -126,6 +126,9 @@ fn the_trustee_format_prints_what_a_trustee_kbs_takes() {
     assert_eq!(code, 0, "{stderr}");
     let plain: Value = serde_json::from_str(&json_out).unwrap();
     let pcr15 = plain["tpm"]["value"].as_str().unwrap().to_string();
+    // The policy re-attests (the default interval): PCR 15 while the workload runs too.
+    let running = plain["tpm"]["reattest_value"].as_str().unwrap().to_string();
+    assert_ne!(running, pcr15);
 
     let pcr11 = "00".repeat(32);
     let (code, out, stderr) = owner.reference_values(&[
@@ -143,7 +146,13 @@ fn the_trustee_format_prints_what_a_trustee_kbs_takes() {
     assert_eq!(v["format"], "trustee");
     assert_eq!(
         v["reference_values"]["tpm_pcr15"],
-        serde_json::json!([pcr15])
+        serde_json::json!([pcr15, running])
+    );
+    let rego = v["resource_policy"]["rego"].as_str().unwrap();
+    assert!(
+        rego.contains(&format!(".tpm.pcr15 == \"{pcr15}\""))
+            && rego.contains(&format!(".tpm.pcr15 == \"{running}\"")),
+        "{rego}"
     );
     assert_eq!(
         v["reference_values"]["tpm_pcr11"],

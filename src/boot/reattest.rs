@@ -83,19 +83,35 @@ pub trait Reattester {
     fn trust_lost(&mut self) -> Value;
 }
 
-/// Checks every submodule of the broker token's claims (`cpu0`, `gpu0`, …): each
-/// `ear.status` must be `affirming`. Evidence that proves nothing (`sample`) can at best
-/// earn `warning`, which `insecure` accepts. Unverified claims (the guest holds no key for
-/// the token's signature): a reason to stop, never a reason to trust.
-pub fn token_affirms(claims: &Value, insecure: bool) -> Result<(), String> {
+/// Checks the broker token's claims (unverified: the guest holds no key for the token's
+/// signature — a reason to stop, never a reason to trust). Every CPU/TEE submodule (`cpu0`,
+/// …) must be `affirming`; evidence that proves nothing (`sample`) can at best earn
+/// `warning`, which `insecure` accepts. GPU submodules are not scored affirming by Trustee's
+/// local NVIDIA verifier (its default GPU EAR policy scores only NRAS claims; the broker's
+/// resource policy reads their claims instead), so for them the token must show that the
+/// broker verified every GPU the handshake sent: `gpu0` … `gpu{gpus-1}` present.
+pub fn token_affirms(claims: &Value, insecure: bool, gpus: usize) -> Result<(), String> {
     let Some(submods) = claims.get("submods").and_then(Value::as_object) else {
         return Err("the broker's token has no submods: no verdict on the evidence".to_string());
     };
     if submods.is_empty() {
         return Err("the broker's token has no submods: no verdict on the evidence".to_string());
     }
+    let missing: Vec<String> = (0..gpus)
+        .map(|i| format!("gpu{i}"))
+        .filter(|name| !submods.contains_key(name))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the broker's token (unverified claims) has no verdict on {} of the {gpus} GPU(s) the evidence carried: the broker did not verify them",
+            missing.join(", ")
+        ));
+    }
     let mut bad = Vec::new();
     for (name, submod) in submods {
+        if name.starts_with("gpu") && name[3..].bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
         let status = submod
             .get("ear.status")
             .and_then(Value::as_str)
@@ -161,7 +177,12 @@ impl Reattester for RealBroker {
         attempt: &mut dyn FnMut(Value),
     ) -> Result<Reattested, ReattestError> {
         let attested = RealBroker::reattest(self, attempt).map_err(classify)?;
-        token_affirms(&attested.claims, self.provider_insecure())
+        let gpus = serde_json::from_str::<cvm_warden_verify::schema::AdditionalEvidence>(
+            &attested.additional_evidence,
+        )
+        .map(|e| e.nvidia.device_evidence_list.len())
+        .unwrap_or(0);
+        token_affirms(&attested.claims, self.provider_insecure(), gpus)
             .map_err(|why| ReattestError::Refused(why.into()))?;
         let exchange =
             serde_json::to_value(&attested).map_err(|e| ReattestError::Refused(Box::new(e)))?;
@@ -433,21 +454,25 @@ mod tests {
             }
             json!({ "submods": submods })
         };
-        assert!(token_affirms(&claims("affirming", None), false).is_ok());
-        assert!(token_affirms(&claims("affirming", Some("affirming")), false).is_ok());
-        let gpu = token_affirms(&claims("affirming", Some("contraindicated")), false).unwrap_err();
+        assert!(token_affirms(&claims("affirming", None), false, 0).is_ok());
+        assert!(token_affirms(&claims("affirming", Some("affirming")), false, 1).is_ok());
+        // Trustee's local NVIDIA verifier never scores a GPU affirming: presence counts.
+        assert!(token_affirms(&claims("affirming", Some("contraindicated")), false, 1).is_ok());
+        let gpu = token_affirms(&claims("affirming", None), false, 1).unwrap_err();
         assert_eq!(
             gpu,
-            "the broker's token (unverified claims) does not affirm the evidence: gpu0: ear.status = contraindicated"
+            "the broker's token (unverified claims) has no verdict on gpu0 of the 1 GPU(s) the evidence carried: the broker did not verify them"
         );
-        assert!(token_affirms(&claims("warning", None), false).is_err());
+        // A GPU verdict never stands in for the CPU's.
+        assert!(token_affirms(&claims("contraindicated", Some("affirming")), false, 1).is_err());
+        assert!(token_affirms(&claims("warning", None), false, 0).is_err());
         // Sample evidence earns `warning` at best: accepted only for an insecure provider.
-        assert!(token_affirms(&claims("warning", None), true).is_ok());
-        assert!(token_affirms(&claims("contraindicated", None), true).is_err());
-        assert!(token_affirms(&json!({ "submods": {} }), true).is_err());
-        assert!(token_affirms(&json!({}), false).is_err());
+        assert!(token_affirms(&claims("warning", None), true, 0).is_ok());
+        assert!(token_affirms(&claims("contraindicated", None), true, 0).is_err());
+        assert!(token_affirms(&json!({ "submods": {} }), true, 0).is_err());
+        assert!(token_affirms(&json!({}), false, 0).is_err());
         let odd =
-            token_affirms(&json!({ "submods": { "cpu0\u{1b}[31m": {} } }), false).unwrap_err();
+            token_affirms(&json!({ "submods": { "cpu0\u{1b}[31m": {} } }), false, 0).unwrap_err();
         assert!(
             odd.contains("cpu0\\u{1b}[31m: ear.status = (none)"),
             "{odd}"

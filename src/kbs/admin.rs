@@ -86,6 +86,10 @@ pub struct TrusteeValues {
     pub policy: String,
     /// SHA-256 PCR 15 after the measure stage (hex), for `tpm` evidence.
     pub tpm_pcr15: Option<String>,
+    /// SHA-256 PCR 15 while the workload runs (hex): what every re-attestation quotes when
+    /// `attestation.reattest_interval` is on (`reference-values`' `tpm.reattest_value`).
+    /// Registered in `tpm_pcr15` beside the boot's value, and its resources bound to either.
+    pub tpm_pcr15_running: Option<String>,
     /// SHA-256 PCR 11 (hex), when the owner knows what the boot chain leaves there.
     pub tpm_pcr11: Option<String>,
     /// The attestation keys accepted: base64 (standard) of their SPKI DER.
@@ -94,6 +98,9 @@ pub struct TrusteeValues {
     pub snp_launch_measurement: Option<String>,
     /// The resources the policy fetches (`repo/type/tag`).
     pub resources: Vec<String>,
+    /// GPUs the workload's evidence carries (`[attestation.gpu]`: `count`, else 1 when
+    /// `required`): the resource policy requires a `gpuN` verdict of the broker for each.
+    pub gpus: u32,
     /// What the owner must still supply (printed with the values).
     pub warnings: Vec<String>,
 }
@@ -136,6 +143,15 @@ impl TrusteeValues {
         if let Some(pcr) = &self.tpm_pcr15 {
             self.tpm_pcr15 = Some(check_hex("tpm_pcr15", pcr, 32)?);
         }
+        if let Some(pcr) = &self.tpm_pcr15_running {
+            if self.tpm_pcr15.is_none() {
+                return Err(AdminError::Value {
+                    what: "tpm_pcr15".to_string(),
+                    detail: "a running value without the boot's value".to_string(),
+                });
+            }
+            self.tpm_pcr15_running = Some(check_hex("tpm_pcr15", pcr, 32)?);
+        }
         if let Some(pcr) = &self.tpm_pcr11 {
             self.tpm_pcr11 = Some(check_hex("tpm_pcr11", pcr, 32)?);
         }
@@ -157,7 +173,7 @@ impl TrusteeValues {
     pub fn reference_values(&self) -> Vec<(&'static str, Vec<String>)> {
         let mut out = Vec::new();
         if let Some(pcr) = &self.tpm_pcr15 {
-            out.push(("tpm_pcr15", vec![pcr.clone()]));
+            out.push(("tpm_pcr15", self.pcr15_values(pcr)));
         }
         if let Some(pcr) = &self.tpm_pcr11 {
             out.push(("tpm_pcr11", vec![pcr.clone()]));
@@ -169,6 +185,17 @@ impl TrusteeValues {
             out.push(("snp_launch_measurement", vec![m.clone()]));
         }
         out
+    }
+
+    /// The workload's PCR 15 values: the boot's, then the running one (when re-attesting).
+    fn pcr15_values(&self, boot: &str) -> Vec<String> {
+        let mut values = vec![boot.to_string()];
+        if let Some(running) = &self.tpm_pcr15_running {
+            if running != boot {
+                values.push(running.clone());
+            }
+        }
+        values
     }
 
     /// The rego of the resource policy for this workload alone ([`resource_policy_rego`]).
@@ -221,13 +248,33 @@ impl TrusteeValues {
                 }
             };
             match name.as_str() {
-                "tpm_pcr15" => out.tpm_pcr15 = Some(one()?),
+                // The boot's value, then (re-attesting workloads) the running one.
+                "tpm_pcr15" => match list.as_slice() {
+                    [boot] => out.tpm_pcr15 = Some(boot.clone()),
+                    [boot, running] => {
+                        out.tpm_pcr15 = Some(boot.clone());
+                        out.tpm_pcr15_running = Some(running.clone());
+                    }
+                    _ => {
+                        return Err(bad(format!(
+                            "reference value {name} must hold one value (PCR 15 after the measure stage) or two (then PCR 15 while the workload runs)"
+                        )))
+                    }
+                },
                 "tpm_pcr11" => out.tpm_pcr11 = Some(one()?),
                 "snp_launch_measurement" => out.snp_launch_measurement = Some(one()?),
                 "trusted_aks" => out.trusted_aks = list,
                 other => return Err(bad(format!("unknown reference value {other:?}"))),
             }
         }
+        out.gpus = match &value["gpus"] {
+            Value::Null => 0,
+            n => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n <= 64)
+                .ok_or_else(|| bad(format!("\"gpus\" is {n}, not a number of GPUs (0-64)")))?,
+        };
         out.resources = value["resource_policy"]["resources"]
             .as_array()
             .and_then(|l| l.iter().map(|v| v.as_str().map(str::to_string)).collect())
@@ -250,6 +297,7 @@ impl TrusteeValues {
             "format": "trustee",
             "workload": self.policy,
             "kbs_protocol": super::PROTOCOL_VERSION,
+            "gpus": self.gpus,
             "reference_values": values,
             "attestation_policy": {
                 "policy_id": DEFAULT_CPU_POLICY_ID,
@@ -273,9 +321,12 @@ impl TrusteeValues {
 const PCR15_CLAIM: &str = "input.submods.cpu0[\"ear.veraison.annotated-evidence\"].tpm.pcr15";
 
 /// The rego of one resource policy for `workloads` (a KBS has one): per workload, a set of
-/// its resources and a rule releasing them only to a token whose every submodule is
-/// `affirming`, whose CPU `executables` claim is 3 and — for `tpm` — whose PCR 15 is that
-/// workload's, so one site's attested VM cannot fetch another site's keys.
+/// its resources and a rule releasing them only to a token whose every CPU/TEE submodule is
+/// `affirming`, whose CPU `executables` claim is 3, — for `tpm` — whose PCR 15 is that
+/// workload's (at boot, or while it runs when it re-attests), so one site's attested VM
+/// cannot fetch another site's keys, and — with GPUs — that has the broker's verdict on each
+/// GPU (`gpuN`; Trustee's local NVIDIA verifier never scores a GPU `affirming`, so GPU
+/// submodules are left out of the affirming check and their presence is required instead).
 pub fn resource_policy_rego(workloads: &[TrusteeValues]) -> String {
     let mut rego = String::from("package policy\n\nimport rego.v1\n\ndefault allow := false\n");
     for (n, workload) in workloads.iter().enumerate() {
@@ -293,17 +344,32 @@ pub fn resource_policy_rego(workloads: &[TrusteeValues]) -> String {
         for resource in resources {
             rego.push_str(&format!("\t\"{resource}\",\n"));
         }
-        rego.push_str("}\n\nallow if {\n");
-        rego.push_str(&format!("\tdata[\"resource-path\"] in {set}\n"));
-        rego.push_str("\tcount(input.submods) > 0\n\tnot cvm_warden_any_not_affirming\n");
-        rego.push_str("\tinput.submods.cpu0[\"ear.trustworthiness-vector\"].executables == 3\n");
-        if let Some(pcr15) = &workload.tpm_pcr15 {
-            rego.push_str(&format!("\t{PCR15_CLAIM} == \"{pcr15}\"\n"));
-        }
         rego.push_str("}\n");
+        // One rule per PCR 15 value the workload may show (rego ORs rules): at boot, and
+        // while it runs when it re-attests.
+        let pcrs = match &workload.tpm_pcr15 {
+            Some(boot) => workload.pcr15_values(boot).into_iter().map(Some).collect(),
+            None => vec![None],
+        };
+        for pcr15 in pcrs {
+            rego.push_str("\nallow if {\n");
+            rego.push_str(&format!("\tdata[\"resource-path\"] in {set}\n"));
+            rego.push_str("\tcount(input.submods) > 0\n\tnot cvm_warden_any_not_affirming\n");
+            rego.push_str(
+                "\tinput.submods.cpu0[\"ear.trustworthiness-vector\"].executables == 3\n",
+            );
+            if let Some(pcr15) = pcr15 {
+                rego.push_str(&format!("\t{PCR15_CLAIM} == \"{pcr15}\"\n"));
+            }
+            // The broker verified each GPU the evidence carried (one `gpuN` submodule each).
+            for gpu in 0..workload.gpus {
+                rego.push_str(&format!("\tinput.submods.gpu{gpu}\n"));
+            }
+            rego.push_str("}\n");
+        }
     }
     rego.push_str(
-        "\ncvm_warden_any_not_affirming if {\n\tsome _, submod in input.submods\n\tsubmod[\"ear.status\"] != \"affirming\"\n}\n",
+        "\ncvm_warden_any_not_affirming if {\n\tsome name, submod in input.submods\n\tnot startswith(name, \"gpu\")\n\tsubmod[\"ear.status\"] != \"affirming\"\n}\n",
     );
     rego
 }

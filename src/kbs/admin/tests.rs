@@ -16,6 +16,7 @@ fn values() -> TrusteeValues {
     TrusteeValues {
         policy: "flare-client".to_string(),
         tpm_pcr15: Some("AB".repeat(32)),
+        tpm_pcr15_running: None,
         tpm_pcr11: None,
         trusted_aks: vec![STANDARD.encode(b"spki der")],
         snp_launch_measurement: None,
@@ -23,6 +24,7 @@ fn values() -> TrusteeValues {
             "default/secret/client-key".to_string(),
             "default/key/volume".to_string(),
         ],
+        gpus: 0,
         warnings: Vec::new(),
     }
     .checked()
@@ -293,10 +295,12 @@ fn several_workloads_share_one_resource_policy_each_bound_to_its_pcr15() {
         TrusteeValues {
             policy: format!("bundle of {resource}"),
             tpm_pcr15: Some(pcr.repeat(32)),
+            tpm_pcr15_running: None,
             tpm_pcr11: Some("00".repeat(32)),
             trusted_aks: vec![STANDARD.encode(resource)],
             snp_launch_measurement: None,
             resources: vec![resource.to_string()],
+            gpus: 0,
             warnings: Vec::new(),
         }
         .checked()
@@ -357,7 +361,7 @@ fn the_printed_values_read_back() {
     let back = TrusteeValues::from_json(&printed).unwrap();
     assert_eq!(back.requests(), values().requests());
     let mut other = printed.clone();
-    other["reference_values"]["tpm_pcr15"] = json!(["ab".repeat(32), "cd".repeat(32)]);
+    other["reference_values"]["tpm_pcr11"] = json!(["ab".repeat(32), "cd".repeat(32)]);
     assert!(TrusteeValues::from_json(&other)
         .unwrap_err()
         .to_string()
@@ -371,4 +375,39 @@ fn the_printed_values_read_back() {
     let mut other = printed;
     other["format"] = json!("json");
     assert!(TrusteeValues::from_json(&other).is_err());
+}
+
+/// A re-attesting workload registers PCR 15 at boot and while it runs, and its resources go
+/// to either; a workload with GPUs needs the broker's verdict on each, while GPU submodules
+/// (never `affirming` under Trustee's local NVIDIA verifier) are left out of the affirming
+/// check. The test broker reads the rego and decides as Trustee would.
+#[test]
+fn running_pcr15_and_gpus_are_registered_and_bound() {
+    let mut v = values();
+    v.tpm_pcr15_running = Some("CD".repeat(32));
+    v.gpus = 2;
+    let v = v.checked().unwrap();
+    assert_eq!(
+        v.reference_values()[0],
+        ("tpm_pcr15", vec!["ab".repeat(32), "cd".repeat(32)])
+    );
+    let back = TrusteeValues::from_json(&v.to_json()).unwrap();
+    assert_eq!(back, v);
+    let rego = v.resource_policy_rego();
+    assert_eq!(rego.matches("allow if {").count(), 2, "{rego}");
+    assert_eq!(rego.matches("\tinput.submods.gpu1\n").count(), 2, "{rego}");
+    assert!(rego.contains("not startswith(name, \"gpu\")"), "{rego}");
+    // A running value without the boot's is refused.
+    let mut odd = values();
+    odd.tpm_pcr15 = None;
+    odd.tpm_pcr15_running = Some("cd".repeat(32));
+    assert!(odd.checked().is_err());
+    // Three PCR 15 values, or a silly GPU count, do not read back.
+    let mut printed = v.to_json();
+    printed["reference_values"]["tpm_pcr15"] =
+        json!(["ab".repeat(32), "cd".repeat(32), "ef".repeat(32)]);
+    assert!(TrusteeValues::from_json(&printed).is_err());
+    let mut printed = v.to_json();
+    printed["gpus"] = json!(1000);
+    assert!(TrusteeValues::from_json(&printed).is_err());
 }

@@ -311,7 +311,8 @@ enum Condition {
     PathIn(String),
     PathIs(String),
     AnySubmods,
-    EverySubmodAffirming,
+    /// `not HELPER`: every submodule affirming (GPU ones left out when the helper says so).
+    EverySubmodAffirming(String),
     Cpu0Affirming,
     Cpu0Claim(String, i64),
     /// `input.submods.cpu0["ear.veraison.annotated-evidence"].TEE.CLAIM == "VALUE"`.
@@ -489,7 +490,9 @@ fn compare(got: &Value, op: Op, want: &Value) -> Result<(), String> {
 pub(crate) struct ResourcePolicyRego {
     sets: BTreeMap<String, BTreeSet<String>>,
     rules: Vec<Vec<Condition>>,
-    helpers: BTreeSet<String>,
+    /// Helper rules "some submodule is not affirming", by name: `true` when the helper
+    /// leaves out GPU submodules (`not startswith(NAME, "gpu")`).
+    helpers: BTreeMap<String, bool>,
 }
 
 fn claim_path(expr: &str) -> Option<&str> {
@@ -508,7 +511,7 @@ impl ResourcePolicyRego {
         let mut policy = ResourcePolicyRego {
             sets: BTreeMap::new(),
             rules: Vec::new(),
-            helpers: BTreeSet::new(),
+            helpers: BTreeMap::new(),
         };
         let mut pending_not = Vec::new();
         let (mut package, mut default_deny) = (false, false);
@@ -532,7 +535,7 @@ impl ResourcePolicyRego {
                         }
                         if let Some(helper) = cond.strip_prefix("not ") {
                             pending_not.push(helper.to_string());
-                            rule.push(Condition::EverySubmodAffirming);
+                            rule.push(Condition::EverySubmodAffirming(helper.to_string()));
                             continue;
                         }
                         rule.push(Self::condition(cond)?);
@@ -540,28 +543,41 @@ impl ResourcePolicyRego {
                     policy.rules.push(rule);
                 }
                 _ if line.ends_with(" if {") => {
-                    // A helper: exactly "some submod is not affirming".
+                    // A helper: exactly "some submod is not affirming", optionally leaving
+                    // out GPU submodules (`some name, submod in input.submods` /
+                    // `not startswith(name, "gpu")`).
                     let name = line.trim_end_matches(" if {").to_string();
-                    let body: Vec<&str> = lines.iter().skip(i).take(3).copied().collect();
+                    let body: Vec<&str> = lines.iter().skip(i).take(4).copied().collect();
                     let some_ok = body.first().is_some_and(|l| {
                         l.starts_with("some ") && l.ends_with(" in input.submods")
                     });
-                    let var = body
+                    let vars = body
                         .first()
-                        .and_then(|l| l.trim_end_matches(" in input.submods").rsplit(' ').next())
-                        .unwrap_or_default()
-                        .to_string();
+                        .and_then(|l| l.strip_prefix("some "))
+                        .map(|l| l.trim_end_matches(" in input.submods"))
+                        .unwrap_or_default();
+                    let (key, var) = vars
+                        .split_once(',')
+                        .map(|(k, v)| (k.trim(), v.trim()))
+                        .unwrap_or(("_", vars.trim()));
                     let check = format!("{var}[\"ear.status\"] != \"affirming\"");
+                    let gpu_line = format!("not startswith({key}, \"gpu\")");
+                    let (skip_gpu, len) = if key != "_" && body.get(1) == Some(&gpu_line.as_str()) {
+                        (true, 4)
+                    } else {
+                        (false, 3)
+                    };
+                    let check_at = if skip_gpu { 2 } else { 1 };
                     if !(some_ok
-                        && body.get(1) == Some(&check.as_str())
-                        && body.get(2) == Some(&"}"))
+                        && body.get(check_at) == Some(&check.as_str())
+                        && body.get(check_at + 1) == Some(&"}"))
                     {
                         return Err(format!(
-                            "cannot read the rule {line:?}: the only helper rule read is `NAME if {{ some _, submod in input.submods; submod[\"ear.status\"] != \"affirming\" }}`"
+                            "cannot read the rule {line:?}: the only helper rule read is `NAME if {{ some _, submod in input.submods; submod[\"ear.status\"] != \"affirming\" }}` (optionally `some name, submod in input.submods; not startswith(name, \"gpu\"); …`)"
                         ));
                     }
-                    policy.helpers.insert(name);
-                    i += 3;
+                    policy.helpers.insert(name, skip_gpu);
+                    i += len;
                 }
                 _ if line.contains(" := {") => {
                     let (name, rest) = line.split_once(" := {").unwrap_or_default();
@@ -593,7 +609,7 @@ impl ResourcePolicyRego {
             );
         }
         for helper in pending_not {
-            if !policy.helpers.contains(&helper) {
+            if !policy.helpers.contains_key(&helper) {
                 return Err(format!("`not {helper}`: no such helper rule"));
             }
         }
@@ -687,8 +703,13 @@ impl ResourcePolicyRego {
             Condition::PathIn(set) => plain(self.sets.get(set).is_some_and(|s| s.contains(path))),
             Condition::PathIs(p) => plain(p == path),
             Condition::AnySubmods => plain(submods.is_some_and(|s| !s.is_empty())),
-            Condition::EverySubmodAffirming => {
-                plain(submods.is_some_and(|s| s.values().all(|m| m["ear.status"] == "affirming")))
+            Condition::EverySubmodAffirming(helper) => {
+                let skip_gpu = self.helpers.get(helper).copied().unwrap_or(false);
+                plain(submods.is_some_and(|s| {
+                    s.iter()
+                        .filter(|(name, _)| !(skip_gpu && name.starts_with("gpu")))
+                        .all(|(_, m)| m["ear.status"] == "affirming")
+                }))
             }
             Condition::Cpu0Affirming => {
                 plain(claims["submods"]["cpu0"]["ear.status"] == "affirming")
@@ -868,6 +889,37 @@ mod tests {
                 &gpu_claims(&["550.90.07", "580.95.05"])
             )
             .is_err());
+    }
+
+    /// Trustee's local NVIDIA verifier never scores a GPU submodule affirming: a helper that
+    /// leaves GPU submodules out lets the CPU's verdict and the GPU claims decide.
+    #[test]
+    fn a_helper_may_leave_gpu_submodules_out_of_every_affirming() {
+        let rego = |helper_body: &str| {
+            format!("package policy\ndefault allow := false\nallow if {{\n\tdata[\"resource-path\"] == \"default/key/model\"\n\tnot bad\n\tinput.submods.gpu0\n}}\nbad if {{\n{helper_body}\n}}\n")
+        };
+        let skipping = ResourcePolicyRego::parse(&rego(
+            "\tsome name, submod in input.submods\n\tnot startswith(name, \"gpu\")\n\tsubmod[\"ear.status\"] != \"affirming\"",
+        ))
+        .unwrap();
+        let plain = ResourcePolicyRego::parse(&rego(
+            "\tsome _, submod in input.submods\n\tsubmod[\"ear.status\"] != \"affirming\"",
+        ))
+        .unwrap();
+        let path = "default/key/model";
+        let with_gpu = gpu_claims(&["550.90.07"]);
+        assert!(skipping.allows(path, &with_gpu).is_ok());
+        assert!(plain.allows(path, &with_gpu).is_err());
+        // The CPU still has to affirm, and the GPU has to be there.
+        let mut cpu_warning = with_gpu.clone();
+        cpu_warning["submods"]["cpu0"]["ear.status"] = json!("warning");
+        assert!(skipping.allows(path, &cpu_warning).is_err());
+        assert!(skipping.allows(path, &claims("affirming", 3)).is_err());
+        // A helper that says something else is refused, not guessed at.
+        assert!(ResourcePolicyRego::parse(&rego(
+            "\tsome name, submod in input.submods\n\tnot startswith(name, \"cpu\")\n\tsubmod[\"ear.status\"] != \"affirming\""
+        ))
+        .is_err());
     }
 
     #[test]
