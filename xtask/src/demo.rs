@@ -20,6 +20,13 @@
 //!    and the run ends fail-closed with the reason in the closing record.
 //! 5. Act 3: one bundle file changes; reboot: PCR 15 differs, the broker refuses
 //!    (PolicyDeny), no secret, the workload never starts, the audit log says why.
+//! 6. Act 4, a GPU (`gpu.rs`): the simulated H100 of `tests/data/nvidia-sim` under
+//!    `[attestation.gpu]`, the broker trusting its TEST root and requiring one GPU: the GPU's
+//!    facts measured, its report sent with the quote, `gpu0` in the token, the secret
+//!    released, the GPU made ready after `unlock/ok`; a re-attestation affirms, then the GPU
+//!    leaves CC mode and the next one stops the workload (fail closed, `gpu/not_ready`);
+//!    `audit verify` checks the GPU evidence (exit 3 with `--gpu-root`: not NVIDIA's root);
+//!    a broker requiring a newer driver refuses the secret.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -32,6 +39,8 @@ use crate::sandbox::{
     audit_verify_attested, boot, build_bins, json_of, provision_ak, Bins, Broker, Netns, Swtpm,
 };
 use crate::{ensure_tools, is_root, sh, show, TOOLS};
+
+mod gpu;
 
 /// Where the example policy expects the bundle and the audit log (not under /run or /tmp:
 /// PID 1 mounts fresh tmpfs there when they are not mount points).
@@ -272,8 +281,11 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     banner("the record that stopped the boot");
     println!("{failed}");
     audit_verify_attested(&bins.warden, &log, &trusted_ak)?;
+    // Act 4 boots the intact bundle again.
+    stage_bundle(&root.join("examples/bundle"), &demo.join("bundle"))?;
+    gpu::act(root, netns, bins, demo, policy, &mut tpm, &ak, &trusted_ak)?;
     tpm.stop()?;
-    banner("demo done: intact bundle attested, secret released, workload ran; revoked mid-run, stopped at the next re-attestation; tampered bundle refused by the broker, no secret, no workload");
+    banner("demo done: intact bundle attested, secret released, workload ran; revoked mid-run, stopped at the next re-attestation; tampered bundle refused by the broker, no secret, no workload; GPU attested with the TPM, stopped when it left CC mode, refused for an old driver");
     Ok(())
 }
 
@@ -293,22 +305,8 @@ fn continuous_trust(
     banner("act 2: continuous trust: re-attestation every 5 s while the workload runs; the owner revokes it mid-run");
     let log = demo.join("audit.jsonl");
     fs::remove_file(&log).context("removing the first audit log")?;
-    let text = fs::read_to_string(policy).context("reading the demo policy")?;
-    let text = text
-        .replace(
-            "/startup/start.sh\", \"3\"]",
-            "/startup/start.sh\", \"1000\", \"1\"]",
-        )
-        .replace(
-            "timeout = \"30s\"\n",
-            &format!("timeout = \"30s\"\nreattest_interval = \"5s\"\nreattest_grace = \"3s\"\nreattest_resource = \"kbs:///{SECRET_RESOURCE}\"\n"),
-        );
-    ensure!(
-        text.contains("\"1000\", \"1\"]") && text.contains("reattest_interval"),
-        "the example policy no longer has the lines act 2 changes"
-    );
     let reattesting = demo.join("policy-reattest.toml");
-    fs::write(&reattesting, text)?;
+    fs::write(&reattesting, reattesting_policy(policy)?)?;
     let reference = json_of(
         Command::new(&bins.warden)
             .args(["reference-values", "--policy"])
@@ -418,6 +416,26 @@ fn continuous_trust(
     println!("{failed}\n{closing}");
     audit_verify_attested(&bins.warden, &log, trusted_ak)?;
     Ok(())
+}
+
+/// The demo policy with a long-running workload (1000 rounds, 1 s apart) that re-attests
+/// every 5 s and asks for its secret again each time (acts 2 and 4).
+fn reattesting_policy(policy: &Path) -> Result<String> {
+    let text = fs::read_to_string(policy).context("reading the demo policy")?;
+    let text = text
+        .replace(
+            "/startup/start.sh\", \"3\"]",
+            "/startup/start.sh\", \"1000\", \"1\"]",
+        )
+        .replace(
+            "timeout = \"30s\"\n",
+            &format!("timeout = \"30s\"\nreattest_interval = \"5s\"\nreattest_grace = \"3s\"\nreattest_resource = \"kbs:///{SECRET_RESOURCE}\"\n"),
+        );
+    ensure!(
+        text.contains("\"1000\", \"1\"]") && text.contains("reattest_interval"),
+        "the example policy no longer has the lines the re-attesting acts change"
+    );
+    Ok(text)
 }
 
 /// The broker's configuration, as a Trustee deployment registers it (KBS-PROTOCOL.md,
