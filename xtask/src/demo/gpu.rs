@@ -53,6 +53,7 @@ pub(super) fn act(
     trusted_ak: &Path,
 ) -> Result<()> {
     banner("act 4: a simulated NVIDIA H100 in CC mode beside the TPM (TEST key and root: proves nothing)");
+    let act_started = Instant::now();
     let log = demo.join("audit.jsonl");
     if log.exists() {
         fs::remove_file(&log).context("removing the earlier audit log")?;
@@ -351,6 +352,10 @@ pub(super) fn act(
     banner("the record that stopped the boot, and the token's gpu0 driver claim in the exchange record");
     println!("{failed}");
     println!("attest/attested: submods.gpu0 ... nvidia.config.driver_version = {driver} (the broker requires >= {NEWER_DRIVER})");
+    println!(
+        "\n(act 4 took {:.1} s)",
+        act_started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
