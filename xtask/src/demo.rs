@@ -283,7 +283,7 @@ fn acts(root: &Path, bins: &Bins, demo: &Path, netns: &Netns) -> Result<()> {
     audit_verify_attested(&bins.warden, &log, &trusted_ak)?;
     // Act 4 boots the intact bundle again.
     stage_bundle(&root.join("examples/bundle"), &demo.join("bundle"))?;
-    gpu::act(root, netns, bins, demo, policy, &mut tpm, &ak, &trusted_ak)?;
+    gpu::act(root, netns, bins, demo, &mut tpm, &ak, &trusted_ak)?;
     tpm.stop()?;
     banner("demo done: intact bundle attested, secret released, workload ran; revoked mid-run, stopped at the next re-attestation; tampered bundle refused by the broker, no secret, no workload; GPU attested with the TPM, stopped when it left CC mode, refused for an old driver");
     Ok(())

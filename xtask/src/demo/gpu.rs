@@ -41,13 +41,13 @@ const SIM_DRIVER: &str = "550.90.07";
 /// What the broker requires in the variant: newer than the simulated driver.
 const NEWER_DRIVER: &str = "555.42";
 
-/// Runs the act; `tpm` restarts before each boot (a reboot: fresh PCRs).
+/// Runs the act on the demo policy (`demo/policy.toml`, where the earlier acts copied it);
+/// `tpm` restarts before each boot (a reboot: fresh PCRs).
 pub(super) fn act(
     root: &Path,
     netns: &Netns,
     bins: &Bins,
     demo: &Path,
-    policy: &Path,
     tpm: &mut Swtpm,
     ak: &str,
     trusted_ak: &Path,
@@ -80,7 +80,7 @@ pub(super) fn act(
 
     let policy_text = format!(
         "{}\n# Act 4: one simulated Hopper GPU in CC mode (TEST data: every record is insecure).\n[attestation.gpu]\nsimulate = \"{}\"\ncount = 1\narch = [\"hopper\"]\nmin_driver = \"550\"\n",
-        reattesting_policy(policy)?,
+        reattesting_policy(&demo.join("policy.toml"))?,
         recording.display()
     );
     let gpu_policy = demo.join("policy-gpu.toml");
