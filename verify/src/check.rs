@@ -508,6 +508,18 @@ impl EvidenceCheck {
         let mut at_reattest = first;
         at_reattest.event_digests = Ok(details.event_log.iter().map(|e| e.digest).collect());
         same_origin(&at_reattest, first_seq, &mut result)?;
+        // The GPUs of a re-attestation are verified like the boot's (their device nonce
+        // binds this exchange); one rooted at `--gpu-root` leaves the run unproven.
+        let gpus = check_gpus(exchange, &record.time, &self.pins)
+            .map_err(|e| format!("re-attestation: {e}"))?;
+        result.verified.extend(gpus.verified);
+        result.warnings.extend(gpus.warnings);
+        if let Some(why) = gpus.not_nvidia {
+            self.current.proven = false;
+            if self.current.unproven.is_none() {
+                self.current.unproven = Some(why);
+            }
+        }
         result.verified.insert(
             0,
             "exchange.report_data = SHA-384 of the JCS binding of nonce, tee_pubkey and \

@@ -157,7 +157,19 @@ fn judge(summary: &RunSummary, proof: Option<RunEvidence>) -> RunVerdict {
         }
     } else if summary.insecure {
         Verdict::Unattested {
-            reason: "attestation = \"none\": the boot asked no TEE for evidence".to_string(),
+            reason: match (&proof.tee, &proof.unproven) {
+                (None, _) => {
+                    "attestation = \"none\": the boot asked no TEE for evidence".to_string()
+                }
+                (Some(tee), unproven) => format!(
+                    "its records are marked insecure (tee {tee}: sample evidence, a simulated GPU \
+                     or GPU developer tools prove nothing){}",
+                    unproven
+                        .as_ref()
+                        .map(|why| format!("; {why}"))
+                        .unwrap_or_default()
+                ),
+            },
         }
     } else {
         match proof.covered_through {

@@ -396,30 +396,38 @@ fn verify_log(bins: &Bins, log: &Path, trusted_ak: &Path, test_root: &Path) -> R
         .lines()
         .filter(|l| l.contains("verified: GPU 0 (HOPPER"))
         .collect();
-    // Today only the boot's exchange has its GPU evidence checked: the re-attestation
-    // exchanges' binding and quotes are verified, their GPU reports are not (yet).
-    let boot_exchange = text
-        .split("  run 1 seq ")
+    // The boot's exchange and the one affirmed re-attestation each carry GPU 0's evidence,
+    // bound to their own device nonce: both are verified.
+    let blocks: Vec<&str> = text.split("  run 1 seq ").collect();
+    let boot_exchange = blocks
+        .iter()
         .find(|block| block.contains(" broker exchange, tee tpm:"))
+        .copied()
+        .unwrap_or_default();
+    let reattest_exchange = blocks
+        .iter()
+        .find(|block| block.contains(" re-attestation exchange, tee tpm:"))
+        .copied()
         .unwrap_or_default();
     ensure!(
-        gpu_lines.len() == 1
+        gpu_lines.len() == 2
             && boot_exchange.contains(gpu_lines[0])
-            && gpu_lines[0].contains("NOT NVIDIA's")
-            && gpu_lines[0].contains(&format!("driver {SIM_DRIVER}"))
-            && gpu_lines[0].contains("nonce = the exchange's device binding"),
-        "audit verify --gpu-root did not verify the GPU evidence of the boot's exchange (only) under the TEST root:\n{text}"
+            && reattest_exchange.contains(gpu_lines[1])
+            && gpu_lines.iter().all(|l| l.contains("NOT NVIDIA's")
+                && l.contains(&format!("driver {SIM_DRIVER}"))
+                && l.contains("nonce = the exchange's device binding")),
+        "audit verify --gpu-root did not verify the GPU evidence of the boot's exchange and of the re-attestation under the TEST root:\n{text}"
     );
-    // What the verdict is today: the simulated GPU marks every record insecure, and an
-    // insecure run's verdict is "unattested" with the reason worded for attestation = "none"
-    // (the insecure flag is judged before the GPU root, whose reason is not shown).
+    // The verdict: the simulated GPU marks every record insecure, and the reason names the
+    // TEE that answered and why the GPU proves nothing (its root is not NVIDIA's).
     let verdict = text
         .lines()
         .find(|l| l.starts_with("run 1: "))
         .unwrap_or_default();
     ensure!(
         code == Some(3)
-            && verdict.starts_with("run 1: unattested (attestation = \"none\": the boot asked no TEE for evidence)")
+            && verdict.starts_with("run 1: unattested (its records are marked insecure (tee tpm")
+            && verdict.contains("not NVIDIA's")
             && verdict.contains("complete, tee tpm")
             && text.contains("verdict: 0 of 1 run(s) attested; exit 3"),
         "audit verify --gpu-root gave exit {code:?} and {verdict:?}, expected exit 3, run 1 unattested (its records insecure):\n{text}"
