@@ -136,6 +136,6 @@ fn gpu_act(ctx: &Ctx) -> Result<()> {
     let gpu0 = scenarios::require_gpu_boot(&booted, &broker)?;
     println!("broker: {gpu0}");
     println!("{}", scenarios::verdict(ctx, &site, &dir)?);
-    println!("(cvm-warden-verify audit --trusted-ak AK --gpu-root {} exits 3: intact, the broker affirmed CPU and GPU, but every record is insecure: the GPU is simulated)", SimGpu::root().display());
+    println!("(cvm-warden-verify audit --trusted-ak AK --gpu-root {} exits 3: intact, the broker affirmed the CPU (cpu0) and verified the GPU evidence (gpu0), but every record is insecure: the GPU is simulated)", SimGpu::root().display());
     Ok(())
 }

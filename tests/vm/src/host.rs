@@ -167,8 +167,7 @@ pub fn reference_values(
             .arg("--group")
             .arg(etc.join("group")),
     )?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("reference-values printed no JSON: {text}"))
+    serde_json::from_str(&text).with_context(|| format!("reference-values printed no JSON: {text}"))
 }
 
 /// `tpm.value` (or `tpm.reattest_value` when `reattest`) of [`reference_values`]' JSON.

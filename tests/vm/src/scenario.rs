@@ -394,7 +394,11 @@ impl Site {
             for entry in fs::read_dir(&dir)? {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().to_string();
-                files.push((format!("{SIM_GPU_AT}/{name}"), fs::read(entry.path())?, 0o600));
+                files.push((
+                    format!("{SIM_GPU_AT}/{name}"),
+                    fs::read(entry.path())?,
+                    0o600,
+                ));
             }
         }
         files.extend(guest.files.iter().cloned());
@@ -461,7 +465,9 @@ impl Site {
             .map(|dir| (dir, SIM_GPU_AT.to_string()))
             .into_iter()
             .collect();
-        host::reference_values(&ctx.bins, &policy, bundle, BUNDLE_AT, &cmdline, &etc, &binds)
+        host::reference_values(
+            &ctx.bins, &policy, bundle, BUNDLE_AT, &cmdline, &etc, &binds,
+        )
     }
 
     /// The broker's configuration: this site's AK trusted, `pcr15` required, both resources
@@ -473,7 +479,12 @@ impl Site {
     /// The broker's configuration with every PCR 15 of `pcr15` accepted (the boot's and the
     /// re-attestations' values), and with `gpu`: the simulated GPU's TEST root trusted
     /// (`[nvidia] extra_roots`) and one verified GPU required for every resource.
-    pub fn broker_config_for(&self, pcr15: &[String], gpu: bool, volume_key: &[u8]) -> Result<String> {
+    pub fn broker_config_for(
+        &self,
+        pcr15: &[String],
+        gpu: bool,
+        volume_key: &[u8],
+    ) -> Result<String> {
         let (key_file, secret_file) = (self.dir.join("volume.key"), self.dir.join("secret.bin"));
         fs::write(&key_file, volume_key)?;
         fs::write(&secret_file, &self.secret)?;
