@@ -35,7 +35,7 @@ pub const ALL: &[Scenario] = &[
     scenario!("second-boot", "boot 2 opens the volume without formatting and reads boot 1's data; boot 3 with a changed bundle is refused", second_boot),
     scenario!("gpu-simulated", "a simulated H100 (tests/data/nvidia-sim, TEST-signed): precheck and gpu event in PCR 15, GPU evidence verified by the broker (gpu0, TEST root) before any key, ready state set after unlock and cleared before power-off; every record insecure, audit verify 3", gpu_simulated),
     scenario!("reattest-refused", "continuous trust: re-attestation every 5 s affirmed, then the owner withdraws the running PCR 15 from the broker: the next round is refused, the workload stopped, secrets and volume closed, the VM powers off by itself", reattest_refused),
-    scenario!("gpu-leaves-cc", "continuous trust with the simulated GPU: it leaves CC mode after the boot's exchange; the first re-attestation fails as a TEE error naming the GPU, the ready state is cleared, fail closed", gpu_leaves_cc),
+    scenario!("gpu-leaves-cc", "continuous trust with the simulated GPU: it leaves CC mode after one affirmed re-attestation; the next fails as a TEE error naming the GPU, the ready state is cleared, fail closed", gpu_leaves_cc),
     scenario!("dhcp", "eth0 by DHCPv4 from QEMU's server: the lease is applied and recorded, the allowlist admits only that server's renewals, the attested boot completes", dhcp),
     scenario!("bare", "no attestation, volume or network: /init reaches the workload and powers off (unattested)", bare),
     scenario!("kernel-args", "regression 6: bare words on the kernel command line (`single`, words after `--`) are ignored and recorded, no kernel panic", kernel_args),
@@ -993,19 +993,10 @@ fn reattesting(gpu: Option<SimGpu>) -> Guest {
 }
 
 /// The fail-closed ending of a run whose trust was lost (`kind`): re-attestation affirmed at
-/// least once when `affirmed_first`, then `attest/reattest_failed` {kind} naming `reason`, the workload stopped,
+/// least once, then `attest/reattest_failed` {kind} naming `reason`, the workload stopped,
 /// `launch/cleanup`, `attest/trust_lost`, the closing record's reason.
-fn require_trust_lost(
-    booted: &Booted,
-    affirmed_first: bool,
-    kind: &str,
-    reason: &str,
-) -> Result<String> {
-    let affirmed = if affirmed_first {
-        seq_of(booted, "attest", "reattested")?
-    } else {
-        seq_of(booted, "launch", "started")?
-    };
+fn require_trust_lost(booted: &Booted, kind: &str, reason: &str) -> Result<String> {
+    let affirmed = seq_of(booted, "attest", "reattested")?;
     let failed = booted.outcome.records("attest", "reattest_failed");
     let failed = failed
         .first()
@@ -1081,7 +1072,7 @@ fn reattest_refused(ctx: &Ctx, dir: &Path) -> Result<String> {
     boot.during = Some(During(&withdraw));
     let booted = boot.run(ctx, "boot1")?;
     judge(ctx, &site, &booted, &ran(0), dir)?;
-    let why = require_trust_lost(&booted, true, "refused", "cpu0: ear.status = warning")?;
+    let why = require_trust_lost(&booted, "refused", "cpu0: ear.status = warning")?;
     let log = broker
         .borrow()
         .as_ref()
@@ -1096,13 +1087,11 @@ fn reattest_refused(ctx: &Ctx, dir: &Path) -> Result<String> {
 }
 
 fn gpu_leaves_cc(ctx: &Ctx, dir: &Path) -> Result<String> {
-    // Reports: the precheck's, the boot's exchange; after the second the CC feature is off,
-    // so the first re-attestation finds the GPU out of CC mode before it asks the broker.
-    // (Not after an affirmed round: the broker's gpu0 is `contraindicated`, as Trustee's
-    // default GPU policy leaves Local claims, and the re-attestation requires every submod to
-    // affirm — see the report.)
+    // Reports: the precheck's, the boot's exchange, re-attestation 1 (affirmed: the CPU
+    // affirming, gpu0 verified); after the third the CC feature is off, so re-attestation 2
+    // finds the GPU out of CC mode before it asks the broker.
     let guest = reattesting(Some(SimGpu {
-        leave_cc_after: Some(2),
+        leave_cc_after: Some(3),
     }));
     let (site, broker) = gpu_site(ctx, dir, &guest)?;
     let mut boot = Boot::new(&site, guest, Some(broker.addr.clone()));
@@ -1111,6 +1100,6 @@ fn gpu_leaves_cc(ctx: &Ctx, dir: &Path) -> Result<String> {
     let booted = boot.run(ctx, "boot1")?;
     judge(ctx, &site, &booted, &ran(3), dir)?;
     require_gpu_boot(&booted, &broker)?;
-    let why = require_trust_lost(&booted, false, "tee", SIM_GPU_UUID)?;
+    let why = require_trust_lost(&booted, "tee", SIM_GPU_UUID)?;
     Ok(format!("{}; closing reason: {why}", took(&booted)))
 }
