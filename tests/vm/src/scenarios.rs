@@ -972,7 +972,8 @@ fn gpu_simulated(ctx: &Ctx, dir: &Path) -> Result<String> {
     // Exit 3 because every record is insecure; the GPU evidence itself verifies, at the root
     // given with --gpu-root, which the tool says proves nothing about a real GPU.
     ensure!(
-        verdict.contains("chain to the --gpu-root root")
+        verdict.contains("its records are marked insecure")
+            && verdict.contains("chain to the --gpu-root root")
             && verdict.contains("this proves nothing about a real GPU")
             && verdict.contains("0 of 1 run(s) attested; exit 3"),
         "audit verify does not say why the run is not attested: {verdict}"
