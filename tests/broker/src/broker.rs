@@ -49,6 +49,9 @@ pub struct RequestRecord {
     pub bearer: bool,
     /// For a successful `/attest`: the `ear.status` issued.
     pub ear_status: Option<String>,
+    /// For a successful `/attest`: each submodule of the token, `name status` (`cpu0
+    /// affirming`, `gpu0 affirming <uuid> root <root>`), in the request log line.
+    pub submods: Vec<String>,
 }
 
 struct Session {
@@ -141,6 +144,7 @@ impl State {
             session_cookie: req.cookie(SESSION_COOKIE).is_some(),
             bearer: bearer(req).is_some(),
             ear_status: None,
+            submods: Vec::new(),
         };
         let injected = self
             .failures_left
@@ -172,10 +176,15 @@ impl State {
         rec.status = response.status;
         if self.cfg.log_requests {
             eprintln!(
-                "kbs-test-broker: {} {} -> {}{}{}",
+                "kbs-test-broker: {} {} -> {}{}{}{}",
                 rec.method,
                 rec.path,
                 rec.status,
+                if rec.submods.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", rec.submods.join("; "))
+                },
                 rec.error.map(|k| format!(" {k}")).unwrap_or_default(),
                 rec.reason
                     .as_ref()
@@ -369,6 +378,7 @@ impl State {
         }
         let status = ear_status(&vector);
         let mut submods = serde_json::Map::new();
+        rec.submods.push(format!("cpu0 {status}"));
         submods.insert(
             "cpu0".to_string(),
             json!({
@@ -380,6 +390,12 @@ impl State {
         );
         for (n, gpu) in gpus.into_iter().enumerate() {
             let vector = gpu_trust_vector();
+            rec.submods.push(format!(
+                "gpu{n} {} {} root {}",
+                ear_status(&vector),
+                gpu.claims["uuid"].as_str().unwrap_or("(no uuid)"),
+                gpu.root
+            ));
             submods.insert(
                 format!("gpu{n}"),
                 json!({

@@ -283,6 +283,22 @@ fn full_handshake_with_gpu_evidence_forged_for_the_session_releases_the_resource
     );
     // Trustee's default GPU attestation policy does not score Local claims
     assert_eq!(gpu0["ear.status"], "contraindicated");
+    // … and the request log names each submod (what the VM harness reads in the broker's log)
+    let record = s.broker.requests().last().unwrap().clone();
+    assert_eq!(record.submods.len(), 2, "{:?}", record.submods);
+    assert_eq!(
+        record.submods[0],
+        format!(
+            "cpu0 {}",
+            claims["submods"]["cpu0"]["ear.status"].as_str().unwrap()
+        )
+    );
+    assert!(
+        record.submods[1].starts_with("gpu0 contraindicated GPU-test-0 root extra root ")
+            && record.submods[1].ends_with("test-gpu-root.pem"),
+        "{:?}",
+        record.submods
+    );
     assert_eq!(gpu0["ear.appraisal-policy-id"], "default_gpu");
     // the CPU submod binds the additional-evidence string as sent
     let runtime =

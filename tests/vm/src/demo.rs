@@ -2,7 +2,8 @@
 //! each do their part, then the VM boots with cvm-warden as `/init` and every stage shows on
 //! its serial console as it happens; the host then checks from outside: the allowed port
 //! answers, the blocked one does not, the volume was written by the workload, and the
-//! exported audit log verifies as attested.
+//! exported audit log verifies as attested. Then the GPU variant: the same CVM with a
+//! simulated H100, its evidence verified by the broker (`gpu0`) before any key.
 
 use std::process::Command;
 use std::time::Instant;
@@ -10,7 +11,8 @@ use std::time::Instant;
 use anyhow::Result;
 
 use crate::host::Broker;
-use crate::scenario::{judge, Boot, Ctx, Expect, Guest, Site};
+use crate::scenario::{judge, Boot, Ctx, Expect, Guest, SimGpu, Site, SIM_GPU_AT};
+use crate::scenarios;
 
 fn banner(text: &str) {
     println!("\n=== {text} ===");
@@ -81,9 +83,59 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     println!("(exit {})", out.status.code().unwrap_or(-1));
+    gpu_act(ctx)?;
     banner(&format!(
-        "demo done in {:.0} s: attested boot, volume and key released only to the measured VM, allowlist in force, the log verifies; no key byte on the console, in the log or on the disk",
+        "demo done in {:.0} s: attested boot, volume and key released only to the measured VM, allowlist in force, the log verifies; no key byte on the console, in the log or on the disk; with a (simulated) GPU, its evidence verified by the broker before any key and its ready state set only after unlock",
         start.elapsed().as_secs_f64()
     ));
+    Ok(())
+}
+
+/// The GPU variant: the same CVM with a simulated H100 (`tests/data/nvidia-sim`: a real
+/// report re-signed per nonce with a TEST key) behind `[attestation.gpu]`; the broker trusts
+/// the TEST root and requires one verified GPU for every key.
+fn gpu_act(ctx: &Ctx) -> Result<()> {
+    let dir = ctx.work.join("demo-gpu");
+    let guest = Guest {
+        gpu: Some(SimGpu::default()),
+        ..Guest::default()
+    };
+    banner("GPU variant: a simulated H100 (TEST-signed, proves nothing) in the image; the policy adds [attestation.gpu]; the broker requires gpu0");
+    println!(
+        "[attestation.gpu]\nsimulate = \"{SIM_GPU_AT}/gpu.json\"\ncount = 1\n\nbroker: [nvidia] extra_roots = [{:?}], require_gpus = 1",
+        SimGpu::root().display().to_string()
+    );
+    let (site, broker) = scenarios::gpu_site(ctx, &dir, &guest)?;
+    println!("reference PCR 15 includes the GPU's measured facts (reference-values' gpu event)");
+    let mut boot = Boot::new(&site, guest, Some(broker.addr.clone()));
+    boot.live = true;
+    let booted = boot.run(ctx, "boot")?;
+
+    banner("GPU facts, the broker's gpu0, the auditor's verdict");
+    for (stage, event) in [("gpu", "ok"), ("gpu", "ready"), ("gpu", "not_ready")] {
+        for record in booted.outcome.records(stage, event) {
+            println!(
+                "audit #{} {stage}/{event} {}",
+                record["seq"], record["details"]
+            );
+        }
+    }
+    judge(
+        ctx,
+        &site,
+        &booted,
+        &Expect {
+            workload: true,
+            closing: "poweroff",
+            reasons: vec![],
+            verify: 3,
+        },
+        &dir,
+    )?;
+    booted.require_ports()?;
+    let gpu0 = scenarios::require_gpu_boot(&booted, &broker)?;
+    println!("broker: {gpu0}");
+    println!("{}", scenarios::verdict(ctx, &site, &dir)?);
+    println!("(cvm-warden-verify audit --trusted-ak AK --gpu-root {} exits 3: intact, the broker affirmed the CPU (cpu0) and verified the GPU evidence (gpu0), but every record is insecure: the GPU is simulated)", SimGpu::root().display());
     Ok(())
 }

@@ -106,28 +106,46 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// The model owner's reference value: PCR 15 after the measure stage, computed by
-/// `cvm-warden reference-values` with the bundle where the guest has it (a private mount
-/// namespace binds the host copy at the guest path) and the guest's kernel command line.
-pub fn reference_pcr15(
+/// The model owner's reference values (`cvm-warden reference-values`' JSON: `tpm.value`,
+/// PCR 15 after the measure stage, and `tpm.reattest_value`, PCR 15 while the workload runs),
+/// computed with the bundle where the guest has it (a private mount namespace binds the host
+/// copy at the guest path), the guest's kernel command line, and `binds` (host folder, guest
+/// path) bound the same way: each guest path must lie under the bundle's top folder (a tmpfs
+/// there hides the host's own), e.g. a simulated GPU's recording the policy names.
+pub fn reference_values(
     bins: &Bins,
     policy: &Path,
     bundle_src: &Path,
     bundle_at: &str,
     cmdline: &Path,
     etc: &Path,
-) -> Result<String> {
+    binds: &[(PathBuf, String)],
+) -> Result<serde_json::Value> {
     let top = Path::new(bundle_at)
         .iter()
         .nth(1)
         .context("the bundle's guest path has no top folder")?;
     let top = Path::new("/").join(top);
-    let script = format!(
-        "set -e; mount -t tmpfs cvm-warden-vm {top}; mkdir -p {at}; mount --bind {src} {at}; exec \"$@\"",
+    let mut script = format!(
+        "set -e; mount -t tmpfs cvm-warden-vm {top}; mkdir -p {at}; mount --bind {src} {at}; ",
         top = top.display(),
         at = bundle_at,
         src = bundle_src.display()
     );
+    for (src, at) in binds {
+        // Outside the tmpfs, `mkdir -p` would write into the host's own folders.
+        if !Path::new(at).starts_with(&top) {
+            bail!(
+                "the guest path {at} is not under {}: the reference computation can only bind there",
+                top.display()
+            );
+        }
+        script.push_str(&format!(
+            "mkdir -p {at}; mount --bind {src} {at}; ",
+            src = src.display()
+        ));
+    }
+    script.push_str("exec \"$@\"");
     let text = output_of(
         Command::new("unshare")
             .args([
@@ -149,12 +167,16 @@ pub fn reference_pcr15(
             .arg("--group")
             .arg(etc.join("group")),
     )?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("reference-values printed no JSON: {text}"))?;
-    value["tpm"]["value"]
+    serde_json::from_str(&text).with_context(|| format!("reference-values printed no JSON: {text}"))
+}
+
+/// `tpm.value` (or `tpm.reattest_value` when `reattest`) of [`reference_values`]' JSON.
+pub fn tpm_value(values: &serde_json::Value, reattest: bool) -> Result<String> {
+    let key = if reattest { "reattest_value" } else { "value" };
+    values["tpm"][key]
         .as_str()
         .map(str::to_string)
-        .with_context(|| format!("reference-values printed no tpm.value: {text}"))
+        .with_context(|| format!("reference-values printed no tpm.{key}: {values}"))
 }
 
 /// The test broker on the host (`kbs-test-broker`), on a free loopback port.
@@ -169,6 +191,12 @@ pub struct Broker {
 impl Broker {
     /// Starts it with `config` (TOML) written into `dir`.
     pub fn start(bins: &Bins, dir: &Path, config: &str) -> Result<Broker> {
+        Broker::start_on(bins, dir, config, "127.0.0.1:0")
+    }
+
+    /// Starts it on `listen` (`host:port`; a broker restarted with another configuration
+    /// where a running VM's relay already connects).
+    pub fn start_on(bins: &Bins, dir: &Path, config: &str, listen: &str) -> Result<Broker> {
         fs::create_dir_all(dir)?;
         let config_path = dir.join("broker.toml");
         fs::write(&config_path, config)?;
@@ -178,7 +206,7 @@ impl Broker {
         let child = Command::new(&bins.broker)
             .arg("--config")
             .arg(&config_path)
-            .args(["--listen", "127.0.0.1:0", "--ready-file"])
+            .args(["--listen", listen, "--ready-file"])
             .arg(&ready)
             .current_dir(dir)
             .stdout(Stdio::null())

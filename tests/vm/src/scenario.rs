@@ -26,6 +26,8 @@ pub const BUNDLE_AT: &str = "/opt/fl/bundle";
 pub const WORKLOAD_UID: u32 = 1000;
 /// The volume's mount point.
 pub const VOLUME_AT: &str = "/mnt/data";
+/// Where the simulated GPU's recording lies in the guest (`[attestation.gpu] simulate`).
+pub const SIM_GPU_AT: &str = "/opt/nvidia-sim";
 /// The secret's guest path.
 pub const SECRET_AT: &str = "/run/cvm-warden/secrets/fl.key";
 /// The port the allowlist opens; the probe listens here and on [`BLOCKED_PORT`].
@@ -96,6 +98,63 @@ pub struct Guest {
     pub binaries: Vec<(PathBuf, String)>,
     /// `eth0` by DHCPv4 (QEMU's user network serves it) instead of the static address.
     pub dhcp: bool,
+    /// Keys added to `[attestation]` (e.g. `reattest_interval = "5s"`).
+    pub attestation_extra: String,
+    /// A simulated GPU (`[attestation.gpu] simulate`, `count = 1`; needs `attest`).
+    pub gpu: Option<SimGpu>,
+}
+
+/// The simulated H100 of `tests/data/nvidia-sim` (a real report re-signed per nonce with a
+/// TEST key), as the guest carries it under [`SIM_GPU_AT`].
+#[derive(Debug, Clone, Default)]
+pub struct SimGpu {
+    /// `leave_cc_after`: the CC feature turns off after this many attestation reports.
+    pub leave_cc_after: Option<u32>,
+}
+
+impl SimGpu {
+    /// The repository's recording.
+    pub fn source() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/nvidia-sim")
+    }
+
+    /// The TEST root the simulated GPU's chain ends at (the broker's `[nvidia] extra_roots`).
+    pub fn root() -> PathBuf {
+        SimGpu::source().join("root.pem")
+    }
+
+    /// Writes the recording the guest carries into `dir` (the repository's, with
+    /// `leave_cc_after` set): the files `gpu.json` names, relative to it.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        if dir.exists() {
+            fs::remove_dir_all(dir)?;
+        }
+        fs::create_dir_all(dir)?;
+        let src = SimGpu::source();
+        let text = fs::read_to_string(src.join("gpu.json"))
+            .with_context(|| format!("reading {}/gpu.json", src.display()))?;
+        let mut recording: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}/gpu.json is not JSON", src.display()))?;
+        recording["leave_cc_after"] = serde_json::json!(self.leave_cc_after);
+        for gpu in recording["gpus"].as_array().into_iter().flatten() {
+            for key in ["report", "certificate", "signing_key"] {
+                if let Some(name) = gpu[key].as_str() {
+                    ensure!(
+                        !name.contains('/'),
+                        "{}/gpu.json names {name:?}: the harness copies files beside it only",
+                        src.display()
+                    );
+                    fs::copy(src.join(name), dir.join(name))
+                        .with_context(|| format!("copying {}/{name}", src.display()))?;
+                }
+            }
+        }
+        fs::write(
+            dir.join("gpu.json"),
+            serde_json::to_string_pretty(&recording)?,
+        )?;
+        Ok(())
+    }
 }
 
 impl Default for Guest {
@@ -117,6 +176,8 @@ impl Default for Guest {
             omit_modules: Vec::new(),
             binaries: Vec::new(),
             dhcp: false,
+            attestation_extra: String::new(),
+            gpu: None,
         }
     }
 }
@@ -157,6 +218,9 @@ impl Guest {
                 BLOCKED_PORT.to_string(),
             ]);
         }
+        if self.network && self.reattests() {
+            exec.push("--broker-reachable".into());
+        }
         exec.extend(self.probe_args.iter().cloned());
         let exec: Vec<String> = exec.iter().map(|a| format!("{a:?}")).collect();
         let modules: Vec<String> = HARNESS_MODULES.iter().map(|m| format!("{m:?}")).collect();
@@ -173,6 +237,13 @@ impl Guest {
                 "\n[attestation]\ntee = \"tpm\"\nkbs = \"http://{BROKER_GUEST_ADDR}\"\ninsecure_http = true\ntpm = \"device:/dev/tpmrm0\"\ntpm_ak_handle = \"{}\"\ntries = 3\ntimeout = \"20s\"\n",
                 host::AK_HANDLE
             );
+            p.push_str(&self.attestation_extra);
+            if self.gpu.is_some() {
+                let _ = write!(
+                    p,
+                    "\n[attestation.gpu]\nsimulate = \"{SIM_GPU_AT}/gpu.json\"\ncount = 1\n"
+                );
+            }
         }
         if self.volume {
             let _ = write!(
@@ -217,6 +288,12 @@ impl Guest {
             p = p.replace(from.as_str(), to);
         }
         p
+    }
+
+    /// Whether the guest re-attests while the workload runs (`attestation.reattest_interval`
+    /// above 0; the daemon's default is 10 minutes): the allowlist then keeps the broker open.
+    pub fn reattests(&self) -> bool {
+        self.attest && !self.attestation_extra.contains("reattest_interval = \"0\"")
     }
 
     /// The kernel command line.
@@ -313,6 +390,17 @@ impl Site {
             ("/etc/passwd".into(), fs::read(etc.join("passwd"))?, 0o644),
             ("/etc/group".into(), fs::read(etc.join("group"))?, 0o644),
         ];
+        if let Some(dir) = self.sim_gpu(guest)? {
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().to_string();
+                files.push((
+                    format!("{SIM_GPU_AT}/{name}"),
+                    fs::read(entry.path())?,
+                    0o600,
+                ));
+            }
+        }
         files.extend(guest.files.iter().cloned());
         let mut binaries = guest.binaries.clone();
         if guest.busybox {
@@ -339,25 +427,78 @@ impl Site {
         )
     }
 
+    /// `cvm-warden-verify audit`'s `--gpu-root TEST-root` when a guest of this site carried
+    /// the simulated GPU (its chain ends at the TEST root, not NVIDIA's).
+    pub fn gpu_root_args(&self) -> Vec<std::ffi::OsString> {
+        if self.dir.join("nvidia-sim").exists() {
+            vec!["--gpu-root".into(), SimGpu::root().into_os_string()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The simulated GPU's recording for `guest`, written into this site's folder.
+    fn sim_gpu(&self, guest: &Guest) -> Result<Option<PathBuf>> {
+        let Some(gpu) = &guest.gpu else {
+            return Ok(None);
+        };
+        let dir = self.dir.join("nvidia-sim");
+        gpu.write(&dir)?;
+        Ok(Some(dir))
+    }
+
     /// The reference PCR 15 for `guest` (computed on the host from the intact bundle).
     pub fn pcr15(&self, ctx: &Ctx, guest: &Guest, bundle: &Path) -> Result<String> {
+        host::tpm_value(&self.reference(ctx, guest, bundle)?, false)
+    }
+
+    /// `cvm-warden reference-values`' JSON for `guest` (computed on the host from `bundle`,
+    /// with the simulated GPU's recording where the guest has it).
+    pub fn reference(&self, ctx: &Ctx, guest: &Guest, bundle: &Path) -> Result<serde_json::Value> {
         let etc = self.etc()?;
         let policy = self.dir.join("reference-policy.toml");
         fs::write(&policy, guest.policy())?;
         let cmdline = self.dir.join("cmdline");
         fs::write(&cmdline, format!("{}\n", guest.cmdline()))?;
-        host::reference_pcr15(&ctx.bins, &policy, bundle, BUNDLE_AT, &cmdline, &etc)
+        let binds: Vec<(PathBuf, String)> = self
+            .sim_gpu(guest)?
+            .map(|dir| (dir, SIM_GPU_AT.to_string()))
+            .into_iter()
+            .collect();
+        host::reference_values(
+            &ctx.bins, &policy, bundle, BUNDLE_AT, &cmdline, &etc, &binds,
+        )
     }
 
     /// The broker's configuration: this site's AK trusted, `pcr15` required, both resources
     /// released only to an affirming token.
     pub fn broker_config(&self, pcr15: &str, volume_key: &[u8]) -> Result<String> {
+        self.broker_config_for(&[pcr15.to_string()], false, volume_key)
+    }
+
+    /// The broker's configuration with every PCR 15 of `pcr15` accepted (the boot's and the
+    /// re-attestations' values), and with `gpu`: the simulated GPU's TEST root trusted
+    /// (`[nvidia] extra_roots`) and one verified GPU required for every resource.
+    pub fn broker_config_for(
+        &self,
+        pcr15: &[String],
+        gpu: bool,
+        volume_key: &[u8],
+    ) -> Result<String> {
         let (key_file, secret_file) = (self.dir.join("volume.key"), self.dir.join("secret.bin"));
         fs::write(&key_file, volume_key)?;
         fs::write(&secret_file, &self.secret)?;
         Ok(format!(
-            "trusted_aks = [{:?}]\n\n[reference_values]\ntpm_pcr15 = [{pcr15:?}]\n\n[resources.\"{VOLUME_RESOURCE}\"]\nvalue_file = {:?}\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = {:?}\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
+            "trusted_aks = [{:?}]\n\n[reference_values]\ntpm_pcr15 = {pcr15:?}\n{}\n[resources.\"{VOLUME_RESOURCE}\"]\nvalue_file = {:?}\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n\n[resources.\"{SECRET_RESOURCE}\"]\nvalue_file = {:?}\npolicy = {{ tees = [\"tpm\"], require = \"affirming\" }}\n",
             self.ak,
+            if gpu {
+                format!(
+                    "\n[nvidia]\nextra_roots = [{:?}]\nrequire_gpus = 1\n",
+                    SimGpu::root().display().to_string()
+                )
+            } else {
+                String::new()
+            },
             key_file.display().to_string(),
             secret_file.display().to_string()
         ))
@@ -414,6 +555,20 @@ pub struct Boot<'a> {
     pub timeout: Duration,
     /// Print the serial console as it happens (the demo).
     pub live: bool,
+    /// Leave the probe's ports alone: the workload keeps running (until `done`, at most its
+    /// 120 s) while the guest re-attests; `during` runs once it is ready.
+    pub hold: bool,
+    /// What the host does once the workload is ready (with `hold`: e.g. restart the broker).
+    pub during: Option<During<'a>>,
+}
+
+/// A host action on the running VM (see [`Boot::during`]).
+pub struct During<'a>(pub &'a dyn Fn(&mut Vm) -> Result<()>);
+
+impl std::fmt::Debug for During<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("During(..)")
+    }
 }
 
 /// The result of one boot.
@@ -429,7 +584,7 @@ pub struct Booted {
 
 impl Boot<'_> {
     /// A boot with the defaults: the broker is the caller's.
-    pub fn new(site: &Site, guest: Guest, broker: Option<String>) -> Boot<'_> {
+    pub fn new<'a>(site: &'a Site, guest: Guest, broker: Option<String>) -> Boot<'a> {
         Boot {
             site,
             guest,
@@ -439,6 +594,8 @@ impl Boot<'_> {
             power_button: false,
             timeout: Duration::from_secs(150),
             live: false,
+            hold: false,
+            during: None,
         }
     }
 
@@ -484,11 +641,14 @@ impl Boot<'_> {
         let mut ports = Vec::new();
         // With a network the probe serves its ports until the host's `done`: the host probes
         // the allowed and the blocked port, then ends the workload.
-        let probing = self.power_button || self.guest.network;
+        let probing = self.power_button || self.guest.network || self.during.is_some();
         if probing && vm.wait_serial("PROBE-READY", self.timeout).is_ok() {
+            if let Some(during) = &self.during {
+                (during.0)(&mut vm)?;
+            }
             if self.power_button {
                 vm.qmp("system_powerdown")?;
-            } else {
+            } else if !self.hold {
                 for port in [BLOCKED_PORT, ALLOWED_PORT] {
                     let host = vm.ports.get(&port).copied().unwrap_or_default();
                     ports.push(format!("{port}: {}", banner(host, port == ALLOWED_PORT)));
@@ -693,6 +853,7 @@ pub fn judge(ctx: &Ctx, site: &Site, booted: &Booted, expect: &Expect, dir: &Pat
     let verify = Command::new(&ctx.bins.verify)
         .args(["audit", "--trusted-ak"])
         .arg(&ak)
+        .args(site.gpu_root_args())
         .arg(&log)
         .output()
         .context("running cvm-warden-verify")?;

@@ -12,7 +12,10 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 
 use crate::host::{self, Broker};
-use crate::scenario::{judge, Boot, Booted, Ctx, Expect, Guest, Scenario, Site};
+use crate::scenario::{
+    judge, Boot, Booted, Ctx, During, Expect, Guest, Scenario, SimGpu, Site, SIM_GPU_AT,
+};
+use crate::vm::Vm;
 
 macro_rules! scenario {
     ($name:literal, $what:literal, $run:ident) => {
@@ -30,6 +33,9 @@ pub const ALL: &[Scenario] = &[
     scenario!("systemd-attest-refused", "systemd as PID 1, the broker refuses the attestation: cvm-warden.service fails, FailureAction=poweroff ends the VM, the workload never ran", systemd_attest_refused),
     scenario!("good-boot", "attested boot: network, perimeter, TPM quote, LUKS2 volume formatted and owned by the workload, secret 0400, allowlist; the probe and the host check from both sides", good_boot),
     scenario!("second-boot", "boot 2 opens the volume without formatting and reads boot 1's data; boot 3 with a changed bundle is refused", second_boot),
+    scenario!("gpu-simulated", "a simulated H100 (tests/data/nvidia-sim, TEST-signed): precheck and gpu event in PCR 15, GPU evidence verified by the broker (gpu0, TEST root) before any key, ready state set after unlock and cleared before power-off; every record insecure, audit verify 3", gpu_simulated),
+    scenario!("reattest-refused", "continuous trust: re-attestation every 5 s affirmed, then the owner withdraws the running PCR 15 from the broker: the next round is refused, the workload stopped, secrets and volume closed, the VM powers off by itself", reattest_refused),
+    scenario!("gpu-leaves-cc", "continuous trust with the simulated GPU: it leaves CC mode after one affirmed re-attestation; the next fails as a TEE error naming the GPU, the ready state is cleared, fail closed", gpu_leaves_cc),
     scenario!("dhcp", "eth0 by DHCPv4 from QEMU's server: the lease is applied and recorded, the allowlist admits only that server's renewals, the attested boot completes", dhcp),
     scenario!("bare", "no attestation, volume or network: /init reaches the workload and powers off (unattested)", bare),
     scenario!("kernel-args", "regression 6: bare words on the kernel command line (`single`, words after `--`) are ignored and recorded, no kernel panic", kernel_args),
@@ -115,7 +121,8 @@ fn good_boot(ctx: &Ctx, dir: &Path) -> Result<String> {
         "PROBE ok lockdown",
         "PROBE ok no-login",
         "PROBE ok outbound-blocked 10.0.2.101:7777",
-        "PROBE ok outbound-blocked 10.0.2.100:5555",
+        // The default policy re-attests every 10 minutes: the allowlist keeps the broker.
+        "PROBE ok broker-reachable 10.0.2.100:5555",
         "PROBE ok outbound-allowed 10.0.2.102:7002",
         "PROBE volume-previous none",
     ] {
@@ -831,4 +838,269 @@ fn invalid_policy(ctx: &Ctx, dir: &Path) -> Result<String> {
         dir,
     )?;
     Ok(took(&booted))
+}
+
+/// The simulated GPU's UUID (`tests/data/nvidia-sim/gpu.json`).
+pub(crate) const SIM_GPU_UUID: &str = "GPU-5e1f0000-0000-4000-8000-000000000001";
+
+/// A site with a simulated GPU and its broker: the reference PCR 15s (at the boot's exchange
+/// and while the workload runs; both include the GPU's measured facts) accepted, the TEST GPU
+/// root trusted, one verified GPU required for every key.
+pub(crate) fn gpu_site(ctx: &Ctx, dir: &Path, guest: &Guest) -> Result<(Site, Broker)> {
+    let site = Site::new(ctx, dir)?;
+    let values = site.reference(ctx, guest, &site.bundle)?;
+    let gpu_event = values["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| e.to_string().contains(SIM_GPU_UUID));
+    ensure!(
+        gpu_event,
+        "reference-values has no event with the simulated GPU's facts: {}",
+        values["events"]
+    );
+    let pcr15 = [
+        host::tpm_value(&values, false)?,
+        host::tpm_value(&values, true)?,
+    ];
+    let broker = Broker::start(
+        &ctx.bins,
+        &dir.join("broker"),
+        &site.broker_config_for(&pcr15, true, &site.volume_key)?,
+    )?;
+    Ok((site, broker))
+}
+
+/// The seq of the first record `stage/event`.
+fn seq_of(booted: &Booted, stage: &str, event: &str) -> Result<u64> {
+    booted
+        .outcome
+        .records(stage, event)
+        .first()
+        .and_then(|r| r["seq"].as_u64())
+        .with_context(|| format!("the exported audit log has no {stage}/{event} record"))
+}
+
+/// The GPU facts of a simulated-GPU boot: `gpu/ok` (precheck) before `unlock/ok` before
+/// `gpu/ready`, `gpu/not_ready` before the closing record, the broker's `gpu0` verified at the
+/// TEST root, every record `insecure`.
+pub(crate) fn require_gpu_boot(booted: &Booted, broker: &Broker) -> Result<String> {
+    let gpu_ok = seq_of(booted, "gpu", "ok")?;
+    let unlock = seq_of(booted, "unlock", "ok")?;
+    let ready = seq_of(booted, "gpu", "ready")?;
+    ensure!(
+        gpu_ok < unlock && unlock < ready,
+        "expected gpu/ok (#{gpu_ok}) < unlock/ok (#{unlock}) < gpu/ready (#{ready})"
+    );
+    let ok = booted.outcome.records("gpu", "ok");
+    ensure!(
+        ok[0].to_string().contains(SIM_GPU_UUID),
+        "gpu/ok does not name the simulated GPU: {}",
+        ok[0]
+    );
+    let not_ready = seq_of(booted, "gpu", "not_ready")?;
+    let closing = booted
+        .outcome
+        .closing()
+        .and_then(|c| c["seq"].as_u64())
+        .context("no closing record")?;
+    ensure!(
+        ready < not_ready && not_ready < closing,
+        "expected gpu/ready (#{ready}) < gpu/not_ready (#{not_ready}) < the closing record (#{closing})"
+    );
+    // The broker verified gpu0 (signature, chain to the TEST root, FWID, nonce); its status
+    // is Trustee's for Local claims, `contraindicated` (tests/broker/README.md).
+    // The simulated GPU's reports are signed with a TEST key: every record says so.
+    let records: Vec<serde_json::Value> = booted
+        .outcome
+        .audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .collect();
+    let secure: Vec<u64> = records
+        .iter()
+        .filter(|r| r["insecure"] != true)
+        .filter_map(|r| r["seq"].as_u64())
+        .collect();
+    ensure!(
+        !records.is_empty() && secure.is_empty(),
+        "records not marked insecure although the GPU is simulated: {secure:?}"
+    );
+    let log = broker.log();
+    let gpu0 = log
+        .lines()
+        .find(|l| l.contains("/attest -> 200") && l.contains("; gpu0 "))
+        .with_context(|| format!("the broker's log shows no verified gpu0:\n{log}"))?;
+    ensure!(
+        gpu0.contains(SIM_GPU_UUID) && gpu0.contains("root extra root"),
+        "the broker's gpu0 is not the simulated GPU at the TEST root: {gpu0}"
+    );
+    Ok(gpu0.to_string())
+}
+
+/// `cvm-warden-verify audit`'s verdict lines on the log `judge` exported into `dir`.
+pub(crate) fn verdict(ctx: &Ctx, site: &Site, dir: &Path) -> Result<String> {
+    let out = Command::new(&ctx.bins.verify)
+        .args(["audit", "--trusted-ak"])
+        .arg(dir.join("trusted-ak.b64"))
+        .args(site.gpu_root_args())
+        .arg(dir.join("exported-audit.jsonl"))
+        .output()
+        .context("running cvm-warden-verify")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn gpu_simulated(ctx: &Ctx, dir: &Path) -> Result<String> {
+    let guest = Guest {
+        gpu: Some(SimGpu::default()),
+        ..Guest::default()
+    };
+    let (site, broker) = gpu_site(ctx, dir, &guest)?;
+    let booted = Boot::new(&site, guest, Some(broker.addr.clone())).run(ctx, "boot1")?;
+    // Intact, attested, but not trustworthy: the simulated GPU makes every record insecure,
+    // which the auditor's tool reports as "intact but not fully attested" (3), never 0.
+    judge(ctx, &site, &booted, &ran(3), dir)?;
+    booted.require_ports()?;
+    for line in ["PROBE ok volume-write", "PROBE ok secret"] {
+        ensure!(
+            booted.outcome.serial.contains(line),
+            "the probe did not report {line:?}"
+        );
+    }
+    let gpu0 = require_gpu_boot(&booted, &broker)?;
+    let verdict = verdict(ctx, &site, dir)?;
+    // Exit 3 because every record is insecure; the GPU evidence itself verifies, at the root
+    // given with --gpu-root, which the tool says proves nothing about a real GPU.
+    ensure!(
+        verdict.contains("its records are marked insecure")
+            && verdict.contains("chain to the --gpu-root root")
+            && verdict.contains("this proves nothing about a real GPU")
+            && verdict.contains("0 of 1 run(s) attested; exit 3"),
+        "audit verify does not say why the run is not attested: {verdict}"
+    );
+    Ok(format!(
+        "{}; broker: {gpu0}; the simulated GPU's files under {SIM_GPU_AT}",
+        took(&booted)
+    ))
+}
+
+/// A guest that re-attests every 5 s and holds its workload running.
+fn reattesting(gpu: Option<SimGpu>) -> Guest {
+    Guest {
+        attestation_extra: "reattest_interval = \"5s\"\n".to_string(),
+        gpu,
+        ..Guest::default()
+    }
+}
+
+/// The fail-closed ending of a run whose trust was lost (`kind`): re-attestation affirmed at
+/// least once, then `attest/reattest_failed` {kind} naming `reason`, the workload stopped,
+/// `launch/cleanup`, `attest/trust_lost`, the closing record's reason.
+fn require_trust_lost(booted: &Booted, kind: &str, reason: &str) -> Result<String> {
+    let affirmed = seq_of(booted, "attest", "reattested")?;
+    let failed = booted.outcome.records("attest", "reattest_failed");
+    let failed = failed
+        .first()
+        .context("the exported audit log has no attest/reattest_failed record")?;
+    ensure!(
+        failed["details"]["kind"] == kind
+            && failed["details"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(reason)),
+        "attest/reattest_failed is not {kind} naming {reason:?}: {failed}"
+    );
+    let failed_at = failed["seq"].as_u64().unwrap_or_default();
+    let stopping = seq_of(booted, "launch", "stopping")?;
+    let cleanup = seq_of(booted, "launch", "cleanup")?;
+    let lost = seq_of(booted, "attest", "trust_lost")?;
+    let closing = booted.outcome.closing().context("no closing record")?;
+    let closing_at = closing["seq"].as_u64().unwrap_or_default();
+    ensure!(
+        affirmed < failed_at
+            && failed_at < stopping
+            && stopping < cleanup
+            && cleanup < closing_at
+            && lost < closing_at,
+        "out of order: reattested #{affirmed}, reattest_failed #{failed_at}, launch/stopping #{stopping}, launch/cleanup #{cleanup}, attest/trust_lost #{lost}, closing #{closing_at}"
+    );
+    let why = closing["details"]["reason"].as_str().unwrap_or_default();
+    ensure!(
+        why.starts_with(&format!("trust lost ({kind})")) && why.contains(reason),
+        "the closing record's reason is {why:?}"
+    );
+    // Stopped, not ended by the host: the probe never printed its own end.
+    ensure!(
+        !booted.outcome.serial.contains("PROBE-DONE"),
+        "the workload ended by itself instead of being stopped"
+    );
+    Ok(why.to_string())
+}
+
+fn reattest_refused(ctx: &Ctx, dir: &Path) -> Result<String> {
+    let guest = reattesting(None);
+    let site = Site::new(ctx, dir)?;
+    let values = site.reference(ctx, &guest, &site.bundle)?;
+    let (at_boot, running) = (
+        host::tpm_value(&values, false)?,
+        host::tpm_value(&values, true)?,
+    );
+    let broker = std::cell::RefCell::new(Some(Broker::start(
+        &ctx.bins,
+        &dir.join("broker"),
+        &site.broker_config_for(&[at_boot.clone(), running], false, &site.volume_key)?,
+    )?));
+    let addr = broker
+        .borrow()
+        .as_ref()
+        .map(|b| b.addr.clone())
+        .unwrap_or_default();
+    // Once a re-attestation has been affirmed, the owner withdraws the running PCR 15: the
+    // broker is restarted where the guest reaches it with only the boot's value.
+    let refusing = site.broker_config_for(&[at_boot], false, &site.volume_key)?;
+    let withdraw = |vm: &mut Vm| -> Result<()> {
+        vm.wait_serial("\"event\":\"reattested\"", Duration::from_secs(90))?;
+        drop(broker.borrow_mut().take());
+        *broker.borrow_mut() = Some(Broker::start_on(
+            &ctx.bins,
+            &dir.join("broker-refusing"),
+            &refusing,
+            &addr,
+        )?);
+        Ok(())
+    };
+    let mut boot = Boot::new(&site, guest, Some(addr.clone()));
+    boot.hold = true;
+    boot.during = Some(During(&withdraw));
+    let booted = boot.run(ctx, "boot1")?;
+    judge(ctx, &site, &booted, &ran(0), dir)?;
+    let why = require_trust_lost(&booted, "refused", "cpu0: ear.status = warning")?;
+    let log = broker
+        .borrow()
+        .as_ref()
+        .map(Broker::log)
+        .unwrap_or_default();
+    // The restarted broker still verifies the quote but no longer affirms its PCR 15.
+    ensure!(
+        log.contains("/attest -> 200 [cpu0 warning]"),
+        "the restarted broker did not judge a re-attestation: {log}"
+    );
+    Ok(format!("{}; closing reason: {why}", took(&booted)))
+}
+
+fn gpu_leaves_cc(ctx: &Ctx, dir: &Path) -> Result<String> {
+    // Reports: the precheck's, the boot's exchange, re-attestation 1 (affirmed: the CPU
+    // affirming, gpu0 verified); after the third the CC feature is off, so re-attestation 2
+    // finds the GPU out of CC mode before it asks the broker.
+    let guest = reattesting(Some(SimGpu {
+        leave_cc_after: Some(3),
+    }));
+    let (site, broker) = gpu_site(ctx, dir, &guest)?;
+    let mut boot = Boot::new(&site, guest, Some(broker.addr.clone()));
+    // The host never sends `done`: the workload runs until the supervisor stops it.
+    boot.hold = true;
+    let booted = boot.run(ctx, "boot1")?;
+    judge(ctx, &site, &booted, &ran(3), dir)?;
+    require_gpu_boot(&booted, &broker)?;
+    let why = require_trust_lost(&booted, "tee", SIM_GPU_UUID)?;
+    Ok(format!("{}; closing reason: {why}", took(&booted)))
 }

@@ -127,13 +127,17 @@ pub struct SystemdImage {
 }
 
 /// The guest of the systemd-shape scenarios: attested (TPM + broker), a secret, the network
-/// allowlist and the lockdown; no volume (the root file system is `/dev/vda`); the bundle
+/// allowlist and the lockdown, no re-attestation; no volume (the root file system is `/dev/vda`); the bundle
 /// lives on the root disk, so it is copied into a tmpfs while it is measured.
 pub fn guest() -> Guest {
     Guest {
         volume: false,
         cmdline_extra: ROOT_CMDLINE.into(),
         policy_edits: vec![("source = \"initramfs\"".into(), "source = \"copy\"".into())],
+        // The unit shape execs the workload and cannot re-attest: say so, as its
+        // `attest/reattest_unavailable` asks (the default 10 minutes would keep the broker in
+        // the allowlist with nothing to use it, and the probe checks it is blocked).
+        attestation_extra: "reattest_interval = \"0\"\n".into(),
         ..Guest::default()
     }
 }

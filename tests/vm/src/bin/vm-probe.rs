@@ -33,8 +33,11 @@ const SYSCTLS: &[(&str, &str)] = &[
     ("kernel/modules_disabled", "1"),
 ];
 
-/// Outbound destinations the allowlist must block (the broker after launch, the sink).
-const BLOCKED_OUT: &[&str] = &["10.0.2.101:7777", "10.0.2.100:5555"];
+/// Outbound destinations the allowlist must block (the sink; the broker after launch unless
+/// the guest re-attests).
+const BLOCKED_OUT: &[&str] = &["10.0.2.101:7777", BROKER];
+/// The key broker as the guest reaches it.
+const BROKER: &str = "10.0.2.100:5555";
 
 fn report(ok: bool, check: &str, detail: &str) {
     let verdict = if ok { "ok" } else { "FAIL" };
@@ -231,7 +234,23 @@ fn main() {
         }
     }
 
+    // `--broker-reachable`: the policy re-attests while the workload runs, so the allowlist
+    // keeps the broker open (for every process: the ruleset does not tell PID 1 apart).
+    let broker_reachable = args.iter().any(|a| a == "--broker-reachable");
+    if broker_reachable {
+        match BROKER
+            .parse::<SocketAddr>()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+            .and_then(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
+        {
+            Ok(_) => report(true, "broker-reachable", BROKER),
+            Err(e) => report(false, "broker-reachable", &format!("{BROKER}: {e}")),
+        }
+    }
     for dest in BLOCKED_OUT {
+        if broker_reachable && *dest == BROKER {
+            continue;
+        }
         let addr: SocketAddr = match dest.parse() {
             Ok(a) => a,
             Err(_) => continue,
