@@ -133,10 +133,34 @@ pub fn reference_values(
             "value": pcr.value.hex(),
         },
     });
-    if let Some(value) = reattest_pcr(loaded, pcr.value)? {
+    let dhcp = loaded.policy.network.as_ref().is_some_and(|n| {
+        n.interfaces
+            .iter()
+            .any(|i| matches!(i.addressing, crate::policy::Addressing::Dhcp))
+    });
+    if dhcp {
+        // The allowlist names the DHCP server the lease gives: PCR 15 while the workload
+        // runs is known only on the machine.
+        if reattesting(loaded) {
+            values["tpm"]["reattest_value_unknown"] = json!(
+                "re-attestation quotes PCR 15 after the allowlist, which names the DHCP server \
+                 of the lease: it is known only on the machine (the boot's allowlist record \
+                 holds the ruleset digest); give the interface a static address, or set \
+                 attestation.reattest_interval = \"0\""
+            );
+        }
+    } else if let Some(value) = reattest_pcr(loaded, pcr.value)? {
         values["tpm"]["reattest_value"] = json!(value.hex());
     }
     Ok(values)
+}
+
+/// Whether the policy re-attests (`attestation.reattest_interval` above 0).
+fn reattesting(loaded: &LoadedPolicy) -> bool {
+    matches!(
+        &loaded.policy.attestation,
+        crate::policy::Attestation::Broker { reattest, .. } if reattest.interval_secs > 0
+    )
 }
 
 /// With re-attestation on (`attestation.reattest_interval` above 0): the application PCR as
@@ -148,11 +172,7 @@ fn reattest_pcr(
     loaded: &LoadedPolicy,
     after_measure: Digest,
 ) -> Result<Option<Digest>, StageError> {
-    let on = matches!(
-        &loaded.policy.attestation,
-        crate::policy::Attestation::Broker { reattest, .. } if reattest.interval_secs > 0
-    );
-    if !on {
+    if !reattesting(loaded) {
         return Ok(None);
     }
     let mut value = after_measure;
